@@ -1,0 +1,158 @@
+"""divrl.rollout.sample against HF generate and against the model's own next-token distribution."""
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM, TemperatureLogitsWarper, TopPLogitsWarper
+
+from divrl.rollout import sample
+
+VOCAB = 96
+PAD = 0
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=48,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        initializer_range=0.3,  # peaked next-token distributions, so greedy has clear winners
+        pad_token_id=PAD,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+    return LlamaForCausalLM(config).eval()
+
+
+PROMPTS = [[5, 17, 33], [7, 8, 9, 10, 11, 12, 13, 14], [40], [21, 22, 23, 24, 25]]
+
+
+def hf_greedy(model, prompt, max_new_tokens):
+    """Greedy continuation of one unpadded prompt by HF generate (no stop token)."""
+    out = model.generate(
+        torch.tensor([prompt]),
+        attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+        do_sample=False,
+        max_new_tokens=max_new_tokens,
+        min_new_tokens=max_new_tokens,
+        pad_token_id=PAD,
+        eos_token_id=None,
+    )
+    return out[0, len(prompt) :].tolist()
+
+
+def truncate_at(tokens, stops):
+    for i, token in enumerate(tokens):
+        if token in stops:
+            return tokens[: i + 1], True
+    return tokens, False
+
+
+def test_low_temperature_matches_hf_greedy_with_stops_and_left_padding(model):
+    n_new = 12
+    references = [hf_greedy(model, p, n_new) for p in PROMPTS]
+    # A stop token that ends some rows mid-way while others continue: exercises row dropping.
+    mid_tokens = [r[n_new // 3] for r in references]
+    stops = [mid_tokens[0], mid_tokens[2]]
+    expected = [truncate_at(r, stops) for r in references]
+    assert any(done for _, done in expected) and not all(len(t) == n_new for t, _ in expected)
+
+    for temperature in (0.0, 1e-6):
+        rollout = sample(
+            model,
+            PROMPTS,
+            group_size=3,
+            max_new_tokens=n_new,
+            stop_token_ids=stops,
+            pad_token_id=PAD,
+            temperature=temperature,
+            generator=torch.Generator().manual_seed(1),
+        )
+        assert rollout.group_size == 3 and rollout.prompt_ids == PROMPTS
+        for i, (tokens, done) in enumerate(expected):
+            for row in range(i * 3, i * 3 + 3):
+                assert rollout.completion_ids[row] == tokens
+                assert rollout.finished[row] == done
+
+
+def reference_distribution(model, prompt, temperature, top_p):
+    """softmax of the warped last-position logits, warped by HF's own logits processors."""
+    logits = model(torch.tensor([prompt])).logits[:, -1]
+    logits = TemperatureLogitsWarper(temperature)(None, logits)
+    if top_p < 1.0:
+        logits = TopPLogitsWarper(top_p)(None, logits)
+    return logits.softmax(-1)[0]
+
+
+def assert_matches(counts, probs):
+    """Every token frequency within 5 Monte-Carlo standard errors (plus a tiny slack) of probs."""
+    n = counts.sum()
+    freq = counts / n
+    tolerance = 5 * (probs * (1 - probs) / n).sqrt() + 1e-3
+    assert torch.all((freq - probs).abs() <= tolerance), (freq - probs).abs().max()
+    assert torch.all(counts[probs == 0] == 0)
+
+
+@pytest.mark.parametrize("temperature,top_p", [(1.0, 1.0), (0.7, 1.0), (1.3, 0.8)])
+def test_first_token_distribution_matches_model(model, temperature, top_p):
+    prompt = PROMPTS[1]
+    n = 6000
+    rollout = sample(
+        model,
+        [prompt],
+        group_size=n,
+        max_new_tokens=1,
+        stop_token_ids=[],
+        pad_token_id=PAD,
+        temperature=temperature,
+        top_p=top_p,
+        generator=torch.Generator().manual_seed(2),
+    )
+    first = torch.tensor([c[0] for c in rollout.completion_ids])
+    probs = reference_distribution(model, prompt, temperature, top_p)
+    if top_p < 1.0:
+        assert (probs == 0).any()  # the nucleus really cuts something
+    assert_matches(torch.bincount(first, minlength=VOCAB).double(), probs.double())
+
+
+def test_second_token_distribution_uses_the_expanded_cache(model):
+    """Rows of a group share one prefilled cache; the second token must follow p(.|prompt, first)."""
+    prompts = [PROMPTS[0], PROMPTS[1]]  # different lengths: the short one is left-padded
+    n = 4000
+    rollout = sample(
+        model,
+        prompts,
+        group_size=n,
+        max_new_tokens=2,
+        stop_token_ids=[],
+        pad_token_id=PAD,
+        generator=torch.Generator().manual_seed(3),
+    )
+    for i, prompt in enumerate(prompts):
+        rows = rollout.completion_ids[i * n : (i + 1) * n]
+        first = torch.tensor([r[0] for r in rows])
+        common = torch.bincount(first).argmax().item()
+        second = torch.tensor([r[1] for r in rows if r[0] == common])
+        probs = reference_distribution(model, prompt + [common], 1.0, 1.0)
+        assert_matches(torch.bincount(second, minlength=VOCAB).double(), probs.double())
+
+
+def test_seeded_generator_reproduces_and_rows_are_well_formed(model):
+    stops = [3, 4, 5, 6]
+    kwargs = dict(group_size=4, max_new_tokens=10, stop_token_ids=stops, pad_token_id=PAD, temperature=1.0)
+    first = sample(model, PROMPTS, generator=torch.Generator().manual_seed(7), **kwargs)
+    again = sample(model, PROMPTS, generator=torch.Generator().manual_seed(7), **kwargs)
+    other = sample(model, PROMPTS, generator=torch.Generator().manual_seed(8), **kwargs)
+    assert first == again
+    assert first.completion_ids != other.completion_ids
+    assert len(first.completion_ids) == len(first.finished) == len(PROMPTS) * 4
+    for tokens, done in zip(first.completion_ids, first.finished):
+        assert 1 <= len(tokens) <= 10
+        assert not any(t in stops for t in tokens[:-1])
+        assert done == (tokens[-1] in stops)
+        assert done or len(tokens) == 10
