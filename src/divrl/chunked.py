@@ -1,0 +1,131 @@
+"""Exact per-token log-probs, entropies and divergences straight from hidden states.
+
+The logits z = hidden @ weight.T / temperature of N tokens over a vocabulary of V are never built
+whole: they are computed tile by tile (``chunk_tokens`` rows × ``chunk_vocab`` columns), reduced
+with an online log-sum-exp (Milakov & Gimelshein 2018, "Online normalizer calculation for
+softmax"), and recomputed tile by tile in a custom backward. Memory is O(chunk_tokens × chunk_vocab)
+besides the inputs and their gradients.
+
+Everything runs in the dtype it is given; the log-sum-exp, sums and the returned values use at
+least float32 (bfloat16/float16 inputs give float32 outputs, gradients come back in the input's
+dtype).
+"""
+
+import torch
+
+DEFAULT_CHUNK_TOKENS = 1024
+DEFAULT_CHUNK_VOCAB = 8192
+
+
+def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.promote_types(dtype, torch.float32)
+
+
+def _spans(n: int, size: int) -> list[slice]:
+    return [slice(start, min(start + size, n)) for start in range(0, n, size)]
+
+
+def _logits(hidden: torch.Tensor, weight: torch.Tensor, inv_temperature: float) -> torch.Tensor:
+    """One tile z = hidden @ weight.T / T, upcast to the accumulation dtype."""
+    z = (hidden @ weight.T).to(_accumulation_dtype(hidden.dtype))
+    return z if inv_temperature == 1.0 else z.mul_(inv_temperature)
+
+
+def _backprop_tiles(ctx, hidden, weight, tile_grad, chunk_tokens, chunk_vocab):
+    """Gradients of hidden and weight given dL/dz tile by tile.
+
+    ``tile_grad(rows, cols)`` returns dL/dz for that tile already divided by the temperature, so
+    grad_hidden[rows] += G @ weight[cols] and grad_weight[cols] += Gᵀ @ hidden[rows].
+    """
+    need_hidden, need_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    acc = _accumulation_dtype(hidden.dtype)
+    grad_hidden = torch.zeros(hidden.shape, dtype=acc) if need_hidden else None
+    grad_weight = torch.zeros(weight.shape, dtype=acc) if need_weight else None
+    for cols in _spans(weight.shape[0], chunk_vocab):
+        for rows in _spans(hidden.shape[0], chunk_tokens):
+            grad_z = tile_grad(rows, cols).to(hidden.dtype)
+            if need_hidden:
+                grad_hidden[rows] += grad_z @ weight[cols]
+            if need_weight:
+                grad_weight[cols] += grad_z.T @ hidden[rows]
+    return (
+        None if grad_hidden is None else grad_hidden.to(hidden.dtype),
+        None if grad_weight is None else grad_weight.to(weight.dtype),
+    )
+
+
+def _merge_entropies(lse_a, entropy_a, lse_b, entropy_b):
+    """Log-normalizer and entropy of a distribution split over two disjoint vocabulary parts.
+
+    With mass w_k = exp(lse_k − lse) on part k: H = Σ_k w_k H_k − Σ_k w_k log w_k.
+    """
+    lse = torch.logaddexp(lse_a, lse_b)
+    log_wa, log_wb = lse_a - lse, lse_b - lse
+    wa, wb = log_wa.exp(), log_wb.exp()
+    return lse, wa * (entropy_a - log_wa) + wb * (entropy_b - log_wb)
+
+
+def _chunk_lse_entropy(z: torch.Tensor):
+    """log Σ e^z and the entropy of softmax(z) along the last dim, one pass over the tile."""
+    shift = z.amax(-1, keepdim=True)
+    y = z - shift
+    e = y.exp()
+    mass = e.sum(-1)
+    log_mass = mass.log()
+    return shift.squeeze(-1) + log_mass, log_mass - (e * y).sum(-1) / mass
+
+
+class _LseEntropy(torch.autograd.Function):
+    """(log Σ_v e^{z_v}, H(softmax z)) per row of z = hidden @ weight.T / T, streamed.
+
+    Backward: ∂lse/∂z_v = p_v and ∂H/∂z_v = −p_v (log p_v + H).
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, inv_temperature, chunk_tokens, chunk_vocab):
+        acc = _accumulation_dtype(hidden.dtype)
+        lse = torch.empty(hidden.shape[0], dtype=acc)
+        entropy = torch.empty_like(lse)
+        for rows in _spans(hidden.shape[0], chunk_tokens):
+            state = None
+            for cols in _spans(weight.shape[0], chunk_vocab):
+                chunk = _chunk_lse_entropy(_logits(hidden[rows], weight[cols], inv_temperature))
+                state = chunk if state is None else _merge_entropies(*state, *chunk)
+            lse[rows], entropy[rows] = state
+        ctx.save_for_backward(hidden, weight, lse, entropy)
+        ctx.setup = (inv_temperature, chunk_tokens, chunk_vocab)
+        return lse, entropy
+
+    @staticmethod
+    def backward(ctx, grad_lse, grad_entropy):
+        hidden, weight, lse, entropy = ctx.saved_tensors
+        inv_temperature, chunk_tokens, chunk_vocab = ctx.setup
+
+        def tile_grad(rows, cols):
+            logp = _logits(hidden[rows], weight[cols], inv_temperature) - lse[rows, None]
+            ent_term = (logp + entropy[rows, None]).mul_(grad_entropy[rows, None])
+            return logp.exp_().mul_(grad_lse[rows, None] - ent_term).mul_(inv_temperature)
+
+        grads = _backprop_tiles(ctx, hidden, weight, tile_grad, chunk_tokens, chunk_vocab)
+        return *grads, None, None, None
+
+
+def logprob_entropy(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    tokens: torch.Tensor,
+    *,
+    temperature: float = 1.0,
+    chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
+    chunk_vocab: int = DEFAULT_CHUNK_VOCAB,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sampled-token log-prob and entropy of p = softmax(hidden @ weight.T / temperature).
+
+    hidden (N, H), weight (V, H), tokens (N,) → (log p[tokens] (N,), H(p) (N,)), both
+    differentiable w.r.t. hidden and weight. The (N, V) logits are never built.
+    """
+    inv_temperature = 1.0 / temperature
+    acc = _accumulation_dtype(hidden.dtype)
+    sampled_logit = (hidden.to(acc) * weight[tokens].to(acc)).sum(-1) * inv_temperature
+    lse, entropy = _LseEntropy.apply(hidden, weight, inv_temperature, chunk_tokens, chunk_vocab)
+    return sampled_logit - lse, entropy
