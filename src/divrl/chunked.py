@@ -129,3 +129,108 @@ def logprob_entropy(
     sampled_logit = (hidden.to(acc) * weight[tokens].to(acc)).sum(-1) * inv_temperature
     lse, entropy = _LseEntropy.apply(hidden, weight, inv_temperature, chunk_tokens, chunk_vocab)
     return sampled_logit - lse, entropy
+
+
+def _term_and_grad(term, logp, logq, need_grad: bool):
+    """term(log p, log q) elementwise and, when asked, g = ∂term/∂log p (autograd on the tile)."""
+    if not need_grad:
+        return term(logp, logq), None
+    with torch.enable_grad():
+        logp = logp.detach().requires_grad_()
+        value = term(logp, logq)
+        (grad,) = torch.autograd.grad(value.sum(), logp)
+    return value.detach(), grad
+
+
+class _Divergence(torch.autograd.Function):
+    """Σ_v term(log p_v, log q_v) per row, p = softmax(hidden @ weight.T), q likewise; streamed.
+
+    With g_v = ∂term/∂log p_v and log p_v = z_v − lse(z): ∂D/∂z_v = g_v − p_v Σ_u g_u. The forward
+    keeps lse of both models and Σ_u g_u per token, so the backward is one recomputing pass.
+    The target side gets no gradient.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, target_hidden, target_weight, term, chunk_tokens, chunk_vocab):
+        need_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
+        acc = _accumulation_dtype(hidden.dtype)
+        n, vocab = hidden.shape[0], _spans(weight.shape[0], chunk_vocab)
+        value = torch.zeros(n, dtype=acc)
+        grad_sum = torch.zeros(n, dtype=acc)
+        lse_p, lse_q = torch.empty(n, dtype=acc), torch.empty(n, dtype=acc)
+
+        def tiles(rows):
+            for cols in vocab:
+                yield (
+                    _logits(hidden[rows], weight[cols], 1.0),
+                    _logits(target_hidden[rows], target_weight[cols], 1.0),
+                )
+
+        for rows in _spans(n, chunk_tokens):
+            kept = list(tiles(rows)) if len(vocab) == 1 else None  # one tile: reuse, no recompute
+            running_p = running_q = torch.full((rows.stop - rows.start,), -torch.inf, dtype=acc)
+            for zp, zq in kept or tiles(rows):
+                running_p = torch.logaddexp(running_p, zp.logsumexp(-1))
+                running_q = torch.logaddexp(running_q, zq.logsumexp(-1))
+            lse_p[rows], lse_q[rows] = running_p, running_q
+            for zp, zq in kept or tiles(rows):
+                logp, logq = zp.sub_(running_p[:, None]), zq.sub_(running_q[:, None])
+                terms, grad = _term_and_grad(term, logp, logq, need_grad)
+                value[rows] += terms.sum(-1)
+                if need_grad:
+                    grad_sum[rows] += grad.sum(-1)
+        ctx.save_for_backward(hidden, weight, target_hidden, target_weight, lse_p, lse_q, grad_sum)
+        ctx.setup = (term, chunk_tokens, chunk_vocab)
+        return value
+
+    @staticmethod
+    def backward(ctx, grad_value):
+        hidden, weight, target_hidden, target_weight, lse_p, lse_q, grad_sum = ctx.saved_tensors
+        term, chunk_tokens, chunk_vocab = ctx.setup
+
+        def tile_grad(rows, cols):
+            logp = _logits(hidden[rows], weight[cols], 1.0).sub_(lse_p[rows, None])
+            logq = _logits(target_hidden[rows], target_weight[cols], 1.0).sub_(lse_q[rows, None])
+            _, grad = _term_and_grad(term, logp, logq, need_grad=True)
+            return grad.sub_(logp.exp_().mul_(grad_sum[rows, None])).mul_(grad_value[rows, None])
+
+        grads = _backprop_tiles(ctx, hidden, weight, tile_grad, chunk_tokens, chunk_vocab)
+        return *grads, None, None, None, None, None
+
+
+def divergence(
+    name: str,
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    target_hidden: torch.Tensor,
+    target_weight: torch.Tensor,
+    *,
+    chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
+    chunk_vocab: int = DEFAULT_CHUNK_VOCAB,
+    **params,
+) -> torch.Tensor:
+    """Exact D(πθ‖q) per token, πθ = softmax(hidden @ weight.T), q = softmax(target_hidden @
+    target_weight.T), for any closed-form divergence of ``divrl.divergences`` (``name``, ``params``
+    as in ``divrl.divergences.get``).
+
+    hidden (N, H), weight (V, H), target_hidden (N, H'), target_weight (V, H') → (N,).
+    Differentiable w.r.t. hidden and weight; the target side is detached (a constant target).
+    """
+    from divrl import divergences
+
+    if hidden.shape[0] != target_hidden.shape[0] or weight.shape[0] != target_weight.shape[0]:
+        raise ValueError(
+            f"policy and target must share tokens and vocabulary: hidden {tuple(hidden.shape)}, "
+            f"weight {tuple(weight.shape)}, target_hidden {tuple(target_hidden.shape)}, "
+            f"target_weight {tuple(target_weight.shape)}"
+        )
+    term = divergences.pointwise(name, **params)
+    return _Divergence.apply(
+        hidden,
+        weight,
+        target_hidden.detach(),
+        target_weight.detach(),
+        term,
+        chunk_tokens,
+        chunk_vocab,
+    )
