@@ -1,0 +1,406 @@
+"""Divergences between next-token distributions, as pure functions on log-probabilities.
+
+Policy p = πθ(·|s), target q, both given as **normalized log-probabilities** with any leading
+shape and the vocabulary on the last dim. Every exact divergence returns one value per position
+(the leading shape) and computes in the dtype it is given. Zero-probability entries (−inf) give
+exact answers: 0·log 0 = 0, finite where the math is finite, +inf (never NaN) where a divergence
+is infinite, and no NaN gradient wherever the value is finite (the "double where": unsafe entries
+are replaced before the arithmetic, not only after it).
+
+Conventions (design notes §2; public and tested):
+
+============================  =========================================================
+name (params)                 D(p, q)
+============================  =========================================================
+``reverse_kl``                KL(p‖q) = Σ p log(p/q)                (mode-seeking)
+``forward_kl``                KL(q‖p) = Σ q log(q/p)                (mass-covering)
+``jsd`` (beta)                β=0: KL(q‖p); β=1: KL(p‖q); else β·KL(q‖m) + (1−β)·KL(p‖m),
+                              m = β·q + (1−β)·p   (GKD; equals TRL's generalized_jsd_loss)
+``total_variation``           ½ Σ |p − q|                           f(t) = ½|t − 1|
+``chi2``                      Pearson χ²(p‖q) = Σ (p − q)²/q        f(t) = (t − 1)²
+``hellinger``                 squared Hellinger Σ (√p − √q)²        f(t) = (√t − 1)²
+``alpha`` (alpha)             Amari Σ q f(p/q), f(t) = (t^α − α t − (1−α))/(α(α−1));
+                              α→1: KL(p‖q), α→0: KL(q‖p)
+``f_divergence`` (f, ...)     D_f(p‖q) = Σ q f(p/q) for a user generator f
+``sinkhorn`` (cost, ...)      entropic optimal transport between p and q (not a sum over V)
+``sinkhorn_topk`` (cost, k)   the same on the union of the top-k supports, renormalized
+============================  =========================================================
+
+In the f-form, reverse KL is f(t) = t log t and forward KL f(t) = −log t.
+
+Every divergence except the Sinkhorn ones is a sum over the vocabulary of an elementwise term of
+(log p_v, log q_v); ``pointwise(name, **params)`` returns that term, and
+``get(name)(lp, lq, **params) == pointwise(name, **params)(lp, lq).sum(-1)``. Each divergence is
+written once, as its term (``divrl.chunked`` streams the same terms over vocabulary chunks).
+
+Sampled estimators of KL(p‖q) from the log-probs of a token y ~ p, with r = log q(y) − log p(y):
+k1 = −r, k2 = ½r², k3 = eʳ − 1 − r, and ``straight_through(value)`` ("value of k1/k3, gradient of
+k2"); ``get_estimator(name)`` looks them up.
+
+Sources: divrl design notes §2 and methods notes C6; J. Schulman, "Approximating KL Divergence"
+(2020) for k1–k3; R. Agarwal et al., "On-Policy Distillation of Language Models: Learning from
+Self-Generated Mistakes" (GKD, ICLR 2024) for ``jsd``; M. Cuturi, "Sinkhorn Distances: Lightspeed
+Computation of Optimal Transport" (NeurIPS 2013) for ``sinkhorn``.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import math
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+Divergence = Callable[..., Tensor]
+Term = Callable[[Tensor, Tensor], Tensor]
+TokenCost = Callable[[Tensor, Tensor], Tensor]
+
+_NEG_INF = -math.inf
+_DIVERGENCES: dict[str, Divergence] = {}
+_TERMS: dict[str, Divergence] = {}
+
+
+def _summed_over_vocabulary(name: str) -> Callable[[Divergence], Divergence]:
+    """Register an elementwise term under ``name``; the public function is its sum over the last dim."""
+
+    def register(term: Divergence) -> Divergence:
+        @functools.wraps(term)
+        def divergence(policy_logprobs: Tensor, target_logprobs: Tensor, **params) -> Tensor:
+            return term(policy_logprobs, target_logprobs, **params).sum(-1)
+
+        _TERMS[name] = term
+        _DIVERGENCES[name] = divergence
+        return divergence
+
+    return register
+
+
+def _weighted_by_first(log_a: Tensor, log_b: Tensor, fn: Callable[[Tensor], Tensor]) -> Tensor:
+    """a · fn(log a − log b), exactly 0 where a = 0 (value and gradient)."""
+    a_is_zero = log_a == _NEG_INF
+    safe_a = log_a.masked_fill(a_is_zero, 0.0)
+    safe_b = log_b.masked_fill(a_is_zero, 0.0)
+    return torch.where(a_is_zero, 0.0, safe_a.exp() * fn(safe_a - safe_b))
+
+
+def _identity(x: Tensor) -> Tensor:
+    return x
+
+
+@_summed_over_vocabulary("reverse_kl")
+def reverse_kl(policy_logprobs: Tensor, target_logprobs: Tensor) -> Tensor:
+    """KL(p‖q) = Σ_v p_v (log p_v − log q_v): mode-seeking; +inf where p_v > 0 = q_v."""
+    return _weighted_by_first(policy_logprobs, target_logprobs, _identity)
+
+
+@_summed_over_vocabulary("forward_kl")
+def forward_kl(policy_logprobs: Tensor, target_logprobs: Tensor) -> Tensor:
+    """KL(q‖p) = Σ_v q_v (log q_v − log p_v): mass-covering; +inf where q_v > 0 = p_v."""
+    return _weighted_by_first(target_logprobs, policy_logprobs, _identity)
+
+
+@_summed_over_vocabulary("jsd")
+def jsd(policy_logprobs: Tensor, target_logprobs: Tensor, beta: float = 0.5) -> Tensor:
+    """Generalized JSD of GKD (Agarwal et al. 2024), TRL's ``generalized_jsd_loss`` convention.
+
+    β = 0: KL(q‖p); β = 1: KL(p‖q); 0 < β < 1: β·KL(q‖m) + (1−β)·KL(p‖m) with m = β·q + (1−β)·p.
+    The mixture form tends to 0 at both ends, hence the separately defined endpoints. Always
+    finite for 0 < β < 1; symmetric at β = ½ (the Jensen–Shannon divergence).
+    """
+    if not 0.0 <= beta <= 1.0:
+        raise ValueError(f"jsd: beta must lie in [0, 1], got {beta}")
+    if beta == 0.0:
+        return _weighted_by_first(target_logprobs, policy_logprobs, _identity)
+    if beta == 1.0:
+        return _weighted_by_first(policy_logprobs, target_logprobs, _identity)
+    both_zero = (policy_logprobs == _NEG_INF) & (target_logprobs == _NEG_INF)
+    mixture_logprobs = torch.logaddexp(
+        policy_logprobs.masked_fill(both_zero, 0.0) + math.log1p(-beta),
+        target_logprobs.masked_fill(both_zero, 0.0) + math.log(beta),
+    )
+    return beta * _weighted_by_first(target_logprobs, mixture_logprobs, _identity) + (
+        1.0 - beta
+    ) * _weighted_by_first(policy_logprobs, mixture_logprobs, _identity)
+
+
+@_summed_over_vocabulary("total_variation")
+def total_variation(policy_logprobs: Tensor, target_logprobs: Tensor) -> Tensor:
+    """Total variation ½ Σ_v |p_v − q_v| ∈ [0, 1]; symmetric."""
+    return 0.5 * (policy_logprobs.exp() - target_logprobs.exp()).abs()
+
+
+@_summed_over_vocabulary("chi2")
+def chi2(policy_logprobs: Tensor, target_logprobs: Tensor) -> Tensor:
+    """Pearson χ²(p‖q) = Σ_v (p_v − q_v)²/q_v; +inf where p_v > 0 = q_v."""
+    unbounded = (target_logprobs == _NEG_INF) & (policy_logprobs > _NEG_INF)
+    term = _weighted_by_first(target_logprobs, policy_logprobs, lambda d: torch.expm1(-d).square())
+    return term.masked_fill(unbounded, math.inf)
+
+
+@_summed_over_vocabulary("hellinger")
+def hellinger(policy_logprobs: Tensor, target_logprobs: Tensor) -> Tensor:
+    """Squared Hellinger distance Σ_v (√p_v − √q_v)² ∈ [0, 2]; symmetric."""
+    return ((0.5 * policy_logprobs).exp() - (0.5 * target_logprobs).exp()).square()
+
+
+@_summed_over_vocabulary("alpha")
+def alpha(policy_logprobs: Tensor, target_logprobs: Tensor, alpha: float = 0.5) -> Tensor:
+    """Amari α-divergence Σ_v q f(p/q), f(t) = (t^α − α t − (1−α))/(α(α−1)).
+
+    α → 1 is KL(p‖q) and α → 0 is KL(q‖p), taken exactly at α ∈ {0, 1}; α = ½ is twice the
+    squared Hellinger distance, α = 2 half of Pearson χ². Each term is ≥ 0 (and differs from the
+    KL terms by q − p, which sums to 0). Computed as (p·expm1((α−1)·log(p/q))/(α−1) − p + q)/α for
+    α ≥ ½, which is accurate near α = 1, and through D_α(p‖q) = D_{1−α}(q‖p) below ½.
+    """
+    if alpha < 0.5:
+        policy_logprobs, target_logprobs, alpha = target_logprobs, policy_logprobs, 1.0 - alpha
+    if alpha == 1.0:
+        log_ratio_term = _identity
+    else:
+        def log_ratio_term(log_ratio: Tensor) -> Tensor:
+            return torch.expm1((alpha - 1.0) * log_ratio) / (alpha - 1.0)
+    p_term = _weighted_by_first(policy_logprobs, target_logprobs, log_ratio_term)
+    return (p_term - policy_logprobs.exp() + target_logprobs.exp()) / alpha
+
+
+@_summed_over_vocabulary("f_divergence")
+def f_divergence(
+    policy_logprobs: Tensor,
+    target_logprobs: Tensor,
+    f: Callable[[Tensor], Tensor],
+    f_prime_inf: float = math.inf,
+) -> Tensor:
+    """D_f(p‖q) = Σ_v q_v f(p_v/q_v) for a convex generator f with f(1) = 0.
+
+    ``f`` maps a tensor of ratios t ≥ 0 elementwise; it is also called at t = 0 for entries with
+    p_v = 0 < q_v (term q·f(0)), so it must be defined there (write t log t as ``torch.xlogy(t, t)``).
+    Entries with q_v = 0 < p_v contribute p_v·f'(∞), f'(∞) = lim_{t→∞} f(t)/t, given as
+    ``f_prime_inf`` (default +inf, right for superlinear f such as t log t; ½ for total variation,
+    1 for squared Hellinger, 0 for −log t). Entries with p_v = q_v = 0 contribute 0.
+    """
+    policy_zero = policy_logprobs == _NEG_INF
+    target_zero = target_logprobs == _NEG_INF
+    both_positive = ~(policy_zero | target_zero)
+    safe_policy = torch.where(both_positive, policy_logprobs, 0.0)
+    safe_target = torch.where(both_positive, target_logprobs, 0.0)
+    ratio_term = torch.where(both_positive, safe_target.exp() * f((safe_policy - safe_target).exp()), 0.0)
+    f_at_zero = torch.where(policy_zero & ~target_zero, f(torch.zeros_like(target_logprobs)), 0.0)
+    slope_at_inf = torch.where(target_zero & ~policy_zero, f_prime_inf, 0.0)
+    return ratio_term + target_logprobs.exp() * f_at_zero + policy_logprobs.exp() * slope_at_inf
+
+
+def embedding_cost(embeddings: Tensor) -> TokenCost:
+    """Ground cost between tokens from their embeddings (V, H): cosine distance 1 − cos ∈ [0, 2].
+
+    Returns a ``TokenCost``: given token ids of shapes (..., n) and (..., m), the (..., n, m)
+    costs. Memory is that of the gathered embeddings, (..., n + m, H).
+    """
+    unit = torch.nn.functional.normalize(embeddings, dim=-1)
+
+    def cost(ids_a: Tensor, ids_b: Tensor) -> Tensor:
+        return 1.0 - unit[ids_a] @ unit[ids_b].transpose(-1, -2)
+
+    return cost
+
+
+def _cost_between(cost: Tensor | TokenCost, ids_a: Tensor, ids_b: Tensor) -> Tensor:
+    if callable(cost):
+        return cost(ids_a, ids_b)
+    return cost[ids_a.unsqueeze(-1), ids_b.unsqueeze(-2)]
+
+
+def _entropic_ot(
+    policy_logprobs: Tensor, target_logprobs: Tensor, cost: Tensor, epsilon: float, iterations: int
+) -> Tensor:
+    """OT_ε(p, q) = min_{P1=p, Pᵀ1=q} ⟨P, C⟩ + ε·KL(P‖p⊗q), by log-domain Sinkhorn.
+
+    The potentials f, g are iterated without autograd (f_i = −ε LSE_j(log q_j + (g_j − C_ij)/ε),
+    g_j = −ε LSE_i(log p_i + (f_i − C_ij)/ε)); the value is the dual ⟨p, f⟩ + ⟨q, g⟩, whose
+    gradient in (p, q) is (f, g) at convergence, so memory is one (..., V, V) buffer, not one per
+    iteration. A zero-mass token drops out of the plan; its gradient p_i·f_i stays finite.
+    """
+    if epsilon <= 0.0:
+        raise ValueError(f"sinkhorn: epsilon must be > 0, got {epsilon}")
+    if iterations < 1:
+        raise ValueError(f"sinkhorn: iterations must be >= 1, got {iterations}")
+    scaled_cost = cost.to(policy_logprobs.dtype) / epsilon
+    with torch.no_grad():
+        log_p, log_q = policy_logprobs.detach(), target_logprobs.detach()
+        g = torch.zeros_like(log_q)
+        for _ in range(iterations):
+            f = -epsilon * torch.logsumexp((log_q + g / epsilon).unsqueeze(-2) - scaled_cost, dim=-1)
+            g = -epsilon * torch.logsumexp((log_p + f / epsilon).unsqueeze(-1) - scaled_cost, dim=-2)
+    return (policy_logprobs.exp() * f).sum(-1) + (target_logprobs.exp() * g).sum(-1)
+
+
+def sinkhorn(
+    policy_logprobs: Tensor,
+    target_logprobs: Tensor,
+    cost: Tensor | TokenCost,
+    epsilon: float = 0.1,
+    iterations: int = 100,
+) -> Tensor:
+    """Entropic optimal transport between the next-token distributions (Cuturi 2013; SinKD).
+
+    OT_ε(p, q) = min over couplings P of p and q of ⟨P, C⟩ + ε·KL(P‖p⊗q) ≥ 0, computed by
+    ``iterations`` log-domain Sinkhorn steps. ``cost`` is the ground cost C between tokens: a
+    (V, V) tensor, or a ``TokenCost`` callable (e.g. ``embedding_cost(E)``) that is called on
+    ``arange(V)`` twice. As ε → 0 it tends to the optimal transport cost W(p, q); with the 0/1 cost
+    C = 1 − I, W is the total variation. ε is in the units of C; smaller ε needs more iterations.
+    Unlike KL it stays finite, with finite gradients, on disjoint supports; it is not 0 at p = q
+    for ε > 0 (entropic blur). Cost: O(V²) memory and O(iterations·V²) time per position, so use it
+    for small vocabularies and ``sinkhorn_topk`` for real ones.
+    """
+    if not isinstance(cost, Tensor):
+        ids = torch.arange(policy_logprobs.shape[-1], device=policy_logprobs.device)
+        cost = cost(ids, ids)
+    return _entropic_ot(policy_logprobs, target_logprobs, cost, epsilon, iterations)
+
+
+def sinkhorn_topk(
+    policy_logprobs: Tensor,
+    target_logprobs: Tensor,
+    cost: Tensor | TokenCost,
+    k: int = 32,
+    epsilon: float = 0.1,
+    iterations: int = 100,
+) -> Tensor:
+    """``sinkhorn`` restricted to the union of the top-k tokens of p and of q, both renormalized.
+
+    The support is the k most likely tokens of p followed by those of q not already among them
+    (duplicates get zero mass), 2k slots per position; ``cost`` is indexed (tensor) or called
+    (``TokenCost``, e.g. ``embedding_cost(model.get_input_embeddings().weight)``) on those ids.
+    Memory O(k²) per position instead of O(V²): tractable at V = 49k.
+    """
+    if k < 1:
+        raise ValueError(f"sinkhorn_topk: k must be >= 1, got {k}")
+    k = min(k, policy_logprobs.shape[-1])
+    policy_ids = policy_logprobs.topk(k, dim=-1).indices
+    target_ids = target_logprobs.topk(k, dim=-1).indices
+    duplicate = (target_ids.unsqueeze(-1) == policy_ids.unsqueeze(-2)).any(-1)
+    support = torch.cat([policy_ids, target_ids], dim=-1)
+    kept = torch.cat([torch.zeros_like(duplicate), duplicate], dim=-1)
+
+    def restricted(logprobs: Tensor) -> Tensor:
+        gathered = logprobs.gather(-1, support).masked_fill(kept, _NEG_INF)
+        return gathered - gathered.logsumexp(-1, keepdim=True)
+
+    return _entropic_ot(
+        restricted(policy_logprobs),
+        restricted(target_logprobs),
+        _cost_between(cost, support, support),
+        epsilon,
+        iterations,
+    )
+
+
+_DIVERGENCES["sinkhorn"] = sinkhorn
+_DIVERGENCES["sinkhorn_topk"] = sinkhorn_topk
+
+
+def get(name: str) -> Divergence:
+    """The divergence function registered under ``name``; unknown names raise a ValueError."""
+    if name not in _DIVERGENCES:
+        raise ValueError(f"unknown divergence {name!r}; valid: {', '.join(sorted(_DIVERGENCES))}")
+    return _DIVERGENCES[name]
+
+
+def pointwise(name: str, **params) -> Term:
+    """The elementwise term of divergence ``name``: ``get(name)(lp, lq, **params)`` is its sum over dim −1.
+
+    The term has the shape of its inputs, is differentiable and −inf-safe like the divergence.
+    """
+    if name not in _TERMS:
+        if name in _DIVERGENCES:
+            raise ValueError(f"{name!r} is not a sum of elementwise terms over the vocabulary")
+        raise ValueError(f"unknown divergence {name!r}; pointwise ones: {', '.join(sorted(_TERMS))}")
+    term = _TERMS[name]
+    try:
+        inspect.signature(term).bind(None, None, **params)
+    except TypeError as error:
+        raise ValueError(f"{name}: {error}") from None
+    return functools.partial(term, **params)
+
+
+# ---------------------------------------------------------------------------------------------
+# Sampled estimators of KL(p‖q) at a token y ~ p (Schulman 2020; methods notes C6).
+
+
+def _log_ratio(policy_logprobs: Tensor, target_logprobs: Tensor) -> Tensor:
+    """r = log q(y) − log p(y), with r = 0 where both are −inf."""
+    both_zero = (policy_logprobs == _NEG_INF) & (target_logprobs == _NEG_INF)
+    return (target_logprobs - policy_logprobs).masked_fill(both_zero, 0.0)
+
+
+def k1(policy_logprobs: Tensor, target_logprobs: Tensor) -> Tensor:
+    """k1 = −r = log p(y) − log q(y).
+
+    Value: unbiased, E_p[k1] = KL(p‖q), but can be negative per sample (high variance).
+    As a loss on on-policy samples: ∇k1 = ∇log p(y), zero in expectation (no KL gradient). Used as
+    a reward (score-function gradient) it gives ∇KL(p‖q).
+    """
+    return -_log_ratio(policy_logprobs, target_logprobs)
+
+
+def k2(policy_logprobs: Tensor, target_logprobs: Tensor) -> Tensor:
+    """k2 = ½r².
+
+    Value: biased, E_p[k2] = ½E_p[log²(p/q)] ≈ KL(p‖q) only to second order; ≥ 0.
+    As a loss on on-policy samples: E_p[∇k2] = E_p[(log p − log q)∇log p] = ∇KL(p‖q), the
+    reverse-KL gradient.
+    """
+    return 0.5 * _log_ratio(policy_logprobs, target_logprobs).square()
+
+
+def k3(policy_logprobs: Tensor, target_logprobs: Tensor) -> Tensor:
+    """k3 = eʳ − 1 − r.
+
+    Value: unbiased, E_p[k3] = KL(p‖q), and ≥ 0 per sample (low variance).
+    As a loss on on-policy samples: E_p[∇k3] = E_p[(1 − q/p)∇log p] = −Σ q∇log p = ∇KL(q‖p), the
+    *forward*-KL gradient, not the reverse one its value estimates.
+    """
+    r = _log_ratio(policy_logprobs, target_logprobs)
+    unbounded = r == math.inf
+    safe_r = r.masked_fill(unbounded, 0.0)
+    return (torch.expm1(safe_r) - safe_r).masked_fill(unbounded, math.inf)
+
+
+def straight_through(value_fn: Callable[[Tensor, Tensor], Tensor]) -> Callable[[Tensor, Tensor], Tensor]:
+    """Estimator with the value of ``value_fn`` and the gradient of k2: v.detach() + k2 − k2.detach().
+
+    With v = k1 or k3 the value is unbiased for KL(p‖q) and, as a loss on on-policy samples, the
+    expected gradient is ∇KL(p‖q).
+    """
+
+    def estimator(policy_logprobs: Tensor, target_logprobs: Tensor) -> Tensor:
+        gradient_carrier = k2(policy_logprobs, target_logprobs)
+        value = value_fn(policy_logprobs, target_logprobs)
+        gradient_only = torch.where(
+            gradient_carrier.isfinite(), gradient_carrier - gradient_carrier.detach(), 0.0
+        )
+        return value.detach() + gradient_only
+
+    estimator.__name__ = f"{value_fn.__name__}_st"
+    estimator.__doc__ = f"Value of {value_fn.__name__}, gradient of k2 (see ``straight_through``)."
+    return estimator
+
+
+k1_st = straight_through(k1)
+k3_st = straight_through(k3)
+
+_ESTIMATORS: dict[str, Callable[[Tensor, Tensor], Tensor]] = {
+    "k1": k1,
+    "k2": k2,
+    "k3": k3,
+    "k1_st": k1_st,
+    "k3_st": k3_st,
+}
+
+
+def get_estimator(name: str) -> Callable[[Tensor, Tensor], Tensor]:
+    """The sampled KL(p‖q) estimator registered under ``name``; unknown names raise a ValueError."""
+    if name not in _ESTIMATORS:
+        raise ValueError(f"unknown estimator {name!r}; valid: {', '.join(_ESTIMATORS)}")
+    return _ESTIMATORS[name]
