@@ -1,0 +1,31 @@
+"""Write a directory so that an interruption leaves either nothing or the complete directory."""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+
+def save_atomically(target: Path, save: Callable[[Path], None]) -> None:
+    """Run `save(tmp)` into a temporary sibling directory, then rename it to `target`.
+
+    If `target` already exists (another process finished first, or a re-save), it is replaced only
+    after the new copy is complete.
+    """
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        save(tmp)
+        if target.exists():
+            old = target.with_name(f".{target.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            target.rename(old)
+            tmp.rename(target)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

@@ -1,0 +1,62 @@
+"""Checkpoints `checkpoints/step-N/`: HF `from_pretrained`-loadable weights and tokenizer, the
+optimizer state, the sampling RNG state and the trainer's step, written atomically so that an
+interruption never leaves a half-written checkpoint behind."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from pathlib import Path
+
+import torch
+
+from divrl.atomic import save_atomically
+
+_STEP_DIR = re.compile(r"^step-(\d+)$")
+
+
+def checkpoint_dirs(run_dir: Path) -> list[tuple[int, Path]]:
+    """Complete checkpoints of a run, oldest first."""
+    root = run_dir / "checkpoints"
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir()
+             if (m := _STEP_DIR.match(p.name)) and (p / "trainer_state.json").is_file()]
+    return sorted(found)
+
+
+def save_checkpoint(run_dir: Path, step: int, model, tokenizer, optimizer,
+                    generator: torch.Generator, keep: int) -> Path:
+    target = run_dir / "checkpoints" / f"step-{step}"
+
+    def save(tmp: Path) -> None:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        torch.save({"sampling": generator.get_state(), "torch": torch.get_rng_state()}, tmp / "rng.pt")
+        (tmp / "trainer_state.json").write_text(json.dumps({"step": step}))  # written last
+
+    save_atomically(target, save)
+    for _, old in checkpoint_dirs(run_dir)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return target
+
+
+def load_checkpoint(path: Path, model, optimizer, generator: torch.Generator) -> int:
+    """Restore weights, optimizer and RNG state from `path`; returns its step."""
+    from safetensors.torch import load_file
+
+    state = {}
+    for shard in sorted(path.glob("*.safetensors")):
+        state.update(load_file(shard))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    tied = {"lm_head.weight"} if getattr(model.config, "tie_word_embeddings", False) else set()
+    if set(missing) - tied or unexpected:
+        raise RuntimeError(f"checkpoint {path} does not match the model: missing {missing}, "
+                           f"unexpected {unexpected}")
+    optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
+    rng = torch.load(path / "rng.pt", weights_only=True)
+    generator.set_state(rng["sampling"])
+    torch.set_rng_state(rng["torch"])
+    return json.loads((path / "trainer_state.json").read_text())["step"]

@@ -1,0 +1,59 @@
+"""`divrl` command line: `divrl train [CONFIG.yaml] [--set key=value ...]`, `divrl lab …`."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import yaml
+
+
+def _train(args: argparse.Namespace) -> int:
+    from divrl.config import ConfigError, build_config, describe
+    from divrl.models import ModelLoadError
+    from divrl.tasks import TaskError
+
+    if args.help_config:
+        print(describe())
+        return 0
+    try:
+        cfg = build_config(args.config, args.set or [])
+        print("resolved config:\n" + yaml.safe_dump(cfg.to_dict(), sort_keys=False), flush=True)
+        from divrl.trainer import Trainer
+
+        trainer = Trainer(cfg)
+    except (ConfigError, TaskError, ModelLoadError) as err:
+        print(f"divrl: error: {err}", file=sys.stderr)
+        return 2
+    try:
+        trainer.run()
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="divrl", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    train = sub.add_parser("train", help="train a model (GRPO + divergence penalty)")
+    train.add_argument("config", nargs="?", help="YAML config file (keys: divrl train --help-config)")
+    train.add_argument("--set", action="append", metavar="KEY=VALUE",
+                       help="override one config key (repeatable); dict keys as a.b=value")
+    train.add_argument("--help-config", action="store_true", help="list every config key and exit")
+    train.set_defaults(func=_train)
+    try:
+        from divrl.lab_cli import add_parser as add_lab
+    except ImportError:
+        pass
+    else:
+        add_lab(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,208 @@
+"""Training configuration: one flat, typed, documented record, validated before any model loads.
+
+A config comes from an optional YAML file plus `--set key=value` overrides (values parsed as YAML;
+`task_params.min_terms=3` sets one entry of a dict-valued key). Every error names the bad key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot run; the message names the offending key."""
+
+
+def _doc(text: str, **kwargs: Any) -> Any:
+    return field(metadata={"doc": text}, **kwargs)
+
+
+KL_ESTIMATORS = ("exact", "k1", "k2", "k3")
+ADVANTAGES = ("group_norm", "mean_only")
+DTYPES = ("auto", "float32", "bfloat16")
+
+
+@dataclass
+class TrainConfig:
+    # What to train, on what.
+    model: str = _doc("'default' (embedded SmolLM2-135M-Instruct), 'tiny' (random few-M Llama for "
+                      "smoke tests), a local Hugging Face model directory, or a hub id.", default="default")
+    task: str = _doc("A reasoning-gym dataset name (e.g. chain_sum) or a path to a .jsonl file with "
+                     "'prompt' and 'answer' fields.", default="chain_sum")
+    task_params: dict = _doc("Keyword arguments of reasoning_gym.create_dataset for the task.",
+                             default_factory=lambda: {"min_terms": 2, "max_terms": 2, "min_digits": 1,
+                                                      "max_digits": 1, "allow_negation": False})
+    verifier: str = _doc("For JSONL tasks: 'exact' (extracted answer == answer) or 'module:function' "
+                         "called as f(completion, answer) -> float.", default="exact")
+    system_prompt: str | None = _doc("System message for chat models (None: the model's default).",
+                                     default=None)
+    train_size: int = _doc("Number of training prompts generated (reasoning-gym) or kept (JSONL).",
+                           default=2000)
+    eval_size: int = _doc("Number of held-out evaluation prompts.", default=64)
+    seed: int = _doc("Seed of weights init (tiny), data order, sampling and the training split.", default=0)
+    eval_seed: int = _doc("Seed of the held-out split (must differ from seed).", default=12345)
+    # The GRPO step.
+    steps: int = _doc("Number of optimizer steps.", default=30)
+    prompts_per_step: int = _doc("Prompts per step (P).", default=8)
+    group_size: int = _doc("Completions sampled per prompt (G).", default=8)
+    max_new_tokens: int = _doc("Longest completion; longer ones are truncated (and usually wrong).",
+                               default=32)
+    temperature: float = _doc("Sampling temperature of training rollouts.", default=0.7)
+    top_p: float = _doc("Nucleus sampling threshold of rollouts (1.0 = off).", default=1.0)
+    advantage: str = _doc("'group_norm' (GRPO: (r − mean)/std per group) or 'mean_only' "
+                          "(Dr. GRPO: r − mean).", default="group_norm")
+    clip_low: float = _doc("PPO ratio clip ε_low: ratio ≥ 1 − clip_low.", default=0.2)
+    clip_high: float = _doc("PPO ratio clip ε_high (clip-higher, DAPO): ratio ≤ 1 + clip_high.",
+                            default=0.28)
+    inner_iterations: int = _doc("Optimizer passes μ over each rollout batch.", default=1)
+    kl_coef: float = _doc("β, coefficient of the divergence penalty to the reference model.",
+                          default=0.0)
+    kl_estimator: str = _doc("'exact' (reverse KL over the whole vocabulary) or a sampled estimator "
+                             "'k1' | 'k2' | 'k3' of KL(πθ‖π_ref).", default="exact")
+    kl_in_reward: bool = _doc("Subtract β·(sampled KL) from the reward instead of adding it to the "
+                              "loss (needs a sampled estimator).", default=False)
+    lr: float = _doc("AdamW learning rate.", default=1e-5)
+    weight_decay: float = _doc("AdamW weight decay.", default=0.0)
+    max_grad_norm: float = _doc("Gradient clipping norm (0 disables).", default=1.0)
+    micro_batch_size: int = _doc("Sequences per forward/backward chunk (memory bound).", default=16)
+    dtype: str = _doc("'auto' (bf16 autocast only where the CPU has native bf16, else fp32), "
+                      "'float32' or 'bfloat16'.", default="auto")
+    # Evaluation and outputs.
+    eval_samples: int = _doc("Samples per held-out prompt (n); pass@k is reported for k = n.",
+                             default=4)
+    eval_temperature: float = _doc("Sampling temperature of evaluation.", default=0.7)
+    eval_every: int = _doc("Evaluate every this many steps (0: only before and after).", default=10)
+    checkpoint_every: int = _doc("Save a checkpoint every this many steps (and at the end).",
+                                 default=10)
+    keep_checkpoints: int = _doc("How many recent checkpoints to keep.", default=2)
+    output_dir: str = _doc("Run directory.", default="runs/default")
+    resume: bool = _doc("Continue from the latest checkpoint in output_dir.", default=False)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
+
+
+def describe() -> str:
+    """One line per key: name, default and meaning (for `divrl train --help-config`)."""
+    lines = []
+    for f in FIELDS.values():
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        lines.append(f"  {f.name} (default {default!r}): {f.metadata['doc']}")
+    return "\n".join(lines)
+
+
+def _unknown_key(key: str) -> ConfigError:
+    close = difflib.get_close_matches(key, FIELDS, n=1)
+    hint = f"; did you mean '{close[0]}'?" if close else ""
+    return ConfigError(f"unknown config key '{key}'{hint} Valid keys: {', '.join(FIELDS)}")
+
+
+def _coerce(key: str, value: Any) -> Any:
+    hint = typing.get_type_hints(TrainConfig)[key]
+    allowed = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
+    if value is None:
+        if type(None) in allowed:
+            return None
+        raise ConfigError(f"config key '{key}' must not be empty")
+    if isinstance(value, str) and float in allowed:
+        try:  # YAML 1.1 reads "1e-5" as a string
+            value = float(value)
+        except ValueError:
+            pass
+    for typ in allowed:
+        if typ is float and isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+        if typ is int and isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if typ in (str, bool, dict) and isinstance(value, typ):
+            return value
+    names = " or ".join(t.__name__ for t in allowed if t is not type(None))
+    raise ConfigError(f"config key '{key}' must be {names}, got {value!r}")
+
+
+def _check(cfg: TrainConfig) -> None:
+    def need(ok: bool, key: str, what: str) -> None:
+        if not ok:
+            raise ConfigError(f"config key '{key}' {what}, got {getattr(cfg, key)!r}")
+
+    for key in ("steps", "prompts_per_step", "group_size", "max_new_tokens", "train_size",
+                "eval_size", "eval_samples", "micro_batch_size", "inner_iterations",
+                "keep_checkpoints", "checkpoint_every"):
+        need(getattr(cfg, key) >= 1, key, "must be ≥ 1")
+    need(cfg.eval_every >= 0, "eval_every", "must be ≥ 0")
+    need(cfg.group_size >= 2, "group_size", "must be ≥ 2 (advantages compare samples of a group)")
+    for key in ("temperature", "eval_temperature", "lr"):
+        need(getattr(cfg, key) > 0, key, "must be > 0")
+    need(0 < cfg.top_p <= 1, "top_p", "must be in (0, 1]")
+    for key in ("clip_low", "clip_high", "kl_coef", "weight_decay", "max_grad_norm"):
+        need(getattr(cfg, key) >= 0, key, "must be ≥ 0")
+    need(cfg.clip_low < 1, "clip_low", "must be < 1")
+    need(cfg.advantage in ADVANTAGES, "advantage", f"must be one of {ADVANTAGES}")
+    need(cfg.kl_estimator in KL_ESTIMATORS, "kl_estimator", f"must be one of {KL_ESTIMATORS}")
+    need(not (cfg.kl_in_reward and cfg.kl_estimator == "exact"), "kl_in_reward",
+         "needs a sampled kl_estimator (k1, k2 or k3), since the exact KL is a loss term")
+    need(cfg.dtype in DTYPES, "dtype", f"must be one of {DTYPES}")
+    need(cfg.eval_seed != cfg.seed, "eval_seed", "must differ from seed (held-out split)")
+    need(bool(cfg.output_dir), "output_dir", "must be a path")
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """'key=value' → (key, YAML-parsed value)."""
+    if "=" not in text:
+        raise ConfigError(f"--set expects key=value, got '{text}'")
+    key, raw = text.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw else ""
+    except yaml.YAMLError as err:
+        raise ConfigError(f"--set {key}: cannot parse value '{raw}': {err}") from None
+    return key.strip(), value
+
+
+def build_config(path: str | Path | None = None, overrides: list[str] = ()) -> TrainConfig:
+    """Read the YAML file (if any), apply overrides, validate every key; raise ConfigError."""
+    values: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file '{path}' does not exist")
+        try:
+            loaded = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as err:
+            raise ConfigError(f"config file '{path}' is not valid YAML: {err}") from None
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"config file '{path}' must hold a mapping of key: value")
+        values.update(loaded or {})
+    for key in values:
+        if key not in FIELDS:
+            raise _unknown_key(key)
+    for text in overrides:
+        key, value = parse_override(text)
+        head, _, sub = key.partition(".")
+        if head not in FIELDS:
+            raise _unknown_key(head)
+        if sub:
+            base = values.get(head, FIELDS[head].default_factory() if FIELDS[head].default_factory
+                              is not dataclasses.MISSING else None)
+            if not isinstance(base, dict):
+                raise ConfigError(f"config key '{head}' is not a mapping; cannot set '{key}'")
+            values[head] = {**base, sub: value}
+        else:
+            values[head] = value
+    cfg = TrainConfig(**{k: _coerce(k, v) for k, v in values.items()})
+    _check(cfg)
+    return cfg
+
+
+def save_config(cfg: TrainConfig, path: Path) -> None:
+    path.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))

