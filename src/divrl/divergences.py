@@ -78,11 +78,20 @@ def _summed_over_vocabulary(name: str) -> Callable[[Divergence], Divergence]:
 
 
 def _weighted_by_first(log_a: Tensor, log_b: Tensor, fn: Callable[[Tensor], Tensor]) -> Tensor:
-    """a · fn(log a − log b), exactly 0 where a = 0 (value and gradient)."""
-    a_is_zero = log_a == _NEG_INF
-    safe_a = log_a.masked_fill(a_is_zero, 0.0)
-    safe_b = log_b.masked_fill(a_is_zero, 0.0)
-    return torch.where(a_is_zero, 0.0, safe_a.exp() * fn(safe_a - safe_b))
+    """a · fn(log a − log b): exactly 0 where a = 0, and a · fn(+∞) where a > 0 = b.
+
+    Unsafe entries are replaced before the arithmetic, so no gradient is NaN; an infinite
+    fn(+∞) gives +inf there with a zero gradient (a caller that masks such an entry stays finite).
+    """
+    a_zero = log_a == _NEG_INF
+    b_zero = (log_b == _NEG_INF) & ~a_zero
+    safe_a = torch.where(a_zero, 0.0, log_a)
+    safe_b = torch.where(a_zero | b_zero, 0.0, log_b)
+    at_infinity = float(fn(torch.tensor(math.inf, dtype=torch.float64)))
+    finite_at_infinity = 0.0 if math.isinf(at_infinity) else at_infinity
+    ratio_term = torch.where(b_zero, finite_at_infinity, fn(safe_a - safe_b))
+    value = torch.where(a_zero, 0.0, safe_a.exp() * ratio_term)
+    return value.masked_fill(b_zero, at_infinity) if math.isinf(at_infinity) else value
 
 
 def _identity(x: Tensor) -> Tensor:
@@ -117,8 +126,8 @@ def jsd(policy_logprobs: Tensor, target_logprobs: Tensor, beta: float = 0.5) -> 
         return _weighted_by_first(policy_logprobs, target_logprobs, _identity)
     both_zero = (policy_logprobs == _NEG_INF) & (target_logprobs == _NEG_INF)
     mixture_logprobs = torch.logaddexp(
-        policy_logprobs.masked_fill(both_zero, 0.0) + math.log1p(-beta),
-        target_logprobs.masked_fill(both_zero, 0.0) + math.log(beta),
+        torch.where(both_zero, 0.0, policy_logprobs) + math.log1p(-beta),
+        torch.where(both_zero, 0.0, target_logprobs) + math.log(beta),
     )
     return beta * _weighted_by_first(target_logprobs, mixture_logprobs, _identity) + (
         1.0 - beta
@@ -186,9 +195,17 @@ def f_divergence(
     safe_policy = torch.where(both_positive, policy_logprobs, 0.0)
     safe_target = torch.where(both_positive, target_logprobs, 0.0)
     ratio_term = torch.where(both_positive, safe_target.exp() * f((safe_policy - safe_target).exp()), 0.0)
-    f_at_zero = torch.where(policy_zero & ~target_zero, f(torch.zeros_like(target_logprobs)), 0.0)
-    slope_at_inf = torch.where(target_zero & ~policy_zero, f_prime_inf, 0.0)
-    return ratio_term + target_logprobs.exp() * f_at_zero + policy_logprobs.exp() * slope_at_inf
+    # One-sided entries: q·f(0) where p = 0 < q, p·f'(∞) where q = 0 < p; an infinite
+    # coefficient gives +inf with a zero gradient.
+    edge_coefficient = torch.where(
+        target_zero & ~policy_zero,
+        f_prime_inf,
+        torch.where(policy_zero & ~target_zero, f(torch.zeros_like(target_logprobs)), 0.0),
+    )
+    edge_mass = torch.where(policy_zero, target_logprobs, policy_logprobs).exp()
+    infinite = edge_coefficient.isinf()
+    edge_term = torch.where(infinite, edge_coefficient, edge_mass * edge_coefficient.masked_fill(infinite, 0.0))
+    return ratio_term + edge_term
 
 
 def embedding_cost(embeddings: Tensor) -> TokenCost:
@@ -216,22 +233,26 @@ def _entropic_ot(
 ) -> Tensor:
     """OT_ε(p, q) = min_{P1=p, Pᵀ1=q} ⟨P, C⟩ + ε·KL(P‖p⊗q), by log-domain Sinkhorn.
 
-    The potentials f, g are iterated without autograd (f_i = −ε LSE_j(log q_j + (g_j − C_ij)/ε),
-    g_j = −ε LSE_i(log p_i + (f_i − C_ij)/ε)); the value is the dual ⟨p, f⟩ + ⟨q, g⟩, whose
-    gradient in (p, q) is (f, g) at convergence, so memory is one (..., V, V) buffer, not one per
-    iteration. A zero-mass token drops out of the plan; its gradient p_i·f_i stays finite.
+    The potentials f, g are iterated without autograd: f_i = −ε LSE_j(log q_j + (g_j − C_ij)/ε),
+    g_j = −ε LSE_i(log p_i + (f_i − C_ij)/ε), with ε-scaling (ε starts at max C and halves every
+    step down to its target, so small ε converges in far fewer steps). The value is the dual
+    ⟨p, f⟩ + ⟨q, g⟩, whose gradient in (p, q) is (f, g) at convergence (envelope theorem), so memory
+    is one (..., V, V) buffer rather than one per iteration; the cost gets no gradient. A zero-mass
+    token drops out of the plan and its gradient p_i·f_i stays finite.
     """
     if epsilon <= 0.0:
         raise ValueError(f"sinkhorn: epsilon must be > 0, got {epsilon}")
     if iterations < 1:
         raise ValueError(f"sinkhorn: iterations must be >= 1, got {iterations}")
-    scaled_cost = cost.to(policy_logprobs.dtype) / epsilon
+    cost = cost.to(policy_logprobs.dtype)
+    cost_scale = cost.max().item()
     with torch.no_grad():
         log_p, log_q = policy_logprobs.detach(), target_logprobs.detach()
         g = torch.zeros_like(log_q)
-        for _ in range(iterations):
-            f = -epsilon * torch.logsumexp((log_q + g / epsilon).unsqueeze(-2) - scaled_cost, dim=-1)
-            g = -epsilon * torch.logsumexp((log_p + f / epsilon).unsqueeze(-1) - scaled_cost, dim=-2)
+        for step in range(iterations):
+            eps = max(epsilon, cost_scale * 0.5**step)
+            f = -eps * torch.logsumexp((log_q + g / eps).unsqueeze(-2) - cost / eps, dim=-1)
+            g = -eps * torch.logsumexp((log_p + f / eps).unsqueeze(-1) - cost / eps, dim=-2)
     return (policy_logprobs.exp() * f).sum(-1) + (target_logprobs.exp() * g).sum(-1)
 
 
@@ -351,7 +372,9 @@ def k2(policy_logprobs: Tensor, target_logprobs: Tensor) -> Tensor:
     As a loss on on-policy samples: E_p[∇k2] = E_p[(log p − log q)∇log p] = ∇KL(p‖q), the
     reverse-KL gradient.
     """
-    return 0.5 * _log_ratio(policy_logprobs, target_logprobs).square()
+    r = _log_ratio(policy_logprobs, target_logprobs)
+    unbounded = r.isinf()
+    return (0.5 * r.masked_fill(unbounded, 0.0).square()).masked_fill(unbounded, math.inf)
 
 
 def k3(policy_logprobs: Tensor, target_logprobs: Tensor) -> Tensor:
