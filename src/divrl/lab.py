@@ -180,7 +180,8 @@ def regularized_optimum(
     Contexts (leading dims) are independent; their objectives are summed. Returns log-probs.
 
     If D(uniform, q) is infinite (f′(∞) = ∞, e.g. reverse KL or χ² when q has zeros), tokens
-    outside supp(q) are held at zero mass, where the optimum keeps them (C2)."""
+    outside supp(q) are held at zero mass, where the optimum keeps them (C2). D must be smooth in
+    p: at a kink (total variation at p_i = q_i) the quasi-Newton steps stall short of the optimum."""
     d = divergences.get(divergence) if isinstance(divergence, str) else divergence
     reward = reward.expand_as(ref_logprobs)
     uniform = torch.full_like(ref_logprobs, -math.log(ref_logprobs.shape[-1]))

@@ -84,12 +84,12 @@ def _fixed_point(name, ref_logprobs, reward, beta) -> tuple[torch.Tensor, str]:
 
 def _print_fixed_points(args, ref_logprobs, reward) -> None:
     print("fixed points p* = argmax_p E_p[r] - beta*D(p, ref)")
-    print(f"{'beta':>8}  {'divergence':<12} {'solver':<11} {'E[r]':>8} {'KL(p|ref)':>10}  p*")
+    print(f"{'beta':>8}  {'divergence':<15} {'solver':<11} {'E[r]':>8} {'KL(p|ref)':>10}  p*")
     for beta in args.betas:
         for name in args.divergences:
             policy, solver = _fixed_point(name, ref_logprobs, reward, beta)
             value, kl = _summary(policy, ref_logprobs, reward)
-            print(f"{beta:>8.4g}  {name:<12} {solver:<11} {value.item():>8.4f} {kl.item():>10.4f}  "
+            print(f"{beta:>8.4g}  {name:<15} {solver:<11} {value.item():>8.4f} {kl.item():>10.4f}  "
                   f"{_row(policy.exp())}")
 
 
