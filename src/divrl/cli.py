@@ -7,6 +7,8 @@ import sys
 
 import yaml
 
+from divrl.lab_cli import add_parser as add_lab
+
 
 def _train(args: argparse.Namespace) -> int:
     from divrl.config import ConfigError, build_config, describe
@@ -41,12 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="override one config key (repeatable); dict keys as a.b=value")
     train.add_argument("--help-config", action="store_true", help="list every config key and exit")
     train.set_defaults(func=_train)
-    try:
-        from divrl.lab_cli import add_parser as add_lab
-    except ImportError:
-        pass
-    else:
-        add_lab(sub)
+    add_lab(sub)
     return parser
 
 

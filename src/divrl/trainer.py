@@ -162,8 +162,10 @@ class Trainer:
             seqs, plens = [sequences[r] for r in rows], [prompt_lens[r] for r in rows]
             with torch.no_grad(), self.autocast():
                 ref = completion_hidden(self.reference, seqs, plens, self.tokenizer.pad_token_id)
-                ref_lp, _ = chunked.logprob_entropy(ref.hidden * inv_t, output_weight(self.reference),
-                                                    ref.tokens)
+                ref_lp = None
+                if cfg.kl_estimator != "exact":
+                    ref_lp, _ = chunked.logprob_entropy(ref.hidden * inv_t,
+                                                        output_weight(self.reference), ref.tokens)
                 old_lp = None
                 if cfg.inner_iterations > 1 or cfg.kl_in_reward:
                     cur = completion_hidden(self.model, seqs, plens, self.tokenizer.pad_token_id)

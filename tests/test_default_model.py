@@ -1,0 +1,27 @@
+"""End-to-end smoke test on the real embedded default model (SmolLM2-135M-Instruct from GGUF)."""
+
+import pytest
+from transformers import AutoModelForCausalLM
+
+from divrl.config import build_config
+from divrl.models import default_model_dir
+from divrl.runlog import read_metrics
+from divrl.trainer import Trainer
+
+
+@pytest.mark.slow
+def test_one_step_on_the_default_model(tmp_path):
+    cache = default_model_dir()
+    loaded = AutoModelForCausalLM.from_pretrained(cache)
+    assert getattr(loaded, "hf_quantizer", None) is None  # trainable, not flagged as quantized
+    assert not hasattr(loaded.config, "quantization_config")
+    assert loaded.config.vocab_size == 49152
+
+    cfg = build_config(None, ["model=default", "steps=1", f"output_dir={tmp_path / 'run'}",
+                              "prompts_per_step=2", "group_size=2", "max_new_tokens=8",
+                              "eval_size=2", "eval_samples=2", "train_size=20"])
+    summary = Trainer(cfg, log=lambda *_: None).run()
+    row = [r for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if "reward" in r][0]
+    assert row["kl"] == pytest.approx(0.0, abs=1e-5) and row["entropy"] > 0
+    assert 0.0 <= summary["after"]["eval_pass@1"] <= 1.0
+    assert (tmp_path / "run" / "checkpoints" / "step-1" / "model.safetensors").is_file()
