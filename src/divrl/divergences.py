@@ -78,20 +78,18 @@ def _summed_over_vocabulary(name: str) -> Callable[[Divergence], Divergence]:
 
 
 def _weighted_by_first(log_a: Tensor, log_b: Tensor, fn: Callable[[Tensor], Tensor]) -> Tensor:
-    """a · fn(log a − log b): exactly 0 where a = 0, and a · fn(+∞) where a > 0 = b.
+    """a · fn(log a − log b) for fn finite at 0: exactly 0 where a = 0, a · fn(+∞) where a > 0 = b.
 
-    Unsafe entries are replaced before the arithmetic, so no gradient is NaN; an infinite
-    fn(+∞) gives +inf there with a zero gradient (a caller that masks such an entry stays finite).
+    Non-finite log-ratios are replaced before fn and the product, so no gradient is NaN; an
+    infinite fn(+∞) gives +inf there with a zero gradient (a caller that masks it stays finite).
     """
-    a_zero = log_a == _NEG_INF
-    b_zero = (log_b == _NEG_INF) & ~a_zero
-    safe_a = torch.where(a_zero, 0.0, log_a)
-    safe_b = torch.where(a_zero | b_zero, 0.0, log_b)
+    log_ratio = log_a - log_b  # +inf where a > 0 = b; −inf or NaN where a = 0
+    ratio_term = fn(torch.where(log_ratio.isfinite(), log_ratio, 0.0))
+    b_only_zero = log_ratio == math.inf
     at_infinity = float(fn(torch.tensor(math.inf, dtype=torch.float64)))
-    finite_at_infinity = 0.0 if math.isinf(at_infinity) else at_infinity
-    ratio_term = torch.where(b_zero, finite_at_infinity, fn(safe_a - safe_b))
-    value = torch.where(a_zero, 0.0, safe_a.exp() * ratio_term)
-    return value.masked_fill(b_zero, at_infinity) if math.isinf(at_infinity) else value
+    if math.isinf(at_infinity):
+        return (log_a.exp() * ratio_term).masked_fill(b_only_zero, at_infinity)
+    return log_a.exp() * torch.where(b_only_zero, at_infinity, ratio_term)
 
 
 def _identity(x: Tensor) -> Tensor:
@@ -124,10 +122,11 @@ def jsd(policy_logprobs: Tensor, target_logprobs: Tensor, beta: float = 0.5) -> 
         return _weighted_by_first(target_logprobs, policy_logprobs, _identity)
     if beta == 1.0:
         return _weighted_by_first(policy_logprobs, target_logprobs, _identity)
+    # Where p = q = 0 the mixture is taken at p = 1 instead (its terms vanish anyway): keeps
+    # logaddexp's gradient free of −inf − (−inf).
     both_zero = (policy_logprobs == _NEG_INF) & (target_logprobs == _NEG_INF)
     mixture_logprobs = torch.logaddexp(
-        torch.where(both_zero, 0.0, policy_logprobs) + math.log1p(-beta),
-        torch.where(both_zero, 0.0, target_logprobs) + math.log(beta),
+        torch.where(both_zero, 0.0, policy_logprobs) + math.log1p(-beta), target_logprobs + math.log(beta)
     )
     return beta * _weighted_by_first(target_logprobs, mixture_logprobs, _identity) + (
         1.0 - beta
