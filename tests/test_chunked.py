@@ -1,9 +1,13 @@
 """divrl.chunked equals the full-logits computation (float64), values and gradients."""
 
+import math
+
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
-from divrl.chunked import logprob_entropy
+from divrl import divergences
+from divrl.chunked import divergence, logprob_entropy
 
 N, V, H = 13, 37, 5
 CHUNKS = dict(chunk_tokens=4, chunk_vocab=10)  # smaller than N and V, not dividing them
@@ -16,6 +20,16 @@ def inputs():
     weight = torch.randn(V, H, dtype=torch.float64, generator=gen).requires_grad_()
     tokens = torch.randint(0, V, (N,), generator=gen)
     return hidden, weight, tokens
+
+
+@pytest.fixture
+def target():
+    """A teacher with another hidden size (H' = 7), sharper than the policy."""
+    gen = torch.Generator().manual_seed(1)
+    return (
+        torch.randn(N, 7, dtype=torch.float64, generator=gen),
+        2.0 * torch.randn(V, 7, dtype=torch.float64, generator=gen),
+    )
 
 
 def full_logprob_entropy(hidden, weight, tokens, temperature=1.0):
@@ -53,3 +67,89 @@ def test_logprob_entropy_is_a_distribution_summary(inputs):
     total = logp.view(V, 2).exp().sum(0)
     torch.testing.assert_close(total, torch.ones(2, dtype=torch.float64))
     assert (entropy >= 0).all() and (entropy <= torch.log(torch.tensor(float(V)))).all()
+
+
+CLOSED_FORMS = [
+    ("reverse_kl", {}),
+    ("forward_kl", {}),
+    ("jsd", {"beta": 0.0}),
+    ("jsd", {"beta": 0.5}),
+    ("jsd", {"beta": 0.9}),
+    ("jsd", {"beta": 1.0}),
+    ("total_variation", {}),
+    ("chi2", {}),
+    ("hellinger", {}),
+    ("alpha", {"alpha": 0.3}),
+    ("alpha", {"alpha": 1.0}),
+    ("alpha", {"alpha": 2.0}),
+    ("f_divergence", {"f": lambda t: (t - 1.0) ** 4, "f_prime_inf": math.inf}),
+]
+
+
+def full_divergence(name, hidden, weight, target_hidden, target_weight, **params):
+    return divergences.get(name)(
+        torch.log_softmax(hidden @ weight.T, -1),
+        torch.log_softmax(target_hidden @ target_weight.T, -1),
+        **params,
+    )
+
+
+@pytest.mark.parametrize("name, params", CLOSED_FORMS)
+def test_divergence_matches_full_logits(inputs, target, name, params):
+    hidden, weight, _ = inputs
+    chunked = divergence(name, hidden, weight, *target, **CHUNKS, **params)
+    full = full_divergence(name, hidden, weight, *target, **params)
+    torch.testing.assert_close(chunked, full, rtol=1e-6, atol=1e-12)
+    upstream = torch.linspace(-1.0, 2.0, N, dtype=torch.float64)  # per-token loss weights
+    for got, want in zip(
+        torch.autograd.grad((chunked * upstream).sum(), (hidden, weight)),
+        torch.autograd.grad((full * upstream).sum(), (hidden, weight)),
+    ):
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-12)
+
+
+@pytest.mark.parametrize("name, params", [("reverse_kl", {}), ("jsd", {"beta": 0.3}), ("alpha", {"alpha": 0.7})])
+def test_divergence_gradcheck(inputs, target, name, params):
+    hidden, weight, _ = inputs
+    assert torch.autograd.gradcheck(
+        lambda h, w: divergence(name, h, w, *target, **CHUNKS, **params), (hidden, weight), fast_mode=True
+    )
+
+
+def test_divergence_is_zero_against_itself_and_target_is_constant(inputs):
+    hidden, weight, _ = inputs
+    target_hidden, target_weight = hidden.detach().clone().requires_grad_(), weight.detach().clone()
+    value = divergence("reverse_kl", hidden, weight, target_hidden, target_weight, **CHUNKS)
+    torch.testing.assert_close(value, torch.zeros(N, dtype=torch.float64), rtol=0, atol=1e-12)
+    value.sum().backward()
+    assert target_hidden.grad is None and hidden.grad is not None
+
+
+def test_divergence_rejects_mismatched_shapes(inputs, target):
+    hidden, weight, _ = inputs
+    with pytest.raises(ValueError, match="share tokens and vocabulary"):
+        divergence("reverse_kl", hidden, weight[:-1], *target)
+
+
+class _LargestTensor(TorchDispatchMode):
+    """Records the largest number of elements of any tensor an op produces."""
+
+    largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for tensor in torch.utils._pytree.tree_leaves(out):
+            if isinstance(tensor, torch.Tensor):
+                self.largest = max(self.largest, tensor.numel())
+        return out
+
+
+def test_no_tensor_grows_with_tokens_times_vocabulary(inputs, target):
+    hidden, weight, tokens = inputs
+    tile = CHUNKS["chunk_tokens"] * CHUNKS["chunk_vocab"]
+    with _LargestTensor() as record:
+        logp, entropy = logprob_entropy(hidden, weight, tokens, **CHUNKS)
+        value = divergence("jsd", hidden, weight, *target, **CHUNKS)
+        (logp + entropy + value).sum().backward()
+    # nothing larger than a tile or an input (the weight gradient is one)
+    assert record.largest == max(tile, weight.numel(), target[1].numel()) < N * V

@@ -13,6 +13,8 @@ dtype).
 
 import torch
 
+from divrl import divergences
+
 DEFAULT_CHUNK_TOKENS = 1024
 DEFAULT_CHUNK_VOCAB = 8192
 
@@ -216,8 +218,6 @@ def divergence(
     hidden (N, H), weight (V, H), target_hidden (N, H'), target_weight (V, H') → (N,).
     Differentiable w.r.t. hidden and weight; the target side is detached (a constant target).
     """
-    from divrl import divergences
-
     if hidden.shape[0] != target_hidden.shape[0] or weight.shape[0] != target_weight.shape[0]:
         raise ValueError(
             f"policy and target must share tokens and vocabulary: hidden {tuple(hidden.shape)}, "
