@@ -2,9 +2,16 @@
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM, TemperatureLogitsWarper, TopPLogitsWarper
+from transformers import (
+    GPT2Config,
+    GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+    TemperatureLogitsWarper,
+    TopPLogitsWarper,
+)
 
-from divrl.rollout import sample
+from divrl.rollout import nucleus, sample
 
 VOCAB = 96
 PAD = 0
@@ -27,6 +34,18 @@ def model():
         eos_token_id=2,
     )
     return LlamaForCausalLM(config).eval()
+
+
+@pytest.fixture(scope="module")
+def gpt2():
+    """Absolute position embeddings: wrong position ids under left padding change its output
+    (RoPE models are blind to a constant shift)."""
+    torch.manual_seed(0)
+    config = GPT2Config(
+        vocab_size=VOCAB, n_embd=48, n_layer=2, n_head=4, n_positions=64, initializer_range=0.3,
+        bos_token_id=1, eos_token_id=2, pad_token_id=PAD,
+    )
+    return GPT2LMHeadModel(config).eval()
 
 
 PROMPTS = [[5, 17, 33], [7, 8, 9, 10, 11, 12, 13, 14], [40], [21, 22, 23, 24, 25]]
@@ -53,7 +72,9 @@ def truncate_at(tokens, stops):
     return tokens, False
 
 
-def test_low_temperature_matches_hf_greedy_with_stops_and_left_padding(model):
+@pytest.mark.parametrize("arch", ["model", "gpt2"])
+def test_low_temperature_matches_hf_greedy_with_stops_and_left_padding(arch, request):
+    model = request.getfixturevalue(arch)
     n_new = 12
     references = [hf_greedy(model, p, n_new) for p in PROMPTS]
     # A stop token that ends some rows mid-way while others continue: exercises row dropping.
@@ -156,3 +177,15 @@ def test_seeded_generator_reproduces_and_rows_are_well_formed(model):
         assert not any(t in stops for t in tokens[:-1])
         assert done == (tokens[-1] in stops)
         assert done or len(tokens) == 10
+
+
+def test_nucleus_widens_until_it_holds_the_top_p_set():
+    """With a first window of 2 tokens, nucleus must grow it and keep exactly HF's top-p set."""
+    torch.manual_seed(4)
+    logits = torch.randn(5, 300) * torch.tensor([0.1, 1.0, 2.0, 4.0, 8.0])[:, None]  # flat .. peaked
+    for top_p in (0.3, 0.9, 0.99):
+        weights, ids = nucleus(logits.softmax(-1), top_p, first_k=2)
+        reference = TopPLogitsWarper(top_p)(None, logits.clone()).softmax(-1)
+        kept = torch.zeros_like(reference).scatter(1, ids, weights)
+        assert torch.equal(kept > 0, reference > 0)
+        torch.testing.assert_close(kept / kept.sum(-1, keepdim=True), reference)

@@ -1,8 +1,16 @@
 """Sample G completions per prompt from a causal LM, the way a GRPO step needs them.
 
-Each unique prompt is prefilled once and its KV cache is expanded G times; rows leave the
-batch as soon as they sample a stop token. Sampling draws from softmax(logits / T), optionally
-restricted to the top-p nucleus, i.e. the same distribution as HF ``generate(do_sample=True)``.
+Cost model (SmolLM2-135M, 2-core CPU): prefill is compute bound and a decode step is mostly the
+weight matmuls, so the work is cut where it is redundant —
+- each unique prompt is prefilled once (P rows, not P·G) and its KV cache is copied G times;
+- the KV cache lives in buffers sized for the whole rollout, so a decode step writes one slice
+  instead of re-concatenating the cache (`DynamicCache` does a torch.cat per layer per step);
+- a row leaves the batch (and the cache) as soon as it samples a stop token;
+- a token is drawn by inverse-CDF sampling (one uniform per row) instead of `torch.multinomial`,
+  which on CPU draws one exponential per vocabulary entry; top-p looks at a top-k prefix of the
+  distribution, widened until it holds the nucleus, instead of sorting the whole vocabulary.
+The distribution is HF ``generate(do_sample=True)``'s: softmax(logits / T), restricted to the
+top-p nucleus.
 """
 
 from __future__ import annotations
@@ -12,6 +20,7 @@ from dataclasses import dataclass
 
 import torch
 from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
 
 
 @dataclass
@@ -24,24 +33,93 @@ class Rollout:
     group_size: int
 
 
+def _inverse_cdf(weights: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """Index i of each row drawn with probability weights[i] / Σ weights (weights ≥ 0, unnormalized)."""
+    cdf = weights.cumsum(dim=-1, dtype=torch.float64)
+    u = torch.rand(len(weights), 1, generator=generator, dtype=torch.float64, device=weights.device)
+    index = torch.searchsorted(cdf, u * cdf[:, -1:], right=True)
+    return index.clamp_(max=weights.shape[-1] - 1).squeeze(1)
+
+
+def nucleus(probs: torch.Tensor, top_p: float, first_k: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+    """(probs, token ids) of each row's top-p nucleus, most probable first, zero-padded on the right.
+
+    The nucleus is the smallest set of most probable tokens whose mass reaches top_p (Holtzman et
+    al. 2020): token j is kept iff the mass of the tokens ranked above it is < top_p, the set HF's
+    ``TopPLogitsWarper`` keeps. Only the top k are sorted, k growing ×8 until every row's nucleus fits.
+    """
+    k = min(first_k, probs.shape[-1])
+    while True:
+        top, ids = probs.topk(k, dim=-1)
+        mass_before = top.cumsum(dim=-1) - top
+        if k == probs.shape[-1] or bool((mass_before[:, -1] + top[:, -1] >= top_p).all()):
+            return top.masked_fill(mass_before >= top_p, 0.0), ids
+        k = min(8 * k, probs.shape[-1])
+
+
 def next_tokens(
     logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None
 ) -> torch.Tensor:
-    """Draw one token per row from softmax(logits / T) restricted to the top-p nucleus.
-
-    The nucleus is the smallest set of most probable tokens whose mass reaches top_p (Holtzman et
-    al. 2020), the set HF's ``TopPLogitsWarper`` keeps. ``temperature == 0`` means greedy.
-    """
+    """One token per row from softmax(logits / T) restricted to the top-p nucleus; T = 0 is greedy."""
     if temperature == 0:
         return logits.argmax(dim=-1)
-    scaled = logits.float() / temperature
-    if top_p < 1.0:
-        sorted_logits, order = scaled.sort(dim=-1, descending=True)
-        mass_before = sorted_logits.softmax(dim=-1).cumsum(dim=-1) - sorted_logits.softmax(dim=-1)
-        sorted_logits = sorted_logits.masked_fill(mass_before >= top_p, float("-inf"))
-        scaled = torch.full_like(scaled, float("-inf")).scatter(-1, order, sorted_logits)
-    probs = scaled.softmax(dim=-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(1)
+    probs = (logits.float() / temperature).softmax(dim=-1)
+    if top_p >= 1.0:
+        return _inverse_cdf(probs, generator)
+    weights, ids = nucleus(probs, top_p)
+    return ids.gather(1, _inverse_cdf(weights, generator)[:, None]).squeeze(1)
+
+
+class _BufferLayer(DynamicLayer):
+    """One attention layer's KV in buffers preallocated to `capacity` positions: a step writes a
+    slice instead of concatenating. Private to `sample` (crop/reset of the parent do not apply)."""
+
+    def __init__(self, capacity: int):
+        super().__init__()
+        self.capacity = capacity
+        self.length = 0
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        batch, heads, _, _ = key_states.shape
+        self.device = key_states.device
+        self.key_buffer = key_states.new_empty(batch, heads, self.capacity, key_states.shape[-1])
+        self.value_buffer = value_states.new_empty(batch, heads, self.capacity, value_states.shape[-1])
+        self.is_initialized = True
+
+    def _expose(self) -> tuple[torch.Tensor, torch.Tensor]:
+        self.keys = self.key_buffer[:, :, : self.length]
+        self.values = self.value_buffer[:, :, : self.length]
+        return self.keys, self.values
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        end = self.length + key_states.shape[-2]
+        self.key_buffer[:, :, self.length : end] = key_states
+        self.value_buffer[:, :, self.length : end] = value_states
+        self.length = end
+        return self._expose()
+
+    def get_seq_length(self) -> int:
+        return self.length
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self.key_buffer = self.key_buffer.repeat_interleave(repeats, dim=0)
+        self.value_buffer = self.value_buffer.repeat_interleave(repeats, dim=0)
+        self._expose()
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self.key_buffer = self.key_buffer.index_select(0, indices)
+        self.value_buffer = self.value_buffer.index_select(0, indices)
+        self._expose()
+
+
+def _rollout_cache(model, capacity: int) -> DynamicCache:
+    """The model's own DynamicCache, its plain full-attention layers swapped for `_BufferLayer`s
+    (sliding-window and other special layers are kept as they are)."""
+    cache = DynamicCache(config=model.config)
+    cache.layers = [_BufferLayer(capacity) if type(layer) is DynamicLayer else layer for layer in cache.layers]
+    return cache
 
 
 def _left_pad(prompt_ids: list[list[int]], pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -67,25 +145,30 @@ def sample(
     top_p: float = 1.0,
     generator: torch.Generator | None = None,
 ) -> Rollout:
-    """Sample ``group_size`` completions of each prompt (see module docstring)."""
+    """Sample ``group_size`` completions of each prompt, each up to ``max_new_tokens`` long and
+    ending at the first stop token (see the module docstring for how). Reproducible for a seeded
+    ``generator``; ``temperature=0`` decodes greedily."""
     if any(len(p) == 0 for p in prompt_ids):
         raise ValueError("every prompt needs at least one token")
     device = model.device
-    ids, mask = _left_pad(prompt_ids, pad_token_id)
+    ids, prompt_mask = _left_pad(prompt_ids, pad_token_id)
+    width = ids.shape[1]
+    mask = torch.ones(len(prompt_ids), width + max_new_tokens, dtype=torch.long)
+    mask[:, :width] = prompt_mask
     ids, mask = ids.to(device), mask.to(device)
-    positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
+    positions = (mask[:, :width].cumsum(dim=1) - 1).clamp(min=0)
 
-    cache = DynamicCache(config=model.config)
-    out = model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache, logits_to_keep=1)
+    cache = _rollout_cache(model, width + max_new_tokens)
+    out = model(input_ids=ids, attention_mask=mask[:, :width], position_ids=positions, cache=cache, logits_to_keep=1)
     logits = out.logits[:, -1].repeat_interleave(group_size, dim=0)
     cache.batch_repeat_interleave(group_size)
     mask = mask.repeat_interleave(group_size, dim=0)
-    next_position = positions[:, -1:].repeat_interleave(group_size, dim=0) + 1
+    position = positions[:, -1:].repeat_interleave(group_size, dim=0)
 
     n_rows = len(prompt_ids) * group_size
     completions: list[list[int]] = [[] for _ in range(n_rows)]
     finished = [False] * n_rows
-    live = torch.arange(n_rows, device=device)  # original row index of each batch row
+    live = torch.arange(n_rows, device=device)  # the Rollout row of each batch row
     stops = torch.tensor(sorted(set(stop_token_ids)), dtype=torch.long, device=device)
 
     for step in range(max_new_tokens):
@@ -95,20 +178,21 @@ def sample(
         stopped = torch.isin(tokens, stops)
         for row in live[stopped].tolist():
             finished[row] = True
-        if step == max_new_tokens - 1:
+        if step == max_new_tokens - 1 or bool(stopped.all()):
             break
-        if stopped.any():
+        if bool(stopped.any()):
             keep = (~stopped).nonzero().squeeze(1)
-            if keep.numel() == 0:
-                break
-            live, tokens, mask, next_position = live[keep], tokens[keep], mask[keep], next_position[keep]
+            live, tokens, mask, position = live[keep], tokens[keep], mask[keep], position[keep]
             cache.batch_select_indices(keep)
-        mask = torch.cat([mask, mask.new_ones(len(live), 1)], dim=1)
+        position = position + 1
         out = model(
-            input_ids=tokens[:, None], attention_mask=mask, position_ids=next_position, cache=cache, logits_to_keep=1
+            input_ids=tokens[:, None],
+            attention_mask=mask[:, : width + step + 1],
+            position_ids=position,
+            cache=cache,
+            logits_to_keep=1,
         )
         logits = out.logits[:, -1]
-        next_position = next_position + 1
 
     return Rollout(
         prompt_ids=[list(p) for p in prompt_ids],
