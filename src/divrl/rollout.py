@@ -6,9 +6,10 @@ weight matmuls, so the work is cut where it is redundant —
 - the KV cache lives in buffers sized for the whole rollout, so a decode step writes one slice
   instead of re-concatenating the cache (`DynamicCache` does a torch.cat per layer per step);
 - a row leaves the batch (and the cache) as soon as it samples a stop token;
-- a token is drawn by inverse-CDF sampling (one uniform per row) instead of `torch.multinomial`,
-  which on CPU draws one exponential per vocabulary entry; top-p looks at a top-k prefix of the
-  distribution, widened until it holds the nucleus, instead of sorting the whole vocabulary.
+- a token is drawn by a two-level inverse CDF (two uniforms per row) instead of
+  `torch.multinomial`, which on CPU draws one exponential per vocabulary entry; top-p looks at a
+  top-k prefix of the distribution, widened until it holds the nucleus, instead of sorting the
+  whole vocabulary.
 The distribution is HF ``generate(do_sample=True)``'s: softmax(logits / T), restricted to the
 top-p nucleus.
 """
@@ -33,12 +34,25 @@ class Rollout:
     group_size: int
 
 
-def _inverse_cdf(weights: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-    """Index i of each row drawn with probability weights[i] / Σ weights (weights ≥ 0, unnormalized)."""
+def _draw(weights: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """Index i of each row with probability weights[i] / Σ weights, by inverse CDF (one uniform a row)."""
     cdf = weights.cumsum(dim=-1, dtype=torch.float64)
     u = torch.rand(len(weights), 1, generator=generator, dtype=torch.float64, device=weights.device)
-    index = torch.searchsorted(cdf, u * cdf[:, -1:], right=True)
-    return index.clamp_(max=weights.shape[-1] - 1).squeeze(1)
+    return torch.searchsorted(cdf, u * cdf[:, -1:], right=True).clamp_(max=weights.shape[-1] - 1).squeeze(1)
+
+
+def draw(weights: torch.Tensor, generator: torch.Generator | None, block: int = 256) -> torch.Tensor:
+    """Index i of each row with probability weights[i] / Σ weights (weights ≥ 0, any scale).
+
+    Two inverse-CDF draws: a block of `block` entries by its total weight W_b, then an entry within
+    it, so P(i) = W_b/W · w_i/W_b exactly, and only block sums and one block get a float64 cumsum
+    (a full-vocabulary cumsum, or `torch.multinomial`'s one exponential per entry, costs far more).
+    """
+    rows, n = weights.shape
+    blocks = torch.nn.functional.pad(weights, (0, -n % block)).view(rows, -1, block)
+    chosen = _draw(blocks.sum(dim=-1, dtype=torch.float64), generator)
+    within = _draw(blocks[torch.arange(rows, device=weights.device), chosen], generator)
+    return (chosen * block + within).clamp_(max=n - 1)
 
 
 def nucleus(probs: torch.Tensor, top_p: float, first_k: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
@@ -65,9 +79,9 @@ def next_tokens(
         return logits.argmax(dim=-1)
     probs = (logits.float() / temperature).softmax(dim=-1)
     if top_p >= 1.0:
-        return _inverse_cdf(probs, generator)
+        return draw(probs, generator)
     weights, ids = nucleus(probs, top_p)
-    return ids.gather(1, _inverse_cdf(weights, generator)[:, None]).squeeze(1)
+    return ids.gather(1, draw(weights, generator)[:, None]).squeeze(1)
 
 
 class _BufferLayer(DynamicLayer):
