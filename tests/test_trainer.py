@@ -41,27 +41,37 @@ def test_two_steps_change_the_weights_and_write_the_run(tmp_path):
 
 def test_kl_of_a_model_against_itself_is_zero(tiny):
     model, tokenizer = tiny
-    seqs = [[1, 2, 3, 4, 5, 6], [7, 8, 9, 10]]
     with torch.no_grad():
-        batch = completion_hidden(model, seqs, [3, 2], tokenizer.pad_token_id)
+        batch = completion_hidden(model, [[1, 2, 3], [7, 8]], [[4, 5, 6], [9], [10, 11], [12]],
+                                  tokenizer.pad_token_id)
         kl = chunked.divergence("reverse_kl", batch.hidden, output_weight(model),
                                 batch.hidden, output_weight(model))
-    assert kl.shape == (5,)
-    torch.testing.assert_close(kl, torch.zeros(5), atol=1e-6, rtol=0)
+    assert kl.shape == (7,)
+    torch.testing.assert_close(kl, torch.zeros(7), atol=1e-6, rtol=0)
 
 
-def test_completion_hidden_matches_full_logits(tiny):
+def test_shared_prompt_forward_matches_full_sequences(tiny):
+    """Prompt computed once + KV repeated G times == each prompt+completion run on its own,
+    for log-probs and their gradients (prompts of different lengths, ragged completions)."""
     model, tokenizer = tiny
-    seqs, plens = [[5, 6, 7, 8, 9], [10, 11, 12]], [2, 1]
-    with torch.no_grad():
-        batch = completion_hidden(model, seqs, plens, tokenizer.pad_token_id)
-        lp, _ = chunked.logprob_entropy(batch.hidden, output_weight(model), batch.tokens)
-        expected = []
-        for seq, p in zip(seqs, plens):
-            logits = model(torch.tensor([seq])).logits[0].log_softmax(-1)
-            expected += [logits[t - 1, seq[t]] for t in range(p, len(seq))]
-    assert batch.tokens.tolist() == [7, 8, 9, 11, 12]
-    torch.testing.assert_close(lp, torch.stack(expected), atol=1e-5, rtol=1e-5)
+    prompts = [[5, 6, 7], [8, 9]]
+    completions = [[10, 11, 12], [13], [14, 15], [16, 17, 18]]  # G = 2, group-major
+    weight = output_weight(model)
+    batch = completion_hidden(model, prompts, completions, tokenizer.pad_token_id)
+    lp, _ = chunked.logprob_entropy(batch.hidden, weight, batch.tokens)
+    (grad,) = torch.autograd.grad(lp.sum(), model.model.layers[0].self_attn.q_proj.weight)
+
+    expected = []
+    for row, completion in enumerate(completions):
+        seq = prompts[row // 2] + completion
+        logits = model(torch.tensor([seq])).logits[0].log_softmax(-1)
+        expected += [logits[len(seq) - len(completion) - 1 + j, tok] for j, tok in enumerate(completion)]
+    expected = torch.stack(expected)
+    (expected_grad,) = torch.autograd.grad(expected.sum(), model.model.layers[0].self_attn.q_proj.weight)
+    assert batch.tokens.tolist() == [t for c in completions for t in c]
+    assert batch.rows.tolist() == [0, 0, 0, 1, 2, 2, 3, 3, 3]
+    torch.testing.assert_close(lp, expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(grad, expected_grad, atol=1e-5, rtol=1e-4)
 
 
 @pytest.mark.parametrize("extra", [["kl_estimator=k3", "kl_coef=0.1"],

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
+from transformers import DynamicCache
 
 from divrl import chunked, divergences
 from divrl.checkpoint import checkpoint_dirs, load_checkpoint, save_checkpoint
@@ -62,28 +63,55 @@ def check_output_dir(cfg: TrainConfig) -> Path:
 @dataclass
 class TokenBatch:
     """Completion tokens of some sequences, flattened (design §4): hidden states that predict
-    them, the tokens, and the row (sequence) each belongs to."""
+    them, the tokens, and the completion (row) each belongs to."""
 
     hidden: torch.Tensor  # (n, H)
     tokens: torch.Tensor  # (n,)
-    rows: torch.Tensor  # (n,) index into the sequences given
+    rows: torch.Tensor  # (n,) index into the completions given
 
 
-def completion_hidden(model, sequences: list[list[int]], prompt_lens: list[int],
+def completion_hidden(model, prompts: list[list[int]], completions: list[list[int]],
                       pad_token_id: int) -> TokenBatch:
-    """Run the model body on right-padded sequences and keep only the hidden states that predict
-    completion tokens; padding never reaches the vocabulary-sized output layer."""
-    width = max(len(s) for s in sequences)
-    ids = torch.full((len(sequences), width), pad_token_id, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for row, seq in enumerate(sequences):
-        ids[row, :len(seq)] = torch.tensor(seq)
-        mask[row, :len(seq)] = 1
-    hidden = model.base_model(input_ids=ids, attention_mask=mask).last_hidden_state
-    rows = torch.cat([torch.full((len(s) - p,), r) for r, (s, p) in
-                      enumerate(zip(sequences, prompt_lens))])
-    positions = torch.cat([torch.arange(p - 1, len(s) - 1) for s, p in zip(sequences, prompt_lens)])
-    return TokenBatch(hidden[rows, positions], ids[rows, positions + 1], rows)
+    """Hidden states that predict each completion token, computing every prompt once.
+
+    `completions` are group-major: G = len(completions) / len(prompts) per prompt. The prompts
+    (left-padded) run first and their KV cache is repeated G times — differentiably, so gradients
+    reach the prompt positions — then the completions (right-padded) run on top of it. The G
+    copies of a prompt cost one forward/backward instead of G. Padding never reaches the
+    vocabulary-sized output layer: only the hidden states of real completion tokens are kept.
+    """
+    group = len(completions) // len(prompts)
+    width = max(len(p) for p in prompts)
+    prompt_ids = torch.full((len(prompts), width), pad_token_id, dtype=torch.long)
+    prompt_mask = torch.zeros_like(prompt_ids)
+    for row, prompt in enumerate(prompts):
+        prompt_ids[row, width - len(prompt):] = torch.tensor(prompt)
+        prompt_mask[row, width - len(prompt):] = 1
+    cache = DynamicCache(config=model.config)
+    body = model.base_model
+    prompt_hidden = body(input_ids=prompt_ids, attention_mask=prompt_mask,
+                         position_ids=(prompt_mask.cumsum(1) - 1).clamp(min=0), cache=cache,
+                         use_cache=True).last_hidden_state[:, -1]
+    cache.batch_repeat_interleave(group)
+
+    lengths = torch.tensor([len(c) for c in completions])
+    comp_width = int(lengths.max())
+    comp_ids = torch.full((len(completions), comp_width), pad_token_id, dtype=torch.long)
+    for row, completion in enumerate(completions):
+        comp_ids[row, :len(completion)] = torch.tensor(completion)
+    comp_mask = (torch.arange(comp_width)[None, :] < lengths[:, None]).long()
+    prompt_lens = prompt_mask.sum(1).repeat_interleave(group)
+    comp_hidden = body(input_ids=comp_ids,
+                       attention_mask=torch.cat([prompt_mask.repeat_interleave(group, 0),
+                                                 comp_mask], 1),
+                       position_ids=prompt_lens[:, None] + torch.arange(comp_width)[None, :],
+                       cache=cache, use_cache=True).last_hidden_state
+    # Token j of a completion is predicted by the hidden state before it: the prompt's last one
+    # for j = 0, the completion's (j − 1)-th otherwise.
+    predictors = torch.cat([prompt_hidden.repeat_interleave(group, 0)[:, None], comp_hidden[:, :-1]], 1)
+    rows = torch.repeat_interleave(torch.arange(len(completions)), lengths)
+    cols = torch.cat([torch.arange(int(n)) for n in lengths])
+    return TokenBatch(predictors[rows, cols], comp_ids[rows, cols], rows)
 
 
 def output_weight(model) -> torch.Tensor:
@@ -148,71 +176,69 @@ class Trainer:
         return rewards, errors
 
     # ----- the update -------------------------------------------------------------------------
-    def _update(self, sequences: list[list[int]], prompt_lens: list[int], rewards: list[float]
-                ) -> dict:
-        cfg = self.cfg
-        inv_t = 1.0 / cfg.temperature
-        n_tokens = sum(len(s) - p for s, p in zip(sequences, prompt_lens))
-        # Shortest first: micro-batches of similar lengths waste little padding.
-        order = sorted(range(len(sequences)), key=lambda r: len(sequences[r]))
-        micro = [order[i:i + cfg.micro_batch_size] for i in range(0, len(order), cfg.micro_batch_size)]
+    def _update(self, prompts: list[list[int]], completions: list[list[int]],
+                rewards: list[float]) -> dict:
+        """`inner_iterations` optimizer steps on the token-mean objective of one rollout batch."""
+        cfg, pad = self.cfg, self.tokenizer.pad_token_id
+        inv_t, group = 1.0 / cfg.temperature, cfg.group_size
+        n_tokens = sum(len(c) for c in completions)
+        # Micro-batches of whole groups (a prompt's KV is computed once for its G completions).
+        per_micro = max(1, cfg.micro_batch_size // group)
+        micro = [range(i, min(i + per_micro, len(prompts))) for i in range(0, len(prompts), per_micro)]
 
-        def ref_and_old(rows):
+        def inputs(prompt_range):
+            rows = [r for i in prompt_range for r in range(i * group, (i + 1) * group)]
+            return [prompts[i] for i in prompt_range], [completions[r] for r in rows], rows
+
+        def ref_and_old(prompt_range):
             """Reference hidden/log-probs and the behaviour policy's log-probs, without gradient."""
-            seqs, plens = [sequences[r] for r in rows], [prompt_lens[r] for r in rows]
+            ps, cs, _ = inputs(prompt_range)
             with torch.no_grad(), self.autocast():
-                ref = completion_hidden(self.reference, seqs, plens, self.tokenizer.pad_token_id)
-                ref_lp = None
+                ref = completion_hidden(self.reference, ps, cs, pad)
+                ref_lp = old_lp = None
                 if cfg.kl_estimator != "exact":
                     ref_lp, _ = chunked.logprob_entropy(ref.hidden * inv_t,
                                                         output_weight(self.reference), ref.tokens)
-                old_lp = None
                 if cfg.inner_iterations > 1 or cfg.kl_in_reward:
-                    cur = completion_hidden(self.model, seqs, plens, self.tokenizer.pad_token_id)
-                    old_lp, _ = chunked.logprob_entropy(cur.hidden * inv_t, output_weight(self.model),
-                                                        cur.tokens)
+                    cur = completion_hidden(self.model, ps, cs, pad)
+                    old_lp, _ = chunked.logprob_entropy(cur.hidden * inv_t,
+                                                        output_weight(self.model), cur.tokens)
             return ref, ref_lp, old_lp
 
-        cached = [ref_and_old(rows) for rows in micro]
+        cached = [ref_and_old(m) for m in micro]
         reward_t = torch.tensor(rewards)
-        if cfg.kl_in_reward:  # β·Σ_t k(y_t) per sequence, subtracted from its reward
+        if cfg.kl_in_reward:  # β·Σ_t k(y_t) per completion, subtracted from its reward
             estimator = divergences.get_estimator(cfg.kl_estimator)
-            for rows, (_, ref_lp, old_lp) in zip(micro, cached):
-                per_token = estimator(old_lp, ref_lp)
-                seq_rows = torch.repeat_interleave(torch.tensor(rows),
-                                                   torch.tensor([len(sequences[r]) - prompt_lens[r]
-                                                                 for r in rows]))
-                reward_t.index_add_(0, seq_rows, -cfg.kl_coef * per_token.float())
-        advantages = group_advantages(reward_t, cfg.group_size,
-                                      normalize=cfg.advantage == "group_norm")
-        sums = {"loss": 0.0, "pg_loss": 0.0, "kl": 0.0, "entropy": 0.0, "clip_fraction": 0.0}
+            for m, (ref, ref_lp, old_lp) in zip(micro, cached):
+                rows = torch.tensor(inputs(m)[2])
+                reward_t.index_add_(0, rows[ref.rows], -cfg.kl_coef * estimator(old_lp, ref_lp).float())
+        advantages = group_advantages(reward_t, group, normalize=cfg.advantage == "group_norm")
+
+        sums = dict.fromkeys(("loss", "pg_loss", "kl", "entropy", "clip_fraction"), 0.0)
         grad_norms = []
         for _ in range(cfg.inner_iterations):
             self.optimizer.zero_grad(set_to_none=True)
-            for rows, (ref, ref_lp, old_lp) in zip(micro, cached):
-                seqs, plens = [sequences[r] for r in rows], [prompt_lens[r] for r in rows]
+            for m, (ref, ref_lp, old_lp) in zip(micro, cached):
+                ps, cs, rows = inputs(m)
                 with self.autocast():
-                    cur = completion_hidden(self.model, seqs, plens, self.tokenizer.pad_token_id)
-                    hidden = cur.hidden * inv_t
-                    logprobs, entropy = chunked.logprob_entropy(hidden, output_weight(self.model),
-                                                                cur.tokens)
+                    cur = completion_hidden(self.model, ps, cs, pad)
+                    hidden, weight = cur.hidden * inv_t, output_weight(self.model)
+                    logprobs, entropy = chunked.logprob_entropy(hidden, weight, cur.tokens)
                     if cfg.kl_estimator == "exact":
-                        kl = chunked.divergence("reverse_kl", hidden, output_weight(self.model),
-                                                ref.hidden * inv_t, output_weight(self.reference))
+                        kl = chunked.divergence("reverse_kl", hidden, weight, ref.hidden * inv_t,
+                                                output_weight(self.reference))
                     else:
                         kl = divergences.get_estimator(cfg.kl_estimator)(logprobs, ref_lp)
                 old = logprobs.detach() if old_lp is None else old_lp
                 adv = advantages[torch.tensor(rows)][cur.rows]
                 pg, clipped = clipped_policy_loss(logprobs.float(), old.float(), adv,
                                                   cfg.clip_low, cfg.clip_high)
-                penalty = kl.float() if (cfg.kl_coef > 0 and not cfg.kl_in_reward) else 0.0
+                penalty = kl.float() if cfg.kl_coef > 0 and not cfg.kl_in_reward else 0.0
                 loss = (pg + cfg.kl_coef * penalty).sum() / n_tokens
                 loss.backward()
-                sums["loss"] += loss.item()
-                sums["pg_loss"] += pg.sum().item() / n_tokens
-                sums["kl"] += kl.detach().float().sum().item() / n_tokens
-                sums["entropy"] += entropy.detach().float().sum().item() / n_tokens
-                sums["clip_fraction"] += clipped.float().sum().item() / n_tokens
+                for key, value in (("loss", loss * n_tokens), ("pg_loss", pg), ("kl", kl),
+                                   ("entropy", entropy), ("clip_fraction", clipped)):
+                    sums[key] += value.detach().float().sum().item() / n_tokens
             norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(),
                                                   cfg.max_grad_norm or float("inf"))
             grad_norms.append(norm.item())
@@ -247,10 +273,8 @@ class Trainer:
         t1 = time.perf_counter()
         rewards, errors = self._score(examples, rollout.completion_ids, cfg.group_size)
         self.reward_errors += errors
-        prompts = [rollout.prompt_ids[i // cfg.group_size] for i in range(len(rewards))]
-        sequences = [p + c for p, c in zip(prompts, rollout.completion_ids)]
         t2 = time.perf_counter()
-        stats = self._update(sequences, [len(p) for p in prompts], rewards)
+        stats = self._update(rollout.prompt_ids, rollout.completion_ids, rewards)
         t3 = time.perf_counter()
         lengths = [len(c) for c in rollout.completion_ids]
         return {"reward": sum(rewards) / len(rewards),
