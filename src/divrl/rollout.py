@@ -50,7 +50,7 @@ def draw(weights: torch.Tensor, generator: torch.Generator | None, block: int = 
     """
     rows, n = weights.shape
     blocks = torch.nn.functional.pad(weights, (0, -n % block)).view(rows, -1, block)
-    chosen = _draw(blocks.sum(dim=-1, dtype=torch.float64), generator)
+    chosen = _draw(blocks.sum(dim=-1), generator)
     within = _draw(blocks[torch.arange(rows, device=weights.device), chosen], generator)
     return (chosen * block + within).clamp_(max=n - 1)
 
@@ -77,7 +77,7 @@ def next_tokens(
     """One token per row from softmax(logits / T) restricted to the top-p nucleus; T = 0 is greedy."""
     if temperature == 0:
         return logits.argmax(dim=-1)
-    probs = (logits.float() / temperature).softmax(dim=-1)
+    probs = (logits.float() / temperature if temperature != 1.0 else logits.float()).softmax(dim=-1)
     if top_p >= 1.0:
         return draw(probs, generator)
     weights, ids = nucleus(probs, top_p)
