@@ -209,3 +209,15 @@ def test_draw_follows_the_weights(block):
     n = 20000
     drawn = draw(weights.expand(n, -1), torch.Generator().manual_seed(5), block=block)
     assert_matches(torch.bincount(drawn, minlength=100).double(), (weights / weights.sum()).double())
+
+
+def test_samples_in_eval_mode_and_restores_training_mode(gpt2):
+    """GPT-2 has dropout: a model left in training mode must still sample from its eval network."""
+    kwargs = dict(group_size=3, max_new_tokens=6, stop_token_ids=[], pad_token_id=PAD)
+    gpt2.train()
+    try:
+        in_training = sample(gpt2, PROMPTS, generator=torch.Generator().manual_seed(9), **kwargs)
+        assert gpt2.training
+    finally:
+        gpt2.eval()
+    assert in_training == sample(gpt2, PROMPTS, generator=torch.Generator().manual_seed(9), **kwargs)

@@ -161,9 +161,31 @@ def sample(
 ) -> Rollout:
     """Sample ``group_size`` completions of each prompt, each up to ``max_new_tokens`` long and
     ending at the first stop token (see the module docstring for how). Reproducible for a seeded
-    ``generator``; ``temperature=0`` decodes greedily."""
+    ``generator``; ``temperature=0`` decodes greedily. The model samples in eval mode (no dropout;
+    HF layers skip the cache under gradient checkpointing in training mode) and gets its mode back."""
     if any(len(p) == 0 for p in prompt_ids):
         raise ValueError("every prompt needs at least one token")
+    was_training = model.training
+    model.eval()
+    try:
+        completions, finished = _decode(
+            model, prompt_ids, group_size, max_new_tokens, stop_token_ids, pad_token_id,
+            temperature, top_p, generator,
+        )
+    finally:
+        model.train(was_training)
+    return Rollout(
+        prompt_ids=[list(p) for p in prompt_ids],
+        completion_ids=completions,
+        finished=finished,
+        group_size=group_size,
+    )
+
+
+def _decode(
+    model, prompt_ids, group_size, max_new_tokens, stop_token_ids, pad_token_id, temperature, top_p, generator
+):
+    """(completions, finished) of `sample`: prefill the P prompts, copy their cache G times, decode."""
     device = model.device
     ids, prompt_mask = _left_pad(prompt_ids, pad_token_id)
     width = ids.shape[1]
@@ -173,7 +195,14 @@ def sample(
     positions = (mask[:, :width].cumsum(dim=1) - 1).clamp(min=0)
 
     cache = _rollout_cache(model, width + max_new_tokens)
-    out = model(input_ids=ids, attention_mask=mask[:, :width], position_ids=positions, cache=cache, logits_to_keep=1)
+    out = model(
+        input_ids=ids,
+        attention_mask=mask[:, :width],
+        position_ids=positions,
+        cache=cache,
+        use_cache=True,
+        logits_to_keep=1,
+    )
     logits = out.logits[:, -1].repeat_interleave(group_size, dim=0)
     cache.batch_repeat_interleave(group_size)
     mask = mask.repeat_interleave(group_size, dim=0)
@@ -204,13 +233,9 @@ def sample(
             attention_mask=mask[:, : width + step + 1],
             position_ids=position,
             cache=cache,
+            use_cache=True,
             logits_to_keep=1,
         )
         logits = out.logits[:, -1]
 
-    return Rollout(
-        prompt_ids=[list(p) for p in prompt_ids],
-        completion_ids=completions,
-        finished=finished,
-        group_size=group_size,
-    )
+    return completions, finished

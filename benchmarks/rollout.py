@@ -1,0 +1,124 @@
+"""Time divrl.rollout.sample against HF generate(num_return_sequences=G) on the same prompts.
+
+    python benchmarks/rollout.py [--model /tmp/smolcache] [--prompts 8] [--group 8] [--new 48]
+                                 [--repeats 2] [--threads N]
+
+Two settings: `stop` ends rows at the tokenizer's EOS (a real GRPO rollout); `full` forces every
+row to max_new_tokens (equal work on both sides, HF via min_new_tokens). Throughput counts the
+generated tokens that belong to completions (HF's padding after a row's EOS is not counted).
+The two samplers alternate within each repeat, so a load change on a shared machine hits both.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+from divrl.rollout import sample
+
+
+def load(spec: str):
+    try:
+        from divrl.models import load_model
+    except ImportError:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        return AutoModelForCausalLM.from_pretrained(spec).eval(), AutoTokenizer.from_pretrained(spec)
+    model, tokenizer = load_model(spec)
+    return model.eval(), tokenizer
+
+
+def chain_sum_prompts(tokenizer, n: int) -> list[list[int]]:
+    import reasoning_gym
+
+    from divrl.tasks import encode_prompt
+
+    data = reasoning_gym.create_dataset("chain_sum", size=n, seed=0)
+    return [encode_prompt(tokenizer, entry["question"], None) for entry in data]
+
+
+def hf_generate(model, prompts, group, new, stop_id, pad_id, force_full, seed):
+    width = max(map(len, prompts))
+    ids = torch.tensor([[pad_id] * (width - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    torch.manual_seed(seed)
+    out = model.generate(
+        ids,
+        attention_mask=mask,
+        do_sample=True,
+        temperature=1.0,
+        top_p=1.0,
+        top_k=None,
+        num_return_sequences=group,
+        max_new_tokens=new,
+        min_new_tokens=new if force_full else 0,
+        eos_token_id=None if force_full else stop_id,
+        pad_token_id=pad_id,
+    )[:, width:]
+    if force_full:
+        return out.numel()
+    ends = (out == stop_id).int().cumsum(1)  # tokens after a row's first EOS are padding
+    return int(((ends == 0) | ((ends == 1) & (out == stop_id))).sum())
+
+
+def divrl_sample(model, prompts, group, new, stop_id, pad_id, force_full, seed):
+    rollout = sample(
+        model,
+        prompts,
+        group_size=group,
+        max_new_tokens=new,
+        stop_token_ids=[] if force_full else [stop_id],
+        pad_token_id=pad_id,
+        generator=torch.Generator().manual_seed(seed),
+    )
+    return sum(map(len, rollout.completion_ids))
+
+
+def timed(fn, *args):
+    start = time.perf_counter()
+    tokens = fn(*args)
+    return tokens, time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="/tmp/smolcache")
+    parser.add_argument("--prompts", type=int, default=8)
+    parser.add_argument("--group", type=int, default=8)
+    parser.add_argument("--new", type=int, default=48)
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+
+    model, tokenizer = load(args.model)
+    prompts = chain_sum_prompts(tokenizer, args.prompts)
+    stop_id = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    if stop_id is None or stop_id == tokenizer.unk_token_id:
+        stop_id = tokenizer.eos_token_id
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop_id
+    print(f"{args.prompts} prompts ({min(map(len, prompts))}-{max(map(len, prompts))} tokens) x "
+          f"{args.group} samples x {args.new} new tokens, {model.dtype}, {args.threads} threads", flush=True)
+    sample(model, prompts[:1], group_size=2, max_new_tokens=2, stop_token_ids=[], pad_token_id=pad_id)  # warm-up
+
+    _, prefill = timed(divrl_sample, model, prompts, args.group, 1, stop_id, pad_id, True, 0)
+    print(f"divrl prefill + first token: {prefill:.2f} s", flush=True)
+    samplers = {"divrl": divrl_sample, "hf": hf_generate}
+    for setting, force_full in (("stop", False), ("full", True)):
+        tokens, seconds = dict.fromkeys(samplers, 0), dict.fromkeys(samplers, 0.0)
+        for seed in range(args.repeats):
+            for name, fn in samplers.items():
+                n, t = timed(fn, model, prompts, args.group, args.new, stop_id, pad_id, force_full, seed)
+                tokens[name] += n
+                seconds[name] += t
+                print(f"[{setting}] {name:5s} seed {seed}: {n:5d} tokens in {t:6.2f} s", flush=True)
+        rate = {name: tokens[name] / seconds[name] for name in samplers}
+        for name in samplers:
+            print(f"[{setting}] {name:5s} {rate[name]:6.1f} tok/s over {args.repeats} runs", flush=True)
+        print(f"[{setting}] divrl / hf throughput: {rate['divrl'] / rate['hf']:.2f}x", flush=True)
+
+
+if __name__ == "__main__":
+    main()
