@@ -11,12 +11,14 @@ least float32 (bfloat16/float16 inputs give float32 outputs, gradients come back
 dtype).
 """
 
+from concurrent.futures import ThreadPoolExecutor
+
 import torch
 
 from divrl import divergences
 
-DEFAULT_CHUNK_TOKENS = 1024
-DEFAULT_CHUNK_VOCAB = 8192
+DEFAULT_CHUNK_TOKENS = 256
+DEFAULT_CHUNK_VOCAB = 2048
 
 
 def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -33,23 +35,69 @@ def _logits(hidden: torch.Tensor, weight: torch.Tensor, inv_temperature: float) 
     return z if inv_temperature == 1.0 else z.mul_(inv_temperature)
 
 
+def _workers(n_items: int) -> int:
+    return max(1, min(torch.get_num_threads(), n_items))
+
+
+def _in_parallel(task, items, workers: int) -> None:
+    """task(worker, item) for every item: worker k takes items k, k + workers, … in order.
+
+    Each worker is a Python thread whose ops are single-threaded (torch releases the GIL inside
+    them). Tiles are small, so OpenMP's fork/join per op costs more than it gains, and it
+    collapses (measured 9× slower) when another process shares the cores. The fixed assignment
+    keeps every sum in a fixed order: results are deterministic.
+    """
+    if workers == 1:
+        for item in items:
+            task(0, item)
+        return
+
+    def run(worker):
+        torch.set_num_threads(1)  # this thread's intra-op pool (restored globally below)
+        with torch.no_grad():  # grad mode is per thread: tiles never build graphs by accident
+            for item in items[worker::workers]:
+                task(worker, item)
+
+    saved = torch.get_num_threads()
+    try:
+        with ThreadPoolExecutor(workers) as pool:
+            list(pool.map(run, range(workers)))
+    finally:
+        torch.set_num_threads(saved)
+
+
+def _add_matmul(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """out += a @ b, in place when the dtypes allow (float32/64), else through a temporary."""
+    if out.dtype == a.dtype:
+        out.addmm_(a, b)
+    else:
+        out += a @ b
+
+
 def _backprop_tiles(ctx, hidden, weight, tile_grad, chunk_tokens, chunk_vocab):
     """Gradients of hidden and weight given dL/dz tile by tile.
 
     ``tile_grad(rows, cols)`` returns dL/dz for that tile already divided by the temperature, so
-    grad_hidden[rows] += G @ weight[cols] and grad_weight[cols] += Gᵀ @ hidden[rows].
+    grad_hidden[rows] += G @ weight[cols] and grad_weight[cols] += Gᵀ @ hidden[rows]. Threads take
+    whole vocabulary chunks (their grad_weight rows are theirs alone) and sum grad_hidden apart.
     """
     need_hidden, need_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
     acc = _accumulation_dtype(hidden.dtype)
-    grad_hidden = torch.zeros(hidden.shape, dtype=acc) if need_hidden else None
     grad_weight = torch.zeros(weight.shape, dtype=acc) if need_weight else None
-    for cols in _spans(weight.shape[0], chunk_vocab):
+    vocab = _spans(weight.shape[0], chunk_vocab)
+    workers = _workers(len(vocab))
+    partial_grad_hidden = [torch.zeros(hidden.shape, dtype=acc) for _ in range(workers if need_hidden else 0)]
+
+    def vocab_chunk(worker, cols):
         for rows in _spans(hidden.shape[0], chunk_tokens):
             grad_z = tile_grad(rows, cols).to(hidden.dtype)
             if need_hidden:
-                grad_hidden[rows] += grad_z @ weight[cols]
+                _add_matmul(partial_grad_hidden[worker][rows], grad_z, weight[cols])
             if need_weight:
-                grad_weight[cols] += grad_z.T @ hidden[rows]
+                _add_matmul(grad_weight[cols], grad_z.T, hidden[rows])
+
+    _in_parallel(vocab_chunk, vocab, workers)
+    grad_hidden = sum(partial_grad_hidden[1:], partial_grad_hidden[0]) if need_hidden else None
     return (
         None if grad_hidden is None else grad_hidden.to(hidden.dtype),
         None if grad_weight is None else grad_weight.to(weight.dtype),
@@ -88,12 +136,16 @@ class _LseEntropy(torch.autograd.Function):
         acc = _accumulation_dtype(hidden.dtype)
         lse = torch.empty(hidden.shape[0], dtype=acc)
         entropy = torch.empty_like(lse)
-        for rows in _spans(hidden.shape[0], chunk_tokens):
+
+        def row_block(_, rows):
             state = None
             for cols in _spans(weight.shape[0], chunk_vocab):
                 chunk = _chunk_lse_entropy(_logits(hidden[rows], weight[cols], inv_temperature))
                 state = chunk if state is None else _merge_entropies(*state, *chunk)
             lse[rows], entropy[rows] = state
+
+        blocks = _spans(hidden.shape[0], chunk_tokens)
+        _in_parallel(row_block, blocks, _workers(len(blocks)))
         ctx.save_for_backward(hidden, weight, lse, entropy)
         ctx.setup = (inv_temperature, chunk_tokens, chunk_vocab)
         return lse, entropy
@@ -161,26 +213,27 @@ class _Divergence(torch.autograd.Function):
         grad_sum = torch.zeros(n, dtype=acc)
         lse_p, lse_q = torch.empty(n, dtype=acc), torch.empty(n, dtype=acc)
 
-        def tiles(rows):
-            for cols in vocab:
-                yield (
-                    _logits(hidden[rows], weight[cols], 1.0),
-                    _logits(target_hidden[rows], target_weight[cols], 1.0),
-                )
-
-        for rows in _spans(n, chunk_tokens):
-            kept = list(tiles(rows)) if len(vocab) == 1 else None  # one tile: reuse, no recompute
+        def row_block(_, rows):
+            # The block's logit tiles are kept (chunk_tokens × V per model) so that the second
+            # pass, which needs the final lse, reads them instead of recomputing the matmuls.
+            tiles = []
             running_p = running_q = torch.full((rows.stop - rows.start,), -torch.inf, dtype=acc)
-            for zp, zq in kept or tiles(rows):
+            for cols in vocab:
+                zp = _logits(hidden[rows], weight[cols], 1.0)
+                zq = _logits(target_hidden[rows], target_weight[cols], 1.0)
                 running_p = torch.logaddexp(running_p, zp.logsumexp(-1))
                 running_q = torch.logaddexp(running_q, zq.logsumexp(-1))
+                tiles.append((zp, zq))
             lse_p[rows], lse_q[rows] = running_p, running_q
-            for zp, zq in kept or tiles(rows):
+            for zp, zq in tiles:
                 logp, logq = zp.sub_(running_p[:, None]), zq.sub_(running_q[:, None])
                 terms, grad = _term_and_grad(term, logp, logq, need_grad)
                 value[rows] += terms.sum(-1)
                 if need_grad:
                     grad_sum[rows] += grad.sum(-1)
+
+        blocks = _spans(n, chunk_tokens)
+        _in_parallel(row_block, blocks, _workers(len(blocks)))
         ctx.save_for_backward(hidden, weight, target_hidden, target_weight, lse_p, lse_q, grad_sum)
         ctx.setup = (term, chunk_tokens, chunk_vocab)
         return value
