@@ -221,3 +221,13 @@ def test_samples_in_eval_mode_and_restores_training_mode(gpt2):
     finally:
         gpt2.eval()
     assert in_training == sample(gpt2, PROMPTS, generator=torch.Generator().manual_seed(9), **kwargs)
+
+
+BAD_ARGUMENTS = [dict(prompt_ids=[[1], []]), dict(group_size=0), dict(top_p=0.0), dict(top_p=1.5), dict(temperature=-1.0)]
+
+
+@pytest.mark.parametrize("bad", BAD_ARGUMENTS)
+def test_rejects_invalid_arguments(model, bad):
+    kwargs = dict(prompt_ids=PROMPTS, group_size=2, max_new_tokens=3, stop_token_ids=[], pad_token_id=PAD) | bad
+    with pytest.raises(ValueError):
+        sample(model, **kwargs)

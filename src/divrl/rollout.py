@@ -165,6 +165,10 @@ def sample(
     HF layers skip the cache under gradient checkpointing in training mode) and gets its mode back."""
     if any(len(p) == 0 for p in prompt_ids):
         raise ValueError("every prompt needs at least one token")
+    if group_size < 1 or max_new_tokens < 0:
+        raise ValueError(f"need group_size >= 1 and max_new_tokens >= 0, got {group_size}, {max_new_tokens}")
+    if temperature < 0 or not 0 < top_p <= 1:
+        raise ValueError(f"need temperature >= 0 and 0 < top_p <= 1, got {temperature}, {top_p}")
     was_training = model.training
     model.eval()
     try:
