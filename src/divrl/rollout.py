@@ -60,15 +60,27 @@ def nucleus(probs: torch.Tensor, top_p: float, first_k: int = 256) -> tuple[torc
 
     The nucleus is the smallest set of most probable tokens whose mass reaches top_p (Holtzman et
     al. 2020): token j is kept iff the mass of the tokens ranked above it is < top_p, the set HF's
-    ``TopPLogitsWarper`` keeps. Only the top k are sorted, k growing ×8 until every row's nucleus fits.
+    ``TopPLogitsWarper`` keeps. Only a row's top k are sorted; the rows whose nucleus does not fit
+    go round again with k ×8 (a full sort of the vocabulary costs ~20× a top-256).
     """
-    k = min(first_k, probs.shape[-1])
-    while True:
-        top, ids = probs.topk(k, dim=-1)
+    rows, vocab = probs.shape
+    k = min(first_k, vocab)
+    pending = torch.arange(rows, device=probs.device)
+    found = []  # (rows, nucleus probs, ids), one entry per round
+    while len(pending):
+        top, ids = probs[pending].topk(k, dim=-1)
         mass_before = top.cumsum(dim=-1) - top
-        if k == probs.shape[-1] or bool((mass_before[:, -1] + top[:, -1] >= top_p).all()):
-            return top.masked_fill(mass_before >= top_p, 0.0), ids
-        k = min(8 * k, probs.shape[-1])
+        fits = (mass_before[:, -1] + top[:, -1] >= top_p) | (k == vocab)
+        found.append((pending[fits], top[fits].masked_fill(mass_before[fits] >= top_p, 0.0), ids[fits]))
+        pending = pending[~fits]
+        k = min(8 * k, vocab)
+    width = found[-1][1].shape[-1]
+    weights = probs.new_zeros(rows, width)
+    token_ids = torch.zeros(rows, width, dtype=torch.long, device=probs.device)
+    for done, top, ids in found:
+        weights[done, : top.shape[-1]] = top
+        token_ids[done, : ids.shape[-1]] = ids
+    return weights, token_ids
 
 
 def next_tokens(
