@@ -11,7 +11,8 @@ weight matmuls, so the work is cut where it is redundant —
   top-k prefix of the distribution, widened until it holds the nucleus, instead of sorting the
   whole vocabulary.
 The distribution is HF ``generate(do_sample=True)``'s: softmax(logits / T), restricted to the
-top-p nucleus.
+top-p nucleus. ``torch.compile`` of the decode step was measured and is not used: ~2 min to
+compile, another on the first batch shrink, and no faster once compiled on this CPU.
 """
 
 from __future__ import annotations
@@ -130,11 +131,15 @@ class _BufferLayer(DynamicLayer):
         return self.length
 
     def batch_repeat_interleave(self, repeats: int) -> None:
+        if not self.is_initialized:  # a layer that reuses another layer's KV never stores any
+            return
         self.key_buffer = self.key_buffer.repeat_interleave(repeats, dim=0)
         self.value_buffer = self.value_buffer.repeat_interleave(repeats, dim=0)
         self._expose()
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
+        if not self.is_initialized:
+            return
         self.key_buffer = self.key_buffer.index_select(0, indices)
         self.value_buffer = self.value_buffer.index_select(0, indices)
         self._expose()
