@@ -32,8 +32,13 @@ def target():
     )
 
 
+def _full_logits(hidden, weight):
+    """(N, V) logits in the inputs' dtype, upcast to at least float32 (as chunked computes)."""
+    return (hidden @ weight.T).to(torch.promote_types(hidden.dtype, torch.float32))
+
+
 def full_logprob_entropy(hidden, weight, tokens, temperature=1.0):
-    logp = torch.log_softmax(hidden @ weight.T / temperature, dim=-1)
+    logp = torch.log_softmax(_full_logits(hidden, weight) / temperature, dim=-1)
     return logp.gather(-1, tokens[:, None]).squeeze(-1), -(logp.exp() * logp).sum(-1)
 
 
@@ -88,8 +93,8 @@ CLOSED_FORMS = [
 
 def full_divergence(name, hidden, weight, target_hidden, target_weight, **params):
     return divergences.get(name)(
-        torch.log_softmax(hidden @ weight.T, -1),
-        torch.log_softmax(target_hidden @ target_weight.T, -1),
+        torch.log_softmax(_full_logits(hidden, weight), -1),
+        torch.log_softmax(_full_logits(target_hidden, target_weight), -1),
         **params,
     )
 
@@ -156,3 +161,30 @@ def test_no_tensor_grows_with_tokens_times_vocabulary(inputs, target):
     torch.set_num_threads(threads)
     # nothing larger than a tile or an input (the weight gradient is one)
     assert record.largest == max(tile, weight.numel(), target[1].numel()) < N * V
+
+
+def _relative_error(got, want):
+    return ((got.double() - want).norm() / want.norm()).item()
+
+
+@pytest.mark.parametrize("dtype, floor", [(torch.float32, 1e-6), (torch.bfloat16, 1e-3)])
+def test_low_precision_is_as_accurate_as_full_logits(inputs, target, dtype, floor):
+    """Against float64 on the same rounded inputs, chunked errors stay within 2× (+ floor) of
+    the full-logits computation in the same dtype."""
+    hidden, weight, tokens = (t.detach() for t in inputs)
+    rounded = [t.to(dtype) for t in (hidden, weight, *target)]
+
+    def outputs(h, w, th, tw, chunked):
+        h, w = h.clone().requires_grad_(), w.clone().requires_grad_()
+        if chunked:
+            values = (*logprob_entropy(h, w, tokens, **CHUNKS), divergence("jsd", h, w, th, tw, **CHUNKS))
+        else:
+            values = (*full_logprob_entropy(h, w, tokens), full_divergence("jsd", h, w, th, tw))
+        weights = torch.linspace(0.5, 1.5, N, dtype=values[0].dtype)
+        loss = sum((v * weights.roll(i)).sum() for i, v in enumerate(values))
+        return (*values, *torch.autograd.grad(loss, (h, w)))
+
+    reference = outputs(*(t.double() for t in rounded), chunked=False)
+    chunked, full = outputs(*rounded, chunked=True), outputs(*rounded, chunked=False)
+    for got, baseline, want in zip(chunked, full, reference):
+        assert _relative_error(got, want) <= 2 * _relative_error(baseline, want) + floor
