@@ -43,16 +43,17 @@ def full_logprob_entropy(hidden, weight, tokens, temperature=1.0):
 
 
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
-def test_logprob_entropy_matches_full_logits(inputs, temperature):
+@pytest.mark.parametrize("used", ["both", "logprob", "entropy"])
+def test_logprob_entropy_matches_full_logits(inputs, temperature, used):
     hidden, weight, tokens = inputs
     chunked = logprob_entropy(hidden, weight, tokens, temperature=temperature, **CHUNKS)
     full = full_logprob_entropy(hidden, weight, tokens, temperature)
-    # a loss that mixes both outputs, so every backward branch carries weight
     mix = torch.linspace(-1.0, 2.0, N, dtype=torch.float64)
-    grads = [
-        torch.autograd.grad((lp * mix + ent * mix.flip(0)).sum(), (hidden, weight))
-        for lp, ent in (chunked, full)
-    ]
+
+    def loss(logp, entropy):  # an unused output gets no gradient at all (None in backward)
+        return {"both": logp * mix + entropy * mix.flip(0), "logprob": logp * mix, "entropy": entropy * mix}[used].sum()
+
+    grads = [torch.autograd.grad(loss(*outputs), (hidden, weight)) for outputs in (chunked, full)]
     for got, want in zip([*chunked, *grads[0]], [*full, *grads[1]]):
         torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-9)
 

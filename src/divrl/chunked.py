@@ -164,19 +164,29 @@ class _LseEntropy(torch.autograd.Function):
 
         blocks = _spans(hidden.shape[0], chunk_tokens)
         _in_parallel(row_block, blocks, _workers(len(blocks), hidden.device))
+        ctx.set_materialize_grads(False)  # an unused output (often the entropy) costs nothing
         ctx.save_for_backward(hidden, weight, lse, entropy)
         ctx.setup = (inv_temperature, chunk_tokens, chunk_vocab)
         return lse, entropy
 
     @staticmethod
     def backward(ctx, grad_lse, grad_entropy):
+        if grad_lse is None and grad_entropy is None:
+            return None, None, None, None, None
         hidden, weight, lse, entropy = ctx.saved_tensors
         inv_temperature, chunk_tokens, chunk_vocab = ctx.setup
 
         def tile_grad(rows, cols):
-            logp = _logits(hidden[rows], weight[cols], inv_temperature) - lse[rows, None]
-            ent_term = (logp + entropy[rows, None]).mul_(grad_entropy[rows, None])
-            return logp.exp_().mul_(grad_lse[rows, None] - ent_term).mul_(inv_temperature)
+            logp = _logits(hidden[rows], weight[cols], inv_temperature).sub_(lse[rows, None])
+            prob = logp.exp()
+            if grad_entropy is None:
+                coefficient = grad_lse[rows, None]
+            else:
+                coefficient = logp.add_(entropy[rows, None]).mul_(-grad_entropy[rows, None])
+                if grad_lse is not None:
+                    coefficient += grad_lse[rows, None]
+            prob.mul_(coefficient)
+            return prob if inv_temperature == 1.0 else prob.mul_(inv_temperature)
 
         grads = _backprop_tiles(ctx, hidden, weight, tile_grad, chunk_tokens, chunk_vocab)
         return *grads, None, None, None
