@@ -9,7 +9,9 @@ dtype). The policy side (hidden, weight) gets gradients, the target side is cons
   forward KL);
 - ``liger``: Liger-Kernel's ``LigerFusedLinearJSDLoss`` (token chunks × full vocabulary, gradients
   computed in the forward), PyTorch path (``compiled=False``), soft loss only;
-- ``divrl``: ``divrl.chunked.divergence(...).mean()`` (tiles, recomputing custom backward).
+- ``divrl``: ``divrl.chunked.divergence(...).mean()`` (tiles, recomputing custom backward);
+- ``divrl_fused``: the same with ``token_weights`` (all ones) passed, so the gradient of the
+  mean is computed during the forward from the tiles in hand (what a trainer's loss does).
 
 Each (method, divergence) runs in a fresh subprocess: the inputs are built and the code path is
 warmed up on 16 tokens, the peak-RSS counter is reset (``/proc/self/clear_refs`` = 5), then one
@@ -30,7 +32,7 @@ import time
 VOCAB, HIDDEN = 49152, 576
 DIVERGENCES = {"reverse_kl": ("reverse_kl", {}, 1.0), "forward_kl": ("forward_kl", {}, 0.0),
                "jsd(0.5)": ("jsd", {"beta": 0.5}, 0.5)}
-METHODS = ("naive", "trl", "liger", "divrl")
+METHODS = ("naive", "trl", "liger", "divrl", "divrl_fused")
 
 
 def _loss_fn(method: str, divergence: str):
@@ -64,6 +66,10 @@ def _loss_fn(method: str, divergence: str):
         return lambda h, w, th, tw: liger_loss(h, w, th, tw, torch.zeros(h.shape[0], dtype=torch.long))
     from divrl.chunked import divergence as chunked_divergence
 
+    if method == "divrl_fused":  # the loss weights are known: gradient computed in the forward
+        return lambda h, w, th, tw: chunked_divergence(
+            name, h, w, th, tw, token_weights=torch.ones(h.shape[0]), **params
+        ).mean()
     return lambda h, w, th, tw: chunked_divergence(name, h, w, th, tw, **params).mean()
 
 
@@ -122,15 +128,18 @@ def main() -> None:
         runs = {m: [_measure(m, divergence, tokens) for _ in range(args.repeats)] for m in METHODS}
         best = {m: min(r["seconds"] for r in rs) for m, rs in runs.items()}
         memory = {m: max(r["peak_mib"] for r in rs) for m, rs in runs.items()}
-        losses = {m: rs[0]["loss"] for m, rs in runs.items()}
         cells = "  ".join(f"{m} {best[m]:.2f}s {memory[m]:.0f}MiB" for m in METHODS)
-        print(f"{divergence:<11} {cells}  loss(naive/divrl) {losses['naive']:.6g}/{losses['divrl']:.6g}  "
-              f"divrl/naive time {best['divrl'] / best['naive']:.2f} mem {memory['divrl'] / memory['naive']:.3f}  "
-              f"divrl/liger time {best['divrl'] / best['liger']:.2f} mem {memory['divrl'] / memory['liger']:.3f}",
-              flush=True)
-    print(f"ratio_time_vs_naive={best['divrl'] / best['naive']:.2f} ratio_mem_vs_naive={memory['divrl'] / memory['naive']:.3f} "
-          f"ratio_time_vs_liger={best['divrl'] / best['liger']:.2f}")
-
+        ratios = "  ".join(
+            f"{m}/naive time {best[m] / best['naive']:.2f} mem {memory[m] / memory['naive']:.3f}, "
+            f"/liger time {best[m] / best['liger']:.2f} mem {memory[m] / memory['liger']:.3f}"
+            for m in ("divrl", "divrl_fused")
+        )
+        losses = "/".join(f"{runs[m][0]['loss']:.6g}" for m in ("naive", "divrl", "divrl_fused"))
+        print(f"{divergence:<11} {cells}  |  {ratios}  |  loss naive/divrl/fused {losses}", flush=True)
+    for method in ("divrl", "divrl_fused"):  # the last line: the fused path, as a loss uses it
+        print(f"{method}: ratio_time_vs_naive={best[method] / best['naive']:.2f} "
+              f"ratio_mem_vs_naive={memory[method] / memory['naive']:.3f} "
+              f"ratio_time_vs_liger={best[method] / best['liger']:.2f}")
 
 if __name__ == "__main__":
     main()

@@ -6,6 +6,7 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from divrl import chunked as chunked_module
 from divrl import divergences
 from divrl.chunked import divergence, logprob_entropy
 
@@ -122,6 +123,36 @@ def test_divergence_gradcheck(inputs, target, name, params):
     )
 
 
+@pytest.mark.parametrize("name, params", [("reverse_kl", {}), ("jsd", {"beta": 0.3})])
+def test_token_weights_gradient_comes_from_the_forward(inputs, target, name, params, monkeypatch):
+    hidden, weight, _ = inputs
+    token_weights = torch.linspace(0.0, 1.0, N, dtype=torch.float64)  # token 0 masked out
+    values = divergence(name, hidden, weight, *target, token_weights=token_weights, **CHUNKS, **params)
+    full = full_divergence(name, hidden, weight, *target, **params)
+
+    def no_recomputation(*args):
+        raise AssertionError("the backward recomputed tiles despite a matching upstream gradient")
+
+    monkeypatch.setattr(chunked_module, "_backprop_tiles", no_recomputation)
+    for got, want in zip(
+        torch.autograd.grad(0.37 * (values * token_weights).sum(), (hidden, weight)),
+        torch.autograd.grad(0.37 * (full * token_weights).sum(), (hidden, weight)),
+    ):
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-12)
+
+
+def test_token_weights_other_upstream_gets_the_exact_gradient(inputs, target):
+    hidden, weight, _ = inputs
+    token_weights = torch.ones(N, dtype=torch.float64)
+    values = divergence("jsd", hidden, weight, *target, token_weights=token_weights, **CHUNKS)
+    full = full_divergence("jsd", hidden, weight, *target)
+    for got, want in zip(
+        torch.autograd.grad(values.square().sum(), (hidden, weight)),
+        torch.autograd.grad(full.square().sum(), (hidden, weight)),
+    ):
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-12)
+
+
 def test_divergence_is_zero_against_itself_and_target_is_constant(inputs):
     hidden, weight, _ = inputs
     target_hidden, target_weight = hidden.detach().clone().requires_grad_(), weight.detach().clone()
@@ -158,7 +189,8 @@ def test_no_tensor_grows_with_tokens_times_vocabulary(inputs, target):
     with _LargestTensor() as record:
         logp, entropy = logprob_entropy(hidden, weight, tokens, **CHUNKS)
         value = divergence("jsd", hidden, weight, *target, **CHUNKS)
-        (logp + entropy + value).sum().backward()
+        fused = divergence("reverse_kl", hidden, weight, *target, token_weights=torch.ones(N), **CHUNKS)
+        (logp + entropy + value + fused).sum().backward()
     torch.set_num_threads(threads)
     # nothing larger than a tile or an input (the weight gradient is one)
     assert record.largest == max(tile, weight.numel(), target[1].numel()) < N * V

@@ -8,12 +8,14 @@ gradients need no stored logits either.
 
 Memory besides the inputs and their gradients: a few tiles per worker thread, and in the forward
 of ``divergence`` the tiles of one row block (chunk_tokens × V per model per worker, 2 × 2 × 128 ×
-49152 × 4 B ≈ 100 MB with the defaults) so that its second pass need not redo the matmuls.
+49152 × 4 B ≈ 100 MB with the defaults) so that its second pass need not redo the matmuls; with
+``token_weights``, also one weight-gradient accumulator per worker thread.
 
 Work: ``logprob_entropy`` does one logits matmul forward and three backward (recompute, ∂hidden,
 ∂weight) against one and two for full logits; ``divergence`` two forward (policy, target) and four
-backward against two and two. The extra matmuls are the price of no stored logits; on CPU it is
-more than paid back by elementwise work on cache-sized tiles instead of (N, V) tensors
+backward against two and two, or with ``token_weights`` four in the forward and none backward,
+like full logits. The extra matmuls are the price of no stored logits; on CPU it is more than
+paid back by elementwise work on cache-sized tiles instead of (N, V) tensors
 (benchmarks/chunked_divergence.py). Tiles run on Python threads with single-threaded ops (see
 ``_in_parallel``).
 
@@ -90,6 +92,13 @@ def _add_matmul(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
         out += a @ b
 
 
+def _sum_into_first(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """Σ tensors in a fixed order, written into the first (per-thread partial sums)."""
+    for tensor in tensors[1:]:
+        tensors[0] += tensor
+    return tensors[0]
+
+
 def _backprop_tiles(ctx, hidden, weight, tile_grad, chunk_tokens, chunk_vocab):
     """Gradients of hidden and weight given dL/dz tile by tile.
 
@@ -115,7 +124,7 @@ def _backprop_tiles(ctx, hidden, weight, tile_grad, chunk_tokens, chunk_vocab):
                 _add_matmul(grad_weight[cols], grad_z.T, hidden[rows])
 
     _in_parallel(vocab_chunk, vocab, workers)
-    grad_hidden = sum(partial_grad_hidden[1:], partial_grad_hidden[0]) if need_hidden else None
+    grad_hidden = _sum_into_first(partial_grad_hidden) if need_hidden else None
     return (
         None if grad_hidden is None else grad_hidden.to(hidden.dtype),
         None if grad_weight is None else grad_weight.to(weight.dtype),
@@ -226,23 +235,42 @@ def _term_and_grad(term, logp, logq, need_grad: bool):
     return value.detach(), grad
 
 
+def _logit_grad(grad, logp, grad_sum, upstream):
+    """∂(Σ_t u_t D_t)/∂z on a tile from g = ∂term/∂log p: u ⊙ (g − p Σ_u g_u); overwrites its inputs."""
+    return grad.sub_(logp.exp_().mul_(grad_sum[:, None])).mul_(upstream[:, None])
+
+
+def _proportion(upstream: torch.Tensor, token_weights: torch.Tensor) -> torch.Tensor | None:
+    """c with upstream = c · token_weights (to rounding), else None."""
+    scale = (upstream * token_weights).sum() / token_weights.square().sum()
+    tolerance = 100 * torch.finfo(upstream.dtype).eps
+    return scale if torch.allclose(upstream, scale * token_weights, rtol=tolerance, atol=0.0) else None
+
+
 class _Divergence(torch.autograd.Function):
     """Σ_v term(log p_v, log q_v) per row, p = softmax(hidden @ weight.T), q likewise; streamed.
 
     With g_v = ∂term/∂log p_v and log p_v = z_v − lse(z): ∂D/∂z_v = g_v − p_v Σ_u g_u. The forward
-    keeps lse of both models and Σ_u g_u per token, so the backward is one recomputing pass.
-    The target side gets no gradient.
+    keeps lse of both models and Σ_u g_u per token, so the backward is one recomputing pass. Given
+    token weights w, the forward also computes the gradient of Σ_t w_t D_t from the tiles it
+    holds (as Liger-Kernel's fused losses do); the backward uses it whenever the upstream gradient
+    is c·w. The target side gets no gradient.
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, target_hidden, target_weight, term, chunk_tokens, chunk_vocab):
+    def forward(ctx, hidden, weight, target_hidden, target_weight, token_weights, term, chunk_tokens, chunk_vocab):
         need_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
+        precompute = need_grad and token_weights is not None
         acc = _accumulation_dtype(hidden.dtype)
-        n, vocab = hidden.shape[0], _spans(weight.shape[0], chunk_vocab)
+        n, vocab, blocks = hidden.shape[0], _spans(weight.shape[0], chunk_vocab), _spans(hidden.shape[0], chunk_tokens)
+        workers = _workers(len(blocks), hidden.device)
         value = torch.zeros(n, dtype=acc, device=hidden.device)
         grad_sum, lse_p, lse_q = torch.zeros_like(value), torch.empty_like(value), torch.empty_like(value)
+        if precompute:  # weight rows are shared by all row blocks: one accumulator per worker
+            grad_hidden = torch.zeros(hidden.shape, dtype=acc, device=hidden.device)
+            partial_grad_weight = [torch.zeros(weight.shape, dtype=acc, device=weight.device) for _ in range(workers)]
 
-        def row_block(_, rows):
+        def row_block(worker, rows):
             # The block's logit tiles are kept (chunk_tokens × V per model) so that the second
             # pass, which needs the final lse, reads them instead of recomputing the matmuls.
             tiles = []
@@ -252,34 +280,45 @@ class _Divergence(torch.autograd.Function):
                 zq = _logits(target_hidden[rows], target_weight[cols], 1.0)
                 running_p = torch.logaddexp(running_p, zp.logsumexp(-1))
                 running_q = torch.logaddexp(running_q, zq.logsumexp(-1))
-                tiles.append((zp, zq))
+                tiles.append((cols, zp, zq))
             lse_p[rows], lse_q[rows] = running_p, running_q
-            for zp, zq in tiles:
+            for k, (cols, zp, zq) in enumerate(tiles):
                 logp, logq = zp.sub_(running_p[:, None]), zq.sub_(running_q[:, None])
                 terms, grad = _term_and_grad(term, logp, logq, need_grad)
                 value[rows] += terms.sum(-1)
                 if need_grad:
                     grad_sum[rows] += grad.sum(-1)
+                tiles[k] = (cols, logp, grad)  # log q is spent
+            if precompute:
+                for cols, logp, grad in tiles:
+                    grad_z = _logit_grad(grad, logp, grad_sum[rows], token_weights[rows]).to(hidden.dtype)
+                    _add_matmul(grad_hidden[rows], grad_z, weight[cols])
+                    _add_matmul(partial_grad_weight[worker][cols], grad_z.T, hidden[rows])
 
-        blocks = _spans(n, chunk_tokens)
-        _in_parallel(row_block, blocks, _workers(len(blocks), hidden.device))
-        ctx.save_for_backward(hidden, weight, target_hidden, target_weight, lse_p, lse_q, grad_sum)
+        _in_parallel(row_block, blocks, workers)
+        ctx.save_for_backward(hidden, weight, target_hidden, target_weight, lse_p, lse_q, grad_sum, token_weights)
         ctx.setup = (term, chunk_tokens, chunk_vocab)
+        ctx.precomputed = (grad_hidden, _sum_into_first(partial_grad_weight)) if precompute else None
         return value
 
     @staticmethod
     def backward(ctx, grad_value):
-        hidden, weight, target_hidden, target_weight, lse_p, lse_q, grad_sum = ctx.saved_tensors
+        hidden, weight, target_hidden, target_weight, lse_p, lse_q, grad_sum, token_weights = ctx.saved_tensors
         term, chunk_tokens, chunk_vocab = ctx.setup
+        no_grads = (None,) * 6
+        scale = None if ctx.precomputed is None else _proportion(grad_value, token_weights)
+        if scale is not None:
+            grad_hidden, grad_weight = (g.mul_(scale) for g in ctx.precomputed)
+            ctx.precomputed = None  # scaled in place: a second backward (retain_graph) recomputes
+            return grad_hidden.to(hidden.dtype), grad_weight.to(weight.dtype), *no_grads
 
         def tile_grad(rows, cols):
             logp = _logits(hidden[rows], weight[cols], 1.0).sub_(lse_p[rows, None])
             logq = _logits(target_hidden[rows], target_weight[cols], 1.0).sub_(lse_q[rows, None])
             _, grad = _term_and_grad(term, logp, logq, need_grad=True)
-            return grad.sub_(logp.exp_().mul_(grad_sum[rows, None])).mul_(grad_value[rows, None])
+            return _logit_grad(grad, logp, grad_sum[rows], grad_value[rows])
 
-        grads = _backprop_tiles(ctx, hidden, weight, tile_grad, chunk_tokens, chunk_vocab)
-        return *grads, None, None, None, None, None
+        return *_backprop_tiles(ctx, hidden, weight, tile_grad, chunk_tokens, chunk_vocab), *no_grads
 
 
 def divergence(
@@ -289,6 +328,7 @@ def divergence(
     target_hidden: torch.Tensor,
     target_weight: torch.Tensor,
     *,
+    token_weights: torch.Tensor | None = None,
     chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
     chunk_vocab: int = DEFAULT_CHUNK_VOCAB,
     **params,
@@ -302,6 +342,12 @@ def divergence(
     w.r.t. hidden and weight; the target side is detached: q is a constant of the loss, as for a
     reference model or a teacher. The divergence is D = Σ_v pointwise(name)(log p_v, log q_v), the
     same term ``divrl.divergences`` sums, so both agree to rounding (float64: 1e-14).
+
+    ``token_weights`` (N,), optional, is a promise about the loss: when the values are backpropagated
+    as c · Σ_t w_t D_t for some scalar c (``.mean()`` is w = 1), the gradient is computed during
+    the forward, from tiles in hand: four logits matmuls instead of six and one evaluation of the
+    term's gradient instead of two, for one weight-sized buffer per thread. Any other upstream
+    gradient still gets the exact one, recomputed.
     """
     if hidden.shape[0] != target_hidden.shape[0] or weight.shape[0] != target_weight.shape[0]:
         raise ValueError(
@@ -310,11 +356,14 @@ def divergence(
             f"target_weight {tuple(target_weight.shape)}"
         )
     term = divergences.pointwise(name, **params)
+    if token_weights is not None:
+        token_weights = token_weights.detach().to(_accumulation_dtype(hidden.dtype)).expand(hidden.shape[0])
     return _Divergence.apply(
         hidden,
         weight,
         target_hidden.detach(),
         target_weight.detach(),
+        token_weights,
         term,
         chunk_tokens,
         chunk_vocab,
