@@ -1,4 +1,6 @@
-"""divrl.chunked equals the full-logits computation (float64), values and gradients."""
+"""divrl.chunked against the full-logits computation: float64 values and gradients for every
+closed-form divergence and for log-prob/entropy, gradcheck, float32/bfloat16 accuracy, the
+token_weights fast path, and no tensor larger than a tile or an input."""
 
 import math
 
@@ -181,17 +183,23 @@ class _LargestTensor(TorchDispatchMode):
         return out
 
 
-def test_no_tensor_grows_with_tokens_times_vocabulary(inputs, target):
+@pytest.fixture
+def one_thread():
+    """Tiles then run on the calling thread, where a dispatch mode sees them."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_no_tensor_grows_with_tokens_times_vocabulary(inputs, target, one_thread):
     hidden, weight, tokens = inputs
     tile = CHUNKS["chunk_tokens"] * CHUNKS["chunk_vocab"]
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiles then run on this thread, where the dispatch mode sees them
     with _LargestTensor() as record:
         logp, entropy = logprob_entropy(hidden, weight, tokens, **CHUNKS)
         value = divergence("jsd", hidden, weight, *target, **CHUNKS)
         fused = divergence("reverse_kl", hidden, weight, *target, token_weights=torch.ones(N), **CHUNKS)
         (logp + entropy + value + fused).sum().backward()
-    torch.set_num_threads(threads)
     # nothing larger than a tile or an input (the weight gradient is one)
     assert record.largest == max(tile, weight.numel(), target[1].numel()) < N * V
 
