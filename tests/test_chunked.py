@@ -229,3 +229,24 @@ def test_low_precision_is_as_accurate_as_full_logits(inputs, target, dtype, floo
     chunked, full = outputs(*rounded, chunked=True), outputs(*rounded, chunked=False)
     for got, baseline, want in zip(chunked, full, reference):
         assert _relative_error(got, want) <= 2 * _relative_error(baseline, want) + floor
+
+
+def test_autocast_and_mixed_dtypes(inputs, target):
+    """Under autocast the tiles compute in autocast's dtype, exactly as on inputs cast to it by
+    hand, and float32 master weights get float32 gradients; without autocast mixed dtypes promote."""
+    hidden, weight, tokens = inputs
+    hidden, weight = hidden.detach().float(), weight.detach().float().requires_grad_()
+    target_hidden, target_weight = (t.float() for t in target)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        under_autocast = (*logprob_entropy(hidden, weight, tokens, **CHUNKS),
+                          divergence("jsd", hidden, weight, target_hidden, target_weight, **CHUNKS))
+    (grad,) = torch.autograd.grad(sum(v.sum() for v in under_autocast), weight)
+    assert grad.dtype == torch.float32
+    bf16 = [t.bfloat16() for t in (hidden, weight, target_hidden, target_weight)]
+    by_hand = (*logprob_entropy(bf16[0], bf16[1], tokens, **CHUNKS), divergence("jsd", *bf16, **CHUNKS))
+    for got, want in zip(under_autocast, by_hand):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+    mixed = logprob_entropy(hidden.bfloat16(), weight, tokens, **CHUNKS)
+    promoted = logprob_entropy(hidden.bfloat16().float(), weight, tokens, **CHUNKS)
+    for got, want in zip(mixed, promoted):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)

@@ -42,6 +42,23 @@ def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
+def _in_compute_dtype(hidden: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """hidden and weight in one dtype: autocast's when it is on for their device (what hidden @
+    weight.T would use there), else their promoted dtype; the casts are differentiable."""
+    device = hidden.device.type
+    if torch.is_autocast_enabled(device):
+        dtype = torch.get_autocast_dtype(device)
+    else:
+        dtype = torch.promote_types(hidden.dtype, weight.dtype)
+    return hidden.to(dtype), weight.to(dtype)
+
+
+def _autocast_off(device: torch.device):
+    """Tiles compute in the dtype they are given, on whichever thread runs them (autocast is
+    per thread: worker threads never have it)."""
+    return torch.autocast(device.type, enabled=False)
+
+
 def _spans(n: int, size: int) -> list[slice]:
     return [slice(start, min(start + size, n)) for start in range(0, n, size)]
 
@@ -123,7 +140,8 @@ def _backprop_tiles(ctx, hidden, weight, tile_grad, chunk_tokens, chunk_vocab):
             if need_weight:
                 _add_matmul(grad_weight[cols], grad_z.T, hidden[rows])
 
-    _in_parallel(vocab_chunk, vocab, workers)
+    with _autocast_off(hidden.device):
+        _in_parallel(vocab_chunk, vocab, workers)
     grad_hidden = _sum_into_first(partial_grad_hidden) if need_hidden else None
     return (
         None if grad_hidden is None else grad_hidden.to(hidden.dtype),
@@ -217,10 +235,12 @@ def logprob_entropy(
     merged across vocabulary chunks as H = Σ_k w_k H_k − Σ_k w_k log w_k (w_k: mass of chunk k).
     The (N, V) logits are never built.
     """
+    hidden, weight = _in_compute_dtype(hidden, weight)
     inv_temperature = 1.0 / temperature
     acc = _accumulation_dtype(hidden.dtype)
-    sampled_logit = (hidden.to(acc) * weight[tokens].to(acc)).sum(-1) * inv_temperature
-    lse, entropy = _LseEntropy.apply(hidden, weight, inv_temperature, chunk_tokens, chunk_vocab)
+    with _autocast_off(hidden.device):
+        sampled_logit = (hidden.to(acc) * weight[tokens].to(acc)).sum(-1) * inv_temperature
+        lse, entropy = _LseEntropy.apply(hidden, weight, inv_temperature, chunk_tokens, chunk_vocab)
     return sampled_logit - lse, entropy
 
 
@@ -356,15 +376,11 @@ def divergence(
             f"target_weight {tuple(target_weight.shape)}"
         )
     term = divergences.pointwise(name, **params)
+    hidden, weight = _in_compute_dtype(hidden, weight)
+    target_hidden, target_weight = _in_compute_dtype(target_hidden.detach(), target_weight.detach())
     if token_weights is not None:
         token_weights = token_weights.detach().to(_accumulation_dtype(hidden.dtype)).expand(hidden.shape[0])
-    return _Divergence.apply(
-        hidden,
-        weight,
-        target_hidden.detach(),
-        target_weight.detach(),
-        token_weights,
-        term,
-        chunk_tokens,
-        chunk_vocab,
-    )
+    with _autocast_off(hidden.device):
+        return _Divergence.apply(
+            hidden, weight, target_hidden, target_weight, token_weights, term, chunk_tokens, chunk_vocab
+        )
