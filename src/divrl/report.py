@@ -63,8 +63,11 @@ def write_report(run_dir: Path, cfg, summary: dict) -> None:
     ]
     if step_times:
         lines.append(f"- seconds per step: {sum(step_times) / len(step_times):.1f} (mean)")
-        lines.append(f"- reward: {train_rows[0]['reward']:.3f} (first step) → "
-                     f"{train_rows[-1]['reward']:.3f} (last step)")
+        span = min(5, len(train_rows))
+        first = sum(r["reward"] for r in train_rows[:span]) / span
+        last = sum(r["reward"] for r in train_rows[-span:]) / span
+        lines.append(f"- mean train reward: {first:.3f} (first {span} steps) → {last:.3f} "
+                     f"(last {span} steps)")
         lines.append(f"- verifier failures scored 0: {train_rows[-1]['reward_errors_total']}")
     lines += ["", "![curves](curves.png)", ""]
     (run_dir / "report.md").write_text("\n".join(lines))
