@@ -13,6 +13,7 @@ A sample *passes* when its reward is 1 (full score); pass@k uses that.
 from __future__ import annotations
 
 import copy
+import functools
 import random
 import sys
 import time
@@ -152,10 +153,14 @@ class Trainer:
         out = []
         for i in range(step * per, (step + 1) * per):
             epoch, pos = divmod(i, n)
-            order = list(range(n))
-            random.Random(self.cfg.seed * 100_003 + epoch).shuffle(order)
-            out.append(self.task.train[order[pos]])
+            out.append(self.task.train[self._epoch_order(epoch)[pos]])
         return out
+
+    @functools.lru_cache(maxsize=2)
+    def _epoch_order(self, epoch: int) -> list[int]:
+        order = list(range(len(self.task.train)))
+        random.Random(self.cfg.seed * 100_003 + epoch).shuffle(order)
+        return order
 
     def _sample(self, examples: list[Example], group_size: int, temperature: float,
                 generator: torch.Generator):
