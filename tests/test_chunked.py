@@ -11,6 +11,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from divrl import chunked as chunked_module
 from divrl import divergences
 from divrl.chunked import divergence, logprob_entropy
+from divergence_cases import POINTWISE_CASES
 
 N, V, H = 13, 37, 5
 CHUNKS = dict(chunk_tokens=4, chunk_vocab=10)  # smaller than N and V, not dividing them
@@ -79,18 +80,7 @@ def test_logprob_entropy_is_a_distribution_summary(inputs):
 
 
 CLOSED_FORMS = [
-    ("reverse_kl", {}),
-    ("forward_kl", {}),
-    ("jsd", {"beta": 0.0}),
-    ("jsd", {"beta": 0.5}),
-    ("jsd", {"beta": 0.9}),
-    ("jsd", {"beta": 1.0}),
-    ("total_variation", {}),
-    ("chi2", {}),
-    ("hellinger", {}),
-    ("alpha", {"alpha": 0.3}),
-    ("alpha", {"alpha": 1.0}),
-    ("alpha", {"alpha": 2.0}),
+    *POINTWISE_CASES,
     ("f_divergence", {"f": lambda t: (t - 1.0) ** 4, "f_prime_inf": math.inf}),
 ]
 

@@ -9,29 +9,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from divrl import divergences as D
+from divergence_cases import POINTWISE_CASES
 
 F64 = torch.float64
 INF = math.inf
 
-# (name, params) for every divergence that is a sum of elementwise terms.
-POINTWISE_CASES = [
-    ("reverse_kl", {}),
-    ("forward_kl", {}),
-    ("jsd", {"beta": 0.0}),
-    ("jsd", {"beta": 0.1}),
-    ("jsd", {"beta": 0.5}),
-    ("jsd", {"beta": 0.9}),
-    ("jsd", {"beta": 1.0}),
-    ("total_variation", {}),
-    ("chi2", {}),
-    ("hellinger", {}),
-    ("alpha", {"alpha": -1.0}),
-    ("alpha", {"alpha": 0.0}),
-    ("alpha", {"alpha": 0.3}),
-    ("alpha", {"alpha": 0.5}),
-    ("alpha", {"alpha": 1.0}),
-    ("alpha", {"alpha": 2.0}),
-]
 CASE_IDS = [f"{name}{params}" for name, params in POINTWISE_CASES]
 
 
