@@ -31,6 +31,7 @@ from divrl.config import ConfigError, TrainConfig, save_config
 from divrl.metrics import pass_at_k_over_prompts
 from divrl.models import load_model
 from divrl.objectives import clipped_policy_loss, group_advantages
+from divrl.report import write_report
 from divrl.rollout import sample
 from divrl.runlog import MetricsLog, read_metrics
 from divrl.tasks import Example, Task, build_task, encode_prompt, safe_score
@@ -302,7 +303,7 @@ class Trainer:
         run_dir.mkdir(parents=True, exist_ok=True)
         start_step, before = 0, None
         if cfg.resume:
-            step, path = checkpoint_dirs(run_dir)[-1]
+            _, path = checkpoint_dirs(run_dir)[-1]
             start_step = load_checkpoint(path, self.model, self.optimizer, self.generator)
             self.log(f"resumed from {path} (step {start_step})")
             rows = read_metrics(run_dir / "metrics.jsonl") if (run_dir / "metrics.jsonl").exists() else []
@@ -343,8 +344,6 @@ class Trainer:
             raise
         finally:
             log.close()
-        from divrl.report import write_report
-
         summary = {"before": before, "after": after, "train_seconds": time.perf_counter() - wall0}
         write_report(run_dir, cfg, summary)
         self.log(f"wrote {run_dir / 'report.md'} and {run_dir / 'curves.png'}")
