@@ -1,7 +1,9 @@
 """divrl.chunked against the full-logits computation: float64 values and gradients for every
-closed-form divergence and for log-prob/entropy, gradcheck, float32/bfloat16 accuracy, the
-token_weights fast path, and no tensor larger than a tile or an input."""
+closed-form divergence and for log-prob/entropy, with a bare weight and with a Head that has a
+bias, scale, softcap and temperature; gradcheck, float32/bfloat16 accuracy, the token_weights fast
+path, and no tensor larger than a tile or an input."""
 
+import dataclasses
 import math
 
 import pytest
@@ -10,7 +12,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from divrl import chunked as chunked_module
 from divrl import divergences
-from divrl.chunked import divergence, logprob_entropy
+from divrl.chunked import Head, divergence, logprob_entropy
 from divergence_cases import POINTWISE_CASES
 
 N, V, H = 13, 37, 5
@@ -41,9 +43,13 @@ def _full_logits(hidden, weight):
     return (hidden @ weight.T).to(torch.promote_types(hidden.dtype, torch.float32))
 
 
-def full_logprob_entropy(hidden, weight, tokens, temperature=1.0):
-    logp = torch.log_softmax(_full_logits(hidden, weight) / temperature, dim=-1)
+def logprob_entropy_of(logits, tokens):
+    logp = torch.log_softmax(logits, dim=-1)
     return logp.gather(-1, tokens[:, None]).squeeze(-1), -(logp.exp() * logp).sum(-1)
+
+
+def full_logprob_entropy(hidden, weight, tokens, temperature=1.0):
+    return logprob_entropy_of(_full_logits(hidden, weight) / temperature, tokens)
 
 
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
@@ -85,12 +91,12 @@ CLOSED_FORMS = [
 ]
 
 
+def divergence_of(name, logits, target_logits, **params):
+    return divergences.get(name)(torch.log_softmax(logits, -1), torch.log_softmax(target_logits, -1), **params)
+
+
 def full_divergence(name, hidden, weight, target_hidden, target_weight, **params):
-    return divergences.get(name)(
-        torch.log_softmax(_full_logits(hidden, weight), -1),
-        torch.log_softmax(_full_logits(target_hidden, target_weight), -1),
-        **params,
-    )
+    return divergence_of(name, _full_logits(hidden, weight), _full_logits(target_hidden, target_weight), **params)
 
 
 @pytest.mark.parametrize("name, params", CLOSED_FORMS)
@@ -185,11 +191,16 @@ def one_thread():
 def test_no_tensor_grows_with_tokens_times_vocabulary(inputs, target, one_thread):
     hidden, weight, tokens = inputs
     tile = CHUNKS["chunk_tokens"] * CHUNKS["chunk_vocab"]
+    capped = Head(weight, torch.zeros(V, dtype=torch.float64, requires_grad=True), scale=1.3, softcap=2.5)
     with _LargestTensor() as record:
         logp, entropy = logprob_entropy(hidden, weight, tokens, **CHUNKS)
         value = divergence("jsd", hidden, weight, *target, **CHUNKS)
         fused = divergence("reverse_kl", hidden, weight, *target, token_weights=torch.ones(N), **CHUNKS)
-        (logp + entropy + value + fused).sum().backward()
+        capped_logp, capped_entropy = logprob_entropy(hidden, capped, tokens, **CHUNKS)
+        capped_value = divergence("jsd", hidden, capped, *target, **CHUNKS)
+        capped_fused = divergence("reverse_kl", hidden, capped, *target, token_weights=torch.ones(N), **CHUNKS)
+        outputs = (logp, entropy, value, fused, capped_logp, capped_entropy, capped_value, capped_fused)
+        sum(outputs).sum().backward()
     # nothing larger than a tile or an input (the weight gradient is one)
     assert record.largest == max(tile, weight.numel(), target[1].numel()) < N * V
 
@@ -239,4 +250,154 @@ def test_autocast_and_mixed_dtypes(inputs, target):
     mixed = logprob_entropy(hidden.bfloat16(), weight, tokens, **CHUNKS)
     promoted = logprob_entropy(hidden.bfloat16().float(), weight, tokens, **CHUNKS)
     for got, want in zip(mixed, promoted):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+@pytest.fixture(params=["softcap", "no_softcap"])
+def heads(request, inputs, target):
+    """Policy and target heads with a bias, a scale and a temperature, with or without a final
+    softcap (small enough to bend the logits: |scale · lin| is ≈ 3 on average)."""
+    _, weight, _ = inputs
+    gen = torch.Generator().manual_seed(2)
+    bias = torch.randn(V, dtype=torch.float64, generator=gen).requires_grad_()
+    target_bias = torch.randn(V, dtype=torch.float64, generator=gen)
+    capped = request.param == "softcap"
+    return (
+        Head(weight, bias, scale=1.3, softcap=2.5 if capped else None, temperature=0.8),
+        Head(target[1], target_bias, scale=0.6, softcap=4.0 if capped else None, temperature=1.1),
+    )
+
+
+def logits_by_hand(hidden, head):
+    """z = softcap(scale · (hidden @ weight.T + bias)) / T, written out."""
+    z = head.scale * (hidden @ head.weight.T + head.bias)
+    if head.softcap is not None:
+        z = head.softcap * torch.tanh(z / head.softcap)
+    return z / head.temperature
+
+
+def test_head_logits_follow_the_formula(inputs, heads):
+    hidden, weight, _ = inputs
+    head, _ = heads
+    torch.testing.assert_close(head.logits(hidden), logits_by_hand(hidden, head), rtol=1e-12, atol=1e-12)
+    plain = Head(weight)
+    assert plain.vocab_size == V and plain.logits(hidden).equal(hidden @ weight.T)
+
+
+@pytest.mark.parametrize("used", ["both", "logprob", "entropy"])
+def test_logprob_entropy_with_a_head_matches_full_logits(inputs, heads, used):
+    hidden, _, tokens = inputs
+    head, _ = heads
+    chunked = logprob_entropy(hidden, head, tokens, **CHUNKS)
+    full = logprob_entropy_of(logits_by_hand(hidden, head), tokens)
+    mix = torch.linspace(-1.0, 2.0, N, dtype=torch.float64)
+
+    def loss(logp, entropy):
+        return {"both": logp * mix + entropy * mix.flip(0), "logprob": logp * mix, "entropy": entropy * mix}[used].sum()
+
+    parameters = (hidden, head.weight, head.bias)
+    grads = [torch.autograd.grad(loss(*outputs), parameters) for outputs in (chunked, full)]
+    for got, want in zip([*chunked, *grads[0]], [*full, *grads[1]]):
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-9)
+
+
+@pytest.mark.parametrize("name, params", CLOSED_FORMS)
+def test_divergence_with_heads_matches_full_logits(inputs, target, heads, name, params):
+    hidden, _, _ = inputs
+    head, target_head = heads
+    chunked = divergence(name, hidden, head, target[0], target_head, **CHUNKS, **params)
+    full = divergence_of(name, logits_by_hand(hidden, head), logits_by_hand(target[0], target_head), **params)
+    torch.testing.assert_close(chunked, full, rtol=1e-6, atol=1e-12)
+    upstream = torch.linspace(-1.0, 2.0, N, dtype=torch.float64)
+    parameters = (hidden, head.weight, head.bias)
+    for got, want in zip(
+        torch.autograd.grad((chunked * upstream).sum(), parameters),
+        torch.autograd.grad((full * upstream).sum(), parameters),
+    ):
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-12)
+
+
+def test_head_gradcheck(inputs, target, heads):
+    hidden, weight, tokens = inputs
+    head, target_head = heads
+
+    rows = slice(0, 6)  # still two row chunks
+
+    def outputs(h, w, b):
+        policy = Head(w, b, head.scale, head.softcap, head.temperature)
+        return (*logprob_entropy(h, policy, tokens[rows], **CHUNKS),
+                divergence("jsd", h, policy, target[0][rows], target_head, beta=0.3, **CHUNKS))
+
+    small_hidden = hidden[rows].detach().requires_grad_()
+    assert torch.autograd.gradcheck(outputs, (small_hidden, weight, head.bias), fast_mode=True)
+
+
+@pytest.mark.parametrize("name, params", [("reverse_kl", {}), ("jsd", {"beta": 0.3})])
+def test_token_weights_fast_path_with_heads(inputs, target, heads, name, params, monkeypatch):
+    hidden, _, _ = inputs
+    head, target_head = heads
+    token_weights = torch.linspace(0.0, 1.0, N, dtype=torch.float64)
+    values = divergence(name, hidden, head, target[0], target_head, token_weights=token_weights, **CHUNKS, **params)
+    full = divergence_of(name, logits_by_hand(hidden, head), logits_by_hand(target[0], target_head), **params)
+
+    def no_recomputation(*args):
+        raise AssertionError("the backward recomputed tiles despite a matching upstream gradient")
+
+    monkeypatch.setattr(chunked_module, "_backprop_tiles", no_recomputation)
+    parameters = (hidden, head.weight, head.bias)
+    for got, want in zip(
+        torch.autograd.grad(0.37 * (values * token_weights).sum(), parameters),
+        torch.autograd.grad(0.37 * (full * token_weights).sum(), parameters),
+    ):
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-12)
+
+
+def test_divergence_with_heads_is_zero_against_itself_and_target_is_constant(inputs, heads):
+    hidden, _, _ = inputs
+    head, _ = heads
+    target_hidden = hidden.detach().clone().requires_grad_()
+    target_head = Head(head.weight.detach().clone().requires_grad_(), head.bias.detach().clone().requires_grad_(),
+                       head.scale, head.softcap, head.temperature)
+    value = divergence("reverse_kl", hidden, head, target_hidden, target_head, **CHUNKS)
+    torch.testing.assert_close(value, torch.zeros(N, dtype=torch.float64), rtol=0, atol=1e-12)
+    value.sum().backward()
+    assert target_hidden.grad is None and target_head.weight.grad is None and target_head.bias.grad is None
+    assert hidden.grad is not None and head.bias.grad is not None
+
+
+def test_a_bare_weight_is_a_head_and_a_head_keeps_its_temperature(inputs):
+    hidden, weight, tokens = inputs
+    by_weight = logprob_entropy(hidden, weight, tokens, temperature=0.7, **CHUNKS)
+    by_head = logprob_entropy(hidden, Head(weight).at_temperature(0.7), tokens, **CHUNKS)
+    for got, want in zip(by_head, by_weight):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="at_temperature"):
+        logprob_entropy(hidden, Head(weight), tokens, temperature=0.7)
+    with pytest.raises(ValueError, match=r"bias \(V,\)"):
+        Head(weight, torch.zeros(V - 1))
+    detached = Head(weight, torch.zeros(V, requires_grad=True)).detach()
+    assert not detached.weight.requires_grad and not detached.bias.requires_grad
+
+
+def test_autocast_casts_the_bias_like_the_weight(inputs, target, heads):
+    """Under autocast a float32 head computes in bfloat16 exactly as the same head cast by hand,
+    and its bias gets a float32 gradient."""
+    hidden, _, tokens = inputs
+    head, target_head = heads
+    hidden = hidden.detach().float()
+    as_float = Head(head.weight.detach().float(), head.bias.detach().float().requires_grad_(),
+                    head.scale, head.softcap, head.temperature)
+    target_hidden = target[0].float()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        under_autocast = (*logprob_entropy(hidden, as_float, tokens, **CHUNKS),
+                          divergence("jsd", hidden, as_float, target_hidden, target_head, **CHUNKS))
+    (grad,) = torch.autograd.grad(sum(v.sum() for v in under_autocast), as_float.bias)
+    assert grad.dtype == torch.float32
+    bf16 = dataclasses.replace(as_float, weight=as_float.weight.detach().bfloat16(),
+                               bias=as_float.bias.detach().bfloat16())
+    target_bf16 = dataclasses.replace(target_head, weight=target_head.weight.bfloat16(),
+                                      bias=target_head.bias.bfloat16())
+    by_hand = (*logprob_entropy(hidden.bfloat16(), bf16, tokens, **CHUNKS),
+               divergence("jsd", hidden.bfloat16(), bf16, target_hidden.bfloat16(), target_bf16, **CHUNKS))
+    for got, want in zip(under_autocast, by_hand):
         torch.testing.assert_close(got, want, rtol=0, atol=0)

