@@ -105,6 +105,7 @@ def test_low_temperature_matches_hf_greedy_with_stops_and_left_padding(arch, req
             generator=torch.Generator().manual_seed(1),
         )
         assert rollout.group_size == 3 and rollout.prompt_ids == PROMPTS
+        assert rollout.logprobs == [[0.0] * len(tokens) for tokens in rollout.completion_ids]  # b one-hot
         for i, (tokens, done) in enumerate(expected):
             for row in range(i * 3, i * 3 + 3):
                 assert rollout.completion_ids[row] == tokens
@@ -187,6 +188,52 @@ def test_seeded_generator_reproduces_and_rows_are_well_formed(model):
         assert not any(t in stops for t in tokens[:-1])
         assert done == (tokens[-1] in stops)
         assert done or len(tokens) == 10
+
+
+def behaviour_logprobs(model, prompt, completion, temperature, top_p):
+    """log b(y_t) of each completion token from one full-sequence forward pass: log_softmax(logits / T),
+    renormalized on the top-p nucleus (found by a full float64 sort) when top_p < 1.
+
+    The sampler finds the nucleus in float32; a cut within float32 rounding (~1e-7) of some token's
+    mass-before would make the two sets differ by that token, so the settings keep it 1e-6 away."""
+    with torch.no_grad():
+        logits = model(torch.tensor([prompt + completion])).logits[0, len(prompt) - 1 : -1]
+    logp = (logits.double() / temperature).log_softmax(dim=-1)
+    if top_p < 1.0:
+        sorted_probs, order = logp.exp().sort(dim=-1, descending=True)
+        mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs
+        assert (mass_before - top_p).abs().min() > 1e-6, "nucleus boundary within float32 rounding"
+        in_nucleus = mass_before < top_p
+        kept = torch.zeros_like(in_nucleus).scatter(1, order, in_nucleus)
+        logp = logp.masked_fill(~kept, float("-inf")).log_softmax(dim=-1)
+    return logp.gather(1, torch.tensor(completion)[:, None]).squeeze(1)
+
+
+@pytest.mark.parametrize("temperature,top_p", [(1.0, 1.0), (0.7, 1.0), (0.05, 0.9), (0.05, 0.5)])
+def test_logprobs_are_the_behaviour_distribution_of_each_sampled_token(tiny, temperature, top_p):
+    """Real vocabulary (49152; at T = 0.05, top_p = 0.9 nuclei of 1 to ~1000 tokens, so `nucleus`
+    widens past its first 256) and a stop set of a third of it, so rows leave the batch at
+    different steps and must keep their log-probs."""
+    model, tokenizer = tiny
+    prompts = PROMPTS[:3]
+    rollout = sample(
+        model,
+        prompts,
+        group_size=3,
+        max_new_tokens=8,
+        stop_token_ids=range(0, len(tokenizer), 3),
+        pad_token_id=tokenizer.pad_token_id,
+        temperature=temperature,
+        top_p=top_p,
+        generator=torch.Generator().manual_seed(4),
+    )
+    lengths = [len(tokens) for tokens in rollout.completion_ids]
+    assert [len(logprobs) for logprobs in rollout.logprobs] == lengths
+    assert min(lengths) < max(lengths)
+    for row, (tokens, logprobs) in enumerate(zip(rollout.completion_ids, rollout.logprobs)):
+        expected = behaviour_logprobs(model, prompts[row // 3], tokens, temperature, top_p)
+        assert all(logprob <= 0.0 for logprob in logprobs)
+        torch.testing.assert_close(torch.tensor(logprobs, dtype=torch.float64), expected, rtol=0, atol=1e-5)
 
 
 def test_nucleus_widens_until_it_holds_the_top_p_set():

@@ -11,8 +11,13 @@ weight matmuls, so the work is cut where it is redundant —
   top-k prefix of the distribution, widened until it holds the nucleus, instead of sorting the
   whole vocabulary.
 The distribution is HF ``generate(do_sample=True)``'s: softmax(logits / T), restricted to the
-top-p nucleus. ``torch.compile`` of the decode step was measured and is not used: ~2 min to
-compile, another on the first batch shrink, and no faster once compiled on this CPU.
+top-p nucleus. Each sampled token y comes with its log-probability under that distribution, the
+behaviour policy b of PPO ratios and k1/k3 estimators: log b(y) = log(w_y / Σ_{j∈nucleus} w_j),
+w = softmax(logits / T) (the whole vocabulary when top_p = 1); log b = 0 for greedy (T = 0). It is
+the drawn entry's weight over its row's kept mass (float64), one gather and one sum of what the
+draw already holds, not a second pass over the logits.
+``torch.compile`` of the decode step was measured and is not used: ~2 min to compile, another on
+the first batch shrink, and no faster once compiled on this CPU.
 """
 
 from __future__ import annotations
@@ -27,10 +32,15 @@ from transformers.cache_utils import DynamicLayer
 
 @dataclass
 class Rollout:
-    """Completions of a batch of prompts, group-major: completions of prompt i are rows i*G .. i*G+G-1."""
+    """Completions of a batch of prompts, group-major: completions of prompt i are rows i*G .. i*G+G-1.
+
+    ``logprobs[r][t]`` is log b(completion_ids[r][t]), b the distribution the token was drawn from:
+    softmax(logits / T) renormalized on the top-p nucleus, the behaviour policy of the PG ratio and
+    of the sampled KL estimators (0.0 under greedy decoding)."""
 
     prompt_ids: list[list[int]]
     completion_ids: list[list[int]]  # P*G rows, unpadded; ends with the stop token if the row stopped
+    logprobs: list[list[float]]  # like completion_ids: log b(token) of each sampled token
     finished: list[bool]  # P*G: True if the row ended on a stop token, False if cut at max_new_tokens
     group_size: int
 
@@ -86,15 +96,21 @@ def nucleus(probs: torch.Tensor, top_p: float, first_k: int = 256) -> tuple[torc
 
 def next_tokens(
     logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None
-) -> torch.Tensor:
-    """One token per row from softmax(logits / T) restricted to the top-p nucleus; T = 0 is greedy."""
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(token, log b(token)) per row, drawn from b = softmax(logits / T) restricted to the top-p
+    nucleus and renormalized on it; T = 0 is greedy (b one-hot, log b = 0). log b is float64."""
     if temperature == 0:
-        return logits.argmax(dim=-1)
+        tokens = logits.argmax(dim=-1)
+        return tokens, torch.zeros(len(tokens), dtype=torch.float64, device=logits.device)
     probs = (logits.float() / temperature if temperature != 1.0 else logits.float()).softmax(dim=-1)
     if top_p >= 1.0:
-        return draw(probs, generator)
+        tokens = draw(probs, generator)
+        return tokens, probs.gather(1, tokens[:, None]).squeeze(1).double().log()
     weights, ids = nucleus(probs, top_p)
-    return ids.gather(1, draw(weights, generator)[:, None]).squeeze(1)
+    chosen = draw(weights, generator)[:, None]
+    kept_mass = weights.sum(dim=-1, keepdim=True, dtype=torch.float64)
+    logprobs = (weights.gather(1, chosen).double() / kept_mass).log()
+    return ids.gather(1, chosen).squeeze(1), logprobs.squeeze(1)
 
 
 class _BufferLayer(DynamicLayer):
@@ -189,7 +205,7 @@ def sample(
     was_training = model.training
     model.eval()
     try:
-        completions, finished = _decode(
+        completions, logprobs, finished = _decode(
             model, prompt_ids, group_size, max_new_tokens, stop_token_ids, pad_token_id,
             temperature, top_p, generator,
         )
@@ -198,6 +214,7 @@ def sample(
     return Rollout(
         prompt_ids=[list(p) for p in prompt_ids],
         completion_ids=completions,
+        logprobs=logprobs,
         finished=finished,
         group_size=group_size,
     )
@@ -206,7 +223,7 @@ def sample(
 def _decode(
     model, prompt_ids, group_size, max_new_tokens, stop_token_ids, pad_token_id, temperature, top_p, generator
 ):
-    """(completions, finished) of `sample`: prefill the P prompts, copy their cache G times, decode."""
+    """(completions, logprobs, finished) of `sample`: prefill the P prompts, copy their cache G times, decode."""
     device = model.device
     ids, prompt_mask = _left_pad(prompt_ids, pad_token_id)
     width = ids.shape[1]
@@ -231,14 +248,16 @@ def _decode(
 
     n_rows = len(prompt_ids) * group_size
     completions: list[list[int]] = [[] for _ in range(n_rows)]
+    logprobs: list[list[float]] = [[] for _ in range(n_rows)]
     finished = [False] * n_rows
     live = torch.arange(n_rows, device=device)  # the Rollout row of each batch row
     stops = torch.tensor(sorted(set(stop_token_ids)), dtype=torch.long, device=device)
 
     for step in range(max_new_tokens):
-        tokens = next_tokens(logits, temperature, top_p, generator)
-        for row, token in zip(live.tolist(), tokens.tolist()):
+        tokens, token_logprobs = next_tokens(logits, temperature, top_p, generator)
+        for row, token, logprob in zip(live.tolist(), tokens.tolist(), token_logprobs.tolist()):
             completions[row].append(token)
+            logprobs[row].append(logprob)
         stopped = torch.isin(tokens, stops)
         for row in live[stopped].tolist():
             finished[row] = True
@@ -259,4 +278,4 @@ def _decode(
         )
         logits = out.logits[:, -1]
 
-    return completions, finished
+    return completions, logprobs, finished
