@@ -1,0 +1,204 @@
+"""Token masks and weights: small pure functions of per-token statistics, registered by name.
+
+A weight is a function ``fn(stats: TokenStats, **params) -> Tensor`` of shape (N,), one value per
+flat completion token (design notes §4), registered once with ``@register_weight(name)`` and then
+usable on any loss term: ``compute([(name, params), ...], stats)`` is the product of the named
+functions' outputs. Parameters are plain numbers whose type and range are declared in the
+signature (``Annotated[float, Interval(...)]``), so ``check(name, params)`` validates a config
+before any model or tensor exists.
+
+=========================================  ======================================================
+name (params)                              w_t
+=========================================  ======================================================
+``entropy_quantile`` (top=0.2)             1 if H_t is among the ⌈top·N⌉ highest entropies of
+                                           the batch, else 0 (Wang et al. 2025, forking tokens)
+``asymmetric`` (positive=1, negative=1)    ``positive`` if A > 0, ``negative`` if A < 0, 1 if A = 0
+                                           (NSR / W-REINFORCE, Zhu et al. 2025)
+``pass_rate`` (a=1, b=1)                   p̂^a·(1 − p̂)^b of the token's group (PACED)
+=========================================  ======================================================
+"""
+
+from __future__ import annotations
+
+import difflib
+import inspect
+import math
+import typing
+from dataclasses import dataclass
+from typing import Annotated, Callable, Mapping, Sequence
+
+import torch
+from torch import Tensor
+
+WeightFn = Callable[..., Tensor]
+
+
+@dataclass
+class TokenStats:
+    """Statistics of N flat completion tokens (design.md §4), all detached."""
+
+    rows: Tensor  # (N,) long: the completion each token belongs to
+    advantages: Tensor  # (B,) per completion
+    rewards: Tensor  # (B,) per completion
+    group_pass_rate: Tensor  # (B,) fraction of the completion's group's samples with full score
+    entropy: Tensor | None = None  # (N,) policy entropy at the token's position
+    logprobs: Tensor | None = None  # (N,) policy log-prob of the sampled token
+    old_logprobs: Tensor | None = None  # (N,) behaviour policy
+    ref_logprobs: Tensor | None = None  # (N,) reference model
+
+
+@dataclass(frozen=True)
+class Interval:
+    """The finite numbers x with low ≤ x ≤ high (low < x if ``open_low``): a parameter's range."""
+
+    low: float = -math.inf
+    high: float = math.inf
+    open_low: bool = False
+
+    def __contains__(self, value: float) -> bool:
+        above = self.low < value if self.open_low else self.low <= value
+        return math.isfinite(value) and above and value <= self.high
+
+    def __str__(self) -> str:
+        high = f"{self.high:g}]" if math.isfinite(self.high) else "∞)"
+        return f"{'(' if self.open_low else '['}{self.low:g}, {high}"
+
+
+NonNegative = Annotated[float, Interval(0.0)]
+Fraction = Annotated[float, Interval(0.0, 1.0, open_low=True)]
+
+
+@dataclass(frozen=True)
+class _Registered:
+    fn: WeightFn
+    types: dict[str, type]  # parameter → type, in signature order
+    ranges: dict[str, Interval]
+    required: list[str]  # parameters without a default
+
+
+_WEIGHTS: dict[str, _Registered] = {}
+
+
+def register_weight(name: str) -> Callable[[WeightFn], WeightFn]:
+    """Register ``fn(stats, **params) -> (N,) Tensor`` under ``name``.
+
+    Each parameter after ``stats`` is annotated with its type, optionally
+    ``Annotated[type, Interval(...)]`` for its range; ``check`` enforces both.
+    """
+
+    def register(fn: WeightFn) -> WeightFn:
+        if name in _WEIGHTS:
+            raise ValueError(f"weight {name!r} is already registered")
+        params = list(inspect.signature(fn).parameters.values())[1:]
+        hints = typing.get_type_hints(fn, include_extras=True)
+        types, ranges = {}, {}
+        for param in params:
+            hint = hints[param.name]
+            if typing.get_origin(hint) is Annotated:
+                hint, *metadata = typing.get_args(hint)
+                ranges.update((param.name, m) for m in metadata if isinstance(m, Interval))
+            types[param.name] = hint
+        required = [param.name for param in params if param.default is inspect.Parameter.empty]
+        _WEIGHTS[name] = _Registered(fn, types, ranges, required)
+        return fn
+
+    return register
+
+
+def names() -> list[str]:
+    """The registered weight names, sorted."""
+    return sorted(_WEIGHTS)
+
+
+def _did_you_mean(word: str, choices: Sequence[str]) -> str:
+    close = difflib.get_close_matches(word, choices, n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def check(name: str, params: Mapping[str, object]) -> None:
+    """Raise ValueError unless ``name`` is registered and ``params`` are its parameters, typed and in range.
+
+    Needs no tensors: config validation calls it before any model loads.
+    """
+    if name not in _WEIGHTS:
+        suggestion = _did_you_mean(name, names())
+        raise ValueError(f"unknown weight {name!r}{suggestion}; valid: {', '.join(names())}")
+    registered = _WEIGHTS[name]
+    for param, value in params.items():
+        if param not in registered.types:
+            valid = list(registered.types)
+            raise ValueError(
+                f"weight {name!r} has no parameter {param!r}{_did_you_mean(param, valid)}; "
+                f"parameters: {', '.join(valid) or 'none'}"
+            )
+        expected = registered.types[param]
+        numeric = expected is float and isinstance(value, int)
+        if isinstance(value, bool) or not (isinstance(value, expected) or numeric):
+            raise ValueError(f"weight {name!r}: {param} must be of type {expected.__name__}, got {value!r}")
+        allowed = registered.ranges.get(param)
+        if allowed is not None and value not in allowed:
+            raise ValueError(f"weight {name!r}: {param} must lie in {allowed}, got {value!r}")
+    missing = [param for param in registered.required if param not in params]
+    if missing:
+        raise ValueError(f"weight {name!r} needs the parameters {', '.join(missing)}")
+
+
+def compute(specs: Sequence[tuple[str, Mapping[str, object]]], stats: TokenStats) -> Tensor:
+    """The product over ``specs`` = [(name, params), ...] of the named weights, shape (N,).
+
+    An empty list gives ones; each spec is checked first.
+    """
+    weight = torch.ones(stats.rows.shape, dtype=stats.advantages.dtype, device=stats.rows.device)
+    for name, params in specs:
+        check(name, params)
+        weight = weight * _WEIGHTS[name].fn(stats, **params)
+    return weight
+
+
+def _required(stats: TokenStats, statistic: str, weight: str) -> Tensor:
+    value = getattr(stats, statistic)
+    if value is None:
+        raise ValueError(f"weight {weight!r} needs the statistic {statistic!r}, which is None")
+    return value
+
+
+@register_weight("entropy_quantile")
+def entropy_quantile(stats: TokenStats, top: Fraction = 0.2) -> Tensor:
+    """Mask of the high-entropy minority ("forking") tokens: 1 where H_t ≥ τ, else 0.
+
+    τ is the ⌈top·N⌉-th largest entropy among the batch's N tokens, i.e. the (1 − top) quantile
+    over the whole batch (not per completion), so ⌈top·N⌉ tokens are kept, more on ties at τ.
+    Wang et al., "Beyond the 80/20 Rule: High-Entropy Minority Tokens Drive Effective RLVR"
+    (NeurIPS 2025; their ``get_global_entropy_top_mask``), top = 0.2.
+    """
+    entropy = _required(stats, "entropy", "entropy_quantile")
+    count = entropy.numel()
+    if count == 0:
+        return torch.zeros_like(entropy)
+    kept = max(1, math.ceil(top * count - 1e-9 * count))  # 1e-9: 0.3·10 is 3, not 3.0000000000000004
+    threshold = entropy.topk(kept).values[-1]
+    return (entropy >= threshold).to(entropy.dtype)
+
+
+@register_weight("asymmetric")
+def asymmetric(stats: TokenStats, positive: NonNegative = 1.0, negative: NonNegative = 1.0) -> Tensor:
+    """w_t = ``positive`` if A > 0, ``negative`` if A < 0, 1 if A = 0, A the completion's advantage.
+
+    Reweights positive and negative sample reinforcement (NSR / W-REINFORCE, Zhu et al. 2025,
+    "The Surprising Effectiveness of Negative Reinforcement in LLM Reasoning": positive = 0.1;
+    methods notes entry 14).
+    """
+    advantage = stats.advantages[stats.rows]
+    weight = torch.ones_like(advantage)
+    return weight.masked_fill(advantage > 0, positive).masked_fill(advantage < 0, negative)
+
+
+@register_weight("pass_rate")
+def pass_rate(stats: TokenStats, a: NonNegative = 1.0, b: NonNegative = 1.0) -> Tensor:
+    """w_t = p̂^a·(1 − p̂)^b, p̂ the pass rate of the token's group, with 0⁰ = 1.
+
+    PACED (arXiv 2603.11178, methods notes entry 13): a Beta kernel that vanishes on all-correct
+    and all-wrong groups (a, b > 0) and peaks at p̂ = a/(a + b); default a = b = 1, w = p̂(1 − p̂).
+    """
+    rate = stats.group_pass_rate[stats.rows]
+    return rate.pow(a) * (1.0 - rate).pow(b)
