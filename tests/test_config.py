@@ -16,7 +16,7 @@ def test_defaults_validate_and_overrides_apply(tmp_path):
     ("steps: many", "config key 'steps' must be int"),
     ("steps: 0", "config key 'steps' must be ≥ 1"),
     ("kl_estimator: k4", "config key 'kl_estimator' must be one of"),
-    ("kl_in_reward: true", "config key 'kl_in_reward' needs a sampled kl_estimator"),
+    ("kl_coef: 0.1\nkl_in_reward: true", "config key kl_in_reward: the exact divergence is a loss term"),
     ("- a list", "must hold a mapping"),
 ])
 def test_bad_config_file_names_the_key(tmp_path, source, message):

@@ -1,4 +1,5 @@
 import json
+import math
 
 import pytest
 import torch
@@ -8,7 +9,8 @@ from divrl import chunked
 from divrl.checkpoint import checkpoint_dirs
 from divrl.config import ConfigError, build_config
 from divrl.runlog import read_metrics
-from divrl.trainer import Trainer, completion_hidden, output_weight
+from divrl.models import output_head
+from divrl.trainer import Trainer, completion_hidden
 
 
 def tiny_cfg(tmp_path, *extra):
@@ -44,8 +46,8 @@ def test_kl_of_a_model_against_itself_is_zero(tiny):
     with torch.no_grad():
         batch = completion_hidden(model, [[1, 2, 3], [7, 8]], [[4, 5, 6], [9], [10, 11], [12]],
                                   tokenizer.pad_token_id)
-        kl = chunked.divergence("reverse_kl", batch.hidden, output_weight(model),
-                                batch.hidden, output_weight(model))
+        kl = chunked.divergence("reverse_kl", batch.hidden, output_head(model),
+                                batch.hidden, output_head(model))
     assert kl.shape == (7,)
     torch.testing.assert_close(kl, torch.zeros(7), atol=1e-6, rtol=0)
 
@@ -56,9 +58,8 @@ def test_shared_prompt_forward_matches_full_sequences(tiny):
     model, tokenizer = tiny
     prompts = [[5, 6, 7], [8, 9]]
     completions = [[10, 11, 12], [13], [14, 15], [16, 17, 18]]  # G = 2, group-major
-    weight = output_weight(model)
     batch = completion_hidden(model, prompts, completions, tokenizer.pad_token_id)
-    lp, _ = chunked.logprob_entropy(batch.hidden, weight, batch.tokens)
+    lp, _ = chunked.logprob_entropy(batch.hidden, output_head(model), batch.tokens)
     (grad,) = torch.autograd.grad(lp.sum(), model.model.layers[0].self_attn.q_proj.weight)
 
     expected = []
@@ -137,3 +138,76 @@ def test_failing_verifier_scores_zero_and_is_counted(tmp_path, monkeypatch):
     Trainer(cfg, log=lambda *_: None).run()
     row = [r for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if "reward" in r][0]
     assert row["reward_errors"] == 8 and row["reward"] == 0.0
+
+
+def test_distillation_to_a_teacher_loads_only_the_models_its_terms_need(tmp_path):
+    opd = Trainer(build_config(None, [*tiny_args(tmp_path), "steps=1", "teacher=tiny", "monitor_kl=false"],
+                               recipe="opd"), log=lambda *_: None)
+    assert opd.reference is None and opd.teacher is not None
+    assert not any(p.requires_grad for p in opd.teacher.parameters())
+    before = {k: v.detach().clone() for k, v in opd.model.named_parameters()}
+    metrics = opd.train_step(0)
+    assert "kl" not in metrics and "pg_loss" not in metrics
+    assert metrics["reverse_kl_to_teacher"] > 0 and metrics["reverse_kl_to_teacher_share"] == 1.0
+    assert metrics["loss"] == pytest.approx(metrics["reverse_kl_to_teacher"], rel=1e-5)  # token mean
+    assert any(not torch.equal(v, before[k]) for k, v in opd.model.named_parameters())
+    grpo = Trainer(tiny_cfg(tmp_path / "g", "steps=1"), log=lambda *_: None)
+    assert grpo.teacher is None and grpo.reference is not None  # monitor_kl keeps the reference
+
+
+def tiny_args(tmp_path):
+    return ["model=tiny", "steps=2", f"output_dir={tmp_path / 'run'}", "prompts_per_step=2",
+            "group_size=4", "max_new_tokens=6", "eval_size=4", "eval_samples=2", "train_size=50",
+            "lr=1e-3", "checkpoint_every=1", "eval_every=0"]
+
+
+def test_a_composed_target_with_masks_trains_and_logs_each_term(tmp_path):
+    cfg = tiny_cfg(tmp_path, "steps=1", "teacher=tiny", "inner_iterations=2", "kl_coef=0.01",
+                   "kl_estimator=k2", "pg_weight={pass_rate: {a: 0, b: 0}}",
+                   "terms=[{divergence: jsd, params: {beta: 0.5}, coef: 0.1, "
+                   "target: {extrapolate: {ref: reference, teacher: teacher, lam: 1.5}}, "
+                   "mask: {entropy_quantile: {top: 0.5}}}, "
+                   "{divergence: forward_kl, coef: 0.1, target: {filter: {p: old, min_p: 0.001}}}]")
+    metrics = Trainer(cfg, log=lambda *_: None).train_step(0)
+    for key in ("jsd_to_extrapolate", "jsd_to_extrapolate_share", "jsd_to_extrapolate_masked_fraction",
+                "forward_kl_to_filter", "reverse_kl_to_reference", "kl", "pg_mean_weight", "grad_norm"):
+        assert math.isfinite(metrics[key]), key
+    assert metrics["jsd_to_extrapolate_masked_fraction"] == pytest.approx(0.5, abs=0.1)
+    assert sum(metrics[k] for k in metrics if k.endswith("_share")) == pytest.approx(1.0)
+
+
+def test_teacher_with_another_vocabulary_is_refused(tmp_path, tiny):
+    from transformers import LlamaForCausalLM
+
+    from divrl.models import tiny_config
+
+    _, tokenizer = tiny
+    teacher_dir = tmp_path / "teacher"
+    LlamaForCausalLM(tiny_config(len(tokenizer) + 64)).save_pretrained(teacher_dir)
+    tokenizer.save_pretrained(teacher_dir)
+    cfg = tiny_cfg(tmp_path, f"teacher={teacher_dir}", "terms=[{divergence: forward_kl, target: teacher}]")
+    with pytest.raises(ConfigError, match=f"{len(tokenizer) + 64} tokens, the policy 'tiny' {len(tokenizer)}"):
+        Trainer(cfg, log=lambda *_: None)
+
+
+def test_gradient_checkpointing_that_drops_the_prompt_cache_is_caught(tiny):
+    model, tokenizer = tiny
+    model.activation_checkpointing_enable()
+    model.train()
+    try:
+        with pytest.raises(RuntimeError, match="dropped its cache"):
+            completion_hidden(model, [[1, 2, 3]], [[4, 5], [6]], tokenizer.pad_token_id)
+    finally:
+        model.activation_checkpointing_disable()
+        model.eval()
+
+
+def test_top_p_below_one_trains_against_the_samplers_own_logprobs(tmp_path):
+    trainer = Trainer(tiny_cfg(tmp_path, "steps=1", "top_p=0.5", "temperature=0.05"), log=lambda *_: None)
+    examples = trainer._train_examples(0)
+    rollout = trainer._sample(examples, 4, 0.05, torch.Generator().manual_seed(0))
+    frozen = trainer._frozen_inputs(rollout.prompt_ids, rollout.completion_ids, rollout.logprobs, None)
+    expected = torch.tensor([lp for row in rollout.logprobs for lp in row])
+    torch.testing.assert_close(frozen.old_logprobs, expected)
+    metrics = trainer.train_step(0)
+    assert math.isfinite(metrics["loss"])

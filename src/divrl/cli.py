@@ -1,4 +1,5 @@
-"""`divrl` command line: `divrl train [CONFIG.yaml] [--set key=value ...]`, `divrl lab …`."""
+"""`divrl` command line: `divrl train [--recipe NAME] [CONFIG.yaml] [--set key=value ...]`,
+`divrl recipes`, `divrl lab …`."""
 
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ def _train(args: argparse.Namespace) -> int:
         print(describe())
         return 0
     try:
-        cfg = build_config(args.config, args.set or [])
+        cfg = build_config(args.config, args.set or [], recipe=args.recipe)
         print("resolved config:\n" + yaml.safe_dump(cfg.to_dict(), sort_keys=False), flush=True)
         from divrl.trainer import Trainer
 
@@ -34,15 +35,26 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _recipes(args: argparse.Namespace) -> int:
+    from divrl import recipes
+
+    print(recipes.listing())
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="divrl", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    train = sub.add_parser("train", help="train a model (GRPO + divergence penalty)")
+    train = sub.add_parser("train", help="train a model: policy gradient and/or divergence terms to any target")
     train.add_argument("config", nargs="?", help="YAML config file (keys: divrl train --help-config)")
     train.add_argument("--set", action="append", metavar="KEY=VALUE",
                        help="override one config key (repeatable); dict keys as a.b=value")
+    train.add_argument("--recipe", metavar="NAME",
+                       help="start from a recipe (list: divrl recipes); the config file and --set override it")
     train.add_argument("--help-config", action="store_true", help="list every config key and exit")
     train.set_defaults(func=_train)
+    listing = sub.add_parser("recipes", help="list the recipes: name, description, paper")
+    listing.set_defaults(func=_recipes)
     add_lab(sub)
     return parser
 

@@ -1,13 +1,17 @@
 """Training configuration: one flat, typed, documented record, validated before any model loads.
 
-A config comes from an optional YAML file plus `--set key=value` overrides (values parsed as YAML;
-`task_params.min_terms=3` sets one entry of a dict-valued key). Every error names the bad key.
+A config comes from an optional recipe (`divrl.recipes`), then an optional YAML file, then
+`--set key=value` overrides (later wins; values parsed as YAML; a key path sets one entry:
+`task_params.min_terms=3`, `terms[0].coef=0.1`). Every error names the bad key. The objective keys
+(policy_gradient, terms, kl_coef, …) are parsed and checked by `divrl.spec`.
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -15,6 +19,9 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+
+from divrl import recipes
+from divrl.spec import ADVANTAGES, AGGREGATIONS, ESTIMATORS, ObjectiveSpec, SpecError, parse_objective
 
 
 class ConfigError(ValueError):
@@ -25,8 +32,6 @@ def _doc(text: str, **kwargs: Any) -> Any:
     return field(metadata={"doc": text}, **kwargs)
 
 
-KL_ESTIMATORS = ("exact", "k1", "k2", "k3")
-ADVANTAGES = ("group_norm", "mean_only")
 DTYPES = ("auto", "float32", "bfloat16")
 
 
@@ -49,7 +54,10 @@ class TrainConfig:
     eval_size: int = _doc("Number of held-out evaluation prompts.", default=64)
     seed: int = _doc("Seed of weights init (tiny), data order, sampling and the training split.", default=0)
     eval_seed: int = _doc("Seed of the held-out split (must differ from seed).", default=12345)
-    # The GRPO step.
+    teacher: str | None = _doc("Teacher model for targets that name 'teacher' (any form `model` "
+                               "takes; 'tiny' is a differently seeded tiny model); frozen, same "
+                               "vocabulary as the policy. Loaded only if a term uses it.", default=None)
+    # The step.
     steps: int = _doc("Number of optimizer steps.", default=30)
     prompts_per_step: int = _doc("Prompts per step (P).", default=8)
     group_size: int = _doc("Completions sampled per prompt (G).", default=8)
@@ -57,22 +65,42 @@ class TrainConfig:
                                default=32)
     temperature: float = _doc("Sampling temperature of training rollouts.", default=0.7)
     top_p: float = _doc("Nucleus sampling threshold of rollouts (1.0 = off).", default=1.0)
+    policy_gradient: bool = _doc("Include the clipped policy-gradient term (false: pure "
+                                 "distillation by the divergence terms).", default=True)
     advantage: str = _doc("'group_norm' (GRPO: (r − mean)/std per group) or 'mean_only' "
                           "(Dr. GRPO: r − mean).", default="group_norm")
+    pg_mask: dict | str | None = _doc("Token mask of the policy-gradient term: a divrl.weights "
+                                      "name or {name: {params}}, e.g. {entropy_quantile: {top: 0.2}}.",
+                                      default=None)
+    pg_weight: dict | str | None = _doc("Token weight of the policy-gradient term, e.g. "
+                                        "{pass_rate: {a: 1, b: 1}}.", default=None)
+    loss_aggregation: str = _doc("How token losses are summed: 'token_mean' (all tokens of the "
+                                 "batch), 'seq_mean_token_mean', 'seq_mean_token_sum', or "
+                                 "'seq_mean_token_sum_norm' (Dr. GRPO: token sums / loss_normalizer, "
+                                 "mean over sequences).", default="token_mean")
+    loss_normalizer: float | None = _doc("The constant of 'seq_mean_token_sum_norm' (default "
+                                         "max_new_tokens).", default=None)
+    terms: list = _doc("Divergence terms: a list of {divergence, params, target, coef, estimator, "
+                       "placement, mask, weight}; see the README, 'Writing an objective'.",
+                       default_factory=list)
     clip_low: float = _doc("PPO ratio clip ε_low: ratio ≥ 1 − clip_low.", default=0.2)
     clip_high: float = _doc("PPO ratio clip ε_high (clip-higher, DAPO): ratio ≤ 1 + clip_high.",
                             default=0.28)
     inner_iterations: int = _doc("Optimizer passes μ over each rollout batch.", default=1)
-    kl_coef: float = _doc("β, coefficient of the divergence penalty to the reference model.",
-                          default=0.0)
-    kl_estimator: str = _doc("'exact' (reverse KL over the whole vocabulary) or a sampled estimator "
-                             "'k1' | 'k2' | 'k3' of KL(πθ‖π_ref).", default="exact")
-    kl_in_reward: bool = _doc("Subtract β·(sampled KL) from the reward instead of adding it to the "
-                              "loss (needs a sampled estimator).", default=False)
+    kl_coef: float = _doc("Shorthand for one term: β of a reverse-KL penalty to the reference "
+                          "model (0: none).", default=0.0)
+    kl_estimator: str = _doc("Estimator of that term: 'exact' (over the whole vocabulary), 'k2', "
+                             "'k3', 'k1_st', 'k3_st' in the loss, or 'k1' in the reward.",
+                             default="exact")
+    kl_in_reward: bool = _doc("Place that term in the reward (subtracted from the return; needs "
+                              "kl_estimator k1) instead of the loss.", default=False)
+    monitor_kl: bool = _doc("Log 'kl', the exact reverse KL to the reference, even when no term "
+                            "uses the reference (keeps the reference model in memory).", default=True)
     lr: float = _doc("AdamW learning rate.", default=1e-5)
     weight_decay: float = _doc("AdamW weight decay.", default=0.0)
     max_grad_norm: float = _doc("Gradient clipping norm (0 disables).", default=1.0)
-    micro_batch_size: int = _doc("Sequences per forward/backward chunk (memory bound).", default=16)
+    micro_batch_size: int = _doc("Sequences per forward/backward chunk (memory bound); whole groups, "
+                                 "so at least group_size.", default=16)
     dtype: str = _doc("'auto' (bf16 autocast only where the CPU has native bf16, else fp32), "
                       "'float32' or 'bfloat16'.", default="auto")
     # Evaluation and outputs.
@@ -88,6 +116,11 @@ class TrainConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    @property
+    def objective(self) -> ObjectiveSpec:
+        """The objective these keys choose (validated when the config was built)."""
+        return parse_objective(self.to_dict())
 
 
 FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
@@ -125,7 +158,7 @@ def _coerce(key: str, value: Any) -> Any:
             return float(value)
         if typ is int and isinstance(value, int) and not isinstance(value, bool):
             return value
-        if typ in (str, bool, dict) and isinstance(value, typ):
+        if typ in (str, bool, dict, list) and isinstance(value, typ):
             return value
     names = " or ".join(t.__name__ for t in allowed if t is not type(None))
     raise ConfigError(f"config key '{key}' must be {names}, got {value!r}")
@@ -149,10 +182,20 @@ def _check(cfg: TrainConfig) -> None:
         need(getattr(cfg, key) >= 0, key, "must be ≥ 0")
     need(cfg.clip_low < 1, "clip_low", "must be < 1")
     need(cfg.advantage in ADVANTAGES, "advantage", f"must be one of {ADVANTAGES}")
-    need(cfg.kl_estimator in KL_ESTIMATORS, "kl_estimator", f"must be one of {KL_ESTIMATORS}")
-    need(not (cfg.kl_in_reward and cfg.kl_estimator == "exact"), "kl_in_reward",
-         "needs a sampled kl_estimator (k1, k2 or k3), since the exact KL is a loss term")
+    need(cfg.loss_aggregation in AGGREGATIONS, "loss_aggregation", f"must be one of {AGGREGATIONS}")
+    need(cfg.kl_estimator in ESTIMATORS, "kl_estimator", f"must be one of {ESTIMATORS}")
     need(cfg.dtype in DTYPES, "dtype", f"must be one of {DTYPES}")
+    need(cfg.micro_batch_size >= cfg.group_size, "micro_batch_size",
+         f"must be ≥ group_size ({cfg.group_size}): a micro-batch holds whole groups (a prompt's "
+         f"KV is computed once for its G completions)")
+    try:
+        spec = cfg.objective
+    except SpecError as err:
+        raise ConfigError(f"config key {err}") from None
+    sampled = [t.name for t in spec.terms if t.estimator != "exact"]
+    need(cfg.top_p == 1.0 or not sampled, "top_p",
+         f"< 1 samples from the renormalized nucleus, not πθ, so the sampled estimators of "
+         f"{', '.join(sampled)} would estimate the wrong KL; use estimator: exact or top_p: 1")
     need(cfg.eval_seed != cfg.seed, "eval_seed", "must differ from seed (held-out split)")
     need(bool(cfg.output_dir), "output_dir", "must be a path")
 
@@ -169,36 +212,81 @@ def parse_override(text: str) -> tuple[str, Any]:
     return key.strip(), value
 
 
-def build_config(path: str | Path | None = None, overrides: list[str] = ()) -> TrainConfig:
-    """Read the YAML file (if any), apply overrides, validate every key; raise ConfigError."""
+_PATH_PART = re.compile(r"([A-Za-z_]\w*)|\[(\d+)\]")
+
+
+def _path_parts(key: str) -> list[str | int]:
+    """'terms[0].params.beta' → ['terms', 0, 'params', 'beta']."""
+    parts: list[str | int] = []
+    for piece in key.split("."):
+        matches = list(_PATH_PART.finditer(piece))
+        if not piece or "".join(m.group(0) for m in matches) != piece:
+            raise ConfigError(f"--set {key}: cannot parse the key path (use a.b or a[0].b)")
+        parts += [m.group(1) if m.group(1) else int(m.group(2)) for m in matches]
+    return parts
+
+
+def _set_path(values: dict[str, Any], key: str, value: Any) -> None:
+    """values[key path] = value, copying the containers on the way (the default if unset)."""
+    head, *rest = _path_parts(key)
+    if head not in FIELDS:
+        raise _unknown_key(str(head))
+    if not rest:
+        values[head] = value
+        return
+    field_ = FIELDS[head]
+    default = field_.default_factory() if field_.default_factory is not dataclasses.MISSING else field_.default
+    container = copy.deepcopy(values.get(head, default))
+    values[head], node, where = container, container, head
+    for i, part in enumerate(rest):
+        last = i == len(rest) - 1
+        if isinstance(part, int):
+            if not isinstance(node, list) or part > len(node):
+                raise ConfigError(f"--set {key}: '{where}' has no item {part}")
+            if part == len(node):
+                node.append({})
+        elif not isinstance(node, dict):
+            raise ConfigError(f"--set {key}: '{where}' is not a mapping")
+        if last:
+            node[part] = value
+        else:
+            if isinstance(node, dict) and part not in node:
+                node[part] = [] if isinstance(rest[i + 1], int) else {}
+            node = node[part]
+            where += f"[{part}]" if isinstance(part, int) else f".{part}"
+
+
+def _read_yaml_mapping(path: Path, what: str) -> dict[str, Any]:
+    try:
+        loaded = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{what} '{path}' is not valid YAML: {err}") from None
+    if loaded is not None and not isinstance(loaded, dict):
+        raise ConfigError(f"{what} '{path}' must hold a mapping of key: value")
+    return loaded or {}
+
+
+def build_config(path: str | Path | None = None, overrides: list[str] = (),
+                 recipe: str | None = None) -> TrainConfig:
+    """The recipe's keys (if any), then the YAML file's, then the overrides (later wins), every
+    key validated; raises ConfigError naming the key."""
     values: dict[str, Any] = {}
+    if recipe is not None:
+        try:
+            values.update(recipes.load(recipe).config)
+        except recipes.RecipeError as err:
+            raise ConfigError(str(err)) from None
     if path is not None:
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"config file '{path}' does not exist")
-        try:
-            loaded = yaml.safe_load(path.read_text())
-        except yaml.YAMLError as err:
-            raise ConfigError(f"config file '{path}' is not valid YAML: {err}") from None
-        if loaded is not None and not isinstance(loaded, dict):
-            raise ConfigError(f"config file '{path}' must hold a mapping of key: value")
-        values.update(loaded or {})
+        values.update(_read_yaml_mapping(path, "config file"))
     for key in values:
         if key not in FIELDS:
             raise _unknown_key(key)
     for text in overrides:
         key, value = parse_override(text)
-        head, _, sub = key.partition(".")
-        if head not in FIELDS:
-            raise _unknown_key(head)
-        if sub:
-            base = values.get(head, FIELDS[head].default_factory() if FIELDS[head].default_factory
-                              is not dataclasses.MISSING else None)
-            if not isinstance(base, dict):
-                raise ConfigError(f"config key '{head}' is not a mapping; cannot set '{key}'")
-            values[head] = {**base, sub: value}
-        else:
-            values[head] = value
+        _set_path(values, key, value)
     cfg = TrainConfig(**{k: _coerce(k, v) for k, v in values.items()})
     _check(cfg)
     return cfg

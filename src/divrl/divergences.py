@@ -320,6 +320,16 @@ _DIVERGENCES["sinkhorn"] = sinkhorn
 _DIVERGENCES["sinkhorn_topk"] = sinkhorn_topk
 
 
+def names() -> list[str]:
+    """Every registered divergence name, sorted."""
+    return sorted(_DIVERGENCES)
+
+
+def is_pointwise(name: str) -> bool:
+    """Whether divergence ``name`` is a sum over the vocabulary of an elementwise term."""
+    return name in _TERMS
+
+
 def get(name: str) -> Divergence:
     """The divergence function registered under ``name``; unknown names raise a ValueError."""
     if name not in _DIVERGENCES:

@@ -17,6 +17,10 @@ from collections.abc import Callable
 import torch
 
 from divrl import divergences
+from divrl.chunked import Head
+from divrl.objectives import ObjectiveInputs, objective_loss
+from divrl.rowwise import ModelOutputs
+from divrl.spec import ObjectiveSpec
 
 Divergence = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 Estimator = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -291,3 +295,44 @@ def soft_bellman(
         policy.insert(0, tilted(ref, value, beta))
         value = soft_value(ref, value, beta)
     return policy
+
+
+def objective_fixed_point(
+    spec: ObjectiveSpec,
+    reward: torch.Tensor,
+    models: dict[str, torch.Tensor],
+    *,
+    init: torch.Tensor | None = None,
+    steps: int = 4000,
+    lr: float = 1.0,
+) -> torch.Tensor:
+    """Where `divrl.objectives.objective_loss` — the function the trainer runs — leads a bandit.
+
+    A tabular policy is a linear model over one-hot contexts: hidden states eye(C), output
+    weight θᵀ (V, C), so θ (C, V) is the table of logits. Every (context, token) pair is one
+    completion of one token, weighted by its detached probability (`token_scale` = πθ(v|c)) and
+    given the exact advantage r − E_πθ[r] (an infinite group), so the objective's gradient is the
+    exact gradient of Σ_c E_πθ[r] (when `spec.policy_gradient`) minus its divergence terms, each
+    D(πθ(·|c), q(·|c)) counted once per context. `models` maps target model names (reference,
+    teacher) to finite (C, V) log-prob tables. Plain gradient steps on θ from `init` (default the
+    reference's logits, else zeros); returns the policy's log-probs (C, V).
+    """
+    contexts, vocab = reward.shape
+    if init is None:
+        init = models.get("reference", torch.zeros_like(reward))
+    theta = init.detach().clone().requires_grad_()
+    hidden = torch.eye(contexts, dtype=reward.dtype).repeat_interleave(vocab, 0)  # row c·V + v
+    tokens = torch.arange(vocab).repeat(contexts)
+    frozen = {name: ModelOutputs(hidden, Head(table.T)) for name, table in models.items()}
+    for _ in range(steps):
+        with torch.no_grad():
+            probs = theta.softmax(-1)
+            advantage = reward - (probs * reward).sum(-1, keepdim=True)
+        inputs = ObjectiveInputs(
+            policy=ModelOutputs(hidden, Head(theta.T)), tokens=tokens, rows=torch.arange(len(tokens)),
+            advantages=advantage.reshape(-1), rewards=reward.reshape(-1),
+            group_pass_rate=torch.zeros(len(tokens)), token_scale=probs.reshape(-1), models=frozen)
+        (grad,) = torch.autograd.grad(objective_loss(spec, inputs).loss, theta)
+        with torch.no_grad():
+            theta -= lr * grad
+    return theta.detach().log_softmax(-1)

@@ -1,18 +1,33 @@
-"""The GRPO objective with a divergence penalty, on flat completion tokens.
+"""One objective function: the policy-gradient term plus any divergence terms, on flat tokens.
 
-Per token t of a completion with advantage A (design.md §1, with w = m = 1):
+Per token t of completion i (design.md §1), for an `ObjectiveSpec`:
 
-    ℓ_t = −min(ρ_t A, clip(ρ_t, 1 − ε_low, 1 + ε_high) A) + β·D_t,   ρ_t = πθ(y_t|s_t) / πold(y_t|s_t)
+    L = Σ_t a_t · [ w_t m_t ℓ_PG(t) + Σ_k c_k w_kt m_kt D_k(t) ],
+    ℓ_PG(t) = −min(ρ_t A_i, clip(ρ_t, 1 − ε_low, 1 + ε_high) A_i),   ρ_t = πθ(y_t|s_t)/πold(y_t|s_t)
 
-aggregated as a token mean over the batch. Clip-higher (separate ε_high) is from DAPO (Yu et al.
-2025); group-normalized advantages from GRPO (Shao et al. 2024); the mean-only advantage from
-Dr. GRPO (Liu et al. 2025). D_t is the exact reverse KL over the vocabulary or a sampled estimator
-from `divrl.divergences`.
+with a_t the aggregation weight (`token_scale`), w/m the `divrl.weights` of each term and D_k the
+exact divergence to its target over the vocabulary (`divrl.chunked` for a plain model target,
+`divrl.rowwise` for any target expression) or a sampled estimator of KL(πθ‖q_k). Terms placed in
+the reward are subtracted from the return before the advantage (`advantages`).
+
+Sources: GRPO (Shao et al. 2024) for group-normalized advantages; DAPO (Yu et al. 2025) for
+clip-higher and token-level aggregation; Dr. GRPO (Liu et al. 2025) for the mean-only advantage
+and the constant normalizer (``seq_mean_token_sum_norm``; verl's names for the aggregations).
+
+The trainer computes model outputs (`ObjectiveInputs`) and calls `objective_loss`; the exact
+tabular lab (`divrl.lab.objective_fixed_point`) calls the same function on tables.
 """
 
 from __future__ import annotations
 
+from collections import defaultdict
+from dataclasses import dataclass, field
+
 import torch
+
+from divrl import chunked, divergences, rowwise, weights
+from divrl.rowwise import ModelOutputs
+from divrl.spec import ObjectiveSpec, TermSpec
 
 
 def group_advantages(rewards: torch.Tensor, group_size: int, normalize: bool = True,
@@ -26,6 +41,40 @@ def group_advantages(rewards: torch.Tensor, group_size: int, normalize: bool = T
     return centered.reshape(-1)
 
 
+def advantages(spec: ObjectiveSpec, rewards: torch.Tensor, penalties: torch.Tensor | None,
+               group_size: int) -> torch.Tensor:
+    """A_i = adv(r)_i − (P_i − mean_group P): the task reward's advantage (`group_norm` or
+    `mean_only`) minus the group-centred penalty P_i = Σ_k c_k Σ_t k(y_t) of the reward terms.
+
+    The penalty is not divided by the reward's std: subtracting it before the division would make
+    c irrelevant in a group of equal rewards (the advantage would be a unit-scale function of the
+    KL alone). For `mean_only` this equals the advantage of r − P.
+    """
+    adv = group_advantages(rewards, group_size, normalize=spec.advantage == "group_norm")
+    if penalties is not None:
+        adv = adv - group_advantages(penalties, group_size, normalize=False)
+    return adv
+
+
+def token_scale(spec: ObjectiveSpec, lengths: list[int]) -> torch.Tensor:
+    """a_t per flat token of completions of these lengths: the loss is Σ_t a_t ℓ_t.
+
+    token_mean 1/Σ_i L_i; seq_mean_token_mean 1/(B·L_i); seq_mean_token_sum 1/B;
+    seq_mean_token_sum_norm 1/(B·C), C = loss_normalizer (Dr. GRPO: the generation budget).
+    """
+    n_seq, lengths_t = len(lengths), torch.tensor(lengths, dtype=torch.float32)
+    per_seq = {"token_mean": torch.full((n_seq,), 1.0 / max(1, sum(lengths))),
+               "seq_mean_token_mean": 1.0 / (n_seq * lengths_t.clamp(min=1)),
+               "seq_mean_token_sum": torch.full((n_seq,), 1.0 / n_seq),
+               "seq_mean_token_sum_norm": torch.full((n_seq,), 1.0 / (n_seq * spec.normalizer))}
+    return per_seq[spec.aggregation].repeat_interleave(lengths_t.long())
+
+
+def group_pass_rate(passed: torch.Tensor, group_size: int) -> torch.Tensor:
+    """(B,) fraction of each completion's group that passed."""
+    return passed.float().view(-1, group_size).mean(1).repeat_interleave(group_size)
+
+
 def clipped_policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor,
                         advantages: torch.Tensor, clip_low: float, clip_high: float
                         ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -35,3 +84,170 @@ def clipped_policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor,
     clipped = torch.clamp(ratio, 1.0 - clip_low, 1.0 + clip_high) * advantages
     loss = -torch.minimum(unclipped, clipped)
     return loss, (clipped < unclipped).detach()
+
+
+@dataclass
+class ObjectiveInputs:
+    """What the objective needs of a (micro-)batch of N flat completion tokens of B completions."""
+
+    policy: ModelOutputs  # hidden states with gradient, the policy's head (at the sampling temperature)
+    tokens: torch.Tensor  # (N,)
+    rows: torch.Tensor  # (N,) long: index of each token's completion in 0..B−1
+    advantages: torch.Tensor  # (B,)
+    rewards: torch.Tensor  # (B,)
+    group_pass_rate: torch.Tensor  # (B,)
+    token_scale: torch.Tensor  # (N,) aggregation weights a_t
+    old_logprobs: torch.Tensor | None = None  # (N,) behaviour log-probs; None: on-policy (πθ detached)
+    models: dict[str, ModelOutputs] = field(default_factory=dict)  # reference/teacher/old, no gradient
+
+
+@dataclass
+class ObjectiveOutput:
+    loss: torch.Tensor  # scalar with gradient
+    token_sums: dict[str, float]  # Σ over the tokens of per-token quantities (means once divided by N)
+    loss_parts: dict[str, float]  # each term's contribution to the loss
+
+
+def _wide(x: torch.Tensor) -> torch.Tensor:
+    """x in at least float32 (bf16 log-probs are summed in float32)."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
+def _models(inputs: ObjectiveInputs) -> dict[str, ModelOutputs]:
+    """The inputs' models plus `self` (the policy detached); `old` defaults to it (on-policy)."""
+    own = inputs.policy.detach()
+    return {"self": own, "old": own, **inputs.models}
+
+
+def _model_logprobs(model: ModelOutputs, tokens: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return chunked.logprob_entropy(model.hidden, model.head, tokens)[0]
+
+
+def _sampled_target_logprobs(term: TermSpec, inputs: ObjectiveInputs, models) -> torch.Tensor:
+    if term.target.is_model:
+        return _model_logprobs(models[term.target.op], inputs.tokens)
+    return rowwise.target_logprob_at(term.target, inputs.policy, models, inputs.tokens,
+                                     inputs.advantages[inputs.rows])
+
+
+def _params(term: TermSpec, policy: ModelOutputs) -> dict:
+    params = term.kwargs
+    if params.get("cost") == "embedding":  # Sinkhorn's ground cost from the config
+        params["cost"] = divergences.embedding_cost(policy.head.weight.detach())
+    return params
+
+
+def _exact(term: TermSpec, inputs: ObjectiveInputs, models, token_weights: torch.Tensor | None
+           ) -> torch.Tensor:
+    """Exact D(πθ, q) per token: fused tiles for a model target, row chunks for the rest."""
+    policy = inputs.policy
+    if term.target.is_model and divergences.is_pointwise(term.divergence):
+        target = models[term.target.op]
+        return chunked.divergence(term.divergence, policy.hidden, policy.head, target.hidden, target.head,
+                                  token_weights=token_weights, **term.kwargs)
+    return rowwise.divergence_to_target(divergences.get(term.divergence), term.target, policy, models,
+                                        inputs.tokens, inputs.advantages[inputs.rows],
+                                        **_params(term, policy))
+
+
+def _stats(inputs: ObjectiveInputs, logprobs, entropy, old) -> weights.TokenStats:
+    return weights.TokenStats(rows=inputs.rows, advantages=inputs.advantages, rewards=inputs.rewards,
+                              group_pass_rate=inputs.group_pass_rate, entropy=entropy.detach(),
+                              logprobs=logprobs.detach(), old_logprobs=old)
+
+
+def _mask_and_weight(name: str, mask, weight, stats, sums: dict) -> torch.Tensor | None:
+    """m·w per token (None when the term has neither); logs masked fraction and mean weight."""
+    if not mask and not weight:
+        return None
+    n = len(stats.rows)
+    m = weights.compute(mask, stats) if mask else torch.ones(n)
+    w = weights.compute(weight, stats) if weight else torch.ones(n)
+    if mask:
+        sums[f"{name}_masked_fraction"] += float((m == 0).sum())
+    if weight:
+        sums[f"{name}_mean_weight"] += float(w.sum())
+    return m * w
+
+
+def objective_loss(spec: ObjectiveSpec, inputs: ObjectiveInputs) -> ObjectiveOutput:
+    """The loss of one (micro-)batch and its metric sums; see the module docstring."""
+    policy, models = inputs.policy, _models(inputs)
+    logprobs, entropy = chunked.logprob_entropy(policy.hidden, policy.head, inputs.tokens)
+    old = logprobs.detach() if inputs.old_logprobs is None else inputs.old_logprobs
+    stats = _stats(inputs, logprobs, entropy, old)
+    scale = inputs.token_scale
+    sums: dict[str, float] = defaultdict(float)
+    parts: dict[str, torch.Tensor] = {}
+    sums["entropy"] = float(entropy.detach().sum())
+
+    if spec.policy_gradient:
+        pg, clipped = clipped_policy_loss(_wide(logprobs), _wide(old), inputs.advantages[inputs.rows],
+                                          spec.clip_low, spec.clip_high)
+        mw = _mask_and_weight("pg", spec.pg_mask, spec.pg_weight, stats, sums)
+        parts["pg"] = (scale * pg if mw is None else scale * mw * pg).sum()
+        sums["clip_fraction"] = float(clipped.sum())
+
+    for term in spec.terms:
+        mw = _mask_and_weight(term.name, term.mask, term.weight, stats, sums)
+        token_weights = scale if mw is None else scale * mw
+        if term.placement == "reward":  # in the return already: logged here, no gradient
+            value = divergences.get_estimator(term.estimator)(
+                logprobs.detach(), _sampled_target_logprobs(term, inputs, models))
+        elif term.estimator == "exact":
+            value = _exact(term, inputs, models, token_weights.detach())
+        else:  # a sampled estimator, importance-weighted by the detached πθ/πold
+            ratio = torch.exp(logprobs.detach() - old)
+            value = ratio * divergences.get_estimator(term.estimator)(
+                logprobs, _sampled_target_logprobs(term, inputs, models))
+        sums[term.name] += float(value.detach().sum())
+        if term.placement == "loss" and term.coef:
+            parts[term.name] = term.coef * (token_weights * _wide(value)).sum()
+
+    if "reference" in inputs.models and not any(
+            t.divergence == "reverse_kl" and t.target.op == "reference" for t in spec.terms):
+        with torch.no_grad():  # the `kl` metric: exact reverse KL to the reference, no graph
+            ref = inputs.models["reference"]
+            sums["reverse_kl_to_reference"] += float(chunked.divergence(
+                "reverse_kl", policy.hidden.detach(), policy.head.detach(), ref.hidden, ref.head).sum())
+    loss = sum(parts.values()) if parts else logprobs.sum() * 0.0
+    return ObjectiveOutput(loss, dict(sums), {k: float(v.detach()) for k, v in parts.items()})
+
+
+@torch.no_grad()
+def reward_penalty(spec: ObjectiveSpec, inputs: ObjectiveInputs) -> torch.Tensor:
+    """P_i = Σ_k c_k Σ_{t∈i} k(y_t) (B,) of the reward-placed terms, at the behaviour policy."""
+    penalty = torch.zeros(len(inputs.advantages))
+    if not spec.reward_terms:
+        return penalty
+    models = _models(inputs)
+    behaviour = inputs.old_logprobs
+    if behaviour is None:
+        behaviour = _model_logprobs(inputs.policy, inputs.tokens)
+    for term in spec.reward_terms:
+        value = divergences.get_estimator(term.estimator)(
+            behaviour, _sampled_target_logprobs(term, inputs, models))
+        penalty.index_add_(0, inputs.rows, term.coef * value.to(penalty.dtype))
+    return penalty
+
+
+def summarize(spec: ObjectiveSpec, token_sums: dict[str, float], loss_parts: dict[str, float],
+              n_tokens: int, passes: int = 1) -> dict[str, float]:
+    """Metrics of one update from the sums of its micro-batches over `passes` inner iterations.
+
+    Per-token means of every quantity (``<divergence>_to_<target>`` for each term, ``kl`` = the
+    reverse KL to the reference, ``entropy``, ``clip_fraction``), each loss part as
+    ``<name>_loss`` (``pg_loss`` for the policy gradient) and its share |part| / Σ|parts| as
+    ``<name>_share``; ``loss`` is their sum.
+    """
+    metrics = {k: v / (n_tokens * passes) for k, v in token_sums.items()}
+    if "reverse_kl_to_reference" in metrics:
+        metrics["kl"] = metrics["reverse_kl_to_reference"]
+    parts = {k: v / passes for k, v in loss_parts.items()}
+    total_abs = sum(abs(v) for v in parts.values())
+    for name, value in parts.items():
+        metrics[f"{name}_loss"] = value
+        metrics[f"{name}_share"] = abs(value) / total_abs if total_abs else 0.0
+    metrics["loss"] = sum(parts.values())
+    return metrics

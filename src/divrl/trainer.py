@@ -1,11 +1,13 @@
-"""The GRPO loop: rollout → score → advantages → clipped PG + divergence penalty → step.
+"""The training loop: rollout → score → model outputs → objective → step → metrics/checkpoint.
 
 One step samples G completions for each of P training prompts, scores them with the task's
-verifier, and takes `inner_iterations` AdamW steps on the token-mean objective of
-`divrl.objectives`. The penalty to the reference (a frozen copy of the initial weights) is the exact
-reverse KL over the vocabulary (`divrl.chunked`, never building token × vocabulary logits) or a
-sampled estimator (`divrl.divergences`), in the loss or subtracted from the reward. All token
-distributions are the temperature-T distributions the samples were drawn from (as TRL does).
+verifier, computes the hidden states of the policy (with gradient) and of the models the
+objective's targets need (reference = a frozen copy of the initial weights, teacher; without),
+and takes `inner_iterations` AdamW steps on `divrl.objectives.objective_loss`. Which loss that
+is — PG term, divergences, targets, estimators, masks — is the `ObjectiveSpec`'s business
+(`divrl.spec`); the trainer only orchestrates. All token distributions are the temperature-T
+distributions the samples were drawn from (as TRL does); with top_p < 1 the behaviour
+log-probs of the PPO ratio are the sampler's own (nucleus-renormalized).
 
 A sample *passes* when its reward is 1 (full score); pass@k uses that.
 """
@@ -13,10 +15,14 @@ A sample *passes* when its reward is 1 (full score); pass@k uses that.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import functools
+import itertools
+import math
 import random
 import sys
 import time
+from collections import defaultdict
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,14 +31,15 @@ import torch
 from tqdm.auto import tqdm
 from transformers import DynamicCache
 
-from divrl import chunked, divergences
+from divrl import chunked, objectives
 from divrl.checkpoint import checkpoint_dirs, load_checkpoint, save_checkpoint
 from divrl.config import ConfigError, TrainConfig, save_config
 from divrl.metrics import pass_at_k_over_prompts
-from divrl.models import load_model
-from divrl.objectives import clipped_policy_loss, group_advantages
+from divrl.chunked import Head
+from divrl.models import load_model, output_head
 from divrl.report import write_report
 from divrl.rollout import sample
+from divrl.rowwise import ModelOutputs
 from divrl.runlog import MetricsLog, read_metrics
 from divrl.tasks import Example, Task, build_task, encode_prompt, safe_score
 
@@ -108,6 +115,11 @@ def completion_hidden(model, prompts: list[list[int]], completions: list[list[in
                                                  comp_mask], 1),
                        position_ids=prompt_lens[:, None] + torch.arange(comp_width)[None, :],
                        cache=cache, use_cache=True).last_hidden_state
+    if cache.get_seq_length() != width + comp_width:  # e.g. gradient checkpointing in train mode
+        raise RuntimeError(f"the KV cache holds {cache.get_seq_length()} positions after the "
+                           f"completions, not prompt + completion = {width + comp_width}: the model "
+                           f"dropped its cache (transformers does under gradient checkpointing in "
+                           f"train mode), so completions would not see their prompts")
     # Token j of a completion is predicted by the hidden state before it: the prompt's last one
     # for j = 0, the completion's (j − 1)-th otherwise.
     predictors = torch.cat([prompt_hidden.repeat_interleave(group, 0)[:, None], comp_hidden[:, :-1]], 1)
@@ -116,8 +128,12 @@ def completion_hidden(model, prompts: list[list[int]], completions: list[list[in
     return TokenBatch(predictors[rows, cols], comp_ids[rows, cols], rows)
 
 
-def output_weight(model) -> torch.Tensor:
-    return model.get_output_embeddings().weight
+@dataclass
+class FrozenInputs:
+    """What a micro-batch's objective needs that carries no gradient."""
+
+    models: dict[str, ModelOutputs]  # reference / teacher / old
+    old_logprobs: torch.Tensor | None  # behaviour log-probs of the sampled tokens (None: on-policy)
 
 
 class Trainer:
@@ -128,7 +144,13 @@ class Trainer:
         self.task: Task = build_task(cfg)
         self.model, self.tokenizer = load_model(cfg.model, seed=cfg.seed)
         self.model.eval()  # no dropout; gradients still flow
-        self.reference = copy.deepcopy(self.model).requires_grad_(False)
+        self.objective = cfg.objective
+        for warning in self.objective.warnings:
+            log(f"warning: {warning}")
+        needs = self.objective.models()
+        self.reference = (copy.deepcopy(self.model).requires_grad_(False)
+                          if "reference" in needs or cfg.monitor_kl else None)
+        self.teacher = self._load_teacher() if "teacher" in needs else None
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr,
                                            weight_decay=cfg.weight_decay)
         self.generator = torch.Generator().manual_seed(cfg.seed)
@@ -139,6 +161,17 @@ class Trainer:
         self._prompt_cache: dict[str, list[int]] = {}
         self.step = 0
         self.reward_errors = 0
+
+    def _load_teacher(self):
+        """The frozen teacher; refused if its vocabulary differs from the policy's."""
+        teacher, _ = load_model(self.cfg.teacher, seed=self.cfg.seed + 1)
+        teacher.eval().requires_grad_(False)
+        vocab, teacher_vocab = output_head(self.model).vocab_size, output_head(teacher).vocab_size
+        if vocab != teacher_vocab:
+            raise ConfigError(f"config key 'teacher': '{self.cfg.teacher}' has a vocabulary of "
+                              f"{teacher_vocab} tokens, the policy '{self.cfg.model}' {vocab}; a "
+                              f"per-token divergence needs the same vocabulary")
+        return teacher
 
     # ----- data -------------------------------------------------------------------------------
     def _prompt_ids(self, example: Example) -> list[int]:
@@ -182,81 +215,93 @@ class Trainer:
         return rewards, errors
 
     # ----- the update -------------------------------------------------------------------------
+    def _head(self, model) -> Head:
+        """The model's output head at the sampling temperature (every distribution of the
+        objective is the temperature-T one the samples were drawn from, as TRL does)."""
+        return output_head(model).at_temperature(self.cfg.temperature)
+
+    def _frozen_inputs(self, prompts, completions, behaviour_logprobs, old_head) -> FrozenInputs:
+        """Outputs of the models that carry no gradient, computed once per rollout batch."""
+        cfg, pad, needs = self.cfg, self.tokenizer.pad_token_id, self.objective.models()
+        models, old_logprobs = {}, None
+        with torch.no_grad(), self.autocast():
+            for name, model in (("reference", self.reference), ("teacher", self.teacher)):
+                if model is not None:
+                    out = completion_hidden(model, prompts, completions, pad)
+                    models[name] = ModelOutputs(out.hidden, self._head(model))
+            if cfg.top_p < 1.0:  # the sampler's nucleus distribution is the behaviour policy
+                old_logprobs = torch.tensor([lp for row in behaviour_logprobs for lp in row])
+            if old_head is not None or (old_logprobs is None and (
+                    cfg.inner_iterations > 1 or self.objective.reward_terms)):
+                cur = completion_hidden(self.model, prompts, completions, pad)
+                if old_logprobs is None:
+                    old_logprobs = chunked.logprob_entropy(cur.hidden, self._head(self.model), cur.tokens)[0]
+                if old_head is not None:
+                    models["old"] = ModelOutputs(cur.hidden, old_head)
+        return FrozenInputs(models, old_logprobs)
+
     def _update(self, prompts: list[list[int]], completions: list[list[int]],
-                rewards: list[float]) -> dict:
-        """`inner_iterations` optimizer steps on the token-mean objective of one rollout batch."""
-        cfg, pad = self.cfg, self.tokenizer.pad_token_id
-        inv_t, group = 1.0 / cfg.temperature, cfg.group_size
-        n_tokens = sum(len(c) for c in completions)
-        # Micro-batches of whole groups (a prompt's KV is computed once for its G completions).
-        per_micro = max(1, cfg.micro_batch_size // group)
-        micro = [range(i, min(i + per_micro, len(prompts))) for i in range(0, len(prompts), per_micro)]
-
-        def inputs(prompt_range):
-            rows = [r for i in prompt_range for r in range(i * group, (i + 1) * group)]
-            return [prompts[i] for i in prompt_range], [completions[r] for r in rows], rows
-
-        def ref_and_old(prompt_range):
-            """Reference hidden/log-probs and the behaviour policy's log-probs, without gradient."""
-            ps, cs, _ = inputs(prompt_range)
-            with torch.no_grad(), self.autocast():
-                ref = completion_hidden(self.reference, ps, cs, pad)
-                ref_lp = old_lp = None
-                if cfg.kl_estimator != "exact":
-                    ref_lp, _ = chunked.logprob_entropy(ref.hidden * inv_t,
-                                                        output_weight(self.reference), ref.tokens)
-                if cfg.inner_iterations > 1 or cfg.kl_in_reward:
-                    cur = completion_hidden(self.model, ps, cs, pad)
-                    old_lp, _ = chunked.logprob_entropy(cur.hidden * inv_t,
-                                                        output_weight(self.model), cur.tokens)
-            return ref, ref_lp, old_lp
-
-        cached = [ref_and_old(m) for m in micro]
+                rewards: list[float], behaviour_logprobs: list[list[float]]) -> dict:
+        """`inner_iterations` optimizer steps on the objective of one rollout batch."""
+        cfg, spec, pad, group = self.cfg, self.objective, self.tokenizer.pad_token_id, self.cfg.group_size
+        lengths = [len(c) for c in completions]
+        starts = [0, *itertools.accumulate(lengths)]
+        scale = objectives.token_scale(spec, lengths)
         reward_t = torch.tensor(rewards)
-        if cfg.kl_in_reward:  # β·Σ_t k(y_t) per completion, subtracted from its reward
-            estimator = divergences.get_estimator(cfg.kl_estimator)
-            for m, (ref, ref_lp, old_lp) in zip(micro, cached):
-                rows = torch.tensor(inputs(m)[2])
-                reward_t.index_add_(0, rows[ref.rows], -cfg.kl_coef * estimator(old_lp, ref_lp).float())
-        advantages = group_advantages(reward_t, group, normalize=cfg.advantage == "group_norm")
+        pass_rate = objectives.group_pass_rate(torch.tensor([passes(r) for r in rewards]), group)
+        # Micro-batches of whole groups (a prompt's KV is computed once for its G completions).
+        per_micro = cfg.micro_batch_size // group
+        micro = []
+        for first in range(0, len(prompts), per_micro):
+            prompt_range = range(first, min(first + per_micro, len(prompts)))
+            rows = torch.arange(prompt_range.start * group, prompt_range.stop * group)
+            micro.append(([prompts[i] for i in prompt_range], [completions[r] for r in rows], rows,
+                          slice(starts[rows[0]], starts[rows[-1] + 1])))
+        # The behaviour policy as a distribution, when a target names it and the weights move
+        # between inner iterations: a snapshot of the head (hidden states are cached below).
+        old_head = None
+        if "old" in spec.models() and cfg.inner_iterations > 1:
+            head = self._head(self.model)
+            old_head = dataclasses.replace(head, weight=head.weight.detach().clone(), bias=None
+                                           if head.bias is None else head.bias.detach().clone())
+        frozen = [self._frozen_inputs(ps, cs, [behaviour_logprobs[r] for r in rows], old_head)
+                  for ps, cs, rows, _ in micro]
 
-        kl_in_loss = cfg.kl_coef > 0 and not cfg.kl_in_reward
-        sums = dict.fromkeys(("loss", "pg_loss", "kl", "entropy", "clip_fraction"), 0.0)
-        grad_norms = []
+        def inputs(m, hidden, tokens, token_rows, advantages) -> objectives.ObjectiveInputs:
+            _, _, rows, tokens_slice = micro[m]
+            return objectives.ObjectiveInputs(
+                policy=ModelOutputs(hidden, self._head(self.model)), tokens=tokens, rows=token_rows,
+                advantages=advantages[rows], rewards=reward_t[rows], group_pass_rate=pass_rate[rows],
+                token_scale=scale[tokens_slice], old_logprobs=frozen[m].old_logprobs,
+                models=frozen[m].models)
+
+        penalty = None
+        if spec.reward_terms:  # returns minus the reward-placed terms, at the behaviour policy
+            penalty = torch.zeros(len(completions))
+            zero = torch.zeros(len(completions))
+            for m, (ps, cs, rows, _) in enumerate(micro):
+                with torch.no_grad(), self.autocast():
+                    cur = completion_hidden(self.model, ps, cs, pad)
+                    penalty[rows] = objectives.reward_penalty(
+                        spec, inputs(m, cur.hidden, cur.tokens, cur.rows, zero))
+        advantages = objectives.advantages(spec, reward_t, penalty, group)
+
+        token_sums, loss_parts, grad_norms = defaultdict(float), defaultdict(float), []
         for _ in range(cfg.inner_iterations):
             self.optimizer.zero_grad(set_to_none=True)
-            for m, (ref, ref_lp, old_lp) in zip(micro, cached):
-                ps, cs, rows = inputs(m)
+            for m, (ps, cs, _, _) in enumerate(micro):
                 with self.autocast():
                     cur = completion_hidden(self.model, ps, cs, pad)
-                    hidden, weight = cur.hidden * inv_t, output_weight(self.model)
-                    logprobs, entropy = chunked.logprob_entropy(hidden, weight, cur.tokens)
-                    if cfg.kl_estimator == "exact" and kl_in_loss:
-                        # The loss weighs every token's KL alike, so `token_weights` lets the
-                        # gradient be formed in the forward pass (4 tile matmuls instead of 6).
-                        kl = chunked.divergence("reverse_kl", hidden, weight, ref.hidden * inv_t,
-                                                output_weight(self.reference),
-                                                token_weights=torch.ones(len(cur.tokens)))
-                    elif cfg.kl_estimator == "exact":  # logged only: no graph, no backward
-                        kl = chunked.divergence("reverse_kl", hidden.detach(), weight.detach(),
-                                                ref.hidden * inv_t, output_weight(self.reference))
-                    else:
-                        kl = divergences.get_estimator(cfg.kl_estimator)(logprobs, ref_lp)
-                old = logprobs.detach() if old_lp is None else old_lp
-                adv = advantages[torch.tensor(rows)][cur.rows]
-                pg, clipped = clipped_policy_loss(logprobs.float(), old.float(), adv,
-                                                  cfg.clip_low, cfg.clip_high)
-                penalty = kl.float() if kl_in_loss else 0.0
-                loss = (pg + cfg.kl_coef * penalty).sum() / n_tokens
-                loss.backward()
-                for key, value in (("loss", loss * n_tokens), ("pg_loss", pg), ("kl", kl),
-                                   ("entropy", entropy), ("clip_fraction", clipped)):
-                    sums[key] += value.detach().float().sum().item() / n_tokens
+                    out = objectives.objective_loss(spec, inputs(m, cur.hidden, cur.tokens, cur.rows, advantages))
+                out.loss.backward()
+                for sums, new in ((token_sums, out.token_sums), (loss_parts, out.loss_parts)):
+                    for key, value in new.items():
+                        sums[key] += value
             norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(),
                                                   cfg.max_grad_norm or float("inf"))
             grad_norms.append(norm.item())
             self.optimizer.step()
-        stats = {k: v / cfg.inner_iterations for k, v in sums.items()}
+        stats = objectives.summarize(spec, token_sums, loss_parts, sum(lengths), cfg.inner_iterations)
         stats["grad_norm"] = sum(grad_norms) / len(grad_norms)
         return stats
 
@@ -287,7 +332,7 @@ class Trainer:
         rewards, errors = self._score(examples, rollout.completion_ids, cfg.group_size)
         self.reward_errors += errors
         t2 = time.perf_counter()
-        stats = self._update(rollout.prompt_ids, rollout.completion_ids, rewards)
+        stats = self._update(rollout.prompt_ids, rollout.completion_ids, rewards, rollout.logprobs)
         t3 = time.perf_counter()
         lengths = [len(c) for c in rollout.completion_ids]
         return {"reward": sum(rewards) / len(rewards),
@@ -327,7 +372,7 @@ class Trainer:
                 if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < cfg.steps:
                     metrics.update(self.evaluate())
                 log.log(self.step, metrics)
-                bar.set_postfix(reward=f"{metrics['reward']:.3f}", kl=f"{metrics['kl']:.4f}",
+                bar.set_postfix(reward=f"{metrics['reward']:.3f}", kl=f"{metrics.get('kl', math.nan):.4f}",
                                 ent=f"{metrics['entropy']:.3f}", s=f"{metrics['time_step']:.1f}")
                 if self.step % cfg.checkpoint_every == 0 or self.step == cfg.steps:
                     save_checkpoint(run_dir, self.step, self.model, self.tokenizer,

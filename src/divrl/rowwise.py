@@ -1,0 +1,89 @@
+"""Exact divergences to any target expression, a row chunk at a time.
+
+`divrl.chunked` fuses a divergence to a plain model into tile kernels. This is the general path:
+for ``chunk_rows`` tokens at a time it builds the (chunk × V) log-probs of the policy and of the
+models a target needs, evaluates the target (`divrl.spec.Target`, any `divrl.targets`
+expression) and the divergence (any `divrl.divergences` function) with autograd, and
+checkpoints the chunk (``torch.utils.checkpoint``): only one chunk's vocabulary-sized tensors are
+alive, forward or backward, and they are recomputed for the gradient. A new target or divergence
+needs no new kernel. The target side carries no gradient.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+import torch
+from torch.utils.checkpoint import checkpoint
+
+from divrl.chunked import Head
+from divrl.spec import Target
+
+DEFAULT_CHUNK_ROWS = 64
+
+
+@dataclass
+class ModelOutputs:
+    """One model's view of N flat tokens: the hidden states that predict them and its head."""
+
+    hidden: torch.Tensor  # (N, H)
+    head: Head
+
+    def detach(self) -> "ModelOutputs":
+        return ModelOutputs(self.hidden.detach(), self.head.detach())
+
+
+def _target_logprobs(target: Target, policy_logprobs: torch.Tensor, models: Mapping[str, ModelOutputs],
+                     rows: slice, tokens: torch.Tensor, advantages: torch.Tensor | None) -> torch.Tensor:
+    """log q (chunk, V) without gradient; ``self`` is the policy's own (detached) log-probs."""
+    with torch.no_grad():
+        logprobs = {"self": policy_logprobs.detach()}
+        for name in target.models() - {"self"}:
+            model = models[name]
+            logprobs[name] = model.head.logits(model.hidden[rows]).log_softmax(-1)
+        advantage = None
+        if advantages is not None:  # the sequence advantage on the sampled token, 0 elsewhere
+            advantage = torch.zeros_like(policy_logprobs).scatter_(
+                -1, tokens[rows, None], advantages[rows, None].to(policy_logprobs.dtype))
+        return target.evaluate(logprobs, advantage)
+
+
+def divergence_to_target(divergence: Callable[..., torch.Tensor], target: Target, policy: ModelOutputs,
+                         models: Mapping[str, ModelOutputs], tokens: torch.Tensor,
+                         advantages: torch.Tensor | None = None, *, chunk_rows: int = DEFAULT_CHUNK_ROWS,
+                         **params) -> torch.Tensor:
+    """D(πθ, q) per token (N,), exact over the vocabulary, differentiable w.r.t. the policy.
+
+    ``divergence(log p, log q, **params)`` reduces the last dim (a `divrl.divergences` function);
+    ``models`` maps the target's model names to their outputs; ``advantages`` (N,) feeds `tilt`.
+    """
+
+    def chunk_value(rows: slice, hidden: torch.Tensor) -> torch.Tensor:
+        logp = policy.head.logits(hidden).log_softmax(-1)
+        logq = _target_logprobs(target, logp, models, rows, tokens, advantages)
+        return divergence(logp, logq, **params)
+
+    values = []
+    for start in range(0, len(tokens), chunk_rows):
+        rows = slice(start, min(start + chunk_rows, len(tokens)))
+        hidden = policy.hidden[rows]
+        if torch.is_grad_enabled() and (hidden.requires_grad or policy.head.weight.requires_grad):
+            values.append(checkpoint(chunk_value, rows, hidden, use_reentrant=False))
+        else:
+            values.append(chunk_value(rows, hidden))
+    return torch.cat(values) if values else policy.hidden.new_zeros(0)
+
+
+@torch.no_grad()
+def target_logprob_at(target: Target, policy: ModelOutputs, models: Mapping[str, ModelOutputs],
+                      tokens: torch.Tensor, advantages: torch.Tensor | None = None, *,
+                      chunk_rows: int = DEFAULT_CHUNK_ROWS) -> torch.Tensor:
+    """log q(y_t) (N,) of the sampled tokens under any target (for the sampled estimators)."""
+    out = []
+    for start in range(0, len(tokens), chunk_rows):
+        rows = slice(start, min(start + chunk_rows, len(tokens)))
+        logp = policy.head.logits(policy.hidden[rows]).log_softmax(-1)
+        logq = _target_logprobs(target, logp, models, rows, tokens, advantages)
+        out.append(logq.gather(-1, tokens[rows, None]).squeeze(-1))
+    return torch.cat(out) if out else policy.hidden.new_zeros(0)

@@ -1,0 +1,368 @@
+"""The objective as data: a policy-gradient term and divergence terms, parsed and validated.
+
+A training objective (design.md §1) is
+
+    L = Σ_t a_t · ( w_t m_t ℓ_PG(t)  +  Σ_k c_k · w_kt m_kt · D_k(πθ(·|s_t), q_k(·|s_t)) )
+
+with a_t the aggregation weight of token t (`loss_aggregation`). This module turns the config
+keys that choose it into an immutable `ObjectiveSpec`, checking every name and parameter before
+any model loads; every error names its key path (``terms[1].divergence: unknown 'revers_kl'; did
+you mean 'reverse_kl'?``). `divrl.objectives` computes the loss from a spec.
+
+A **target** q is a model — ``reference`` (frozen initial weights), ``teacher``, ``old`` (the
+behaviour policy that sampled the batch), ``self`` (the current policy, detached) — or a function
+of `divrl.targets` applied to targets, written ``{function: {argument: value, ...}}``, e.g.
+``{extrapolate: {ref: reference, teacher: teacher, lam: 1.25}}`` or ``{tilt: {base: old, beta:
+0.1}}`` (tilt's advantage is supplied: the completion's advantage on the sampled token, 0 on the
+other tokens).
+
+Estimators and placements (C6 of methods.md; y ~ πθ, r = log q(y) − log πθ(y)):
+
+===========  =========  =====================================  ===========================
+estimator    placement  gradient of the term                   here
+===========  =========  =====================================  ===========================
+exact        loss       ∇D exactly, any divergence             allowed
+k2           loss       ∇KL(p‖q)                               allowed (reverse_kl only)
+k1_st, k3_st loss       ∇KL(p‖q), value of k1 / k3             allowed (reverse_kl only)
+k3           loss       ∇KL(q‖p): the *forward* KL's gradient  allowed with a warning
+k1           loss       0 in expectation (noise only)          refused
+k1           reward     ∇KL(p‖q) by the score function         allowed (reverse_kl only)
+k2, k3, st   reward     not ∇KL (score function of ½r², …)     refused
+exact        reward     a loss term, not a return              refused
+===========  =========  =====================================  ===========================
+
+Sampled estimators estimate KL(πθ‖q) from the sampled token only, so they are defined for
+``reverse_kl`` alone. In the loss with ``inner_iterations > 1`` they are multiplied by the
+detached ratio πθ(y)/πold(y), which keeps the gradients above for samples of πold.
+"""
+
+from __future__ import annotations
+
+import difflib
+import inspect
+import math
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+import torch
+
+from divrl import divergences, targets, weights
+
+TARGET_MODELS = ("reference", "teacher", "old", "self")
+# Distribution-valued arguments of each target function; `tilt`'s advantage is supplied.
+TARGET_FUNCTIONS: dict[str, tuple[str, ...]] = {
+    "tilt": ("base",),
+    "extrapolate": ("ref", "teacher"),
+    "mix": ("a", "b"),
+    "filter": ("p",),
+    "temperature": ("p",),
+}
+SUPPLIED_ARGUMENTS = {"tilt": ("advantage",)}
+ESTIMATORS = ("exact", "k1", "k2", "k3", "k1_st", "k3_st")
+PLACEMENTS = ("loss", "reward")
+ADVANTAGES = ("group_norm", "mean_only")
+AGGREGATIONS = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum", "seq_mean_token_sum_norm")
+TERM_KEYS = ("divergence", "params", "target", "coef", "estimator", "placement", "mask", "weight")
+
+
+class SpecError(ValueError):
+    """An objective that cannot run; the message starts with the key path."""
+
+
+def _unknown(path: str, kind: str, name: Any, valid) -> SpecError:
+    close = difflib.get_close_matches(str(name), list(valid), n=1)
+    hint = f"; did you mean '{close[0]}'?" if close else ""
+    return SpecError(f"{path}: unknown {kind} {name!r}{hint} Valid: {', '.join(valid)}")
+
+
+def _number(path: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float | str):
+        raise SpecError(f"{path}: must be a number, got {value!r}")
+    try:
+        return float(value)
+    except ValueError:
+        raise SpecError(f"{path}: must be a number, got {value!r}") from None
+
+
+@dataclass(frozen=True)
+class Target:
+    """A target distribution: a model (``op`` in TARGET_MODELS, no args) or a `divrl.targets`
+    function applied to targets and numbers (``args``: (name, Target | number) pairs)."""
+
+    op: str
+    args: tuple[tuple[str, Any], ...] = ()
+
+    @property
+    def name(self) -> str:
+        """For metrics: the model, or the outermost function's name."""
+        return self.op
+
+    @property
+    def is_model(self) -> bool:
+        return self.op in TARGET_MODELS
+
+    def models(self) -> frozenset[str]:
+        """The models whose distributions the target is built from."""
+        if self.is_model:
+            return frozenset({self.op})
+        return frozenset().union(*(v.models() for _, v in self.args if isinstance(v, Target)))
+
+    def evaluate(self, logprobs: Mapping[str, torch.Tensor], advantage: torch.Tensor | None = None
+                 ) -> torch.Tensor:
+        """log q from the models' normalized log-probs (…, V); ``advantage`` (…, V) feeds `tilt`."""
+        if self.is_model:
+            return logprobs[self.op]
+        kwargs = {k: v.evaluate(logprobs, advantage) if isinstance(v, Target) else v for k, v in self.args}
+        if self.op in SUPPLIED_ARGUMENTS:
+            kwargs["advantage"] = advantage
+        return getattr(targets, self.op)(**kwargs)
+
+    def describe(self) -> str:
+        if self.is_model:
+            return self.op
+        inner = ", ".join(f"{k}={v.describe() if isinstance(v, Target) else v}" for k, v in self.args)
+        return f"{self.op}({inner})"
+
+
+def parse_target(value: Any, path: str) -> Target:
+    """A Target from its config form (a model name, or ``{function: {arg: value}}``)."""
+    if isinstance(value, str):
+        if value not in TARGET_MODELS:
+            raise _unknown(path, "target", value, TARGET_MODELS + tuple(TARGET_FUNCTIONS))
+        return Target(value)
+    if not isinstance(value, Mapping) or len(value) != 1:
+        raise SpecError(f"{path}: a target is a model name ({', '.join(TARGET_MODELS)}) or one "
+                        f"function applied to targets, e.g. {{filter: {{p: self, min_p: 0.02}}}}; "
+                        f"got {value!r}")
+    (op, args), = value.items()
+    if op not in TARGET_FUNCTIONS:
+        raise _unknown(path, "target function", op, TARGET_FUNCTIONS)
+    if not isinstance(args, Mapping):
+        raise SpecError(f"{path}.{op}: arguments must be a mapping, got {args!r}")
+    signature = inspect.signature(getattr(targets, op))
+    accepted = [p for p in signature.parameters if p not in SUPPLIED_ARGUMENTS.get(op, ())]
+    for key in args:
+        if key not in accepted:
+            raise _unknown(f"{path}.{op}", "argument", key, accepted)
+    parsed = []
+    for key in accepted:
+        where = f"{path}.{op}.{key}"
+        required = signature.parameters[key].default is inspect.Parameter.empty
+        if key not in args:
+            if required:
+                raise SpecError(f"{where}: missing (arguments: {', '.join(accepted)})")
+            continue
+        if key in TARGET_FUNCTIONS[op]:
+            parsed.append((key, parse_target(args[key], where)))
+        elif isinstance(args[key], bool):
+            parsed.append((key, args[key]))
+        else:
+            parsed.append((key, _number(where, args[key])))
+    target = Target(op, tuple(parsed))
+    _try_on_a_toy(lambda: target.evaluate(_TOY_LOGPROBS, torch.zeros(3)), f"{path}.{op}")
+    return target
+
+
+_TOY_LOGPROBS = {name: torch.tensor([0.5, 0.3, 0.2]).log() for name in TARGET_MODELS}
+
+
+def _try_on_a_toy(fn, path: str) -> None:
+    """Run fn on a 3-token toy so a function's own parameter checks speak before any model loads."""
+    try:
+        fn()
+    except (ValueError, TypeError) as err:
+        raise SpecError(f"{path}: {err}") from None
+
+
+def _named_weights(value: Any, path: str) -> tuple[tuple[str, dict], ...]:
+    """`mask`/`weight`: a registered name, or {name: {params}, ...} (their product)."""
+    if value is None:
+        return ()
+    if isinstance(value, str):
+        value = {value: {}}
+    if not isinstance(value, Mapping):
+        raise SpecError(f"{path}: must be a name of divrl.weights or a mapping {{name: {{params}}}}, "
+                        f"got {value!r}")
+    specs = []
+    for name, params in value.items():
+        params = {} if params is None else params
+        if not isinstance(params, Mapping):
+            raise SpecError(f"{path}.{name}: parameters must be a mapping, got {params!r}")
+        try:
+            weights.check(name, dict(params))
+        except ValueError as err:
+            raise SpecError(f"{path}.{name}: {err}") from None
+        specs.append((name, dict(params)))
+    return tuple(specs)
+
+
+@dataclass(frozen=True)
+class TermSpec:
+    """c · D(πθ, q) per token, exact or sampled, in the loss or subtracted from the return."""
+
+    divergence: str
+    params: tuple[tuple[str, Any], ...]
+    target: Target
+    coef: float
+    estimator: str = "exact"
+    placement: str = "loss"
+    mask: tuple[tuple[str, dict], ...] = ()
+    weight: tuple[tuple[str, dict], ...] = ()
+
+    @property
+    def name(self) -> str:
+        """Metric name: ``<divergence>_to_<target>`` (a composed target by its function)."""
+        return f"{self.divergence}_to_{self.target.name}"
+
+    @property
+    def kwargs(self) -> dict[str, Any]:
+        return dict(self.params)
+
+
+def parse_term(value: Any, path: str, teacher: bool) -> TermSpec:
+    if not isinstance(value, Mapping):
+        raise SpecError(f"{path}: a term is a mapping with keys {', '.join(TERM_KEYS)}; got {value!r}")
+    for key in value:
+        if key not in TERM_KEYS:
+            raise _unknown(path, "key", key, TERM_KEYS)
+    for key in ("divergence", "target"):
+        if key not in value:
+            raise SpecError(f"{path}.{key}: missing")
+    name = value["divergence"]
+    if not isinstance(name, str) or name not in divergences.names():
+        raise _unknown(f"{path}.divergence", "divergence", name, divergences.names())
+    params = value.get("params") or {}
+    if not isinstance(params, Mapping):
+        raise SpecError(f"{path}.params: must be a mapping, got {params!r}")
+    if "cost" in params and not (params["cost"] == "embedding" or isinstance(params["cost"], torch.Tensor)):
+        raise SpecError(f"{path}.params.cost: from a config the only ground cost is 'embedding' "
+                        f"(cosine distance of the policy's output embeddings; the Python API also "
+                        f"takes a (V, V) tensor), got {params['cost']!r}")
+    toy_params = {**params, "cost": torch.ones(3, 3) - torch.eye(3)} if "cost" in params else params
+    _try_on_a_toy(lambda: divergences.get(name)(_TOY_LOGPROBS["self"], _TOY_LOGPROBS["reference"],
+                                                 **toy_params), f"{path}.params")
+    target = parse_target(value["target"], f"{path}.target")
+    if "teacher" in target.models() and not teacher:
+        raise SpecError(f"{path}.target: {target.describe()} needs a teacher model; set 'teacher' "
+                        f"(default, tiny, a local model directory or a hub id)")
+    coef = _number(f"{path}.coef", value.get("coef", 1.0))
+    if not coef >= 0 or math.isinf(coef):
+        raise SpecError(f"{path}.coef: must be a finite number ≥ 0, got {value.get('coef')!r}")
+    estimator = value.get("estimator", "exact")
+    if estimator not in ESTIMATORS:
+        raise _unknown(f"{path}.estimator", "estimator", estimator, ESTIMATORS)
+    placement = value.get("placement", "loss")
+    if placement not in PLACEMENTS:
+        raise _unknown(f"{path}.placement", "placement", placement, PLACEMENTS)
+    _check_estimator(path, name, estimator, placement)
+    return TermSpec(name, tuple(params.items()), target, coef, estimator, placement,
+                    _named_weights(value.get("mask"), f"{path}.mask"),
+                    _named_weights(value.get("weight"), f"{path}.weight"))
+
+
+def _check_estimator(path: str, name: str, estimator: str, placement: str) -> None:
+    if estimator == "exact":
+        if placement == "reward":
+            raise SpecError(f"{path}.placement: the exact divergence is a loss term; in the reward use "
+                            f"the sampled estimator k1 (whose score-function gradient is ∇KL(p‖q))")
+        return
+    if name != "reverse_kl":
+        raise SpecError(f"{path}.estimator: sampled estimators ({estimator}) estimate KL(πθ‖q) from "
+                        f"the sampled token and exist for reverse_kl only; use estimator: exact for "
+                        f"{name}")
+    if placement == "loss" and estimator == "k1":
+        raise SpecError(f"{path}.estimator: k1 as a loss has zero expected gradient (∇k1 = ∇log "
+                        f"πθ(y)); use k2, k1_st or k3_st in the loss, or k1 with placement: reward")
+    if placement == "reward" and estimator != "k1":
+        raise SpecError(f"{path}.estimator: in the reward only k1 gives ∇KL(p‖q) (score function); "
+                        f"{estimator} does not. Use k1 there, or put {estimator} in the loss")
+
+
+def term_warnings(term: TermSpec) -> list[str]:
+    if term.estimator == "k3" and term.placement == "loss":
+        return [f"{term.name}: k3 in the loss descends KL(q‖πθ) (forward KL) in expectation, not the "
+                f"reverse KL its value estimates (methods.md C6); use k2 or k3_st for ∇KL(πθ‖q)"]
+    return []
+
+
+@dataclass(frozen=True)
+class ObjectiveSpec:
+    """Everything that decides the loss; built by `parse_objective`."""
+
+    policy_gradient: bool = True
+    advantage: str = "group_norm"
+    clip_low: float = 0.2
+    clip_high: float = 0.28
+    aggregation: str = "token_mean"
+    normalizer: float = 1.0
+    pg_mask: tuple[tuple[str, dict], ...] = ()
+    pg_weight: tuple[tuple[str, dict], ...] = ()
+    terms: tuple[TermSpec, ...] = ()
+    warnings: tuple[str, ...] = field(default=(), compare=False)
+
+    def models(self) -> frozenset[str]:
+        """Models whose outputs the terms need, among reference, teacher, old and self."""
+        return frozenset().union(*(t.target.models() for t in self.terms))
+
+    @property
+    def loss_terms(self) -> tuple[TermSpec, ...]:
+        return tuple(t for t in self.terms if t.placement == "loss")
+
+    @property
+    def reward_terms(self) -> tuple[TermSpec, ...]:
+        return tuple(t for t in self.terms if t.placement == "reward")
+
+
+def shorthand_term(kl_coef: float, kl_estimator: str, kl_in_reward: bool) -> dict | None:
+    """`kl_coef`/`kl_estimator`/`kl_in_reward`: one reverse-KL-to-reference term (None if β = 0)."""
+    if not kl_coef:
+        return None
+    return {"divergence": "reverse_kl", "target": "reference", "coef": kl_coef,
+            "estimator": kl_estimator, "placement": "reward" if kl_in_reward else "loss"}
+
+
+def parse_objective(config: Mapping[str, Any]) -> ObjectiveSpec:
+    """The ObjectiveSpec of a (flat) training config mapping; raises SpecError naming the key.
+
+    Keys read: policy_gradient, advantage, clip_low, clip_high, loss_aggregation, loss_normalizer
+    (default: max_new_tokens), pg_mask, pg_weight, terms, teacher, and the shorthand kl_coef,
+    kl_estimator, kl_in_reward (appended as the last term).
+    """
+    get = config.get
+    advantage = get("advantage", "group_norm")
+    if advantage not in ADVANTAGES:
+        raise _unknown("advantage", "advantage", advantage, ADVANTAGES)
+    aggregation = get("loss_aggregation", "token_mean")
+    if aggregation not in AGGREGATIONS:
+        raise _unknown("loss_aggregation", "aggregation", aggregation, AGGREGATIONS)
+    normalizer = get("loss_normalizer")
+    normalizer = float(get("max_new_tokens", 1) if normalizer is None else normalizer)
+    if not normalizer > 0:
+        raise SpecError(f"loss_normalizer: must be > 0, got {normalizer!r}")
+    raw_terms = get("terms") or []
+    if not isinstance(raw_terms, list):
+        raise SpecError(f"terms: must be a list of mappings, got {raw_terms!r}")
+    teacher = bool(get("teacher"))
+    shorthand = shorthand_term(get("kl_coef", 0.0), get("kl_estimator", "exact"), get("kl_in_reward", False))
+    terms = [parse_term(t, f"terms[{i}]", teacher) for i, t in enumerate(raw_terms)]
+    if shorthand is not None:
+        try:
+            terms.append(parse_term(shorthand, "kl_coef", teacher))
+        except SpecError as err:  # name the shorthand keys, not an invisible term
+            raise SpecError(str(err).replace("kl_coef.estimator", "kl_estimator")
+                            .replace("kl_coef.placement", "kl_in_reward")) from None
+    names = [t.name for t in terms]
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        raise SpecError(f"terms: two terms share the name {duplicates[0]} (same divergence and "
+                        f"target); merge them into one term with the summed coef")
+    policy_gradient = get("policy_gradient", True)
+    if not policy_gradient and not any(t.placement == "loss" for t in terms):
+        raise SpecError("policy_gradient: false leaves no loss term; add a term with placement: loss")
+    return ObjectiveSpec(
+        policy_gradient=bool(policy_gradient), advantage=advantage,
+        clip_low=float(get("clip_low", 0.2)), clip_high=float(get("clip_high", 0.28)),
+        aggregation=aggregation, normalizer=normalizer,
+        pg_mask=_named_weights(get("pg_mask"), "pg_mask"),
+        pg_weight=_named_weights(get("pg_weight"), "pg_weight"),
+        terms=tuple(terms), warnings=tuple(w for t in terms for w in term_warnings(t)))
