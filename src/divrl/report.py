@@ -51,8 +51,8 @@ def write_report(run_dir: Path, cfg, summary: dict) -> None:
     lines = [
         f"# divrl run: {cfg.model} on {cfg.task}", "",
         f"{cfg.steps} steps × {cfg.prompts_per_step} prompts × {cfg.group_size} samples, "
-        f"≤ {cfg.max_new_tokens} new tokens, T = {cfg.temperature}, lr {cfg.lr}, "
-        f"β = {cfg.kl_coef} ({cfg.kl_estimator}), advantage {cfg.advantage}.", "",
+        f"≤ {cfg.max_new_tokens} new tokens, T = {cfg.temperature}, lr {cfg.lr}.", "",
+        f"Objective: {cfg.objective.describe()}.", "",
         f"## Held-out evaluation", "",
         f"{before['eval_prompts']} held-out prompts × {before['eval_samples']} samples each at "
         f"T = {cfg.eval_temperature}; ± is the standard error over prompts; pass@k is the unbiased "

@@ -304,6 +304,17 @@ class ObjectiveSpec:
         """Models whose outputs the terms need, among reference, teacher, old and self."""
         return frozenset().union(*(t.target.models() for t in self.terms))
 
+    def describe(self) -> str:
+        """One line, e.g. 'clipped PG (group_norm, ε 0.2/0.28) + 0.001·reverse_kl(πθ, reference)
+        [exact, loss], aggregated token_mean'."""
+        parts = [f"clipped PG ({self.advantage}, ε {self.clip_low:g}/{self.clip_high:g})"] \
+            if self.policy_gradient else []
+        for t in self.terms:
+            params = "".join(f", {k}={v}" for k, v in t.params if not isinstance(v, torch.Tensor))
+            parts.append(f"{t.coef:g}·{t.divergence}(πθ, {t.target.describe()}{params}) "
+                         f"[{t.estimator}, {t.placement}]")
+        return f"{' + '.join(parts)}, aggregated {self.aggregation}"
+
     @property
     def loss_terms(self) -> tuple[TermSpec, ...]:
         return tuple(t for t in self.terms if t.placement == "loss")

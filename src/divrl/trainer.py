@@ -134,6 +134,7 @@ class FrozenInputs:
 
     models: dict[str, ModelOutputs]  # reference / teacher / old
     old_logprobs: torch.Tensor | None  # behaviour log-probs of the sampled tokens (None: on-policy)
+    current: TokenBatch | None  # the policy before the update, when computed (reward terms need it)
 
 
 class Trainer:
@@ -145,6 +146,7 @@ class Trainer:
         self.model, self.tokenizer = load_model(cfg.model, seed=cfg.seed)
         self.model.eval()  # no dropout; gradients still flow
         self.objective = cfg.objective
+        log(f"objective: {self.objective.describe()}")
         for warning in self.objective.warnings:
             log(f"warning: {warning}")
         needs = self.objective.models()
@@ -222,8 +224,8 @@ class Trainer:
 
     def _frozen_inputs(self, prompts, completions, behaviour_logprobs, old_head) -> FrozenInputs:
         """Outputs of the models that carry no gradient, computed once per rollout batch."""
-        cfg, pad, needs = self.cfg, self.tokenizer.pad_token_id, self.objective.models()
-        models, old_logprobs = {}, None
+        cfg, pad = self.cfg, self.tokenizer.pad_token_id
+        models, old_logprobs, cur = {}, None, None
         with torch.no_grad(), self.autocast():
             for name, model in (("reference", self.reference), ("teacher", self.teacher)):
                 if model is not None:
@@ -238,7 +240,7 @@ class Trainer:
                     old_logprobs = chunked.logprob_entropy(cur.hidden, self._head(self.model), cur.tokens)[0]
                 if old_head is not None:
                     models["old"] = ModelOutputs(cur.hidden, old_head)
-        return FrozenInputs(models, old_logprobs)
+        return FrozenInputs(models, old_logprobs, cur)
 
     def _update(self, prompts: list[list[int]], completions: list[list[int]],
                 rewards: list[float], behaviour_logprobs: list[list[float]]) -> dict:
@@ -279,9 +281,9 @@ class Trainer:
         if spec.reward_terms:  # returns minus the reward-placed terms, at the behaviour policy
             penalty = torch.zeros(len(completions))
             zero = torch.zeros(len(completions))
-            for m, (ps, cs, rows, _) in enumerate(micro):
-                with torch.no_grad(), self.autocast():
-                    cur = completion_hidden(self.model, ps, cs, pad)
+            for m, (_, _, rows, _) in enumerate(micro):
+                cur = frozen[m].current
+                with self.autocast():
                     penalty[rows] = objectives.reward_penalty(
                         spec, inputs(m, cur.hidden, cur.tokens, cur.rows, zero))
         advantages = objectives.advantages(spec, reward_t, penalty, group)
