@@ -19,7 +19,8 @@ def problem():
 
 
 def _fixed_point(terms, policy_gradient, reward, models, steps=600):
-    spec = parse_objective({"policy_gradient": policy_gradient, "teacher": "given", "terms": terms})
+    spec = parse_objective({"policy_gradient": policy_gradient, "advantage": "mean_only", "teacher": "given",
+                            "terms": terms})
     return lab.objective_fixed_point(spec, reward, models, steps=steps, lr=3.0)
 
 

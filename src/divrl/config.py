@@ -67,8 +67,9 @@ class TrainConfig:
     top_p: float = _doc("Nucleus sampling threshold of rollouts (1.0 = off).", default=1.0)
     policy_gradient: bool = _doc("Include the clipped policy-gradient term (false: pure "
                                  "distillation by the divergence terms).", default=True)
-    advantage: str = _doc("'group_norm' (GRPO: (r − mean)/std per group) or 'mean_only' "
-                          "(Dr. GRPO: r − mean).", default="group_norm")
+    advantage: str = _doc("'group_norm' (GRPO: (r − mean)/std per group), 'mean_only' "
+                          "(Dr. GRPO: r − mean) or 'signed' (PSR/NSR: +1 if the sample passes, "
+                          "else −1, no baseline).", default="group_norm")
     pg_mask: dict | str | None = _doc("Token mask of the policy-gradient term: a divrl.weights "
                                       "name or {name: {params}}, e.g. {entropy_quantile: {top: 0.2}}.",
                                       default=None)

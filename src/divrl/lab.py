@@ -16,9 +16,9 @@ from collections.abc import Callable
 
 import torch
 
-from divrl import divergences
+from divrl import divergences, objectives
 from divrl.chunked import Head
-from divrl.objectives import ObjectiveInputs, objective_loss
+from divrl.objectives import ObjectiveInputs, expected_advantages, objective_loss
 from divrl.rowwise import ModelOutputs
 from divrl.spec import ObjectiveSpec
 
@@ -297,6 +297,22 @@ def soft_bellman(
     return policy
 
 
+def _bandit_step(spec: ObjectiveSpec, theta: torch.Tensor, contexts: torch.Tensor, tokens: torch.Tensor,
+                 advantages: torch.Tensor, rewards: torch.Tensor, token_scale: torch.Tensor,
+                 group_pass_rate: torch.Tensor, models: dict[str, torch.Tensor], lr: float) -> None:
+    """One gradient step of `objective_loss` on θ (C, V), each row a one-token completion of
+    context ``contexts[row]``: hidden state onehot(context), output weight θᵀ."""
+    hidden = torch.eye(theta.shape[0], dtype=theta.dtype)[contexts]
+    frozen = {name: ModelOutputs(hidden, Head(table.T)) for name, table in models.items()}
+    inputs = ObjectiveInputs(
+        policy=ModelOutputs(hidden, Head(theta.T)), tokens=tokens, rows=torch.arange(len(tokens)),
+        advantages=advantages, rewards=rewards, group_pass_rate=group_pass_rate,
+        token_scale=token_scale, models=frozen)
+    (grad,) = torch.autograd.grad(objective_loss(spec, inputs).loss, theta)
+    with torch.no_grad():
+        theta -= lr * grad
+
+
 def objective_fixed_point(
     spec: ObjectiveSpec,
     reward: torch.Tensor,
@@ -306,33 +322,60 @@ def objective_fixed_point(
     steps: int = 4000,
     lr: float = 1.0,
 ) -> torch.Tensor:
-    """Where `divrl.objectives.objective_loss` — the function the trainer runs — leads a bandit.
+    """Where `divrl.objectives.objective_loss` — the function the trainer runs — leads a bandit,
+    in expectation.
 
     A tabular policy is a linear model over one-hot contexts: hidden states eye(C), output
     weight θᵀ (V, C), so θ (C, V) is the table of logits. Every (context, token) pair is one
     completion of one token, weighted by its detached probability (`token_scale` = πθ(v|c)) and
-    given the exact advantage r − E_πθ[r] (an infinite group), so the objective's gradient is the
-    exact gradient of Σ_c E_πθ[r] (when `spec.policy_gradient`) minus its divergence terms, each
-    D(πθ(·|c), q(·|c)) counted once per context. `models` maps target model names (reference,
-    teacher) to finite (C, V) log-prob tables. Plain gradient steps on θ from `init` (default the
-    reference's logits, else zeros); returns the policy's log-probs (C, V).
+    given the spec's advantage for an infinite group (`expected_advantages`; with `mean_only`,
+    r − E_πθ[r]), so the objective's gradient is the exact gradient of Σ_c E_πθ[r] (when
+    `spec.policy_gradient`) minus its divergence terms, each D(πθ(·|c), q(·|c)) counted once per
+    context. `models` maps target model names (reference, teacher) to finite (C, V) log-prob
+    tables. Plain gradient steps on θ from `init` (default the reference's logits, else zeros);
+    returns the policy's log-probs (C, V).
     """
     contexts, vocab = reward.shape
-    if init is None:
-        init = models.get("reference", torch.zeros_like(reward))
-    theta = init.detach().clone().requires_grad_()
-    hidden = torch.eye(contexts, dtype=reward.dtype).repeat_interleave(vocab, 0)  # row c·V + v
+    theta = (models.get("reference", torch.zeros_like(reward)) if init is None else init).detach().clone()
+    theta.requires_grad_()
+    rows = torch.arange(contexts).repeat_interleave(vocab)  # row c·V + v
     tokens = torch.arange(vocab).repeat(contexts)
-    frozen = {name: ModelOutputs(hidden, Head(table.T)) for name, table in models.items()}
     for _ in range(steps):
         with torch.no_grad():
             probs = theta.softmax(-1)
-            advantage = reward - (probs * reward).sum(-1, keepdim=True)
-        inputs = ObjectiveInputs(
-            policy=ModelOutputs(hidden, Head(theta.T)), tokens=tokens, rows=torch.arange(len(tokens)),
-            advantages=advantage.reshape(-1), rewards=reward.reshape(-1),
-            group_pass_rate=torch.zeros(len(tokens)), token_scale=probs.reshape(-1), models=frozen)
-        (grad,) = torch.autograd.grad(objective_loss(spec, inputs).loss, theta)
+            advantage = expected_advantages(spec, reward, probs)
+            pass_rate = objectives.passed(reward).to(probs.dtype)
+            pass_rate = (probs * pass_rate).sum(-1, keepdim=True).expand_as(probs)
+        _bandit_step(spec, theta, rows, tokens, advantage.reshape(-1), reward.reshape(-1),
+                     probs.reshape(-1), pass_rate.reshape(-1), models, lr)
+    return theta.detach().log_softmax(-1)
+
+
+def objective_sampled_steps(
+    spec: ObjectiveSpec,
+    reward: torch.Tensor,
+    models: dict[str, torch.Tensor],
+    *,
+    init: torch.Tensor,
+    steps: int,
+    group_size: int,
+    lr: float,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """`steps` training steps of the trainer's own pipeline on a bandit with finite groups: per
+    step and context, ``group_size`` answers are drawn from πθ, scored, given the spec's
+    advantages (`objectives.advantages`, group by group) and aggregated by its `token_scale`,
+    then θ takes one gradient step of `objective_loss`. Returns the policy's log-probs (C, V)."""
+    contexts, vocab = reward.shape
+    theta = init.detach().clone().requires_grad_()
+    rows = torch.arange(contexts).repeat_interleave(group_size)
+    for _ in range(steps):
         with torch.no_grad():
-            theta -= lr * grad
+            tokens = torch.multinomial(theta.softmax(-1), group_size, replacement=True,
+                                       generator=generator).reshape(-1)
+            rewards = reward[rows, tokens]
+            advantage = objectives.advantages(spec, rewards, None, group_size)
+            pass_rate = objectives.group_pass_rate(objectives.passed(rewards), group_size)
+            scale = objectives.token_scale(spec, [1] * len(tokens)).to(theta.dtype)
+        _bandit_step(spec, theta, rows, tokens, advantage, rewards, scale, pass_rate, models, lr)
     return theta.detach().log_softmax(-1)

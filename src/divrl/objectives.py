@@ -41,19 +41,49 @@ def group_advantages(rewards: torch.Tensor, group_size: int, normalize: bool = T
     return centered.reshape(-1)
 
 
+PASS_THRESHOLD = 1.0 - 1e-9  # a sample passes when its reward is 1 (full score)
+
+
+def passed(rewards: torch.Tensor) -> torch.Tensor:
+    """Whether each reward is a full score (pass@k, pass rates and `signed` advantages use it)."""
+    return rewards >= PASS_THRESHOLD
+
+
+def signed_advantages(rewards: torch.Tensor) -> torch.Tensor:
+    """+1 for a passing sample, −1 otherwise, no baseline: the ±1-reward REINFORCE of PSR/NSR
+    (Zhu et al. 2025); their weighting λ on positives is a `pg_weight` (`asymmetric`)."""
+    return torch.where(passed(rewards), 1.0, -1.0).to(torch.promote_types(rewards.dtype, torch.float32))
+
+
 def advantages(spec: ObjectiveSpec, rewards: torch.Tensor, penalties: torch.Tensor | None,
                group_size: int) -> torch.Tensor:
-    """A_i = adv(r)_i − (P_i − mean_group P): the task reward's advantage (`group_norm` or
-    `mean_only`) minus the group-centred penalty P_i = Σ_k c_k Σ_t k(y_t) of the reward terms.
+    """A_i = adv(r)_i − (P_i − mean_group P): the task reward's advantage (`group_norm`,
+    `mean_only` or `signed`) minus the group-centred penalty P_i = Σ_k c_k Σ_t k(y_t) of the
+    reward terms.
 
     The penalty is not divided by the reward's std: subtracting it before the division would make
     c irrelevant in a group of equal rewards (the advantage would be a unit-scale function of the
     KL alone). For `mean_only` this equals the advantage of r − P.
     """
-    adv = group_advantages(rewards, group_size, normalize=spec.advantage == "group_norm")
+    if spec.advantage == "signed":
+        adv = signed_advantages(rewards)
+    else:
+        adv = group_advantages(rewards, group_size, normalize=spec.advantage == "group_norm")
     if penalties is not None:
         adv = adv - group_advantages(penalties, group_size, normalize=False)
     return adv
+
+
+def expected_advantages(spec: ObjectiveSpec, rewards: torch.Tensor, probs: torch.Tensor,
+                        eps: float = 1e-6) -> torch.Tensor:
+    """The advantage of each outcome of a bandit (…, V) with an infinite group drawn from probs:
+    `mean_only` r − E r, `group_norm` (r − E r)/(std r + eps), `signed` ±1 (for `divrl.lab`)."""
+    if spec.advantage == "signed":
+        return signed_advantages(rewards)
+    centred = rewards - (probs * rewards).sum(-1, keepdim=True)
+    if spec.advantage == "mean_only":
+        return centred
+    return centred / ((probs * centred**2).sum(-1, keepdim=True).sqrt() + eps)
 
 
 def token_scale(spec: ObjectiveSpec, lengths: list[int]) -> torch.Tensor:

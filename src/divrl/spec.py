@@ -60,7 +60,7 @@ TARGET_FUNCTIONS: dict[str, tuple[str, ...]] = {
 SUPPLIED_ARGUMENTS = {"tilt": ("advantage",)}
 ESTIMATORS = ("exact", "k1", "k2", "k3", "k1_st", "k3_st")
 PLACEMENTS = ("loss", "reward")
-ADVANTAGES = ("group_norm", "mean_only")
+ADVANTAGES = ("group_norm", "mean_only", "signed")
 AGGREGATIONS = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum", "seq_mean_token_sum_norm")
 TERM_KEYS = ("divergence", "params", "target", "coef", "estimator", "placement", "mask", "weight")
 

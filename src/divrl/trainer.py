@@ -45,7 +45,7 @@ from divrl.tasks import Example, Task, build_task, encode_prompt, safe_score
 
 
 def passes(reward: float) -> bool:
-    return reward >= 1.0 - 1e-9
+    return reward >= objectives.PASS_THRESHOLD
 
 
 def native_bf16() -> bool:
@@ -250,7 +250,7 @@ class Trainer:
         starts = [0, *itertools.accumulate(lengths)]
         scale = objectives.token_scale(spec, lengths)
         reward_t = torch.tensor(rewards)
-        pass_rate = objectives.group_pass_rate(torch.tensor([passes(r) for r in rewards]), group)
+        pass_rate = objectives.group_pass_rate(objectives.passed(reward_t), group)
         # Micro-batches of whole groups (a prompt's KV is computed once for its G completions).
         per_micro = cfg.micro_batch_size // group
         micro = []

@@ -1,0 +1,145 @@
+"""Recipes: each formula on hand-computed numbers (a few tokens, a 5-word vocabulary), the lab
+behaviour the paper claims where one exists, and a one-step `divrl train --recipe NAME` smoke run
+on the tiny model."""
+
+import pytest
+import torch
+
+from divrl import lab, objectives, recipes
+from divrl.chunked import Head
+from divrl.cli import main
+from divrl.config import build_config
+from divrl.rowwise import ModelOutputs
+
+V, H = 5, 3
+TOKENS = torch.tensor([0, 3, 1, 4, 4, 2, 0, 1])  # completions of lengths 2, 1, 3, 2 (2 groups of 2)
+LENGTHS = [2, 1, 3, 2]
+ROWS = torch.repeat_interleave(torch.arange(4), torch.tensor(LENGTHS))
+
+
+def _spec(recipe, *overrides):
+    return build_config(None, ["group_size=2", "max_new_tokens=4", "teacher=tiny", *overrides],
+                        recipe=recipe).objective
+
+
+def _toy(spec, rewards):
+    """On-policy inputs of the toy batch, float64; returns the inputs and log p(y_t)."""
+    gen = torch.Generator().manual_seed(0)
+    hidden = torch.randn(len(TOKENS), H, dtype=torch.float64, generator=gen).requires_grad_()
+    head = Head(torch.randn(V, H, dtype=torch.float64, generator=gen))
+    rewards = torch.tensor(rewards, dtype=torch.float64)
+    reference = ModelOutputs(torch.randn(len(TOKENS), H, dtype=torch.float64, generator=gen),
+                             Head(torch.randn(V, H, dtype=torch.float64, generator=gen)))
+    inputs = objectives.ObjectiveInputs(
+        policy=ModelOutputs(hidden, head), tokens=TOKENS, rows=ROWS,
+        advantages=objectives.advantages(spec, rewards, None, group_size=2), rewards=rewards,
+        group_pass_rate=objectives.group_pass_rate(objectives.passed(rewards), 2),
+        token_scale=objectives.token_scale(spec, LENGTHS).double(), models={"reference": reference})
+    logp = head.logits(hidden).log_softmax(-1).gather(-1, TOKENS[:, None]).squeeze(-1)
+    return inputs, logp
+
+
+def _check_policy_gradient(spec, rewards, coefficient):
+    """On-policy the PG loss is Σ_t coefficient_t·(−log p(y_t)) in value of its gradient; check both
+    the gradient and the pg part's value (ratio 1: value = −Σ coefficient_t)."""
+    inputs, logp = _toy(spec, rewards)
+    out = objectives.objective_loss(spec, inputs)
+    assert out.loss_parts["pg"] == pytest.approx(-coefficient.sum().item(), rel=1e-12, abs=1e-15)
+    (got,) = torch.autograd.grad(out.loss_parts and objectives.objective_loss(spec, inputs).loss,
+                                 inputs.policy.hidden)
+    (expected,) = torch.autograd.grad(-(coefficient * logp).sum(), inputs.policy.hidden)
+    torch.testing.assert_close(got, expected)
+    return out
+
+
+def test_dr_grpo_is_mean_centred_token_sums_over_a_constant():
+    spec = _spec("dr-grpo")
+    assert (spec.advantage, spec.aggregation, spec.normalizer, spec.terms) == ("mean_only", "seq_mean_token_sum_norm", 4.0, ())
+    # rewards (1, 0 | 0.5, 0.5): A = (0.5, −0.5 | 0, 0); a_t = 1/(B·C) = 1/16
+    coefficient = torch.tensor([0.5, 0.5, -0.5, 0, 0, 0, 0, 0], dtype=torch.float64) / 16
+    _check_policy_gradient(spec, [1.0, 0.0, 0.5, 0.5], coefficient)
+
+
+@pytest.mark.parametrize("recipe, positive, negative", [("psr", 1.0, 0.0), ("nsr", 0.0, 1.0),
+                                                        ("w-reinforce", 0.1, 1.0)])
+def test_psr_nsr_w_reinforce_give_lambda_to_correct_and_minus_one_to_incorrect(recipe, positive, negative):
+    spec = _spec(recipe)
+    # rewards (1, 0 | 0.5, 1): partial credit 0.5 does not pass → A = (+1, −1 | −1, +1), no baseline
+    per_sample = torch.tensor([positive, -negative, -negative, positive], dtype=torch.float64)
+    coefficient = per_sample[ROWS] / len(TOKENS)  # token mean over the batch, as the official code
+    out = _check_policy_gradient(spec, [1.0, 0.0, 0.5, 1.0], coefficient)
+    assert out.token_sums["pg_mean_weight"] == pytest.approx(
+        sum(({1.0: positive, 0.0: negative}[s > 0]) * n for s, n in zip([1, -1, -1, 1], LENGTHS)))
+
+
+def test_paced_weights_each_prompt_by_its_pass_rate_kernel():
+    spec = _spec("paced")
+    # group 1 (1, 0): p̂ = 0.5 → w = 0.25; group 2 (1, 1): p̂ = 1 → w = 0 (no signal, no loss)
+    rewards = [1.0, 0.0, 1.0, 1.0]
+    adv = objectives.group_advantages(torch.tensor(rewards, dtype=torch.float64), 2)
+    coefficient = (torch.tensor([0.25, 0.25, 0.0, 0.0], dtype=torch.float64) * adv)[ROWS] / len(TOKENS)
+    inputs, _ = _toy(spec, rewards)
+    out = objectives.objective_loss(spec, inputs)
+    assert out.loss_parts["pg"] == pytest.approx(-coefficient.sum().item(), rel=1e-12)
+    assert out.token_sums["pg_mean_weight"] == pytest.approx(0.25 * 3)
+    assert "reverse_kl_to_reference" in out.loss_parts  # GRPO's reference penalty stays
+
+
+def test_entropy_gate_trains_only_the_highest_entropy_fifth_of_the_tokens():
+    spec = _spec("entropy-gate")
+    rewards = [1.0, 0.0, 0.0, 1.0]
+    inputs, _ = _toy(spec, rewards)
+    entropy = objectives.chunked.logprob_entropy(inputs.policy.hidden, inputs.policy.head, TOKENS)[1].detach()
+    keep = torch.zeros(len(TOKENS), dtype=torch.float64)
+    keep[entropy.topk(2).indices] = 1.0  # ⌈0.2 · 8⌉ = 2 tokens
+    coefficient = keep * inputs.advantages[ROWS] / len(TOKENS)
+    out = _check_policy_gradient(spec, rewards, coefficient)
+    assert out.token_sums["pg_masked_fraction"] == 6
+
+
+def test_psr_nsr_and_w_reinforce_share_one_expected_gradient_in_the_lab():
+    """E[1_correct ∇log p] = −E[1_incorrect ∇log p] (since E[∇log p] = 0): in expectation PSR and
+    NSR take the same step and W-REINFORCE (1 + λ) times it; they differ only through which
+    answers a finite group samples. One exact step of the trainer's objective from one table."""
+    init = torch.tensor([[0.3, 0.02, 0.38, 0.2, 0.1], [0.1, 0.5, 0.1, 0.1, 0.2]], dtype=torch.float64).log()
+    reward = torch.tensor([[1.0, 1.0, 0, 0, 0], [0, 0, 0, 1.0, 0]], dtype=torch.float64)
+    step = {name: lab.objective_fixed_point(_spec(name), reward, {}, init=init, steps=1, lr=1.0) - init
+            for name in ("psr", "nsr", "w-reinforce")}
+    step = {k: v - v.mean(-1, keepdim=True) for k, v in step.items()}  # log-probs: up to a constant
+    assert step["psr"].abs().max() > 1e-3
+    torch.testing.assert_close(step["nsr"], step["psr"], rtol=1e-3, atol=1e-6)
+    torch.testing.assert_close(step["w-reinforce"], 1.1 * step["psr"], rtol=1e-3, atol=1e-6)
+
+
+def test_sampled_groups_average_to_the_expected_step():
+    """The trainer's pipeline on finite groups (sample, score, advantages, token mean,
+    objective_loss) is unbiased for W-REINFORCE's expected update (no baseline)."""
+    init = torch.tensor([[0.3, 0.1, 0.4, 0.2]], dtype=torch.float64).log()
+    reward = torch.tensor([[1.0, 0.0, 0.0, 1.0]], dtype=torch.float64)
+    spec = _spec("w-reinforce")
+    lr, n = 1e-3, 1500
+    gen = torch.Generator().manual_seed(0)
+    steps = torch.stack([lab.objective_sampled_steps(spec, reward, {}, init=init, steps=1, group_size=4,
+                                                     lr=lr, generator=gen) - init for _ in range(n)])
+    steps = steps - steps.mean(-1, keepdim=True)
+    expected = lab.objective_fixed_point(spec, reward, {}, init=init, steps=1, lr=lr) - init
+    expected = expected - expected.mean(-1, keepdim=True)
+    mean, stderr = steps.mean(0), steps.std(0) / n**0.5
+    assert ((mean - expected).abs() < 4 * stderr + 1e-9).all(), (mean, expected, stderr)
+
+
+def test_every_recipe_parses_and_documents_its_paper():
+    for name in recipes.names():
+        recipe = recipes.load(name)
+        assert recipe.description and "20" in recipe.paper, name  # a year in the citation
+        build_config(None, ["teacher=tiny"], recipe=name)
+
+
+@pytest.mark.parametrize("name", recipes.names())
+def test_divrl_train_recipe_smoke_run_on_the_tiny_model(tmp_path, name):
+    args = ["train", "--recipe", name, "--set", "model=tiny", "--set", "teacher=tiny",
+            "--set", "steps=1", "--set", "prompts_per_step=2", "--set", "group_size=2",
+            "--set", "max_new_tokens=4", "--set", "eval_size=2", "--set", "eval_samples=1",
+            "--set", "train_size=20", "--set", f"output_dir={tmp_path / 'run'}"]
+    assert main(args) == 0
+    assert (tmp_path / "run" / "checkpoints" / "step-1").is_dir()
