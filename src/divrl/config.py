@@ -88,6 +88,15 @@ class TrainConfig:
     clip_high: float = _doc("PPO ratio clip ε_high (clip-higher, DAPO): ratio ≤ 1 + clip_high.",
                             default=0.28)
     inner_iterations: int = _doc("Optimizer passes μ over each rollout batch.", default=1)
+    overlong_buffer: float = _doc("DAPO's soft overlong penalty: the last fraction of max_new_tokens "
+                                  "in which the reward falls linearly by up to overlong_penalty "
+                                  "(paper: 4096 of 20480 = 0.2); 0 = off.", default=0.0)
+    overlong_penalty: float = _doc("The largest overlong penalty (reached at max_new_tokens).",
+                                   default=1.0)
+    dynamic_sampling: bool = _doc("DAPO's dynamic sampling: drop groups whose rewards are all equal "
+                                  "and refill the batch with fresh prompts.", default=False)
+    max_refills: int = _doc("Most extra sampling rounds per step for dynamic sampling (then the "
+                            "step trains on the groups it has).", default=10)
     kl_coef: float = _doc("Shorthand for one term: β of a reverse-KL penalty to the reference "
                           "model (0: none).", default=0.0)
     kl_estimator: str = _doc("Estimator of that term: 'exact' (over the whole vocabulary), 'k2', "
@@ -175,6 +184,7 @@ def _check(cfg: TrainConfig) -> None:
                 "keep_checkpoints", "checkpoint_every"):
         need(getattr(cfg, key) >= 1, key, "must be ≥ 1")
     need(cfg.eval_every >= 0, "eval_every", "must be ≥ 0")
+    need(cfg.max_refills >= 0, "max_refills", "must be ≥ 0")
     need(cfg.group_size >= 2, "group_size", "must be ≥ 2 (advantages compare samples of a group)")
     for key in ("temperature", "eval_temperature", "lr"):
         need(getattr(cfg, key) > 0, key, "must be > 0")

@@ -55,6 +55,18 @@ def signed_advantages(rewards: torch.Tensor) -> torch.Tensor:
     return torch.where(passed(rewards), 1.0, -1.0).to(torch.promote_types(rewards.dtype, torch.float32))
 
 
+def overlong_penalty(spec: ObjectiveSpec, lengths: torch.Tensor) -> torch.Tensor:
+    """DAPO's soft overlong punishment (Yu et al. 2025, arXiv 2503.14476 §3.4), ≤ 0 per completion:
+    with L_max = max_new_tokens and a buffer of L_c = overlong_buffer·L_max tokens,
+    −overlong_penalty·clamp((|y| − (L_max − L_c))/L_c, 0, 1): 0 up to L_max − L_c, then linear
+    down to −overlong_penalty at L_max (where completions are cut)."""
+    if not spec.overlong_buffer:
+        return torch.zeros(len(lengths))
+    buffer = spec.overlong_buffer * spec.max_length
+    excess = (lengths.float() - (spec.max_length - buffer)) / buffer
+    return -spec.overlong_penalty * excess.clamp(0.0, 1.0)
+
+
 def advantages(spec: ObjectiveSpec, rewards: torch.Tensor, penalties: torch.Tensor | None,
                group_size: int) -> torch.Tensor:
     """A_i = adv(r)_i − (P_i − mean_group P): the task reward's advantage (`group_norm`,

@@ -298,6 +298,9 @@ class ObjectiveSpec:
     pg_mask: tuple[tuple[str, dict], ...] = ()
     pg_weight: tuple[tuple[str, dict], ...] = ()
     terms: tuple[TermSpec, ...] = ()
+    overlong_buffer: float = 0.0
+    overlong_penalty: float = 1.0
+    max_length: int = 1
     warnings: tuple[str, ...] = field(default=(), compare=False)
 
     def models(self) -> frozenset[str]:
@@ -313,7 +316,9 @@ class ObjectiveSpec:
             params = "".join(f", {k}={v}" for k, v in t.params if not isinstance(v, torch.Tensor))
             parts.append(f"{t.coef:g}·{t.divergence}(πθ, {t.target.describe()}{params}) "
                          f"[{t.estimator}, {t.placement}]")
-        return f"{' + '.join(parts)}, aggregated {self.aggregation}"
+        shaping = (f", overlong penalty ≤ {self.overlong_penalty:g} in the last {self.overlong_buffer:g} "
+                   f"of the length budget" if self.overlong_buffer else "")
+        return f"{' + '.join(parts)}, aggregated {self.aggregation}{shaping}"
 
     @property
     def loss_terms(self) -> tuple[TermSpec, ...]:
@@ -336,8 +341,9 @@ def parse_objective(config: Mapping[str, Any]) -> ObjectiveSpec:
     """The ObjectiveSpec of a (flat) training config mapping; raises SpecError naming the key.
 
     Keys read: policy_gradient, advantage, clip_low, clip_high, loss_aggregation, loss_normalizer
-    (default: max_new_tokens), pg_mask, pg_weight, terms, teacher, and the shorthand kl_coef,
-    kl_estimator, kl_in_reward (appended as the last term).
+    (default: max_new_tokens), pg_mask, pg_weight, terms, teacher, overlong_buffer,
+    overlong_penalty, max_new_tokens, and the shorthand kl_coef, kl_estimator, kl_in_reward
+    (appended as the last term).
     """
     get = config.get
     advantage = get("advantage", "group_norm")
@@ -367,6 +373,12 @@ def parse_objective(config: Mapping[str, Any]) -> ObjectiveSpec:
     if duplicates:
         raise SpecError(f"terms: two terms share the name {duplicates[0]} (same divergence and "
                         f"target); merge them into one term with the summed coef")
+    overlong_buffer = _number("overlong_buffer", get("overlong_buffer", 0.0))
+    if not 0.0 <= overlong_buffer <= 1.0:
+        raise SpecError(f"overlong_buffer: must lie in [0, 1] (a fraction of max_new_tokens), got {overlong_buffer!r}")
+    overlong_penalty = _number("overlong_penalty", get("overlong_penalty", 1.0))
+    if not 0.0 <= overlong_penalty < math.inf:
+        raise SpecError(f"overlong_penalty: must be a finite number ≥ 0, got {overlong_penalty!r}")
     policy_gradient = get("policy_gradient", True)
     if not policy_gradient and not any(t.placement == "loss" for t in terms):
         raise SpecError("policy_gradient: false leaves no loss term; add a term with placement: loss")
@@ -376,4 +388,6 @@ def parse_objective(config: Mapping[str, Any]) -> ObjectiveSpec:
         aggregation=aggregation, normalizer=normalizer,
         pg_mask=_named_weights(get("pg_mask"), "pg_mask"),
         pg_weight=_named_weights(get("pg_weight"), "pg_weight"),
-        terms=tuple(terms), warnings=tuple(w for t in terms for w in term_warnings(t)))
+        terms=tuple(terms), overlong_buffer=overlong_buffer, overlong_penalty=overlong_penalty,
+        max_length=int(get("max_new_tokens", 1)),
+        warnings=tuple(w for t in terms for w in term_warnings(t)))

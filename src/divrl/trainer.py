@@ -16,10 +16,8 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import functools
 import itertools
 import math
-import random
 import sys
 import time
 from collections import defaultdict
@@ -38,6 +36,7 @@ from divrl.metrics import pass_at_k_over_prompts
 from divrl.chunked import Head
 from divrl.models import load_model, output_head
 from divrl.report import write_report
+from divrl.prompts import Group, PromptSource, split_groups
 from divrl.rollout import sample
 from divrl.rowwise import ModelOutputs
 from divrl.runlog import MetricsLog, read_metrics
@@ -161,6 +160,7 @@ class Trainer:
             else nullcontext
         self.stop_ids = sorted({self.tokenizer.eos_token_id, self.tokenizer.pad_token_id})
         self._prompt_cache: dict[str, list[int]] = {}
+        self.prompts = PromptSource(self.task.train, cfg.seed)
         self.step = 0
         self.reward_errors = 0
 
@@ -181,22 +181,6 @@ class Trainer:
             self._prompt_cache[example.prompt] = encode_prompt(self.tokenizer, example.prompt,
                                                                self.cfg.system_prompt)
         return self._prompt_cache[example.prompt]
-
-    def _train_examples(self, step: int) -> list[Example]:
-        """Prompts of `step` (0-based): consecutive slices of per-epoch shuffles, so a resumed run
-        sees the same data as an uninterrupted one."""
-        n, per = len(self.task.train), self.cfg.prompts_per_step
-        out = []
-        for i in range(step * per, (step + 1) * per):
-            epoch, pos = divmod(i, n)
-            out.append(self.task.train[self._epoch_order(epoch)[pos]])
-        return out
-
-    @functools.lru_cache(maxsize=2)
-    def _epoch_order(self, epoch: int) -> list[int]:
-        order = list(range(len(self.task.train)))
-        random.Random(self.cfg.seed * 100_003 + epoch).shuffle(order)
-        return order
 
     def _sample(self, examples: list[Example], group_size: int, temperature: float,
                 generator: torch.Generator):
@@ -278,6 +262,8 @@ class Trainer:
                 models=frozen[m].models)
 
         penalty = None
+        shaping = objectives.overlong_penalty(spec, torch.tensor(lengths))
+        reward_t = reward_t + shaping  # the return: task reward + overlong shaping (0 when off)
         if spec.reward_terms:  # returns minus the reward-placed terms, at the behaviour policy
             penalty = torch.zeros(len(completions))
             zero = torch.zeros(len(completions))
@@ -304,6 +290,8 @@ class Trainer:
             grad_norms.append(norm.item())
             self.optimizer.step()
         stats = objectives.summarize(spec, token_sums, loss_parts, sum(lengths), cfg.inner_iterations)
+        if spec.overlong_buffer:
+            stats["overlong_penalty"] = float(shaping.mean())
         stats["grad_norm"] = sum(grad_norms) / len(grad_norms)
         return stats
 
@@ -325,25 +313,51 @@ class Trainer:
                 f"eval_pass@{n}_se": pk_se, "eval_prompts": len(counts), "eval_samples": n}
 
     # ----- the loop ---------------------------------------------------------------------------
-    def train_step(self, step: int) -> dict:
+    def _collect(self, step: int) -> tuple[list[Group], dict]:
+        """Sample and score the step's prompts; with dynamic sampling, drop the groups with equal
+        rewards and refill with fresh prompts (at most `max_refills` extra rounds)."""
         cfg = self.cfg
+        examples = self.prompts.batch(step, cfg.prompts_per_step)
+        kept, sampled, errors, refills = [], [], 0, 0
+        while True:
+            rollout = self._sample(examples, cfg.group_size, cfg.temperature, self.generator)
+            rewards, round_errors = self._score(examples, rollout.completion_ids, cfg.group_size)
+            errors += round_errors
+            groups = split_groups(examples, rollout, rewards)
+            sampled += groups
+            kept += [g for g in groups if g.informative or not cfg.dynamic_sampling]
+            if len(kept) >= cfg.prompts_per_step or not cfg.dynamic_sampling or refills == cfg.max_refills:
+                break
+            refills += 1
+            examples = self.prompts.refill(step, refills, cfg.prompts_per_step - len(kept))
+        rewards = [r for g in sampled for r in g.rewards]
+        lengths = [len(c) for g in sampled for c in g.completions]
+        finished = [f for g in sampled for f in g.finished]
+        stats = {"reward": sum(rewards) / len(rewards),
+                 "pass_rate": sum(passes(r) for r in rewards) / len(rewards),
+                 "completion_length": sum(lengths) / len(lengths),
+                 "truncated_fraction": 1 - sum(finished) / len(finished),
+                 "reward_errors": errors}
+        if cfg.dynamic_sampling:  # refills ask for the missing count only: kept ≤ prompts_per_step
+            stats.update(refills=refills, dropped_groups=len(sampled) - len(kept), trained_groups=len(kept))
+        return kept, stats
+
+    def train_step(self, step: int) -> dict:
+        """One step; `reward`, `pass_rate` and lengths describe every sampled completion (with
+        dynamic sampling, the dropped groups too)."""
         t0 = time.perf_counter()
-        examples = self._train_examples(step)
-        rollout = self._sample(examples, cfg.group_size, cfg.temperature, self.generator)
+        groups, stats = self._collect(step)
+        self.reward_errors += stats["reward_errors"]
         t1 = time.perf_counter()
-        rewards, errors = self._score(examples, rollout.completion_ids, cfg.group_size)
-        self.reward_errors += errors
+        if groups:
+            stats.update(self._update([g.prompt_ids for g in groups], [c for g in groups for c in g.completions],
+                                      [r for g in groups for r in g.rewards], [lp for g in groups for lp in g.logprobs]))
+        else:  # every group had equal rewards, even after the refills: nothing to learn from
+            self.log(f"step {step + 1}: no group with differing rewards after {stats['refills']} refills; "
+                     f"update skipped")
         t2 = time.perf_counter()
-        stats = self._update(rollout.prompt_ids, rollout.completion_ids, rewards, rollout.logprobs)
-        t3 = time.perf_counter()
-        lengths = [len(c) for c in rollout.completion_ids]
-        return {"reward": sum(rewards) / len(rewards),
-                "pass_rate": sum(passes(r) for r in rewards) / len(rewards),
-                **stats,
-                "completion_length": sum(lengths) / len(lengths),
-                "truncated_fraction": 1 - sum(rollout.finished) / len(rollout.finished),
-                "reward_errors": errors, "reward_errors_total": self.reward_errors,
-                "time_rollout": t1 - t0, "time_update": t3 - t2, "time_step": t3 - t0}
+        return {**stats, "reward_errors_total": self.reward_errors,
+                "time_rollout": t1 - t0, "time_update": t2 - t1, "time_step": t2 - t0}
 
     def run(self) -> dict:
         cfg, run_dir = self.cfg, self.run_dir
@@ -375,7 +389,7 @@ class Trainer:
                     metrics.update(self.evaluate())
                 log.log(self.step, metrics)
                 bar.set_postfix(reward=f"{metrics['reward']:.3f}", kl=f"{metrics.get('kl', math.nan):.4f}",
-                                ent=f"{metrics['entropy']:.3f}", s=f"{metrics['time_step']:.1f}")
+                                ent=f"{metrics.get('entropy', math.nan):.3f}", s=f"{metrics['time_step']:.1f}")
                 if self.step % cfg.checkpoint_every == 0 or self.step == cfg.steps:
                     save_checkpoint(run_dir, self.step, self.model, self.tokenizer,
                                     self.optimizer, self.generator, cfg.keep_checkpoints)
