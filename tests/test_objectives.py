@@ -1,6 +1,12 @@
 import torch
 
-from divrl.objectives import clipped_policy_loss, group_advantages
+from divrl.objectives import group_advantages
+from divrl.surrogates import PolicyTokens, clipped
+
+
+def clipped_policy_loss(logprobs, old_logprobs, advantages, clip_low, clip_high):
+    no = torch.zeros_like(advantages)
+    return clipped(PolicyTokens(logprobs, old_logprobs, advantages, no.bool(), no), clip_low, clip_high)
 
 
 def test_group_advantages_of_a_known_reward_vector():

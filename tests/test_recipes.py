@@ -143,3 +143,50 @@ def test_divrl_train_recipe_smoke_run_on_the_tiny_model(tmp_path, name):
             "--set", "train_size=20", "--set", f"output_dir={tmp_path / 'run'}"]
     assert main(args) == 0
     assert (tmp_path / "run" / "checkpoints" / "step-1").is_dir()
+
+
+def test_nft_on_policy_gradient_equals_dr_grpo():
+    """At πθ = πold NFT's per-token gradient weights are −(1 − r̂) on passes and +r̂ on failures:
+    REINFORCE with the group-mean baseline on 0/1 rewards, Dr. GRPO's gradient (same aggregation)."""
+    rewards = [1.0, 0.0, 0.0, 1.0]  # r̂ = 0.5 in both groups
+    nft, dr = _spec("nft"), _spec("dr-grpo")
+    assert nft.aggregation == dr.aggregation and nft.pg_loss == "nft"
+    grads = []
+    for spec in (nft, dr):
+        inputs, _ = _toy(spec, rewards)
+        (grad,) = torch.autograd.grad(objectives.objective_loss(spec, inputs).loss, inputs.policy.hidden)
+        grads.append(grad)
+    torch.testing.assert_close(grads[0], grads[1])
+    # with r̂ = 0.25: pass weight −0.75, fail weight +0.25 per token (hand-computed)
+    rewards = [1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0]
+    lengths, tokens = [1] * 8, torch.arange(8) % V
+    spec = build_config(None, ["group_size=4", "max_new_tokens=4"], recipe="nft").objective
+    gen = torch.Generator().manual_seed(1)
+    hidden = torch.randn(8, H, dtype=torch.float64, generator=gen).requires_grad_()
+    head = Head(torch.randn(V, H, dtype=torch.float64, generator=gen))
+    r = torch.tensor(rewards, dtype=torch.float64)
+    inputs = objectives.ObjectiveInputs(
+        policy=ModelOutputs(hidden, head), tokens=tokens, rows=torch.arange(8), advantages=torch.zeros(8),
+        rewards=r, group_pass_rate=objectives.group_pass_rate(objectives.passed(r), 4),
+        token_scale=objectives.token_scale(spec, lengths).double())
+    (got,) = torch.autograd.grad(objectives.objective_loss(spec, inputs).loss, hidden)
+    logp = head.logits(hidden).log_softmax(-1).gather(-1, tokens[:, None]).squeeze(-1)
+    weight = torch.where(r == 1, -0.75, 0.25) / (8 * 4)
+    (expected,) = torch.autograd.grad((weight * logp).sum(), hidden)
+    torch.testing.assert_close(got, expected)
+
+
+def test_nft_off_policy_clamps_the_implicit_negative_straight_through():
+    from divrl.surrogates import PolicyTokens, nft
+
+    logp = torch.log(torch.tensor([0.6, 0.3], dtype=torch.float64)).requires_grad_()
+    old = torch.log(torch.tensor([0.3, 0.3], dtype=torch.float64))  # ρ = (2, 1)
+    tokens = PolicyTokens(logp, old, torch.zeros(2), torch.tensor([False, False]), torch.full((2,), 0.25))
+    loss, clamped = nft(tokens, epsilon=1.0)
+    # ρ = 2: (1 − 0.25·2)/0.75 = 2/3 < ε → value log 1 = 0, gradient of log(2/3-branch) kept
+    assert loss[0].item() == 0.0 and clamped.tolist() == [True, False]
+    (grad,) = torch.autograd.grad(loss.sum(), logp)
+    # d/dlogρ of −0.75·log(x), x = (1 − 0.25ρ)/0.75, through the straight-through value 1:
+    # −0.75 · (1/1) · dx/dlogρ = −0.75 · (−0.25·2/0.75) = 0.5
+    assert grad[0].item() == pytest.approx(0.5)
+    assert grad[1].item() == pytest.approx(0.25)  # ρ = 1: +r̂

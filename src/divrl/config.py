@@ -67,6 +67,9 @@ class TrainConfig:
     top_p: float = _doc("Nucleus sampling threshold of rollouts (1.0 = off).", default=1.0)
     policy_gradient: bool = _doc("Include the clipped policy-gradient term (false: pure "
                                  "distillation by the divergence terms).", default=True)
+    pg_loss: str | dict = _doc("Policy-gradient surrogate (divrl.surrogates): 'clipped' (PPO, with "
+                               "clip_low/clip_high) or {nft: {epsilon: 1.0, clamp: 0.02, "
+                               "negative_weight: 1.0}}.", default="clipped")
     advantage: str = _doc("'group_norm' (GRPO: (r − mean)/std per group), 'mean_only' "
                           "(Dr. GRPO: r − mean) or 'signed' (PSR/NSR: +1 if the sample passes, "
                           "else −1, no baseline).", default="group_norm")

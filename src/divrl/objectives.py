@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from divrl import chunked, divergences, rowwise, weights
+from divrl import chunked, divergences, rowwise, surrogates, weights
 from divrl.rowwise import ModelOutputs
 from divrl.spec import ObjectiveSpec, TermSpec
 
@@ -115,17 +115,6 @@ def token_scale(spec: ObjectiveSpec, lengths: list[int]) -> torch.Tensor:
 def group_pass_rate(passed: torch.Tensor, group_size: int) -> torch.Tensor:
     """(B,) fraction of each completion's group that passed."""
     return passed.float().view(-1, group_size).mean(1).repeat_interleave(group_size)
-
-
-def clipped_policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor,
-                        advantages: torch.Tensor, clip_low: float, clip_high: float
-                        ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-token PPO surrogate −min(ρA, clip(ρ)A) and whether the clip was active, shapes (N,)."""
-    ratio = torch.exp(logprobs - old_logprobs)
-    unclipped = ratio * advantages
-    clipped = torch.clamp(ratio, 1.0 - clip_low, 1.0 + clip_high) * advantages
-    loss = -torch.minimum(unclipped, clipped)
-    return loss, (clipped < unclipped).detach()
 
 
 @dataclass
@@ -225,8 +214,9 @@ def objective_loss(spec: ObjectiveSpec, inputs: ObjectiveInputs) -> ObjectiveOut
     sums["entropy"] = float(entropy.detach().sum())
 
     if spec.policy_gradient:
-        pg, clipped = clipped_policy_loss(_wide(logprobs), _wide(old), inputs.advantages[inputs.rows],
-                                          spec.clip_low, spec.clip_high)
+        tokens = surrogates.PolicyTokens(_wide(logprobs), _wide(old), inputs.advantages[inputs.rows],
+                                         passed(inputs.rewards)[inputs.rows], inputs.group_pass_rate[inputs.rows])
+        pg, clipped = surrogates.get(spec.pg_loss)(tokens, **dict(spec.pg_loss_params))
         mw = _mask_and_weight("pg", spec.pg_mask, spec.pg_weight, stats, sums)
         parts["pg"] = (scale * pg if mw is None else scale * mw * pg).sum()
         sums["clip_fraction"] = float(clipped.sum())

@@ -46,7 +46,7 @@ from typing import Any, Mapping
 
 import torch
 
-from divrl import divergences, targets, weights
+from divrl import divergences, surrogates, targets, weights
 
 TARGET_MODELS = ("reference", "teacher", "old", "self")
 # Distribution-valued arguments of each target function; `tilt`'s advantage is supplied.
@@ -290,6 +290,8 @@ class ObjectiveSpec:
     """Everything that decides the loss; built by `parse_objective`."""
 
     policy_gradient: bool = True
+    pg_loss: str = "clipped"
+    pg_loss_params: tuple[tuple[str, Any], ...] = ()
     advantage: str = "group_norm"
     clip_low: float = 0.2
     clip_high: float = 0.28
@@ -310,8 +312,10 @@ class ObjectiveSpec:
     def describe(self) -> str:
         """One line, e.g. 'clipped PG (group_norm, ε 0.2/0.28) + 0.001·reverse_kl(πθ, reference)
         [exact, loss], aggregated token_mean'."""
-        parts = [f"clipped PG ({self.advantage}, ε {self.clip_low:g}/{self.clip_high:g})"] \
-            if self.policy_gradient else []
+        surrogate = (f"clipped PG ({self.advantage}, ε {self.clip_low:g}/{self.clip_high:g})"
+                     if self.pg_loss == "clipped" else
+                     f"{self.pg_loss} PG ({', '.join(f'{k}={v:g}' for k, v in self.pg_loss_params)})")
+        parts = [surrogate] if self.policy_gradient else []
         for t in self.terms:
             params = "".join(f", {k}={v}" for k, v in t.params if not isinstance(v, torch.Tensor))
             parts.append(f"{t.coef:g}·{t.divergence}(πθ, {t.target.describe()}{params}) "
@@ -329,6 +333,26 @@ class ObjectiveSpec:
         return tuple(t for t in self.terms if t.placement == "reward")
 
 
+def _parse_pg_loss(value: Any, clip_low: float, clip_high: float) -> tuple[str, tuple]:
+    """`pg_loss`: a surrogate name or {name: {params}}; `clipped` takes clip_low/clip_high."""
+    if isinstance(value, str):
+        value = {value: {}}
+    if not isinstance(value, Mapping) or len(value) != 1:
+        raise SpecError(f"pg_loss: a name of {', '.join(surrogates.names())} or {{name: {{params}}}}, got {value!r}")
+    (name, params), = value.items()
+    if name not in surrogates.names():
+        raise _unknown("pg_loss", "pg_loss", name, surrogates.names())
+    params = dict(params or {})
+    if name == "clipped":
+        if params:
+            raise SpecError("pg_loss.clipped: set clip_low and clip_high instead of parameters")
+        params = {"clip_low": clip_low, "clip_high": clip_high}
+    toy = surrogates.PolicyTokens(torch.zeros(2), torch.zeros(2), torch.ones(2), torch.tensor([True, False]),
+                                  torch.full((2,), 0.5))
+    _try_on_a_toy(lambda: surrogates.get(name)(toy, **params), f"pg_loss.{name}")
+    return name, tuple(params.items())
+
+
 def shorthand_term(kl_coef: float, kl_estimator: str, kl_in_reward: bool) -> dict | None:
     """`kl_coef`/`kl_estimator`/`kl_in_reward`: one reverse-KL-to-reference term (None if β = 0)."""
     if not kl_coef:
@@ -340,7 +364,7 @@ def shorthand_term(kl_coef: float, kl_estimator: str, kl_in_reward: bool) -> dic
 def parse_objective(config: Mapping[str, Any]) -> ObjectiveSpec:
     """The ObjectiveSpec of a (flat) training config mapping; raises SpecError naming the key.
 
-    Keys read: policy_gradient, advantage, clip_low, clip_high, loss_aggregation, loss_normalizer
+    Keys read: policy_gradient, pg_loss, advantage, clip_low, clip_high, loss_aggregation, loss_normalizer
     (default: max_new_tokens), pg_mask, pg_weight, terms, teacher, overlong_buffer,
     overlong_penalty, max_new_tokens, and the shorthand kl_coef, kl_estimator, kl_in_reward
     (appended as the last term).
@@ -382,8 +406,11 @@ def parse_objective(config: Mapping[str, Any]) -> ObjectiveSpec:
     policy_gradient = get("policy_gradient", True)
     if not policy_gradient and not any(t.placement == "loss" for t in terms):
         raise SpecError("policy_gradient: false leaves no loss term; add a term with placement: loss")
+    pg_loss, pg_loss_params = _parse_pg_loss(get("pg_loss", "clipped"), float(get("clip_low", 0.2)),
+                                             float(get("clip_high", 0.28)))
     return ObjectiveSpec(
-        policy_gradient=bool(policy_gradient), advantage=advantage,
+        policy_gradient=bool(policy_gradient), pg_loss=pg_loss, pg_loss_params=pg_loss_params,
+        advantage=advantage,
         clip_low=float(get("clip_low", 0.2)), clip_high=float(get("clip_high", 0.28)),
         aggregation=aggregation, normalizer=normalizer,
         pg_mask=_named_weights(get("pg_mask"), "pg_mask"),

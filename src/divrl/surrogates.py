@@ -1,0 +1,95 @@
+"""Policy-gradient surrogates: the per-token loss ℓ_PG(t) of the objective, registered by name.
+
+Each takes the tokens' `PolicyTokens` (log-probs with gradient, the behaviour policy's, the
+completion's advantage, whether it passed, its group's pass rate) and its parameters, and returns
+(loss (N,), clipped (N,) bool). `pg_loss` in the config names one:
+
+==================================  ==================================================================
+name (params)                       ℓ_PG(t), ρ_t = πθ(y_t|s_t)/πold(y_t|s_t)
+==================================  ==================================================================
+``clipped`` (clip_low, clip_high)   −min(ρ_t A, clip(ρ_t, 1 − ε_low, 1 + ε_high) A)  (PPO; GRPO, DAPO)
+``nft`` (epsilon, clamp,            (1 − r̂)·[−1_pass log ρ_t − w_neg·1_fail log max_ST((1 − r̂ρ_t)/(1 − r̂), ε)]
+negative_weight)
+==================================  ==================================================================
+
+NFT (Chen et al. 2025, "Bridging Supervised Learning and Reinforcement Learning in Math
+Reasoning", arXiv 2505.18116; read in the official code NVlabs/NFT, `dp_actor.py` and
+`train_7B.sh`): r̂ = the group pass rate clamped to [clamp, 1 − clamp] (0.02); ρ_t =
+exp(min(log ρ_t, 10)); a passing completion is trained by likelihood, a failing one through the
+implicit negative policy (1 − r̂ρ)/(1 − r̂), weighted by w_neg (1; 0 gives rejection-sampling
+fine-tuning); max_ST clamps the value at ε (clamp_negative = 1.0 in the script) but keeps the
+unclamped gradient (straight-through); (1 − r̂) is the code's prompt weight ("normalize = 1").
+At ρ = 1 its per-token gradient weights are −(1 − r̂) (pass) and +r̂ (fail): REINFORCE with the
+group-mean baseline on 0/1 rewards, i.e. Dr. GRPO's gradient (tested).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+
+@dataclass
+class PolicyTokens:
+    logprobs: Tensor  # (N,) policy log-prob of the sampled token, with gradient
+    old_logprobs: Tensor  # (N,) behaviour policy, detached
+    advantages: Tensor  # (N,) the token's completion's advantage
+    passed: Tensor  # (N,) bool: the token's completion passed (full score)
+    group_pass_rate: Tensor  # (N,) pass rate of the token's group
+
+
+Surrogate = Callable[..., tuple[Tensor, Tensor]]
+_SURROGATES: dict[str, Surrogate] = {}
+
+
+def register_surrogate(name: str) -> Callable[[Surrogate], Surrogate]:
+    def register(fn: Surrogate) -> Surrogate:
+        _SURROGATES[name] = fn
+        return fn
+
+    return register
+
+
+def names() -> list[str]:
+    return sorted(_SURROGATES)
+
+
+def get(name: str) -> Surrogate:
+    if name not in _SURROGATES:
+        raise ValueError(f"unknown pg_loss {name!r}; valid: {', '.join(names())}")
+    return _SURROGATES[name]
+
+
+@register_surrogate("clipped")
+def clipped(tokens: PolicyTokens, clip_low: float = 0.2, clip_high: float = 0.28) -> tuple[Tensor, Tensor]:
+    """PPO's clipped surrogate −min(ρA, clip(ρ, 1 − ε_low, 1 + ε_high)A) and where the clip bit."""
+    if not (0 <= clip_low < 1 and clip_high >= 0):
+        raise ValueError(f"clipped: need 0 ≤ clip_low < 1 and clip_high ≥ 0, got {clip_low}, {clip_high}")
+    ratio = torch.exp(tokens.logprobs - tokens.old_logprobs)
+    unclipped = ratio * tokens.advantages
+    clipped_ = torch.clamp(ratio, 1.0 - clip_low, 1.0 + clip_high) * tokens.advantages
+    return -torch.minimum(unclipped, clipped_), (clipped_ < unclipped).detach()
+
+
+def _clamp_min_straight_through(x: Tensor, low: float) -> Tensor:
+    """Value max(x, low), gradient of x."""
+    return x + (x.clamp(min=low) - x).detach()
+
+
+@register_surrogate("nft")
+def nft(tokens: PolicyTokens, epsilon: float = 1.0, clamp: float = 0.02,
+        negative_weight: float = 1.0) -> tuple[Tensor, Tensor]:
+    """Negative-aware fine-tuning's per-token loss (module docstring), and where ε clamped."""
+    if not (epsilon > 0 and 0 < clamp < 0.5 and negative_weight >= 0):
+        raise ValueError(f"nft: need epsilon > 0, 0 < clamp < 0.5 and negative_weight ≥ 0, got "
+                         f"{epsilon}, {clamp}, {negative_weight}")
+    rate = tokens.group_pass_rate.clamp(clamp, 1 - clamp).to(tokens.logprobs.dtype)
+    log_ratio = (tokens.logprobs - tokens.old_logprobs).clamp(max=10.0)
+    implicit_negative = (1 - rate * log_ratio.exp()) / (1 - rate)
+    clamped = (implicit_negative < epsilon).detach()
+    negative = torch.log(_clamp_min_straight_through(implicit_negative, epsilon))
+    loss = (1 - rate) * torch.where(tokens.passed, -log_ratio, -negative_weight * negative)
+    return loss, clamped & ~tokens.passed
