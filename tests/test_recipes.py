@@ -190,3 +190,32 @@ def test_nft_off_policy_clamps_the_implicit_negative_straight_through():
     # −0.75 · (1/1) · dx/dlogρ = −0.75 · (−0.25·2/0.75) = 0.5
     assert grad[0].item() == pytest.approx(0.5)
     assert grad[1].item() == pytest.approx(0.25)  # ρ = 1: +r̂
+
+
+def test_lp_reg_pulls_only_the_rare_kept_negative_tokens_toward_the_filtered_proxy():
+    """One context, 5 tokens with p = (0.6, 0.3, 0.088, 0.011, 0.001); κ = 0.02 relative drops
+    tokens 3, 4 (p < 0.012); Z = 0.988. Completions (one token each): y = 0 (+), 2 (−), 4 (−),
+    1 (−). Lowest-probability half of the 3 negative tokens: tokens 4 and 2; token 4 is filtered,
+    so only the completion with y = 2 gets the k3 term: k3 = 1/Z − 1 + log Z, gradient
+    (1 − 1/Z)∇log p(2)."""
+    probs = torch.tensor([0.6, 0.3, 0.088, 0.011, 0.001], dtype=torch.float64)
+    theta = probs.log()[None].clone().requires_grad_()
+    tokens = torch.tensor([0, 2, 4, 1])
+    spec = build_config(None, ["group_size=4", "terms[0].mask.low_probability_negatives.fraction=0.5"],
+                        recipe="lp-reg").objective
+    rewards = torch.tensor([1.0, 0.0, 0.0, 0.0], dtype=torch.float64)
+    inputs = objectives.ObjectiveInputs(
+        policy=ModelOutputs(torch.ones(4, 1, dtype=torch.float64), Head(theta.T)), tokens=tokens,
+        rows=torch.arange(4), advantages=objectives.advantages(spec, rewards, None, 4), rewards=rewards,
+        group_pass_rate=torch.full((4,), 0.25, dtype=torch.float64),
+        token_scale=torch.full((4,), 0.25, dtype=torch.float64))
+    out = objectives.objective_loss(spec, inputs)
+    z = probs[:3].sum()
+    term = "reverse_kl_to_filter"
+    assert out.token_sums[f"{term}_masked_fraction"] == 3
+    assert out.loss_parts[term] == pytest.approx((0.25 * (1 / z - 1 + z.log())).item(), rel=1e-9)
+    (grad,) = torch.autograd.grad(out.loss, theta)
+    pg = -(0.25 * inputs.advantages * theta.log_softmax(-1)[0, tokens]).sum()
+    lp = 0.25 * (1 - 1 / z) * theta.log_softmax(-1)[0, 2]
+    (expected,) = torch.autograd.grad(pg + lp, theta)
+    torch.testing.assert_close(grad, expected)

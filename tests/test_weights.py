@@ -27,7 +27,7 @@ def assert_weights(actual, *expected):
 
 
 def test_names():
-    assert W.names() == ["asymmetric", "entropy_quantile", "pass_rate"]
+    assert W.names() == ["asymmetric", "entropy_quantile", "low_probability_negatives", "pass_rate"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -106,7 +106,7 @@ def test_check_accepts_valid_params():
 def test_check_unknown_name_suggests_and_lists():
     with pytest.raises(ValueError, match="did you mean 'pass_rate'") as error:
         W.check("pass_rat", {})
-    assert "asymmetric, entropy_quantile, pass_rate" in str(error.value)
+    assert "asymmetric, entropy_quantile, low_probability_negatives, pass_rate" in str(error.value)
     with pytest.raises(ValueError, match="unknown weight 'zzz'; valid: asymmetric"):
         W.check("zzz", {})
 
@@ -166,3 +166,19 @@ def test_a_new_weight_is_one_registered_function(monkeypatch):
 def test_interval_text():
     assert str(Interval(0.0, 1.0, open_low=True)) == "(0, 1]"
     assert str(Interval(0.0)) == "[0, ∞)"
+
+
+def test_low_probability_negatives_keeps_the_rarest_kept_negative_tokens():
+    # 6 tokens of 3 completions; A = (+1, −1, −1); completions 1 and 2 are negative (tokens 2..5)
+    stats = W.TokenStats(rows=torch.tensor([0, 0, 1, 1, 2, 2]), advantages=torch.tensor([1.0, -1.0, -1.0]),
+                         rewards=torch.zeros(3), group_pass_rate=torch.zeros(3),
+                         logprobs=torch.tensor([-9.0, -0.1, -5.0, -0.2, -4.0, -6.0]),
+                         target_logprobs=torch.tensor([-1.0, 0.0, -4.0, 0.0, -3.0, -math.inf]))
+    # negatives' log-probs: −5, −0.2, −4, −6; the lowest half (2 of 4): −6 and −5; −6 is filtered
+    # out by the target (log q = −inf), so only token 2 remains; token 0 is rare but positive
+    torch.testing.assert_close(W.compute([("low_probability_negatives", {"fraction": 0.5})], stats),
+                               torch.tensor([0.0, 0.0, 1.0, 0.0, 0.0, 0.0]))
+    with pytest.raises(ValueError, match="needs the statistic 'target_logprobs'"):
+        W.compute([("low_probability_negatives", {})], W.TokenStats(
+            rows=stats.rows, advantages=stats.advantages, rewards=stats.rewards,
+            group_pass_rate=stats.group_pass_rate, logprobs=stats.logprobs))

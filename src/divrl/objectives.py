@@ -20,6 +20,7 @@ tabular lab (`divrl.lab.objective_fixed_point`) calls the same function on table
 
 from __future__ import annotations
 
+import dataclasses
 from collections import defaultdict
 from dataclasses import dataclass, field
 
@@ -222,17 +223,19 @@ def objective_loss(spec: ObjectiveSpec, inputs: ObjectiveInputs) -> ObjectiveOut
         sums["clip_fraction"] = float(clipped.sum())
 
     for term in spec.terms:
-        mw = _mask_and_weight(term.name, term.mask, term.weight, stats, sums)
+        target_logprobs = None if term.estimator == "exact" else _sampled_target_logprobs(term, inputs, models)
+        term_stats = dataclasses.replace(stats, target_logprobs=target_logprobs)
+        mw = _mask_and_weight(term.name, term.mask, term.weight, term_stats, sums)
         token_weights = scale if mw is None else scale * mw
         if term.placement == "reward":  # in the return already: logged here, no gradient
-            value = divergences.get_estimator(term.estimator)(
-                logprobs.detach(), _sampled_target_logprobs(term, inputs, models))
+            value = divergences.get_estimator(term.estimator)(logprobs.detach(), target_logprobs)
         elif term.estimator == "exact":
             value = _exact(term, inputs, models, token_weights.detach())
         else:  # a sampled estimator, importance-weighted by the detached πθ/πold
             ratio = torch.exp(logprobs.detach() - old)
-            value = ratio * divergences.get_estimator(term.estimator)(
-                logprobs, _sampled_target_logprobs(term, inputs, models))
+            value = ratio * divergences.get_estimator(term.estimator)(logprobs, target_logprobs)
+        if mw is not None:  # a token weighted 0 contributes 0, even where D is +inf (disjoint support)
+            value = torch.where(mw > 0, value, 0.0)
         sums[term.name] += float(value.detach().sum())
         if term.placement == "loss" and term.coef:
             parts[term.name] = term.coef * (token_weights * _wide(value)).sum()

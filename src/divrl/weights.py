@@ -15,6 +15,9 @@ name (params)                              w_t
 ``asymmetric`` (positive=1, negative=1)    ``positive`` if A > 0, ``negative`` if A < 0, 1 if A = 0
                                            (NSR / W-REINFORCE, Zhu et al. 2025)
 ``pass_rate`` (a=1, b=1)                   p̂^a·(1 − p̂)^b of the token's group (PACED)
+``low_probability_negatives`` (fraction)   1 on the lowest-probability ``fraction`` of the
+                                           negative-advantage tokens that the term's target keeps
+                                           (Lp-Reg, Huang et al. 2025)
 =========================================  ======================================================
 """
 
@@ -45,6 +48,7 @@ class TokenStats:
     logprobs: Tensor | None = None  # (N,) policy log-prob of the sampled token
     old_logprobs: Tensor | None = None  # (N,) behaviour policy
     ref_logprobs: Tensor | None = None  # (N,) reference model
+    target_logprobs: Tensor | None = None  # (N,) the weighted term's target q at the sampled token
 
 
 @dataclass(frozen=True)
@@ -202,3 +206,26 @@ def pass_rate(stats: TokenStats, a: NonNegative = 1.0, b: NonNegative = 1.0) -> 
     """
     rate = stats.group_pass_rate[stats.rows]
     return rate.pow(a) * (1.0 - rate).pow(b)
+
+
+@register_weight("low_probability_negatives")
+def low_probability_negatives(stats: TokenStats, fraction: Fraction = 0.01) -> Tensor:
+    """Lp-Reg's token set: 1 on negative-advantage tokens whose policy log-prob is among the lowest
+    ``fraction`` of all negative-advantage tokens of the batch (⌈fraction·N⁻⌉ of them, more on ties)
+    and that the term's target keeps, log πθ(y_t) < log q(y_t) (false where the filtered proxy
+    removed the token); else 0.
+
+    Read in the official code (CarlanLark/Lp-Reg-dev, ``compute_policy_loss_lp_reg``; methods notes
+    entry Lp-Reg): fraction = 1% (Qwen3-14B) or 0.5% (Qwen2.5-32B); positive tokens are never
+    regularized.
+    """
+    logprobs = _required(stats, "logprobs", "low_probability_negatives")
+    target = _required(stats, "target_logprobs", "low_probability_negatives")
+    negative = stats.advantages[stats.rows] < 0
+    mask = torch.zeros_like(logprobs)
+    count = int(negative.sum())
+    if count == 0:
+        return mask
+    kept = max(1, math.ceil(fraction * count - 1e-9 * count))
+    threshold = logprobs[negative].topk(kept, largest=False).values[-1]
+    return mask.masked_fill(negative & (logprobs <= threshold) & (logprobs < target), 1.0)
