@@ -27,7 +27,7 @@ def assert_weights(actual, *expected):
 
 
 def test_names():
-    assert W.names() == ["asymmetric", "entropy_quantile", "low_probability_negatives", "pass_rate"]
+    assert W.names() == ["accuracy_tanh", "asymmetric", "entropy_quantile", "low_probability_negatives", "pass_rate"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -106,8 +106,8 @@ def test_check_accepts_valid_params():
 def test_check_unknown_name_suggests_and_lists():
     with pytest.raises(ValueError, match="did you mean 'pass_rate'") as error:
         W.check("pass_rat", {})
-    assert "asymmetric, entropy_quantile, low_probability_negatives, pass_rate" in str(error.value)
-    with pytest.raises(ValueError, match="unknown weight 'zzz'; valid: asymmetric"):
+    assert "accuracy_tanh, asymmetric, entropy_quantile, low_probability_negatives, pass_rate" in str(error.value)
+    with pytest.raises(ValueError, match="unknown weight .zzz.; valid: accuracy_tanh, asymmetric"):
         W.check("zzz", {})
 
 
@@ -182,3 +182,13 @@ def test_low_probability_negatives_keeps_the_rarest_kept_negative_tokens():
         W.compute([("low_probability_negatives", {})], W.TokenStats(
             rows=stats.rows, advantages=stats.advantages, rewards=stats.rewards,
             group_pass_rate=stats.group_pass_rate, logprobs=stats.logprobs))
+
+
+def test_accuracy_tanh_scales_from_half_to_its_maximum():
+    base = dict(rows=torch.tensor([0, 0, 1]), advantages=torch.zeros(2), rewards=torch.zeros(2),
+                group_pass_rate=torch.zeros(2))
+    for rate, expected in ((0.0, 0.5), (1.0, (1 + math.tanh(1.0)) / 2), (0.5, (1 + math.tanh(0.5)) / 2)):
+        got = W.compute([("accuracy_tanh", {})], W.TokenStats(**base, batch_pass_rate=rate))
+        torch.testing.assert_close(got, torch.full((3,), expected))
+    with pytest.raises(ValueError, match="needs the statistic 'batch_pass_rate'"):
+        W.compute([("accuracy_tanh", {})], W.TokenStats(**base))

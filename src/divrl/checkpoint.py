@@ -27,7 +27,9 @@ def checkpoint_dirs(run_dir: Path) -> list[tuple[int, Path]]:
 
 
 def save_checkpoint(run_dir: Path, step: int, model, tokenizer, optimizer,
-                    generator: torch.Generator, keep: int) -> Path:
+                    generator: torch.Generator, keep: int, state: dict | None = None) -> Path:
+    """Write `checkpoints/step-N/`; `state` (JSON-able: e.g. the prompt sampler's) goes into
+    trainer_state.json beside the step."""
     target = run_dir / "checkpoints" / f"step-{step}"
 
     def save(tmp: Path) -> None:
@@ -35,7 +37,7 @@ def save_checkpoint(run_dir: Path, step: int, model, tokenizer, optimizer,
         tokenizer.save_pretrained(tmp)
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         torch.save({"sampling": generator.get_state(), "torch": torch.get_rng_state()}, tmp / "rng.pt")
-        (tmp / "trainer_state.json").write_text(json.dumps({"step": step}))  # written last
+        (tmp / "trainer_state.json").write_text(json.dumps({"step": step, **(state or {})}))  # written last
 
     save_atomically(target, save)
     for _, old in checkpoint_dirs(run_dir)[:-keep]:
@@ -43,8 +45,9 @@ def save_checkpoint(run_dir: Path, step: int, model, tokenizer, optimizer,
     return target
 
 
-def load_checkpoint(path: Path, model, optimizer, generator: torch.Generator) -> int:
-    """Restore weights, optimizer and RNG state from `path`; returns its step."""
+def load_checkpoint(path: Path, model, optimizer, generator: torch.Generator) -> dict:
+    """Restore weights, optimizer and RNG state from `path`; returns its trainer state (its
+    "step" and whatever `save_checkpoint` was given)."""
     from safetensors.torch import load_file
 
     state = {}
@@ -59,4 +62,4 @@ def load_checkpoint(path: Path, model, optimizer, generator: torch.Generator) ->
     rng = torch.load(path / "rng.pt", weights_only=True)
     generator.set_state(rng["sampling"])
     torch.set_rng_state(rng["torch"])
-    return json.loads((path / "trainer_state.json").read_text())["step"]
+    return json.loads((path / "trainer_state.json").read_text())

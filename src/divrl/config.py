@@ -20,7 +20,7 @@ from typing import Any
 
 import yaml
 
-from divrl import recipes
+from divrl import prompts, recipes
 from divrl.spec import ADVANTAGES, AGGREGATIONS, ESTIMATORS, ObjectiveSpec, SpecError, parse_objective
 
 
@@ -96,6 +96,9 @@ class TrainConfig:
                                   "(paper: 4096 of 20480 = 0.2); 0 = off.", default=0.0)
     overlong_penalty: float = _doc("The largest overlong penalty (reached at max_new_tokens).",
                                    default=1.0)
+    prompt_sampler: str | dict = _doc("Which training prompts a step samples (divrl.prompts): "
+                                      "'sequential' (per-epoch shuffles) or {gaussian_curriculum: "
+                                      "{alpha: 0.9, sigma: 0.35}} (FG-ExPO).", default="sequential")
     dynamic_sampling: bool = _doc("DAPO's dynamic sampling: drop groups whose rewards are all equal "
                                   "and refill the batch with fresh prompts.", default=False)
     max_refills: int = _doc("Most extra sampling rounds per step for dynamic sampling (then the "
@@ -188,6 +191,10 @@ def _check(cfg: TrainConfig) -> None:
         need(getattr(cfg, key) >= 1, key, "must be ≥ 1")
     need(cfg.eval_every >= 0, "eval_every", "must be ≥ 0")
     need(cfg.max_refills >= 0, "max_refills", "must be ≥ 0")
+    try:
+        prompts.parse_sampler(cfg.prompt_sampler)
+    except ValueError as err:
+        raise ConfigError(f"config key 'prompt_sampler': {err}") from None
     need(cfg.group_size >= 2, "group_size", "must be ≥ 2 (advantages compare samples of a group)")
     for key in ("temperature", "eval_temperature", "lr"):
         need(getattr(cfg, key) > 0, key, "must be > 0")

@@ -131,6 +131,7 @@ class ObjectiveInputs:
     token_scale: torch.Tensor  # (N,) aggregation weights a_t
     old_logprobs: torch.Tensor | None = None  # (N,) behaviour log-probs; None: on-policy (πθ detached)
     models: dict[str, ModelOutputs] = field(default_factory=dict)  # reference/teacher/old, no gradient
+    batch_pass_rate: float | None = None  # fraction of the whole batch's completions that passed
 
 
 @dataclass
@@ -185,7 +186,8 @@ def _exact(term: TermSpec, inputs: ObjectiveInputs, models, token_weights: torch
 
 def _stats(inputs: ObjectiveInputs, logprobs, entropy, old) -> weights.TokenStats:
     return weights.TokenStats(rows=inputs.rows, advantages=inputs.advantages, rewards=inputs.rewards,
-                              group_pass_rate=inputs.group_pass_rate, entropy=entropy.detach(),
+                              group_pass_rate=inputs.group_pass_rate, batch_pass_rate=inputs.batch_pass_rate,
+                              entropy=entropy.detach(),
                               logprobs=logprobs.detach(), old_logprobs=old)
 
 

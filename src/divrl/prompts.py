@@ -2,9 +2,10 @@
 
 `PromptSource` is the pluggable piece: `batch(step, n)` gives a step's prompts as consecutive
 slices of per-epoch shuffles, and `refill(step, attempt, n)` gives fresh prompts to refill a batch
-from a stream seeded by (seed, step, attempt). Both are pure functions of their arguments, so a
-resumed run samples exactly what an uninterrupted one does without saving any sampler state.
-Curricula and prioritized sampling are subclasses that override them.
+from a stream seeded by (seed, step, attempt); `observe` hears each sampled prompt's pass rate.
+Curricula and prioritized sampling are subclasses (`GaussianCurriculum`); their state is
+`state_dict()`, saved in each checkpoint, so a resumed run samples exactly what an uninterrupted
+one does. `prompt_sampler` in the config names one (`build_source`).
 
 Dynamic sampling (Yu et al. 2025, DAPO, arXiv 2503.14476 §3.2): a group whose rewards are all
 equal has zero advantage everywhere and teaches nothing, so it is dropped and the batch is
@@ -15,8 +16,13 @@ extra sampling rounds were spent.
 from __future__ import annotations
 
 import functools
+import math
 import random
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
+
+import torch
 
 from divrl.tasks import Example
 
@@ -35,11 +41,96 @@ class PromptSource:
         rng = random.Random(f"{self.seed}:refill:{step}:{attempt}")
         return [self.examples[i] for i in rng.sample(range(len(self.examples)), min(size, len(self.examples)))]
 
+    def observe(self, examples: list[Example], pass_rates: list[float]) -> None:
+        """The pass rate of each prompt sampled this step (the base source ignores them)."""
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore what `state_dict` returned."""
+
     @functools.lru_cache(maxsize=2)
     def _epoch_order(self, epoch: int) -> list[int]:
         order = list(range(len(self.examples)))
         random.Random(self.seed * 100_003 + epoch).shuffle(order)
         return order
+
+
+class GaussianCurriculum(PromptSource):
+    """FG-ExPO's Gaussian curriculum sampling (arXiv 2605.11403 §3.3, Alg. 1): each prompt keeps an
+    EMA of its pass rate, p̃ ← α·p̃ + (1 − α)·p̂, updated only when sampled and starting at 0.5;
+    a batch is drawn without replacement with Pr[q] ∝ exp(−(p̃_q − 0.5)²/(2σ²)), favouring the
+    prompts at the frontier of competence. Paper defaults α = 0.9, σ = 0.35. The draw is seeded by
+    (seed, step, attempt), so with the EMA restored from the checkpoint a resumed run repeats it."""
+
+    def __init__(self, examples: list[Example], seed: int, alpha: float = 0.9, sigma: float = 0.35):
+        super().__init__(examples, seed)
+        self.alpha, self.sigma = alpha, sigma
+        self.ema = torch.full((len(examples),), 0.5, dtype=torch.float64)
+        self._index = {id(example): i for i, example in enumerate(examples)}
+
+    @staticmethod
+    def check(alpha: float = 0.9, sigma: float = 0.35) -> None:
+        if not 0.0 <= alpha < 1.0:
+            raise ValueError(f"alpha: must lie in [0, 1), got {alpha!r}")
+        if not (sigma > 0 and math.isfinite(sigma)):
+            raise ValueError(f"sigma: must be a finite number > 0 (the curriculum's width), got {sigma!r}")
+
+    def weights(self) -> torch.Tensor:
+        return torch.exp(-((self.ema - 0.5) ** 2) / (2 * self.sigma**2))
+
+    def _draw(self, key: str, size: int) -> list[Example]:
+        generator = torch.Generator().manual_seed(random.Random(key).getrandbits(63))
+        chosen = torch.multinomial(self.weights(), min(size, len(self.examples)), replacement=False,
+                                   generator=generator)
+        return [self.examples[i] for i in chosen.tolist()]
+
+    def batch(self, step: int, size: int) -> list[Example]:
+        return self._draw(f"{self.seed}:curriculum:{step}", size)
+
+    def refill(self, step: int, attempt: int, size: int) -> list[Example]:
+        return self._draw(f"{self.seed}:curriculum:{step}:{attempt}", size)
+
+    def observe(self, examples: list[Example], pass_rates: list[float]) -> None:
+        for example, rate in zip(examples, pass_rates):
+            i = self._index[id(example)]
+            self.ema[i] = self.alpha * self.ema[i] + (1 - self.alpha) * rate
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"ema": self.ema.tolist()}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.ema = torch.tensor(state["ema"], dtype=torch.float64)
+
+
+SAMPLERS: dict[str, type[PromptSource]] = {"sequential": PromptSource, "gaussian_curriculum": GaussianCurriculum}
+
+
+def parse_sampler(value: Any) -> tuple[str, dict[str, Any]]:
+    """`prompt_sampler`: a name or {name: {params}}; raises ValueError naming the bad part."""
+    if isinstance(value, str):
+        value = {value: {}}
+    if not isinstance(value, Mapping) or len(value) != 1:
+        raise ValueError(f"must be one of {', '.join(SAMPLERS)} or {{name: {{params}}}}, got {value!r}")
+    (name, params), = value.items()
+    if name not in SAMPLERS:
+        raise ValueError(f"unknown prompt sampler {name!r}; valid: {', '.join(SAMPLERS)}")
+    params = dict(params or {})
+    check = getattr(SAMPLERS[name], "check", None)
+    if check is None and params:
+        raise ValueError(f"{name} takes no parameters, got {params!r}")
+    if check is not None:
+        try:
+            check(**params)
+        except TypeError as err:
+            raise ValueError(f"{name}: {err}") from None
+    return name, params
+
+
+def build_source(value: Any, examples: list[Example], seed: int) -> PromptSource:
+    name, params = parse_sampler(value)
+    return SAMPLERS[name](examples, seed, **params)
 
 
 @dataclass

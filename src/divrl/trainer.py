@@ -30,13 +30,13 @@ from tqdm.auto import tqdm
 from transformers import DynamicCache
 
 from divrl import chunked, objectives
+from divrl.chunked import Head
 from divrl.checkpoint import checkpoint_dirs, load_checkpoint, save_checkpoint
 from divrl.config import ConfigError, TrainConfig, save_config
 from divrl.metrics import pass_at_k_over_prompts
-from divrl.chunked import Head
 from divrl.models import load_model, output_head
 from divrl.report import write_report
-from divrl.prompts import Group, PromptSource, split_groups
+from divrl.prompts import Group, build_source, split_groups
 from divrl.rollout import sample
 from divrl.rowwise import ModelOutputs
 from divrl.runlog import MetricsLog, read_metrics
@@ -160,7 +160,7 @@ class Trainer:
             else nullcontext
         self.stop_ids = sorted({self.tokenizer.eos_token_id, self.tokenizer.pad_token_id})
         self._prompt_cache: dict[str, list[int]] = {}
-        self.prompts = PromptSource(self.task.train, cfg.seed)
+        self.prompts = build_source(cfg.prompt_sampler, self.task.train, cfg.seed)
         self.step = 0
         self.reward_errors = 0
 
@@ -235,6 +235,7 @@ class Trainer:
         scale = objectives.token_scale(spec, lengths)
         reward_t = torch.tensor(rewards)
         pass_rate = objectives.group_pass_rate(objectives.passed(reward_t), group)
+        batch_pass_rate = float(objectives.passed(reward_t).float().mean())
         # Micro-batches of whole groups (a prompt's KV is computed once for its G completions).
         per_micro = cfg.micro_batch_size // group
         micro = []
@@ -259,7 +260,7 @@ class Trainer:
                 policy=ModelOutputs(hidden, self._head(self.model)), tokens=tokens, rows=token_rows,
                 advantages=advantages[rows], rewards=reward_t[rows], group_pass_rate=pass_rate[rows],
                 token_scale=scale[tokens_slice], old_logprobs=frozen[m].old_logprobs,
-                models=frozen[m].models)
+                models=frozen[m].models, batch_pass_rate=batch_pass_rate)
 
         penalty = None
         shaping = objectives.overlong_penalty(spec, torch.tensor(lengths))
@@ -330,6 +331,8 @@ class Trainer:
                 break
             refills += 1
             examples = self.prompts.refill(step, refills, cfg.prompts_per_step - len(kept))
+        self.prompts.observe([g.example for g in sampled],
+                             [sum(passes(r) for r in g.rewards) / len(g.rewards) for g in sampled])
         rewards = [r for g in sampled for r in g.rewards]
         lengths = [len(c) for g in sampled for c in g.completions]
         finished = [f for g in sampled for f in g.finished]
@@ -365,7 +368,9 @@ class Trainer:
         start_step, before = 0, None
         if cfg.resume:
             _, path = checkpoint_dirs(run_dir)[-1]
-            start_step = load_checkpoint(path, self.model, self.optimizer, self.generator)
+            state = load_checkpoint(path, self.model, self.optimizer, self.generator)
+            start_step = state["step"]
+            self.prompts.load_state_dict(state.get("prompt_source", {}))
             self.log(f"resumed from {path} (step {start_step})")
             rows = read_metrics(run_dir / "metrics.jsonl") if (run_dir / "metrics.jsonl").exists() else []
             before = next((r for r in rows if r["step"] == 0 and "eval_pass@1" in r), None)
@@ -392,7 +397,8 @@ class Trainer:
                                 ent=f"{metrics.get('entropy', math.nan):.3f}", s=f"{metrics['time_step']:.1f}")
                 if self.step % cfg.checkpoint_every == 0 or self.step == cfg.steps:
                     save_checkpoint(run_dir, self.step, self.model, self.tokenizer,
-                                    self.optimizer, self.generator, cfg.keep_checkpoints)
+                                    self.optimizer, self.generator, cfg.keep_checkpoints,
+                                    {"prompt_source": self.prompts.state_dict()})
             bar.close()
             after = self.evaluate()
             log.log(cfg.steps, after)

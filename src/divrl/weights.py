@@ -15,6 +15,8 @@ name (params)                              w_t
 ``asymmetric`` (positive=1, negative=1)    ``positive`` if A > 0, ``negative`` if A < 0, 1 if A = 0
                                            (NSR / W-REINFORCE, Zhu et al. 2025)
 ``pass_rate`` (a=1, b=1)                   p̂^a·(1 − p̂)^b of the token's group (PACED)
+``accuracy_tanh``                          (tanh(ā) + 1)/2, ā the batch's pass rate: FG-ExPO's
+                                           accuracy-conditioned KL scale
 ``low_probability_negatives`` (fraction)   1 on the lowest-probability ``fraction`` of the
                                            negative-advantage tokens that the term's target keeps
                                            (Lp-Reg, Huang et al. 2025)
@@ -49,6 +51,7 @@ class TokenStats:
     old_logprobs: Tensor | None = None  # (N,) behaviour policy
     ref_logprobs: Tensor | None = None  # (N,) reference model
     target_logprobs: Tensor | None = None  # (N,) the weighted term's target q at the sampled token
+    batch_pass_rate: float | None = None  # ā: fraction of the whole batch's completions that passed
 
 
 @dataclass(frozen=True)
@@ -229,3 +232,14 @@ def low_probability_negatives(stats: TokenStats, fraction: Fraction = 0.01) -> T
     kept = max(1, math.ceil(fraction * count - 1e-9 * count))
     threshold = logprobs[negative].topk(kept, largest=False).values[-1]
     return mask.masked_fill(negative & (logprobs <= threshold) & (logprobs < target), 1.0)
+
+
+@register_weight("accuracy_tanh")
+def accuracy_tanh(stats: TokenStats) -> Tensor:
+    """FG-ExPO's accuracy-conditioned KL scale β_eff/β = (tanh(ā) + 1)/2 (arXiv 2605.11403 §3.2),
+    ā the mean binary verifier score over the whole batch: ∈ [0.5, 0.881], looser when the batch
+    fails more. The same value for every token (a coefficient, logged as the term's mean weight)."""
+    if stats.batch_pass_rate is None:
+        raise ValueError("weight 'accuracy_tanh' needs the statistic 'batch_pass_rate', which is None")
+    value = (math.tanh(stats.batch_pass_rate) + 1.0) / 2.0
+    return torch.full(stats.rows.shape, value, dtype=stats.advantages.dtype, device=stats.rows.device)
