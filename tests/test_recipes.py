@@ -219,3 +219,34 @@ def test_lp_reg_pulls_only_the_rare_kept_negative_tokens_toward_the_filtered_pro
     lp = 0.25 * (1 - 1 / z) * theta.log_softmax(-1)[0, 2]
     (expected,) = torch.autograd.grad(pg + lp, theta)
     torch.testing.assert_close(grad, expected)
+
+
+def test_sequence_chi2_is_unbiased_for_the_chi2_between_completions():
+    """Two-token completions from a table policy: E_πθ[w − 1] = χ²(πθ‖q) over all V² sequences,
+    and E_πθ[2(w − 1)∇log πθ(y)] = ∇χ², computed exactly by enumeration through sequence_chi2."""
+    gen = torch.Generator().manual_seed(0)
+    theta = torch.randn(2, 3, dtype=torch.float64, generator=gen).requires_grad_()  # position × token
+    q = torch.randn(2, 3, dtype=torch.float64, generator=gen).log_softmax(-1)
+    seqs = torch.cartesian_prod(torch.arange(3), torch.arange(3))  # 9 completions of 2 tokens
+    logp = theta.log_softmax(-1)
+    tokens_lp = torch.stack([logp[0, seqs[:, 0]], logp[1, seqs[:, 1]]], 1).reshape(-1)
+    tokens_lq = torch.stack([q[0, seqs[:, 0]], q[1, seqs[:, 1]]], 1).reshape(-1)
+    rows = torch.arange(9).repeat_interleave(2)
+    per_token = objectives.sequence_chi2(tokens_lp, tokens_lq, rows, 9)
+    seq_prob = tokens_lp.detach().view(9, 2).sum(1).exp()
+    expected_value = (seq_prob * (per_token.detach().view(9, 2)[:, 0])).sum()
+    joint_p, joint_q = tokens_lp.view(9, 2).sum(1), tokens_lq.view(9, 2).sum(1)
+    chi2 = (joint_p.exp() ** 2 / joint_q.exp()).sum() - 1
+    assert expected_value.item() == pytest.approx(chi2.item(), rel=1e-10)
+    (grad,) = torch.autograd.grad((seq_prob[rows] * per_token).sum(), theta, retain_graph=True)
+    (expected_grad,) = torch.autograd.grad(chi2, theta)
+    torch.testing.assert_close(grad, expected_grad)
+
+
+def test_chi2_recipe_and_its_sequence_form_are_valid_and_bounded_to_chi2():
+    spec = _spec("chi2")
+    assert [t.name for t in spec.terms] == ["chi2_to_reference", "chi2_to_reference_sequence"]
+    with pytest.raises(Exception, match="the sequence estimator is the χ² of whole completions"):
+        build_config(None, ["terms=[{divergence: forward_kl, target: reference, estimator: sequence}]"])
+    with pytest.raises(Exception, match="'inner_iterations' must be 1 with the sequence estimator"):
+        build_config(None, ["inner_iterations=2"], recipe="chi2")

@@ -27,7 +27,7 @@ def assert_weights(actual, *expected):
 
 
 def test_names():
-    assert W.names() == ["accuracy_tanh", "asymmetric", "entropy_quantile", "low_probability_negatives", "pass_rate"]
+    assert W.names() == ["accuracy_tanh", "asymmetric", "dads", "entropy_quantile", "low_probability_negatives", "pass_rate", "stcr"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -106,7 +106,7 @@ def test_check_accepts_valid_params():
 def test_check_unknown_name_suggests_and_lists():
     with pytest.raises(ValueError, match="did you mean 'pass_rate'") as error:
         W.check("pass_rat", {})
-    assert "accuracy_tanh, asymmetric, entropy_quantile, low_probability_negatives, pass_rate" in str(error.value)
+    assert "accuracy_tanh, asymmetric, dads, entropy_quantile, low_probability_negatives, pass_rate, stcr" in str(error.value)
     with pytest.raises(ValueError, match="unknown weight .zzz.; valid: accuracy_tanh, asymmetric"):
         W.check("zzz", {})
 
@@ -192,3 +192,26 @@ def test_accuracy_tanh_scales_from_half_to_its_maximum():
         torch.testing.assert_close(got, torch.full((3,), expected))
     with pytest.raises(ValueError, match="needs the statistic 'batch_pass_rate'"):
         W.compute([("accuracy_tanh", {})], W.TokenStats(**base))
+
+
+def test_dads_loosens_the_kl_on_correct_answers_of_hard_prompts():
+    # 4 completions, one token each; groups: (0, 1) with p̂ = 0.5, (2, 3) with p̂ = 1
+    stats = W.TokenStats(rows=torch.arange(4), advantages=torch.tensor([1.0, -1.0, 0.5, 0.0]),
+                         rewards=torch.zeros(4), group_pass_rate=torch.tensor([0.5, 0.5, 1.0, 1.0]))
+    expected = torch.tensor([1 - math.exp(-math.e * 0.5), 1.0, 1.0, 1.0])
+    torch.testing.assert_close(W.compute([("dads", {})], stats), expected)
+    low = W.TokenStats(rows=torch.arange(1), advantages=torch.ones(1), rewards=torch.zeros(1),
+                       group_pass_rate=torch.tensor([0.125]))
+    assert W.compute([("dads", {})], low).item() == pytest.approx(1 - math.exp(-math.e / 8))  # ≈ 0.288
+
+
+def test_stcr_scales_long_failures_against_the_mean_passing_length():
+    # group 0: completions of lengths 2 (pass), 4 (pass), 1 (fail), 5 (fail) → ℓ̄⁺ = 3;
+    # group 1: lengths 2, 3, both fail → no pass, weights 1
+    lengths = [2, 4, 1, 5, 2, 3]
+    rows = torch.repeat_interleave(torch.arange(6), torch.tensor(lengths))
+    stats = W.TokenStats(rows=rows, advantages=torch.zeros(6), rewards=torch.zeros(6),
+                         group_pass_rate=torch.zeros(6), passed=torch.tensor([True, True, False, False, False, False]),
+                         groups=torch.tensor([0, 0, 0, 0, 1, 1]))
+    per_completion = torch.tensor([1.0, 1.0, 1.0, 2 - 1.00001 ** -2, 1.0, 1.0])
+    torch.testing.assert_close(W.compute([("stcr", {})], stats), per_completion[rows])

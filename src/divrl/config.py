@@ -217,6 +217,10 @@ def _check(cfg: TrainConfig) -> None:
     need(cfg.top_p == 1.0 or not sampled, "top_p",
          f"< 1 samples from the renormalized nucleus, not πθ, so the sampled estimators of "
          f"{', '.join(sampled)} would estimate the wrong KL; use estimator: exact or top_p: 1")
+    sequence = [t.name for t in spec.terms if t.estimator == "sequence"]
+    need(cfg.inner_iterations == 1 or not sequence, "inner_iterations",
+         f"must be 1 with the sequence estimator of {', '.join(sequence)} (it needs samples of the "
+         f"current policy, not of an older one)")
     need(cfg.eval_seed != cfg.seed, "eval_seed", "must differ from seed (held-out split)")
     need(bool(cfg.output_dir), "output_dir", "must be a path")
 

@@ -132,6 +132,11 @@ class ObjectiveInputs:
     old_logprobs: torch.Tensor | None = None  # (N,) behaviour log-probs; None: on-policy (πθ detached)
     models: dict[str, ModelOutputs] = field(default_factory=dict)  # reference/teacher/old, no gradient
     batch_pass_rate: float | None = None  # fraction of the whole batch's completions that passed
+    passed: torch.Tensor | None = None  # (B,) bool: full task score (default: rewards ≥ 1)
+    groups: torch.Tensor | None = None  # (B,) long: the prompt (group) of each completion
+
+    def passed_completions(self) -> torch.Tensor:
+        return passed(self.rewards) if self.passed is None else self.passed
 
 
 @dataclass
@@ -184,11 +189,25 @@ def _exact(term: TermSpec, inputs: ObjectiveInputs, models, token_weights: torch
                                         **_params(term, policy))
 
 
+def sequence_chi2(logprobs: torch.Tensor, target_logprobs: torch.Tensor, rows: torch.Tensor,
+                  n_completions: int) -> torch.Tensor:
+    """Pearson χ²(πθ‖q) between whole completions, per token of completion i: the value w_i − 1
+    with w_i = exp Σ_{t∈i}(log πθ(y_t) − log q(y_t)), unbiased for χ² = E_πθ[w] − 1 on samples of
+    πθ; the gradient 2(w_i − 1)∇log πθ(y_t), whose expectation is ∇χ² (the baseline −1 keeps it 0
+    at πθ = q). Summed over a completion's tokens with seq_mean_token_sum aggregation, it is the
+    unbiased estimate of c·∇χ² over sequences (ORPO, Laidlaw et al., arXiv 2403.03185, regularizes
+    the χ² of occupancy measures; this is its sequence-level Monte-Carlo form)."""
+    log_w = torch.zeros(n_completions, dtype=logprobs.dtype).index_add(
+        0, rows, (logprobs - target_logprobs).detach())
+    excess = torch.expm1(log_w)[rows]
+    return excess + 2 * excess * (logprobs - logprobs.detach())
+
+
 def _stats(inputs: ObjectiveInputs, logprobs, entropy, old) -> weights.TokenStats:
     return weights.TokenStats(rows=inputs.rows, advantages=inputs.advantages, rewards=inputs.rewards,
                               group_pass_rate=inputs.group_pass_rate, batch_pass_rate=inputs.batch_pass_rate,
-                              entropy=entropy.detach(),
-                              logprobs=logprobs.detach(), old_logprobs=old)
+                              passed=inputs.passed_completions(), groups=inputs.groups,
+                              entropy=entropy.detach(), logprobs=logprobs.detach(), old_logprobs=old)
 
 
 def _mask_and_weight(name: str, mask, weight, stats, sums: dict) -> torch.Tensor | None:
@@ -218,7 +237,8 @@ def objective_loss(spec: ObjectiveSpec, inputs: ObjectiveInputs) -> ObjectiveOut
 
     if spec.policy_gradient:
         tokens = surrogates.PolicyTokens(_wide(logprobs), _wide(old), inputs.advantages[inputs.rows],
-                                         passed(inputs.rewards)[inputs.rows], inputs.group_pass_rate[inputs.rows])
+                                         inputs.passed_completions()[inputs.rows],
+                                         inputs.group_pass_rate[inputs.rows])
         pg, clipped = surrogates.get(spec.pg_loss)(tokens, **dict(spec.pg_loss_params))
         mw = _mask_and_weight("pg", spec.pg_mask, spec.pg_weight, stats, sums)
         parts["pg"] = (scale * pg if mw is None else scale * mw * pg).sum()
@@ -233,6 +253,8 @@ def objective_loss(spec: ObjectiveSpec, inputs: ObjectiveInputs) -> ObjectiveOut
             value = divergences.get_estimator(term.estimator)(logprobs.detach(), target_logprobs)
         elif term.estimator == "exact":
             value = _exact(term, inputs, models, token_weights.detach())
+        elif term.estimator == "sequence":
+            value = sequence_chi2(logprobs, target_logprobs, inputs.rows, len(inputs.advantages))
         else:  # a sampled estimator, importance-weighted by the detached πθ/πold
             ratio = torch.exp(logprobs.detach() - old)
             value = ratio * divergences.get_estimator(term.estimator)(logprobs, target_logprobs)

@@ -29,10 +29,13 @@ k1           loss       0 in expectation (noise only)          refused
 k1           reward     ∇KL(p‖q) by the score function         allowed (reverse_kl only)
 k2, k3, st   reward     not ∇KL (score function of ½r², …)     refused
 exact        reward     a loss term, not a return              refused
+sequence     loss       ∇χ²(πθ‖q) over whole completions       allowed (chi2 only)
 ===========  =========  =====================================  ===========================
 
-Sampled estimators estimate KL(πθ‖q) from the sampled token only, so they are defined for
-``reverse_kl`` alone. In the loss with ``inner_iterations > 1`` they are multiplied by the
+The per-token sampled estimators estimate KL(πθ‖q) from the sampled token only, so they are
+defined for ``reverse_kl`` alone. ``sequence`` estimates Pearson χ² between the completion
+distributions, E_πθ[w] − 1 with w = Π_t πθ(y_t|s_t)/q(y_t|s_t) (ORPO's occupancy-measure χ²,
+Laidlaw et al.). In the loss with ``inner_iterations > 1`` they are multiplied by the
 detached ratio πθ(y)/πold(y), which keeps the gradients above for samples of πold.
 """
 
@@ -58,7 +61,7 @@ TARGET_FUNCTIONS: dict[str, tuple[str, ...]] = {
     "temperature": ("p",),
 }
 SUPPLIED_ARGUMENTS = {"tilt": ("advantage",)}
-ESTIMATORS = ("exact", "k1", "k2", "k3", "k1_st", "k3_st")
+ESTIMATORS = ("exact", "k1", "k2", "k3", "k1_st", "k3_st", "sequence")
 PLACEMENTS = ("loss", "reward")
 ADVANTAGES = ("group_norm", "mean_only", "signed")
 AGGREGATIONS = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum", "seq_mean_token_sum_norm")
@@ -211,8 +214,10 @@ class TermSpec:
 
     @property
     def name(self) -> str:
-        """Metric name: ``<divergence>_to_<target>`` (a composed target by its function)."""
-        return f"{self.divergence}_to_{self.target.name}"
+        """Metric name: ``<divergence>_to_<target>`` (a composed target by its function), with
+        ``_sequence`` appended for the sequence-level estimator."""
+        suffix = "_sequence" if self.estimator == "sequence" else ""
+        return f"{self.divergence}_to_{self.target.name}{suffix}"
 
     @property
     def kwargs(self) -> dict[str, Any]:
@@ -265,6 +270,11 @@ def _check_estimator(path: str, name: str, estimator: str, placement: str) -> No
         if placement == "reward":
             raise SpecError(f"{path}.placement: the exact divergence is a loss term; in the reward use "
                             f"the sampled estimator k1 (whose score-function gradient is ∇KL(p‖q))")
+        return
+    if estimator == "sequence":
+        if name != "chi2" or placement != "loss":
+            raise SpecError(f"{path}.estimator: the sequence estimator is the χ² of whole completions "
+                            f"(divergence: chi2, placement: loss), got {name} in the {placement}")
         return
     if name != "reverse_kl":
         raise SpecError(f"{path}.estimator: sampled estimators ({estimator}) estimate KL(πθ‖q) from "

@@ -234,8 +234,9 @@ class Trainer:
         starts = [0, *itertools.accumulate(lengths)]
         scale = objectives.token_scale(spec, lengths)
         reward_t = torch.tensor(rewards)
-        pass_rate = objectives.group_pass_rate(objectives.passed(reward_t), group)
-        batch_pass_rate = float(objectives.passed(reward_t).float().mean())
+        passed = objectives.passed(reward_t)  # the task's verdict, before any reward shaping
+        pass_rate = objectives.group_pass_rate(passed, group)
+        batch_pass_rate = float(passed.float().mean())
         # Micro-batches of whole groups (a prompt's KV is computed once for its G completions).
         per_micro = cfg.micro_batch_size // group
         micro = []
@@ -260,7 +261,8 @@ class Trainer:
                 policy=ModelOutputs(hidden, self._head(self.model)), tokens=tokens, rows=token_rows,
                 advantages=advantages[rows], rewards=reward_t[rows], group_pass_rate=pass_rate[rows],
                 token_scale=scale[tokens_slice], old_logprobs=frozen[m].old_logprobs,
-                models=frozen[m].models, batch_pass_rate=batch_pass_rate)
+                models=frozen[m].models, batch_pass_rate=batch_pass_rate, passed=passed[rows],
+                groups=rows // group)
 
         penalty = None
         shaping = objectives.overlong_penalty(spec, torch.tensor(lengths))

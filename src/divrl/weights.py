@@ -17,6 +17,10 @@ name (params)                              w_t
 ``pass_rate`` (a=1, b=1)                   p̂^a·(1 − p̂)^b of the token's group (PACED)
 ``accuracy_tanh``                          (tanh(ā) + 1)/2, ā the batch's pass rate: FG-ExPO's
                                            accuracy-conditioned KL scale
+``dads``                                   on positive-advantage completions 1 − exp(−e·p̂) for
+                                           0 < p̂ < 1, else 1 (APO's difficulty-adaptive KL)
+``stcr``                                   on failed completions longer than their group's mean
+                                           passing length ℓ̄⁺: 2 − 1.00001^{−(ℓ − ℓ̄⁺)}, else 1 (APO)
 ``low_probability_negatives`` (fraction)   1 on the lowest-probability ``fraction`` of the
                                            negative-advantage tokens that the term's target keeps
                                            (Lp-Reg, Huang et al. 2025)
@@ -52,6 +56,8 @@ class TokenStats:
     ref_logprobs: Tensor | None = None  # (N,) reference model
     target_logprobs: Tensor | None = None  # (N,) the weighted term's target q at the sampled token
     batch_pass_rate: float | None = None  # ā: fraction of the whole batch's completions that passed
+    passed: Tensor | None = None  # (B,) bool: the completion got the full task score
+    groups: Tensor | None = None  # (B,) long: the prompt (group) each completion answers
 
 
 @dataclass(frozen=True)
@@ -243,3 +249,35 @@ def accuracy_tanh(stats: TokenStats) -> Tensor:
         raise ValueError("weight 'accuracy_tanh' needs the statistic 'batch_pass_rate', which is None")
     value = (math.tanh(stats.batch_pass_rate) + 1.0) / 2.0
     return torch.full(stats.rows.shape, value, dtype=stats.advantages.dtype, device=stats.rows.device)
+
+
+@register_weight("dads")
+def dads(stats: TokenStats) -> Tensor:
+    """APO's difficulty-adaptive divergence shaping (View-R1 code, ``calculate_kl_weight``): on
+    completions with a positive advantage, w = 1 − exp(−e·p̂) (p̂ the group pass rate, difficulty
+    1 − p̂), so hard prompts get a looser KL on their correct answers; w = 1 where p̂ ∈ {0, 1} (the
+    code's special case) and on every other completion. Meant for a KL term's weight."""
+    rate = stats.group_pass_rate[stats.rows]
+    positive = stats.advantages[stats.rows] > 0
+    interior = (rate > 0) & (rate < 1)
+    return torch.where(positive & interior, 1.0 - torch.exp(-math.e * rate), 1.0).to(stats.advantages.dtype)
+
+
+@register_weight("stcr")
+def stcr(stats: TokenStats) -> Tensor:
+    """APO's suboptimal-trajectory complexity regularization (View-R1 code, experience_maker.py): a
+    failed completion of length ℓ longer than ℓ̄⁺, the mean length of its group's passing
+    completions, has its advantage scaled by 2 − 1.00001^{−(ℓ − ℓ̄⁺)} ∈ [1, 2); every other
+    completion, and every completion of a group with no pass, keeps 1. Meant for pg_weight."""
+    passed = _required(stats, "passed", "stcr")
+    groups = _required(stats, "groups", "stcr")
+    n = len(stats.advantages)
+    length = torch.zeros(n, dtype=torch.float64).index_add_(0, stats.rows, torch.ones(len(stats.rows), dtype=torch.float64))
+    _, group_index = torch.unique(groups, return_inverse=True)
+    n_groups = int(group_index.max()) + 1 if n else 0
+    pass_len = torch.zeros(n_groups, dtype=torch.float64).index_add_(0, group_index, length * passed)
+    pass_count = torch.zeros(n_groups, dtype=torch.float64).index_add_(0, group_index, passed.double())
+    excess = length - pass_len[group_index] / pass_count[group_index].clamp(min=1)
+    applies = ~passed & (excess > 0) & (pass_count[group_index] > 0)
+    per_completion = torch.where(applies, 2.0 - 1.00001 ** (-excess), 1.0)
+    return per_completion[stats.rows].to(stats.advantages.dtype)
