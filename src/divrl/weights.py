@@ -179,8 +179,8 @@ def _required(stats: TokenStats, statistic: str, weight: str) -> Tensor:
 def entropy_quantile(stats: TokenStats, top: Fraction = 0.2) -> Tensor:
     """Mask of the high-entropy minority ("forking") tokens: 1 where H_t ≥ τ, else 0.
 
-    τ is the ⌈top·N⌉-th largest entropy among the batch's N tokens, i.e. the (1 − top) quantile
-    over the whole batch (not per completion), so ⌈top·N⌉ tokens are kept, more on ties at τ.
+    τ is the ⌈top·N⌉-th largest entropy among the N tokens given (a micro-batch, in the trainer), i.e.
+    the (1 − top) quantile over them (not per completion), so ⌈top·N⌉ tokens are kept, more on ties.
     Wang et al., "Beyond the 80/20 Rule: High-Entropy Minority Tokens Drive Effective RLVR"
     (NeurIPS 2025; their ``get_global_entropy_top_mask``), top = 0.2.
     """
