@@ -96,6 +96,9 @@ class TrainConfig:
                                   "(paper: 4096 of 20480 = 0.2); 0 = off.", default=0.0)
     overlong_penalty: float = _doc("The largest overlong penalty (reached at max_new_tokens).",
                                    default=1.0)
+    entropy_anchor: dict | None = _doc("SIREN's anchored entropy regularizer: {coef: 0.005, top_p: "
+                                       "0.8, top_k: 10000, quantile: 0.8}; its anchor H₀ is the "
+                                       "first step's value, saved in checkpoints.", default=None)
     prompt_sampler: str | dict = _doc("Which training prompts a step samples (divrl.prompts): "
                                       "'sequential' (per-epoch shuffles) or {gaussian_curriculum: "
                                       "{alpha: 0.9, sigma: 0.35}} (FG-ExPO).", default="sequential")

@@ -28,7 +28,7 @@ import torch
 
 from divrl import chunked, divergences, rowwise, surrogates, weights
 from divrl.rowwise import ModelOutputs
-from divrl.spec import ObjectiveSpec, TermSpec
+from divrl.spec import EntropyAnchorSpec, ObjectiveSpec, TermSpec
 
 
 def group_advantages(rewards: torch.Tensor, group_size: int, normalize: bool = True,
@@ -134,6 +134,8 @@ class ObjectiveInputs:
     batch_pass_rate: float | None = None  # fraction of the whole batch's completions that passed
     passed: torch.Tensor | None = None  # (B,) bool: full task score (default: rewards ≥ 1)
     groups: torch.Tensor | None = None  # (B,) long: the prompt (group) of each completion
+    entropy_anchor: float | None = None  # SIREN's H₀ (None: not set yet, the regularizer is 0)
+    batch_fraction: float = 1.0  # this micro-batch's share of the batch's completions
 
     def passed_completions(self) -> torch.Tensor:
         return passed(self.rewards) if self.passed is None else self.passed
@@ -203,6 +205,32 @@ def sequence_chi2(logprobs: torch.Tensor, target_logprobs: torch.Tensor, rows: t
     return excess + 2 * excess * (logprobs - logprobs.detach())
 
 
+def entropy_anchor(spec: EntropyAnchorSpec, inputs: ObjectiveInputs) -> tuple[torch.Tensor, float, float]:
+    """SIREN's regularizer on one micro-batch (Linn3a/siren ``dp_actor.py``; methods notes):
+    H̃_t = the top-p entropy (`rowwise.top_p_entropy`); within each completion the tokens with
+    H̃_t above its `quantile` (torch.quantile, linear) are kept; H̄ = mean over completions of the
+    kept tokens' mean H̃ (seq-mean-token-mean; completions with none kept are left out); the
+    loss is coef·(H̄ − H₀)² per micro-batch, weighted by its share of the batch (the official code
+    averages it over micro-batches). Returns (loss, H̄, kept fraction); loss 0 while H₀ is unset."""
+    entropy = rowwise.top_p_entropy(inputs.policy, spec.top_p, spec.top_k)
+    detached = entropy.detach()
+    kept = torch.zeros_like(detached, dtype=torch.bool)
+    for row in inputs.rows.unique():
+        tokens = inputs.rows == row
+        kept[tokens] = detached[tokens] > torch.quantile(detached[tokens].double(), spec.quantile).to(detached.dtype)
+    per_completion = []
+    for row in inputs.rows.unique():
+        tokens = (inputs.rows == row) & kept
+        if tokens.any():
+            per_completion.append(entropy[tokens].mean())
+    mean_entropy = torch.stack(per_completion).mean() if per_completion else entropy.sum() * 0.0
+    if inputs.entropy_anchor is None:
+        loss = mean_entropy * 0.0
+    else:
+        loss = spec.coef * inputs.batch_fraction * (mean_entropy - inputs.entropy_anchor) ** 2
+    return loss, float(mean_entropy.detach()), float(kept.float().mean()) if len(kept) else 0.0
+
+
 def _stats(inputs: ObjectiveInputs, logprobs, entropy, old) -> weights.TokenStats:
     return weights.TokenStats(rows=inputs.rows, advantages=inputs.advantages, rewards=inputs.rewards,
                               group_pass_rate=inputs.group_pass_rate, batch_pass_rate=inputs.batch_pass_rate,
@@ -263,6 +291,12 @@ def objective_loss(spec: ObjectiveSpec, inputs: ObjectiveInputs) -> ObjectiveOut
         sums[term.name] += float(value.detach().sum())
         if term.placement == "loss" and term.coef:
             parts[term.name] = term.coef * (token_weights * _wide(value)).sum()
+
+    if spec.entropy_anchor is not None:
+        part, mean_entropy, kept = entropy_anchor(spec.entropy_anchor, inputs)
+        parts["entropy_anchor"] = part
+        sums["top_p_entropy"] += mean_entropy * len(inputs.tokens)  # per micro-batch, token-weighted
+        sums["entropy_anchor_kept_fraction"] += kept * len(inputs.tokens)
 
     if "reference" in inputs.models and not any(
             t.divergence == "reverse_kl" and t.target.op == "reference" for t in spec.terms):

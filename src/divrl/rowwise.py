@@ -87,3 +87,35 @@ def target_logprob_at(target: Target, policy: ModelOutputs, models: Mapping[str,
         logq = _target_logprobs(target, logp, models, rows, tokens, advantages)
         out.append(logq.gather(-1, tokens[rows, None]).squeeze(-1))
     return torch.cat(out) if out else policy.hidden.new_zeros(0)
+
+
+def _top_p_entropy_of_logits(logits: torch.Tensor, top_p: float, top_k: int) -> torch.Tensor:
+    """Entropy of softmax(logits) restricted to its nucleus and renormalized (SIREN's top-p
+    entropy): among the top_k most probable tokens, those whose cumulative probability (sorted,
+    under the full softmax) is still below top_p; 0 where none is (one token holds ≥ top_p)."""
+    probs = logits.softmax(-1)
+    top = probs.topk(min(top_k, probs.shape[-1]), dim=-1).values
+    kept = top.cumsum(-1) < top_p
+    mass = (top * kept).sum(-1, keepdim=True)
+    q = torch.where(kept, top / mass.clamp_min(torch.finfo(top.dtype).tiny), 0.0)
+    return -(q * torch.where(kept, q, 1.0).log()).sum(-1)
+
+
+def top_p_entropy(policy: ModelOutputs, top_p: float, top_k: int, *,
+                  chunk_rows: int = DEFAULT_CHUNK_ROWS) -> torch.Tensor:
+    """SIREN's top-p entropy H̃_t (N,) of the policy at each token, differentiable, a checkpointed
+    row chunk at a time (only chunk × V alive). As the official code (Linn3a/siren,
+    ``efficient_top_p_sampling``): probabilities of the full softmax, the top_k most probable
+    tokens, kept while their running sum stays below top_p, renormalized."""
+
+    def chunk_value(hidden: torch.Tensor) -> torch.Tensor:
+        return _top_p_entropy_of_logits(policy.head.logits(hidden), top_p, top_k)
+
+    values = []
+    for start in range(0, policy.hidden.shape[0], chunk_rows):
+        hidden = policy.hidden[start:start + chunk_rows]
+        if torch.is_grad_enabled() and (hidden.requires_grad or policy.head.weight.requires_grad):
+            values.append(checkpoint(chunk_value, hidden, use_reentrant=False))
+        else:
+            values.append(chunk_value(hidden))
+    return torch.cat(values) if values else policy.hidden.new_zeros(0)

@@ -296,6 +296,36 @@ def term_warnings(term: TermSpec) -> list[str]:
 
 
 @dataclass(frozen=True)
+class EntropyAnchorSpec:
+    """SIREN's anchored entropy regularizer c·(H̄ − H₀)² (`divrl.objectives.entropy_anchor`)."""
+
+    coef: float = 0.005
+    top_p: float = 0.8
+    top_k: int = 10000
+    quantile: float = 0.8
+
+
+def _parse_entropy_anchor(value: Any) -> EntropyAnchorSpec | None:
+    if value is None:
+        return None
+    if not isinstance(value, Mapping):
+        raise SpecError(f"entropy_anchor: a mapping {{coef, top_p, top_k, quantile}} or null, got {value!r}")
+    fields = ("coef", "top_p", "top_k", "quantile")
+    for key in value:
+        if key not in fields:
+            raise _unknown("entropy_anchor", "key", key, fields)
+    spec = EntropyAnchorSpec(**{k: _number(f"entropy_anchor.{k}", v) for k, v in value.items()})
+    checks = (("coef", spec.coef >= 0 and math.isfinite(spec.coef), "a finite number ≥ 0"),
+              ("top_p", 0 < spec.top_p <= 1, "in (0, 1]"),
+              ("top_k", spec.top_k >= 1 and float(spec.top_k).is_integer(), "an integer ≥ 1"),
+              ("quantile", 0 <= spec.quantile < 1, "in [0, 1)"))
+    for key, ok, allowed in checks:
+        if not ok:
+            raise SpecError(f"entropy_anchor.{key}: must be {allowed}, got {getattr(spec, key)!r}")
+    return EntropyAnchorSpec(spec.coef, spec.top_p, int(spec.top_k), spec.quantile)
+
+
+@dataclass(frozen=True)
 class ObjectiveSpec:
     """Everything that decides the loss; built by `parse_objective`."""
 
@@ -313,6 +343,7 @@ class ObjectiveSpec:
     overlong_buffer: float = 0.0
     overlong_penalty: float = 1.0
     max_length: int = 1
+    entropy_anchor: EntropyAnchorSpec | None = None
     warnings: tuple[str, ...] = field(default=(), compare=False)
 
     def models(self) -> frozenset[str]:
@@ -330,6 +361,9 @@ class ObjectiveSpec:
             params = "".join(f", {k}={v}" for k, v in t.params if not isinstance(v, torch.Tensor))
             parts.append(f"{t.coef:g}·{t.divergence}(πθ, {t.target.describe()}{params}) "
                          f"[{t.estimator}, {t.placement}]")
+        if self.entropy_anchor:
+            a = self.entropy_anchor
+            parts.append(f"{a.coef:g}·(H̄_top-p{a.top_p:g} − H₀)²")
         shaping = (f", overlong penalty ≤ {self.overlong_penalty:g} in the last {self.overlong_buffer:g} "
                    f"of the length budget" if self.overlong_buffer else "")
         return f"{' + '.join(parts)}, aggregated {self.aggregation}{shaping}"
@@ -376,7 +410,7 @@ def parse_objective(config: Mapping[str, Any]) -> ObjectiveSpec:
 
     Keys read: policy_gradient, pg_loss, advantage, clip_low, clip_high, loss_aggregation, loss_normalizer
     (default: max_new_tokens), pg_mask, pg_weight, terms, teacher, overlong_buffer,
-    overlong_penalty, max_new_tokens, and the shorthand kl_coef, kl_estimator, kl_in_reward
+    overlong_penalty, max_new_tokens, entropy_anchor, and the shorthand kl_coef, kl_estimator, kl_in_reward
     (appended as the last term).
     """
     get = config.get
@@ -414,7 +448,7 @@ def parse_objective(config: Mapping[str, Any]) -> ObjectiveSpec:
     if not 0.0 <= overlong_penalty < math.inf:
         raise SpecError(f"overlong_penalty: must be a finite number ≥ 0, got {overlong_penalty!r}")
     policy_gradient = get("policy_gradient", True)
-    if not policy_gradient and not any(t.placement == "loss" for t in terms):
+    if not policy_gradient and not any(t.placement == "loss" for t in terms) and not get("entropy_anchor"):
         raise SpecError("policy_gradient: false leaves no loss term; add a term with placement: loss")
     pg_loss, pg_loss_params = _parse_pg_loss(get("pg_loss", "clipped"), float(get("clip_low", 0.2)),
                                              float(get("clip_high", 0.28)))
@@ -426,5 +460,5 @@ def parse_objective(config: Mapping[str, Any]) -> ObjectiveSpec:
         pg_mask=_named_weights(get("pg_mask"), "pg_mask"),
         pg_weight=_named_weights(get("pg_weight"), "pg_weight"),
         terms=tuple(terms), overlong_buffer=overlong_buffer, overlong_penalty=overlong_penalty,
-        max_length=int(get("max_new_tokens", 1)),
+        max_length=int(get("max_new_tokens", 1)), entropy_anchor=_parse_entropy_anchor(get("entropy_anchor")),
         warnings=tuple(w for t in terms for w in term_warnings(t)))

@@ -161,6 +161,7 @@ class Trainer:
         self.stop_ids = sorted({self.tokenizer.eos_token_id, self.tokenizer.pad_token_id})
         self._prompt_cache: dict[str, list[int]] = {}
         self.prompts = build_source(cfg.prompt_sampler, self.task.train, cfg.seed)
+        self.entropy_anchor: float | None = None  # SIREN's H₀, set by the first update
         self.step = 0
         self.reward_errors = 0
 
@@ -262,7 +263,8 @@ class Trainer:
                 advantages=advantages[rows], rewards=reward_t[rows], group_pass_rate=pass_rate[rows],
                 token_scale=scale[tokens_slice], old_logprobs=frozen[m].old_logprobs,
                 models=frozen[m].models, batch_pass_rate=batch_pass_rate, passed=passed[rows],
-                groups=rows // group)
+                groups=rows // group, entropy_anchor=self.entropy_anchor,
+                batch_fraction=len(rows) / len(completions))
 
         penalty = None
         shaping = objectives.overlong_penalty(spec, torch.tensor(lengths))
@@ -296,6 +298,10 @@ class Trainer:
         if spec.overlong_buffer:
             stats["overlong_penalty"] = float(shaping.mean())
         stats["grad_norm"] = sum(grad_norms) / len(grad_norms)
+        if spec.entropy_anchor is not None:
+            if self.entropy_anchor is None:  # H₀: the first batch's statistic, fixed afterwards
+                self.entropy_anchor = stats["top_p_entropy"]
+            stats["entropy_anchor_h0"] = self.entropy_anchor
         return stats
 
     # ----- evaluation -------------------------------------------------------------------------
@@ -373,6 +379,7 @@ class Trainer:
             state = load_checkpoint(path, self.model, self.optimizer, self.generator)
             start_step = state["step"]
             self.prompts.load_state_dict(state.get("prompt_source", {}))
+            self.entropy_anchor = state.get("entropy_anchor")
             self.log(f"resumed from {path} (step {start_step})")
             rows = read_metrics(run_dir / "metrics.jsonl") if (run_dir / "metrics.jsonl").exists() else []
             before = next((r for r in rows if r["step"] == 0 and "eval_pass@1" in r), None)
@@ -400,7 +407,8 @@ class Trainer:
                 if self.step % cfg.checkpoint_every == 0 or self.step == cfg.steps:
                     save_checkpoint(run_dir, self.step, self.model, self.tokenizer,
                                     self.optimizer, self.generator, cfg.keep_checkpoints,
-                                    {"prompt_source": self.prompts.state_dict()})
+                                    {"prompt_source": self.prompts.state_dict(),
+                                     "entropy_anchor": self.entropy_anchor})
             bar.close()
             after = self.evaluate()
             log.log(cfg.steps, after)
