@@ -46,9 +46,9 @@ def test_uninformative_groups_are_dropped_and_refilled(tmp_path, task, monkeypat
     trained = []
     real_update = trainer._update
 
-    def spy(prompts, completions, rewards, logprobs):
+    def spy(prompts, completions, rewards, logprobs, *stored_groups):
         trained.append(rewards)
-        return real_update(prompts, completions, rewards, logprobs)
+        return real_update(prompts, completions, rewards, logprobs, *stored_groups)
 
     monkeypatch.setattr(trainer, "_update", spy)
     metrics = trainer.train_step(0)

@@ -136,7 +136,7 @@ def test_masks_and_weights_apply_per_term_and_are_logged():
     expected_kl = 0.5 * (0.2 * torch.tensor([1.0, 1, 0, 0, 0], dtype=torch.float64) * fkl).sum()
     assert out.loss_parts["pg"] == pytest.approx(expected_pg.item(), rel=1e-10)
     assert out.loss_parts["forward_kl_to_reference"] == pytest.approx(expected_kl.item(), rel=1e-10)
-    metrics = objectives.summarize(spec, out.token_sums, out.loss_parts, n_tokens=5)
+    metrics = objectives.summarize([(out.token_sums, out.loss_parts, 5)])
     assert metrics["pg_masked_fraction"] == pytest.approx(0.6)
     assert metrics["pg_loss"] == out.loss_parts["pg"]
     total = abs(out.loss_parts["pg"]) + abs(out.loss_parts["forward_kl_to_reference"])

@@ -99,6 +99,14 @@ class TrainConfig:
     entropy_anchor: dict | None = _doc("SIREN's anchored entropy regularizer: {coef: 0.005, top_p: "
                                        "0.8, top_k: 10000, quantile: 0.8}; its anchor H₀ is the "
                                        "first step's value, saved in checkpoints.", default=None)
+    stored_prompts: int = _doc("For stored-estimator terms (DPH-RL): how many training prompts the "
+                               "initial policy answers once, before training.", default=64)
+    stored_samples: int = _doc("Responses stored per such prompt.", default=8)
+    stored_solved: float = _doc("Pass rate at which a stored prompt counts as solved: its responses "
+                                "feed the stored terms and it leaves the policy-gradient prompts "
+                                "(DPH-RL: 6/8).", default=0.75)
+    stored_per_step: int = _doc("Stored prompts (with all their responses) per training step.",
+                                default=4)
     prompt_sampler: str | dict = _doc("Which training prompts a step samples (divrl.prompts): "
                                       "'sequential' (per-epoch shuffles) or {gaussian_curriculum: "
                                       "{alpha: 0.9, sigma: 0.35}} (FG-ExPO).", default="sequential")
@@ -194,6 +202,9 @@ def _check(cfg: TrainConfig) -> None:
         need(getattr(cfg, key) >= 1, key, "must be ≥ 1")
     need(cfg.eval_every >= 0, "eval_every", "must be ≥ 0")
     need(cfg.max_refills >= 0, "max_refills", "must be ≥ 0")
+    for key in ("stored_prompts", "stored_samples", "stored_per_step"):
+        need(getattr(cfg, key) >= 1, key, "must be ≥ 1")
+    need(0 < cfg.stored_solved <= 1, "stored_solved", "must be in (0, 1]")
     try:
         prompts.parse_sampler(cfg.prompt_sampler)
     except ValueError as err:

@@ -21,6 +21,7 @@ tabular lab (`divrl.lab.objective_fixed_point`) calls the same function on table
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections import defaultdict
 from dataclasses import dataclass, field
 
@@ -135,6 +136,7 @@ class ObjectiveInputs:
     passed: torch.Tensor | None = None  # (B,) bool: full task score (default: rewards ≥ 1)
     groups: torch.Tensor | None = None  # (B,) long: the prompt (group) of each completion
     entropy_anchor: float | None = None  # SIREN's H₀ (None: not set yet, the regularizer is 0)
+    stored_logprobs: torch.Tensor | None = None  # (N,) log q(y_t) of stored responses of q
     batch_fraction: float = 1.0  # this micro-batch's share of the batch's completions
 
     def passed_completions(self) -> torch.Tensor:
@@ -189,6 +191,23 @@ def _exact(term: TermSpec, inputs: ObjectiveInputs, models, token_weights: torch
     return rowwise.divergence_to_target(divergences.get(term.divergence), term.target, policy, models,
                                         inputs.tokens, inputs.advantages[inputs.rows],
                                         **_params(term, policy))
+
+
+def stored_estimate(name: str, params: dict, logprobs: torch.Tensor, stored_logprobs: torch.Tensor
+                    ) -> torch.Tensor:
+    """D(πθ‖q) = Σ_v q_v f(p_v/q_v) per token from a token y sampled from q, with log q(y) stored
+    (DPH-RL, Huang et al.; official code seamoke/DPH-RL): f(u) − f′(1)(u − 1), u = πθ(y)/q(y).
+    f(u) = term(log p, log q)/q for the divergence's pointwise term; the control variate
+    −f′(1)(u − 1) has zero mean and zero mean gradient under q and makes each sample ≥ 0 for convex
+    f. Forward KL gives u − 1 − log u (DPH-F); jsd(0.5) gives ½[u log u − (u + 1) log((u + 1)/2)]
+    (DPH-JS is twice it: use coef 2η)."""
+    term = divergences.pointwise(name, **params)
+    with torch.enable_grad():
+        at_one = torch.tensor(math.log(0.5), dtype=torch.float64, requires_grad=True)
+        (slope,) = torch.autograd.grad(term(at_one, torch.tensor(math.log(0.5), dtype=torch.float64)), at_one)
+    f_prime_one = float(slope) / 0.5  # ∂term/∂log p = p·f′(p/q) at p = q = ½
+    f_of_u = term(logprobs, stored_logprobs) * torch.exp(-stored_logprobs)
+    return f_of_u - f_prime_one * torch.expm1(logprobs - stored_logprobs)
 
 
 def sequence_chi2(logprobs: torch.Tensor, target_logprobs: torch.Tensor, rows: torch.Tensor,
@@ -273,7 +292,8 @@ def objective_loss(spec: ObjectiveSpec, inputs: ObjectiveInputs) -> ObjectiveOut
         sums["clip_fraction"] = float(clipped.sum())
 
     for term in spec.terms:
-        target_logprobs = None if term.estimator == "exact" else _sampled_target_logprobs(term, inputs, models)
+        target_logprobs = (None if term.estimator == "exact" else inputs.stored_logprobs
+                           if term.estimator == "stored" else _sampled_target_logprobs(term, inputs, models))
         term_stats = dataclasses.replace(stats, target_logprobs=target_logprobs)
         mw = _mask_and_weight(term.name, term.mask, term.weight, term_stats, sums)
         token_weights = scale if mw is None else scale * mw
@@ -281,6 +301,8 @@ def objective_loss(spec: ObjectiveSpec, inputs: ObjectiveInputs) -> ObjectiveOut
             value = divergences.get_estimator(term.estimator)(logprobs.detach(), target_logprobs)
         elif term.estimator == "exact":
             value = _exact(term, inputs, models, token_weights.detach())
+        elif term.estimator == "stored":
+            value = stored_estimate(term.divergence, term.kwargs, logprobs, inputs.stored_logprobs)
         elif term.estimator == "sequence":
             value = sequence_chi2(logprobs, target_logprobs, inputs.rows, len(inputs.advantages))
         else:  # a sampled estimator, importance-weighted by the detached πθ/πold
@@ -325,19 +347,33 @@ def reward_penalty(spec: ObjectiveSpec, inputs: ObjectiveInputs) -> torch.Tensor
     return penalty
 
 
-def summarize(spec: ObjectiveSpec, token_sums: dict[str, float], loss_parts: dict[str, float],
-              n_tokens: int, passes: int = 1) -> dict[str, float]:
-    """Metrics of one update from the sums of its micro-batches over `passes` inner iterations.
+def online_and_stored(spec: ObjectiveSpec) -> tuple[ObjectiveSpec, ObjectiveSpec | None]:
+    """The objective of the online batch (everything but stored terms) and that of the stored
+    responses (their terms alone, no policy gradient), None when there is no stored term."""
+    online = dataclasses.replace(spec, terms=tuple(t for t in spec.terms if t.estimator != "stored"))
+    if not spec.stored_terms:
+        return online, None
+    return online, dataclasses.replace(spec, policy_gradient=False, terms=spec.stored_terms, entropy_anchor=None,
+                                       pg_mask=(), pg_weight=())
 
-    Per-token means of every quantity (``<divergence>_to_<target>`` for each term, ``kl`` = the
-    reverse KL to the reference, ``entropy``, ``clip_fraction``), each loss part as
-    ``<name>_loss`` (``pg_loss`` for the policy gradient) and its share |part| / Σ|parts| as
-    ``<name>_share``; ``loss`` is their sum.
+
+def summarize(sources: list[tuple[dict[str, float], dict[str, float], int]], passes: int = 1
+              ) -> dict[str, float]:
+    """Metrics of one update from (token sums, loss parts, token count) per batch it trained on
+    (the online batch, and the stored responses if any), summed over `passes` inner iterations.
+
+    Per-token means of every quantity, each over its own batch's tokens (``<divergence>_to_<target>``
+    for each term, ``kl`` = the reverse KL to the reference, ``entropy``, ``clip_fraction``), each
+    loss part as ``<name>_loss`` (``pg_loss`` for the policy gradient) and its share
+    |part| / Σ|parts| as ``<name>_share``; ``loss`` is their sum.
     """
-    metrics = {k: v / (n_tokens * passes) for k, v in token_sums.items()}
+    metrics: dict[str, float] = {}
+    parts: dict[str, float] = {}
+    for token_sums, loss_parts, n_tokens in sources:
+        metrics.update({k: v / (max(n_tokens, 1) * passes) for k, v in token_sums.items()})
+        parts.update({k: v / passes for k, v in loss_parts.items()})
     if "reverse_kl_to_reference" in metrics:
         metrics["kl"] = metrics["reverse_kl_to_reference"]
-    parts = {k: v / passes for k, v in loss_parts.items()}
     total_abs = sum(abs(v) for v in parts.values())
     for name, value in parts.items():
         metrics[f"{name}_loss"] = value

@@ -30,12 +30,15 @@ k1           reward     ∇KL(p‖q) by the score function         allowed (reve
 k2, k3, st   reward     not ∇KL (score function of ½r², …)     refused
 exact        reward     a loss term, not a return              refused
 sequence     loss       ∇χ²(πθ‖q) over whole completions       allowed (chi2 only)
+stored       loss       ∇D(πθ‖q) on stored samples of q        allowed (pointwise D, q = reference)
 ===========  =========  =====================================  ===========================
 
 The per-token sampled estimators estimate KL(πθ‖q) from the sampled token only, so they are
 defined for ``reverse_kl`` alone. ``sequence`` estimates Pearson χ² between the completion
 distributions, E_πθ[w] − 1 with w = Π_t πθ(y_t|s_t)/q(y_t|s_t) (ORPO's occupancy-measure χ²,
-Laidlaw et al.). In the loss with ``inner_iterations > 1`` they are multiplied by the
+Laidlaw et al.). ``stored`` estimates any pointwise D = Σ_v q_v f(p_v/q_v) from responses sampled
+once from the initial policy q and stored with their log-probs (DPH-RL): f(u) − f′(1)(u − 1) at
+u = πθ(y)/q(y), unbiased in value and gradient (`divrl.objectives.stored_estimate`). In the loss with ``inner_iterations > 1`` they are multiplied by the
 detached ratio πθ(y)/πold(y), which keeps the gradients above for samples of πold.
 """
 
@@ -61,7 +64,7 @@ TARGET_FUNCTIONS: dict[str, tuple[str, ...]] = {
     "temperature": ("p",),
 }
 SUPPLIED_ARGUMENTS = {"tilt": ("advantage",)}
-ESTIMATORS = ("exact", "k1", "k2", "k3", "k1_st", "k3_st", "sequence")
+ESTIMATORS = ("exact", "k1", "k2", "k3", "k1_st", "k3_st", "sequence", "stored")
 PLACEMENTS = ("loss", "reward")
 ADVANTAGES = ("group_norm", "mean_only", "signed")
 AGGREGATIONS = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum", "seq_mean_token_sum_norm")
@@ -216,7 +219,7 @@ class TermSpec:
     def name(self) -> str:
         """Metric name: ``<divergence>_to_<target>`` (a composed target by its function), with
         ``_sequence`` appended for the sequence-level estimator."""
-        suffix = "_sequence" if self.estimator == "sequence" else ""
+        suffix = {"sequence": "_sequence", "stored": "_stored"}.get(self.estimator, "")
         return f"{self.divergence}_to_{self.target.name}{suffix}"
 
     @property
@@ -260,6 +263,10 @@ def parse_term(value: Any, path: str, teacher: bool) -> TermSpec:
     if placement not in PLACEMENTS:
         raise _unknown(f"{path}.placement", "placement", placement, PLACEMENTS)
     _check_estimator(path, name, estimator, placement)
+    if estimator == "stored" and target.op != "reference":
+        raise SpecError(f"{path}.target: the stored estimator reads responses sampled once from the "
+                        f"initial policy with their log-probs, so its target is reference, got "
+                        f"{target.describe()}")
     return TermSpec(name, tuple(params.items()), target, coef, estimator, placement,
                     _named_weights(value.get("mask"), f"{path}.mask"),
                     _named_weights(value.get("weight"), f"{path}.weight"))
@@ -270,6 +277,11 @@ def _check_estimator(path: str, name: str, estimator: str, placement: str) -> No
         if placement == "reward":
             raise SpecError(f"{path}.placement: the exact divergence is a loss term; in the reward use "
                             f"the sampled estimator k1 (whose score-function gradient is ∇KL(p‖q))")
+        return
+    if estimator == "stored":
+        if not divergences.is_pointwise(name) or placement != "loss":
+            raise SpecError(f"{path}.estimator: the stored estimator needs a divergence that is a sum "
+                            f"over the vocabulary and placement: loss, got {name} in the {placement}")
         return
     if estimator == "sequence":
         if name != "chi2" or placement != "loss":
@@ -347,8 +359,13 @@ class ObjectiveSpec:
     warnings: tuple[str, ...] = field(default=(), compare=False)
 
     def models(self) -> frozenset[str]:
-        """Models whose outputs the terms need, among reference, teacher, old and self."""
-        return frozenset().union(*(t.target.models() for t in self.terms))
+        """Models whose outputs the terms need, among reference, teacher, old and self (a stored
+        term reads its target's log-probs from the stored responses instead)."""
+        return frozenset().union(*(t.target.models() for t in self.terms if t.estimator != "stored"))
+
+    @property
+    def stored_terms(self) -> tuple[TermSpec, ...]:
+        return tuple(t for t in self.terms if t.estimator == "stored")
 
     def describe(self) -> str:
         """One line, e.g. 'clipped PG (group_norm, ε 0.2/0.28) + 0.001·reverse_kl(πθ, reference)

@@ -29,7 +29,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import DynamicCache
 
-from divrl import chunked, objectives
+from divrl import chunked, objectives, stored
 from divrl.chunked import Head
 from divrl.checkpoint import checkpoint_dirs, load_checkpoint, save_checkpoint
 from divrl.config import ConfigError, TrainConfig, save_config
@@ -160,10 +160,41 @@ class Trainer:
             else nullcontext
         self.stop_ids = sorted({self.tokenizer.eos_token_id, self.tokenizer.pad_token_id})
         self._prompt_cache: dict[str, list[int]] = {}
-        self.prompts = build_source(cfg.prompt_sampler, self.task.train, cfg.seed)
+        self.online_spec, self.stored_spec = objectives.online_and_stored(self.objective)
+        self.stored_groups: list[stored.StoredGroup] = []
+        online_examples = self.task.train
+        if self.stored_spec is not None:
+            self.stored_groups, solved = self._stored_responses()
+            online_examples = [e for i, e in enumerate(self.task.train) if i not in solved]
+            log(f"stored responses: {len(self.stored_groups)} of {cfg.stored_prompts} prompts solved by the "
+                f"initial policy feed {', '.join(t.name for t in self.stored_spec.terms)}; "
+                f"{len(online_examples)} prompts left for the policy gradient")
+        self.prompts = build_source(cfg.prompt_sampler, online_examples, cfg.seed)
         self.entropy_anchor: float | None = None  # SIREN's H₀, set by the first update
         self.step = 0
         self.reward_errors = 0
+
+    def _stored_responses(self) -> tuple[list[stored.StoredGroup], set[int]]:
+        """The initial policy's responses to the first `stored_prompts` training prompts, sampled
+        once (or read back from the run directory) and split by pass rate."""
+        cfg = self.cfg
+        groups = stored.load(self.run_dir) if cfg.resume else None
+        if groups is None:
+            indices = list(range(min(cfg.stored_prompts, len(self.task.train))))
+            generator = torch.Generator().manual_seed(cfg.seed + 7)
+            groups = []
+            for start in range(0, len(indices), 16):
+                chunk = indices[start:start + 16]
+                examples = [self.task.train[i] for i in chunk]
+                rollout = self._sample(examples, cfg.stored_samples, cfg.temperature, generator)
+                rewards, _ = self._score(examples, rollout.completion_ids, cfg.stored_samples)
+                g = cfg.stored_samples
+                groups += [stored.StoredGroup(i, rollout.completion_ids[k * g:(k + 1) * g],
+                                              rollout.logprobs[k * g:(k + 1) * g], rewards[k * g:(k + 1) * g])
+                           for k, i in enumerate(chunk)]
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            stored.save(groups, self.run_dir)
+        return stored.split(groups, cfg.stored_solved, objectives.PASS_THRESHOLD)
 
     def _load_teacher(self):
         """The frozen teacher; refused if its vocabulary differs from the policy's."""
@@ -227,10 +258,32 @@ class Trainer:
                     models["old"] = ModelOutputs(cur.hidden, old_head)
         return FrozenInputs(models, old_logprobs, cur)
 
+    def _stored_inputs(self, groups: list[stored.StoredGroup]) -> list:
+        """Micro-batches (prompts, completions, ObjectiveInputs without the policy) of stored groups."""
+        cfg, per_micro = self.cfg, max(1, self.cfg.micro_batch_size // self.cfg.stored_samples)
+        lengths = [len(c) for g in groups for c in g.completions]
+        scale = objectives.token_scale(self.stored_spec, lengths)
+        out, first_token = [], 0
+        for start in range(0, len(groups), per_micro):
+            chunk = groups[start:start + per_micro]
+            completions = [c for g in chunk for c in g.completions]
+            n_tokens = sum(len(c) for c in completions)
+            rewards = torch.tensor([r for g in chunk for r in g.rewards])
+            passed = objectives.passed(rewards)
+            fields = dict(advantages=torch.zeros(len(completions)), rewards=rewards, passed=passed,
+                          group_pass_rate=objectives.group_pass_rate(passed, cfg.stored_samples),
+                          token_scale=scale[first_token:first_token + n_tokens],
+                          stored_logprobs=torch.tensor([lp for g in chunk for row in g.logprobs for lp in row]))
+            out.append(([self._prompt_ids(self.task.train[g.index]) for g in chunk], completions, fields))
+            first_token += n_tokens
+        return out
+
     def _update(self, prompts: list[list[int]], completions: list[list[int]],
-                rewards: list[float], behaviour_logprobs: list[list[float]]) -> dict:
-        """`inner_iterations` optimizer steps on the objective of one rollout batch."""
-        cfg, spec, pad, group = self.cfg, self.objective, self.tokenizer.pad_token_id, self.cfg.group_size
+                rewards: list[float], behaviour_logprobs: list[list[float]],
+                stored_groups: list[stored.StoredGroup] = ()) -> dict:
+        """`inner_iterations` optimizer steps on the objective of one rollout batch (and of this
+        step's stored responses, for stored terms)."""
+        cfg, spec, pad, group = self.cfg, self.online_spec, self.tokenizer.pad_token_id, self.cfg.group_size
         lengths = [len(c) for c in completions]
         starts = [0, *itertools.accumulate(lengths)]
         scale = objectives.token_scale(spec, lengths)
@@ -279,7 +332,15 @@ class Trainer:
                         spec, inputs(m, cur.hidden, cur.tokens, cur.rows, zero))
         advantages = objectives.advantages(spec, reward_t, penalty, group)
 
-        token_sums, loss_parts, grad_norms = defaultdict(float), defaultdict(float), []
+        stored_micro = self._stored_inputs(list(stored_groups)) if stored_groups else []
+        sources = [(defaultdict(float), defaultdict(float)) for _ in range(2)]  # online, stored
+        grad_norms = []
+
+        def accumulate(source, out):
+            for sums, new in zip(source, (out.token_sums, out.loss_parts)):
+                for key, value in new.items():
+                    sums[key] += value
+
         for _ in range(cfg.inner_iterations):
             self.optimizer.zero_grad(set_to_none=True)
             for m, (ps, cs, _, _) in enumerate(micro):
@@ -287,14 +348,21 @@ class Trainer:
                     cur = completion_hidden(self.model, ps, cs, pad)
                     out = objectives.objective_loss(spec, inputs(m, cur.hidden, cur.tokens, cur.rows, advantages))
                 out.loss.backward()
-                for sums, new in ((token_sums, out.token_sums), (loss_parts, out.loss_parts)):
-                    for key, value in new.items():
-                        sums[key] += value
+                accumulate(sources[0], out)
+            for ps, cs, fields in stored_micro:
+                with self.autocast():
+                    cur = completion_hidden(self.model, ps, cs, pad)
+                    out = objectives.objective_loss(self.stored_spec, objectives.ObjectiveInputs(
+                        policy=ModelOutputs(cur.hidden, self._head(self.model)), tokens=cur.tokens,
+                        rows=cur.rows, **fields))
+                out.loss.backward()
+                accumulate(sources[1], out)
             norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(),
                                                   cfg.max_grad_norm or float("inf"))
             grad_norms.append(norm.item())
             self.optimizer.step()
-        stats = objectives.summarize(spec, token_sums, loss_parts, sum(lengths), cfg.inner_iterations)
+        n_stored = sum(len(c) for _, cs, _ in stored_micro for c in cs)
+        stats = objectives.summarize([(*sources[0], sum(lengths)), (*sources[1], n_stored)], cfg.inner_iterations)
         if spec.overlong_buffer:
             stats["overlong_penalty"] = float(shaping.mean())
         stats["grad_norm"] = sum(grad_norms) / len(grad_norms)
@@ -362,7 +430,8 @@ class Trainer:
         t1 = time.perf_counter()
         if groups:
             stats.update(self._update([g.prompt_ids for g in groups], [c for g in groups for c in g.completions],
-                                      [r for g in groups for r in g.rewards], [lp for g in groups for lp in g.logprobs]))
+                                      [r for g in groups for r in g.rewards], [lp for g in groups for lp in g.logprobs],
+                                      stored.batch(self.stored_groups, step, self.cfg.stored_per_step)))
         else:  # every group had equal rewards, even after the refills: nothing to learn from
             self.log(f"step {step + 1}: no group with differing rewards after {stats['refills']} refills; "
                      f"update skipped")

@@ -1,0 +1,55 @@
+"""Responses sampled once from the initial policy and stored with their log-probs (DPH-RL's
+rehearsal set): no online reference model is needed to regularize toward them.
+
+`StoredResponses` holds, for some training prompts (by index into the task's training split),
+G completions each, the log-probs of their tokens under the policy that sampled them (the
+initial weights, at the training temperature) and their rewards. It is sampled when a run
+starts and written to ``stored_responses.json`` in the run directory, so a resumed run reuses
+the very same set. `split` separates the prompts the initial policy already solves (their
+responses feed the stored terms) from the rest (trained by the policy gradient), as DPH-RL does.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+FILENAME = "stored_responses.json"
+
+
+@dataclass
+class StoredGroup:
+    index: int  # the prompt's index in the task's training split
+    completions: list[list[int]]
+    logprobs: list[list[float]]
+    rewards: list[float]
+
+    def pass_rate(self, threshold: float) -> float:
+        return sum(r >= threshold for r in self.rewards) / len(self.rewards)
+
+
+def save(groups: list[StoredGroup], run_dir: Path) -> None:
+    tmp = run_dir / f".{FILENAME}.tmp"
+    tmp.write_text(json.dumps([asdict(g) for g in groups]))
+    tmp.replace(run_dir / FILENAME)
+
+
+def load(run_dir: Path) -> list[StoredGroup] | None:
+    path = run_dir / FILENAME
+    if not path.is_file():
+        return None
+    return [StoredGroup(**row) for row in json.loads(path.read_text())]
+
+
+def split(groups: list[StoredGroup], solved: float, pass_threshold: float) -> tuple[list[StoredGroup], set[int]]:
+    """(groups whose pass rate is ≥ `solved`, the indices of those prompts)."""
+    kept = [g for g in groups if g.pass_rate(pass_threshold) >= solved]
+    return kept, {g.index for g in kept}
+
+
+def batch(groups: list[StoredGroup], step: int, size: int) -> list[StoredGroup]:
+    """Step `step`'s `size` groups, cycling through the set in order."""
+    if not groups:
+        return []
+    return [groups[(step * size + i) % len(groups)] for i in range(min(size, len(groups)))]
