@@ -34,9 +34,12 @@ class ModelOutputs:
         return ModelOutputs(self.hidden.detach(), self.head.detach())
 
 
-def _target_logprobs(target: Target, policy_logprobs: torch.Tensor, models: Mapping[str, ModelOutputs],
-                     rows: slice, tokens: torch.Tensor, advantages: torch.Tensor | None) -> torch.Tensor:
-    """log q (chunk, V) without gradient; ``self`` is the policy's own (detached) log-probs."""
+def _policy_and_target(target: Target, policy: ModelOutputs, hidden: torch.Tensor,
+                       models: Mapping[str, ModelOutputs], rows: slice, tokens: torch.Tensor,
+                       advantages: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(log πθ (chunk, V) from the policy's ``hidden`` rows, log q (chunk, V) without gradient;
+    ``self`` is the policy's own log-probs, detached)."""
+    policy_logprobs = policy.head.logits(hidden).log_softmax(-1)
     with torch.no_grad():
         logprobs = {"self": policy_logprobs.detach()}
         for name in target.models() - {"self"}:
@@ -46,7 +49,7 @@ def _target_logprobs(target: Target, policy_logprobs: torch.Tensor, models: Mapp
         if advantages is not None:  # the sequence advantage on the sampled token, 0 elsewhere
             advantage = torch.zeros_like(policy_logprobs).scatter_(
                 -1, tokens[rows, None], advantages[rows, None].to(policy_logprobs.dtype))
-        return target.evaluate(logprobs, advantage)
+        return policy_logprobs, target.evaluate(logprobs, advantage)
 
 
 def divergence_to_target(divergence: Callable[..., torch.Tensor], target: Target, policy: ModelOutputs,
@@ -60,18 +63,23 @@ def divergence_to_target(divergence: Callable[..., torch.Tensor], target: Target
     """
 
     def chunk_value(rows: slice, hidden: torch.Tensor) -> torch.Tensor:
-        logp = policy.head.logits(hidden).log_softmax(-1)
-        logq = _target_logprobs(target, logp, models, rows, tokens, advantages)
-        return divergence(logp, logq, **params)
+        return divergence(*_policy_and_target(target, policy, hidden, models, rows, tokens, advantages),
+                          **params)
 
+    return _by_row_chunks(chunk_value, policy, chunk_rows)
+
+
+def _by_row_chunks(fn: Callable[[slice, torch.Tensor], torch.Tensor], policy: ModelOutputs,
+                   chunk_rows: int) -> torch.Tensor:
+    """cat over row chunks of fn(rows, policy.hidden[rows]) (chunk,); each chunk checkpointed when
+    it carries gradient, so only one chunk's (chunk × V) tensors are alive, forward or backward."""
+    n = policy.hidden.shape[0]
+    differentiable = torch.is_grad_enabled() and (policy.hidden.requires_grad or policy.head.weight.requires_grad)
     values = []
-    for start in range(0, len(tokens), chunk_rows):
-        rows = slice(start, min(start + chunk_rows, len(tokens)))
+    for start in range(0, n, chunk_rows):
+        rows = slice(start, min(start + chunk_rows, n))
         hidden = policy.hidden[rows]
-        if torch.is_grad_enabled() and (hidden.requires_grad or policy.head.weight.requires_grad):
-            values.append(checkpoint(chunk_value, rows, hidden, use_reentrant=False))
-        else:
-            values.append(chunk_value(rows, hidden))
+        values.append(checkpoint(fn, rows, hidden, use_reentrant=False) if differentiable else fn(rows, hidden))
     return torch.cat(values) if values else policy.hidden.new_zeros(0)
 
 
@@ -80,13 +88,12 @@ def target_logprob_at(target: Target, policy: ModelOutputs, models: Mapping[str,
                       tokens: torch.Tensor, advantages: torch.Tensor | None = None, *,
                       chunk_rows: int = DEFAULT_CHUNK_ROWS) -> torch.Tensor:
     """log q(y_t) (N,) of the sampled tokens under any target (for the sampled estimators)."""
-    out = []
-    for start in range(0, len(tokens), chunk_rows):
-        rows = slice(start, min(start + chunk_rows, len(tokens)))
-        logp = policy.head.logits(policy.hidden[rows]).log_softmax(-1)
-        logq = _target_logprobs(target, logp, models, rows, tokens, advantages)
-        out.append(logq.gather(-1, tokens[rows, None]).squeeze(-1))
-    return torch.cat(out) if out else policy.hidden.new_zeros(0)
+
+    def chunk_value(rows: slice, hidden: torch.Tensor) -> torch.Tensor:
+        _, logq = _policy_and_target(target, policy, hidden, models, rows, tokens, advantages)
+        return logq.gather(-1, tokens[rows, None]).squeeze(-1)
+
+    return _by_row_chunks(chunk_value, policy, chunk_rows)
 
 
 def _top_p_entropy_of_logits(logits: torch.Tensor, top_p: float, top_k: int) -> torch.Tensor:
@@ -108,14 +115,7 @@ def top_p_entropy(policy: ModelOutputs, top_p: float, top_k: int, *,
     ``efficient_top_p_sampling``): probabilities of the full softmax, the top_k most probable
     tokens, kept while their running sum stays below top_p, renormalized."""
 
-    def chunk_value(hidden: torch.Tensor) -> torch.Tensor:
+    def chunk_value(_: slice, hidden: torch.Tensor) -> torch.Tensor:
         return _top_p_entropy_of_logits(policy.head.logits(hidden), top_p, top_k)
 
-    values = []
-    for start in range(0, policy.hidden.shape[0], chunk_rows):
-        hidden = policy.hidden[start:start + chunk_rows]
-        if torch.is_grad_enabled() and (hidden.requires_grad or policy.head.weight.requires_grad):
-            values.append(checkpoint(chunk_value, hidden, use_reentrant=False))
-        else:
-            values.append(chunk_value(hidden))
-    return torch.cat(values) if values else policy.hidden.new_zeros(0)
+    return _by_row_chunks(chunk_value, policy, chunk_rows)
