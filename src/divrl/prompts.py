@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 
+from divrl.spec import named_choices
 from divrl.tasks import Example
 
 
@@ -109,14 +110,7 @@ SAMPLERS: dict[str, type[PromptSource]] = {"sequential": PromptSource, "gaussian
 
 def parse_sampler(value: Any) -> tuple[str, dict[str, Any]]:
     """`prompt_sampler`: a name or {name: {params}}; raises ValueError naming the bad part."""
-    if isinstance(value, str):
-        value = {value: {}}
-    if not isinstance(value, Mapping) or len(value) != 1:
-        raise ValueError(f"must be one of {', '.join(SAMPLERS)} or {{name: {{params}}}}, got {value!r}")
-    (name, params), = value.items()
-    if name not in SAMPLERS:
-        raise ValueError(f"unknown prompt sampler {name!r}; valid: {', '.join(SAMPLERS)}")
-    params = dict(params or {})
+    (name, params), = named_choices(value, "", "prompt sampler", list(SAMPLERS), single=True)
     check = getattr(SAMPLERS[name], "check", None)
     if check is None and params:
         raise ValueError(f"{name} takes no parameters, got {params!r}")

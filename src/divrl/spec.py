@@ -180,26 +180,41 @@ def _try_on_a_toy(fn, path: str) -> None:
         raise SpecError(f"{path}: {err}") from None
 
 
+def named_choices(value: Any, path: str, what: str, valid: list[str] | None = None,
+                  single: bool = False) -> list[tuple[str, dict]]:
+    """A config value that names registered things — ``name`` or ``{name: {params}, ...}`` — as
+    [(name, params)]; `single` allows one name only; names outside `valid` (when given) are refused
+    with a suggestion. Errors start with `path` (when not empty)."""
+    where = f"{path}: " if path else ""
+    if isinstance(value, str):
+        value = {value: {}}
+    if not isinstance(value, Mapping) or (single and len(value) != 1):
+        shape = "one name" if single else "a name"
+        raise SpecError(f"{where}must be {shape} of {what} or {{name: {{params}}}}, got {value!r}")
+    choices = []
+    for name, params in value.items():
+        if valid is not None and name not in valid:
+            close = difflib.get_close_matches(str(name), valid, n=1)
+            hint = f"; did you mean '{close[0]}'?" if close else ""
+            raise SpecError(f"{where}unknown {what} {name!r}{hint} Valid: {', '.join(valid)}")
+        params = {} if params is None else params
+        if not isinstance(params, Mapping):
+            raise SpecError(f"{path}.{name}: parameters must be a mapping, got {params!r}")
+        choices.append((name, dict(params)))
+    return choices
+
+
 def _named_weights(value: Any, path: str) -> tuple[tuple[str, dict], ...]:
     """`mask`/`weight`: a registered name, or {name: {params}, ...} (their product)."""
     if value is None:
         return ()
-    if isinstance(value, str):
-        value = {value: {}}
-    if not isinstance(value, Mapping):
-        raise SpecError(f"{path}: must be a name of divrl.weights or a mapping {{name: {{params}}}}, "
-                        f"got {value!r}")
-    specs = []
-    for name, params in value.items():
-        params = {} if params is None else params
-        if not isinstance(params, Mapping):
-            raise SpecError(f"{path}.{name}: parameters must be a mapping, got {params!r}")
+    choices = named_choices(value, path, "divrl.weights")
+    for name, params in choices:
         try:
-            weights.check(name, dict(params))
+            weights.check(name, params)
         except ValueError as err:
             raise SpecError(f"{path}.{name}: {err}") from None
-        specs.append((name, dict(params)))
-    return tuple(specs)
+    return tuple(choices)
 
 
 @dataclass(frozen=True)
@@ -396,14 +411,7 @@ class ObjectiveSpec:
 
 def _parse_pg_loss(value: Any, clip_low: float, clip_high: float) -> tuple[str, tuple]:
     """`pg_loss`: a surrogate name or {name: {params}}; `clipped` takes clip_low/clip_high."""
-    if isinstance(value, str):
-        value = {value: {}}
-    if not isinstance(value, Mapping) or len(value) != 1:
-        raise SpecError(f"pg_loss: a name of {', '.join(surrogates.names())} or {{name: {{params}}}}, got {value!r}")
-    (name, params), = value.items()
-    if name not in surrogates.names():
-        raise _unknown("pg_loss", "pg_loss", name, surrogates.names())
-    params = dict(params or {})
+    (name, params), = named_choices(value, "pg_loss", "pg_loss", surrogates.names(), single=True)
     if name == "clipped":
         if params:
             raise SpecError("pg_loss.clipped: set clip_low and clip_high instead of parameters")
