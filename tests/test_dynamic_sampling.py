@@ -93,3 +93,13 @@ def test_bad_dapo_settings_are_refused(override, message):
     with pytest.raises(Exception) as err:
         build_config(None, [override], recipe="dapo")
     assert message in str(err.value)
+
+
+def test_signed_advantages_read_the_verdict_not_the_shaped_reward():
+    """A passing completion that ran into the overlong zone keeps its +1 under PSR/NSR."""
+    spec = build_config(None, ["max_new_tokens=10", "overlong_buffer=0.2"], recipe="w-reinforce").objective
+    task = torch.tensor([1.0, 0.0])
+    shaped = task + objectives.overlong_penalty(spec, torch.tensor([10, 3]))
+    assert shaped[0] < 1.0
+    got = objectives.advantages(spec, shaped, None, 2, verdict=objectives.passed(task))
+    torch.testing.assert_close(got, torch.tensor([1.0, -1.0]))

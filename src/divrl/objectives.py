@@ -70,17 +70,18 @@ def overlong_penalty(spec: ObjectiveSpec, lengths: torch.Tensor) -> torch.Tensor
 
 
 def advantages(spec: ObjectiveSpec, rewards: torch.Tensor, penalties: torch.Tensor | None,
-               group_size: int) -> torch.Tensor:
+               group_size: int, verdict: torch.Tensor | None = None) -> torch.Tensor:
     """A_i = adv(r)_i − (P_i − mean_group P): the task reward's advantage (`group_norm`,
     `mean_only` or `signed`) minus the group-centred penalty P_i = Σ_k c_k Σ_t k(y_t) of the
     reward terms.
 
     The penalty is not divided by the reward's std: subtracting it before the division would make
     c irrelevant in a group of equal rewards (the advantage would be a unit-scale function of the
-    KL alone). For `mean_only` this equals the advantage of r − P.
+    KL alone). For `mean_only` this equals the advantage of r − P. `signed` reads the task's pass
+    verdict (default: rewards ≥ 1), so reward shaping cannot turn a pass into a failure.
     """
     if spec.advantage == "signed":
-        adv = signed_advantages(rewards)
+        adv = signed_advantages(rewards if verdict is None else verdict.to(rewards.dtype))
     else:
         adv = group_advantages(rewards, group_size, normalize=spec.advantage == "group_norm")
     if penalties is not None:

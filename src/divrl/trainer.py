@@ -188,10 +188,8 @@ class Trainer:
                 examples = [self.task.train[i] for i in chunk]
                 rollout = self._sample(examples, cfg.stored_samples, cfg.temperature, generator)
                 rewards, _ = self._score(examples, rollout.completion_ids, cfg.stored_samples)
-                g = cfg.stored_samples
-                groups += [stored.StoredGroup(i, rollout.completion_ids[k * g:(k + 1) * g],
-                                              rollout.logprobs[k * g:(k + 1) * g], rewards[k * g:(k + 1) * g])
-                           for k, i in enumerate(chunk)]
+                groups += [stored.StoredGroup(i, g.completions, g.logprobs, g.rewards)
+                           for i, g in zip(chunk, split_groups(examples, rollout, rewards))]
             self.run_dir.mkdir(parents=True, exist_ok=True)
             stored.save(groups, self.run_dir)
         return stored.split(groups, cfg.stored_solved, objectives.PASS_THRESHOLD)
@@ -287,10 +285,11 @@ class Trainer:
         lengths = [len(c) for c in completions]
         starts = [0, *itertools.accumulate(lengths)]
         scale = objectives.token_scale(spec, lengths)
-        reward_t = torch.tensor(rewards)
-        passed = objectives.passed(reward_t)  # the task's verdict, before any reward shaping
+        passed = objectives.passed(torch.tensor(rewards))  # the task's verdict, before any shaping
         pass_rate = objectives.group_pass_rate(passed, group)
         batch_pass_rate = float(passed.float().mean())
+        shaping = objectives.overlong_penalty(spec, torch.tensor(lengths))
+        reward_t = torch.tensor(rewards) + shaping  # the return: task reward + overlong shaping (0 when off)
         # Micro-batches of whole groups (a prompt's KV is computed once for its G completions).
         per_micro = cfg.micro_batch_size // group
         micro = []
@@ -320,8 +319,6 @@ class Trainer:
                 batch_fraction=len(rows) / len(completions))
 
         penalty = None
-        shaping = objectives.overlong_penalty(spec, torch.tensor(lengths))
-        reward_t = reward_t + shaping  # the return: task reward + overlong shaping (0 when off)
         if spec.reward_terms:  # returns minus the reward-placed terms, at the behaviour policy
             penalty = torch.zeros(len(completions))
             zero = torch.zeros(len(completions))
@@ -330,7 +327,7 @@ class Trainer:
                 with self.autocast():
                     penalty[rows] = objectives.reward_penalty(
                         spec, inputs(m, cur.hidden, cur.tokens, cur.rows, zero))
-        advantages = objectives.advantages(spec, reward_t, penalty, group)
+        advantages = objectives.advantages(spec, reward_t, penalty, group, verdict=passed)
 
         stored_micro = self._stored_inputs(list(stored_groups)) if stored_groups else []
         sources = [(defaultdict(float), defaultdict(float)) for _ in range(2)]  # online, stored
