@@ -163,6 +163,8 @@ def _models(inputs: ObjectiveInputs) -> dict[str, ModelOutputs]:
 
 
 def _model_logprobs(model: ModelOutputs, tokens: torch.Tensor) -> torch.Tensor:
+    if model.token_logprobs is not None:
+        return model.token_logprobs
     with torch.no_grad():
         return chunked.logprob_entropy(model.hidden, model.head, tokens)[0]
 
@@ -346,6 +348,13 @@ def reward_penalty(spec: ObjectiveSpec, inputs: ObjectiveInputs) -> torch.Tensor
             behaviour, _sampled_target_logprobs(term, inputs, models))
         penalty.index_add_(0, inputs.rows, term.coef * value.to(penalty.dtype))
     return penalty
+
+
+def models_read_at_tokens(spec: ObjectiveSpec) -> frozenset[str]:
+    """The models whose log-probs of the sampled tokens sampled-estimator terms read: a trainer
+    computes them once per batch (`ModelOutputs.token_logprobs`), not once per loss evaluation."""
+    return frozenset(t.target.op for t in spec.terms
+                     if t.estimator not in ("exact", "stored") and t.target.is_model)
 
 
 def online_and_stored(spec: ObjectiveSpec) -> tuple[ObjectiveSpec, ObjectiveSpec | None]:

@@ -240,15 +240,18 @@ class Trainer:
         """Outputs of the models that carry no gradient, computed once per rollout batch."""
         cfg, pad = self.cfg, self.tokenizer.pad_token_id
         models, old_logprobs, cur = {}, None, None
+        read_at_tokens = objectives.models_read_at_tokens(self.online_spec)
         with torch.no_grad(), self.autocast():
             for name, model in (("reference", self.reference), ("teacher", self.teacher)):
                 if model is not None:
-                    out = completion_hidden(model, prompts, completions, pad)
-                    models[name] = ModelOutputs(out.hidden, self._head(model))
+                    out, head = completion_hidden(model, prompts, completions, pad), self._head(model)
+                    token_logprobs = (chunked.logprob_entropy(out.hidden, head, out.tokens)[0]
+                                      if name in read_at_tokens else None)
+                    models[name] = ModelOutputs(out.hidden, head, token_logprobs)
             if cfg.top_p < 1.0:  # the sampler's nucleus distribution is the behaviour policy
                 old_logprobs = torch.tensor([lp for row in behaviour_logprobs for lp in row])
             if old_head is not None or (old_logprobs is None and (
-                    cfg.inner_iterations > 1 or self.objective.reward_terms)):
+                    cfg.inner_iterations > 1 or self.online_spec.reward_terms)):
                 cur = completion_hidden(self.model, prompts, completions, pad)
                 if old_logprobs is None:
                     old_logprobs = chunked.logprob_entropy(cur.hidden, self._head(self.model), cur.tokens)[0]
