@@ -130,4 +130,4 @@ def test_cli_reports_a_bad_recipe_and_exits_2(capsys):
 
 def test_parse_objective_reads_a_plain_mapping():
     spec = parse_objective({"policy_gradient": False, "terms": [{"divergence": "chi2", "target": "reference"}]})
-    assert spec.models() == {"reference"} and spec.loss_terms == spec.terms and not spec.reward_terms
+    assert spec.models() == {"reference"} and all(t.placement == "loss" for t in spec.terms) and not spec.reward_terms

@@ -237,14 +237,12 @@ def entropy_anchor(spec: EntropyAnchorSpec, inputs: ObjectiveInputs) -> tuple[to
     entropy = rowwise.top_p_entropy(inputs.policy, spec.top_p, spec.top_k)
     detached = entropy.detach()
     kept = torch.zeros_like(detached, dtype=torch.bool)
+    per_completion = []
     for row in inputs.rows.unique():
         tokens = inputs.rows == row
         kept[tokens] = detached[tokens] > torch.quantile(detached[tokens].double(), spec.quantile).to(detached.dtype)
-    per_completion = []
-    for row in inputs.rows.unique():
-        tokens = (inputs.rows == row) & kept
-        if tokens.any():
-            per_completion.append(entropy[tokens].mean())
+        if kept[tokens].any():
+            per_completion.append(entropy[tokens & kept].mean())
     mean_entropy = torch.stack(per_completion).mean() if per_completion else entropy.sum() * 0.0
     if inputs.entropy_anchor is None:
         loss = mean_entropy * 0.0

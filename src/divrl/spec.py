@@ -401,10 +401,6 @@ class ObjectiveSpec:
         return f"{' + '.join(parts)}, aggregated {self.aggregation}{shaping}"
 
     @property
-    def loss_terms(self) -> tuple[TermSpec, ...]:
-        return tuple(t for t in self.terms if t.placement == "loss")
-
-    @property
     def reward_terms(self) -> tuple[TermSpec, ...]:
         return tuple(t for t in self.terms if t.placement == "reward")
 
