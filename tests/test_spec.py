@@ -84,7 +84,8 @@ def test_aggregation_normalizer_defaults_to_the_generation_budget():
     (["kl_coef=0.1", "kl_estimator=k1"], "kl_estimator: k1 as a loss has zero expected gradient"),
     (["kl_coef=0.1", "kl_estimator=k3", "top_p=0.9"], "'top_p' < 1 samples from the renormalized nucleus"),
     (["micro_batch_size=4", "group_size=8"], "'micro_batch_size' must be ≥ group_size (8)"),
-    (["loss_aggregation=seq_mean"], "'loss_aggregation' must be one of"),
+    (["loss_aggregation=seq_mean"], "loss_aggregation: unknown aggregation 'seq_mean'; did you mean"),
+    (["advantage=mean"], "advantage: unknown advantage 'mean'; did you mean 'mean_only'?"),
     (["terms[1].coef=0.1"], "'terms' has no item 1"),
 ])
 def test_bad_objective_is_refused_with_its_key_path(overrides, message):
