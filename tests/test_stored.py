@@ -68,3 +68,15 @@ def test_stored_terms_are_validated():
         build_config(None, ["teacher=tiny", "terms=[{divergence: forward_kl, target: teacher, estimator: stored}]"])
     with pytest.raises(Exception, match="'stored_solved' must be in \\(0, 1\\]"):
         build_config(None, ["stored_solved=0"], recipe="dph-rl")
+
+
+def test_a_rehearsal_set_that_leaves_no_policy_gradient_prompt_is_refused(tmp_path, monkeypatch):
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"Say {i}", "answer": str(2 * i)}) + "\n" for i in range(12)))
+    (tmp_path / "dph_verifier.py").write_text(VERIFIER)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    cfg = build_config(None, ["model=tiny", "eval_size=4", "max_new_tokens=4", f"task={data}",
+                              "verifier=dph_verifier:even_solved", "stored_samples=2",
+                              f"output_dir={tmp_path / 'run'}"], recipe="dph-rl")
+    with pytest.raises(Exception, match="none is left for the policy gradient"):
+        Trainer(cfg, log=lambda *_: None)

@@ -166,6 +166,11 @@ class Trainer:
         if self.stored_spec is not None:
             self.stored_groups, solved = self._stored_responses()
             online_examples = [e for i, e in enumerate(self.task.train) if i not in solved]
+            if not online_examples:
+                raise ConfigError(f"config key 'stored_prompts': the initial policy solves all "
+                                  f"{len(solved)} training prompts it answered, so none is left for "
+                                  f"the policy gradient; raise train_size above stored_prompts or "
+                                  f"stored_solved")
             log(f"stored responses: {len(self.stored_groups)} of {cfg.stored_prompts} prompts solved by the "
                 f"initial policy feed {', '.join(t.name for t in self.stored_spec.terms)}; "
                 f"{len(online_examples)} prompts left for the policy gradient")
