@@ -135,12 +135,23 @@ def test_every_recipe_parses_and_documents_its_paper():
         build_config(None, ["teacher=tiny"], recipe=name)
 
 
+PARITY_VERIFIER = "def parity(completion, answer):\n    return float(len(completion) % 2)\n"
+# Offline recipes need prompts whose stored responses both pass and fail: the untrained tiny model
+# solves nothing, so a JSONL task's responses are scored by the parity of their length.
+OFFLINE_ARGS = ["stored_prompts=4", "stored_samples=4", "offline_keep=2", "verifier=parity_verifier:parity"]
+
+
 @pytest.mark.parametrize("name", recipes.names())
-def test_divrl_train_recipe_smoke_run_on_the_tiny_model(tmp_path, name):
-    args = ["train", "--recipe", name, "--set", "model=tiny", "--set", "teacher=tiny",
-            "--set", "steps=1", "--set", "prompts_per_step=2", "--set", "group_size=2",
-            "--set", "max_new_tokens=4", "--set", "eval_size=2", "--set", "eval_samples=1",
-            "--set", "train_size=20", "--set", f"output_dir={tmp_path / 'run'}"]
+def test_divrl_train_recipe_smoke_run_on_the_tiny_model(tmp_path, name, monkeypatch):
+    overrides = ["model=tiny", "teacher=tiny", "steps=1", "prompts_per_step=2", "group_size=2",
+                 "max_new_tokens=4", "eval_size=2", "eval_samples=1", "train_size=20",
+                 f"output_dir={tmp_path / 'run'}"]
+    if recipes.load(name).config.get("offline"):
+        (tmp_path / "parity_verifier.py").write_text(PARITY_VERIFIER)
+        (tmp_path / "say.jsonl").write_text("".join(f'{{"prompt": "Say {i}", "answer": "{i}"}}\n' for i in range(24)))
+        monkeypatch.syspath_prepend(str(tmp_path))
+        overrides += [*OFFLINE_ARGS, f"task={tmp_path / 'say.jsonl'}"]
+    args = ["train", "--recipe", name, *(a for o in overrides for a in ("--set", o))]
     assert main(args) == 0
     assert (tmp_path / "run" / "checkpoints" / "step-1").is_dir()
 
@@ -250,3 +261,39 @@ def test_chi2_recipe_and_its_sequence_form_are_valid_and_bounded_to_chi2():
         build_config(None, ["terms=[{divergence: forward_kl, target: reference, estimator: sequence}]"])
     with pytest.raises(Exception, match="'inner_iterations' must be 1 with the sequence estimator"):
         build_config(None, ["inner_iterations=2"], recipe="chi2")
+
+
+def test_reasonmaxxer_is_gated_cross_entropy_plus_forward_kl_elsewhere_each_a_mean_over_its_positions():
+    probe = _spec("reasonmaxxer")
+    inputs, logp = _toy(probe, [1.0, 0.0, 1.0, 1.0])
+    reference = inputs.models["reference"]
+    ref_logits = reference.head.logits(reference.hidden).log_softmax(-1)
+    ref_entropy = -(ref_logits.exp() * ref_logits).sum(-1)
+    middle = ref_entropy.sort().values[3:5].detach()
+    tau = float(middle.mean())  # halfway between the 4th and 5th entropies: 4 positions above τ
+    spec = _spec("reasonmaxxer", f"pg_mask={{reference_entropy_above: {{threshold: {tau}}}}}",
+                 f"terms[0].mask={{reference_entropy_at_most: {{threshold: {tau}}}}}")
+    gate = ref_entropy > tau
+    assert int(gate.sum()) == 4
+    # rewards (1, 0 | 1, 1), population std: A = (+1, −1 | 0, 0); no clip at |A| = 1
+    advantage = torch.tensor([1.0, -1.0, 0.0, 0.0], dtype=torch.float64)[ROWS]
+    policy_logits = inputs.policy.head.logits(inputs.policy.hidden).log_softmax(-1)
+    forward_kl = (ref_logits.exp() * (ref_logits - policy_logits)).sum(-1)
+    expected = (-advantage * logp)[gate].mean() + 0.2 * forward_kl[~gate].mean()
+    out = objectives.objective_loss(spec, inputs)
+    assert out.loss_parts["pg"] == pytest.approx((-advantage * logp)[gate].mean().item(), rel=1e-5)
+    assert out.loss.item() == pytest.approx(expected.item(), rel=1e-5)  # the fused tiles run in fp32
+    (got,) = torch.autograd.grad(out.loss, inputs.policy.hidden)
+    (want,) = torch.autograd.grad(expected, inputs.policy.hidden)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    assert out.token_sums["pg_masked_fraction"] == int((~gate).sum())
+    assert out.token_sums["forward_kl_to_reference_masked_fraction"] == int(gate.sum())
+
+
+def test_reasonmaxxer_advantage_is_a_population_z_score_clipped_at_2_5():
+    spec = _spec("reasonmaxxer")
+    rewards = torch.tensor([1.0] + [0.0] * 9 + [1.0] * 5 + [0.0] * 5)  # groups of 10: 1 pass; 5 passes
+    adv = objectives.advantages(spec, rewards, None, group_size=10)
+    # one pass in ten: z = 0.9/√(0.1·0.9) = 3 → clipped to 2.5; the others −0.1/0.3 = −1/3
+    torch.testing.assert_close(adv[:10], torch.tensor([2.5] + [-1 / 3] * 9), atol=1e-5, rtol=0)
+    torch.testing.assert_close(adv[10:], torch.tensor([1.0] * 5 + [-1.0] * 5), atol=1e-5, rtol=0)

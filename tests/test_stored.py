@@ -80,3 +80,58 @@ def test_a_rehearsal_set_that_leaves_no_policy_gradient_prompt_is_refused(tmp_pa
                               f"output_dir={tmp_path / 'run'}"], recipe="dph-rl")
     with pytest.raises(Exception, match="none is left for the policy gradient"):
         Trainer(cfg, log=lambda *_: None)
+
+
+def _group(index, rewards, lengths):
+    return stored.StoredGroup(index, [[7] * n for n in lengths], [[-0.5] * n for n in lengths], rewards)
+
+
+def test_offline_selection_keeps_mixed_prompts_closest_to_half_and_their_shortest_responses():
+    groups = [_group(0, [1, 1, 1, 1, 1], [1, 2, 3, 4, 5]),  # all pass: dropped
+              _group(1, [1, 0, 0, 0, 0], [5, 4, 3, 2, 1]),  # p̂ 0.2
+              _group(2, [1, 1, 0, 0, 0], [2, 9, 1, 3, 3]),  # p̂ 0.4
+              _group(3, [0, 0, 0, 0, 0], [1, 1, 1, 1, 1]),  # all fail: dropped
+              _group(4, [1, 1, 1, 0, 1], [1, 2, 3, 4, 5])]  # p̂ 0.8
+    kept = stored.select_offline(groups, keep=2, shortest=0.8, pass_threshold=1.0)
+    assert [g.index for g in kept] == [1, 2]  # |p̂ − 0.5| = 0.3, 0.1 beat 0.3 of prompt 4 by order
+    assert stored.kept_per_prompt(5, 0.8) == 4 and stored.kept_per_prompt(20, 0.8) == 16
+    assert [len(c) for c in kept[0].completions] == [4, 3, 2, 1] and kept[0].rewards == [0, 0, 0, 0]
+    assert [len(c) for c in kept[1].completions] == [2, 1, 3, 3] and kept[1].rewards == [1, 0, 0, 0]
+    assert [g.index for g in stored.select_offline(groups, 0, 1.0, 1.0)] == [1, 2, 4]
+
+
+PARITY = "def parity(completion, answer):\n    return float(len(completion) % 2)\n"
+
+
+def test_an_offline_run_trains_on_the_stored_set_without_generating(tmp_path, monkeypatch):
+    (tmp_path / "parity_verifier.py").write_text(PARITY)
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"Say {i}", "answer": str(i)}) + "\n" for i in range(30)))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    args = ["model=tiny", f"task={data}", "prompts_per_step=2", "max_new_tokens=6", "eval_size=2", "eval_samples=1",
+            "stored_prompts=6", "stored_samples=5", "offline_keep=3", "verifier=parity_verifier:parity",
+            f"output_dir={tmp_path / 'run'}"]
+    trainer = Trainer(build_config(None, [*args, "steps=2"], recipe="reasonmaxxer"), log=lambda *_: None)
+    assert 1 <= len(trainer.offline_groups) <= 3
+    assert all(len(g.completions) == 4 for g in trainer.offline_groups)  # the shortest 80% of 5
+    before = [p.detach().clone() for p in trainer.model.parameters()]
+
+    def no_generation(*_, **__):
+        raise AssertionError("an offline step generated")
+
+    monkeypatch.setattr(trainer, "_sample", no_generation)
+    row = trainer.train_step(0)
+    assert 0 <= row["pg_masked_fraction"] <= 1 and row["forward_kl_to_reference"] >= 0
+    assert row["reward"] == pytest.approx(sum(r for g in trainer.offline_groups[:2] for r in g.rewards) / 8)
+    assert any(not torch.equal(a, p) for a, p in zip(before, trainer.model.parameters()))
+
+
+def test_offline_keys_are_validated():
+    with pytest.raises(Exception, match="'offline_shortest' must be in \\(0, 1\\]"):
+        build_config(None, ["offline_shortest=0"], recipe="reasonmaxxer")
+    with pytest.raises(Exception, match="'micro_batch_size' must be ≥ the 16 responses"):
+        build_config(None, ["micro_batch_size=8"], recipe="reasonmaxxer")
+    with pytest.raises(Exception, match="'dynamic_sampling' has nothing to refill offline"):
+        build_config(None, ["dynamic_sampling=true"], recipe="reasonmaxxer")
+    with pytest.raises(Exception, match="reference_entropy_above: .*threshold must lie in"):
+        build_config(None, ["pg_mask={reference_entropy_above: {threshold: -1}}"], recipe="reasonmaxxer")

@@ -20,7 +20,7 @@ from typing import Any
 
 import yaml
 
-from divrl import prompts, recipes
+from divrl import prompts, recipes, stored
 from divrl.spec import ESTIMATORS, ObjectiveSpec, SpecError, parse_objective
 
 
@@ -68,16 +68,21 @@ class TrainConfig:
     policy_gradient: bool = _doc("Include the clipped policy-gradient term (false: pure "
                                  "distillation by the divergence terms).", default=True)
     pg_loss: str | dict = _doc("Policy-gradient surrogate (divrl.surrogates): 'clipped' (PPO, with "
-                               "clip_low/clip_high) or {nft: {epsilon: 1.0, clamp: 0.02, "
-                               "negative_weight: 1.0}}.", default="clipped")
+                               "clip_low/clip_high), 'reinforce' (−A·log πθ, no ratio) or {nft: "
+                               "{epsilon: 1.0, clamp: 0.02, negative_weight: 1.0}}.", default="clipped")
     advantage: str = _doc("'group_norm' (GRPO: (r − mean)/std per group), 'mean_only' "
                           "(Dr. GRPO: r − mean) or 'signed' (PSR/NSR: +1 if the sample passes, "
                           "else −1, no baseline).", default="group_norm")
+    advantage_std: str = _doc("Std of 'group_norm': 'sample' (unbiased, GRPO) or 'population'.",
+                              default="sample")
+    advantage_clip: float = _doc("Clip advantages to ±advantage_clip (0 = no clip).", default=0.0)
     pg_mask: dict | str | None = _doc("Token mask of the policy-gradient term: a divrl.weights "
                                       "name or {name: {params}}, e.g. {entropy_quantile: {top: 0.2}}.",
                                       default=None)
     pg_weight: dict | str | None = _doc("Token weight of the policy-gradient term, e.g. "
                                         "{pass_rate: {a: 1, b: 1}}.", default=None)
+    pg_mask_mean: bool = _doc("Average the policy-gradient term over the tokens pg_mask keeps, not "
+                              "over all tokens (a term's own key is mask_mean).", default=False)
     loss_aggregation: str = _doc("How token losses are summed: 'token_mean' (all tokens of the "
                                  "batch), 'seq_mean_token_mean', 'seq_mean_token_sum', or "
                                  "'seq_mean_token_sum_norm' (Dr. GRPO: token sums / loss_normalizer, "
@@ -85,7 +90,7 @@ class TrainConfig:
     loss_normalizer: float | None = _doc("The constant of 'seq_mean_token_sum_norm' (default "
                                          "max_new_tokens).", default=None)
     terms: list = _doc("Divergence terms: a list of {divergence, params, target, coef, estimator, "
-                       "placement, mask, weight}; see the README, 'Writing an objective'.",
+                       "placement, mask, weight, mask_mean}; see the README, 'Writing an objective'.",
                        default_factory=list)
     clip_low: float = _doc("PPO ratio clip ε_low: ratio ≥ 1 − clip_low.", default=0.2)
     clip_high: float = _doc("PPO ratio clip ε_high (clip-higher, DAPO): ratio ≤ 1 + clip_high.",
@@ -107,6 +112,18 @@ class TrainConfig:
                                 "(DPH-RL: 6/8).", default=0.75)
     stored_per_step: int = _doc("Stored prompts (with all their responses) per training step.",
                                 default=4)
+    stored_temperature: float | None = _doc("Sampling temperature of the stored responses "
+                                            "(default: temperature).", default=None)
+    stored_top_p: float | None = _doc("Nucleus threshold of the stored responses (default: top_p).",
+                                      default=None)
+    offline: bool = _doc("Train on the stored responses only, with no generation during training "
+                         "(ReasonMaxxer): each step takes prompts_per_step stored prompts in turn.",
+                         default=False)
+    offline_keep: int = _doc("Offline: keep the stored prompts with 1 ≤ #passes ≤ stored_samples − 1 "
+                             "and, of those, the offline_keep whose pass rate is closest to 0.5 "
+                             "(0 = all of them).", default=0)
+    offline_shortest: float = _doc("Offline: the fraction of each kept prompt's responses trained "
+                                   "on, shortest first.", default=1.0)
     prompt_sampler: str | dict = _doc("Which training prompts a step samples (divrl.prompts): "
                                       "'sequential' (per-epoch shuffles) or {gaussian_curriculum: "
                                       "{alpha: 0.9, sigma: 0.35}} (FG-ExPO).", default="sequential")
@@ -204,6 +221,16 @@ def _check(cfg: TrainConfig) -> None:
     need(cfg.eval_every >= 0, "eval_every", "must be ≥ 0")
     need(cfg.max_refills >= 0, "max_refills", "must be ≥ 0")
     need(0 < cfg.stored_solved <= 1, "stored_solved", "must be in (0, 1]")
+    need(cfg.stored_temperature is None or cfg.stored_temperature > 0, "stored_temperature", "must be > 0")
+    need(cfg.stored_top_p is None or 0 < cfg.stored_top_p <= 1, "stored_top_p", "must be in (0, 1]")
+    need(cfg.offline_keep >= 0, "offline_keep", "must be ≥ 0 (0 keeps every informative prompt)")
+    need(0 < cfg.offline_shortest <= 1, "offline_shortest", "must be in (0, 1]")
+    if cfg.offline:
+        kept = stored.kept_per_prompt(cfg.stored_samples, cfg.offline_shortest)
+        need(kept >= 2, "offline_shortest", f"keeps {kept} of {cfg.stored_samples} responses per "
+             f"prompt; advantages need ≥ 2")
+        need(cfg.micro_batch_size >= kept, "micro_batch_size", f"must be ≥ the {kept} responses "
+             f"kept per offline prompt (a micro-batch holds whole groups)")
     try:
         prompts.parse_sampler(cfg.prompt_sampler)
     except ValueError as err:
@@ -224,6 +251,10 @@ def _check(cfg: TrainConfig) -> None:
         spec = cfg.objective
     except SpecError as err:
         raise ConfigError(f"config key {err}") from None
+    need(not (cfg.offline and spec.stored_terms), "offline", "trains on the stored responses "
+         "with the whole objective; stored-estimator terms (DPH-RL's split) need online rollouts")
+    need(not (cfg.offline and cfg.dynamic_sampling), "dynamic_sampling", "has nothing to refill "
+         "offline (the offline set keeps only prompts whose rewards differ)")
     sampled = [t.name for t in spec.terms if t.estimator != "exact"]
     need(cfg.top_p == 1.0 or not sampled, "top_p",
          f"< 1 samples from the renormalized nucleus, not πθ, so the sampled estimators of "

@@ -33,13 +33,14 @@ from divrl.spec import EntropyAnchorSpec, ObjectiveSpec, TermSpec
 
 
 def group_advantages(rewards: torch.Tensor, group_size: int, normalize: bool = True,
-                     eps: float = 1e-6) -> torch.Tensor:
+                     eps: float = 1e-6, population_std: bool = False) -> torch.Tensor:
     """Advantages of rewards laid out group-major (P·G,): r − mean_group, divided by the group's
-    sample std (unbiased, as GRPO) when `normalize`. A group with equal rewards gets zeros."""
+    std when `normalize`: the sample std (unbiased, as GRPO) or, with `population_std`, the
+    population std (ReasonMaxxer's code). A group with equal rewards gets zeros."""
     grouped = rewards.view(-1, group_size)
     centered = grouped - grouped.mean(dim=1, keepdim=True)
     if normalize:
-        centered = centered / (grouped.std(dim=1, keepdim=True) + eps)
+        centered = centered / (grouped.std(dim=1, keepdim=True, correction=0 if population_std else 1) + eps)
     return centered.reshape(-1)
 
 
@@ -73,7 +74,8 @@ def advantages(spec: ObjectiveSpec, rewards: torch.Tensor, penalties: torch.Tens
                group_size: int, verdict: torch.Tensor | None = None) -> torch.Tensor:
     """A_i = adv(r)_i − (P_i − mean_group P): the task reward's advantage (`group_norm`,
     `mean_only` or `signed`) minus the group-centred penalty P_i = Σ_k c_k Σ_t k(y_t) of the
-    reward terms.
+    reward terms; `advantage_std` picks the std of `group_norm`, and a nonzero `advantage_clip`
+    clips the result to ±advantage_clip (ReasonMaxxer: population std, ±2.5).
 
     The penalty is not divided by the reward's std: subtracting it before the division would make
     c irrelevant in a group of equal rewards (the advantage would be a unit-scale function of the
@@ -83,22 +85,28 @@ def advantages(spec: ObjectiveSpec, rewards: torch.Tensor, penalties: torch.Tens
     if spec.advantage == "signed":
         adv = signed_advantages(rewards if verdict is None else verdict.to(rewards.dtype))
     else:
-        adv = group_advantages(rewards, group_size, normalize=spec.advantage == "group_norm")
+        adv = group_advantages(rewards, group_size, normalize=spec.advantage == "group_norm",
+                               population_std=spec.advantage_std == "population")
     if penalties is not None:
         adv = adv - group_advantages(penalties, group_size, normalize=False)
-    return adv
+    return _clip_advantages(spec, adv)
+
+
+def _clip_advantages(spec: ObjectiveSpec, adv: torch.Tensor) -> torch.Tensor:
+    return adv.clamp(-spec.advantage_clip, spec.advantage_clip) if spec.advantage_clip else adv
 
 
 def expected_advantages(spec: ObjectiveSpec, rewards: torch.Tensor, probs: torch.Tensor,
                         eps: float = 1e-6) -> torch.Tensor:
     """The advantage of each outcome of a bandit (…, V) with an infinite group drawn from probs:
-    `mean_only` r − E r, `group_norm` (r − E r)/(std r + eps), `signed` ±1 (for `divrl.lab`)."""
+    `mean_only` r − E r, `group_norm` (r − E r)/(std r + eps), `signed` ±1 (for `divrl.lab`);
+    clipped as `advantages` clips."""
     if spec.advantage == "signed":
         return signed_advantages(rewards)
     centred = rewards - (probs * rewards).sum(-1, keepdim=True)
-    if spec.advantage == "mean_only":
-        return centred
-    return centred / ((probs * centred**2).sum(-1, keepdim=True).sqrt() + eps)
+    if spec.advantage == "group_norm":
+        centred = centred / ((probs * centred**2).sum(-1, keepdim=True).sqrt() + eps)
+    return _clip_advantages(spec, centred)
 
 
 def token_scale(spec: ObjectiveSpec, lengths: list[int]) -> torch.Tensor:
@@ -251,15 +259,30 @@ def entropy_anchor(spec: EntropyAnchorSpec, inputs: ObjectiveInputs) -> tuple[to
     return loss, float(mean_entropy.detach()), float(kept.float().mean()) if len(kept) else 0.0
 
 
-def _stats(inputs: ObjectiveInputs, logprobs, entropy, old) -> weights.TokenStats:
+def _reference_entropy(inputs: ObjectiveInputs) -> torch.Tensor:
+    reference = inputs.models["reference"]
+    if reference.token_entropy is not None:
+        return reference.token_entropy
+    with torch.no_grad():
+        return chunked.logprob_entropy(reference.hidden, reference.head, inputs.tokens)[1]
+
+
+def _stats(spec: ObjectiveSpec, inputs: ObjectiveInputs, logprobs, entropy, old) -> weights.TokenStats:
     return weights.TokenStats(rows=inputs.rows, advantages=inputs.advantages, rewards=inputs.rewards,
                               group_pass_rate=inputs.group_pass_rate, batch_pass_rate=inputs.batch_pass_rate,
                               passed=inputs.passed_completions(), groups=inputs.groups,
-                              entropy=entropy.detach(), logprobs=logprobs.detach(), old_logprobs=old)
+                              entropy=entropy.detach(), logprobs=logprobs.detach(), old_logprobs=old,
+                              reference_entropy=_reference_entropy(inputs) if spec.reads_reference_entropy else None)
 
 
-def _mask_and_weight(name: str, mask, weight, stats, sums: dict) -> torch.Tensor | None:
-    """m·w per token (None when the term has neither); logs masked fraction and mean weight."""
+def _mask_and_weight(name: str, mask, weight, stats, sums: dict, scale: torch.Tensor,
+                     mask_mean: bool = False) -> torch.Tensor | None:
+    """m·w per token (None when the term has neither); logs masked fraction and mean weight.
+
+    With `mask_mean` the term is averaged over the tokens the mask keeps instead of over all of
+    them: m·w is multiplied by Σ_t a_t / Σ_t a_t m_t (a_t = `scale`), so with token_mean
+    aggregation the term is mean_{t: m_t=1}; 0 when the mask keeps none. This is per micro-batch
+    (exact for the batch when micro_batch_size covers it)."""
     if not mask and not weight:
         return None
     n = len(stats.rows)
@@ -269,6 +292,9 @@ def _mask_and_weight(name: str, mask, weight, stats, sums: dict) -> torch.Tensor
         sums[f"{name}_masked_fraction"] += float((m == 0).sum())
     if weight:
         sums[f"{name}_mean_weight"] += float(w.sum())
+    if mask_mean:
+        kept = float((scale * m).sum())
+        m = m * (float(scale.sum()) / kept) if kept > 0 else torch.zeros_like(m)
     return m * w
 
 
@@ -277,7 +303,7 @@ def objective_loss(spec: ObjectiveSpec, inputs: ObjectiveInputs) -> ObjectiveOut
     policy, models = inputs.policy, _models(inputs)
     logprobs, entropy = chunked.logprob_entropy(policy.hidden, policy.head, inputs.tokens)
     old = logprobs.detach() if inputs.old_logprobs is None else inputs.old_logprobs
-    stats = _stats(inputs, logprobs, entropy, old)
+    stats = _stats(spec, inputs, logprobs, entropy, old)
     scale = inputs.token_scale
     sums: dict[str, float] = defaultdict(float)
     parts: dict[str, torch.Tensor] = {}
@@ -288,7 +314,7 @@ def objective_loss(spec: ObjectiveSpec, inputs: ObjectiveInputs) -> ObjectiveOut
                                          inputs.passed_completions()[inputs.rows],
                                          inputs.group_pass_rate[inputs.rows])
         pg, clipped = surrogates.get(spec.pg_loss)(tokens, **dict(spec.pg_loss_params))
-        mw = _mask_and_weight("pg", spec.pg_mask, spec.pg_weight, stats, sums)
+        mw = _mask_and_weight("pg", spec.pg_mask, spec.pg_weight, stats, sums, scale, spec.pg_mask_mean)
         parts["pg"] = (scale * pg if mw is None else scale * mw * pg).sum()
         sums["clip_fraction"] = float(clipped.sum())
 
@@ -296,7 +322,7 @@ def objective_loss(spec: ObjectiveSpec, inputs: ObjectiveInputs) -> ObjectiveOut
         target_logprobs = (None if term.estimator == "exact" else inputs.stored_logprobs
                            if term.estimator == "stored" else _sampled_target_logprobs(term, inputs, models))
         term_stats = dataclasses.replace(stats, target_logprobs=target_logprobs)
-        mw = _mask_and_weight(term.name, term.mask, term.weight, term_stats, sums)
+        mw = _mask_and_weight(term.name, term.mask, term.weight, term_stats, sums, scale, term.mask_mean)
         token_weights = scale if mw is None else scale * mw
         if term.placement == "reward":  # in the return already: logged here, no gradient
             value = divergences.get_estimator(term.estimator)(logprobs.detach(), target_logprobs)
@@ -349,10 +375,12 @@ def reward_penalty(spec: ObjectiveSpec, inputs: ObjectiveInputs) -> torch.Tensor
 
 
 def models_read_at_tokens(spec: ObjectiveSpec) -> frozenset[str]:
-    """The models whose log-probs of the sampled tokens sampled-estimator terms read: a trainer
-    computes them once per batch (`ModelOutputs.token_logprobs`), not once per loss evaluation."""
+    """The models whose log-probs of the sampled tokens sampled-estimator terms read, and the
+    reference when a mask reads its entropy: a trainer computes them once per batch
+    (`ModelOutputs.token_logprobs`, `token_entropy`), not once per loss evaluation."""
     return frozenset(t.target.op for t in spec.terms
-                     if t.estimator not in ("exact", "stored") and t.target.is_model)
+                     if t.estimator not in ("exact", "stored") and t.target.is_model) | (
+        {"reference"} if spec.reads_reference_entropy else set())
 
 
 def online_and_stored(spec: ObjectiveSpec) -> tuple[ObjectiveSpec, ObjectiveSpec | None]:

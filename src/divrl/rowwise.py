@@ -30,6 +30,7 @@ class ModelOutputs:
     hidden: torch.Tensor  # (N, H)
     head: Head
     token_logprobs: torch.Tensor | None = None  # (N,) log-probs of the batch's tokens, if precomputed
+    token_entropy: torch.Tensor | None = None  # (N,) entropy at each token's position, if precomputed
 
     def detach(self) -> "ModelOutputs":
         return ModelOutputs(self.hidden.detach(), self.head.detach())

@@ -67,8 +67,10 @@ SUPPLIED_ARGUMENTS = {"tilt": ("advantage",)}
 ESTIMATORS = ("exact", "k1", "k2", "k3", "k1_st", "k3_st", "sequence", "stored")
 PLACEMENTS = ("loss", "reward")
 ADVANTAGES = ("group_norm", "mean_only", "signed")
+ADVANTAGE_STDS = ("sample", "population")
 AGGREGATIONS = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum", "seq_mean_token_sum_norm")
-TERM_KEYS = ("divergence", "params", "target", "coef", "estimator", "placement", "mask", "weight")
+TERM_KEYS = ("divergence", "params", "target", "coef", "estimator", "placement", "mask", "weight",
+             "mask_mean")
 
 
 class SpecError(ValueError):
@@ -217,6 +219,18 @@ def _named_weights(value: Any, path: str) -> tuple[tuple[str, dict], ...]:
     return tuple(choices)
 
 
+def _mask_mean(value: Any, path: str, mask: tuple) -> bool:
+    if not isinstance(value, bool):
+        raise SpecError(f"{path}: must be true or false, got {value!r}")
+    if value and not mask:
+        raise SpecError(f"{path}: averages over the tokens a mask keeps; set a mask first")
+    return value
+
+
+def _reads_reference(choices: tuple[tuple[str, dict], ...]) -> bool:
+    return any(name in weights.READ_REFERENCE_ENTROPY for name, _ in choices)
+
+
 @dataclass(frozen=True)
 class TermSpec:
     """c · D(πθ, q) per token, exact or sampled, in the loss or subtracted from the return."""
@@ -229,6 +243,7 @@ class TermSpec:
     placement: str = "loss"
     mask: tuple[tuple[str, dict], ...] = ()
     weight: tuple[tuple[str, dict], ...] = ()
+    mask_mean: bool = False  # average over the tokens the mask keeps, not over all tokens
 
     @property
     def name(self) -> str:
@@ -282,9 +297,10 @@ def parse_term(value: Any, path: str, teacher: bool) -> TermSpec:
         raise SpecError(f"{path}.target: the stored estimator reads responses sampled once from the "
                         f"initial policy with their log-probs, so its target is reference, got "
                         f"{target.describe()}")
-    return TermSpec(name, tuple(params.items()), target, coef, estimator, placement,
-                    _named_weights(value.get("mask"), f"{path}.mask"),
-                    _named_weights(value.get("weight"), f"{path}.weight"))
+    mask = _named_weights(value.get("mask"), f"{path}.mask")
+    return TermSpec(name, tuple(params.items()), target, coef, estimator, placement, mask,
+                    _named_weights(value.get("weight"), f"{path}.weight"),
+                    _mask_mean(value.get("mask_mean", False), f"{path}.mask_mean", mask))
 
 
 def _check_estimator(path: str, name: str, estimator: str, placement: str) -> None:
@@ -360,12 +376,15 @@ class ObjectiveSpec:
     pg_loss: str = "clipped"
     pg_loss_params: tuple[tuple[str, Any], ...] = ()
     advantage: str = "group_norm"
+    advantage_std: str = "sample"
+    advantage_clip: float = 0.0  # |A| ≤ advantage_clip (0: no clip)
     clip_low: float = 0.2
     clip_high: float = 0.28
     aggregation: str = "token_mean"
     normalizer: float = 1.0
     pg_mask: tuple[tuple[str, dict], ...] = ()
     pg_weight: tuple[tuple[str, dict], ...] = ()
+    pg_mask_mean: bool = False
     terms: tuple[TermSpec, ...] = ()
     overlong_buffer: float = 0.0
     overlong_penalty: float = 1.0
@@ -375,8 +394,16 @@ class ObjectiveSpec:
 
     def models(self) -> frozenset[str]:
         """Models whose outputs the terms need, among reference, teacher, old and self (a stored
-        term reads its target's log-probs from the stored responses instead)."""
-        return frozenset().union(*(t.target.models() for t in self.terms if t.estimator != "stored"))
+        term reads its target's log-probs from the stored responses instead); the reference also
+        when a mask or weight reads its entropy."""
+        needed = frozenset().union(*(t.target.models() for t in self.terms if t.estimator != "stored"))
+        return needed | ({"reference"} if self.reads_reference_entropy else set())
+
+    @property
+    def reads_reference_entropy(self) -> bool:
+        """Whether a mask or weight reads the reference model's entropy at each token."""
+        return any(_reads_reference(choices) for choices in (
+            self.pg_mask, self.pg_weight, *(c for t in self.terms for c in (t.mask, t.weight))))
 
     @property
     def stored_terms(self) -> tuple[TermSpec, ...]:
@@ -387,7 +414,7 @@ class ObjectiveSpec:
         [exact, loss], aggregated token_mean'."""
         surrogate = (f"clipped PG ({self.advantage}, ε {self.clip_low:g}/{self.clip_high:g})"
                      if self.pg_loss == "clipped" else
-                     f"{self.pg_loss} PG ({', '.join(f'{k}={v:g}' for k, v in self.pg_loss_params)})")
+                     f"{self.pg_loss} PG ({', '.join([self.advantage, *(f'{k}={v:g}' for k, v in self.pg_loss_params)])})")
         parts = [surrogate] if self.policy_gradient else []
         for t in self.terms:
             params = "".join(f", {k}={v}" for k, v in t.params if not isinstance(v, torch.Tensor))
@@ -429,8 +456,8 @@ def shorthand_term(kl_coef: float, kl_estimator: str, kl_in_reward: bool) -> dic
 def parse_objective(config: Mapping[str, Any]) -> ObjectiveSpec:
     """The ObjectiveSpec of a (flat) training config mapping; raises SpecError naming the key.
 
-    Keys read: policy_gradient, pg_loss, advantage, clip_low, clip_high, loss_aggregation, loss_normalizer
-    (default: max_new_tokens), pg_mask, pg_weight, terms, teacher, overlong_buffer,
+    Keys read: policy_gradient, pg_loss, advantage, advantage_std, advantage_clip, clip_low, clip_high, loss_aggregation, loss_normalizer
+    (default: max_new_tokens), pg_mask, pg_weight, pg_mask_mean, terms, teacher, overlong_buffer,
     overlong_penalty, max_new_tokens, entropy_anchor, and the shorthand kl_coef, kl_estimator, kl_in_reward
     (appended as the last term).
     """
@@ -438,6 +465,12 @@ def parse_objective(config: Mapping[str, Any]) -> ObjectiveSpec:
     advantage = get("advantage", "group_norm")
     if advantage not in ADVANTAGES:
         raise _unknown("advantage", "advantage", advantage, ADVANTAGES)
+    advantage_std = get("advantage_std", "sample")
+    if advantage_std not in ADVANTAGE_STDS:
+        raise _unknown("advantage_std", "standard deviation", advantage_std, ADVANTAGE_STDS)
+    advantage_clip = _number("advantage_clip", get("advantage_clip", 0.0))
+    if not 0.0 <= advantage_clip < math.inf:
+        raise SpecError(f"advantage_clip: must be a finite number ≥ 0 (0: no clip), got {advantage_clip!r}")
     aggregation = get("loss_aggregation", "token_mean")
     if aggregation not in AGGREGATIONS:
         raise _unknown("loss_aggregation", "aggregation", aggregation, AGGREGATIONS)
@@ -473,13 +506,14 @@ def parse_objective(config: Mapping[str, Any]) -> ObjectiveSpec:
         raise SpecError("policy_gradient: false leaves no loss term; add a term with placement: loss")
     pg_loss, pg_loss_params = _parse_pg_loss(get("pg_loss", "clipped"), float(get("clip_low", 0.2)),
                                              float(get("clip_high", 0.28)))
+    pg_mask = _named_weights(get("pg_mask"), "pg_mask")
     return ObjectiveSpec(
         policy_gradient=bool(policy_gradient), pg_loss=pg_loss, pg_loss_params=pg_loss_params,
-        advantage=advantage,
+        advantage=advantage, advantage_std=advantage_std, advantage_clip=advantage_clip,
         clip_low=float(get("clip_low", 0.2)), clip_high=float(get("clip_high", 0.28)),
         aggregation=aggregation, normalizer=normalizer,
-        pg_mask=_named_weights(get("pg_mask"), "pg_mask"),
-        pg_weight=_named_weights(get("pg_weight"), "pg_weight"),
+        pg_mask=pg_mask, pg_weight=_named_weights(get("pg_weight"), "pg_weight"),
+        pg_mask_mean=_mask_mean(get("pg_mask_mean", False), "pg_mask_mean", pg_mask),
         terms=tuple(terms), overlong_buffer=overlong_buffer, overlong_penalty=overlong_penalty,
         max_length=int(get("max_new_tokens", 1)), entropy_anchor=_parse_entropy_anchor(get("entropy_anchor")),
         warnings=tuple(w for t in terms for w in term_warnings(t)))

@@ -1,18 +1,20 @@
-"""Responses sampled once from the initial policy and stored with their log-probs (DPH-RL's
-rehearsal set): no online reference model is needed to regularize toward them.
+"""Responses sampled once from the initial policy and stored with their log-probs: DPH-RL's
+rehearsal set (no online reference model is needed to regularize toward them) and the offline
+training set of ReasonMaxxer (no generation during training).
 
 `StoredResponses` holds, for some training prompts (by index into the task's training split),
 G completions each, the log-probs of their tokens under the policy that sampled them (the
 initial weights, at the training temperature) and their rewards. It is sampled when a run
 starts and written to ``stored_responses.json`` in the run directory, so a resumed run reuses
 the very same set. `split` separates the prompts the initial policy already solves (their
-responses feed the stored terms) from the rest (trained by the policy gradient), as DPH-RL does.
+responses feed the stored terms) from the rest (trained by the policy gradient), as DPH-RL does;
+`select_offline` picks ReasonMaxxer's training set.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 FILENAME = "stored_responses.json"
@@ -53,3 +55,26 @@ def batch(groups: list[StoredGroup], step: int, size: int) -> list[StoredGroup]:
     if not groups:
         return []
     return [groups[(step * size + i) % len(groups)] for i in range(min(size, len(groups)))]
+
+
+def kept_per_prompt(samples: int, shortest: float) -> int:
+    """How many of a prompt's `samples` responses `select_offline` keeps: round(shortest·samples)."""
+    return max(1, int(shortest * samples + 0.5))
+
+
+def select_offline(groups: list[StoredGroup], keep: int, shortest: float, pass_threshold: float
+                   ) -> list[StoredGroup]:
+    """ReasonMaxxer's training set (arXiv 2605.06241, authors' code; methods notes): the prompts
+    with 1 ≤ #passes ≤ G − 1; of those the `keep` whose pass rate is closest to 0.5 (0: all; ties
+    by prompt order); of each, its `kept_per_prompt` shortest responses (ties by sample order),
+    kept in sample order. Per prompt, so every kept group has the same size."""
+    informative = [g for g in groups if 0 < g.pass_rate(pass_threshold) < 1]
+    informative.sort(key=lambda g: abs(g.pass_rate(pass_threshold) - 0.5))
+    chosen = sorted(informative[:keep or len(informative)], key=lambda g: g.index)
+    n = kept_per_prompt(len(groups[0].completions), shortest) if groups else 0
+    out = []
+    for g in chosen:
+        rows = sorted(sorted(range(len(g.completions)), key=lambda i: len(g.completions[i]))[:n])
+        out.append(replace(g, completions=[g.completions[i] for i in rows],
+                           logprobs=[g.logprobs[i] for i in rows], rewards=[g.rewards[i] for i in rows]))
+    return out

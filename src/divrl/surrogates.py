@@ -8,6 +8,8 @@ completion's advantage, whether it passed, its group's pass rate) and its parame
 name (params)                       ℓ_PG(t), ρ_t = πθ(y_t|s_t)/πold(y_t|s_t)
 ==================================  ==================================================================
 ``clipped`` (clip_low, clip_high)   −min(ρ_t A, clip(ρ_t, 1 − ε_low, 1 + ε_high) A)  (PPO; GRPO, DAPO)
+``reinforce``                       −A·log πθ(y_t): advantage-weighted cross-entropy, no ratio (offline
+                                    REINFORCE on stored rollouts; ReasonMaxxer)
 ``nft`` (epsilon, clamp,            (1 − r̂)·[−1_pass log ρ_t − w_neg·1_fail log max_ST((1 − r̂ρ_t)/(1 − r̂), ε)]
 negative_weight)
 ==================================  ==================================================================
@@ -93,3 +95,11 @@ def nft(tokens: PolicyTokens, epsilon: float = 1.0, clamp: float = 0.02,
     negative = torch.log(_clamp_min_straight_through(implicit_negative, epsilon))
     loss = (1 - rate) * torch.where(tokens.passed, -log_ratio, -negative_weight * negative)
     return loss, clamped & ~tokens.passed
+
+
+@register_surrogate("reinforce")
+def reinforce(tokens: PolicyTokens) -> tuple[Tensor, Tensor]:
+    """−A·log πθ(y_t), no importance ratio and no clip: the advantage-weighted cross-entropy that
+    ReasonMaxxer (arXiv 2605.06241, authors' code) trains on base-model rollouts stored once. On
+    policy its gradient equals the clipped surrogate's at ρ = 1; off policy it ignores πold."""
+    return -tokens.advantages * tokens.logprobs, torch.zeros_like(tokens.logprobs, dtype=torch.bool)

@@ -162,8 +162,11 @@ class Trainer:
         self._prompt_cache: dict[str, list[int]] = {}
         self.online_spec, self.stored_spec = objectives.online_and_stored(self.objective)
         self.stored_groups: list[stored.StoredGroup] = []
+        self.offline_groups: list[stored.StoredGroup] = []
         online_examples = self.task.train
-        if self.stored_spec is not None:
+        if cfg.offline:
+            self.offline_groups = self._offline_set()
+        elif self.stored_spec is not None:
             self.stored_groups, solved = self._stored_responses()
             online_examples = [e for i, e in enumerate(self.task.train) if i not in solved]
             if not online_examples:
@@ -179,9 +182,28 @@ class Trainer:
         self.step = 0
         self.reward_errors = 0
 
+    def _offline_set(self) -> list[stored.StoredGroup]:
+        """The offline training set: the stored responses, selected (`stored.select_offline`)."""
+        cfg = self.cfg
+        groups = stored.select_offline(self._sampled_once(), cfg.offline_keep, cfg.offline_shortest,
+                                       objectives.PASS_THRESHOLD)
+        if not groups:
+            raise ConfigError(f"config key 'offline': none of the {cfg.stored_prompts} stored prompts "
+                              f"has responses that both pass and fail ({cfg.stored_samples} each), so "
+                              f"there is nothing to learn from offline; raise stored_prompts or "
+                              f"stored_samples, or use a task the model sometimes solves")
+        self.log(f"offline set: {len(groups)} of {cfg.stored_prompts} prompts kept, "
+                 f"{len(groups[0].completions)} of {cfg.stored_samples} responses each; no "
+                 f"generation during training")
+        return groups
+
     def _stored_responses(self) -> tuple[list[stored.StoredGroup], set[int]]:
+        """The stored responses split by pass rate (DPH-RL)."""
+        return stored.split(self._sampled_once(), self.cfg.stored_solved, objectives.PASS_THRESHOLD)
+
+    def _sampled_once(self) -> list[stored.StoredGroup]:
         """The initial policy's responses to the first `stored_prompts` training prompts, sampled
-        once (or read back from the run directory) and split by pass rate."""
+        once (at stored_temperature/stored_top_p) or read back from the run directory."""
         cfg = self.cfg
         groups = stored.load(self.run_dir) if cfg.resume else None
         if groups is None:
@@ -191,13 +213,14 @@ class Trainer:
             for start in range(0, len(indices), 16):
                 chunk = indices[start:start + 16]
                 examples = [self.task.train[i] for i in chunk]
-                rollout = self._sample(examples, cfg.stored_samples, cfg.temperature, generator)
+                rollout = self._sample(examples, cfg.stored_samples, cfg.stored_temperature or cfg.temperature,
+                                       generator, cfg.stored_top_p or cfg.top_p)
                 rewards, _ = self._score(examples, rollout.completion_ids, cfg.stored_samples)
                 groups += [stored.StoredGroup(i, g.completions, g.logprobs, g.rewards)
                            for i, g in zip(chunk, split_groups(examples, rollout, rewards))]
             self.run_dir.mkdir(parents=True, exist_ok=True)
             stored.save(groups, self.run_dir)
-        return stored.split(groups, cfg.stored_solved, objectives.PASS_THRESHOLD)
+        return groups
 
     def _load_teacher(self):
         """The frozen teacher; refused if its vocabulary differs from the policy's."""
@@ -218,12 +241,13 @@ class Trainer:
         return self._prompt_cache[example.prompt]
 
     def _sample(self, examples: list[Example], group_size: int, temperature: float,
-                generator: torch.Generator):
+                generator: torch.Generator, top_p: float | None = None):
         with self.autocast():
             return sample(self.model, [self._prompt_ids(e) for e in examples],
                           group_size=group_size, max_new_tokens=self.cfg.max_new_tokens,
                           stop_token_ids=self.stop_ids, pad_token_id=self.tokenizer.pad_token_id,
-                          temperature=temperature, top_p=self.cfg.top_p, generator=generator)
+                          temperature=temperature, top_p=self.cfg.top_p if top_p is None else top_p,
+                          generator=generator)
 
     def _score(self, examples: list[Example], completions: list[list[int]], group_size: int
                ) -> tuple[list[float], int]:
@@ -250,10 +274,10 @@ class Trainer:
             for name, model in (("reference", self.reference), ("teacher", self.teacher)):
                 if model is not None:
                     out, head = completion_hidden(model, prompts, completions, pad), self._head(model)
-                    token_logprobs = (chunked.logprob_entropy(out.hidden, head, out.tokens)[0]
-                                      if name in read_at_tokens else None)
-                    models[name] = ModelOutputs(out.hidden, head, token_logprobs)
-            if cfg.top_p < 1.0:  # the sampler's nucleus distribution is the behaviour policy
+                    at_tokens = (chunked.logprob_entropy(out.hidden, head, out.tokens)
+                                 if name in read_at_tokens else (None, None))
+                    models[name] = ModelOutputs(out.hidden, head, *at_tokens)
+            if cfg.top_p < 1.0 or cfg.offline:  # the sampler's own log-probs are the behaviour policy
                 old_logprobs = torch.tensor([lp for row in behaviour_logprobs for lp in row])
             if old_head is not None or (old_logprobs is None and (
                     cfg.inner_iterations > 1 or self.online_spec.reward_terms)):
@@ -289,7 +313,8 @@ class Trainer:
                 stored_groups: list[stored.StoredGroup] = ()) -> dict:
         """`inner_iterations` optimizer steps on the objective of one rollout batch (and of this
         step's stored responses, for stored terms)."""
-        cfg, spec, pad, group = self.cfg, self.online_spec, self.tokenizer.pad_token_id, self.cfg.group_size
+        cfg, spec, pad = self.cfg, self.online_spec, self.tokenizer.pad_token_id
+        group = len(completions) // len(prompts)
         lengths = [len(c) for c in completions]
         starts = [0, *itertools.accumulate(lengths)]
         scale = objectives.token_scale(spec, lengths)
@@ -426,11 +451,23 @@ class Trainer:
             stats.update(refills=refills, dropped_groups=len(sampled) - len(kept), trained_groups=len(kept))
         return kept, stats
 
+    def _offline_batch(self, step: int) -> tuple[list[Group], dict]:
+        """Step `step`'s stored groups (offline: in turn, no generation)."""
+        chosen = stored.batch(self.offline_groups, step, self.cfg.prompts_per_step)
+        groups = [Group(example=self.task.train[g.index], prompt_ids=self._prompt_ids(self.task.train[g.index]),
+                        completions=g.completions, logprobs=g.logprobs, finished=[], rewards=g.rewards)
+                  for g in chosen]
+        rewards = [r for g in chosen for r in g.rewards]
+        lengths = [len(c) for g in chosen for c in g.completions]
+        return groups, {"reward": sum(rewards) / len(rewards),
+                        "pass_rate": sum(passes(r) for r in rewards) / len(rewards),
+                        "completion_length": sum(lengths) / len(lengths), "reward_errors": 0}
+
     def train_step(self, step: int) -> dict:
         """One step; `reward`, `pass_rate` and lengths describe every sampled completion (with
         dynamic sampling, the dropped groups too)."""
         t0 = time.perf_counter()
-        groups, stats = self._collect(step)
+        groups, stats = self._offline_batch(step) if self.cfg.offline else self._collect(step)
         self.reward_errors += stats["reward_errors"]
         t1 = time.perf_counter()
         if groups:

@@ -24,6 +24,9 @@ name (params)                              w_t
 ``low_probability_negatives`` (fraction)   1 on the lowest-probability ``fraction`` of the
                                            negative-advantage tokens that the term's target keeps
                                            (Lp-Reg, Huang et al. 2025)
+``reference_entropy_above`` (threshold)    1 where the reference's entropy H_ref(s_t) > threshold
+                                           nats, else 0 (ReasonMaxxer's gate)
+``reference_entropy_at_most`` (threshold)  its complement: 1 where H_ref(s_t) ≤ threshold
 =========================================  ======================================================
 """
 
@@ -58,6 +61,7 @@ class TokenStats:
     batch_pass_rate: float | None = None  # ā: fraction of the whole batch's completions that passed
     passed: Tensor | None = None  # (B,) bool: the completion got the full task score
     groups: Tensor | None = None  # (B,) long: the prompt (group) each completion answers
+    reference_entropy: Tensor | None = None  # (N,) reference model's entropy at the token's position
 
 
 @dataclass(frozen=True)
@@ -78,6 +82,7 @@ class Interval:
 
 
 NonNegative = Annotated[float, Interval(0.0)]
+Nats = Annotated[float, Interval(0.0)]
 Fraction = Annotated[float, Interval(0.0, 1.0, open_low=True)]
 
 
@@ -281,3 +286,22 @@ def stcr(stats: TokenStats) -> Tensor:
     applies = ~passed & (excess > 0) & (pass_count[group_index] > 0)
     per_completion = torch.where(applies, 2.0 - 1.00001 ** (-excess), 1.0)
     return per_completion[stats.rows].to(stats.advantages.dtype)
+
+
+# Weights that read `TokenStats.reference_entropy`: an objective using one needs the reference model.
+READ_REFERENCE_ENTROPY = frozenset({"reference_entropy_above", "reference_entropy_at_most"})
+
+
+@register_weight("reference_entropy_above")
+def reference_entropy_above(stats: TokenStats, threshold: Nats = 1.4) -> Tensor:
+    """ReasonMaxxer's gate (arXiv 2605.06241, authors' code; methods notes): 1 at the positions
+    where the reference (base) model's teacher-forced entropy exceeds an absolute ``threshold`` in
+    nats (1.4 in the authors' example recipe; swept 1.0–2.2), else 0. Absolute, not a quantile."""
+    entropy = _required(stats, "reference_entropy", "reference_entropy_above")
+    return (entropy > threshold).to(stats.advantages.dtype)
+
+
+@register_weight("reference_entropy_at_most")
+def reference_entropy_at_most(stats: TokenStats, threshold: Nats = 1.4) -> Tensor:
+    """The complement of ``reference_entropy_above``: 1 where H_ref(s_t) ≤ ``threshold``."""
+    return 1.0 - reference_entropy_above(stats, threshold)
