@@ -25,7 +25,10 @@ TARGETS = {
     "mix": {"mix": {"a": "reference", "b": "teacher", "alpha": 0.3}},
     "filter": {"filter": {"p": "self", "min_p": 0.1}},
     "temperature": {"temperature": {"p": "teacher", "T": 2.0}},
+    "reward_power": {"reward_power": {"p": "reference", "floor": 0.3}},
+    "uniform": {"uniform": {"p": "teacher"}},
 }
+REWARDS = torch.tensor([1.0, 0.0, 0.5, 1.0, 0.0, 0.25], dtype=torch.float64)  # reward_power's, per token
 SUPPORTS = {  # −inf bias entries: tokens the model gives zero mass
     "full": ((), ()),
     "zeros": ((0, 1), (1, 5)),
@@ -61,14 +64,14 @@ def _full_divergence(name, params, target_spec, policy_hidden, policy_head, mode
     logprobs["self"] = logprobs["old"] = logp.detach()
     advantage = torch.zeros(N, V, dtype=torch.float64).scatter(-1, tokens[:, None], advantages[:, None])
     target = parse_target(target_spec, "target")
-    return divergences.get(name)(logp, target.evaluate(logprobs, advantage).detach(), **params)
+    return divergences.get(name)(logp, target.evaluate(logprobs, advantage, REWARDS[:, None]).detach(), **params)
 
 
 def _objective_divergence(name, params, target_spec, policy_hidden, policy_head, models, tokens, advantages):
     spec = parse_objective({"policy_gradient": False, "teacher": "t", "terms": [
         {"divergence": name, "params": params, "target": target_spec, "coef": 1.0}]})
     inputs = ObjectiveInputs(policy=ModelOutputs(policy_hidden, policy_head), tokens=tokens,
-                             rows=torch.arange(N), advantages=advantages, rewards=torch.zeros(N),
+                             rows=torch.arange(N), advantages=advantages, rewards=REWARDS,
                              group_pass_rate=torch.zeros(N), token_scale=torch.ones(N, dtype=torch.float64),
                              models=models)
     from divrl import objectives

@@ -2,6 +2,8 @@
 behaviour the paper claims where one exists, and a one-step `divrl train --recipe NAME` smoke run
 on the tiny model."""
 
+import math
+
 import pytest
 import torch
 
@@ -297,3 +299,27 @@ def test_reasonmaxxer_advantage_is_a_population_z_score_clipped_at_2_5():
     # one pass in ten: z = 0.9/√(0.1·0.9) = 3 → clipped to 2.5; the others −0.1/0.3 = −1/3
     torch.testing.assert_close(adv[:10], torch.tensor([2.5] + [-1 / 3] * 9), atol=1e-5, rtol=0)
     torch.testing.assert_close(adv[10:], torch.tensor([1.0] * 5 + [-1.0] * 5), atol=1e-5, rtol=0)
+
+
+def test_ace_scales_only_negative_advantages_by_one_plus_alpha_softplus_of_the_confidence_shift():
+    spec = _spec("ace", "pg_weight={confidence_shift: {alpha: 0.5}}")
+    rewards = [1.0, 0.0, 0.0, 1.0]
+    inputs, logp = _toy(spec, rewards)
+    ref = inputs.models["reference"]
+    ref_logp = ref.head.logits(ref.hidden).log_softmax(-1).gather(-1, TOKENS[:, None]).squeeze(-1)
+    shift = torch.zeros(4, dtype=torch.float64).index_add(0, ROWS, (logp - ref_logp).detach())
+    shift = shift / torch.tensor(LENGTHS, dtype=torch.float64)  # mean over the completion's tokens
+    adv = inputs.advantages
+    scale = torch.where(adv < 0, 1 + 0.5 * torch.nn.functional.softplus(shift), 1.0)
+    coefficient = (scale * adv)[ROWS] / len(TOKENS)
+    out = _check_policy_gradient(spec, rewards, coefficient)
+    assert out.token_sums["pg_mean_weight"] == pytest.approx(float((scale[ROWS]).sum()))
+    # softplus(0) = log 2; the scale grows with the confidence shift (dÃ/dc < 0 for A < 0)
+    from divrl import weights
+    stats = weights.TokenStats(rows=torch.tensor([0, 1]), advantages=torch.tensor([-1.0, -1.0]),
+                               rewards=torch.zeros(2), group_pass_rate=torch.zeros(2),
+                               old_logprobs=torch.tensor([-1.0, -0.5]), ref_logprobs=torch.tensor([-1.0, -1.0]))
+    got = weights.compute([("confidence_shift", {"alpha": 2.0})], stats)
+    torch.testing.assert_close(got, torch.tensor([1 + 2 * math.log(2), 1 + 2 * math.log1p(math.exp(0.5))]))
+    summed = weights.compute([("confidence_shift", {"alpha": 2.0, "length_normalized": False})], stats)
+    torch.testing.assert_close(summed, got)  # one token each: mean = sum

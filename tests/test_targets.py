@@ -261,3 +261,27 @@ def test_gradcheck_tilt_in_the_advantage():
 def test_invalid_parameters_raise(call, parameter):
     with pytest.raises(ValueError, match=rf"\b{parameter}\b"):
         call(logprobs(0.5, 0.25, 0.25))
+
+
+def test_reward_power_keeps_the_base_for_a_pass_and_flattens_it_for_a_failure():
+    base = torch.tensor([0.7, 0.2, 0.1, 0.0]).log()
+    rewards = torch.tensor([[1.0], [0.0], [0.5]])
+    q = T.reward_power(base.expand(3, 4), rewards, floor=0.5).exp()
+    torch.testing.assert_close(q[0], base.exp())  # φ(1) = 1
+    half = torch.tensor([0.7, 0.2, 0.1]).sqrt()  # φ(0) = 0.5: q ∝ p^0.5 on supp(p)
+    torch.testing.assert_close(q[1], torch.cat([half / half.sum(), torch.zeros(1)]))
+    three_quarters = torch.tensor([0.7, 0.2, 0.1]) ** 0.75  # φ(0.5) = 0.75
+    torch.testing.assert_close(q[2], torch.cat([three_quarters / three_quarters.sum(), torch.zeros(1)]))
+    flat = T.reward_power(base, 0.0, floor=0.0).exp()  # floor 0: uniform on the support
+    torch.testing.assert_close(flat, torch.tensor([1 / 3, 1 / 3, 1 / 3, 0.0]))
+    with pytest.raises(ValueError, match="floor must lie in \\[0, 1\\]"):
+        T.reward_power(base, 1.0, floor=1.5)
+
+
+def test_uniform_target_makes_reverse_kl_the_entropy_deficit():
+    p = torch.tensor([[0.5, 0.25, 0.125, 0.125, 0.0]]).log()
+    torch.testing.assert_close(T.uniform(p).exp(), torch.tensor([[0.25, 0.25, 0.25, 0.25, 0.0]]))
+    logp = torch.tensor([[0.5, 0.3, 0.1, 0.05, 0.05]]).log()
+    entropy = -(0.5 * math.log(0.5) + 0.3 * math.log(0.3) + 0.1 * math.log(0.1) + 2 * 0.05 * math.log(0.05))
+    got = D.get("reverse_kl")(logp, T.uniform(logp))  # full support: log 5 − H
+    torch.testing.assert_close(got, torch.tensor([math.log(5) - entropy]))

@@ -181,7 +181,7 @@ def _sampled_target_logprobs(term: TermSpec, inputs: ObjectiveInputs, models) ->
     if term.target.is_model:
         return _model_logprobs(models[term.target.op], inputs.tokens)
     return rowwise.target_logprob_at(term.target, inputs.policy, models, inputs.tokens,
-                                     inputs.advantages[inputs.rows])
+                                     inputs.advantages[inputs.rows], inputs.rewards[inputs.rows])
 
 
 def _params(term: TermSpec, policy: ModelOutputs) -> dict:
@@ -200,7 +200,7 @@ def _exact(term: TermSpec, inputs: ObjectiveInputs, models, token_weights: torch
         return chunked.divergence(term.divergence, policy.hidden, policy.head, target.hidden, target.head,
                                   token_weights=token_weights, **term.kwargs)
     return rowwise.divergence_to_target(divergences.get(term.divergence), term.target, policy, models,
-                                        inputs.tokens, inputs.advantages[inputs.rows],
+                                        inputs.tokens, inputs.advantages[inputs.rows], inputs.rewards[inputs.rows],
                                         **_params(term, policy))
 
 
@@ -259,20 +259,22 @@ def entropy_anchor(spec: EntropyAnchorSpec, inputs: ObjectiveInputs) -> tuple[to
     return loss, float(mean_entropy.detach()), float(kept.float().mean()) if len(kept) else 0.0
 
 
-def _reference_entropy(inputs: ObjectiveInputs) -> torch.Tensor:
+def _reference_at_tokens(inputs: ObjectiveInputs) -> tuple[torch.Tensor, torch.Tensor]:
+    """(log π_ref(y_t), H(π_ref)(s_t)) per token: precomputed by the trainer, or computed here."""
     reference = inputs.models["reference"]
-    if reference.token_entropy is not None:
-        return reference.token_entropy
+    if reference.token_logprobs is not None and reference.token_entropy is not None:
+        return reference.token_logprobs, reference.token_entropy
     with torch.no_grad():
-        return chunked.logprob_entropy(reference.hidden, reference.head, inputs.tokens)[1]
+        return chunked.logprob_entropy(reference.hidden, reference.head, inputs.tokens)
 
 
 def _stats(spec: ObjectiveSpec, inputs: ObjectiveInputs, logprobs, entropy, old) -> weights.TokenStats:
+    ref_logprobs, ref_entropy = _reference_at_tokens(inputs) if spec.reads_reference else (None, None)
     return weights.TokenStats(rows=inputs.rows, advantages=inputs.advantages, rewards=inputs.rewards,
                               group_pass_rate=inputs.group_pass_rate, batch_pass_rate=inputs.batch_pass_rate,
                               passed=inputs.passed_completions(), groups=inputs.groups,
                               entropy=entropy.detach(), logprobs=logprobs.detach(), old_logprobs=old,
-                              reference_entropy=_reference_entropy(inputs) if spec.reads_reference_entropy else None)
+                              ref_logprobs=ref_logprobs, reference_entropy=ref_entropy)
 
 
 def _mask_and_weight(name: str, mask, weight, stats, sums: dict, scale: torch.Tensor,
@@ -376,11 +378,11 @@ def reward_penalty(spec: ObjectiveSpec, inputs: ObjectiveInputs) -> torch.Tensor
 
 def models_read_at_tokens(spec: ObjectiveSpec) -> frozenset[str]:
     """The models whose log-probs of the sampled tokens sampled-estimator terms read, and the
-    reference when a mask reads its entropy: a trainer computes them once per batch
+    reference when a mask or weight reads it: a trainer computes them once per batch
     (`ModelOutputs.token_logprobs`, `token_entropy`), not once per loss evaluation."""
     return frozenset(t.target.op for t in spec.terms
                      if t.estimator not in ("exact", "stored") and t.target.is_model) | (
-        {"reference"} if spec.reads_reference_entropy else set())
+        {"reference"} if spec.reads_reference else set())
 
 
 def online_and_stored(spec: ObjectiveSpec) -> tuple[ObjectiveSpec, ObjectiveSpec | None]:

@@ -38,7 +38,8 @@ class ModelOutputs:
 
 def _policy_and_target(target: Target, policy: ModelOutputs, hidden: torch.Tensor,
                        models: Mapping[str, ModelOutputs], rows: slice, tokens: torch.Tensor,
-                       advantages: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+                       advantages: torch.Tensor | None, rewards: torch.Tensor | None = None
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
     """(log πθ (chunk, V) from the policy's ``hidden`` rows, log q (chunk, V) without gradient;
     ``self`` is the policy's own log-probs, detached)."""
     policy_logprobs = policy.head.logits(hidden).log_softmax(-1)
@@ -51,22 +52,24 @@ def _policy_and_target(target: Target, policy: ModelOutputs, hidden: torch.Tenso
         if advantages is not None:  # the sequence advantage on the sampled token, 0 elsewhere
             advantage = torch.zeros_like(policy_logprobs).scatter_(
                 -1, tokens[rows, None], advantages[rows, None].to(policy_logprobs.dtype))
-        return policy_logprobs, target.evaluate(logprobs, advantage)
+        reward = None if rewards is None else rewards[rows, None].to(policy_logprobs.dtype)
+        return policy_logprobs, target.evaluate(logprobs, advantage, reward)
 
 
 def divergence_to_target(divergence: Callable[..., torch.Tensor], target: Target, policy: ModelOutputs,
                          models: Mapping[str, ModelOutputs], tokens: torch.Tensor,
-                         advantages: torch.Tensor | None = None, *, chunk_rows: int = DEFAULT_CHUNK_ROWS,
-                         **params) -> torch.Tensor:
+                         advantages: torch.Tensor | None = None, rewards: torch.Tensor | None = None, *,
+                         chunk_rows: int = DEFAULT_CHUNK_ROWS, **params) -> torch.Tensor:
     """D(πθ, q) per token (N,), exact over the vocabulary, differentiable w.r.t. the policy.
 
     ``divergence(log p, log q, **params)`` reduces the last dim (a `divrl.divergences` function);
-    ``models`` maps the target's model names to their outputs; ``advantages`` (N,) feeds `tilt`.
+    ``models`` maps the target's model names to their outputs; ``advantages`` (N,) feeds `tilt`,
+    ``rewards`` (N,) `reward_power` (each token's completion's).
     """
 
     def chunk_value(rows: slice, hidden: torch.Tensor) -> torch.Tensor:
-        return divergence(*_policy_and_target(target, policy, hidden, models, rows, tokens, advantages),
-                          **params)
+        return divergence(*_policy_and_target(target, policy, hidden, models, rows, tokens, advantages,
+                                              rewards), **params)
 
     return _by_row_chunks(chunk_value, policy, chunk_rows)
 
@@ -87,12 +90,12 @@ def _by_row_chunks(fn: Callable[[slice, torch.Tensor], torch.Tensor], policy: Mo
 
 @torch.no_grad()
 def target_logprob_at(target: Target, policy: ModelOutputs, models: Mapping[str, ModelOutputs],
-                      tokens: torch.Tensor, advantages: torch.Tensor | None = None, *,
-                      chunk_rows: int = DEFAULT_CHUNK_ROWS) -> torch.Tensor:
+                      tokens: torch.Tensor, advantages: torch.Tensor | None = None,
+                      rewards: torch.Tensor | None = None, *, chunk_rows: int = DEFAULT_CHUNK_ROWS) -> torch.Tensor:
     """log q(y_t) (N,) of the sampled tokens under any target (for the sampled estimators)."""
 
     def chunk_value(rows: slice, hidden: torch.Tensor) -> torch.Tensor:
-        _, logq = _policy_and_target(target, policy, hidden, models, rows, tokens, advantages)
+        _, logq = _policy_and_target(target, policy, hidden, models, rows, tokens, advantages, rewards)
         return logq.gather(-1, tokens[rows, None]).squeeze(-1)
 
     return _by_row_chunks(chunk_value, policy, chunk_rows)

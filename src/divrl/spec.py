@@ -14,7 +14,7 @@ behaviour policy that sampled the batch), ``self`` (the current policy, detached
 of `divrl.targets` applied to targets, written ``{function: {argument: value, ...}}``, e.g.
 ``{extrapolate: {ref: reference, teacher: teacher, lam: 1.25}}`` or ``{tilt: {base: old, beta:
 0.1}}`` (tilt's advantage is supplied: the completion's advantage on the sampled token, 0 on the
-other tokens).
+other tokens; so is reward_power's reward: the completion's).
 
 Estimators and placements (C6 of methods.md; y ~ πθ, r = log q(y) − log πθ(y)):
 
@@ -62,8 +62,10 @@ TARGET_FUNCTIONS: dict[str, tuple[str, ...]] = {
     "mix": ("a", "b"),
     "filter": ("p",),
     "temperature": ("p",),
+    "reward_power": ("p",),
+    "uniform": ("p",),
 }
-SUPPLIED_ARGUMENTS = {"tilt": ("advantage",)}
+SUPPLIED_ARGUMENTS = {"tilt": ("advantage",), "reward_power": ("reward",)}
 ESTIMATORS = ("exact", "k1", "k2", "k3", "k1_st", "k3_st", "sequence", "stored")
 PLACEMENTS = ("loss", "reward")
 ADVANTAGES = ("group_norm", "mean_only", "signed")
@@ -115,14 +117,15 @@ class Target:
             return frozenset({self.op})
         return frozenset().union(*(v.models() for _, v in self.args if isinstance(v, Target)))
 
-    def evaluate(self, logprobs: Mapping[str, torch.Tensor], advantage: torch.Tensor | None = None
-                 ) -> torch.Tensor:
-        """log q from the models' normalized log-probs (…, V); ``advantage`` (…, V) feeds `tilt`."""
+    def evaluate(self, logprobs: Mapping[str, torch.Tensor], advantage: torch.Tensor | None = None,
+                 reward: torch.Tensor | None = None) -> torch.Tensor:
+        """log q from the models' normalized log-probs (…, V); ``advantage`` (…, V) feeds `tilt`,
+        ``reward`` (…, 1) `reward_power`."""
         if self.is_model:
             return logprobs[self.op]
-        kwargs = {k: v.evaluate(logprobs, advantage) if isinstance(v, Target) else v for k, v in self.args}
-        if self.op in SUPPLIED_ARGUMENTS:
-            kwargs["advantage"] = advantage
+        kwargs = {k: v.evaluate(logprobs, advantage, reward) if isinstance(v, Target) else v for k, v in self.args}
+        supplied = {"advantage": advantage, "reward": reward}
+        kwargs.update((name, supplied[name]) for name in SUPPLIED_ARGUMENTS.get(self.op, ()))
         return getattr(targets, self.op)(**kwargs)
 
     def describe(self) -> str:
@@ -167,7 +170,7 @@ def parse_target(value: Any, path: str) -> Target:
         else:
             parsed.append((key, _number(where, args[key])))
     target = Target(op, tuple(parsed))
-    _try_on_a_toy(lambda: target.evaluate(_TOY_LOGPROBS, torch.zeros(3)), f"{path}.{op}")
+    _try_on_a_toy(lambda: target.evaluate(_TOY_LOGPROBS, torch.zeros(3), torch.ones(1)), f"{path}.{op}")
     return target
 
 
@@ -228,7 +231,7 @@ def _mask_mean(value: Any, path: str, mask: tuple) -> bool:
 
 
 def _reads_reference(choices: tuple[tuple[str, dict], ...]) -> bool:
-    return any(name in weights.READ_REFERENCE_ENTROPY for name, _ in choices)
+    return any(name in weights.READ_REFERENCE for name, _ in choices)
 
 
 @dataclass(frozen=True)
@@ -395,13 +398,13 @@ class ObjectiveSpec:
     def models(self) -> frozenset[str]:
         """Models whose outputs the terms need, among reference, teacher, old and self (a stored
         term reads its target's log-probs from the stored responses instead); the reference also
-        when a mask or weight reads its entropy."""
+        when a mask or weight reads it."""
         needed = frozenset().union(*(t.target.models() for t in self.terms if t.estimator != "stored"))
-        return needed | ({"reference"} if self.reads_reference_entropy else set())
+        return needed | ({"reference"} if self.reads_reference else set())
 
     @property
-    def reads_reference_entropy(self) -> bool:
-        """Whether a mask or weight reads the reference model's entropy at each token."""
+    def reads_reference(self) -> bool:
+        """Whether a mask or weight reads the reference model at each token (entropy, log-prob)."""
         return any(_reads_reference(choices) for choices in (
             self.pg_mask, self.pg_weight, *(c for t in self.terms for c in (t.mask, t.weight))))
 

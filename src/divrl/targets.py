@@ -18,6 +18,10 @@ function                             log q
 ``filter(p, min_p, relative)``       p with the tokens below min_p (or min_p·max p) removed, renormalized
                                      (min-p filtering; Lp-Reg's proxy, arXiv 2510.03222)
 ``temperature(p, T)``                log_softmax(p/T): q ∝ p^{1/T}
+``reward_power(p, reward, floor)``   q ∝ p^φ(r), φ(r) = floor + (1 − floor)·clamp(r, 0, 1): the
+                                     reference flattened on low-reward completions (RAPO's
+                                     reward-aware reweighting, as the form read in secondary sources)
+``uniform(p)``                       uniform over supp(p): KL(πθ‖uniform) = log|supp| − H(πθ)
 ===================================  ==================================================================
 """
 
@@ -112,3 +116,34 @@ def temperature(p: Tensor, T: float) -> Tensor:
     if not (T > 0 and math.isfinite(T)):
         raise ValueError(f"temperature: T must be a finite number > 0, got {T}")
     return torch.log_softmax(p / T, dim=-1)
+
+
+def _power_on_support(p: Tensor, exponent: Tensor | float) -> Tensor:
+    """log q ∝ exponent·log p on supp(p) (0 outside), exponent ≥ 0 broadcasting against p."""
+    supported = p > _NEG_INF
+    return torch.log_softmax((exponent * torch.where(supported, p, 0.0)).masked_fill(~supported, _NEG_INF), dim=-1)
+
+
+def reward_power(p: Tensor, reward: Tensor | float, floor: float = 0.5) -> Tensor:
+    """log q ∝ φ(r)·log p on supp(p), φ(r) = floor + (1 − floor)·clamp(r, 0, 1) ∈ [floor, 1].
+
+    RAPO's reward-aware reweighting of the reference (arXiv 2510.03865; the tempered form
+    π_ref^{φ(r)}/Z with φ increasing into [0, 1] as secondary sources give it, φ not stated):
+    a passing completion keeps the reference (φ = 1), a failing one gets it flattened toward
+    uniform (φ = floor; 0 gives uniform). ``reward`` is supplied by the objective: the
+    completion's reward, shape (..., 1) (or a number).
+    """
+    if not 0.0 <= floor <= 1.0:
+        raise ValueError(f"reward_power: floor must lie in [0, 1], got {floor}")
+    if isinstance(reward, Tensor):
+        reward = reward.to(p.dtype)
+        exponent = floor + (1.0 - floor) * reward.clamp(0.0, 1.0)
+    else:
+        exponent = floor + (1.0 - floor) * min(max(float(reward), 0.0), 1.0)
+    return _power_on_support(p, exponent)
+
+
+def uniform(p: Tensor) -> Tensor:
+    """log q = −log|supp(p)| on supp(p): the uniform distribution over p's support (the whole
+    vocabulary for a softmax). D = reverse_kl to it is log|supp| − H(πθ): an entropy bonus."""
+    return _power_on_support(p, 0.0)

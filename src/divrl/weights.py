@@ -27,6 +27,9 @@ name (params)                              w_t
 ``reference_entropy_above`` (threshold)    1 where the reference's entropy H_ref(s_t) > threshold
                                            nats, else 0 (ReasonMaxxer's gate)
 ``reference_entropy_at_most`` (threshold)  its complement: 1 where H_ref(s_t) ≤ threshold
+``confidence_shift`` (alpha,               on failed completions 1 + α·softplus(c_i), c_i the mean
+length_normalized)                         (or sum) over the completion of log πold − log π_ref;
+                                           else 1 (ACE's negative-advantage scale)
 =========================================  ======================================================
 """
 
@@ -151,7 +154,7 @@ def check(name: str, params: Mapping[str, object]) -> None:
             )
         expected = registered.types[param]
         numeric = expected is float and isinstance(value, int)
-        if isinstance(value, bool) or not (isinstance(value, expected) or numeric):
+        if (isinstance(value, bool) and expected is not bool) or not (isinstance(value, expected) or numeric):
             raise ValueError(f"weight {name!r}: {param} must be of type {expected.__name__}, got {value!r}")
         allowed = registered.ranges.get(param)
         if allowed is not None and value not in allowed:
@@ -288,8 +291,9 @@ def stcr(stats: TokenStats) -> Tensor:
     return per_completion[stats.rows].to(stats.advantages.dtype)
 
 
-# Weights that read `TokenStats.reference_entropy`: an objective using one needs the reference model.
-READ_REFERENCE_ENTROPY = frozenset({"reference_entropy_above", "reference_entropy_at_most"})
+# Weights that read the reference model (`TokenStats.reference_entropy`, `ref_logprobs`): an
+# objective using one needs the reference.
+READ_REFERENCE = frozenset({"reference_entropy_above", "reference_entropy_at_most", "confidence_shift"})
 
 
 @register_weight("reference_entropy_above")
@@ -305,3 +309,25 @@ def reference_entropy_above(stats: TokenStats, threshold: Nats = 1.4) -> Tensor:
 def reference_entropy_at_most(stats: TokenStats, threshold: Nats = 1.4) -> Tensor:
     """The complement of ``reference_entropy_above``: 1 where H_ref(s_t) ≤ ``threshold``."""
     return 1.0 - reference_entropy_above(stats, threshold)
+
+
+@register_weight("confidence_shift")
+def confidence_shift(stats: TokenStats, alpha: NonNegative = 1.0, length_normalized: bool = True) -> Tensor:
+    """ACE's asymmetric confidence penalty (arXiv 2602.21420): on completions with a negative
+    advantage w_i = 1 + α·softplus(c_i), elsewhere 1, with the confidence shift
+    c_i = log πθ(y_i|x) − log π_ref(y_i|x) (the abstract's form) taken at the behaviour policy
+    that sampled the batch (detached: the multiplier is a stop-gradient scale of the advantage),
+    averaged over the completion's tokens when ``length_normalized`` (as the implementation is
+    reported to do; the sum otherwise). Meant for pg_weight: it scales A_i < 0 by w_i, so
+    overconfident errors (c_i > 0: reinforced beyond the reference) are pushed down harder;
+    c_i = 0 still scales by 1 + α·log 2. α is not given in the sources read; default 1.
+    """
+    old = _required(stats, "old_logprobs", "confidence_shift")
+    ref = _required(stats, "ref_logprobs", "confidence_shift")
+    n = len(stats.advantages)
+    shift = torch.zeros(n, dtype=torch.float64).index_add_(0, stats.rows, (old - ref).double())
+    if length_normalized:
+        count = torch.zeros(n, dtype=torch.float64).index_add_(0, stats.rows, torch.ones(len(stats.rows), dtype=torch.float64))
+        shift = shift / count.clamp(min=1)
+    scale = torch.where(stats.advantages < 0, 1.0 + alpha * torch.nn.functional.softplus(shift), 1.0)
+    return scale[stats.rows].to(stats.advantages.dtype)
