@@ -32,6 +32,7 @@ def _doc(text: str, **kwargs: Any) -> Any:
     return field(metadata={"doc": text}, **kwargs)
 
 
+PROMPT_FILTERS = ("none", "greedy_unsolved")
 DTYPES = ("auto", "float32", "bfloat16")
 
 
@@ -127,6 +128,9 @@ class TrainConfig:
     prompt_sampler: str | dict = _doc("Which training prompts a step samples (divrl.prompts): "
                                       "'sequential' (per-epoch shuffles) or {gaussian_curriculum: "
                                       "{alpha: 0.9, sigma: 0.35}} (FG-ExPO).", default="sequential")
+    prompt_filter: str = _doc("Which of a step's prompts are trained on: 'none' (all) or "
+                              "'greedy_unsolved' (SELF: those the current policy answers wrongly "
+                              "when decoding greedily).", default="none")
     dynamic_sampling: bool = _doc("DAPO's dynamic sampling: drop groups whose rewards are all equal "
                                   "and refill the batch with fresh prompts.", default=False)
     max_refills: int = _doc("Most extra sampling rounds per step for dynamic sampling (then the "
@@ -220,6 +224,7 @@ def _check(cfg: TrainConfig) -> None:
         need(getattr(cfg, key) >= 1, key, "must be ≥ 1")
     need(cfg.eval_every >= 0, "eval_every", "must be ≥ 0")
     need(cfg.max_refills >= 0, "max_refills", "must be ≥ 0")
+    need(cfg.prompt_filter in PROMPT_FILTERS, "prompt_filter", f"must be one of {PROMPT_FILTERS}")
     need(0 < cfg.stored_solved <= 1, "stored_solved", "must be in (0, 1]")
     need(cfg.stored_temperature is None or cfg.stored_temperature > 0, "stored_temperature", "must be > 0")
     need(cfg.stored_top_p is None or 0 < cfg.stored_top_p <= 1, "stored_top_p", "must be in (0, 1]")

@@ -420,35 +420,52 @@ class Trainer:
                 f"eval_pass@{n}_se": pk_se, "eval_prompts": len(counts), "eval_samples": n}
 
     # ----- the loop ---------------------------------------------------------------------------
+    def _unsolved_greedily(self, examples: list[Example]) -> list[Example]:
+        """`prompt_filter: greedy_unsolved` (SELF, "The Reasoning Boundary Paradox", arXiv
+        2510.02230; official code mail-research/SELF-llm-interference, `RayMaxPPOTrainer.fit`):
+        the current policy answers each prompt once greedily, and only the prompts it gets wrong
+        are trained on — the low-likelihood problems, whose correct solutions the greedy (most
+        likely) answer misses. `none` keeps every prompt."""
+        if self.cfg.prompt_filter == "none" or not examples:
+            return examples
+        rollout = self._sample(examples, 1, 0.0, self.generator)  # greedy: draws no random numbers
+        rewards, _ = self._score(examples, rollout.completion_ids, 1)
+        return [e for e, r in zip(examples, rewards) if not passes(r)]
+
     def _collect(self, step: int) -> tuple[list[Group], dict]:
-        """Sample and score the step's prompts; with dynamic sampling, drop the groups with equal
-        rewards and refill with fresh prompts (at most `max_refills` extra rounds)."""
+        """Sample and score the step's prompts (those `prompt_filter` keeps); with dynamic
+        sampling, drop the groups with equal rewards and refill with fresh prompts (at most
+        `max_refills` extra rounds)."""
         cfg = self.cfg
-        examples = self.prompts.batch(step, cfg.prompts_per_step)
-        kept, sampled, errors, refills = [], [], 0, 0
+        offered = self.prompts.batch(step, cfg.prompts_per_step)
+        examples = self._unsolved_greedily(offered)
+        kept, sampled, errors, refills, n_offered = [], [], 0, 0, len(offered)
         while True:
-            rollout = self._sample(examples, cfg.group_size, cfg.temperature, self.generator)
-            rewards, round_errors = self._score(examples, rollout.completion_ids, cfg.group_size)
-            errors += round_errors
-            groups = split_groups(examples, rollout, rewards)
-            sampled += groups
-            kept += [g for g in groups if g.informative or not cfg.dynamic_sampling]
+            if examples:
+                rollout = self._sample(examples, cfg.group_size, cfg.temperature, self.generator)
+                rewards, round_errors = self._score(examples, rollout.completion_ids, cfg.group_size)
+                errors += round_errors
+                groups = split_groups(examples, rollout, rewards)
+                sampled += groups
+                kept += [g for g in groups if g.informative or not cfg.dynamic_sampling]
             if len(kept) >= cfg.prompts_per_step or not cfg.dynamic_sampling or refills == cfg.max_refills:
                 break
             refills += 1
-            examples = self.prompts.refill(step, refills, cfg.prompts_per_step - len(kept))
+            offered = self.prompts.refill(step, refills, cfg.prompts_per_step - len(kept))
+            examples, n_offered = self._unsolved_greedily(offered), n_offered + len(offered)
         self.prompts.observe([g.example for g in sampled],
                              [sum(passes(r) for r in g.rewards) / len(g.rewards) for g in sampled])
         rewards = [r for g in sampled for r in g.rewards]
         lengths = [len(c) for g in sampled for c in g.completions]
         finished = [f for g in sampled for f in g.finished]
-        stats = {"reward": sum(rewards) / len(rewards),
-                 "pass_rate": sum(passes(r) for r in rewards) / len(rewards),
-                 "completion_length": sum(lengths) / len(lengths),
-                 "truncated_fraction": 1 - sum(finished) / len(finished),
+        mean = (lambda xs: sum(xs) / len(xs)) if rewards else (lambda xs: math.nan)
+        stats = {"reward": mean(rewards), "pass_rate": mean([float(passes(r)) for r in rewards]),
+                 "completion_length": mean(lengths), "truncated_fraction": 1 - mean(finished),
                  "reward_errors": errors}
         if cfg.dynamic_sampling:  # refills ask for the missing count only: kept ≤ prompts_per_step
             stats.update(refills=refills, dropped_groups=len(sampled) - len(kept), trained_groups=len(kept))
+        if cfg.prompt_filter != "none":
+            stats.update(filtered_prompts=n_offered - len(sampled), trained_prompts=len(kept))
         return kept, stats
 
     def _offline_batch(self, step: int) -> tuple[list[Group], dict]:
@@ -474,9 +491,8 @@ class Trainer:
             stats.update(self._update([g.prompt_ids for g in groups], [c for g in groups for c in g.completions],
                                       [r for g in groups for r in g.rewards], [lp for g in groups for lp in g.logprobs],
                                       stored.batch(self.stored_groups, step, self.cfg.stored_per_step)))
-        else:  # every group had equal rewards, even after the refills: nothing to learn from
-            self.log(f"step {step + 1}: no group with differing rewards after {stats['refills']} refills; "
-                     f"update skipped")
+        else:  # nothing to learn from: every prompt filtered out, or equal rewards after the refills
+            self.log(f"step {step + 1}: no prompt left to train on ({', '.join(f'{k} {stats[k]}' for k in ('refills', 'filtered_prompts') if k in stats)}); update skipped")
         t2 = time.perf_counter()
         return {**stats, "reward_errors_total": self.reward_errors,
                 "time_rollout": t1 - t0, "time_update": t2 - t1, "time_step": t2 - t0}
