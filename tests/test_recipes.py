@@ -323,3 +323,37 @@ def test_ace_scales_only_negative_advantages_by_one_plus_alpha_softplus_of_the_c
     torch.testing.assert_close(got, torch.tensor([1 + 2 * math.log(2), 1 + 2 * math.log1p(math.exp(0.5))]))
     summed = weights.compute([("confidence_shift", {"alpha": 2.0, "length_normalized": False})], stats)
     torch.testing.assert_close(summed, got)  # one token each: mean = sum
+
+
+def test_rapo_penalizes_the_forward_kl_to_the_reward_tempered_reference():
+    spec = _spec("rapo")
+    rewards = [1.0, 0.0, 0.0, 1.0]
+    inputs, _ = _toy(spec, rewards)
+    out = objectives.objective_loss(spec, inputs)
+    ref = inputs.models["reference"]
+    ref_logp = ref.head.logits(ref.hidden).log_softmax(-1)
+    exponent = torch.tensor([1.0, 0.5, 0.5, 1.0], dtype=torch.float64)[ROWS, None]  # φ(1) = 1, φ(0) = ½
+    q = (exponent * ref_logp).log_softmax(-1)
+    logp = inputs.policy.head.logits(inputs.policy.hidden).log_softmax(-1)
+    forward_kl = (q.exp() * (q - logp)).sum(-1)
+    expected = 0.001 * forward_kl.sum() / len(TOKENS)  # token mean
+    name = "forward_kl_to_reward_power"
+    assert out.loss_parts[name] == pytest.approx(expected.item(), rel=1e-9)
+    assert out.token_sums[name] == pytest.approx(forward_kl.sum().item(), rel=1e-9)
+
+
+def test_rapo_fixed_point_is_the_forward_kl_optimum_toward_its_reward_weighted_reference_mixture():
+    """In the lab each (context, token) is a completion: its prefix is pulled toward q̃_r(y), so the
+    term's expected gradient is that of KL(m‖πθ), m = P(pass)·π_ref + P(fail)·π_ref^φ₀/Z; the fixed
+    point is C3's hyperbolic tilt toward m (self-consistently)."""
+    ref, _ = lab.random_problem(5, (2,), seed=3)
+    reward = torch.tensor([[1.0, 0.0, 0.0, 1.0, 0.0], [0.0, 0.0, 1.0, 0.0, 0.0]], dtype=torch.float64)
+    beta = 0.5
+    spec = _spec("rapo", "advantage=mean_only", f"terms[0].coef={beta}")
+    got = lab.objective_fixed_point(spec, reward, {"reference": ref}, steps=3000, lr=3.0).exp()
+    p_pass = (got * reward).sum(-1, keepdim=True)
+    mixture = p_pass * ref.exp() + (1 - p_pass) * (0.5 * ref).log_softmax(-1).exp()
+    expected = lab.forward_kl_optimum(mixture.log(), reward, beta).exp()
+    torch.testing.assert_close(got, expected, atol=1e-6, rtol=0)
+    reverse = lab.tilted(ref, reward, beta).exp()  # the reverse-KL optimum differs
+    assert (got - reverse).abs().max() > 1e-2
