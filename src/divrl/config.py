@@ -20,7 +20,7 @@ from typing import Any
 
 import yaml
 
-from divrl import prompts, recipes, stored
+from divrl import diversity, prompts, recipes, stored
 from divrl.spec import ESTIMATORS, ObjectiveSpec, SpecError, parse_objective
 
 
@@ -128,6 +128,10 @@ class TrainConfig:
     prompt_sampler: str | dict = _doc("Which training prompts a step samples (divrl.prompts): "
                                       "'sequential' (per-epoch shuffles) or {gaussian_curriculum: "
                                       "{alpha: 0.9, sigma: 0.35}} (FG-ExPO).", default="sequential")
+    diversity_bonus: dict | None = _doc("DSDR's global diversity reward: {coef: 0.001, clip: 1.0, "
+                                        "encoder: minilm} adds coef·min(d, clip) to passing completions' "
+                                        "rewards, d the group diversity (divrl.diversity); null = off.",
+                                        default=None)
     prompt_filter: str = _doc("Which of a step's prompts are trained on: 'none' (all) or "
                               "'greedy_unsolved' (SELF: those the current policy answers wrongly "
                               "when decoding greedily).", default="none")
@@ -225,6 +229,10 @@ def _check(cfg: TrainConfig) -> None:
     need(cfg.eval_every >= 0, "eval_every", "must be ≥ 0")
     need(cfg.max_refills >= 0, "max_refills", "must be ≥ 0")
     need(cfg.prompt_filter in PROMPT_FILTERS, "prompt_filter", f"must be one of {PROMPT_FILTERS}")
+    try:
+        diversity.parse_bonus(cfg.diversity_bonus)
+    except ValueError as err:
+        raise ConfigError(f"config key 'diversity_bonus': {err}") from None
     need(0 < cfg.stored_solved <= 1, "stored_solved", "must be in (0, 1]")
     need(cfg.stored_temperature is None or cfg.stored_temperature > 0, "stored_temperature", "must be > 0")
     need(cfg.stored_top_p is None or 0 < cfg.stored_top_p <= 1, "stored_top_p", "must be in (0, 1]")
@@ -258,6 +266,9 @@ def _check(cfg: TrainConfig) -> None:
         raise ConfigError(f"config key {err}") from None
     need(not (cfg.offline and spec.stored_terms), "offline", "trains on the stored responses "
          "with the whole objective; stored-estimator terms (DPH-RL's split) need online rollouts")
+    uses = [n for n, _ in (*spec.pg_weight, *spec.pg_mask, *(c for t in spec.terms for c in (*t.mask, *t.weight)))]
+    need(cfg.diversity_bonus is not None or "diversity_allocation" not in uses, "diversity_bonus",
+         "must be set for the weight diversity_allocation (it reads the diversity the bonus computes)")
     need(not (cfg.offline and cfg.dynamic_sampling), "dynamic_sampling", "has nothing to refill "
          "offline (the offline set keeps only prompts whose rewards differ)")
     sampled = [t.name for t in spec.terms if t.estimator != "exact"]

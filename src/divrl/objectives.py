@@ -146,6 +146,7 @@ class ObjectiveInputs:
     groups: torch.Tensor | None = None  # (B,) long: the prompt (group) of each completion
     entropy_anchor: float | None = None  # SIREN's H₀ (None: not set yet, the regularizer is 0)
     stored_logprobs: torch.Tensor | None = None  # (N,) log q(y_t) of stored responses of q
+    diversity: torch.Tensor | None = None  # (B,) DSDR's clipped global diversity (diversity_bonus)
     batch_fraction: float = 1.0  # this micro-batch's share of the batch's completions
 
     def passed_completions(self) -> torch.Tensor:
@@ -274,7 +275,7 @@ def _stats(spec: ObjectiveSpec, inputs: ObjectiveInputs, logprobs, entropy, old)
                               group_pass_rate=inputs.group_pass_rate, batch_pass_rate=inputs.batch_pass_rate,
                               passed=inputs.passed_completions(), groups=inputs.groups,
                               entropy=entropy.detach(), logprobs=logprobs.detach(), old_logprobs=old,
-                              ref_logprobs=ref_logprobs, reference_entropy=ref_entropy)
+                              ref_logprobs=ref_logprobs, reference_entropy=ref_entropy, diversity=inputs.diversity)
 
 
 def _mask_and_weight(name: str, mask, weight, stats, sums: dict, scale: torch.Tensor,

@@ -29,7 +29,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import DynamicCache
 
-from divrl import chunked, objectives, stored
+from divrl import chunked, diversity, objectives, stored
 from divrl.chunked import Head
 from divrl.checkpoint import checkpoint_dirs, load_checkpoint, save_checkpoint
 from divrl.config import ConfigError, TrainConfig, save_config
@@ -152,6 +152,8 @@ class Trainer:
         self.reference = (copy.deepcopy(self.model).requires_grad_(False)
                           if "reference" in needs or cfg.monitor_kl else None)
         self.teacher = self._load_teacher() if "teacher" in needs else None
+        self.diversity_bonus = diversity.parse_bonus(cfg.diversity_bonus)
+        self.encoder = None if self.diversity_bonus is None else diversity.load_encoder(self.diversity_bonus.encoder)
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr,
                                            weight_decay=cfg.weight_decay)
         self.generator = torch.Generator().manual_seed(cfg.seed)
@@ -323,6 +325,10 @@ class Trainer:
         batch_pass_rate = float(passed.float().mean())
         shaping = objectives.overlong_penalty(spec, torch.tensor(lengths))
         reward_t = torch.tensor(rewards) + shaping  # the return: task reward + overlong shaping (0 when off)
+        spread = None
+        if self.diversity_bonus is not None:  # DSDR: passing completions earn their clipped diversity
+            spread = self._diversity(completions, group).clamp(0.0, self.diversity_bonus.clip)
+            reward_t = reward_t + self.diversity_bonus.coef * spread * passed
         # Micro-batches of whole groups (a prompt's KV is computed once for its G completions).
         per_micro = cfg.micro_batch_size // group
         micro = []
@@ -349,7 +355,7 @@ class Trainer:
                 token_scale=scale[tokens_slice], old_logprobs=frozen[m].old_logprobs,
                 models=frozen[m].models, batch_pass_rate=batch_pass_rate, passed=passed[rows],
                 groups=rows // group, entropy_anchor=self.entropy_anchor,
-                batch_fraction=len(rows) / len(completions))
+                batch_fraction=len(rows) / len(completions), diversity=None if spread is None else spread[rows])
 
         penalty = None
         if spec.reward_terms:  # returns minus the reward-placed terms, at the behaviour policy
@@ -395,12 +401,22 @@ class Trainer:
         stats = objectives.summarize([(*sources[0], sum(lengths)), (*sources[1], n_stored)], cfg.inner_iterations)
         if spec.overlong_buffer:
             stats["overlong_penalty"] = float(shaping.mean())
+        if spread is not None:
+            stats["diversity"] = float(spread.mean())
+            stats["diversity_of_passes"] = float(spread[passed].mean()) if passed.any() else math.nan
         stats["grad_norm"] = sum(grad_norms) / len(grad_norms)
         if spec.entropy_anchor is not None:
             if self.entropy_anchor is None:  # H₀: the first batch's statistic, fixed afterwards
                 self.entropy_anchor = stats["top_p_entropy"]
             stats["entropy_anchor_h0"] = self.entropy_anchor
         return stats
+
+    def _diversity(self, completions: list[list[int]], group: int) -> torch.Tensor:
+        """DSDR's global diversity d (B,) of each completion within its group (`divrl.diversity`)."""
+        texts = self.tokenizer.batch_decode(completions, skip_special_tokens=True)
+        embeddings = self.encoder.embed(texts)
+        return torch.cat([diversity.diversity_scores(texts[i:i + group], embeddings[i:i + group])
+                          for i in range(0, len(texts), group)]).float()
 
     # ----- evaluation -------------------------------------------------------------------------
     def evaluate(self, chunk: int = 16) -> dict:

@@ -27,6 +27,8 @@ name (params)                              w_t
 ``reference_entropy_above`` (threshold)    1 where the reference's entropy H_ref(s_t) > threshold
                                            nats, else 0 (ReasonMaxxer's gate)
 ``reference_entropy_at_most`` (threshold)  its complement: 1 where H_ref(s_t) ≤ threshold
+``diversity_allocation`` (tau)            on passing completions |group|·softmax over the group's
+                                           passing ones of τ·d̄ (DSDR's global-to-local weight), else 0
 ``confidence_shift`` (alpha,               on failed completions 1 + α·softplus(c_i), c_i the mean
 length_normalized)                         (or sum) over the completion of log πold − log π_ref;
                                            else 1 (ACE's negative-advantage scale)
@@ -65,6 +67,7 @@ class TokenStats:
     passed: Tensor | None = None  # (B,) bool: the completion got the full task score
     groups: Tensor | None = None  # (B,) long: the prompt (group) each completion answers
     reference_entropy: Tensor | None = None  # (N,) reference model's entropy at the token's position
+    diversity: Tensor | None = None  # (B,) DSDR's clipped global diversity d̄ of each completion
 
 
 @dataclass(frozen=True)
@@ -331,3 +334,26 @@ def confidence_shift(stats: TokenStats, alpha: NonNegative = 1.0, length_normali
         shift = shift / count.clamp(min=1)
     scale = torch.where(stats.advantages < 0, 1.0 + alpha * torch.nn.functional.softplus(shift), 1.0)
     return scale[stats.rows].to(stats.advantages.dtype)
+
+
+@register_weight("diversity_allocation")
+def diversity_allocation(stats: TokenStats, tau: NonNegative = 5.0) -> Tensor:
+    """DSDR's global-to-local allocation (arXiv 2602.19895, Eq. 11): over the passing completions P
+    of a group, w_i = exp(τ·d̄_i)/Σ_{j∈P} exp(τ·d̄_j) with d̄ the clipped global diversity
+    (`divrl.diversity`); 0 on failing completions and on groups without a pass. Multiplied by the
+    group's size, so that with seq_mean_token_mean aggregation (1/(B·T_i), DSDR's) a term weighted
+    by it is the paper's mean over prompts of Σ_i w_i·(1/T_i)·Σ_t. τ = 5 (paper default; τ → 0:
+    uniform over the passing completions)."""
+    diversity = _required(stats, "diversity", "diversity_allocation")
+    passed = _required(stats, "passed", "diversity_allocation")
+    groups = _required(stats, "groups", "diversity_allocation")
+    _, group = torch.unique(groups, return_inverse=True)
+    n_groups = int(group.max()) + 1 if len(group) else 0
+    logits = torch.where(passed, tau * diversity.double(), -math.inf)
+    top = torch.full((n_groups,), -math.inf, dtype=torch.float64).scatter_reduce(0, group, logits, "amax")
+    top = torch.where(torch.isfinite(top), top, 0.0)
+    mass = torch.where(passed, torch.exp(logits - top[group]), 0.0)
+    total = torch.zeros(n_groups, dtype=torch.float64).index_add_(0, group, mass)
+    size = torch.zeros(n_groups, dtype=torch.float64).index_add_(0, group, torch.ones_like(mass))
+    weight = torch.where(passed, mass / total[group].clamp(min=1e-300) * size[group], 0.0)
+    return weight[stats.rows].to(stats.advantages.dtype)
