@@ -2,6 +2,7 @@
 behaviour the paper claims where one exists, and a one-step `divrl train --recipe NAME` smoke run
 on the tiny model."""
 
+import dataclasses
 import math
 
 import pytest
@@ -290,6 +291,22 @@ def test_reasonmaxxer_is_gated_cross_entropy_plus_forward_kl_elsewhere_each_a_me
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
     assert out.token_sums["pg_masked_fraction"] == int((~gate).sum())
     assert out.token_sums["forward_kl_to_reference_masked_fraction"] == int(gate.sum())
+
+    # The prompt's positions join the KL's mean, once per completion of their prompt (2 per group).
+    gen = torch.Generator().manual_seed(5)
+    prompt_hidden = torch.randn(3, H, dtype=torch.float64, generator=gen).requires_grad_()
+    ref_prompt = ModelOutputs(torch.randn(3, H, dtype=torch.float64, generator=gen), reference.head)
+    with_prompt = dataclasses.replace(inputs, prompt=objectives.PromptPositions(
+        ModelOutputs(prompt_hidden, inputs.policy.head), {"reference": ref_prompt}, torch.tensor([2, 2, 2])))
+    prompt_ref = reference.head.logits(ref_prompt.hidden).log_softmax(-1)
+    prompt_policy = inputs.policy.head.logits(prompt_hidden).log_softmax(-1)
+    prompt_kl = (prompt_ref.exp() * (prompt_ref - prompt_policy)).sum(-1)
+    kl_mean = (forward_kl[~gate].sum() + 2 * prompt_kl.sum()) / (int((~gate).sum()) + 6)
+    out = objectives.objective_loss(spec, with_prompt)
+    assert out.loss_parts["forward_kl_to_reference"] == pytest.approx(0.2 * kl_mean.item(), rel=1e-5)
+    (got,) = torch.autograd.grad(out.loss, prompt_hidden)
+    (want,) = torch.autograd.grad(0.2 * kl_mean, prompt_hidden)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
 
 
 def test_reasonmaxxer_advantage_is_a_population_z_score_clipped_at_2_5():

@@ -132,3 +132,17 @@ def test_cli_reports_a_bad_recipe_and_exits_2(capsys):
 def test_parse_objective_reads_a_plain_mapping():
     spec = parse_objective({"policy_gradient": False, "terms": [{"divergence": "chi2", "target": "reference"}]})
     assert spec.models() == {"reference"} and all(t.placement == "loss" for t in spec.terms) and not spec.reward_terms
+
+
+def test_prompt_positions_take_an_exact_divergence_to_a_model():
+    from divrl.spec import SpecError, parse_objective
+
+    ok = parse_objective({"terms": [{"divergence": "forward_kl", "target": "reference", "prompt_positions": True}]})
+    assert ok.reads_prompt_positions
+    with pytest.raises(SpecError, match="terms\\[0\\].prompt_positions: .*exact divergence to a model"):
+        parse_objective({"terms": [{"divergence": "reverse_kl", "target": "reference", "estimator": "k2",
+                                    "prompt_positions": True}]})
+    with pytest.raises(SpecError, match="terms\\[0\\].prompt_positions: .*target self"):
+        parse_objective({"terms": [{"divergence": "reverse_kl", "target": "self", "prompt_positions": True}]})
+    with pytest.raises(SpecError, match="terms\\[0\\].mask_mean: averages over the tokens a mask keeps"):
+        parse_objective({"terms": [{"divergence": "reverse_kl", "target": "reference", "mask_mean": True}]})

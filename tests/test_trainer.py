@@ -75,6 +75,21 @@ def test_shared_prompt_forward_matches_full_sequences(tiny):
     torch.testing.assert_close(grad, expected_grad, atol=1e-5, rtol=1e-4)
 
 
+def test_prompt_positions_are_the_full_sequence_predictions_of_the_prompt_tokens(tiny):
+    model, tokenizer = tiny
+    prompts = [[5, 6, 7], [8, 9]]
+    batch = completion_hidden(model, prompts, [[10], [11, 12], [13], [14]], tokenizer.pad_token_id,
+                              with_prompt=True)
+    lp, _ = chunked.logprob_entropy(batch.prompt.hidden, output_head(model), batch.prompt.tokens)
+    expected = []
+    for prompt in prompts:
+        logits = model(torch.tensor([prompt])).logits[0].log_softmax(-1)
+        expected += [logits[j, tok] for j, tok in enumerate(prompt[1:])]
+    assert batch.prompt.tokens.tolist() == [6, 7, 9] and batch.prompt.rows.tolist() == [0, 0, 1]
+    torch.testing.assert_close(lp, torch.stack(expected).detach(), atol=1e-5, rtol=1e-5)
+    assert lp.requires_grad  # the prompt's positions train too
+
+
 @pytest.mark.parametrize("extra", [["kl_estimator=k3", "kl_coef=0.1"],
                                    ["kl_estimator=k1", "kl_in_reward=true", "kl_coef=0.1"],
                                    ["inner_iterations=2", "advantage=mean_only"]])

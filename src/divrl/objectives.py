@@ -129,6 +129,17 @@ def group_pass_rate(passed: torch.Tensor, group_size: int) -> torch.Tensor:
 
 
 @dataclass
+class PromptPositions:
+    """The positions that predict the prompts' tokens 2..L (teacher-forced), for terms with
+    ``prompt_positions``; each counts once per completion of its prompt, as in a batch of whole
+    prompt + completion sequences."""
+
+    policy: ModelOutputs  # hidden states with gradient, the policy's head
+    models: dict[str, ModelOutputs]  # reference / teacher at the same positions, no gradient
+    multiplicity: torch.Tensor  # (M,) completions of the position's prompt in the micro-batch
+
+
+@dataclass
 class ObjectiveInputs:
     """What the objective needs of a (micro-)batch of N flat completion tokens of B completions."""
 
@@ -147,6 +158,7 @@ class ObjectiveInputs:
     entropy_anchor: float | None = None  # SIREN's H₀ (None: not set yet, the regularizer is 0)
     stored_logprobs: torch.Tensor | None = None  # (N,) log q(y_t) of stored responses of q
     diversity: torch.Tensor | None = None  # (B,) DSDR's clipped global diversity (diversity_bonus)
+    prompt: PromptPositions | None = None  # for terms with prompt_positions
     batch_fraction: float = 1.0  # this micro-batch's share of the batch's completions
 
     def passed_completions(self) -> torch.Tensor:
@@ -279,15 +291,15 @@ def _stats(spec: ObjectiveSpec, inputs: ObjectiveInputs, logprobs, entropy, old)
 
 
 def _mask_and_weight(name: str, mask, weight, stats, sums: dict, scale: torch.Tensor,
-                     mask_mean: bool = False) -> torch.Tensor | None:
-    """m·w per token (None when the term has neither); logs masked fraction and mean weight.
+                     mask_mean: bool = False, unmasked: float = 0.0) -> tuple[torch.Tensor | None, float]:
+    """(m·w·f per token (None when the term has neither), f); logs masked fraction and mean weight.
 
-    With `mask_mean` the term is averaged over the tokens the mask keeps instead of over all of
-    them: m·w is multiplied by Σ_t a_t / Σ_t a_t m_t (a_t = `scale`), so with token_mean
-    aggregation the term is mean_{t: m_t=1}; 0 when the mask keeps none. This is per micro-batch
-    (exact for the batch when micro_batch_size covers it)."""
+    f = 1, or with `mask_mean` Σ_t a_t / (Σ_t a_t m_t + unmasked) (a_t = `scale`; `unmasked` the
+    weight of positions outside the mask's reach, the prompt's), so the term is averaged over the
+    positions it keeps instead of over all tokens: with token_mean aggregation, mean_{t: m_t=1};
+    0 when it keeps none. Per micro-batch (exact for the batch when micro_batch_size covers it)."""
     if not mask and not weight:
-        return None
+        return None, 1.0
     n = len(stats.rows)
     m = weights.compute(mask, stats) if mask else torch.ones(n)
     w = weights.compute(weight, stats) if weight else torch.ones(n)
@@ -295,10 +307,27 @@ def _mask_and_weight(name: str, mask, weight, stats, sums: dict, scale: torch.Te
         sums[f"{name}_masked_fraction"] += float((m == 0).sum())
     if weight:
         sums[f"{name}_mean_weight"] += float(w.sum())
+    factor = 1.0
     if mask_mean:
-        kept = float((scale * m).sum())
-        m = m * (float(scale.sum()) / kept) if kept > 0 else torch.zeros_like(m)
-    return m * w
+        kept = float((scale * m).sum()) + unmasked
+        factor = float(scale.sum()) / kept if kept > 0 else 0.0
+    return m * w * factor, factor
+
+
+def _prompt_weights(term: TermSpec, inputs: ObjectiveInputs, scale: torch.Tensor) -> torch.Tensor | None:
+    """a_t of the prompt positions of a `prompt_positions` term: the mean completion-token weight,
+    times the position's multiplicity (None when the term or the inputs have none)."""
+    if not term.prompt_positions or inputs.prompt is None or not len(scale):
+        return None
+    return inputs.prompt.multiplicity.to(scale.dtype) * scale.mean()
+
+
+def _at_prompt(term: TermSpec, prompt: PromptPositions, token_weights: torch.Tensor) -> torch.Tensor:
+    """Σ_t a_t D(πθ, q)(s_t) over the prompt's positions (exact, q a model)."""
+    target = prompt.models[term.target.op]
+    value = chunked.divergence(term.divergence, prompt.policy.hidden, prompt.policy.head, target.hidden,
+                               target.head, token_weights=token_weights.detach(), **term.kwargs)
+    return (token_weights * _wide(value)).sum()
 
 
 def objective_loss(spec: ObjectiveSpec, inputs: ObjectiveInputs) -> ObjectiveOutput:
@@ -317,7 +346,7 @@ def objective_loss(spec: ObjectiveSpec, inputs: ObjectiveInputs) -> ObjectiveOut
                                          inputs.passed_completions()[inputs.rows],
                                          inputs.group_pass_rate[inputs.rows])
         pg, clipped = surrogates.get(spec.pg_loss)(tokens, **dict(spec.pg_loss_params))
-        mw = _mask_and_weight("pg", spec.pg_mask, spec.pg_weight, stats, sums, scale, spec.pg_mask_mean)
+        mw, _ = _mask_and_weight("pg", spec.pg_mask, spec.pg_weight, stats, sums, scale, spec.pg_mask_mean)
         parts["pg"] = (scale * pg if mw is None else scale * mw * pg).sum()
         sums["clip_fraction"] = float(clipped.sum())
 
@@ -325,7 +354,9 @@ def objective_loss(spec: ObjectiveSpec, inputs: ObjectiveInputs) -> ObjectiveOut
         target_logprobs = (None if term.estimator == "exact" else inputs.stored_logprobs
                            if term.estimator == "stored" else _sampled_target_logprobs(term, inputs, models))
         term_stats = dataclasses.replace(stats, target_logprobs=target_logprobs)
-        mw = _mask_and_weight(term.name, term.mask, term.weight, term_stats, sums, scale, term.mask_mean)
+        prompt_weights = _prompt_weights(term, inputs, scale)
+        mw, factor = _mask_and_weight(term.name, term.mask, term.weight, term_stats, sums, scale, term.mask_mean,
+                                      0.0 if prompt_weights is None else float(prompt_weights.sum()))
         token_weights = scale if mw is None else scale * mw
         if term.placement == "reward":  # in the return already: logged here, no gradient
             value = divergences.get_estimator(term.estimator)(logprobs.detach(), target_logprobs)
@@ -343,6 +374,8 @@ def objective_loss(spec: ObjectiveSpec, inputs: ObjectiveInputs) -> ObjectiveOut
         sums[term.name] += float(value.detach().sum())
         if term.placement == "loss" and term.coef:
             parts[term.name] = term.coef * (token_weights * _wide(value)).sum()
+            if prompt_weights is not None:  # the prompt's positions: never masked, same factor
+                parts[term.name] = parts[term.name] + term.coef * _at_prompt(term, inputs.prompt, prompt_weights * factor)
 
     if spec.entropy_anchor is not None:
         part, mean_entropy, kept = entropy_anchor(spec.entropy_anchor, inputs)

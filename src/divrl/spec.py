@@ -72,7 +72,7 @@ ADVANTAGES = ("group_norm", "mean_only", "signed")
 ADVANTAGE_STDS = ("sample", "population")
 AGGREGATIONS = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum", "seq_mean_token_sum_norm")
 TERM_KEYS = ("divergence", "params", "target", "coef", "estimator", "placement", "mask", "weight",
-             "mask_mean")
+             "mask_mean", "prompt_positions")
 
 
 class SpecError(ValueError):
@@ -247,6 +247,7 @@ class TermSpec:
     mask: tuple[tuple[str, dict], ...] = ()
     weight: tuple[tuple[str, dict], ...] = ()
     mask_mean: bool = False  # average over the tokens the mask keeps, not over all tokens
+    prompt_positions: bool = False  # also at the positions that predict the prompt's tokens
 
     @property
     def name(self) -> str:
@@ -301,9 +302,16 @@ def parse_term(value: Any, path: str, teacher: bool) -> TermSpec:
                         f"initial policy with their log-probs, so its target is reference, got "
                         f"{target.describe()}")
     mask = _named_weights(value.get("mask"), f"{path}.mask")
+    prompt_positions = value.get("prompt_positions", False)
+    if not isinstance(prompt_positions, bool):
+        raise SpecError(f"{path}.prompt_positions: must be true or false, got {prompt_positions!r}")
+    if prompt_positions and not (estimator == "exact" and target.op in ("reference", "teacher")):
+        raise SpecError(f"{path}.prompt_positions: the prompt's positions have no sampled token of the "
+                        f"policy, so they take an exact divergence to a model (reference or teacher), got "
+                        f"estimator {estimator} and target {target.describe()}")
     return TermSpec(name, tuple(params.items()), target, coef, estimator, placement, mask,
                     _named_weights(value.get("weight"), f"{path}.weight"),
-                    _mask_mean(value.get("mask_mean", False), f"{path}.mask_mean", mask))
+                    _mask_mean(value.get("mask_mean", False), f"{path}.mask_mean", mask), prompt_positions)
 
 
 def _check_estimator(path: str, name: str, estimator: str, placement: str) -> None:
@@ -429,6 +437,11 @@ class ObjectiveSpec:
         shaping = (f", overlong penalty ≤ {self.overlong_penalty:g} in the last {self.overlong_buffer:g} "
                    f"of the length budget" if self.overlong_buffer else "")
         return f"{' + '.join(parts)}, aggregated {self.aggregation}{shaping}"
+
+    @property
+    def reads_prompt_positions(self) -> bool:
+        """Whether a term also applies at the positions that predict the prompt's tokens."""
+        return any(t.prompt_positions for t in self.terms)
 
     @property
     def reward_terms(self) -> tuple[TermSpec, ...]:

@@ -76,10 +76,11 @@ class TokenBatch:
     hidden: torch.Tensor  # (n, H)
     tokens: torch.Tensor  # (n,)
     rows: torch.Tensor  # (n,) index into the completions given
+    prompt: "TokenBatch | None" = None  # with_prompt: the positions predicting prompt tokens 2..L
 
 
 def completion_hidden(model, prompts: list[list[int]], completions: list[list[int]],
-                      pad_token_id: int) -> TokenBatch:
+                      pad_token_id: int, with_prompt: bool = False) -> TokenBatch:
     """Hidden states that predict each completion token, computing every prompt once.
 
     `completions` are group-major: G = len(completions) / len(prompts) per prompt. The prompts
@@ -87,6 +88,8 @@ def completion_hidden(model, prompts: list[list[int]], completions: list[list[in
     reach the prompt positions — then the completions (right-padded) run on top of it. The G
     copies of a prompt cost one forward/backward instead of G. Padding never reaches the
     vocabulary-sized output layer: only the hidden states of real completion tokens are kept.
+    `with_prompt` also keeps, in ``.prompt``, the hidden states that predict each prompt's tokens
+    2..L (rows = the prompt's index), computed once per prompt.
     """
     group = len(completions) // len(prompts)
     width = max(len(p) for p in prompts)
@@ -97,9 +100,10 @@ def completion_hidden(model, prompts: list[list[int]], completions: list[list[in
         prompt_mask[row, width - len(prompt):] = 1
     cache = DynamicCache(config=model.config)
     body = model.base_model
-    prompt_hidden = body(input_ids=prompt_ids, attention_mask=prompt_mask,
+    prompt_states = body(input_ids=prompt_ids, attention_mask=prompt_mask,
                          position_ids=(prompt_mask.cumsum(1) - 1).clamp(min=0), cache=cache,
-                         use_cache=True).last_hidden_state[:, -1]
+                         use_cache=True).last_hidden_state
+    prompt_hidden = prompt_states[:, -1]
     cache.batch_repeat_interleave(group)
 
     lengths = torch.tensor([len(c) for c in completions])
@@ -124,7 +128,12 @@ def completion_hidden(model, prompts: list[list[int]], completions: list[list[in
     predictors = torch.cat([prompt_hidden.repeat_interleave(group, 0)[:, None], comp_hidden[:, :-1]], 1)
     rows = torch.repeat_interleave(torch.arange(len(completions)), lengths)
     cols = torch.cat([torch.arange(int(n)) for n in lengths])
-    return TokenBatch(predictors[rows, cols], comp_ids[rows, cols], rows)
+    prompt = None
+    if with_prompt:  # (left-padded) position j predicts token j + 1 when both are real
+        predicts = (prompt_mask[:, :-1] * prompt_mask[:, 1:]).bool()
+        p_rows, p_cols = predicts.nonzero(as_tuple=True)
+        prompt = TokenBatch(prompt_states[p_rows, p_cols], prompt_ids[p_rows, p_cols + 1], p_rows)
+    return TokenBatch(predictors[rows, cols], comp_ids[rows, cols], rows, prompt)
 
 
 @dataclass
@@ -134,6 +143,7 @@ class FrozenInputs:
     models: dict[str, ModelOutputs]  # reference / teacher / old
     old_logprobs: torch.Tensor | None  # behaviour log-probs of the sampled tokens (None: on-policy)
     current: TokenBatch | None  # the policy before the update, when computed (reward terms need it)
+    prompt_models: dict[str, ModelOutputs]  # reference / teacher at the prompts' positions, if needed
 
 
 class Trainer:
@@ -270,15 +280,18 @@ class Trainer:
     def _frozen_inputs(self, prompts, completions, behaviour_logprobs, old_head) -> FrozenInputs:
         """Outputs of the models that carry no gradient, computed once per rollout batch."""
         cfg, pad = self.cfg, self.tokenizer.pad_token_id
-        models, old_logprobs, cur = {}, None, None
+        models, prompt_models, old_logprobs, cur = {}, {}, None, None
         read_at_tokens = objectives.models_read_at_tokens(self.online_spec)
+        with_prompt = self.online_spec.reads_prompt_positions
         with torch.no_grad(), self.autocast():
             for name, model in (("reference", self.reference), ("teacher", self.teacher)):
                 if model is not None:
-                    out, head = completion_hidden(model, prompts, completions, pad), self._head(model)
+                    out, head = completion_hidden(model, prompts, completions, pad, with_prompt), self._head(model)
                     at_tokens = (chunked.logprob_entropy(out.hidden, head, out.tokens)
                                  if name in read_at_tokens else (None, None))
                     models[name] = ModelOutputs(out.hidden, head, *at_tokens)
+                    if with_prompt:
+                        prompt_models[name] = ModelOutputs(out.prompt.hidden, head)
             if cfg.top_p < 1.0 or cfg.offline:  # the sampler's own log-probs are the behaviour policy
                 old_logprobs = torch.tensor([lp for row in behaviour_logprobs for lp in row])
             if old_head is not None or (old_logprobs is None and (
@@ -288,7 +301,7 @@ class Trainer:
                     old_logprobs = chunked.logprob_entropy(cur.hidden, self._head(self.model), cur.tokens)[0]
                 if old_head is not None:
                     models["old"] = ModelOutputs(cur.hidden, old_head)
-        return FrozenInputs(models, old_logprobs, cur)
+        return FrozenInputs(models, old_logprobs, cur, prompt_models)
 
     def _stored_inputs(self, groups: list[stored.StoredGroup]) -> list:
         """Micro-batches (prompts, completions, ObjectiveInputs without the policy) of stored groups."""
@@ -347,15 +360,20 @@ class Trainer:
         frozen = [self._frozen_inputs(ps, cs, [behaviour_logprobs[r] for r in rows], old_head)
                   for ps, cs, rows, _ in micro]
 
-        def inputs(m, hidden, tokens, token_rows, advantages) -> objectives.ObjectiveInputs:
+        def inputs(m, hidden, tokens, token_rows, advantages, prompt: TokenBatch | None = None
+                   ) -> objectives.ObjectiveInputs:
             _, _, rows, tokens_slice = micro[m]
+            at_prompt = None if prompt is None else objectives.PromptPositions(
+                ModelOutputs(prompt.hidden, self._head(self.model)), frozen[m].prompt_models,
+                torch.full((len(prompt.tokens),), group))
             return objectives.ObjectiveInputs(
                 policy=ModelOutputs(hidden, self._head(self.model)), tokens=tokens, rows=token_rows,
                 advantages=advantages[rows], rewards=reward_t[rows], group_pass_rate=pass_rate[rows],
                 token_scale=scale[tokens_slice], old_logprobs=frozen[m].old_logprobs,
                 models=frozen[m].models, batch_pass_rate=batch_pass_rate, passed=passed[rows],
                 groups=rows // group, entropy_anchor=self.entropy_anchor,
-                batch_fraction=len(rows) / len(completions), diversity=None if spread is None else spread[rows])
+                batch_fraction=len(rows) / len(completions), diversity=None if spread is None else spread[rows],
+                prompt=at_prompt)
 
         penalty = None
         if spec.reward_terms:  # returns minus the reward-placed terms, at the behaviour policy
@@ -381,8 +399,9 @@ class Trainer:
             self.optimizer.zero_grad(set_to_none=True)
             for m, (ps, cs, _, _) in enumerate(micro):
                 with self.autocast():
-                    cur = completion_hidden(self.model, ps, cs, pad)
-                    out = objectives.objective_loss(spec, inputs(m, cur.hidden, cur.tokens, cur.rows, advantages))
+                    cur = completion_hidden(self.model, ps, cs, pad, spec.reads_prompt_positions)
+                    out = objectives.objective_loss(spec, inputs(m, cur.hidden, cur.tokens, cur.rows, advantages,
+                                                                 cur.prompt))
                 out.loss.backward()
                 accumulate(sources[0], out)
             for ps, cs, fields in stored_micro:
