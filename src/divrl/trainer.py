@@ -222,7 +222,9 @@ class Trainer:
             indices = list(range(min(cfg.stored_prompts, len(self.task.train))))
             generator = torch.Generator().manual_seed(cfg.seed + 7)
             groups = []
-            for start in range(0, len(indices), 16):
+            starts = range(0, len(indices), 16)
+            for start in tqdm(starts, desc=f"storing {cfg.stored_samples} responses × {len(indices)} prompts",
+                              unit="chunk", file=sys.stderr, dynamic_ncols=True, disable=len(starts) < 2):
                 chunk = indices[start:start + 16]
                 examples = [self.task.train[i] for i in chunk]
                 rollout = self._sample(examples, cfg.stored_samples, cfg.stored_temperature or cfg.temperature,
