@@ -58,6 +58,10 @@ class TrainConfig:
     teacher: str | None = _doc("Teacher model for targets that name 'teacher' (any form `model` "
                                "takes; 'tiny' is a differently seeded tiny model); frozen, same "
                                "vocabulary as the policy. Loaded only if a term uses it.", default=None)
+    reference: str | None = _doc("Reference model π_ref of targets that name 'reference': null = a "
+                                 "frozen copy of the policy's initial weights; or any form `model` "
+                                 "takes (e.g. a teacher's pre-RL base, G-OPD's reward correction).",
+                                 default=None)
     # The step.
     steps: int = _doc("Number of optimizer steps.", default=30)
     prompts_per_step: int = _doc("Prompts per step (P).", default=8)
@@ -248,7 +252,6 @@ def _check(cfg: TrainConfig) -> None:
         prompts.parse_sampler(cfg.prompt_sampler)
     except ValueError as err:
         raise ConfigError(f"config key 'prompt_sampler': {err}") from None
-    need(cfg.group_size >= 2, "group_size", "must be ≥ 2 (advantages compare samples of a group)")
     for key in ("temperature", "eval_temperature", "lr"):
         need(getattr(cfg, key) > 0, key, "must be > 0")
     need(0 < cfg.top_p <= 1, "top_p", "must be in (0, 1]")
@@ -266,11 +269,15 @@ def _check(cfg: TrainConfig) -> None:
         raise ConfigError(f"config key {err}") from None
     need(not (cfg.offline and spec.stored_terms), "offline", "trains on the stored responses "
          "with the whole objective; stored-estimator terms (DPH-RL's split) need online rollouts")
+    need(cfg.reference is None or not spec.stored_terms, "reference", "must be null with stored "
+         "terms: their log-probs are the initial policy's, stored when the run starts")
     uses = [n for n, _ in (*spec.pg_weight, *spec.pg_mask, *(c for t in spec.terms for c in (*t.mask, *t.weight)))]
     need(cfg.diversity_bonus is not None or "diversity_allocation" not in uses, "diversity_bonus",
          "must be set for the weight diversity_allocation (it reads the diversity the bonus computes)")
     need(not (cfg.offline and cfg.dynamic_sampling), "dynamic_sampling", "has nothing to refill "
          "offline (the offline set keeps only prompts whose rewards differ)")
+    need(cfg.group_size >= 2 or spec.advantage == "none", "group_size",
+         "must be ≥ 2 (advantages compare samples of a group; 1 only with advantage: none)")
     sampled = [t.name for t in spec.terms if t.estimator != "exact"]
     need(cfg.top_p == 1.0 or not sampled, "top_p",
          f"< 1 samples from the renormalized nucleus, not πθ, so the sampled estimators of "

@@ -84,6 +84,8 @@ def advantages(spec: ObjectiveSpec, rewards: torch.Tensor, penalties: torch.Tens
     """
     if spec.advantage == "signed":
         adv = signed_advantages(rewards if verdict is None else verdict.to(rewards.dtype))
+    elif spec.advantage == "none":  # no task-reward term (e.g. OPD's dense reward alone)
+        adv = torch.zeros_like(rewards, dtype=torch.promote_types(rewards.dtype, torch.float32))
     else:
         adv = group_advantages(rewards, group_size, normalize=spec.advantage == "group_norm",
                                population_std=spec.advantage_std == "population")
@@ -103,6 +105,8 @@ def expected_advantages(spec: ObjectiveSpec, rewards: torch.Tensor, probs: torch
     clipped as `advantages` clips."""
     if spec.advantage == "signed":
         return signed_advantages(rewards)
+    if spec.advantage == "none":
+        return torch.zeros_like(probs)
     centred = rewards - (probs * rewards).sum(-1, keepdim=True)
     if spec.advantage == "group_norm":
         centred = centred / ((probs * centred**2).sum(-1, keepdim=True).sqrt() + eps)
@@ -342,9 +346,12 @@ def objective_loss(spec: ObjectiveSpec, inputs: ObjectiveInputs) -> ObjectiveOut
     sums["entropy"] = float(entropy.detach().sum())
 
     if spec.policy_gradient:
-        tokens = surrogates.PolicyTokens(_wide(logprobs), _wide(old), inputs.advantages[inputs.rows],
+        token_advantages = inputs.advantages[inputs.rows] + token_reward(spec, inputs, models, old)
+        teacher = (_model_logprobs(models["teacher"], inputs.tokens)
+                   if spec.pg_loss in surrogates.READS_TEACHER else None)
+        tokens = surrogates.PolicyTokens(_wide(logprobs), _wide(old), token_advantages,
                                          inputs.passed_completions()[inputs.rows],
-                                         inputs.group_pass_rate[inputs.rows])
+                                         inputs.group_pass_rate[inputs.rows], inputs.rows, teacher)
         pg, clipped = surrogates.get(spec.pg_loss)(tokens, **dict(spec.pg_loss_params))
         mw, _ = _mask_and_weight("pg", spec.pg_mask, spec.pg_weight, stats, sums, scale, spec.pg_mask_mean)
         parts["pg"] = (scale * pg if mw is None else scale * mw * pg).sum()
@@ -358,7 +365,7 @@ def objective_loss(spec: ObjectiveSpec, inputs: ObjectiveInputs) -> ObjectiveOut
         mw, factor = _mask_and_weight(term.name, term.mask, term.weight, term_stats, sums, scale, term.mask_mean,
                                       0.0 if prompt_weights is None else float(prompt_weights.sum()))
         token_weights = scale if mw is None else scale * mw
-        if term.placement == "reward":  # in the return already: logged here, no gradient
+        if term.placement != "loss":  # in the return or the token advantages: logged here, no gradient
             value = divergences.get_estimator(term.estimator)(logprobs.detach(), target_logprobs)
         elif term.estimator == "exact":
             value = _exact(term, inputs, models, token_weights.detach())
@@ -394,6 +401,22 @@ def objective_loss(spec: ObjectiveSpec, inputs: ObjectiveInputs) -> ObjectiveOut
 
 
 @torch.no_grad()
+def token_reward(spec: ObjectiveSpec, inputs: ObjectiveInputs, models, behaviour: torch.Tensor
+                 ) -> torch.Tensor | float:
+    """−Σ_k c_k·k1(y_t) (N,) of the token_reward terms at the behaviour policy: a dense per-token
+    reward added to token t's advantage alone — no baseline, no return-to-go (discount 0), as in
+    on-policy distillation with the reverse-KL log-ratio as reward (Thinking Machines 2025,
+    "On-Policy Distillation"). 0 when there is none."""
+    if not spec.token_reward_terms:
+        return 0.0
+    total = torch.zeros_like(behaviour)
+    for term in spec.token_reward_terms:
+        target = _sampled_target_logprobs(term, inputs, models)
+        total = total - term.coef * divergences.get_estimator(term.estimator)(behaviour, target).to(total.dtype)
+    return total
+
+
+@torch.no_grad()
 def reward_penalty(spec: ObjectiveSpec, inputs: ObjectiveInputs) -> torch.Tensor:
     """P_i = Σ_k c_k Σ_{t∈i} k(y_t) (B,) of the reward-placed terms, at the behaviour policy."""
     penalty = torch.zeros(len(inputs.advantages))
@@ -416,7 +439,8 @@ def models_read_at_tokens(spec: ObjectiveSpec) -> frozenset[str]:
     (`ModelOutputs.token_logprobs`, `token_entropy`), not once per loss evaluation."""
     return frozenset(t.target.op for t in spec.terms
                      if t.estimator not in ("exact", "stored") and t.target.is_model) | (
-        {"reference"} if spec.reads_reference else set())
+        {"reference"} if spec.reads_reference else set()) | (
+        {"teacher"} if spec.policy_gradient and spec.pg_loss in surrogates.READS_TEACHER else set())
 
 
 def online_and_stored(spec: ObjectiveSpec) -> tuple[ObjectiveSpec, ObjectiveSpec | None]:

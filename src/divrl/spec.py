@@ -27,6 +27,7 @@ k1_st, k3_st loss       ∇KL(p‖q), value of k1 / k3             allowed (reve
 k3           loss       ∇KL(q‖p): the *forward* KL's gradient  allowed with a warning
 k1           loss       0 in expectation (noise only)          refused
 k1           reward     ∇KL(p‖q) by the score function         allowed (reverse_kl only)
+k1           token_rew. −c·k1(y_t) in token t's advantage only    allowed (reverse_kl only)
 k2, k3, st   reward     not ∇KL (score function of ½r², …)     refused
 exact        reward     a loss term, not a return              refused
 sequence     loss       ∇χ²(πθ‖q) over whole completions       allowed (chi2 only)
@@ -47,6 +48,7 @@ from __future__ import annotations
 import difflib
 import inspect
 import math
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
@@ -67,12 +69,12 @@ TARGET_FUNCTIONS: dict[str, tuple[str, ...]] = {
 }
 SUPPLIED_ARGUMENTS = {"tilt": ("advantage",), "reward_power": ("reward",)}
 ESTIMATORS = ("exact", "k1", "k2", "k3", "k1_st", "k3_st", "sequence", "stored")
-PLACEMENTS = ("loss", "reward")
-ADVANTAGES = ("group_norm", "mean_only", "signed")
+PLACEMENTS = ("loss", "reward", "token_reward")
+ADVANTAGES = ("group_norm", "mean_only", "signed", "none")
 ADVANTAGE_STDS = ("sample", "population")
 AGGREGATIONS = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum", "seq_mean_token_sum_norm")
 TERM_KEYS = ("divergence", "params", "target", "coef", "estimator", "placement", "mask", "weight",
-             "mask_mean", "prompt_positions")
+             "mask_mean", "prompt_positions", "anneal")
 
 
 class SpecError(ValueError):
@@ -128,6 +130,13 @@ class Target:
         kwargs.update((name, supplied[name]) for name in SUPPLIED_ARGUMENTS.get(self.op, ()))
         return getattr(targets, self.op)(**kwargs)
 
+    @property
+    def is_normalized(self) -> bool:
+        """False when some function is asked for unnormalized log-values (extrapolate's
+        ``normalized: false``)."""
+        return all(v is not False for k, v in self.args if k == "normalized") and all(
+            v.is_normalized for _, v in self.args if isinstance(v, Target))
+
     def describe(self) -> str:
         if self.is_model:
             return self.op
@@ -171,7 +180,21 @@ def parse_target(value: Any, path: str) -> Target:
             parsed.append((key, _number(where, args[key])))
     target = Target(op, tuple(parsed))
     _try_on_a_toy(lambda: target.evaluate(_TOY_LOGPROBS, torch.zeros(3), torch.ones(1)), f"{path}.{op}")
-    return target
+    return _endpoint(target)
+
+
+# At these parameter values a function returns one of its arguments itself (see divrl.targets).
+_ENDPOINTS = {"extrapolate": ("lam", {0.0: "ref", 1.0: "teacher"}), "mix": ("alpha", {0.0: "a", 1.0: "b"})}
+
+
+def _endpoint(target: Target) -> Target:
+    """The argument a function returns unchanged at an endpoint (extrapolate at λ = 0 or 1, mix at
+    α = 0 or 1), so e.g. G-OPD at λ = 1 is OPD to the teacher exactly, and loads no reference."""
+    if target.op not in _ENDPOINTS:
+        return target
+    key, returns = _ENDPOINTS[target.op]
+    args = dict(target.args)
+    return args[returns[args[key]]] if args.get(key) in returns else target
 
 
 _TOY_LOGPROBS = {name: torch.tensor([0.5, 0.3, 0.2]).log() for name in TARGET_MODELS}
@@ -248,6 +271,15 @@ class TermSpec:
     weight: tuple[tuple[str, dict], ...] = ()
     mask_mean: bool = False  # average over the tokens the mask keeps, not over all tokens
     prompt_positions: bool = False  # also at the positions that predict the prompt's tokens
+    anneal: tuple[float, int] | None = None  # (to, steps): coef moves linearly to `to` over `steps`
+
+    def coef_at(self, step: int) -> float:
+        """c_t: `coef`, or linearly from coef (step 0) to anneal's `to` (step ≥ steps), e.g. KDRL's
+        c_t = max(5e-3 − 5e-5·t, 1e-3) is coef 5e-3, anneal {to: 1e-3, steps: 80}."""
+        if self.anneal is None:
+            return self.coef
+        to, steps = self.anneal
+        return self.coef + (to - self.coef) * min(step, steps) / steps
 
     @property
     def name(self) -> str:
@@ -297,6 +329,10 @@ def parse_term(value: Any, path: str, teacher: bool) -> TermSpec:
     if placement not in PLACEMENTS:
         raise _unknown(f"{path}.placement", "placement", placement, PLACEMENTS)
     _check_estimator(path, name, estimator, placement)
+    if not target.is_normalized and not (estimator == "k1" and placement in ("reward", "token_reward")):
+        raise SpecError(f"{path}.target: an unnormalized target (normalized: false) is only a log-ratio "
+                        f"reward, for estimator k1 with placement reward or token_reward; got "
+                        f"{estimator} in the {placement}")
     if estimator == "stored" and target.op != "reference":
         raise SpecError(f"{path}.target: the stored estimator reads responses sampled once from the "
                         f"initial policy with their log-probs, so its target is reference, got "
@@ -311,12 +347,28 @@ def parse_term(value: Any, path: str, teacher: bool) -> TermSpec:
                         f"estimator {estimator} and target {target.describe()}")
     return TermSpec(name, tuple(params.items()), target, coef, estimator, placement, mask,
                     _named_weights(value.get("weight"), f"{path}.weight"),
-                    _mask_mean(value.get("mask_mean", False), f"{path}.mask_mean", mask), prompt_positions)
+                    _mask_mean(value.get("mask_mean", False), f"{path}.mask_mean", mask), prompt_positions,
+                    _anneal(value.get("anneal"), f"{path}.anneal"))
+
+
+def _anneal(value: Any, path: str) -> tuple[float, int] | None:
+    """`anneal: {to: c_end, steps: S}` of a term (null: constant)."""
+    if value is None:
+        return None
+    if not isinstance(value, Mapping) or set(value) != {"to", "steps"}:
+        raise SpecError(f"{path}: must be {{to: <coef at the end>, steps: <steps to get there>}}, got {value!r}")
+    to, steps = _number(f"{path}.to", value["to"]), _number(f"{path}.steps", value["steps"])
+    if not 0 <= to < math.inf:
+        raise SpecError(f"{path}.to: must be a finite number ≥ 0, got {value['to']!r}")
+    if not (steps >= 1 and float(steps).is_integer()):
+        raise SpecError(f"{path}.steps: must be an integer ≥ 1, got {value['steps']!r}")
+    return to, int(steps)
 
 
 def _check_estimator(path: str, name: str, estimator: str, placement: str) -> None:
+    rewardlike = placement in ("reward", "token_reward")
     if estimator == "exact":
-        if placement == "reward":
+        if rewardlike:
             raise SpecError(f"{path}.placement: the exact divergence is a loss term; in the reward use "
                             f"the sampled estimator k1 (whose score-function gradient is ∇KL(p‖q))")
         return
@@ -337,7 +389,7 @@ def _check_estimator(path: str, name: str, estimator: str, placement: str) -> No
     if placement == "loss" and estimator == "k1":
         raise SpecError(f"{path}.estimator: k1 as a loss has zero expected gradient (∇k1 = ∇log "
                         f"πθ(y)); use k2, k1_st or k3_st in the loss, or k1 with placement: reward")
-    if placement == "reward" and estimator != "k1":
+    if rewardlike and estimator != "k1":
         raise SpecError(f"{path}.estimator: in the reward only k1 gives ∇KL(p‖q) (score function); "
                         f"{estimator} does not. Use k1 there, or put {estimator} in the loss")
 
@@ -408,6 +460,7 @@ class ObjectiveSpec:
         term reads its target's log-probs from the stored responses instead); the reference also
         when a mask or weight reads it."""
         needed = frozenset().union(*(t.target.models() for t in self.terms if t.estimator != "stored"))
+        needed |= {"teacher"} if self.policy_gradient and self.pg_loss in surrogates.READS_TEACHER else set()
         return needed | ({"reference"} if self.reads_reference else set())
 
     @property
@@ -447,6 +500,17 @@ class ObjectiveSpec:
     def reward_terms(self) -> tuple[TermSpec, ...]:
         return tuple(t for t in self.terms if t.placement == "reward")
 
+    @property
+    def token_reward_terms(self) -> tuple[TermSpec, ...]:
+        return tuple(t for t in self.terms if t.placement == "token_reward")
+
+    def at_step(self, step: int) -> "ObjectiveSpec":
+        """This objective with each annealed term's coefficient at training step `step` (0-based)."""
+        if not any(t.anneal for t in self.terms):
+            return self
+        return dataclasses.replace(self, terms=tuple(dataclasses.replace(t, coef=t.coef_at(step), anneal=None)
+                                                     if t.anneal else t for t in self.terms))
+
 
 def _parse_pg_loss(value: Any, clip_low: float, clip_high: float) -> tuple[str, tuple]:
     """`pg_loss`: a surrogate name or {name: {params}}; `clipped` takes clip_low/clip_high."""
@@ -456,7 +520,7 @@ def _parse_pg_loss(value: Any, clip_low: float, clip_high: float) -> tuple[str, 
             raise SpecError("pg_loss.clipped: set clip_low and clip_high instead of parameters")
         params = {"clip_low": clip_low, "clip_high": clip_high}
     toy = surrogates.PolicyTokens(torch.zeros(2), torch.zeros(2), torch.ones(2), torch.tensor([True, False]),
-                                  torch.full((2,), 0.5))
+                                  torch.full((2,), 0.5), torch.arange(2), torch.zeros(2))
     _try_on_a_toy(lambda: surrogates.get(name)(toy, **params), f"pg_loss.{name}")
     return name, tuple(params.items())
 
@@ -518,10 +582,16 @@ def parse_objective(config: Mapping[str, Any]) -> ObjectiveSpec:
     if not 0.0 <= overlong_penalty < math.inf:
         raise SpecError(f"overlong_penalty: must be a finite number ≥ 0, got {overlong_penalty!r}")
     policy_gradient = get("policy_gradient", True)
+    if not policy_gradient and any(t.placement == "token_reward" for t in terms):
+        raise SpecError("policy_gradient: false drops the per-token advantage that token_reward terms "
+                        "enter; set policy_gradient: true")
     if not policy_gradient and not any(t.placement == "loss" for t in terms) and not get("entropy_anchor"):
         raise SpecError("policy_gradient: false leaves no loss term; add a term with placement: loss")
     pg_loss, pg_loss_params = _parse_pg_loss(get("pg_loss", "clipped"), float(get("clip_low", 0.2)),
                                              float(get("clip_high", 0.28)))
+    if pg_loss in surrogates.READS_TEACHER and not teacher:
+        raise SpecError(f"pg_loss.{pg_loss}: reads the teacher's log-probs of the sampled tokens; set "
+                        f"'teacher' (default, tiny, a local model directory or a hub id)")
     pg_mask = _named_weights(get("pg_mask"), "pg_mask")
     return ObjectiveSpec(
         policy_gradient=bool(policy_gradient), pg_loss=pg_loss, pg_loss_params=pg_loss_params,

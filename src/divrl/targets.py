@@ -47,8 +47,12 @@ def tilt(base: Tensor, advantage: Tensor | float, beta: float) -> Tensor:
     return torch.log_softmax(base + advantage / beta, dim=-1)
 
 
-def extrapolate(ref: Tensor, teacher: Tensor, lam: float) -> Tensor:
+def extrapolate(ref: Tensor, teacher: Tensor, lam: float, normalized: bool = True) -> Tensor:
     """log q = log_softmax((1−λ)·ref + λ·teacher): q ∝ π_ref^{1−λ}·π_T^λ (methods notes C7).
+
+    ``normalized=False`` returns (1−λ)·ref + λ·teacher itself, without log Z_t: G-OPD's dense
+    per-token reward λ(log π_T − log π_ref) − (log πθ − log π_ref) is −k1 against it (the official
+    code, RUCBM/G-OPD ``dp_actor.py``). Only sampled reward terms may use it (a spec check).
 
     λ = 0 returns ``ref`` and λ = 1 returns ``teacher`` themselves; 0 < λ < 1 interpolates
     geometrically and λ > 1 extrapolates past the teacher (ExOPD). For λ > 0 it equals
@@ -67,6 +71,8 @@ def extrapolate(ref: Tensor, teacher: Tensor, lam: float) -> Tensor:
         return ref
     if lam == 1.0:
         return teacher
+    if not normalized:
+        return torch.where((ref > _NEG_INF) & (teacher > _NEG_INF), (1.0 - lam) * ref + lam * teacher, _NEG_INF)
     supported = (ref > _NEG_INF) & (teacher > _NEG_INF)
     empty = ~supported.any(dim=-1, keepdim=True)
     safe_ref = torch.where(supported, ref, 0.0)

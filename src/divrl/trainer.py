@@ -159,9 +159,11 @@ class Trainer:
         for warning in self.objective.warnings:
             log(f"warning: {warning}")
         needs = self.objective.models()
-        self.reference = (copy.deepcopy(self.model).requires_grad_(False)
-                          if "reference" in needs or cfg.monitor_kl else None)
-        self.teacher = self._load_teacher() if "teacher" in needs else None
+        self.reference = None
+        if "reference" in needs or cfg.monitor_kl:
+            self.reference = (copy.deepcopy(self.model).requires_grad_(False) if cfg.reference is None
+                              else self._load_frozen("reference", cfg.reference, cfg.seed + 2))
+        self.teacher = self._load_frozen("teacher", cfg.teacher, cfg.seed + 1) if "teacher" in needs else None
         self.diversity_bonus = diversity.parse_bonus(cfg.diversity_bonus)
         self.encoder = None if self.diversity_bonus is None else diversity.load_encoder(self.diversity_bonus.encoder)
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr,
@@ -236,16 +238,17 @@ class Trainer:
             stored.save(groups, self.run_dir)
         return groups
 
-    def _load_teacher(self):
-        """The frozen teacher; refused if its vocabulary differs from the policy's."""
-        teacher, _ = load_model(self.cfg.teacher, seed=self.cfg.seed + 1)
-        teacher.eval().requires_grad_(False)
-        vocab, teacher_vocab = output_head(self.model).vocab_size, output_head(teacher).vocab_size
-        if vocab != teacher_vocab:
-            raise ConfigError(f"config key 'teacher': '{self.cfg.teacher}' has a vocabulary of "
-                              f"{teacher_vocab} tokens, the policy '{self.cfg.model}' {vocab}; a "
-                              f"per-token divergence needs the same vocabulary")
-        return teacher
+    def _load_frozen(self, key: str, spec: str, seed: int):
+        """A frozen model from config key `key` (teacher, reference); refused if its vocabulary
+        differs from the policy's."""
+        model, _ = load_model(spec, seed=seed)
+        model.eval().requires_grad_(False)
+        vocab, other = output_head(self.model).vocab_size, output_head(model).vocab_size
+        if vocab != other:
+            raise ConfigError(f"config key '{key}': '{spec}' has a vocabulary of {other} tokens, the "
+                              f"policy '{self.cfg.model}' {vocab}; a per-token divergence needs the "
+                              f"same vocabulary")
+        return model
 
     # ----- data -------------------------------------------------------------------------------
     def _prompt_ids(self, example: Example) -> list[int]:
@@ -305,11 +308,11 @@ class Trainer:
                     models["old"] = ModelOutputs(cur.hidden, old_head)
         return FrozenInputs(models, old_logprobs, cur, prompt_models)
 
-    def _stored_inputs(self, groups: list[stored.StoredGroup]) -> list:
+    def _stored_inputs(self, groups: list[stored.StoredGroup], spec) -> list:
         """Micro-batches (prompts, completions, ObjectiveInputs without the policy) of stored groups."""
         cfg, per_micro = self.cfg, max(1, self.cfg.micro_batch_size // self.cfg.stored_samples)
         lengths = [len(c) for g in groups for c in g.completions]
-        scale = objectives.token_scale(self.stored_spec, lengths)
+        scale = objectives.token_scale(spec, lengths)
         out, first_token = [], 0
         for start in range(0, len(groups), per_micro):
             chunk = groups[start:start + per_micro]
@@ -327,10 +330,11 @@ class Trainer:
 
     def _update(self, prompts: list[list[int]], completions: list[list[int]],
                 rewards: list[float], behaviour_logprobs: list[list[float]],
-                stored_groups: list[stored.StoredGroup] = ()) -> dict:
+                stored_groups: list[stored.StoredGroup] = (), step: int = 0) -> dict:
         """`inner_iterations` optimizer steps on the objective of one rollout batch (and of this
-        step's stored responses, for stored terms)."""
-        cfg, spec, pad = self.cfg, self.online_spec, self.tokenizer.pad_token_id
+        step's stored responses, for stored terms), with annealed coefficients at `step`."""
+        cfg, spec, pad = self.cfg, self.online_spec.at_step(step), self.tokenizer.pad_token_id
+        stored_spec = None if self.stored_spec is None else self.stored_spec.at_step(step)
         group = len(completions) // len(prompts)
         lengths = [len(c) for c in completions]
         starts = [0, *itertools.accumulate(lengths)]
@@ -388,7 +392,7 @@ class Trainer:
                         spec, inputs(m, cur.hidden, cur.tokens, cur.rows, zero))
         advantages = objectives.advantages(spec, reward_t, penalty, group, verdict=passed)
 
-        stored_micro = self._stored_inputs(list(stored_groups)) if stored_groups else []
+        stored_micro = self._stored_inputs(list(stored_groups), stored_spec) if stored_groups else []
         sources = [(defaultdict(float), defaultdict(float)) for _ in range(2)]  # online, stored
         grad_norms = []
 
@@ -409,7 +413,7 @@ class Trainer:
             for ps, cs, fields in stored_micro:
                 with self.autocast():
                     cur = completion_hidden(self.model, ps, cs, pad)
-                    out = objectives.objective_loss(self.stored_spec, objectives.ObjectiveInputs(
+                    out = objectives.objective_loss(stored_spec, objectives.ObjectiveInputs(
                         policy=ModelOutputs(cur.hidden, self._head(self.model)), tokens=cur.tokens,
                         rows=cur.rows, **fields))
                 out.loss.backward()
@@ -426,6 +430,7 @@ class Trainer:
             stats["diversity"] = float(spread.mean())
             stats["diversity_of_passes"] = float(spread[passed].mean()) if passed.any() else math.nan
         stats["grad_norm"] = sum(grad_norms) / len(grad_norms)
+        stats.update((f"{t.name}_coef", t.coef_at(step)) for t in self.objective.terms if t.anneal)
         if spec.entropy_anchor is not None:
             if self.entropy_anchor is None:  # H₀: the first batch's statistic, fixed afterwards
                 self.entropy_anchor = stats["top_p_entropy"]
@@ -527,7 +532,7 @@ class Trainer:
         if groups:
             stats.update(self._update([g.prompt_ids for g in groups], [c for g in groups for c in g.completions],
                                       [r for g in groups for r in g.rewards], [lp for g in groups for lp in g.logprobs],
-                                      stored.batch(self.stored_groups, step, self.cfg.stored_per_step)))
+                                      stored.batch(self.stored_groups, step, self.cfg.stored_per_step), step))
         else:  # nothing to learn from: every prompt filtered out, or equal rewards after the refills
             self.log(f"step {step + 1}: no prompt left to train on ({', '.join(f'{k} {stats[k]}' for k in ('refills', 'filtered_prompts') if k in stats)}); update skipped")
         t2 = time.perf_counter()

@@ -29,6 +29,10 @@ name (params)                              w_t
 ``reference_entropy_at_most`` (threshold)  its complement: 1 where H_ref(s_t) ≤ threshold
 ``diversity_allocation`` (tau)            on passing completions |group|·softmax over the group's
                                            passing ones of τ·d̄ (DSDR's global-to-local weight), else 0
+``failed``                                 1 on completions that did not pass, else 0 (KDRL's
+                                           response-level reward-guided KD mask)
+``group_unsolved``                         1 on completions of groups where none passed (KDRL's
+                                           group-level mask)
 ``confidence_shift`` (alpha,               on failed completions 1 + α·softplus(c_i), c_i the mean
 length_normalized)                         (or sum) over the completion of log πold − log π_ref;
                                            else 1 (ACE's negative-advantage scale)
@@ -357,3 +361,18 @@ def diversity_allocation(stats: TokenStats, tau: NonNegative = 5.0) -> Tensor:
     size = torch.zeros(n_groups, dtype=torch.float64).index_add_(0, group, torch.ones_like(mass))
     weight = torch.where(passed, mass / total[group].clamp(min=1e-300) * size[group], 0.0)
     return weight[stats.rows].to(stats.advantages.dtype)
+
+
+@register_weight("failed")
+def failed(stats: TokenStats) -> Tensor:
+    """1 on the tokens of completions that did not pass, else 0: KDRL's response-level
+    reward-guided KD mask (arXiv 2506.02208 §3.4: distil only where the student's answer is wrong)."""
+    passed = _required(stats, "passed", "failed")
+    return (~passed[stats.rows]).to(stats.advantages.dtype)
+
+
+@register_weight("group_unsolved")
+def group_unsolved(stats: TokenStats) -> Tensor:
+    """1 on the tokens of completions whose whole group failed (pass rate 0), else 0: KDRL's
+    group-level mask (distil only where GRPO has no signal)."""
+    return (stats.group_pass_rate[stats.rows] == 0).to(stats.advantages.dtype)

@@ -2,6 +2,7 @@
 
 Each ``<name>.yaml`` here holds ``description`` (one line), ``paper`` (citation) and the config keys
 the method sets; `divrl train --recipe NAME` starts from them, then the config file, then `--set`.
+``extends: OTHER`` starts from another recipe's keys (a variant states only what differs).
 """
 
 from __future__ import annotations
@@ -41,7 +42,9 @@ def load(name: str) -> Recipe:
     data = yaml.safe_load(resources.files(__name__).joinpath(f"{name}.yaml").read_text())
     if not isinstance(data, dict) or any(key not in data for key in META_KEYS):
         raise RecipeError(f"recipe '{name}' must be a mapping with {' and '.join(META_KEYS)}")
-    config = {k: v for k, v in data.items() if k not in META_KEYS}
+    config = {k: v for k, v in data.items() if k not in (*META_KEYS, "extends")}
+    if "extends" in data:
+        config = {**load(data["extends"]).config, **config}
     return Recipe(name, str(data["description"]), str(data["paper"]), config)
 
 
