@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from divrl import lab, objectives
+from divrl import lab, objectives, targets
 from divrl.rowwise import ModelOutputs
 
 from test_recipes import LENGTHS, ROWS, TOKENS, _spec, _toy
@@ -148,3 +148,29 @@ def test_gdsd_zero_residual_point_is_the_tilt_up_to_normalization():
     tilt = lab.tilted(old, advantage, 1 / 10.0)
     residual = (tilt - old) - 10.0 * advantage
     torch.testing.assert_close(residual, residual.mean().expand(5))
+
+
+def test_paced_distill_weights_by_pass_rate_and_switches_forward_to_reverse_after_ten_steps():
+    spec = _spec("paced-distill")
+    assert [t.divergence for t in spec.terms] == ["forward_kl", "reverse_kl"]
+    assert [(t.coef_at(9), t.coef_at(10)) for t in spec.terms] == [(1.0, 0.0), (0.0, 1.0)]
+    inputs, _ = _toy(spec, [1.0, 0.0, 1.0, 1.0])  # p̂ = ½ and 1: w = ¼ and 0
+    inputs = _with_teacher(inputs)
+    out = objectives.objective_loss(spec.at_step(0), inputs)
+    logp = inputs.policy.head.logits(inputs.policy.hidden).log_softmax(-1)
+    teacher = inputs.models["teacher"]
+    logq = teacher.head.logits(teacher.hidden).log_softmax(-1)
+    forward = (logq.exp() * (logq - logp)).sum(-1)
+    w = torch.tensor([0.25, 0.25, 0.0, 0.0], dtype=torch.float64)[ROWS]
+    assert out.loss_parts["forward_kl_to_teacher"] == pytest.approx(float((w * forward).sum()) / len(TOKENS), rel=1e-5)
+    assert "reverse_kl_to_teacher" not in out.loss_parts  # coefficient 0 in the first stage
+
+
+def test_exopd_dense_reward_reaches_the_extrapolated_target_in_the_lab():
+    """One-token completions: the dense reward's expected gradient is ∇KL(πθ‖q), q the normalized
+    extrapolated target (its log Z has zero-mean score), so the fixed point is C7's target."""
+    ref, reward = lab.random_problem(5, (2,), seed=0)
+    teacher = torch.randn(2, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(1)).log_softmax(-1)
+    spec = _spec("exopd", "group_size=2")
+    got = lab.objective_fixed_point(spec, reward, {"reference": ref, "teacher": teacher}, steps=600, lr=3.0)
+    torch.testing.assert_close(got.exp(), targets.extrapolate(ref, teacher, 1.25).exp(), atol=1e-6, rtol=0)

@@ -271,15 +271,16 @@ class TermSpec:
     weight: tuple[tuple[str, dict], ...] = ()
     mask_mean: bool = False  # average over the tokens the mask keeps, not over all tokens
     prompt_positions: bool = False  # also at the positions that predict the prompt's tokens
-    anneal: tuple[float, int] | None = None  # (to, steps): coef moves linearly to `to` over `steps`
+    anneal: tuple[float, int, int] | None = None  # (to, steps, start): coef → `to` linearly
 
     def coef_at(self, step: int) -> float:
-        """c_t: `coef`, or linearly from coef (step 0) to anneal's `to` (step ≥ steps), e.g. KDRL's
-        c_t = max(5e-3 − 5e-5·t, 1e-3) is coef 5e-3, anneal {to: 1e-3, steps: 80}."""
+        """c_t: `coef` up to anneal's `start`, then linearly to its `to` over `steps` steps, e.g.
+        KDRL's c_t = max(5e-3 − 5e-5·t, 1e-3) is coef 5e-3, anneal {to: 1e-3, steps: 80}; a stage
+        switch at step k is {to: c, steps: 1, start: k}."""
         if self.anneal is None:
             return self.coef
-        to, steps = self.anneal
-        return self.coef + (to - self.coef) * min(step, steps) / steps
+        to, steps, start = self.anneal
+        return self.coef + (to - self.coef) * min(max(step - start, 0), steps) / steps
 
     @property
     def name(self) -> str:
@@ -351,18 +352,21 @@ def parse_term(value: Any, path: str, teacher: bool) -> TermSpec:
                     _anneal(value.get("anneal"), f"{path}.anneal"))
 
 
-def _anneal(value: Any, path: str) -> tuple[float, int] | None:
-    """`anneal: {to: c_end, steps: S}` of a term (null: constant)."""
+def _anneal(value: Any, path: str) -> tuple[float, int, int] | None:
+    """`anneal: {to: c_end, steps: S, start: 0}` of a term (null: constant)."""
     if value is None:
         return None
-    if not isinstance(value, Mapping) or set(value) != {"to", "steps"}:
-        raise SpecError(f"{path}: must be {{to: <coef at the end>, steps: <steps to get there>}}, got {value!r}")
+    if not isinstance(value, Mapping) or not {"to", "steps"} <= set(value) <= {"to", "steps", "start"}:
+        raise SpecError(f"{path}: must be {{to: <coef at the end>, steps: <steps to get there>, start: "
+                        f"<step the change begins, default 0>}}, got {value!r}")
     to, steps = _number(f"{path}.to", value["to"]), _number(f"{path}.steps", value["steps"])
+    start = _number(f"{path}.start", value.get("start", 0))
     if not 0 <= to < math.inf:
         raise SpecError(f"{path}.to: must be a finite number ≥ 0, got {value['to']!r}")
-    if not (steps >= 1 and float(steps).is_integer()):
-        raise SpecError(f"{path}.steps: must be an integer ≥ 1, got {value['steps']!r}")
-    return to, int(steps)
+    for key, number, low in (("steps", steps, 1), ("start", start, 0)):
+        if not (number >= low and float(number).is_integer()):
+            raise SpecError(f"{path}.{key}: must be an integer ≥ {low}, got {value[key]!r}")
+    return to, int(steps), int(start)
 
 
 def _check_estimator(path: str, name: str, estimator: str, placement: str) -> None:
