@@ -27,7 +27,7 @@ def assert_weights(actual, *expected):
 
 
 def test_names():
-    assert W.names() == ["accuracy_tanh", "asymmetric", "confidence_shift", "dads", "diversity_allocation", "entropy_quantile", "failed", "group_unsolved", "low_probability_negatives", "pass_rate", "reference_entropy_above", "reference_entropy_at_most", "stcr"]
+    assert W.names() == ["accuracy_tanh", "asymmetric", "confidence_shift", "dads", "diversity_allocation", "entropy_quantile", "failed", "group_unsolved", "low_probability_negatives", "pass_rate", "reference_entropy_above", "reference_entropy_at_most", "reference_kl_quantile", "stcr"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -106,7 +106,7 @@ def test_check_accepts_valid_params():
 def test_check_unknown_name_suggests_and_lists():
     with pytest.raises(ValueError, match="did you mean 'pass_rate'") as error:
         W.check("pass_rat", {})
-    assert "accuracy_tanh, asymmetric, confidence_shift, dads, diversity_allocation, entropy_quantile, failed, group_unsolved, low_probability_negatives, pass_rate, reference_entropy_above, reference_entropy_at_most, stcr" in str(error.value)
+    assert "accuracy_tanh, asymmetric, confidence_shift, dads, diversity_allocation, entropy_quantile, failed, group_unsolved, low_probability_negatives, pass_rate, reference_entropy_above, reference_entropy_at_most, reference_kl_quantile, stcr" in str(error.value)
     with pytest.raises(ValueError, match="unknown weight .zzz.; valid: accuracy_tanh, asymmetric"):
         W.check("zzz", {})
 

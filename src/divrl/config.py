@@ -20,7 +20,7 @@ from typing import Any
 
 import yaml
 
-from divrl import diversity, prompts, recipes, stored
+from divrl import demos, diversity, prompts, recipes, stored
 from divrl.spec import ESTIMATORS, ObjectiveSpec, SpecError, parse_objective
 
 
@@ -124,6 +124,14 @@ class TrainConfig:
     offline: bool = _doc("Train on the stored responses only, with no generation during training "
                          "(ReasonMaxxer): each step takes prompts_per_step stored prompts in turn.",
                          default=False)
+    offline_data: str = _doc("Offline: 'stored' (responses of the initial policy, stored_*) or "
+                             "'demonstrations' (supervised fine-tuning on demonstrations).",
+                             default="stored")
+    demonstrations: str | None = _doc("JSONL of {prompt, completion} demonstrations (null: built "
+                                      "from demonstrations_from).", default=None)
+    demonstrations_from: str = _doc("Without a demonstrations file: 'answers' (\"The answer is "
+                                    "{answer}.\" from the task's reference answers) or 'teacher' "
+                                    "(the teacher's first passing sample per prompt).", default="answers")
     offline_keep: int = _doc("Offline: keep the stored prompts with 1 ≤ #passes ≤ stored_samples − 1 "
                              "and, of those, the offline_keep whose pass rate is closest to 0.5 "
                              "(0 = all of them).", default=0)
@@ -242,7 +250,16 @@ def _check(cfg: TrainConfig) -> None:
     need(cfg.stored_top_p is None or 0 < cfg.stored_top_p <= 1, "stored_top_p", "must be in (0, 1]")
     need(cfg.offline_keep >= 0, "offline_keep", "must be ≥ 0 (0 keeps every informative prompt)")
     need(0 < cfg.offline_shortest <= 1, "offline_shortest", "must be in (0, 1]")
-    if cfg.offline:
+    need(cfg.offline_data in ("stored", "demonstrations"), "offline_data", "must be 'stored' or 'demonstrations'")
+    need(cfg.demonstrations_from in demos.SOURCES, "demonstrations_from", f"must be one of {demos.SOURCES}")
+    if cfg.demonstrations is not None:
+        try:
+            demos.read(cfg.demonstrations)
+        except demos.DemoError as err:
+            raise ConfigError(f"config key 'demonstrations': {err}") from None
+    need(cfg.demonstrations_from != "teacher" or cfg.demonstrations is not None or bool(cfg.teacher)
+         or cfg.offline_data != "demonstrations", "demonstrations_from", "is 'teacher' but no 'teacher' is set")
+    if cfg.offline and cfg.offline_data == "stored":
         kept = stored.kept_per_prompt(cfg.stored_samples, cfg.offline_shortest)
         need(kept >= 2, "offline_shortest", f"keeps {kept} of {cfg.stored_samples} responses per "
              f"prompt; advantages need ≥ 2")
@@ -267,12 +284,14 @@ def _check(cfg: TrainConfig) -> None:
         spec = cfg.objective
     except SpecError as err:
         raise ConfigError(f"config key {err}") from None
+    need(not (cfg.offline and cfg.offline_data == "demonstrations") or spec.advantage == "signed", "advantage",
+         "must be 'signed' to train on demonstrations (each is a passing sample: A = +1, the "
+         "cross-entropy −log πθ with pg_loss reinforce)")
     need(not (cfg.offline and spec.stored_terms), "offline", "trains on the stored responses "
          "with the whole objective; stored-estimator terms (DPH-RL's split) need online rollouts")
     need(cfg.reference is None or not spec.stored_terms, "reference", "must be null with stored "
          "terms: their log-probs are the initial policy's, stored when the run starts")
-    uses = [n for n, _ in (*spec.pg_weight, *spec.pg_mask, *(c for t in spec.terms for c in (*t.mask, *t.weight)))]
-    need(cfg.diversity_bonus is not None or "diversity_allocation" not in uses, "diversity_bonus",
+    need(cfg.diversity_bonus is not None or not spec.uses_weight("diversity_allocation"), "diversity_bonus",
          "must be set for the weight diversity_allocation (it reads the diversity the bonus computes)")
     need(not (cfg.offline and cfg.dynamic_sampling), "dynamic_sampling", "has nothing to refill "
          "offline (the offline set keeps only prompts whose rewards differ)")

@@ -287,11 +287,18 @@ def _reference_at_tokens(inputs: ObjectiveInputs) -> tuple[torch.Tensor, torch.T
 
 def _stats(spec: ObjectiveSpec, inputs: ObjectiveInputs, logprobs, entropy, old) -> weights.TokenStats:
     ref_logprobs, ref_entropy = _reference_at_tokens(inputs) if spec.reads_reference else (None, None)
+    ref_kl = None
+    if spec.uses_weight("reference_kl_quantile"):
+        reference = inputs.models["reference"]
+        with torch.no_grad():
+            ref_kl = chunked.divergence("reverse_kl", inputs.policy.hidden.detach(), inputs.policy.head.detach(),
+                                        reference.hidden, reference.head)
     return weights.TokenStats(rows=inputs.rows, advantages=inputs.advantages, rewards=inputs.rewards,
                               group_pass_rate=inputs.group_pass_rate, batch_pass_rate=inputs.batch_pass_rate,
                               passed=inputs.passed_completions(), groups=inputs.groups,
                               entropy=entropy.detach(), logprobs=logprobs.detach(), old_logprobs=old,
-                              ref_logprobs=ref_logprobs, reference_entropy=ref_entropy, diversity=inputs.diversity)
+                              ref_logprobs=ref_logprobs, reference_entropy=ref_entropy, diversity=inputs.diversity,
+                              reference_kl=ref_kl)
 
 
 def _mask_and_weight(name: str, mask, weight, stats, sums: dict, scale: torch.Tensor,

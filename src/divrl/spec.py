@@ -469,9 +469,15 @@ class ObjectiveSpec:
 
     @property
     def reads_reference(self) -> bool:
-        """Whether a mask or weight reads the reference model at each token (entropy, log-prob)."""
-        return any(_reads_reference(choices) for choices in (
-            self.pg_mask, self.pg_weight, *(c for t in self.terms for c in (t.mask, t.weight))))
+        """Whether a mask or weight reads the reference model at each token (entropy, log-prob, KL)."""
+        return any(_reads_reference(choices) for choices in self._weight_choices())
+
+    def uses_weight(self, name: str) -> bool:
+        """Whether some mask or weight of the objective is the registered weight `name`."""
+        return any(n == name for choices in self._weight_choices() for n, _ in choices)
+
+    def _weight_choices(self) -> tuple:
+        return (self.pg_mask, self.pg_weight, *(c for t in self.terms for c in (t.mask, t.weight)))
 
     @property
     def stored_terms(self) -> tuple[TermSpec, ...]:

@@ -22,10 +22,11 @@ FILENAME = "stored_responses.json"
 
 @dataclass
 class StoredGroup:
-    index: int  # the prompt's index in the task's training split
+    index: int  # the prompt's index in the task's training split (or in the demonstrations)
     completions: list[list[int]]
     logprobs: list[list[float]]
     rewards: list[float]
+    prompt: str | None = None  # the prompt's text when it is not a training prompt (a demonstration)
 
     def pass_rate(self, threshold: float) -> float:
         return sum(r >= threshold for r in self.rewards) / len(self.rewards)

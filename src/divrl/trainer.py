@@ -29,7 +29,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import DynamicCache
 
-from divrl import chunked, diversity, objectives, stored
+from divrl import chunked, demos, diversity, objectives, stored
 from divrl.chunked import Head
 from divrl.checkpoint import checkpoint_dirs, load_checkpoint, save_checkpoint
 from divrl.config import ConfigError, TrainConfig, save_config
@@ -163,7 +163,10 @@ class Trainer:
         if "reference" in needs or cfg.monitor_kl:
             self.reference = (copy.deepcopy(self.model).requires_grad_(False) if cfg.reference is None
                               else self._load_frozen("reference", cfg.reference, cfg.seed + 2))
-        self.teacher = self._load_frozen("teacher", cfg.teacher, cfg.seed + 1) if "teacher" in needs else None
+        demos_from_teacher = (cfg.offline and cfg.offline_data == "demonstrations" and cfg.demonstrations is None
+                              and cfg.demonstrations_from == "teacher")
+        self.teacher = (self._load_frozen("teacher", cfg.teacher, cfg.seed + 1)
+                        if "teacher" in needs or demos_from_teacher else None)
         self.diversity_bonus = diversity.parse_bonus(cfg.diversity_bonus)
         self.encoder = None if self.diversity_bonus is None else diversity.load_encoder(self.diversity_bonus.encoder)
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr,
@@ -197,8 +200,11 @@ class Trainer:
         self.reward_errors = 0
 
     def _offline_set(self) -> list[stored.StoredGroup]:
-        """The offline training set: the stored responses, selected (`stored.select_offline`)."""
+        """The offline training set: the stored responses, selected (`stored.select_offline`), or
+        the demonstrations."""
         cfg = self.cfg
+        if cfg.offline_data == "demonstrations":
+            return self._demonstrations()
         groups = stored.select_offline(self._sampled_once(), cfg.offline_keep, cfg.offline_shortest,
                                        objectives.PASS_THRESHOLD)
         if not groups:
@@ -210,6 +216,44 @@ class Trainer:
                  f"{len(groups[0].completions)} of {cfg.stored_samples} responses each; no "
                  f"generation during training")
         return groups
+
+    def _demonstrations(self) -> list[stored.StoredGroup]:
+        """Demonstrations as one-completion groups with reward 1 (`divrl.demos`): from the file, or
+        built from the task's answers or from the teacher's passing samples."""
+        cfg = self.cfg
+        if cfg.demonstrations is not None:
+            rows, source = demos.read(cfg.demonstrations), f"file {cfg.demonstrations}"
+        elif cfg.demonstrations_from == "answers":
+            rows, source = demos.from_answers(self.task.train), "the task's reference answers"
+        else:
+            rows, source = self._teacher_demonstrations(), "the teacher's passing samples"
+        if not rows:
+            raise ConfigError(f"config key 'demonstrations_from': {source} gave no demonstration")
+        eos = self.tokenizer.eos_token_id
+        groups = []
+        for i, demo in enumerate(rows):
+            ids = self.tokenizer(demo.completion, add_special_tokens=False)["input_ids"][:cfg.max_new_tokens - 1] + [eos]
+            groups.append(stored.StoredGroup(i, [ids], [[0.0] * len(ids)], [1.0], demo.prompt))
+        self.log(f"demonstrations: {len(groups)} from {source}")
+        return groups
+
+    def _teacher_demonstrations(self) -> list[demos.Demo]:
+        """The teacher's first passing sample of `stored_samples` for each of the first
+        `stored_prompts` training prompts (rejection sampling)."""
+        cfg, out = self.cfg, []
+        generator = torch.Generator().manual_seed(cfg.seed + 11)
+        examples = self.task.train[:cfg.stored_prompts]
+        for start in range(0, len(examples), 16):
+            chunk = examples[start:start + 16]
+            rollout = self._sample(chunk, cfg.stored_samples, cfg.temperature, generator, model=self.teacher)
+            rewards, _ = self._score(chunk, rollout.completion_ids, cfg.stored_samples)
+            texts = self.tokenizer.batch_decode(rollout.completion_ids, skip_special_tokens=True)
+            for i, example in enumerate(chunk):
+                rows = range(i * cfg.stored_samples, (i + 1) * cfg.stored_samples)
+                first = next((r for r in rows if passes(rewards[r])), None)
+                if first is not None:
+                    out.append(demos.Demo(example.prompt, texts[first]))
+        return out
 
     def _stored_responses(self) -> tuple[list[stored.StoredGroup], set[int]]:
         """The stored responses split by pass rate (DPH-RL)."""
@@ -258,9 +302,9 @@ class Trainer:
         return self._prompt_cache[example.prompt]
 
     def _sample(self, examples: list[Example], group_size: int, temperature: float,
-                generator: torch.Generator, top_p: float | None = None):
+                generator: torch.Generator, top_p: float | None = None, model=None):
         with self.autocast():
-            return sample(self.model, [self._prompt_ids(e) for e in examples],
+            return sample(self.model if model is None else model, [self._prompt_ids(e) for e in examples],
                           group_size=group_size, max_new_tokens=self.cfg.max_new_tokens,
                           stop_token_ids=self.stop_ids, pad_token_id=self.tokenizer.pad_token_id,
                           temperature=temperature, top_p=self.cfg.top_p if top_p is None else top_p,
@@ -513,9 +557,9 @@ class Trainer:
     def _offline_batch(self, step: int) -> tuple[list[Group], dict]:
         """Step `step`'s stored groups (offline: in turn, no generation)."""
         chosen = stored.batch(self.offline_groups, step, self.cfg.prompts_per_step)
-        groups = [Group(example=self.task.train[g.index], prompt_ids=self._prompt_ids(self.task.train[g.index]),
-                        completions=g.completions, logprobs=g.logprobs, finished=[], rewards=g.rewards)
-                  for g in chosen]
+        examples = [self.task.train[g.index] if g.prompt is None else Example(g.prompt, "") for g in chosen]
+        groups = [Group(example=e, prompt_ids=self._prompt_ids(e), completions=g.completions, logprobs=g.logprobs,
+                        finished=[], rewards=g.rewards) for e, g in zip(examples, chosen)]
         rewards = [r for g in chosen for r in g.rewards]
         lengths = [len(c) for g in chosen for c in g.completions]
         return groups, {"reward": sum(rewards) / len(rewards),

@@ -33,6 +33,8 @@ name (params)                              w_t
                                            response-level reward-guided KD mask)
 ``group_unsolved``                         1 on completions of groups where none passed (KDRL's
                                            group-level mask)
+``reference_kl_quantile`` (top,           1 on the ⌈top·N⌉ tokens with the largest exact KL(πθ‖π_ref)
+complement)                                (the reverse with complement; EKSFT's S_KL)
 ``confidence_shift`` (alpha,               on failed completions 1 + α·softplus(c_i), c_i the mean
 length_normalized)                         (or sum) over the completion of log πold − log π_ref;
                                            else 1 (ACE's negative-advantage scale)
@@ -71,6 +73,7 @@ class TokenStats:
     passed: Tensor | None = None  # (B,) bool: the completion got the full task score
     groups: Tensor | None = None  # (B,) long: the prompt (group) each completion answers
     reference_entropy: Tensor | None = None  # (N,) reference model's entropy at the token's position
+    reference_kl: Tensor | None = None  # (N,) exact KL(πθ‖π_ref) at the token's position
     diversity: Tensor | None = None  # (B,) DSDR's clipped global diversity d̄ of each completion
 
 
@@ -191,21 +194,26 @@ def _required(stats: TokenStats, statistic: str, weight: str) -> Tensor:
 
 
 @register_weight("entropy_quantile")
-def entropy_quantile(stats: TokenStats, top: Fraction = 0.2) -> Tensor:
-    """Mask of the high-entropy minority ("forking") tokens: 1 where H_t ≥ τ, else 0.
+def entropy_quantile(stats: TokenStats, top: Fraction = 0.2, complement: bool = False) -> Tensor:
+    """Mask of the high-entropy minority ("forking") tokens: 1 where H_t ≥ τ, else 0 (the reverse
+    with ``complement``).
 
     τ is the ⌈top·N⌉-th largest entropy among the N tokens given (a micro-batch, in the trainer), i.e.
     the (1 − top) quantile over them (not per completion), so ⌈top·N⌉ tokens are kept, more on ties.
     Wang et al., "Beyond the 80/20 Rule: High-Entropy Minority Tokens Drive Effective RLVR"
     (NeurIPS 2025; their ``get_global_entropy_top_mask``), top = 0.2.
     """
-    entropy = _required(stats, "entropy", "entropy_quantile")
-    count = entropy.numel()
+    return _top_fraction(_required(stats, "entropy", "entropy_quantile"), top, complement)
+
+
+def _top_fraction(values: Tensor, top: float, complement: bool) -> Tensor:
+    """1 on the ⌈top·N⌉ largest values (more on ties), 0 elsewhere; swapped with `complement`."""
+    count = values.numel()
     if count == 0:
-        return torch.zeros_like(entropy)
+        return torch.zeros_like(values)
     kept = max(1, math.ceil(top * count - 1e-9 * count))  # 1e-9: 0.3·10 is 3, not 3.0000000000000004
-    threshold = entropy.topk(kept).values[-1]
-    return (entropy >= threshold).to(entropy.dtype)
+    mask = values >= values.topk(kept).values[-1]
+    return (~mask if complement else mask).to(values.dtype)
 
 
 @register_weight("asymmetric")
@@ -300,7 +308,8 @@ def stcr(stats: TokenStats) -> Tensor:
 
 # Weights that read the reference model (`TokenStats.reference_entropy`, `ref_logprobs`): an
 # objective using one needs the reference.
-READ_REFERENCE = frozenset({"reference_entropy_above", "reference_entropy_at_most", "confidence_shift"})
+READ_REFERENCE = frozenset({"reference_entropy_above", "reference_entropy_at_most", "confidence_shift",
+                            "reference_kl_quantile"})
 
 
 @register_weight("reference_entropy_above")
@@ -376,3 +385,17 @@ def group_unsolved(stats: TokenStats) -> Tensor:
     """1 on the tokens of completions whose whole group failed (pass rate 0), else 0: KDRL's
     group-level mask (distil only where GRPO has no signal)."""
     return (stats.group_pass_rate[stats.rows] == 0).to(stats.advantages.dtype)
+
+
+@register_weight("reference_kl_quantile")
+def reference_kl_quantile(stats: TokenStats, top: Fraction = 0.2, complement: bool = False) -> Tensor:
+    """EKSFT's S_KL (arXiv, "Entropy-KL Divergence-based Token Masking for Selective Fine-tuning";
+    code MINE-USTC/EKSFT ``train/eksft/trainer.py``): 1 on the ⌈top·N⌉ tokens whose position has
+    the largest exact KL(πθ‖π_ref) over the vocabulary, else 0 (the reverse with ``complement``).
+    ρ = top = 0.2 in the authors' script. Exactly ⌈top·N⌉ tokens (ties broken by position, not all
+    kept: at the first step πθ = π_ref and every KL is 0)."""
+    kl = _required(stats, "reference_kl", "reference_kl_quantile")
+    mask = torch.zeros(kl.shape, dtype=torch.bool)
+    if kl.numel():
+        mask[kl.topk(max(1, math.ceil(top * kl.numel() - 1e-9 * kl.numel()))).indices] = True
+    return (~mask if complement else mask).to(kl.dtype)

@@ -1,0 +1,58 @@
+"""Demonstrations: (prompt, completion) pairs for supervised fine-tuning (EKSFT, the behaviour-cloned
+reference of demonstration-regularized RL).
+
+A demonstrations file is JSONL, one ``{"prompt": ..., "completion": ...}`` object per line; a bad
+line is refused with its file:line. When a recipe needs demonstrations and no file is given they
+are built, and the log says which:
+
+- ``answers``: from the task's reference answers, the completion "The answer is {answer}." (what
+  the verifier's answer extraction reads);
+- ``teacher``: from the teacher's own samples, the first of `stored_samples` that passes the
+  verifier per training prompt (rejection sampling); prompts it never solves get none.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+
+class DemoError(ValueError):
+    """A demonstrations file that cannot be read."""
+
+
+@dataclass(frozen=True)
+class Demo:
+    prompt: str
+    completion: str
+
+
+SOURCES = ("answers", "teacher")
+
+
+def read(path: str | Path) -> list[Demo]:
+    """The demonstrations of a JSONL file; DemoError names the file and line of a bad row."""
+    path = Path(path)
+    if not path.is_file():
+        raise DemoError(f"demonstrations file '{path}' does not exist")
+    demos = []
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise DemoError(f"{path}:{number}: not valid JSON ({err.msg})") from None
+        if not isinstance(row, dict) or not all(isinstance(row.get(k), str) and row[k].strip()
+                                                for k in ("prompt", "completion")):
+            raise DemoError(f"{path}:{number}: a row needs non-empty string 'prompt' and 'completion' fields")
+        demos.append(Demo(row["prompt"], row["completion"]))
+    if not demos:
+        raise DemoError(f"{path}: no rows")
+    return demos
+
+
+def from_answers(examples) -> list[Demo]:
+    """One demonstration per example: "The answer is {answer}."."""
+    return [Demo(e.prompt, f"The answer is {e.answer}.") for e in examples]

@@ -1,0 +1,84 @@
+"""Demonstrations and SFT (EKSFT): the file format and its errors, demonstrations built from
+answers or from the teacher, offline training on them without generation, and EKSFT's masked
+cross-entropy on a hand toy."""
+
+import dataclasses
+import json
+
+import pytest
+import torch
+
+from divrl import demos, objectives
+from divrl.config import build_config
+from divrl.trainer import Trainer
+
+from test_recipes import ROWS, TOKENS, _spec, _toy
+
+
+def test_a_malformed_line_is_refused_with_file_and_line(tmp_path):
+    path = tmp_path / "d.jsonl"
+    path.write_text('{"prompt": "a", "completion": "b"}\n\n{"prompt": "c"}\n')
+    with pytest.raises(demos.DemoError, match=f"{path}:3: a row needs non-empty string 'prompt' and 'completion'"):
+        demos.read(path)
+    path.write_text('{"prompt": "a", "completion": "b"}\nnot json\n')
+    with pytest.raises(Exception, match=f"'demonstrations': {path}:2: not valid JSON"):
+        build_config(None, [f"demonstrations={path}"], recipe="eksft")
+    path.write_text('{"prompt": "a", "completion": "b"}\n')
+    assert demos.read(path) == [demos.Demo("a", "b")]
+
+
+def _run_args(tmp_path, *extra):
+    return ["model=tiny", "prompts_per_step=3", "max_new_tokens=8", "eval_size=2", "eval_samples=1",
+            f"output_dir={tmp_path / 'run'}", *extra]
+
+
+def test_sft_on_answer_demonstrations_trains_without_generating(tmp_path, monkeypatch):
+    trainer = Trainer(build_config(None, _run_args(tmp_path), recipe="eksft"), log=lambda *_: None)
+    first = trainer.offline_groups[0]
+    text = trainer.tokenizer.decode(first.completions[0], skip_special_tokens=True)
+    assert text == f"The answer is {trainer.task.train[0].answer}." and first.rewards == [1.0]
+    assert first.completions[0][-1] == trainer.tokenizer.eos_token_id and first.prompt == trainer.task.train[0].prompt
+
+    def no_generation(*_, **__):
+        raise AssertionError("SFT generated")
+
+    monkeypatch.setattr(trainer, "_sample", no_generation)
+    before = [p.detach().clone() for p in trainer.model.parameters()]
+    row = trainer.train_step(0)
+    assert row["pass_rate"] == 1.0 and 0 < row["pg_masked_fraction"] < 1
+    assert any(not torch.equal(a, p) for a, p in zip(before, trainer.model.parameters()))
+
+
+ALWAYS = "def always(completion, answer):\n    return 1.0\n"
+
+
+def test_teacher_demonstrations_are_its_first_passing_samples(tmp_path, monkeypatch):
+    data = tmp_path / "t.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"Say {i}", "answer": str(i)}) + "\n" for i in range(12)))
+    (tmp_path / "always_verifier.py").write_text(ALWAYS)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    args = _run_args(tmp_path, f"task={data}", "verifier=always_verifier:always", "teacher=tiny",
+                     "demonstrations_from=teacher", "stored_prompts=4", "stored_samples=2")
+    trainer = Trainer(build_config(None, args, recipe="eksft"), log=lambda *_: None)
+    assert [g.prompt for g in trainer.offline_groups] == [e.prompt for e in trainer.task.train[:4]]
+    with pytest.raises(Exception, match="'demonstrations_from' is 'teacher' but no 'teacher' is set"):
+        build_config(None, _run_args(tmp_path, "demonstrations_from=teacher"), recipe="eksft")
+
+
+def test_eksft_drops_the_top_entropy_and_top_kl_tokens_from_the_cross_entropy():
+    spec = _spec("eksft")
+    inputs, logp = _toy(spec, [1.0, 1.0, 1.0, 1.0])  # demonstrations: every A = +1
+    policy, ref = inputs.policy, inputs.models["reference"]
+    lp = policy.head.logits(policy.hidden).log_softmax(-1).detach()
+    lr = ref.head.logits(ref.hidden).log_softmax(-1)
+    entropy = -(lp.exp() * lp).sum(-1)
+    kl = (lp.exp() * (lp - lr)).sum(-1)
+    top_h = torch.zeros(8, dtype=torch.bool)
+    top_h[entropy.topk(2).indices] = True  # ⌈0.2·8⌉ = 2
+    top_kl = torch.zeros(8, dtype=torch.bool)
+    top_kl[kl.topk(2).indices] = True
+    kept = ~(top_h | top_kl)
+    out = objectives.objective_loss(spec, inputs)
+    assert out.loss_parts["pg"] == pytest.approx(float((-logp)[kept].mean()), rel=1e-5)
+    assert out.loss_parts["reverse_kl_to_reference"] == pytest.approx(0.05 * float(kl[top_kl].mean()), rel=1e-5)
+    assert out.token_sums["pg_masked_fraction"] == int((~kept).sum())
