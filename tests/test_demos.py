@@ -82,3 +82,19 @@ def test_eksft_drops_the_top_entropy_and_top_kl_tokens_from_the_cross_entropy():
     assert out.loss_parts["pg"] == pytest.approx(float((-logp)[kept].mean()), rel=1e-5)
     assert out.loss_parts["reverse_kl_to_reference"] == pytest.approx(0.05 * float(kl[top_kl].mean()), rel=1e-5)
     assert out.token_sums["pg_masked_fraction"] == int((~kept).sum())
+
+
+def test_demo_rl_clones_a_reference_from_demonstrations_then_regularizes_toward_it(tmp_path):
+    args = _run_args(tmp_path, "behaviour_cloning_steps=3", "group_size=2", "checkpoint_every=1")
+    trainer = Trainer(build_config(None, [*args, "steps=1"], recipe="demo-rl"), log=lambda *_: None)
+    cloned = tmp_path / "run" / "behaviour_cloned"
+    assert (cloned / "config.json").is_file()
+    initial, _ = __import__("divrl").models.load_model("tiny", seed=0)
+    moved = [not torch.equal(a, b) for a, b in zip(initial.parameters(), trainer.reference.parameters())]
+    assert any(moved)  # the reference is the cloned model, not the initial weights
+    assert all(torch.equal(a, b) for a, b in zip(trainer.model.parameters(), trainer.reference.parameters()))
+    row = trainer.train_step(0)
+    assert row["kl"] == pytest.approx(0.0, abs=1e-6)  # the policy starts at π_BC
+    trainer.run()
+    resumed = Trainer(build_config(None, [*args, "steps=2", "resume=true"], recipe="demo-rl"), log=lambda *_: None)
+    assert all(torch.equal(a, b) for a, b in zip(resumed.reference.parameters(), trainer.reference.parameters()))

@@ -132,6 +132,12 @@ class TrainConfig:
     demonstrations_from: str = _doc("Without a demonstrations file: 'answers' (\"The answer is "
                                     "{answer}.\" from the task's reference answers) or 'teacher' "
                                     "(the teacher's first passing sample per prompt).", default="answers")
+    behaviour_cloning_steps: int = _doc("Demonstration-regularized RL: before training, this many SFT "
+                                        "steps (prompts_per_step demonstrations each) on the "
+                                        "demonstrations; the cloned model is the starting policy and the "
+                                        "reference, saved to <output_dir>/behaviour_cloned. 0 = off.",
+                                        default=0)
+    behaviour_cloning_lr: float = _doc("AdamW learning rate of behaviour cloning.", default=1e-5)
     offline_keep: int = _doc("Offline: keep the stored prompts with 1 ≤ #passes ≤ stored_samples − 1 "
                              "and, of those, the offline_keep whose pass rate is closest to 0.5 "
                              "(0 = all of them).", default=0)
@@ -228,6 +234,11 @@ def _coerce(key: str, value: Any) -> Any:
     raise ConfigError(f"config key '{key}' must be {names}, got {value!r}")
 
 
+def uses_demonstrations(cfg: TrainConfig) -> bool:
+    """Whether the run reads demonstrations (offline SFT, or behaviour cloning)."""
+    return (cfg.offline and cfg.offline_data == "demonstrations") or cfg.behaviour_cloning_steps > 0
+
+
 def _check(cfg: TrainConfig) -> None:
     def need(ok: bool, key: str, what: str) -> None:
         if not ok:
@@ -248,6 +259,10 @@ def _check(cfg: TrainConfig) -> None:
     need(0 < cfg.stored_solved <= 1, "stored_solved", "must be in (0, 1]")
     need(cfg.stored_temperature is None or cfg.stored_temperature > 0, "stored_temperature", "must be > 0")
     need(cfg.stored_top_p is None or 0 < cfg.stored_top_p <= 1, "stored_top_p", "must be in (0, 1]")
+    need(cfg.behaviour_cloning_steps >= 0, "behaviour_cloning_steps", "must be ≥ 0 (0 = off)")
+    need(cfg.behaviour_cloning_lr > 0, "behaviour_cloning_lr", "must be > 0")
+    need(not cfg.behaviour_cloning_steps or cfg.reference is None, "reference", "must be null with "
+         "behaviour_cloning_steps: the behaviour-cloned model is the reference")
     need(cfg.offline_keep >= 0, "offline_keep", "must be ≥ 0 (0 keeps every informative prompt)")
     need(0 < cfg.offline_shortest <= 1, "offline_shortest", "must be in (0, 1]")
     need(cfg.offline_data in ("stored", "demonstrations"), "offline_data", "must be 'stored' or 'demonstrations'")
@@ -258,7 +273,7 @@ def _check(cfg: TrainConfig) -> None:
         except demos.DemoError as err:
             raise ConfigError(f"config key 'demonstrations': {err}") from None
     need(cfg.demonstrations_from != "teacher" or cfg.demonstrations is not None or bool(cfg.teacher)
-         or cfg.offline_data != "demonstrations", "demonstrations_from", "is 'teacher' but no 'teacher' is set")
+         or not uses_demonstrations(cfg), "demonstrations_from", "is 'teacher' but no 'teacher' is set")
     if cfg.offline and cfg.offline_data == "stored":
         kept = stored.kept_per_prompt(cfg.stored_samples, cfg.offline_shortest)
         need(kept >= 2, "offline_shortest", f"keeps {kept} of {cfg.stored_samples} responses per "

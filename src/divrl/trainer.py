@@ -32,7 +32,8 @@ from transformers import DynamicCache
 from divrl import chunked, demos, diversity, objectives, stored
 from divrl.chunked import Head
 from divrl.checkpoint import checkpoint_dirs, load_checkpoint, save_checkpoint
-from divrl.config import ConfigError, TrainConfig, save_config
+from divrl.config import ConfigError, TrainConfig, save_config, uses_demonstrations
+from divrl.spec import parse_objective
 from divrl.metrics import pass_at_k_over_prompts
 from divrl.models import load_model, output_head
 from divrl.report import write_report
@@ -163,7 +164,7 @@ class Trainer:
         if "reference" in needs or cfg.monitor_kl:
             self.reference = (copy.deepcopy(self.model).requires_grad_(False) if cfg.reference is None
                               else self._load_frozen("reference", cfg.reference, cfg.seed + 2))
-        demos_from_teacher = (cfg.offline and cfg.offline_data == "demonstrations" and cfg.demonstrations is None
+        demos_from_teacher = (uses_demonstrations(cfg) and cfg.demonstrations is None
                               and cfg.demonstrations_from == "teacher")
         self.teacher = (self._load_frozen("teacher", cfg.teacher, cfg.seed + 1)
                         if "teacher" in needs or demos_from_teacher else None)
@@ -198,6 +199,39 @@ class Trainer:
         self.entropy_anchor: float | None = None  # SIREN's H₀, set by the first update
         self.step = 0
         self.reward_errors = 0
+        if cfg.behaviour_cloning_steps:
+            self._behaviour_clone()
+
+    def _behaviour_clone(self) -> None:
+        """Demonstration-regularized RL's behaviour-cloned policy π_BC: `behaviour_cloning_steps`
+        SFT steps (−log πθ of the demonstrations' tokens, token mean) of the initial weights; π_BC
+        is then the starting policy and, frozen, the reference. Saved to
+        <output_dir>/behaviour_cloned (from_pretrained) and read back on resume."""
+        cfg, path = self.cfg, self.run_dir / "behaviour_cloned"
+        if cfg.resume and (path / "config.json").is_file():
+            self.reference = self._load_frozen("reference", str(path), cfg.seed)
+            self.log(f"behaviour-cloned reference read back from {path}")
+            return
+        demonstrations = self._demonstrations()
+        sft = parse_objective({"advantage": "signed", "pg_loss": "reinforce"})
+        optimizer, self.optimizer = self.optimizer, torch.optim.AdamW(self.model.parameters(), lr=cfg.behaviour_cloning_lr)
+        reference, self.reference = self.reference, None
+        bar = tqdm(range(cfg.behaviour_cloning_steps), desc="behaviour cloning", unit="step", file=sys.stderr,
+                   dynamic_ncols=True)
+        for step in bar:
+            chosen = stored.batch(demonstrations, step, cfg.prompts_per_step)
+            stats = self._update([self._prompt_ids(Example(g.prompt, "")) for g in chosen],
+                                 [g.completions[0] for g in chosen], [1.0] * len(chosen),
+                                 [g.logprobs[0] for g in chosen], objective=sft)
+            bar.set_postfix(nll=f"{stats['pg_loss']:.3f}")
+        self.optimizer = optimizer
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.model.save_pretrained(path)
+        self.tokenizer.save_pretrained(path)
+        self.reference = copy.deepcopy(self.model).requires_grad_(False) if reference is not None or \
+            "reference" in self.objective.models() else None
+        self.log(f"behaviour cloning: {cfg.behaviour_cloning_steps} steps on {len(demonstrations)} "
+                 f"demonstrations, final NLL {stats['pg_loss']:.3f}; saved to {path}; it is the reference")
 
     def _offline_set(self) -> list[stored.StoredGroup]:
         """The offline training set: the stored responses, selected (`stored.select_offline`), or
@@ -326,15 +360,16 @@ class Trainer:
         objective is the temperature-T one the samples were drawn from, as TRL does)."""
         return output_head(model).at_temperature(self.cfg.temperature)
 
-    def _frozen_inputs(self, prompts, completions, behaviour_logprobs, old_head) -> FrozenInputs:
-        """Outputs of the models that carry no gradient, computed once per rollout batch."""
+    def _frozen_inputs(self, prompts, completions, behaviour_logprobs, old_head, spec) -> FrozenInputs:
+        """Outputs of the models that carry no gradient, computed once per rollout batch: those
+        `spec` reads, and the reference for the `kl` metric."""
         cfg, pad = self.cfg, self.tokenizer.pad_token_id
         models, prompt_models, old_logprobs, cur = {}, {}, None, None
-        read_at_tokens = objectives.models_read_at_tokens(self.online_spec)
-        with_prompt = self.online_spec.reads_prompt_positions
+        read_at_tokens = objectives.models_read_at_tokens(spec)
+        with_prompt = spec.reads_prompt_positions
         with torch.no_grad(), self.autocast():
             for name, model in (("reference", self.reference), ("teacher", self.teacher)):
-                if model is not None:
+                if model is not None and (name in spec.models() or name == "reference"):
                     out, head = completion_hidden(model, prompts, completions, pad, with_prompt), self._head(model)
                     at_tokens = (chunked.logprob_entropy(out.hidden, head, out.tokens)
                                  if name in read_at_tokens else (None, None))
@@ -344,7 +379,7 @@ class Trainer:
             if cfg.top_p < 1.0 or cfg.offline:  # the sampler's own log-probs are the behaviour policy
                 old_logprobs = torch.tensor([lp for row in behaviour_logprobs for lp in row])
             if old_head is not None or (old_logprobs is None and (
-                    cfg.inner_iterations > 1 or self.online_spec.reward_terms)):
+                    cfg.inner_iterations > 1 or spec.reward_terms)):
                 cur = completion_hidden(self.model, prompts, completions, pad)
                 if old_logprobs is None:
                     old_logprobs = chunked.logprob_entropy(cur.hidden, self._head(self.model), cur.tokens)[0]
@@ -374,10 +409,12 @@ class Trainer:
 
     def _update(self, prompts: list[list[int]], completions: list[list[int]],
                 rewards: list[float], behaviour_logprobs: list[list[float]],
-                stored_groups: list[stored.StoredGroup] = (), step: int = 0) -> dict:
+                stored_groups: list[stored.StoredGroup] = (), step: int = 0, objective=None) -> dict:
         """`inner_iterations` optimizer steps on the objective of one rollout batch (and of this
-        step's stored responses, for stored terms), with annealed coefficients at `step`."""
-        cfg, spec, pad = self.cfg, self.online_spec.at_step(step), self.tokenizer.pad_token_id
+        step's stored responses, for stored terms), with annealed coefficients at `step`; another
+        `objective` (behaviour cloning's) replaces the run's online one."""
+        cfg, pad = self.cfg, self.tokenizer.pad_token_id
+        spec = (objective or self.online_spec).at_step(step)
         stored_spec = None if self.stored_spec is None else self.stored_spec.at_step(step)
         group = len(completions) // len(prompts)
         lengths = [len(c) for c in completions]
@@ -407,7 +444,7 @@ class Trainer:
             head = self._head(self.model)
             old_head = dataclasses.replace(head, weight=head.weight.detach().clone(), bias=None
                                            if head.bias is None else head.bias.detach().clone())
-        frozen = [self._frozen_inputs(ps, cs, [behaviour_logprobs[r] for r in rows], old_head)
+        frozen = [self._frozen_inputs(ps, cs, [behaviour_logprobs[r] for r in rows], old_head, spec)
                   for ps, cs, rows, _ in micro]
 
         def inputs(m, hidden, tokens, token_rows, advantages, prompt: TokenBatch | None = None
