@@ -98,3 +98,33 @@ def test_demo_rl_clones_a_reference_from_demonstrations_then_regularizes_toward_
     trainer.run()
     resumed = Trainer(build_config(None, [*args, "steps=2", "resume=true"], recipe="demo-rl"), log=lambda *_: None)
     assert all(torch.equal(a, b) for a, b in zip(resumed.reference.parameters(), trainer.reference.parameters()))
+
+
+def test_ps_kd_is_the_cross_entropy_to_the_demonstration_mixed_with_the_previous_model():
+    spec = _spec("ps-kd")
+    assert [round(t.coef_at(10), 6) for t in spec.terms] == [0.6, 0.4]  # α_10 = 0.8·10/20
+    inputs, logp = _toy(spec, [1.0, 1.0, 1.0, 1.0])
+    out = objectives.objective_loss(spec.at_step(10), inputs)
+    ref = inputs.models["reference"]
+    lr = ref.head.logits(ref.hidden).log_softmax(-1)
+    lp = inputs.policy.head.logits(inputs.policy.hidden).log_softmax(-1)
+    cross_entropy = -((0.6 * torch.nn.functional.one_hot(TOKENS, 5) + 0.4 * lr.exp()) * lp).sum(-1)
+    entropy_prev = -(lr.exp() * lr).sum(-1)  # CE(q, πθ) − 0.4·H(p_prev) is what the terms sum to
+    assert out.loss.item() == pytest.approx(float((cross_entropy - 0.4 * entropy_prev).mean()), rel=1e-5)
+    (got,) = torch.autograd.grad(out.loss, inputs.policy.hidden)
+    (want,) = torch.autograd.grad(cross_entropy.mean(), inputs.policy.hidden)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
+
+
+def test_the_reference_is_refreshed_from_the_policy_and_resumes_only_at_a_refresh(tmp_path):
+    args = _run_args(tmp_path, "reference_refresh_every=2", "checkpoint_every=2", "eval_every=0")
+    trainer = Trainer(build_config(None, [*args, "steps=3"], recipe="ps-kd"), log=lambda *_: None)
+    initial = [p.detach().clone() for p in trainer.reference.parameters()]
+    trainer.run()
+    # refreshed after step 2, not after step 3: the reference is the policy of step 2 (its checkpoint)
+    assert any(not torch.equal(a, b) for a, b in zip(initial, trainer.reference.parameters()))
+    assert any(not torch.equal(a, b) for a, b in zip(trainer.model.parameters(), trainer.reference.parameters()))
+    with pytest.raises(Exception, match="'checkpoint_every' must be a multiple of reference_refresh_every"):
+        build_config(None, [*args, "checkpoint_every=3"], recipe="ps-kd")
+    with pytest.raises(Exception, match="not at a refresh of the reference"):
+        Trainer(build_config(None, [*args, "steps=4", "resume=true"], recipe="ps-kd"), log=lambda *_: None).run()

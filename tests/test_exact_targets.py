@@ -27,6 +27,7 @@ TARGETS = {
     "temperature": {"temperature": {"p": "teacher", "T": 2.0}},
     "reward_power": {"reward_power": {"p": "reference", "floor": 0.3}},
     "uniform": {"uniform": {"p": "teacher"}},
+    "sampled_token": {"mix": {"a": {"sampled_token": {}}, "b": "teacher", "alpha": 0.4}},  # PS-KD's target
 }
 REWARDS = torch.tensor([1.0, 0.0, 0.5, 1.0, 0.0, 0.25], dtype=torch.float64)  # reward_power's, per token
 SUPPORTS = {  # −inf bias entries: tokens the model gives zero mass
@@ -64,7 +65,8 @@ def _full_divergence(name, params, target_spec, policy_hidden, policy_head, mode
     logprobs["self"] = logprobs["old"] = logp.detach()
     advantage = torch.zeros(N, V, dtype=torch.float64).scatter(-1, tokens[:, None], advantages[:, None])
     target = parse_target(target_spec, "target")
-    return divergences.get(name)(logp, target.evaluate(logprobs, advantage, REWARDS[:, None]).detach(), **params)
+    token = torch.zeros(N, V, dtype=torch.bool).scatter(-1, tokens[:, None], True)
+    return divergences.get(name)(logp, target.evaluate(logprobs, advantage, REWARDS[:, None], token).detach(), **params)
 
 
 def _objective_divergence(name, params, target_spec, policy_hidden, policy_head, models, tokens, advantages):

@@ -137,6 +137,9 @@ class TrainConfig:
                                         "demonstrations; the cloned model is the starting policy and the "
                                         "reference, saved to <output_dir>/behaviour_cloned. 0 = off.",
                                         default=0)
+    reference_refresh_every: int = _doc("Replace the reference by a copy of the current policy every "
+                                        "this many steps (PS-KD's previous-epoch predictions); 0 = never. "
+                                        "checkpoint_every must be a multiple of it.", default=0)
     behaviour_cloning_lr: float = _doc("AdamW learning rate of behaviour cloning.", default=1e-5)
     offline_keep: int = _doc("Offline: keep the stored prompts with 1 ≤ #passes ≤ stored_samples − 1 "
                              "and, of those, the offline_keep whose pass rate is closest to 0.5 "
@@ -259,6 +262,10 @@ def _check(cfg: TrainConfig) -> None:
     need(0 < cfg.stored_solved <= 1, "stored_solved", "must be in (0, 1]")
     need(cfg.stored_temperature is None or cfg.stored_temperature > 0, "stored_temperature", "must be > 0")
     need(cfg.stored_top_p is None or 0 < cfg.stored_top_p <= 1, "stored_top_p", "must be in (0, 1]")
+    need(cfg.reference_refresh_every >= 0, "reference_refresh_every", "must be ≥ 0 (0 = never)")
+    need(not cfg.reference_refresh_every or cfg.checkpoint_every % cfg.reference_refresh_every == 0,
+         "checkpoint_every", f"must be a multiple of reference_refresh_every ({cfg.reference_refresh_every}), "
+         f"so a resumed run's reference (the policy at the last refresh) is its checkpoint's weights")
     need(cfg.behaviour_cloning_steps >= 0, "behaviour_cloning_steps", "must be ≥ 0 (0 = off)")
     need(cfg.behaviour_cloning_lr > 0, "behaviour_cloning_lr", "must be > 0")
     need(not cfg.behaviour_cloning_steps or cfg.reference is None, "reference", "must be null with "
@@ -299,7 +306,8 @@ def _check(cfg: TrainConfig) -> None:
         spec = cfg.objective
     except SpecError as err:
         raise ConfigError(f"config key {err}") from None
-    need(not (cfg.offline and cfg.offline_data == "demonstrations") or spec.advantage == "signed", "advantage",
+    need(not (cfg.offline and cfg.offline_data == "demonstrations" and spec.policy_gradient)
+         or spec.advantage == "signed", "advantage",
          "must be 'signed' to train on demonstrations (each is a passing sample: A = +1, the "
          "cross-entropy −log πθ with pg_loss reinforce)")
     need(not (cfg.offline and spec.stored_terms), "offline", "trains on the stored responses "

@@ -53,7 +53,9 @@ def _policy_and_target(target: Target, policy: ModelOutputs, hidden: torch.Tenso
             advantage = torch.zeros_like(policy_logprobs).scatter_(
                 -1, tokens[rows, None], advantages[rows, None].to(policy_logprobs.dtype))
         reward = None if rewards is None else rewards[rows, None].to(policy_logprobs.dtype)
-        return policy_logprobs, target.evaluate(logprobs, advantage, reward)
+        token = torch.zeros_like(policy_logprobs, dtype=torch.bool).scatter_(-1, tokens[rows, None], True)
+        logq = target.evaluate(logprobs, advantage, reward, token)
+        return policy_logprobs, logq.to(policy_logprobs.dtype)
 
 
 def divergence_to_target(divergence: Callable[..., torch.Tensor], target: Target, policy: ModelOutputs,

@@ -66,8 +66,9 @@ TARGET_FUNCTIONS: dict[str, tuple[str, ...]] = {
     "temperature": ("p",),
     "reward_power": ("p",),
     "uniform": ("p",),
+    "sampled_token": (),
 }
-SUPPLIED_ARGUMENTS = {"tilt": ("advantage",), "reward_power": ("reward",)}
+SUPPLIED_ARGUMENTS = {"tilt": ("advantage",), "reward_power": ("reward",), "sampled_token": ("token",)}
 ESTIMATORS = ("exact", "k1", "k2", "k3", "k1_st", "k3_st", "sequence", "stored")
 PLACEMENTS = ("loss", "reward", "token_reward")
 ADVANTAGES = ("group_norm", "mean_only", "signed", "none")
@@ -120,13 +121,14 @@ class Target:
         return frozenset().union(*(v.models() for _, v in self.args if isinstance(v, Target)))
 
     def evaluate(self, logprobs: Mapping[str, torch.Tensor], advantage: torch.Tensor | None = None,
-                 reward: torch.Tensor | None = None) -> torch.Tensor:
+                 reward: torch.Tensor | None = None, token: torch.Tensor | None = None) -> torch.Tensor:
         """log q from the models' normalized log-probs (…, V); ``advantage`` (…, V) feeds `tilt`,
-        ``reward`` (…, 1) `reward_power`."""
+        ``reward`` (…, 1) `reward_power`, ``token`` (…, V) bool `sampled_token`."""
         if self.is_model:
             return logprobs[self.op]
-        kwargs = {k: v.evaluate(logprobs, advantage, reward) if isinstance(v, Target) else v for k, v in self.args}
-        supplied = {"advantage": advantage, "reward": reward}
+        kwargs = {k: v.evaluate(logprobs, advantage, reward, token) if isinstance(v, Target) else v
+                  for k, v in self.args}
+        supplied = {"advantage": advantage, "reward": reward, "token": token}
         kwargs.update((name, supplied[name]) for name in SUPPLIED_ARGUMENTS.get(self.op, ()))
         return getattr(targets, self.op)(**kwargs)
 
@@ -179,7 +181,8 @@ def parse_target(value: Any, path: str) -> Target:
         else:
             parsed.append((key, _number(where, args[key])))
     target = Target(op, tuple(parsed))
-    _try_on_a_toy(lambda: target.evaluate(_TOY_LOGPROBS, torch.zeros(3), torch.ones(1)), f"{path}.{op}")
+    _try_on_a_toy(lambda: target.evaluate(_TOY_LOGPROBS, torch.zeros(3), torch.ones(1),
+                                          torch.tensor([True, False, False])), f"{path}.{op}")
     return _endpoint(target)
 
 

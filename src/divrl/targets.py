@@ -22,6 +22,8 @@ function                             log q
                                      reference flattened on low-reward completions (RAPO's
                                      reward-aware reweighting, as the form read in secondary sources)
 ``uniform(p)``                       uniform over supp(p): KL(πθ‖uniform) = log|supp| − H(πθ)
+``sampled_token()``                  the one-hot of the position's sampled (or demonstrated) token:
+                                     forward_kl to it is the cross-entropy −log πθ(y_t) (PS-KD)
 ===================================  ==================================================================
 """
 
@@ -153,3 +155,9 @@ def uniform(p: Tensor) -> Tensor:
     """log q = −log|supp(p)| on supp(p): the uniform distribution over p's support (the whole
     vocabulary for a softmax). D = reverse_kl to it is log|supp| − H(πθ): an entropy bonus."""
     return _power_on_support(p, 0.0)
+
+
+def sampled_token(token: Tensor) -> Tensor:
+    """log q = 0 at the position's token, −inf elsewhere: its one-hot. ``token`` (..., V) bool is
+    supplied by the objective. KL(q‖πθ) = −log πθ(y_t), the cross-entropy of the demonstration."""
+    return torch.zeros(token.shape, dtype=torch.float64 if token.dtype == torch.bool else token.dtype).masked_fill(~token.bool(), _NEG_INF)

@@ -628,6 +628,12 @@ class Trainer:
             _, path = checkpoint_dirs(run_dir)[-1]
             state = load_checkpoint(path, self.model, self.optimizer, self.generator)
             start_step = state["step"]
+            if cfg.reference_refresh_every:
+                if start_step % cfg.reference_refresh_every:
+                    raise ConfigError(f"config key 'reference_refresh_every': the checkpoint {path} (step "
+                                      f"{start_step}) is not at a refresh of the reference (every "
+                                      f"{cfg.reference_refresh_every} steps); resume from one that is")
+                self.reference.load_state_dict(self.model.state_dict())
             self.prompts.load_state_dict(state.get("prompt_source", {}))
             self.entropy_anchor = state.get("entropy_anchor")
             self.log(f"resumed from {path} (step {start_step})")
@@ -649,6 +655,8 @@ class Trainer:
             for step in bar:
                 metrics = self.train_step(step)
                 self.step = step + 1
+                if cfg.reference_refresh_every and self.step % cfg.reference_refresh_every == 0:
+                    self.reference.load_state_dict(self.model.state_dict())  # the "previous epoch"
                 if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < cfg.steps:
                     metrics.update(self.evaluate())
                 log.log(self.step, metrics)
