@@ -174,3 +174,38 @@ def test_exopd_dense_reward_reaches_the_extrapolated_target_in_the_lab():
     spec = _spec("exopd", "group_size=2")
     got = lab.objective_fixed_point(spec, reward, {"reference": ref, "teacher": teacher}, steps=600, lr=3.0)
     torch.testing.assert_close(got.exp(), targets.extrapolate(ref, teacher, 1.25).exp(), atol=1e-6, rtol=0)
+
+
+PARITY = "def parity(completion, answer):\n    return float(len(completion) % 2)\n"
+
+
+def test_erpd_trains_stage_one_then_distils_it_as_the_teacher(tmp_path, monkeypatch):
+    import json
+
+    from divrl.config import build_config
+    from divrl.runlog import read_metrics
+    from divrl.trainer import Trainer
+
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"Say {i}", "answer": str(i)}) + "\n" for i in range(24)))
+    (tmp_path / "parity_verifier.py").write_text(PARITY)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    args = ["model=tiny", f"task={data}", "verifier=parity_verifier:parity", "max_new_tokens=6", "eval_size=2",
+            "eval_samples=1", "prompts_per_step=2", "steps=1", f"output_dir={tmp_path / 'run'}",
+            "stage1.steps=2", "stage1.checkpoint_every=2", "stage1.stored_prompts=4", "stage1.stored_samples=4",
+            "stage1.prompts_per_step=2"]
+    trainer = Trainer(build_config(None, args, recipe="erpd"), log=lambda *_: None)
+    final = tmp_path / "run" / "stage1" / "checkpoints" / "step-2"
+    assert (final / "config.json").is_file() and (tmp_path / "run" / "stage1" / "metrics.jsonl").is_file()
+    stage1_model, _ = __import__("divrl").models.load_model(str(final))
+    assert all(torch.equal(a, b) for a, b in zip(stage1_model.parameters(), trainer.teacher.parameters()))
+    assert all(torch.equal(a, b) for a, b in zip(trainer.model.parameters(), trainer.reference.parameters()))
+    trainer.run()
+    (row,) = [r for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if "reward" in r]
+    assert row["reverse_kl_to_teacher"] != 0 and "kl" in row
+    with pytest.raises(Exception, match="config key 'stage1.stepz'"):
+        build_config(None, [*args, "stage1.stepz=3"], recipe="erpd")
+    with pytest.raises(Exception, match="'teacher' must be null with stage1"):
+        build_config(None, [*args, "teacher=tiny"], recipe="erpd")
+    with pytest.raises(Exception, match="config key 'stage1.offline_shortest' must be in"):
+        build_config(None, [*args, "stage1.offline_shortest=0"], recipe="erpd")

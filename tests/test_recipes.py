@@ -149,7 +149,11 @@ def test_divrl_train_recipe_smoke_run_on_the_tiny_model(tmp_path, name, monkeypa
     overrides = ["model=tiny", "teacher=tiny", "steps=1", "prompts_per_step=2", "group_size=2",
                  "max_new_tokens=4", "eval_size=2", "eval_samples=1", "train_size=20",
                  f"output_dir={tmp_path / 'run'}"]
-    if recipes.load(name).config.get("offline"):
+    config = recipes.load(name).config
+    if config.get("stage1"):  # a two-stage recipe: a CPU-sized first stage
+        overrides += ["teacher=null", *(f"stage1.{o}" for o in ("steps=1", "checkpoint_every=1", "prompts_per_step=2",
+                                                                 "stored_prompts=4", "stored_samples=4"))]
+    if config.get("offline") or (config.get("stage1") or {}).get("offline"):
         (tmp_path / "parity_verifier.py").write_text(PARITY_VERIFIER)
         (tmp_path / "say.jsonl").write_text("".join(f'{{"prompt": "Say {i}", "answer": "{i}"}}\n' for i in range(24)))
         monkeypatch.syspath_prepend(str(tmp_path))

@@ -137,6 +137,9 @@ class TrainConfig:
                                         "demonstrations; the cloned model is the starting policy and the "
                                         "reference, saved to <output_dir>/behaviour_cloned. 0 = off.",
                                         default=0)
+    stage1: dict | None = _doc("A first stage trained before this one (ERPD): config keys that "
+                               "override this config's for it; it runs in <output_dir>/stage1 and its "
+                               "final model is this stage's teacher. null = one stage.", default=None)
     reference_refresh_every: int = _doc("Replace the reference by a copy of the current policy every "
                                         "this many steps (PS-KD's previous-epoch predictions); 0 = never. "
                                         "checkpoint_every must be a multiple of it.", default=0)
@@ -262,6 +265,10 @@ def _check(cfg: TrainConfig) -> None:
     need(0 < cfg.stored_solved <= 1, "stored_solved", "must be in (0, 1]")
     need(cfg.stored_temperature is None or cfg.stored_temperature > 0, "stored_temperature", "must be > 0")
     need(cfg.stored_top_p is None or 0 < cfg.stored_top_p <= 1, "stored_top_p", "must be in (0, 1]")
+    if cfg.stage1 is not None:
+        need(isinstance(cfg.stage1, dict), "stage1", "must be a mapping of config keys")
+        need(not cfg.teacher, "teacher", "must be null with stage1: the first stage's model is the teacher")
+        stage1_config(cfg)
     need(cfg.reference_refresh_every >= 0, "reference_refresh_every", "must be ≥ 0 (0 = never)")
     need(not cfg.reference_refresh_every or cfg.checkpoint_every % cfg.reference_refresh_every == 0,
          "checkpoint_every", f"must be a multiple of reference_refresh_every ({cfg.reference_refresh_every}), "
@@ -396,6 +403,24 @@ def _read_yaml_mapping(path: Path, what: str) -> dict[str, Any]:
     if loaded is not None and not isinstance(loaded, dict):
         raise ConfigError(f"{what} '{path}' must hold a mapping of key: value")
     return loaded or {}
+
+
+def stage1_config(cfg: TrainConfig) -> TrainConfig:
+    """The first stage's config: this one with `stage1`'s keys over it, in <output_dir>/stage1;
+    errors name the key as stage1.<key>."""
+    values = {**cfg.to_dict(), "stage1": None, "output_dir": str(Path(cfg.output_dir) / "stage1")}
+    for key, value in cfg.stage1.items():
+        if key not in FIELDS:
+            raise ConfigError(str(_unknown_key(key)).replace("config key '", "config key 'stage1.", 1))
+        if key in ("stage1", "output_dir", "resume"):
+            raise ConfigError(f"config key 'stage1.{key}': set by the two-stage run itself")
+        values[key] = value
+    try:
+        stage = TrainConfig(**{k: _coerce(k, v) for k, v in values.items()})
+        _check(stage)
+    except ConfigError as err:
+        raise ConfigError(str(err).replace("config key '", "config key 'stage1.", 1)) from None
+    return stage
 
 
 def build_config(path: str | Path | None = None, overrides: list[str] = (),

@@ -574,7 +574,7 @@ def parse_objective(config: Mapping[str, Any]) -> ObjectiveSpec:
     raw_terms = get("terms") or []
     if not isinstance(raw_terms, list):
         raise SpecError(f"terms: must be a list of mappings, got {raw_terms!r}")
-    teacher = bool(get("teacher"))
+    teacher = bool(get("teacher")) or bool(get("stage1"))  # a first stage's model is a teacher
     shorthand = shorthand_term(get("kl_coef", 0.0), get("kl_estimator", "exact"), get("kl_in_reward", False))
     terms = [parse_term(t, f"terms[{i}]", teacher) for i, t in enumerate(raw_terms)]
     if shorthand is not None:

@@ -32,7 +32,7 @@ from transformers import DynamicCache
 from divrl import chunked, demos, diversity, objectives, stored
 from divrl.chunked import Head
 from divrl.checkpoint import checkpoint_dirs, load_checkpoint, save_checkpoint
-from divrl.config import ConfigError, TrainConfig, save_config, uses_demonstrations
+from divrl.config import ConfigError, TrainConfig, save_config, stage1_config, uses_demonstrations
 from divrl.spec import parse_objective
 from divrl.metrics import pass_at_k_over_prompts
 from divrl.models import load_model, output_head
@@ -64,7 +64,7 @@ def check_output_dir(cfg: TrainConfig) -> Path:
     if has_run and not cfg.resume:
         raise ConfigError(f"config key 'output_dir': '{run_dir}' already holds a run; set "
                           f"resume=true to continue it, or choose another output_dir")
-    if cfg.resume and not checkpoint_dirs(run_dir):
+    if cfg.resume and not checkpoint_dirs(run_dir) and not (cfg.stage1 and (run_dir / "stage1").is_dir()):
         raise ConfigError(f"config key 'resume': '{run_dir}' has no checkpoint to resume from")
     return run_dir
 
@@ -164,9 +164,10 @@ class Trainer:
         if "reference" in needs or cfg.monitor_kl:
             self.reference = (copy.deepcopy(self.model).requires_grad_(False) if cfg.reference is None
                               else self._load_frozen("reference", cfg.reference, cfg.seed + 2))
+        teacher_spec = self._run_stage1() if cfg.stage1 else cfg.teacher
         demos_from_teacher = (uses_demonstrations(cfg) and cfg.demonstrations is None
                               and cfg.demonstrations_from == "teacher")
-        self.teacher = (self._load_frozen("teacher", cfg.teacher, cfg.seed + 1)
+        self.teacher = (self._load_frozen("teacher", teacher_spec, cfg.seed + 1)
                         if "teacher" in needs or demos_from_teacher else None)
         self.diversity_bonus = diversity.parse_bonus(cfg.diversity_bonus)
         self.encoder = None if self.diversity_bonus is None else diversity.load_encoder(self.diversity_bonus.encoder)
@@ -201,6 +202,18 @@ class Trainer:
         self.reward_errors = 0
         if cfg.behaviour_cloning_steps:
             self._behaviour_clone()
+
+    def _run_stage1(self) -> str:
+        """Train the first stage (`stage1`'s keys over this config) in <output_dir>/stage1, or
+        finish it on resume; its final checkpoint (kept) is this stage's teacher."""
+        stage = stage1_config(self.cfg)
+        final = Path(stage.output_dir) / "checkpoints" / f"step-{stage.steps}"
+        if not (final / "config.json").is_file():
+            resume = bool(checkpoint_dirs(Path(stage.output_dir)))
+            self.log(f"stage 1: {stage.steps} steps in {stage.output_dir}" + (" (resumed)" if resume else ""))
+            Trainer(dataclasses.replace(stage, resume=resume), log=self.log).run()
+        self.log(f"stage 2: the teacher is stage 1's final model {final}")
+        return str(final)
 
     def _behaviour_clone(self) -> None:
         """Demonstration-regularized RL's behaviour-cloned policy π_BC: `behaviour_cloning_steps`
@@ -624,7 +637,7 @@ class Trainer:
         cfg, run_dir = self.cfg, self.run_dir
         run_dir.mkdir(parents=True, exist_ok=True)
         start_step, before = 0, None
-        if cfg.resume:
+        if cfg.resume and checkpoint_dirs(run_dir):  # (a two-stage run may stop in its first stage)
             _, path = checkpoint_dirs(run_dir)[-1]
             state = load_checkpoint(path, self.model, self.optimizer, self.generator)
             start_step = state["step"]
