@@ -209,3 +209,15 @@ def test_erpd_trains_stage_one_then_distils_it_as_the_teacher(tmp_path, monkeypa
         build_config(None, [*args, "teacher=tiny"], recipe="erpd")
     with pytest.raises(Exception, match="config key 'stage1.offline_shortest' must be in"):
         build_config(None, [*args, "stage1.offline_shortest=0"], recipe="erpd")
+
+
+def test_distillation_bad_input_is_refused_before_any_model_loads():
+    from divrl.config import build_config
+
+    with pytest.raises(Exception, match="lam must be a finite number ≥ 0"):
+        build_config(None, ["teacher=tiny", "terms[0].target.extrapolate.lam=-0.5"], recipe="exopd")
+    for recipe in ("opd", "sinkd", "kdrl", "paced-distill", "g-opd"):
+        with pytest.raises(Exception, match="needs a teacher model; set 'teacher'"):
+            build_config(None, [], recipe=recipe)
+    with pytest.raises(Exception, match="pg_loss.trrd: reads the teacher's log-probs"):
+        build_config(None, [], recipe="trrd")

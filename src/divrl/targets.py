@@ -67,8 +67,9 @@ def extrapolate(ref: Tensor, teacher: Tensor, lam: float, normalized: bool = Tru
     stays ruled out). Where the supports are disjoint q has no mass at all: that position is all
     −inf, with zero gradient.
     """
-    if not math.isfinite(lam):
-        raise ValueError(f"extrapolate: lam must be finite, got {lam}")
+    if not (math.isfinite(lam) and lam >= 0):
+        raise ValueError(f"extrapolate: lam must be a finite number ≥ 0 (0: ref, 1: teacher, > 1: past "
+                         f"the teacher), got {lam}")
     if lam == 0.0:
         return ref
     if lam == 1.0:
