@@ -221,3 +221,13 @@ def test_distillation_bad_input_is_refused_before_any_model_loads():
             build_config(None, [], recipe=recipe)
     with pytest.raises(Exception, match="pg_loss.trrd: reads the teacher's log-probs"):
         build_config(None, [], recipe="trrd")
+
+
+def test_gdsd_on_policy_with_its_reference_kl_reaches_the_tilt_like_grpo_plus_reverse_kl():
+    """On policy (πold = πθ each step, ratio 1 inside the clip), the regression's gradient is
+    −2ψ·∇E[A]: a policy gradient. With β·k2 to the reference its fixed point is C1's tilt of the
+    reference with β/(2ψ) — the optimum GRPO + reverse KL reaches (test_objective_lab)."""
+    ref, reward = lab.random_problem(5, (2,), seed=0)
+    spec = _spec("gdsd", "kl_coef=10")  # ψ = 10: effective β = 10/(2·10) = 0.5
+    got = lab.objective_fixed_point(spec, reward, {"reference": ref}, steps=3000, lr=0.3)
+    torch.testing.assert_close(got.exp(), lab.tilted(ref, reward, 0.5).exp(), atol=1e-6, rtol=0)
