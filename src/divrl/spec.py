@@ -495,7 +495,8 @@ class ObjectiveSpec:
         parts = [surrogate] if self.policy_gradient else []
         for t in self.terms:
             params = "".join(f", {k}={v}" for k, v in t.params if not isinstance(v, torch.Tensor))
-            parts.append(f"{t.coef:g}·{t.divergence}(πθ, {t.target.describe()}{params}) "
+            coef = f"{t.coef:g}" if t.anneal is None else f"({t.coef:g} → {t.anneal[0]:g} by step {t.anneal[2] + t.anneal[1]})"
+            parts.append(f"{coef}·{t.divergence}(πθ, {t.target.describe()}{params}) "
                          f"[{t.estimator}, {t.placement}]")
         if self.entropy_anchor:
             a = self.entropy_anchor
