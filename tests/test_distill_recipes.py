@@ -202,7 +202,8 @@ def test_erpd_trains_stage_one_then_distils_it_as_the_teacher(tmp_path, monkeypa
     assert all(torch.equal(a, b) for a, b in zip(trainer.model.parameters(), trainer.reference.parameters()))
     trainer.run()
     (row,) = [r for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if "reward" in r]
-    assert row["reverse_kl_to_teacher"] != 0 and "kl" in row
+    assert row["reverse_kl_to_teacher"] != 0 and "kl" in row and row["stage"] == 2
+    assert {r["stage"] for r in read_metrics(tmp_path / "run" / "stage1" / "metrics.jsonl") if "reward" in r} == {1}
     with pytest.raises(Exception, match="config key 'stage1.stepz'"):
         build_config(None, [*args, "stage1.stepz=3"], recipe="erpd")
     with pytest.raises(Exception, match="'teacher' must be null with stage1"):

@@ -148,9 +148,10 @@ class FrozenInputs:
 
 
 class Trainer:
-    def __init__(self, cfg: TrainConfig, log=print):
+    def __init__(self, cfg: TrainConfig, log=print, stage: int | None = None):
         self.cfg = cfg
         self.log = log
+        self.stage = 2 if cfg.stage1 else stage  # logged as `stage` in a two-stage run
         self.run_dir = check_output_dir(cfg)
         self.task: Task = build_task(cfg)
         self.model, self.tokenizer = load_model(cfg.model, seed=cfg.seed)
@@ -211,7 +212,7 @@ class Trainer:
         if not (final / "config.json").is_file():
             resume = bool(checkpoint_dirs(Path(stage.output_dir)))
             self.log(f"stage 1: {stage.steps} steps in {stage.output_dir}" + (" (resumed)" if resume else ""))
-            Trainer(dataclasses.replace(stage, resume=resume), log=self.log).run()
+            Trainer(dataclasses.replace(stage, resume=resume), log=self.log, stage=1).run()
         self.log(f"stage 2: the teacher is stage 1's final model {final}")
         return str(final)
 
@@ -630,6 +631,8 @@ class Trainer:
         else:  # nothing to learn from: every prompt filtered out, or equal rewards after the refills
             self.log(f"step {step + 1}: no prompt left to train on ({', '.join(f'{k} {stats[k]}' for k in ('refills', 'filtered_prompts') if k in stats)}); update skipped")
         t2 = time.perf_counter()
+        if self.stage is not None:
+            stats["stage"] = self.stage
         return {**stats, "reward_errors_total": self.reward_errors,
                 "time_rollout": t1 - t0, "time_update": t2 - t1, "time_step": t2 - t0}
 
