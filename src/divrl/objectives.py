@@ -351,9 +351,11 @@ def objective_loss(spec: ObjectiveSpec, inputs: ObjectiveInputs) -> ObjectiveOut
     sums: dict[str, float] = defaultdict(float)
     parts: dict[str, torch.Tensor] = {}
     sums["entropy"] = float(entropy.detach().sum())
+    sampled = {t.name: _sampled_target_logprobs(t, inputs, models)  # log q(y_t), once per term
+               for t in spec.terms if t.estimator not in ("exact", "stored")}
 
     if spec.policy_gradient:
-        token_advantages = inputs.advantages[inputs.rows] + token_reward(spec, inputs, models, old)
+        token_advantages = inputs.advantages[inputs.rows] + token_reward(spec, sampled, old)
         teacher = (_model_logprobs(models["teacher"], inputs.tokens)
                    if spec.pg_loss in surrogates.READS_TEACHER else None)
         tokens = surrogates.PolicyTokens(_wide(logprobs), _wide(old), token_advantages,
@@ -365,8 +367,7 @@ def objective_loss(spec: ObjectiveSpec, inputs: ObjectiveInputs) -> ObjectiveOut
         sums["clip_fraction"] = float(clipped.sum())
 
     for term in spec.terms:
-        target_logprobs = (None if term.estimator == "exact" else inputs.stored_logprobs
-                           if term.estimator == "stored" else _sampled_target_logprobs(term, inputs, models))
+        target_logprobs = inputs.stored_logprobs if term.estimator == "stored" else sampled.get(term.name)
         term_stats = dataclasses.replace(stats, target_logprobs=target_logprobs)
         prompt_weights = _prompt_weights(term, inputs, scale)
         mw, factor = _mask_and_weight(term.name, term.mask, term.weight, term_stats, sums, scale, term.mask_mean,
@@ -399,27 +400,31 @@ def objective_loss(spec: ObjectiveSpec, inputs: ObjectiveInputs) -> ObjectiveOut
 
     if "reference" in inputs.models and not any(
             t.divergence == "reverse_kl" and t.target.op == "reference" for t in spec.terms):
-        with torch.no_grad():  # the `kl` metric: exact reverse KL to the reference, no graph
-            ref = inputs.models["reference"]
-            sums["reverse_kl_to_reference"] += float(chunked.divergence(
-                "reverse_kl", policy.hidden.detach(), policy.head.detach(), ref.hidden, ref.head).sum())
+        if stats.reference_kl is not None:  # the `kl` metric: computed already for a mask
+            sums["reverse_kl_to_reference"] += float(stats.reference_kl.sum())
+        else:
+            with torch.no_grad():  # the `kl` metric: exact reverse KL to the reference, no graph
+                ref = inputs.models["reference"]
+                sums["reverse_kl_to_reference"] += float(chunked.divergence(
+                    "reverse_kl", policy.hidden.detach(), policy.head.detach(), ref.hidden, ref.head).sum())
     loss = sum(parts.values()) if parts else logprobs.sum() * 0.0
     return ObjectiveOutput(loss, dict(sums), {k: float(v.detach()) for k, v in parts.items()})
 
 
 @torch.no_grad()
-def token_reward(spec: ObjectiveSpec, inputs: ObjectiveInputs, models, behaviour: torch.Tensor
+def token_reward(spec: ObjectiveSpec, target_logprobs: dict[str, torch.Tensor], behaviour: torch.Tensor
                  ) -> torch.Tensor | float:
-    """−Σ_k c_k·k1(y_t) (N,) of the token_reward terms at the behaviour policy: a dense per-token
-    reward added to token t's advantage alone — no baseline, no return-to-go (discount 0), as in
-    on-policy distillation with the reverse-KL log-ratio as reward (Thinking Machines 2025,
-    "On-Policy Distillation"). 0 when there is none."""
+    """−Σ_k c_k·k1(y_t) (N,) of the token_reward terms at the behaviour policy, from each term's
+    log q(y_t) (`target_logprobs` by term name): a dense per-token reward added to token t's
+    advantage alone — no baseline, no return-to-go (discount 0), as in on-policy distillation with
+    the reverse-KL log-ratio as reward (Thinking Machines 2025, "On-Policy Distillation"). 0 when
+    there is none."""
     if not spec.token_reward_terms:
         return 0.0
     total = torch.zeros_like(behaviour)
     for term in spec.token_reward_terms:
-        target = _sampled_target_logprobs(term, inputs, models)
-        total = total - term.coef * divergences.get_estimator(term.estimator)(behaviour, target).to(total.dtype)
+        estimate = divergences.get_estimator(term.estimator)(behaviour, target_logprobs[term.name])
+        total = total - term.coef * estimate.to(total.dtype)
     return total
 
 
