@@ -41,19 +41,22 @@ def _policy_and_target(target: Target, policy: ModelOutputs, hidden: torch.Tenso
                        advantages: torch.Tensor | None, rewards: torch.Tensor | None = None
                        ) -> tuple[torch.Tensor, torch.Tensor]:
     """(log πθ (chunk, V) from the policy's ``hidden`` rows, log q (chunk, V) without gradient;
-    ``self`` is the policy's own log-probs, detached)."""
+    ``self`` is the policy's own log-probs, detached). The supplied arguments are built only for a
+    target that reads them."""
     policy_logprobs = policy.head.logits(hidden).log_softmax(-1)
     with torch.no_grad():
         logprobs = {"self": policy_logprobs.detach()}
         for name in target.models() - {"self"}:
             model = models[name]
             logprobs[name] = model.head.logits(model.hidden[rows]).log_softmax(-1)
-        advantage = None
-        if advantages is not None:  # the sequence advantage on the sampled token, 0 elsewhere
+        advantage = reward = token = None
+        if "advantage" in target.supplied and advantages is not None:  # on the sampled token, 0 elsewhere
             advantage = torch.zeros_like(policy_logprobs).scatter_(
                 -1, tokens[rows, None], advantages[rows, None].to(policy_logprobs.dtype))
-        reward = None if rewards is None else rewards[rows, None].to(policy_logprobs.dtype)
-        token = torch.zeros_like(policy_logprobs, dtype=torch.bool).scatter_(-1, tokens[rows, None], True)
+        if "reward" in target.supplied and rewards is not None:
+            reward = rewards[rows, None].to(policy_logprobs.dtype)
+        if "token" in target.supplied:
+            token = torch.zeros_like(policy_logprobs, dtype=torch.bool).scatter_(-1, tokens[rows, None], True)
         logq = target.evaluate(logprobs, advantage, reward, token)
         return policy_logprobs, logq.to(policy_logprobs.dtype)
 

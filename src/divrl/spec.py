@@ -133,6 +133,12 @@ class Target:
         return getattr(targets, self.op)(**kwargs)
 
     @property
+    def supplied(self) -> frozenset[str]:
+        """The supplied arguments (advantage, reward, token) some function of the target reads."""
+        return frozenset(SUPPLIED_ARGUMENTS.get(self.op, ())).union(
+            *(v.supplied for _, v in self.args if isinstance(v, Target)))
+
+    @property
     def is_normalized(self) -> bool:
         """False when some function is asked for unnormalized log-values (extrapolate's
         ``normalized: false``)."""
