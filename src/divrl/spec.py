@@ -262,10 +262,6 @@ def _mask_mean(value: Any, path: str, mask: tuple) -> bool:
     return value
 
 
-def _reads_reference(choices: tuple[tuple[str, dict], ...]) -> bool:
-    return any(name in weights.READ_REFERENCE for name, _ in choices)
-
-
 @dataclass(frozen=True)
 class TermSpec:
     """c · D(πθ, q) per token, exact or sampled, in the loss or subtracted from the return."""
@@ -479,14 +475,12 @@ class ObjectiveSpec:
     @property
     def reads_reference(self) -> bool:
         """Whether a mask or weight reads the reference model at each token (entropy, log-prob, KL)."""
-        return any(_reads_reference(choices) for choices in self._weight_choices())
+        return any(self.uses_weight(name) for name in weights.READ_REFERENCE)
 
     def uses_weight(self, name: str) -> bool:
         """Whether some mask or weight of the objective is the registered weight `name`."""
-        return any(n == name for choices in self._weight_choices() for n, _ in choices)
-
-    def _weight_choices(self) -> tuple:
-        return (self.pg_mask, self.pg_weight, *(c for t in self.terms for c in (t.mask, t.weight)))
+        return any(n == name for choices in (self.pg_mask, self.pg_weight, *(c for t in self.terms for c in (t.mask, t.weight)))
+                   for n, _ in choices)
 
     @property
     def stored_terms(self) -> tuple[TermSpec, ...]:
