@@ -242,8 +242,7 @@ class Trainer:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.model.save_pretrained(path)
         self.tokenizer.save_pretrained(path)
-        self.reference = copy.deepcopy(self.model).requires_grad_(False) if reference is not None or \
-            "reference" in self.objective.models() else None
+        self.reference = None if reference is None else copy.deepcopy(self.model).requires_grad_(False)
         self.log(f"behaviour cloning: {cfg.behaviour_cloning_steps} steps on {len(demonstrations)} "
                  f"demonstrations, final NLL {stats['pg_loss']:.3f}; saved to {path}; it is the reference")
 
@@ -289,18 +288,12 @@ class Trainer:
         """The teacher's first passing sample of `stored_samples` for each of the first
         `stored_prompts` training prompts (rejection sampling)."""
         cfg, out = self.cfg, []
-        generator = torch.Generator().manual_seed(cfg.seed + 11)
-        examples = self.task.train[:cfg.stored_prompts]
-        for start in range(0, len(examples), 16):
-            chunk = examples[start:start + 16]
-            rollout = self._sample(chunk, cfg.stored_samples, cfg.temperature, generator, model=self.teacher)
-            rewards, _ = self._score(chunk, rollout.completion_ids, cfg.stored_samples)
-            texts = self.tokenizer.batch_decode(rollout.completion_ids, skip_special_tokens=True)
-            for i, example in enumerate(chunk):
-                rows = range(i * cfg.stored_samples, (i + 1) * cfg.stored_samples)
-                first = next((r for r in rows if passes(rewards[r])), None)
-                if first is not None:
-                    out.append(demos.Demo(example.prompt, texts[first]))
+        groups = self._answer_once(self.task.train[:cfg.stored_prompts], cfg.temperature, cfg.top_p,
+                                   torch.Generator().manual_seed(cfg.seed + 11), self.teacher, "teacher")
+        for g in groups:
+            first = next((c for c, r in zip(g.completions, g.rewards) if passes(r)), None)
+            if first is not None:
+                out.append(demos.Demo(g.example.prompt, self.tokenizer.decode(first, skip_special_tokens=True)))
         return out
 
     def _stored_responses(self) -> tuple[list[stored.StoredGroup], set[int]]:
@@ -313,21 +306,26 @@ class Trainer:
         cfg = self.cfg
         groups = stored.load(self.run_dir) if cfg.resume else None
         if groups is None:
-            indices = list(range(min(cfg.stored_prompts, len(self.task.train))))
-            generator = torch.Generator().manual_seed(cfg.seed + 7)
-            groups = []
-            starts = range(0, len(indices), 16)
-            for start in tqdm(starts, desc=f"storing {cfg.stored_samples} responses × {len(indices)} prompts",
-                              unit="chunk", file=sys.stderr, dynamic_ncols=True, disable=len(starts) < 2):
-                chunk = indices[start:start + 16]
-                examples = [self.task.train[i] for i in chunk]
-                rollout = self._sample(examples, cfg.stored_samples, cfg.stored_temperature or cfg.temperature,
-                                       generator, cfg.stored_top_p or cfg.top_p)
-                rewards, _ = self._score(examples, rollout.completion_ids, cfg.stored_samples)
-                groups += [stored.StoredGroup(i, g.completions, g.logprobs, g.rewards)
-                           for i, g in zip(chunk, split_groups(examples, rollout, rewards))]
+            answered = self._answer_once(self.task.train[:cfg.stored_prompts], cfg.stored_temperature or cfg.temperature,
+                                         cfg.stored_top_p or cfg.top_p, torch.Generator().manual_seed(cfg.seed + 7),
+                                         self.model, "initial policy")
+            groups = [stored.StoredGroup(i, g.completions, g.logprobs, g.rewards) for i, g in enumerate(answered)]
             self.run_dir.mkdir(parents=True, exist_ok=True)
             stored.save(groups, self.run_dir)
+        return groups
+
+    def _answer_once(self, examples: list[Example], temperature: float, top_p: float,
+                     generator: torch.Generator, model, who: str, chunk: int = 16) -> list[Group]:
+        """`stored_samples` scored answers of `model` to each example, `chunk` prompts at a time,
+        with a progress bar (minutes on the default model)."""
+        n, groups = self.cfg.stored_samples, []
+        starts = range(0, len(examples), chunk)
+        for start in tqdm(starts, desc=f"{who}: {n} answers × {len(examples)} prompts", unit="chunk",
+                          file=sys.stderr, dynamic_ncols=True, disable=len(starts) < 2):
+            part = examples[start:start + chunk]
+            rollout = self._sample(part, n, temperature, generator, top_p, model)
+            rewards, _ = self._score(part, rollout.completion_ids, n)
+            groups += split_groups(part, rollout, rewards)
         return groups
 
     def _load_frozen(self, key: str, spec: str, seed: int):
