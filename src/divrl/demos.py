@@ -13,9 +13,10 @@ are built, and the log says which:
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
+
+from divrl.tasks import jsonl_rows
 
 
 class DemoError(ValueError):
@@ -37,19 +38,11 @@ def read(path: str | Path) -> list[Demo]:
     if not path.is_file():
         raise DemoError(f"demonstrations file '{path}' does not exist")
     demos = []
-    for number, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise DemoError(f"{path}:{number}: not valid JSON ({err.msg})") from None
+    for where, row in jsonl_rows(path, DemoError):
         if not isinstance(row, dict) or not all(isinstance(row.get(k), str) and row[k].strip()
                                                 for k in ("prompt", "completion")):
-            raise DemoError(f"{path}:{number}: a row needs non-empty string 'prompt' and 'completion' fields")
+            raise DemoError(f"{where}: a row needs non-empty string 'prompt' and 'completion' fields")
         demos.append(Demo(row["prompt"], row["completion"]))
-    if not demos:
-        raise DemoError(f"{path}: no rows")
     return demos
 
 

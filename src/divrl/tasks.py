@@ -110,24 +110,31 @@ def _load_function(spec: str) -> Callable[[str, str], float]:
     return fn
 
 
+def jsonl_rows(path: Path, error: type[Exception]) -> list[tuple[str, Any]]:
+    """(`file:line`, parsed value) of each non-blank line; a line that is not JSON, or a file
+    without rows, raises `error` naming where."""
+    rows = []
+    with Path(path).open(encoding="utf-8") as handle:
+        for number, line in enumerate(handle, start=1):
+            if line.strip():
+                try:
+                    rows.append((f"{path}:{number}", json.loads(line)))
+                except json.JSONDecodeError as err:
+                    raise error(f"{path}:{number}: not valid JSON ({err.msg})") from None
+    if not rows:
+        raise error(f"{path}: no rows")
+    return rows
+
+
 def read_jsonl(path: Path) -> list[Example]:
     """Rows with string-able 'prompt' and 'answer'; any malformed line raises naming file:line."""
     examples = []
-    with path.open(encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise TaskError(f"{path}:{number}: not valid JSON ({err.msg})") from None
-            if not isinstance(row, dict) or "prompt" not in row or "answer" not in row:
-                raise TaskError(f"{path}:{number}: a row needs 'prompt' and 'answer' fields")
-            if not isinstance(row["prompt"], str) or not row["prompt"].strip():
-                raise TaskError(f"{path}:{number}: 'prompt' must be a non-empty string")
-            examples.append(Example(row["prompt"], str(row["answer"]), row))
-    if not examples:
-        raise TaskError(f"{path}: no rows")
+    for where, row in jsonl_rows(path, TaskError):
+        if not isinstance(row, dict) or "prompt" not in row or "answer" not in row:
+            raise TaskError(f"{where}: a row needs 'prompt' and 'answer' fields")
+        if not isinstance(row["prompt"], str) or not row["prompt"].strip():
+            raise TaskError(f"{where}: 'prompt' must be a non-empty string")
+        examples.append(Example(row["prompt"], str(row["answer"]), row))
     return examples
 
 
