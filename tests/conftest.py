@@ -1,3 +1,4 @@
+import json
 import os
 from pathlib import Path
 
@@ -15,3 +16,25 @@ def tiny():
     from divrl.models import load_model
 
     return load_model("tiny", seed=0)
+
+
+VERIFIERS = {  # small verifiers for JSONL tasks whose prompts the untrained tiny model cannot solve
+    "always": "def always(completion, answer):\n    return 1.0\n",
+    "parity": "def parity(completion, answer):\n    return float(len(completion) % 2)\n",
+    "even_solved": "def even_solved(completion, answer):\n    return 1.0 if int(answer) % 2 == 0 else 0.0\n",
+}
+
+
+@pytest.fixture
+def say_task(tmp_path, monkeypatch):
+    """make(answers, verifier, source=None) → the config overrides of a JSONL task of "Say {a}"
+    prompts (answer a) scored by `verifier`: a function of VERIFIERS, or of `source`."""
+    monkeypatch.syspath_prepend(str(tmp_path))
+
+    def make(answers, verifier: str, source: str | None = None) -> list[str]:
+        data = tmp_path / "say.jsonl"
+        data.write_text("".join(json.dumps({"prompt": f"Say {a}", "answer": str(a)}) + "\n" for a in answers))
+        (tmp_path / f"{verifier}_verifier.py").write_text(source or VERIFIERS[verifier])
+        return [f"task={data}", f"verifier={verifier}_verifier:{verifier}"]
+
+    return make

@@ -3,7 +3,6 @@ answers or from the teacher, offline training on them without generation, and EK
 cross-entropy on a hand toy."""
 
 import dataclasses
-import json
 
 import pytest
 import torch
@@ -49,15 +48,8 @@ def test_sft_on_answer_demonstrations_trains_without_generating(tmp_path, monkey
     assert any(not torch.equal(a, p) for a, p in zip(before, trainer.model.parameters()))
 
 
-ALWAYS = "def always(completion, answer):\n    return 1.0\n"
-
-
-def test_teacher_demonstrations_are_its_first_passing_samples(tmp_path, monkeypatch):
-    data = tmp_path / "t.jsonl"
-    data.write_text("".join(json.dumps({"prompt": f"Say {i}", "answer": str(i)}) + "\n" for i in range(12)))
-    (tmp_path / "always_verifier.py").write_text(ALWAYS)
-    monkeypatch.syspath_prepend(str(tmp_path))
-    args = _run_args(tmp_path, f"task={data}", "verifier=always_verifier:always", "teacher=tiny",
+def test_teacher_demonstrations_are_its_first_passing_samples(tmp_path, say_task):
+    args = _run_args(tmp_path, *say_task(range(12), "always"), "teacher=tiny",
                      "demonstrations_from=teacher", "stored_prompts=4", "stored_samples=2")
     trainer = Trainer(build_config(None, args, recipe="eksft"), log=lambda *_: None)
     assert [g.prompt for g in trainer.offline_groups] == [e.prompt for e in trainer.task.train[:4]]

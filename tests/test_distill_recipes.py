@@ -176,21 +176,12 @@ def test_exopd_dense_reward_reaches_the_extrapolated_target_in_the_lab():
     torch.testing.assert_close(got.exp(), targets.extrapolate(ref, teacher, 1.25).exp(), atol=1e-6, rtol=0)
 
 
-PARITY = "def parity(completion, answer):\n    return float(len(completion) % 2)\n"
-
-
-def test_erpd_trains_stage_one_then_distils_it_as_the_teacher(tmp_path, monkeypatch):
-    import json
-
+def test_erpd_trains_stage_one_then_distils_it_as_the_teacher(tmp_path, say_task):
     from divrl.config import build_config
     from divrl.runlog import read_metrics
     from divrl.trainer import Trainer
 
-    data = tmp_path / "d.jsonl"
-    data.write_text("".join(json.dumps({"prompt": f"Say {i}", "answer": str(i)}) + "\n" for i in range(24)))
-    (tmp_path / "parity_verifier.py").write_text(PARITY)
-    monkeypatch.syspath_prepend(str(tmp_path))
-    args = ["model=tiny", f"task={data}", "verifier=parity_verifier:parity", "max_new_tokens=6", "eval_size=2",
+    args = ["model=tiny", *say_task(range(24), "parity"), "max_new_tokens=6", "eval_size=2",
             "eval_samples=1", "prompts_per_step=2", "steps=1", f"output_dir={tmp_path / 'run'}",
             "stage1.steps=2", "stage1.checkpoint_every=2", "stage1.stored_prompts=4", "stage1.stored_samples=4",
             "stage1.prompts_per_step=2"]

@@ -2,7 +2,6 @@
 objective's local term on a hand toy, and the bonus in a training step."""
 
 import dataclasses
-import json
 import math
 
 import pytest
@@ -76,15 +75,8 @@ def test_the_local_term_is_the_allocated_mean_token_entropy_of_passing_completio
     assert out.loss_parts["reverse_kl_to_uniform"] == pytest.approx(expected.item(), rel=1e-5)
 
 
-ALWAYS = "def always(completion, answer):\n    return 1.0\n"
-
-
-def test_the_bonus_separates_equal_rewards_by_diversity_in_a_step(tmp_path, monkeypatch):
-    data = tmp_path / "d.jsonl"
-    data.write_text("".join(json.dumps({"prompt": f"Say {i}", "answer": str(i)}) + "\n" for i in range(20)))
-    (tmp_path / "always_verifier.py").write_text(ALWAYS)
-    monkeypatch.syspath_prepend(str(tmp_path))
-    cfg = build_config(None, ["model=tiny", f"task={data}", "verifier=always_verifier:always", "prompts_per_step=2",
+def test_the_bonus_separates_equal_rewards_by_diversity_in_a_step(tmp_path, say_task):
+    cfg = build_config(None, ["model=tiny", *say_task(range(20), "always"), "prompts_per_step=2",
                               "group_size=3", "max_new_tokens=6", "eval_size=2", "eval_samples=1",
                               "diversity_bonus={coef: 0.5}", f"output_dir={tmp_path / 'run'}"], recipe="dsdr")
     trainer = Trainer(cfg, log=lambda *_: None)

@@ -1,8 +1,6 @@
 """DAPO's pieces: dynamic sampling (drop equal-reward groups, refill with fresh prompts, capped and
 logged) through the pluggable PromptSource, and the soft overlong penalty."""
 
-import json
-
 import pytest
 import torch
 
@@ -25,24 +23,15 @@ def never(completion, answer):
 """
 
 
-@pytest.fixture
-def task(tmp_path, monkeypatch):
-    data = tmp_path / "d.jsonl"
-    data.write_text("".join(json.dumps({"prompt": f"Say {i}", "answer": str(i)}) + "\n" for i in range(40)))
-    (tmp_path / "ds_verifier.py").write_text(VERIFIER)
-    monkeypatch.syspath_prepend(str(tmp_path))
-    return data
-
-
-def _cfg(tmp_path, task, verifier, *extra):
+def _cfg(tmp_path, say_task, verifier, *extra):
     return build_config(None, ["model=tiny", "steps=1", f"output_dir={tmp_path / 'run'}", "prompts_per_step=4",
                                "group_size=4", "max_new_tokens=6", "eval_size=4", "eval_samples=1",
-                               f"task={task}", f"verifier=ds_verifier:{verifier}", "eval_every=0"] + list(extra),
+                               *say_task(range(40), verifier, VERIFIER), "eval_every=0"] + list(extra),
                         recipe="dapo")
 
 
-def test_uninformative_groups_are_dropped_and_refilled(tmp_path, task, monkeypatch):
-    trainer = Trainer(_cfg(tmp_path, task, "half_informative"), log=lambda *_: None)
+def test_uninformative_groups_are_dropped_and_refilled(tmp_path, say_task, monkeypatch):
+    trainer = Trainer(_cfg(tmp_path, say_task, "half_informative"), log=lambda *_: None)
     trained = []
     real_update = trainer._update
 
@@ -60,8 +49,8 @@ def test_uninformative_groups_are_dropped_and_refilled(tmp_path, task, monkeypat
     assert metrics["overlong_penalty"] <= 0 and "loss" in metrics
 
 
-def test_the_refill_cap_holds_and_a_step_without_signal_skips_the_update(tmp_path, task):
-    trainer = Trainer(_cfg(tmp_path, task, "never", "max_refills=2"), log=lambda *_: None)
+def test_the_refill_cap_holds_and_a_step_without_signal_skips_the_update(tmp_path, say_task):
+    trainer = Trainer(_cfg(tmp_path, say_task, "never", "max_refills=2"), log=lambda *_: None)
     before = {k: v.detach().clone() for k, v in trainer.model.named_parameters()}
     metrics = trainer.train_step(0)
     assert (metrics["refills"], metrics["trained_groups"]) == (2, 0)

@@ -1,27 +1,18 @@
 """SELF's prompt filter: the current policy answers each prompt once greedily, and only the prompts
 it gets wrong are sampled and trained on; a step whose prompts are all solved is skipped."""
 
-import json
-
 from divrl.config import build_config
 from divrl.trainer import Trainer
 
-EVEN_SOLVED = "def even_solved(completion, answer):\n    return 1.0 if int(answer) % 2 == 0 else 0.0\n"
 
-
-def _trainer(tmp_path, monkeypatch, answers, *overrides):
-    data = tmp_path / "d.jsonl"
-    data.write_text("".join(json.dumps({"prompt": f"Say {a}", "answer": str(a)}) + "\n" for a in answers))
-    (tmp_path / "filter_verifier.py").write_text(EVEN_SOLVED)
-    monkeypatch.syspath_prepend(str(tmp_path))
+def _trainer(tmp_path, say_task, answers, *overrides):
     args = ["model=tiny", "prompts_per_step=4", "group_size=2", "max_new_tokens=4", "eval_size=2",
-            "eval_samples=1", f"task={data}", "verifier=filter_verifier:even_solved",
-            f"output_dir={tmp_path / 'run'}", *overrides]
+            "eval_samples=1", *say_task(answers, "even_solved"), f"output_dir={tmp_path / 'run'}", *overrides]
     return Trainer(build_config(None, args, recipe="self"), log=lambda *_: None)
 
 
-def test_greedy_unsolved_trains_only_the_prompts_the_greedy_answer_gets_wrong(tmp_path, monkeypatch):
-    trainer = _trainer(tmp_path, monkeypatch, range(30))
+def test_greedy_unsolved_trains_only_the_prompts_the_greedy_answer_gets_wrong(tmp_path, say_task, monkeypatch):
+    trainer = _trainer(tmp_path, say_task, range(30))
     calls = []
     sample = trainer._sample
     monkeypatch.setattr(trainer, "_sample", lambda ex, g, t, gen, *a: calls.append((len(ex), g, t)) or sample(ex, g, t, gen, *a))
@@ -35,8 +26,8 @@ def test_greedy_unsolved_trains_only_the_prompts_the_greedy_answer_gets_wrong(tm
     assert stats["pass_rate"] == 0.0
 
 
-def test_a_step_whose_prompts_are_all_solved_is_skipped(tmp_path, monkeypatch):
-    trainer = _trainer(tmp_path, monkeypatch, [2 * i for i in range(30)], "steps=1")
+def test_a_step_whose_prompts_are_all_solved_is_skipped(tmp_path, say_task):
+    trainer = _trainer(tmp_path, say_task, [2 * i for i in range(30)], "steps=1")
     before = [p.detach().clone() for p in trainer.model.parameters()]
     row = trainer.train_step(0)
     assert row["filtered_prompts"] == 4 and row["trained_prompts"] == 0

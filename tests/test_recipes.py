@@ -138,14 +138,13 @@ def test_every_recipe_parses_and_documents_its_paper():
         build_config(None, [] if "stage1" in recipe.config else ["teacher=tiny"], recipe=name)
 
 
-PARITY_VERIFIER = "def parity(completion, answer):\n    return float(len(completion) % 2)\n"
 # Offline recipes need prompts whose stored responses both pass and fail: the untrained tiny model
 # solves nothing, so a JSONL task's responses are scored by the parity of their length.
-OFFLINE_ARGS = ["stored_prompts=4", "stored_samples=4", "offline_keep=2", "verifier=parity_verifier:parity"]
+OFFLINE_ARGS = ["stored_prompts=4", "stored_samples=4", "offline_keep=2"]
 
 
 @pytest.mark.parametrize("name", recipes.names())
-def test_divrl_train_recipe_smoke_run_on_the_tiny_model(tmp_path, name, monkeypatch):
+def test_divrl_train_recipe_smoke_run_on_the_tiny_model(tmp_path, name, say_task):
     overrides = ["model=tiny", "teacher=tiny", "steps=1", "prompts_per_step=2", "group_size=2",
                  "max_new_tokens=4", "eval_size=2", "eval_samples=1", "train_size=20",
                  f"output_dir={tmp_path / 'run'}"]
@@ -154,10 +153,7 @@ def test_divrl_train_recipe_smoke_run_on_the_tiny_model(tmp_path, name, monkeypa
         overrides += ["teacher=null", *(f"stage1.{o}" for o in ("steps=1", "checkpoint_every=1", "prompts_per_step=2",
                                                                  "stored_prompts=4", "stored_samples=4"))]
     if config.get("offline") or (config.get("stage1") or {}).get("offline"):
-        (tmp_path / "parity_verifier.py").write_text(PARITY_VERIFIER)
-        (tmp_path / "say.jsonl").write_text("".join(f'{{"prompt": "Say {i}", "answer": "{i}"}}\n' for i in range(24)))
-        monkeypatch.syspath_prepend(str(tmp_path))
-        overrides += [*OFFLINE_ARGS, f"task={tmp_path / 'say.jsonl'}"]
+        overrides += [*OFFLINE_ARGS, *say_task(range(24), "parity")]
     args = ["train", "--recipe", name, *(a for o in overrides for a in ("--set", o))]
     assert main(args) == 0
     assert (tmp_path / "run" / "checkpoints" / "step-1").is_dir()

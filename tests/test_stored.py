@@ -2,8 +2,6 @@
 and gradient, by enumeration), DPH-F/JS forms, and the rehearsal set in a run: sampled once,
 split by pass rate, solved prompts out of the policy-gradient pool, reused on resume."""
 
-import json
-
 import pytest
 import torch
 
@@ -37,17 +35,10 @@ def test_dph_forms():
     torch.testing.assert_close(2 * objectives.stored_estimate("jsd", {"beta": 0.5}, lp, lq), js)
 
 
-VERIFIER = "def even_solved(completion, answer):\n    return 1.0 if int(answer) % 2 == 0 else 0.0\n"
-
-
-def test_the_rehearsal_set_is_sampled_once_split_and_reused(tmp_path, monkeypatch):
-    data = tmp_path / "d.jsonl"
-    data.write_text("".join(json.dumps({"prompt": f"Say {i}", "answer": str(i)}) + "\n" for i in range(30)))
-    (tmp_path / "dph_verifier.py").write_text(VERIFIER)
-    monkeypatch.syspath_prepend(str(tmp_path))
+def test_the_rehearsal_set_is_sampled_once_split_and_reused(tmp_path, say_task):
     args = ["model=tiny", "prompts_per_step=2", "group_size=2", "max_new_tokens=4", "eval_size=4",
-            "eval_samples=1", "checkpoint_every=1", "eval_every=0", f"task={data}",
-            "verifier=dph_verifier:even_solved", "stored_prompts=10", "stored_samples=2", "stored_per_step=2",
+            "eval_samples=1", "checkpoint_every=1", "eval_every=0", *say_task(range(30), "even_solved"),
+            "stored_prompts=10", "stored_samples=2", "stored_per_step=2",
             "monitor_kl=false", f"output_dir={tmp_path / 'run'}"]
     trainer = Trainer(build_config(None, [*args, "steps=1"], recipe="dph-rl"), log=lambda *_: None)
     solved = {trainer.task.train[g.index].answer for g in trainer.stored_groups}
@@ -70,13 +61,9 @@ def test_stored_terms_are_validated():
         build_config(None, ["stored_solved=0"], recipe="dph-rl")
 
 
-def test_a_rehearsal_set_that_leaves_no_policy_gradient_prompt_is_refused(tmp_path, monkeypatch):
-    data = tmp_path / "d.jsonl"
-    data.write_text("".join(json.dumps({"prompt": f"Say {i}", "answer": str(2 * i)}) + "\n" for i in range(12)))
-    (tmp_path / "dph_verifier.py").write_text(VERIFIER)
-    monkeypatch.syspath_prepend(str(tmp_path))
-    cfg = build_config(None, ["model=tiny", "eval_size=4", "max_new_tokens=4", f"task={data}",
-                              "verifier=dph_verifier:even_solved", "stored_samples=2",
+def test_a_rehearsal_set_that_leaves_no_policy_gradient_prompt_is_refused(tmp_path, say_task):
+    cfg = build_config(None, ["model=tiny", "eval_size=4", "max_new_tokens=4",
+                              *say_task(range(0, 24, 2), "even_solved"), "stored_samples=2",
                               f"output_dir={tmp_path / 'run'}"], recipe="dph-rl")
     with pytest.raises(Exception, match="none is left for the policy gradient"):
         Trainer(cfg, log=lambda *_: None)
@@ -100,17 +87,9 @@ def test_offline_selection_keeps_mixed_prompts_closest_to_half_and_their_shortes
     assert [g.index for g in stored.select_offline(groups, 0, 1.0, 1.0)] == [1, 2, 4]
 
 
-PARITY = "def parity(completion, answer):\n    return float(len(completion) % 2)\n"
-
-
-def test_an_offline_run_trains_on_the_stored_set_without_generating(tmp_path, monkeypatch):
-    (tmp_path / "parity_verifier.py").write_text(PARITY)
-    data = tmp_path / "d.jsonl"
-    data.write_text("".join(json.dumps({"prompt": f"Say {i}", "answer": str(i)}) + "\n" for i in range(30)))
-    monkeypatch.syspath_prepend(str(tmp_path))
-    args = ["model=tiny", f"task={data}", "prompts_per_step=2", "max_new_tokens=6", "eval_size=2", "eval_samples=1",
-            "stored_prompts=6", "stored_samples=5", "offline_keep=3", "verifier=parity_verifier:parity",
-            f"output_dir={tmp_path / 'run'}"]
+def test_an_offline_run_trains_on_the_stored_set_without_generating(tmp_path, say_task, monkeypatch):
+    args = ["model=tiny", *say_task(range(30), "parity"), "prompts_per_step=2", "max_new_tokens=6", "eval_size=2",
+            "eval_samples=1", "stored_prompts=6", "stored_samples=5", "offline_keep=3", f"output_dir={tmp_path / 'run'}"]
     trainer = Trainer(build_config(None, [*args, "steps=2"], recipe="reasonmaxxer"), log=lambda *_: None)
     assert 1 <= len(trainer.offline_groups) <= 3
     assert all(len(g.completions) == 4 for g in trainer.offline_groups)  # the shortest 80% of 5
