@@ -280,6 +280,7 @@ class Trainer:
         groups = []
         for i, demo in enumerate(rows):
             ids = self.tokenizer(demo.completion, add_special_tokens=False)["input_ids"][:cfg.max_new_tokens - 1] + [eos]
+            # a demonstration has no sampler: placeholder log-probs, never read (on policy instead)
             groups.append(stored.StoredGroup(i, [ids], [[0.0] * len(ids)], [1.0], demo.prompt))
         self.log(f"demonstrations: {len(groups)} from {source}")
         return groups
@@ -388,7 +389,7 @@ class Trainer:
                     models[name] = ModelOutputs(out.hidden, head, *at_tokens)
                     if with_prompt:
                         prompt_models[name] = ModelOutputs(out.prompt.hidden, head)
-            if cfg.top_p < 1.0 or cfg.offline:  # the sampler's own log-probs are the behaviour policy
+            if cfg.top_p < 1.0 or (cfg.offline and cfg.offline_data == "stored"):  # the sampler's log-probs
                 old_logprobs = torch.tensor([lp for row in behaviour_logprobs for lp in row])
             if old_head is not None or (old_logprobs is None and (
                     cfg.inner_iterations > 1 or spec.reward_terms)):
