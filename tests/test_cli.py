@@ -28,6 +28,9 @@ def test_train_happy_path_from_a_config_file(tmp_path, capsys):
     (["--set", "modle=tiny"], "unknown config key 'modle'; did you mean 'model'?"),
     (["--set", "task=chain_summ"], "unknown task 'chain_summ'"),
     (["--set", "model=./no/such/model"], "model path './no/such/model' does not exist"),
+    (["--set", "reference=./no/such/model"], "config key 'reference': model path './no/such/model' does not exist"),
+    (["--set", "teacher=./no/such/model", "--set", "terms=[{divergence: reverse_kl, target: teacher}]"],
+     "config key 'teacher': model path './no/such/model' does not exist"),
 ])
 def test_bad_input_fails_before_training_with_a_clear_message(tmp_path, capsys, args, message):
     assert main(["train", *TINY, "--set", f"output_dir={tmp_path / 'out'}", *args]) == 2

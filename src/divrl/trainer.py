@@ -35,7 +35,7 @@ from divrl.checkpoint import checkpoint_dirs, load_checkpoint, save_checkpoint
 from divrl.config import ConfigError, TrainConfig, save_config, stage1_config, uses_demonstrations
 from divrl.spec import parse_objective
 from divrl.metrics import pass_at_k_over_prompts
-from divrl.models import load_model, output_head
+from divrl.models import ModelLoadError, load_model, output_head
 from divrl.report import write_report
 from divrl.prompts import Group, build_source, split_groups
 from divrl.rollout import sample
@@ -332,7 +332,10 @@ class Trainer:
     def _load_frozen(self, key: str, spec: str, seed: int):
         """A frozen model from config key `key` (teacher, reference); refused if its vocabulary
         differs from the policy's."""
-        model, _ = load_model(spec, seed=seed)
+        try:
+            model, _ = load_model(spec, seed=seed)
+        except ModelLoadError as err:
+            raise ConfigError(f"config key '{key}': {err}") from None
         model.eval().requires_grad_(False)
         vocab, other = output_head(self.model).vocab_size, output_head(model).vocab_size
         if vocab != other:
