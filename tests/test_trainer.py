@@ -10,7 +10,8 @@ from divrl.checkpoint import checkpoint_dirs
 from divrl.config import ConfigError, build_config
 from divrl.runlog import read_metrics
 from divrl.models import output_head
-from divrl.trainer import Trainer, completion_hidden
+from divrl.hidden import completion_hidden
+from divrl.trainer import Trainer
 
 
 def tiny_cfg(tmp_path, *extra):

@@ -12,6 +12,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import re
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -157,6 +158,28 @@ def verify_head(model, head: chunked.Head | None = None, probe_ids: torch.Tensor
         f"{type(model).__name__}: {problem}. divrl computes log-probs from hidden states through this head "
         f"(weight, bias, logit scale, final softcap); training it would use a different distribution from the "
         f"one sampled.")
+
+
+def native_bf16() -> bool:
+    """Whether this CPU has native bf16 matmuls (AVX512-BF16 or AMX); without them bf16 is slower."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def autocast_for(dtype: str):
+    """A context-manager factory for config key `dtype`: bf16 autocast for 'bfloat16', and for
+    'auto' where the CPU has native bf16; otherwise no autocast (float32)."""
+    if dtype == "bfloat16" or (dtype == "auto" and native_bf16()):
+        return lambda: torch.autocast("cpu", dtype=torch.bfloat16)
+    return nullcontext
+
+
+def stop_token_ids(tokenizer) -> list[int]:
+    """The token ids that end a completion: the tokenizer's eos and pad tokens."""
+    return sorted({tokenizer.eos_token_id, tokenizer.pad_token_id})
 
 
 def load_model(spec: str, seed: int = 0):
