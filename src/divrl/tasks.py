@@ -13,7 +13,9 @@ stripped completion.
 The training and held-out splits never share a prompt: the reasoning-gym held-out split is
 generated with `eval_seed` and its prompts are removed from the training split (generated with
 `seed`) — small prompt spaces such as 1-digit chain_sum would otherwise overlap; JSONL rows are
-shuffled with the seed and the first `eval_size` held out.
+shuffled with the seed and the first `eval_size` held out. Held-out prompts are distinct (a repeat
+is dropped; reasoning-gym draws further items until `eval_size` distinct ones are found, if the
+prompt space holds that many), so standard errors over prompts count each prompt once.
 """
 
 from __future__ import annotations
@@ -42,6 +44,13 @@ class Example:
 
 
 _NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
+
+
+def distinct(examples: list[Example]) -> list[Example]:
+    """The examples with their first occurrence of each prompt only (a repeated held-out prompt
+    would count twice in a standard error over prompts)."""
+    seen: set[str] = set()
+    return [e for e in examples if not (e.prompt in seen or seen.add(e.prompt))]
 
 
 def extract_answer(completion: str) -> str:
@@ -81,11 +90,10 @@ class ReasoningGymTask(Task):
                             f"dataset. Valid reasoning-gym names: {', '.join(sorted(DATASETS))}")
         try:
             self._train_ds = reasoning_gym.create_dataset(name, size=train_size, seed=seed, **params)
-            eval_ds = reasoning_gym.create_dataset(name, size=eval_size, seed=eval_seed, **params)
+            self.eval = self._distinct_examples(name, params, eval_size, eval_seed)
         except (TypeError, ValueError, AssertionError) as err:
             raise TaskError(f"task '{name}' rejects task_params {params}: {err}") from None
         self.name = name
-        self.eval = [Example(e["question"], str(e["answer"]), e) for e in eval_ds]
         held_out = {ex.prompt for ex in self.eval}
         self.train = [Example(e["question"], str(e["answer"]), e) for e in self._train_ds
                       if e["question"] not in held_out]
@@ -95,6 +103,21 @@ class ReasoningGymTask(Task):
 
     def score(self, completion: str, example: Example) -> float:
         return self._train_ds.score_answer(extract_answer(completion), example.entry)
+
+    @staticmethod
+    def _distinct_examples(name: str, params: dict, size: int, seed: int) -> list[Example]:
+        """The first `size` distinct questions of the dataset generated with `seed`, drawing up to
+        16·size items (a reasoning-gym item depends on seed and index only, so a longer draw
+        extends a shorter one); fewer when the prompt space is that small."""
+        import reasoning_gym
+
+        draw = size
+        while True:
+            items = reasoning_gym.create_dataset(name, size=draw, seed=seed, **params)
+            examples = distinct([Example(e["question"], str(e["answer"]), e) for e in items])
+            if len(examples) >= size or draw >= 16 * size:
+                return examples[:size]
+            draw *= 2
 
 
 def _load_function(spec: str) -> Callable[[str, str], float]:
@@ -146,7 +169,11 @@ class JsonlTask(Task):
         random.Random(seed).shuffle(rows)
         n_eval = min(eval_size, len(rows) // 2)
         self.name = path.stem
-        self.eval, self.train = rows[:n_eval], rows[n_eval:n_eval + train_size]
+        self.eval = distinct(rows[:n_eval])
+        held_out = {e.prompt for e in self.eval}
+        self.train = [e for e in rows[n_eval:] if e.prompt not in held_out][:train_size]
+        if not self.train:
+            raise TaskError(f"{path}: every training row repeats a held-out prompt")
         self._fn = None if verifier == "exact" else _load_function(verifier)
 
     def score(self, completion: str, example: Example) -> float:
