@@ -63,3 +63,22 @@ def load_checkpoint(path: Path, model, optimizer, generator: torch.Generator) ->
     generator.set_state(rng["sampling"])
     torch.set_rng_state(rng["torch"])
     return json.loads((path / "trainer_state.json").read_text())
+
+
+def is_run_dir(path: str | Path) -> bool:
+    """Whether `path` is a divrl run directory (it has the run's saved config or checkpoints)."""
+    path = Path(path)
+    return path.is_dir() and ((path / "config.yaml").is_file() or (path / "checkpoints").is_dir())
+
+
+def resolve_model(spec: str) -> str:
+    """`spec` as a model source: a run directory stands for its latest complete checkpoint (a
+    run directory without one raises FileNotFoundError naming it); anything else is returned as is
+    (a model directory, 'default', 'tiny', a hub id — `divrl.models.load_model` takes those)."""
+    if not is_run_dir(spec):
+        return spec
+    found = checkpoint_dirs(Path(spec))
+    if not found:
+        raise FileNotFoundError(f"run directory '{spec}' has no complete checkpoint "
+                                f"(checkpoints/step-N/ with trainer_state.json)")
+    return str(found[-1][1])

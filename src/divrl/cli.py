@@ -1,5 +1,5 @@
 """`divrl` command line: `divrl train [--recipe NAME] [CONFIG.yaml] [--set key=value ...]`,
-`divrl recipes`, `divrl lab …`."""
+`divrl recipes`, `divrl eval …`, `divrl compare …`, `divrl lab …`."""
 
 from __future__ import annotations
 
@@ -8,6 +8,8 @@ import sys
 
 import yaml
 
+from divrl.compare import add_parser as add_compare
+from divrl.eval_cli import add_parser as add_eval
 from divrl.lab_cli import add_parser as add_lab
 
 
@@ -55,6 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.set_defaults(func=_train)
     listing = sub.add_parser("recipes", help="list the recipes: name, description, paper")
     listing.set_defaults(func=_recipes)
+    add_eval(sub)
+    add_compare(sub)
     add_lab(sub)
     return parser
 
