@@ -184,6 +184,10 @@ class TrainConfig:
                              default=4)
     eval_temperature: float = _doc("Sampling temperature of evaluation.", default=0.7)
     eval_every: int = _doc("Evaluate every this many steps (0: only before and after).", default=10)
+    inspect_every: int = _doc("Record the completions of every this many steps, with each token's "
+                              "entropy, advantage and exact reverse KL to the reference (else the "
+                              "teacher), in inspect/step-N.json for `divrl inspect` (0: never).",
+                              default=10)
     checkpoint_every: int = _doc("Save a checkpoint every this many steps (and at the end).",
                                  default=10)
     keep_checkpoints: int = _doc("How many recent checkpoints to keep.", default=2)
@@ -256,6 +260,7 @@ def _check(cfg: TrainConfig) -> None:
                 "stored_per_step"):
         need(getattr(cfg, key) >= 1, key, "must be ≥ 1")
     need(cfg.eval_every >= 0, "eval_every", "must be ≥ 0")
+    need(cfg.inspect_every >= 0, "inspect_every", "must be ≥ 0")
     need(cfg.max_refills >= 0, "max_refills", "must be ≥ 0")
     need(cfg.prompt_filter in PROMPT_FILTERS, "prompt_filter", f"must be one of {PROMPT_FILTERS}")
     try:

@@ -17,44 +17,37 @@ from __future__ import annotations
 import copy
 import dataclasses
 import itertools
+import json
 import math
 import sys
 import time
 from collections import defaultdict
-from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
-from transformers import DynamicCache
 
 from divrl import chunked, demos, diversity, objectives, stored
+from divrl.atomic import write_text_atomically
 from divrl.chunked import Head
+from divrl.evaluation import score_completions
+from divrl.hidden import TokenBatch, completion_hidden
 from divrl.checkpoint import checkpoint_dirs, load_checkpoint, save_checkpoint
 from divrl.config import ConfigError, TrainConfig, save_config, stage1_config, uses_demonstrations
 from divrl.spec import parse_objective
 from divrl.metrics import pass_at_k_over_prompts
-from divrl.models import ModelLoadError, load_model, output_head
+from divrl.models import ModelLoadError, autocast_for, load_model, output_head, stop_token_ids
 from divrl.report import write_report
 from divrl.prompts import Group, build_source, split_groups
 from divrl.rollout import sample
 from divrl.rowwise import ModelOutputs
 from divrl.runlog import MetricsLog, read_metrics
-from divrl.tasks import Example, Task, build_task, encode_prompt, safe_score
+from divrl.tasks import Example, Task, build_task, encode_prompt
 
 
 def passes(reward: float) -> bool:
     return reward >= objectives.PASS_THRESHOLD
-
-
-def native_bf16() -> bool:
-    """Whether this CPU has native bf16 matmuls (AVX512-BF16 or AMX); without them bf16 is slower."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 def check_output_dir(cfg: TrainConfig) -> Path:
@@ -67,74 +60,6 @@ def check_output_dir(cfg: TrainConfig) -> Path:
     if cfg.resume and not checkpoint_dirs(run_dir) and not (cfg.stage1 and (run_dir / "stage1").is_dir()):
         raise ConfigError(f"config key 'resume': '{run_dir}' has no checkpoint to resume from")
     return run_dir
-
-
-@dataclass
-class TokenBatch:
-    """Completion tokens of some sequences, flattened (design §4): hidden states that predict
-    them, the tokens, and the completion (row) each belongs to."""
-
-    hidden: torch.Tensor  # (n, H)
-    tokens: torch.Tensor  # (n,)
-    rows: torch.Tensor  # (n,) index into the completions given
-    prompt: "TokenBatch | None" = None  # with_prompt: the positions predicting prompt tokens 2..L
-
-
-def completion_hidden(model, prompts: list[list[int]], completions: list[list[int]],
-                      pad_token_id: int, with_prompt: bool = False) -> TokenBatch:
-    """Hidden states that predict each completion token, computing every prompt once.
-
-    `completions` are group-major: G = len(completions) / len(prompts) per prompt. The prompts
-    (left-padded) run first and their KV cache is repeated G times — differentiably, so gradients
-    reach the prompt positions — then the completions (right-padded) run on top of it. The G
-    copies of a prompt cost one forward/backward instead of G. Padding never reaches the
-    vocabulary-sized output layer: only the hidden states of real completion tokens are kept.
-    `with_prompt` also keeps, in ``.prompt``, the hidden states that predict each prompt's tokens
-    2..L (rows = the prompt's index), computed once per prompt.
-    """
-    group = len(completions) // len(prompts)
-    width = max(len(p) for p in prompts)
-    prompt_ids = torch.full((len(prompts), width), pad_token_id, dtype=torch.long)
-    prompt_mask = torch.zeros_like(prompt_ids)
-    for row, prompt in enumerate(prompts):
-        prompt_ids[row, width - len(prompt):] = torch.tensor(prompt)
-        prompt_mask[row, width - len(prompt):] = 1
-    cache = DynamicCache(config=model.config)
-    body = model.base_model
-    prompt_states = body(input_ids=prompt_ids, attention_mask=prompt_mask,
-                         position_ids=(prompt_mask.cumsum(1) - 1).clamp(min=0), cache=cache,
-                         use_cache=True).last_hidden_state
-    prompt_hidden = prompt_states[:, -1]
-    cache.batch_repeat_interleave(group)
-
-    lengths = torch.tensor([len(c) for c in completions])
-    comp_width = int(lengths.max())
-    comp_ids = torch.full((len(completions), comp_width), pad_token_id, dtype=torch.long)
-    for row, completion in enumerate(completions):
-        comp_ids[row, :len(completion)] = torch.tensor(completion)
-    comp_mask = (torch.arange(comp_width)[None, :] < lengths[:, None]).long()
-    prompt_lens = prompt_mask.sum(1).repeat_interleave(group)
-    comp_hidden = body(input_ids=comp_ids,
-                       attention_mask=torch.cat([prompt_mask.repeat_interleave(group, 0),
-                                                 comp_mask], 1),
-                       position_ids=prompt_lens[:, None] + torch.arange(comp_width)[None, :],
-                       cache=cache, use_cache=True).last_hidden_state
-    if cache.get_seq_length() != width + comp_width:  # e.g. gradient checkpointing in train mode
-        raise RuntimeError(f"the KV cache holds {cache.get_seq_length()} positions after the "
-                           f"completions, not prompt + completion = {width + comp_width}: the model "
-                           f"dropped its cache (transformers does under gradient checkpointing in "
-                           f"train mode), so completions would not see their prompts")
-    # Token j of a completion is predicted by the hidden state before it: the prompt's last one
-    # for j = 0, the completion's (j − 1)-th otherwise.
-    predictors = torch.cat([prompt_hidden.repeat_interleave(group, 0)[:, None], comp_hidden[:, :-1]], 1)
-    rows = torch.repeat_interleave(torch.arange(len(completions)), lengths)
-    cols = torch.cat([torch.arange(int(n)) for n in lengths])
-    prompt = None
-    if with_prompt:  # (left-padded) position j predicts token j + 1 when both are real
-        predicts = (prompt_mask[:, :-1] * prompt_mask[:, 1:]).bool()
-        p_rows, p_cols = predicts.nonzero(as_tuple=True)
-        prompt = TokenBatch(prompt_states[p_rows, p_cols], prompt_ids[p_rows, p_cols + 1], p_rows)
-    return TokenBatch(predictors[rows, cols], comp_ids[rows, cols], rows, prompt)
 
 
 @dataclass
@@ -175,10 +100,8 @@ class Trainer:
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr,
                                            weight_decay=cfg.weight_decay)
         self.generator = torch.Generator().manual_seed(cfg.seed)
-        use_bf16 = cfg.dtype == "bfloat16" or (cfg.dtype == "auto" and native_bf16())
-        self.autocast = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if use_bf16 \
-            else nullcontext
-        self.stop_ids = sorted({self.tokenizer.eos_token_id, self.tokenizer.pad_token_id})
+        self.autocast = autocast_for(cfg.dtype)
+        self.stop_ids = stop_token_ids(self.tokenizer)
         self._prompt_cache: dict[str, list[int]] = {}
         self.online_spec, self.stored_spec = objectives.online_and_stored(self.objective)
         self.stored_groups: list[stored.StoredGroup] = []
@@ -363,12 +286,7 @@ class Trainer:
     def _score(self, examples: list[Example], completions: list[list[int]], group_size: int
                ) -> tuple[list[float], int]:
         texts = self.tokenizer.batch_decode(completions, skip_special_tokens=True)
-        rewards, errors = [], 0
-        for i, text in enumerate(texts):
-            reward, ok = safe_score(self.task, text, examples[i // group_size])
-            rewards.append(reward)
-            errors += not ok
-        return rewards, errors
+        return score_completions(self.task, texts, examples, group_size)
 
     # ----- the update -------------------------------------------------------------------------
     def _head(self, model) -> Head:
@@ -425,10 +343,12 @@ class Trainer:
 
     def _update(self, prompts: list[list[int]], completions: list[list[int]],
                 rewards: list[float], behaviour_logprobs: list[list[float]],
-                stored_groups: list[stored.StoredGroup] = (), step: int = 0, objective=None) -> dict:
+                stored_groups: list[stored.StoredGroup] = (), step: int = 0, objective=None,
+                record: list[str] | None = None) -> dict:
         """`inner_iterations` optimizer steps on the objective of one rollout batch (and of this
         step's stored responses, for stored terms), with annealed coefficients at `step`; another
-        `objective` (behaviour cloning's) replaces the run's online one."""
+        `objective` (behaviour cloning's) replaces the run's online one. `record` (the prompts'
+        texts) writes the batch's per-token record for `divrl inspect` before the update."""
         cfg, pad = self.cfg, self.tokenizer.pad_token_id
         spec = (objective or self.online_spec).at_step(step)
         stored_spec = None if self.stored_spec is None else self.stored_spec.at_step(step)
@@ -488,6 +408,8 @@ class Trainer:
                     penalty[rows] = objectives.reward_penalty(
                         spec, inputs(m, cur.hidden, cur.tokens, cur.rows, zero))
         advantages = objectives.advantages(spec, reward_t, penalty, group, verdict=passed)
+        if record is not None:
+            self._record_tokens(step + 1, record, prompts, completions, reward_t, advantages, passed)
 
         stored_micro = self._stored_inputs(list(stored_groups), stored_spec) if stored_groups else []
         sources = [(defaultdict(float), defaultdict(float)) for _ in range(2)]  # online, stored
@@ -533,6 +455,35 @@ class Trainer:
                 self.entropy_anchor = stats["top_p_entropy"]
             stats["entropy_anchor_h0"] = self.entropy_anchor
         return stats
+
+    @torch.no_grad()
+    def _record_tokens(self, step: int, prompt_texts: list[str], prompts: list[list[int]],
+                       completions: list[list[int]], rewards: torch.Tensor, advantages: torch.Tensor,
+                       passed: torch.Tensor) -> None:
+        """inspect/step-N.json: each completion of the batch with, per token, its text, the entropy
+        of the sampling distribution and the exact KL(πθ ‖ π_ref) (π_T without a reference), at
+        the temperature-T distributions of the objective, by the policy that sampled it."""
+        pad, group = self.tokenizer.pad_token_id, len(completions) // len(prompts)
+        other, label = ((self.reference, "KL(πθ ‖ π_ref)") if self.reference is not None
+                        else (self.teacher, "KL(πθ ‖ π_T)") if self.teacher is not None else (None, None))
+        with self.autocast():
+            policy = completion_hidden(self.model, prompts, completions, pad)
+            head = self._head(self.model)
+            _, entropy = chunked.logprob_entropy(policy.hidden, head, policy.tokens)
+            divergence = None
+            if other is not None:
+                target = completion_hidden(other, prompts, completions, pad)
+                divergence = chunked.divergence("reverse_kl", policy.hidden, head, target.hidden, self._head(other))
+        starts = [0, *itertools.accumulate(len(c) for c in completions)]
+        per_row = lambda values, r: [round(float(v), 5) for v in values[starts[r]:starts[r + 1]]]  # noqa: E731
+        samples = [{"prompt": prompt_texts[r // group],
+                    "completion": self.tokenizer.decode(c, skip_special_tokens=True),
+                    "reward": float(rewards[r]), "passed": bool(passed[r]), "advantage": float(advantages[r]),
+                    "tokens": [self.tokenizer.decode([t]) for t in c], "entropy": per_row(entropy, r),
+                    "divergence": None if divergence is None else per_row(divergence, r)}
+                   for r, c in enumerate(completions)]
+        write_text_atomically(self.run_dir / "inspect" / f"step-{step}.json",
+                              json.dumps({"step": step, "divergence": label, "samples": samples}))
 
     def _diversity(self, completions: list[list[int]], group: int) -> torch.Tensor:
         """DSDR's global diversity d (B,) of each completion within its group (`divrl.diversity`)."""
@@ -627,9 +578,12 @@ class Trainer:
         self.reward_errors += stats["reward_errors"]
         t1 = time.perf_counter()
         if groups:
+            every = self.cfg.inspect_every
+            record = [g.example.prompt for g in groups] if every and (step + 1) % every == 0 else None
             stats.update(self._update([g.prompt_ids for g in groups], [c for g in groups for c in g.completions],
                                       [r for g in groups for r in g.rewards], [lp for g in groups for lp in g.logprobs],
-                                      stored.batch(self.stored_groups, step, self.cfg.stored_per_step), step))
+                                      stored.batch(self.stored_groups, step, self.cfg.stored_per_step), step,
+                                      record=record))
         else:  # nothing to learn from: every prompt filtered out, or equal rewards after the refills
             self.log(f"step {step + 1}: no prompt left to train on ({', '.join(f'{k} {stats[k]}' for k in ('refills', 'filtered_prompts') if k in stats)}); update skipped")
         t2 = time.perf_counter()
