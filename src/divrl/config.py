@@ -20,7 +20,7 @@ from typing import Any
 
 import yaml
 
-from divrl import demos, diversity, prompts, recipes, stored
+from divrl import calibration, demos, diversity, prompts, recipes, stored
 from divrl.spec import ESTIMATORS, ObjectiveSpec, SpecError, parse_objective
 
 
@@ -170,6 +170,12 @@ class TrainConfig:
                              default="exact")
     kl_in_reward: bool = _doc("Place that term in the reward (subtracted from the return; needs "
                               "kl_estimator k1) instead of the loss.", default=False)
+    reward_calibration: dict | None = _doc("InfAlign's calibrate-and-transform reward "
+                                           "(divrl.calibration): {samples: K, t: T} trains on "
+                                           "exp(T·C), C = the reward's mid-rank among K samples of the "
+                                           "reference for the same prompt (T > 0: for best-of-N "
+                                           "decoding; T = 0: the calibrated reward). null: off.",
+                                           default=None)
     monitor_kl: bool = _doc("Log 'kl', the exact reverse KL to the reference, even when no term "
                             "uses the reference (keeps the reference model in memory).", default=True)
     lr: float = _doc("AdamW learning rate.", default=1e-5)
@@ -261,6 +267,10 @@ def _check(cfg: TrainConfig) -> None:
         need(getattr(cfg, key) >= 1, key, "must be ≥ 1")
     need(cfg.eval_every >= 0, "eval_every", "must be ≥ 0")
     need(cfg.inspect_every >= 0, "inspect_every", "must be ≥ 0")
+    try:
+        calibration.CalibrationSpec.parse(cfg.reward_calibration)
+    except ValueError as err:
+        raise ConfigError(f"config key 'reward_calibration': {err}") from None
     need(cfg.max_refills >= 0, "max_refills", "must be ≥ 0")
     need(cfg.prompt_filter in PROMPT_FILTERS, "prompt_filter", f"must be one of {PROMPT_FILTERS}")
     try:

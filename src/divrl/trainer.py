@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 
 from divrl import chunked, demos, diversity, objectives, stored
 from divrl.atomic import write_text_atomically
+from divrl.calibration import CalibrationSpec, transformed
 from divrl.chunked import Head
 from divrl.evaluation import score_completions
 from divrl.hidden import TokenBatch, completion_hidden
@@ -86,8 +87,10 @@ class Trainer:
         for warning in self.objective.warnings:
             log(f"warning: {warning}")
         needs = self.objective.models()
+        self.calibration = CalibrationSpec.parse(cfg.reward_calibration)
+        self.reference_rewards: dict[str, list[float]] = {}  # calibration: sorted, per prompt text
         self.reference = None
-        if "reference" in needs or cfg.monitor_kl:
+        if "reference" in needs or cfg.monitor_kl or self.calibration is not None:
             self.reference = (copy.deepcopy(self.model).requires_grad_(False) if cfg.reference is None
                               else self._load_frozen("reference", cfg.reference, cfg.seed + 2))
         teacher_spec = self._run_stage1() if cfg.stage1 else cfg.teacher
@@ -344,11 +347,12 @@ class Trainer:
     def _update(self, prompts: list[list[int]], completions: list[list[int]],
                 rewards: list[float], behaviour_logprobs: list[list[float]],
                 stored_groups: list[stored.StoredGroup] = (), step: int = 0, objective=None,
-                record: list[str] | None = None) -> dict:
+                record: list[str] | None = None, reference_rewards: list[list[float]] | None = None) -> dict:
         """`inner_iterations` optimizer steps on the objective of one rollout batch (and of this
         step's stored responses, for stored terms), with annealed coefficients at `step`; another
         `objective` (behaviour cloning's) replaces the run's online one. `record` (the prompts'
-        texts) writes the batch's per-token record for `divrl inspect` before the update."""
+        texts) writes the batch's per-token record for `divrl inspect` before the update;
+        `reference_rewards` (sorted, per prompt) calibrates and transforms the task reward."""
         cfg, pad = self.cfg, self.tokenizer.pad_token_id
         spec = (objective or self.online_spec).at_step(step)
         stored_spec = None if self.stored_spec is None else self.stored_spec.at_step(step)
@@ -360,7 +364,10 @@ class Trainer:
         pass_rate = objectives.group_pass_rate(passed, group)
         batch_pass_rate = float(passed.float().mean())
         shaping = objectives.overlong_penalty(spec, torch.tensor(lengths))
-        reward_t = torch.tensor(rewards) + shaping  # the return: task reward + overlong shaping (0 when off)
+        task_reward = torch.tensor(rewards)
+        if reference_rewards is not None:  # InfAlign-CTRL: exp(t · calibrated reward)
+            task_reward = transformed(task_reward, reference_rewards, self.calibration.t)
+        reward_t = task_reward + shaping  # the return: task reward + overlong shaping (0 when off)
         spread = None
         if self.diversity_bonus is not None:  # DSDR: passing completions earn their clipped diversity
             spread = self._diversity(completions, group).clamp(0.0, self.diversity_bonus.clip)
@@ -445,6 +452,8 @@ class Trainer:
         stats = objectives.summarize([(*sources[0], sum(lengths)), (*sources[1], n_stored)], cfg.inner_iterations)
         if spec.overlong_buffer:
             stats["overlong_penalty"] = float(shaping.mean())
+        if reference_rewards is not None:
+            stats["transformed_reward"] = float(task_reward.mean())
         if spread is not None:
             stats["diversity"] = float(spread.mean())
             stats["diversity_of_passes"] = float(spread[passed].mean()) if passed.any() else math.nan
@@ -455,6 +464,19 @@ class Trainer:
                 self.entropy_anchor = stats["top_p_entropy"]
             stats["entropy_anchor_h0"] = self.entropy_anchor
         return stats
+
+    def _reference_rewards(self, examples: list[Example]) -> list[list[float]]:
+        """Each prompt's K reference rewards, sorted (InfAlign's calibration set): sampled from the
+        reference at the training temperature the first time the prompt is seen, then reused."""
+        new = [e for e in dict.fromkeys(e.prompt for e in examples) if e not in self.reference_rewards]
+        if new:
+            fresh = [next(e for e in examples if e.prompt == p) for p in new]
+            k = self.calibration.samples
+            rollout = self._sample(fresh, k, self.cfg.temperature, self.generator, model=self.reference)
+            rewards, _ = self._score(fresh, rollout.completion_ids, k)
+            for i, e in enumerate(fresh):
+                self.reference_rewards[e.prompt] = sorted(rewards[i * k:(i + 1) * k])
+        return [self.reference_rewards[e.prompt] for e in examples]
 
     @torch.no_grad()
     def _record_tokens(self, step: int, prompt_texts: list[str], prompts: list[list[int]],
@@ -580,10 +602,11 @@ class Trainer:
         if groups:
             every = self.cfg.inspect_every
             record = [g.example.prompt for g in groups] if every and (step + 1) % every == 0 else None
+            calibration = None if self.calibration is None else self._reference_rewards([g.example for g in groups])
             stats.update(self._update([g.prompt_ids for g in groups], [c for g in groups for c in g.completions],
                                       [r for g in groups for r in g.rewards], [lp for g in groups for lp in g.logprobs],
                                       stored.batch(self.stored_groups, step, self.cfg.stored_per_step), step,
-                                      record=record))
+                                      record=record, reference_rewards=calibration))
         else:  # nothing to learn from: every prompt filtered out, or equal rewards after the refills
             self.log(f"step {step + 1}: no prompt left to train on ({', '.join(f'{k} {stats[k]}' for k in ('refills', 'filtered_prompts') if k in stats)}); update skipped")
         t2 = time.perf_counter()
@@ -608,6 +631,7 @@ class Trainer:
                 self.reference.load_state_dict(self.model.state_dict())
             self.prompts.load_state_dict(state.get("prompt_source", {}))
             self.entropy_anchor = state.get("entropy_anchor")
+            self.reference_rewards = state.get("reference_rewards", {})
             self.log(f"resumed from {path} (step {start_step})")
             rows = read_metrics(run_dir / "metrics.jsonl") if (run_dir / "metrics.jsonl").exists() else []
             before = next((r for r in rows if r["step"] == 0 and "eval_pass@1" in r), None)
@@ -638,7 +662,8 @@ class Trainer:
                     save_checkpoint(run_dir, self.step, self.model, self.tokenizer,
                                     self.optimizer, self.generator, cfg.keep_checkpoints,
                                     {"prompt_source": self.prompts.state_dict(),
-                                     "entropy_anchor": self.entropy_anchor})
+                                     "entropy_anchor": self.entropy_anchor,
+                                     "reference_rewards": self.reference_rewards})
             bar.close()
             after = self.evaluate()
             log.log(cfg.steps, after)
