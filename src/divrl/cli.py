@@ -1,5 +1,5 @@
 """`divrl` command line: `divrl train [--recipe NAME] [CONFIG.yaml] [--set key=value ...]`,
-`divrl recipes`, `divrl eval …`, `divrl compare …`, `divrl lab …`."""
+`divrl recipes`, `divrl eval …`, `divrl compare …`, `divrl inspect …`, `divrl lab …`."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import yaml
 
 from divrl.compare import add_parser as add_compare
 from divrl.eval_cli import add_parser as add_eval
+from divrl.inspect_page import add_parser as add_inspect
 from divrl.lab_cli import add_parser as add_lab
 
 
@@ -59,6 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
     listing.set_defaults(func=_recipes)
     add_eval(sub)
     add_compare(sub)
+    add_inspect(sub)
     add_lab(sub)
     return parser
 
