@@ -1,5 +1,5 @@
 """`divrl` command line: `divrl train [--recipe NAME] [CONFIG.yaml] [--set key=value ...]`,
-`divrl recipes`, `divrl eval …`, `divrl compare …`, `divrl inspect …`, `divrl lab …`."""
+`divrl recipes`, `divrl eval …`, `divrl compare …`, `divrl inspect …`, `divrl analyze …`, `divrl lab …`."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import sys
 
 import yaml
 
+from divrl.analyze_cli import add_parser as add_analyze
 from divrl.compare import add_parser as add_compare
 from divrl.eval_cli import add_parser as add_eval
 from divrl.inspect_page import add_parser as add_inspect
@@ -61,6 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_eval(sub)
     add_compare(sub)
     add_inspect(sub)
+    add_analyze(sub)
     add_lab(sub)
     return parser
 
