@@ -35,9 +35,9 @@ def test_uninformative_groups_are_dropped_and_refilled(tmp_path, say_task, monke
     trained = []
     real_update = trainer._update
 
-    def spy(prompts, completions, rewards, logprobs, *stored_groups):
+    def spy(prompts, completions, rewards, logprobs, *stored_groups, **options):
         trained.append(rewards)
-        return real_update(prompts, completions, rewards, logprobs, *stored_groups)
+        return real_update(prompts, completions, rewards, logprobs, *stored_groups, **options)
 
     monkeypatch.setattr(trainer, "_update", spy)
     metrics = trainer.train_step(0)
