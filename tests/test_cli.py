@@ -55,3 +55,11 @@ def test_console_script_is_installed():
     exe = os.path.join(os.path.dirname(sys.executable), "divrl")
     result = subprocess.run([exe, "--help"], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0 and "train" in result.stdout
+
+
+def test_every_command_is_registered(capsys):
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    listed = capsys.readouterr().out
+    for command in ("train", "recipes", "eval", "compare", "inspect", "analyze", "lab"):
+        assert command in listed

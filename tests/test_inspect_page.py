@@ -306,3 +306,25 @@ def test_screenshot(browser, pages, tmp_path):
     # on its own driver, as the README's screenshot is made
     png = inspect_page.screenshot(pages["full"], tmp_path / "own" / "page.png", max_height=500)
     assert _png_size(png) == (1280, 500)
+
+
+def test_a_training_run_records_what_the_page_shows(tmp_path, capsys):
+    """The trainer's records (inspect_every) of a tiny run: per token text, entropy and exact KL,
+    the sample's reward and advantage; `divrl inspect RUN` renders the latest."""
+    from divrl.cli import main
+
+    run = tmp_path / "run"
+    assert main(["train", "--set", "model=tiny", "--set", "steps=2", "--set", "prompts_per_step=2",
+                 "--set", "group_size=2", "--set", "max_new_tokens=4", "--set", "eval_size=2",
+                 "--set", "eval_samples=2", "--set", "train_size=20", "--set", "inspect_every=2",
+                 "--set", f"output_dir={run}"]) == 0
+    assert inspect_page.recorded_steps(run).keys() == {2}
+    record = json.loads((run / "inspect" / "step-2.json").read_text())
+    assert record["divergence"] == "KL(πθ ‖ π_ref)" and len(record["samples"]) == 4
+    for sample in record["samples"]:
+        assert len(sample["tokens"]) == len(sample["entropy"]) == len(sample["divergence"]) >= 1
+        assert all(e > 5 for e in sample["entropy"])  # a random tiny model is nearly uniform
+        assert all(abs(d) < 1e-5 for d in sample["divergence"])  # the policy is still the reference
+    capsys.readouterr()
+    assert main(["inspect", str(run)]) == 0
+    assert (run / "inspect" / "inspect-step-2.html").is_file()
