@@ -212,3 +212,16 @@ def test_held_out_prompts_are_distinct():
     prompts = [e.prompt for e in task.eval]
     assert len(prompts) == 64 == len(set(prompts))
     assert not set(prompts) & {e.prompt for e in task.train}
+
+
+def test_best_of_n_by_a_user_reward(tmp_path, monkeypatch):
+    (tmp_path / "length_reward.py").write_text("def shortest(prompt, completion):\n    return -len(completion)\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    rows = _rows([("p0", [("3", True, [1]), ("44", False, [1, 2]), ("555", False, [1, 2, 3])])])
+    for row in rows:
+        row["completion"] = row["final_answer"]
+    out = evaluation.summarize({}, rows, ks=[1], best_of=[3], selection="length_reward:shortest")
+    # the shortest ("3", correct) is the best of 3 unless all three draws miss it: 1 − (2/3)^3
+    assert out["best_of"]["3"]["accuracy"] == pytest.approx(1 - (2 / 3) ** 3)
+    with pytest.raises(evaluation.EvalError, match="best-of-N reward 'nope:f' cannot be loaded"):
+        evaluation.summarize({}, rows, ks=[1], best_of=[2], selection="nope:f")

@@ -45,9 +45,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     parser.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
     parser.add_argument("--reference", help="model (or run directory) for the exact per-token KL(πθ ‖ π_ref)")
     parser.add_argument("--best-of", type=_ints, metavar="N,N,…", help="best-of-N accuracy and KL for these N")
-    parser.add_argument("--select", default="mean_logprob", choices=("mean_logprob", "verifier"),
+    parser.add_argument("--select", default="mean_logprob", metavar="mean_logprob|verifier|MODULE:FUNCTION",
                         help="best-of-N picks the sample with the highest mean token log-prob "
-                             "(default) or the highest verifier reward")
+                             "(default), verifier reward, or user reward f(prompt, completion) -> float")
     parser.add_argument("--out", help="output directory (default: RUN/eval for a run, else ./eval)")
     parser.set_defaults(func=run)
     return parser

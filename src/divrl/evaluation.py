@@ -16,8 +16,8 @@ completion — so every statistic can be recomputed, for other k, without sampli
   whole vocabulary when a reference is given (both at the sampling temperature, as in training;
   at T = 1 for greedy decoding);
 - completion length in tokens and the fraction cut at max_new_tokens;
-- best-of-N (`metrics.best_of_n`) by a selection score, with its KL to the sampler against the
-  bound log N − (N−1)/N.
+- best-of-N (`metrics.best_of_n`) by a selection score (mean token log-prob, the verifier, or a
+  user reward `module:function`), with its KL to the sampler against the bound log N − (N−1)/N.
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ from divrl.hidden import completion_hidden
 from divrl.models import output_head, stop_token_ids
 from divrl.objectives import PASS_THRESHOLD
 from divrl.rollout import sample
-from divrl.tasks import Example, Task, encode_prompt, extract_answer, safe_score
+from divrl.tasks import Example, Task, TaskError, encode_prompt, extract_answer, load_function, safe_score
 
 FORMAT = "divrl-eval-samples/1"
 SELECTIONS = ("mean_logprob", "verifier")
@@ -171,9 +171,17 @@ def _interval(values: list[float], seed: int) -> list[float]:
 
 
 def _selection_scores(prompt: list[dict], selection: str) -> list[float]:
+    """Best-of-N's score of each sample: its mean token log-prob, its verifier reward, or a user
+    reward `module:function` called as f(prompt, completion) -> float."""
     if selection == "mean_logprob":
         return [r["logprob_sum"] / max(r["length"], 1) for r in prompt]
-    return [r["reward"] for r in prompt]
+    if selection == "verifier":
+        return [r["reward"] for r in prompt]
+    try:
+        reward = load_function(selection, what="best-of-N reward")
+    except TaskError as err:
+        raise EvalError(str(err)) from None
+    return [float(reward(r["prompt"], r["completion"])) for r in prompt]
 
 
 def summarize(header: dict, rows: list[dict], ks: Sequence[int] | None = None,
@@ -229,8 +237,9 @@ def summarize(header: dict, rows: list[dict], ks: Sequence[int] | None = None,
 
 def _best_of(prompts: list[list[dict]], passed: list[list[float]], sizes: Sequence[int], selection: str,
              n: int) -> dict:
-    if selection not in SELECTIONS:
-        raise EvalError(f"best-of-N selection must be one of {', '.join(SELECTIONS)}; got '{selection}'")
+    if selection not in SELECTIONS and ":" not in selection:
+        raise EvalError(f"best-of-N selection must be one of {', '.join(SELECTIONS)} or module:function; "
+                        f"got '{selection}'")
     bad = [size for size in sizes if not 1 <= size <= n]
     if bad:
         raise EvalError(f"best-of-N needs 1 ≤ N ≤ n = {n}; got N = {bad}")

@@ -120,16 +120,18 @@ class ReasoningGymTask(Task):
             draw *= 2
 
 
-def _load_function(spec: str) -> Callable[[str, str], float]:
+def load_function(spec: str, what: str = "verifier") -> Callable[[str, str], float]:
+    """The callable `module:function` names; TaskError names `what` it was for and the problem."""
     module_name, _, attr = spec.partition(":")
     if not module_name or not attr:
-        raise TaskError(f"verifier '{spec}' must be 'exact' or 'module:function'")
+        raise TaskError(f"{what} '{spec}' must be 'exact' or 'module:function'" if what == "verifier"
+                        else f"{what} '{spec}' must be 'module:function'")
     try:
         fn = getattr(importlib.import_module(module_name), attr)
     except (ImportError, AttributeError) as err:
-        raise TaskError(f"verifier '{spec}' cannot be loaded: {err}") from None
+        raise TaskError(f"{what} '{spec}' cannot be loaded: {err}") from None
     if not callable(fn):
-        raise TaskError(f"verifier '{spec}' is not callable")
+        raise TaskError(f"{what} '{spec}' is not callable")
     return fn
 
 
@@ -174,7 +176,7 @@ class JsonlTask(Task):
         self.train = [e for e in rows[n_eval:] if e.prompt not in held_out][:train_size]
         if not self.train:
             raise TaskError(f"{path}: every training row repeats a held-out prompt")
-        self._fn = None if verifier == "exact" else _load_function(verifier)
+        self._fn = None if verifier == "exact" else load_function(verifier)
 
     def score(self, completion: str, example: Example) -> float:
         if self._fn is None:
