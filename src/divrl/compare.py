@@ -67,7 +67,9 @@ def load_entry(path: str | Path, label: str | None = None) -> Entry:
         raise CompareError(f"{eval_file}: not JSON ({err})") from None
     if "per_prompt" not in result or "ks" not in result:
         raise CompareError(f"{eval_file}: not a divrl eval.json (no per_prompt/ks)")
-    return Entry(label or (path.parent.name if path.is_file() else path.name), path, eval=result)
+    folder = eval_file.parent
+    default = folder.parent.name if folder.name == "eval" else folder.name  # runs/x/eval → x
+    return Entry(label or default, path, eval=result)
 
 
 def _check_same_task(entries: list[Entry]) -> None:
