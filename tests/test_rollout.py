@@ -278,3 +278,27 @@ def test_rejects_invalid_arguments(model, bad):
     kwargs = dict(prompt_ids=PROMPTS, group_size=2, max_new_tokens=3, stop_token_ids=[], pad_token_id=PAD) | bad
     with pytest.raises(ValueError):
         sample(model, **kwargs)
+
+
+@pytest.mark.parametrize("temperature", [0.0, 0.7])
+def test_entropies_are_those_of_the_teacher_forced_distribution(tiny, temperature):
+    """with_entropy: H(softmax(z/T)) at every sampled position (T = 1 for greedy), as the exact
+    chunked entropy of the same positions teacher-forced; rows leave the batch at different steps."""
+    from divrl import chunked
+    from divrl.hidden import completion_hidden
+    from divrl.models import output_head
+
+    model, tokenizer = tiny
+    prompts = PROMPTS[:2]
+    rollout = sample(model, prompts, group_size=3, max_new_tokens=6, stop_token_ids=range(0, len(tokenizer), 3),
+                     pad_token_id=tokenizer.pad_token_id, temperature=temperature,
+                     generator=torch.Generator().manual_seed(1), with_entropy=True)
+    assert [len(e) for e in rollout.entropies] == [len(c) for c in rollout.completion_ids]
+    with torch.no_grad():
+        batch = completion_hidden(model, prompts, rollout.completion_ids, tokenizer.pad_token_id)
+        _, expected = chunked.logprob_entropy(batch.hidden, output_head(model).at_temperature(temperature or 1.0),
+                                              batch.tokens)
+    got = torch.tensor([e for row in rollout.entropies for e in row])
+    torch.testing.assert_close(got, expected.float(), rtol=0, atol=1e-4)
+    assert sample(model, prompts, group_size=1, max_new_tokens=2, stop_token_ids=[0],
+                  pad_token_id=tokenizer.pad_token_id).entropies is None

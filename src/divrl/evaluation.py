@@ -12,9 +12,11 @@ completion — so every statistic can be recomputed, for other k, without sampli
   (equal to pass@n);
 - diversity per prompt: distinct-1/2/3 over the completions' tokens, the number of distinct final
   answers among correct samples, and of distinct correct completions;
-- per-token entropy of the sampling distribution, and the exact per-token KL(πθ ‖ π_ref) over the
-  whole vocabulary when a reference is given (both at the sampling temperature, as in training;
-  at T = 1 for greedy decoding);
+- per-token entropy of the sampling distribution softmax(z/T) (from the logits the sampler drew
+  from), and the exact per-token KL(πθ ‖ π_ref) over the whole vocabulary when a reference is
+  given (teacher-forced, at the sampling temperature as in training; T = 1 for greedy decoding);
+- the mean token log-prob of each sample under the distribution it was drawn from (nucleus-
+  renormalized when top_p < 1), best-of-N's default selection score;
 - completion length in tokens and the fraction cut at max_new_tokens;
 - best-of-N (`metrics.best_of_n`) by a selection score (mean token log-prob, the verifier, or a
   user reward `module:function`), with its KL to the sampler against the bound log N − (N−1)/N.
@@ -66,21 +68,15 @@ def score_completions(task: Task, texts: Sequence[str], examples: Sequence[Examp
 
 
 @torch.no_grad()
-def teacher_forced(model, prompts: list[list[int]], completions: list[list[int]], pad_token_id: int,
-                   temperature: float, reference=None) -> tuple[list[float], list[float], list[float] | None]:
-    """Per completion: Σ_t log π(y_t), Σ_t H(π(·|s_t)) and, with a reference, Σ_t KL(π ‖ π_ref)(s_t),
-    exact over the vocabulary at `temperature` (group-major completions, `completion_hidden`)."""
-    batch = completion_hidden(model, prompts, completions, pad_token_id)
-    head = output_head(model).at_temperature(temperature)
-    logprob, entropy = chunked.logprob_entropy(batch.hidden, head, batch.tokens)
-    kl = None
-    if reference is not None:
-        ref = completion_hidden(reference, prompts, completions, pad_token_id)
-        kl = chunked.divergence("reverse_kl", batch.hidden, head, ref.hidden,
-                                output_head(reference).at_temperature(temperature))
-    sums = lambda values: torch.zeros(len(completions), dtype=torch.float64).index_add_(  # noqa: E731
-        0, batch.rows, values.double()).tolist()
-    return sums(logprob), sums(entropy), None if kl is None else sums(kl)
+def reference_kl(model, reference, prompts: list[list[int]], completions: list[list[int]], pad_token_id: int,
+                 temperature: float) -> list[float]:
+    """Per completion Σ_t KL(π ‖ π_ref)(s_t), exact over the vocabulary at `temperature`, teacher-
+    forced (group-major completions, `completion_hidden`)."""
+    policy = completion_hidden(model, prompts, completions, pad_token_id)
+    target = completion_hidden(reference, prompts, completions, pad_token_id)
+    kl = chunked.divergence("reverse_kl", policy.hidden, output_head(model).at_temperature(temperature),
+                            target.hidden, output_head(reference).at_temperature(temperature))
+    return torch.zeros(len(completions), dtype=torch.float64).index_add_(0, policy.rows, kl.double()).tolist()
 
 
 def sample_eval(model, tokenizer, task: Task, *, n: int, temperature: float, top_p: float,
@@ -95,7 +91,6 @@ def sample_eval(model, tokenizer, task: Task, *, n: int, temperature: float, top
         raise EvalError(f"n must be at least 1, got {n}")
     generator = torch.Generator().manual_seed(seed)
     stops, pad = stop_token_ids(tokenizer), tokenizer.pad_token_id
-    forced_temperature = temperature if temperature > 0 else 1.0
     per_batch = max(1, rows_per_batch // n)
     rows = []
     bar = tqdm(total=len(task.eval) * n, desc="eval", unit="sample", dynamic_ncols=True)
@@ -105,9 +100,9 @@ def sample_eval(model, tokenizer, task: Task, *, n: int, temperature: float, top
         with autocast():
             rollout = sample(model, prompt_ids, group_size=n, max_new_tokens=max_new_tokens,
                              stop_token_ids=stops, pad_token_id=pad, temperature=temperature,
-                             top_p=top_p, generator=generator)
-            logprob, entropy, kl = teacher_forced(model, prompt_ids, rollout.completion_ids, pad,
-                                                  forced_temperature, reference)
+                             top_p=top_p, generator=generator, with_entropy=True)
+            kl = None if reference is None else reference_kl(model, reference, prompt_ids, rollout.completion_ids,
+                                                             pad, temperature or 1.0)
         texts = tokenizer.batch_decode(rollout.completion_ids, skip_special_tokens=True)
         rewards, _ = score_completions(task, texts, examples, n)
         for i, (ids, text) in enumerate(zip(rollout.completion_ids, texts)):
@@ -115,8 +110,9 @@ def sample_eval(model, tokenizer, task: Task, *, n: int, temperature: float, top
             rows.append({"prompt_id": first + i // n, "prompt": example.prompt, "answer": example.answer,
                          "completion": text, "completion_ids": ids, "reward": rewards[i],
                          "passed": rewards[i] >= PASS_THRESHOLD, "final_answer": extract_answer(text),
-                         "finished": rollout.finished[i], "length": len(ids), "logprob_sum": logprob[i],
-                         "entropy_sum": entropy[i], "kl_sum": None if kl is None else kl[i]})
+                         "finished": rollout.finished[i], "length": len(ids),
+                         "logprob_sum": sum(rollout.logprobs[i]), "entropy_sum": sum(rollout.entropies[i]),
+                         "kl_sum": None if kl is None else kl[i]})
         bar.update(len(rollout.completion_ids))
     bar.close()
     return rows

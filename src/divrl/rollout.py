@@ -43,6 +43,7 @@ class Rollout:
     logprobs: list[list[float]]  # like completion_ids: log b(token) of each sampled token
     finished: list[bool]  # P*G: True if the row ended on a stop token, False if cut at max_new_tokens
     group_size: int
+    entropies: list[list[float]] | None = None  # with_entropy: H(softmax(logits / T)) at each token
 
 
 def _draw(weights: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
@@ -92,6 +93,12 @@ def nucleus(probs: torch.Tensor, top_p: float, first_k: int = 256) -> tuple[torc
         weights[done, : top.shape[-1]] = top
         token_ids[done, : ids.shape[-1]] = ids
     return weights, token_ids
+
+
+def entropy_of(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """H(softmax(logits / T)) per row in nats (float32); T = 0 (greedy) reads as T = 1."""
+    logp = (logits.float() / (temperature or 1.0)).log_softmax(dim=-1)
+    return -(logp.exp() * logp).sum(dim=-1)
 
 
 def next_tokens(
@@ -191,11 +198,14 @@ def sample(
     temperature: float = 1.0,
     top_p: float = 1.0,
     generator: torch.Generator | None = None,
+    with_entropy: bool = False,
 ) -> Rollout:
     """Sample ``group_size`` completions of each prompt, each up to ``max_new_tokens`` long and
     ending at the first stop token (see the module docstring for how). Reproducible for a seeded
     ``generator``; ``temperature=0`` decodes greedily. The model samples in eval mode (no dropout;
-    HF layers skip the cache under gradient checkpointing in training mode) and gets its mode back."""
+    HF layers skip the cache under gradient checkpointing in training mode) and gets its mode back.
+    `with_entropy` also returns the entropy of softmax(logits / T) (the whole vocabulary, before
+    top-p; T = 1 for greedy) at each sampled position, from the logits the draw used."""
     if any(len(p) == 0 for p in prompt_ids):
         raise ValueError("every prompt needs at least one token")
     if group_size < 1 or max_new_tokens < 0:
@@ -205,9 +215,9 @@ def sample(
     was_training = model.training
     model.eval()
     try:
-        completions, logprobs, finished = _decode(
+        completions, logprobs, finished, entropies = _decode(
             model, prompt_ids, group_size, max_new_tokens, stop_token_ids, pad_token_id,
-            temperature, top_p, generator,
+            temperature, top_p, generator, with_entropy,
         )
     finally:
         model.train(was_training)
@@ -217,13 +227,16 @@ def sample(
         logprobs=logprobs,
         finished=finished,
         group_size=group_size,
+        entropies=entropies,
     )
 
 
 def _decode(
-    model, prompt_ids, group_size, max_new_tokens, stop_token_ids, pad_token_id, temperature, top_p, generator
+    model, prompt_ids, group_size, max_new_tokens, stop_token_ids, pad_token_id, temperature, top_p, generator,
+    with_entropy=False,
 ):
-    """(completions, logprobs, finished) of `sample`: prefill the P prompts, copy their cache G times, decode."""
+    """(completions, logprobs, finished, entropies or None) of `sample`: prefill the P prompts, copy
+    their cache G times, decode."""
     device = model.device
     ids, prompt_mask = _left_pad(prompt_ids, pad_token_id)
     width = ids.shape[1]
@@ -250,6 +263,7 @@ def _decode(
     completions: list[list[int]] = [[] for _ in range(n_rows)]
     logprobs: list[list[float]] = [[] for _ in range(n_rows)]
     finished = [False] * n_rows
+    entropies: list[list[float]] | None = [[] for _ in range(n_rows)] if with_entropy else None
     live = torch.arange(n_rows, device=device)  # the Rollout row of each batch row
     stops = torch.tensor(sorted(set(stop_token_ids)), dtype=torch.long, device=device)
 
@@ -258,6 +272,9 @@ def _decode(
         for row, token, logprob in zip(live.tolist(), tokens.tolist(), token_logprobs.tolist()):
             completions[row].append(token)
             logprobs[row].append(logprob)
+        if entropies is not None:
+            for row, value in zip(live.tolist(), entropy_of(logits, temperature).tolist()):
+                entropies[row].append(value)
         stopped = torch.isin(tokens, stops)
         for row in live[stopped].tolist():
             finished[row] = True
@@ -278,4 +295,4 @@ def _decode(
         )
         logits = out.logits[:, -1]
 
-    return completions, logprobs, finished
+    return completions, logprobs, finished, entropies
