@@ -142,13 +142,15 @@ def plot(entries: list[Entry], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(2, 2, figsize=(11, 8), constrained_layout=True)
+    palette = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    colour = {e.label: palette[i % len(palette)] for i, e in enumerate(entries)}  # one per input, every panel
     ax = axes.flat[0]
     for e in entries:
         if e.eval is not None:
             ks = e.eval["ks"]
-            line, = ax.plot(ks, [e.eval[f"pass@{k}"] for k in ks], marker="o", label=e.label)
+            ax.plot(ks, [e.eval[f"pass@{k}"] for k in ks], marker="o", label=e.label, color=colour[e.label])
             low, high = zip(*(e.eval[f"pass@{k}_ci"] for k in ks))
-            ax.fill_between(ks, low, high, color=line.get_color(), alpha=0.15)
+            ax.fill_between(ks, low, high, color=colour[e.label], alpha=0.15)
     ax.set_xscale("log", base=2)
     ax.set(xlabel="k (samples per prompt)", ylabel="pass@k", title="held-out pass@k (95% bootstrap band)",
            ylim=(0, 1.02))
@@ -156,7 +158,7 @@ def plot(entries: list[Entry], path: Path) -> None:
         for e in entries:
             points = [(r["step"], r[key]) for r in e.rows if key in r and r[key] is not None]
             if points:
-                ax.plot(*zip(*points), label=e.label)
+                ax.plot(*zip(*points), label=e.label, color=colour[e.label])
         ax.set(xlabel="training step", ylabel=key, title=title)
     for ax in axes.flat:
         ax.grid(alpha=0.3, which="both")
