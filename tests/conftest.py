@@ -10,6 +10,18 @@ os.environ.setdefault("DIVRL_CACHE", str(Path(__file__).resolve().parents[1] / "
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
+@pytest.fixture
+def one_thread():
+    """torch on one thread for the test: small matrices gain nothing from a pool, and on a busy
+    2-core box a 2-thread pool made them 30–40× slower."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def tiny():
     """(model, tokenizer): the tiny random Llama with the default model's tokenizer."""

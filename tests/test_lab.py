@@ -13,13 +13,7 @@ from divrl import divergences, lab, lab_cli
 DT = torch.float64
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tables of a few entries: a thread pool only adds overhead (≈40× on a loaded 2-core box)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tv(lp_a, lp_b):

@@ -14,13 +14,7 @@ from divrl import analyze_cli, weight_analysis as wa
 DT = torch.float64
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Small SVDs: a 2-thread pool on a busy 2-core box is up to ~30x slower than one thread."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def gen(seed: int = 0) -> torch.Generator:
