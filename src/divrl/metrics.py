@@ -98,7 +98,7 @@ def best_of_n(scores: Sequence[float], correct: Sequence[float], n: int) -> tupl
     the KL tends to log N − (N−1)/N (methods.md C5; Beirami et al. 2024), an upper bound with ties."""
     m = len(scores)
     if m == 0 or len(correct) != m or n < 1:
-        raise ValueError(f"best_of_n needs scores and verdicts of equal, non-zero length and N ≥ 1")
+        raise ValueError("best_of_n needs scores and verdicts of equal, non-zero length and N ≥ 1")
     by_score = Counter(float(s) for s in scores)
     verdicts: dict[float, float] = {}
     for s, c in zip(scores, correct):
