@@ -53,13 +53,16 @@ def test_kl_of_a_model_against_itself_is_zero(tiny):
     torch.testing.assert_close(kl, torch.zeros(7), atol=1e-6, rtol=0)
 
 
-def test_shared_prompt_forward_matches_full_sequences(tiny):
-    """Prompt computed once + KV repeated G times == each prompt+completion run on its own,
-    for log-probs and their gradients (prompts of different lengths, ragged completions)."""
+@pytest.mark.parametrize("bucket_overhead", [0, 2, 10**6])  # a bucket per length, some, one
+def test_shared_prompt_forward_matches_full_sequences(tiny, bucket_overhead):
+    """Prompt computed once + its KV selected for each of its G completions == each
+    prompt+completion run on its own, for log-probs and their gradients (prompts of different
+    lengths, ragged completions), however the completions are bucketed by length."""
     model, tokenizer = tiny
     prompts = [[5, 6, 7], [8, 9]]
     completions = [[10, 11, 12], [13], [14, 15], [16, 17, 18]]  # G = 2, group-major
-    batch = completion_hidden(model, prompts, completions, tokenizer.pad_token_id)
+    batch = completion_hidden(model, prompts, completions, tokenizer.pad_token_id,
+                              bucket_overhead=bucket_overhead)
     lp, _ = chunked.logprob_entropy(batch.hidden, output_head(model), batch.tokens)
     (grad,) = torch.autograd.grad(lp.sum(), model.model.layers[0].self_attn.q_proj.weight)
 
@@ -74,6 +77,25 @@ def test_shared_prompt_forward_matches_full_sequences(tiny):
     assert batch.rows.tolist() == [0, 0, 0, 1, 2, 2, 3, 3, 3]
     torch.testing.assert_close(lp, expected, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(grad, expected_grad, atol=1e-5, rtol=1e-4)
+
+
+def test_length_buckets_minimize_padded_tokens_plus_overhead():
+    """The dynamic programme's split against every split of the sorted rows into contiguous runs."""
+    import itertools as it
+
+    from divrl.hidden import length_buckets
+
+    for lengths, overhead in (([5, 1, 9, 9, 2, 7, 3], 4), ([3, 3, 3], 1), ([8, 1, 1, 1, 1], 2), ([4], 0)):
+        ordered = sorted(lengths, reverse=True)
+
+        def cost(parts):
+            return sum(overhead + len(p) * max(p) for p in parts)
+
+        best = min(cost([ordered[a:b] for a, b in zip((0, *cuts), (*cuts, len(ordered)))])
+                   for k in range(len(ordered)) for cuts in it.combinations(range(1, len(ordered)), k))
+        buckets = length_buckets(lengths, overhead)
+        assert sorted(r for b in buckets for r in b) == list(range(len(lengths)))
+        assert cost([[lengths[r] for r in b] for b in buckets]) == best
 
 
 def test_prompt_positions_are_the_full_sequence_predictions_of_the_prompt_tokens(tiny):
@@ -228,3 +250,34 @@ def test_top_p_below_one_trains_against_the_samplers_own_logprobs(tmp_path):
     torch.testing.assert_close(frozen.old_logprobs, expected)
     metrics = trainer.train_step(0)
     assert math.isfinite(metrics["loss"])
+
+
+def test_inner_iterations_take_old_logprobs_from_the_first_iteration(tmp_path, monkeypatch):
+    """πold of iterations 2.. is the first iteration's πθ: no separate policy forward before the
+    update (tests/test_golden_run.py's `inner2` case holds the metrics to the earlier numbers)."""
+    import divrl.trainer as trainer_module
+
+    trainer = Trainer(tiny_cfg(tmp_path, "inner_iterations=3", "micro_batch_size=4", "kl_coef=0.0",
+                               "monitor_kl=false"), log=lambda *_: None)
+    forwards = []
+
+    def counted(model, *args, **kwargs):
+        forwards.append(model is trainer.model)
+        return completion_hidden(model, *args, **kwargs)
+
+    monkeypatch.setattr(trainer_module, "completion_hidden", counted)
+    logprobs = []
+    original = trainer_module.objectives.objective_loss
+
+    def recorded(spec, inputs):
+        logprobs.append((inputs.old_logprobs, original(spec, inputs)))
+        return logprobs[-1][1]
+
+    monkeypatch.setattr(trainer_module.objectives, "objective_loss", recorded)
+    trainer.train_step(0)
+    micro_batches = 2  # 2 prompts × 4 completions, 4 a micro-batch
+    assert forwards == [True] * (3 * micro_batches)  # the policy, once per micro-batch and iteration
+    first = [out.logprobs for old, out in logprobs[:micro_batches]]
+    assert all(old is None for old, _ in logprobs[:micro_batches])
+    for m, (old, _) in enumerate(logprobs[micro_batches:]):
+        assert torch.equal(old, first[m % micro_batches])

@@ -71,7 +71,7 @@ def _config(args: argparse.Namespace):
 
 def _sampled(args: argparse.Namespace) -> tuple[dict, list[dict]]:
     """(header, rows) of a fresh sampling run."""
-    from divrl import evaluation
+    from divrl import evaluation, precision
     from divrl.models import autocast_for, load_model
     from divrl.tasks import build_task
 
@@ -95,7 +95,7 @@ def _sampled(args: argparse.Namespace) -> tuple[dict, list[dict]]:
     rows = evaluation.sample_eval(model, tokenizer, task, n=args.n, temperature=temperature, top_p=cfg.top_p,
                                   max_new_tokens=cfg.max_new_tokens, seed=args.seed,
                                   system_prompt=cfg.system_prompt, reference=reference,
-                                  autocast=autocast_for(cfg.dtype))
+                                  autocast=autocast_for(precision.resolve(cfg.dtype, model, print)))
     header = {"model": source, "task": task.name, "task_params": cfg.task_params, "eval_seed": cfg.eval_seed,
               "n": args.n, "temperature": temperature, "top_p": cfg.top_p, "max_new_tokens": cfg.max_new_tokens,
               "seed": args.seed, "reference": args.reference, "prompts": len(task.eval)}

@@ -160,19 +160,9 @@ def verify_head(model, head: chunked.Head | None = None, probe_ids: torch.Tensor
         f"one sampled.")
 
 
-def native_bf16() -> bool:
-    """Whether this CPU has native bf16 matmuls (AVX512-BF16 or AMX); without them bf16 is slower."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
-def autocast_for(dtype: str):
-    """A context-manager factory for config key `dtype`: bf16 autocast for 'bfloat16', and for
-    'auto' where the CPU has native bf16; otherwise no autocast (float32)."""
-    if dtype == "bfloat16" or (dtype == "auto" and native_bf16()):
+def autocast_for(precision: str):
+    """A context-manager factory: bf16 autocast for 'bf16', none (float32) for 'fp32'."""
+    if precision == "bf16":
         return lambda: torch.autocast("cpu", dtype=torch.bfloat16)
     return nullcontext
 

@@ -174,6 +174,7 @@ class ObjectiveOutput:
     loss: torch.Tensor  # scalar with gradient
     token_sums: dict[str, float]  # Σ over the tokens of per-token quantities (means once divided by N)
     loss_parts: dict[str, float]  # each term's contribution to the loss
+    logprobs: torch.Tensor | None = None  # (N,) log πθ of the tokens, detached (the next iteration's πold)
 
 
 def _wide(x: torch.Tensor) -> torch.Tensor:
@@ -408,7 +409,7 @@ def objective_loss(spec: ObjectiveSpec, inputs: ObjectiveInputs) -> ObjectiveOut
                 sums["reverse_kl_to_reference"] += float(chunked.divergence(
                     "reverse_kl", policy.hidden.detach(), policy.head.detach(), ref.hidden, ref.head).sum())
     loss = sum(parts.values()) if parts else logprobs.sum() * 0.0
-    return ObjectiveOutput(loss, dict(sums), {k: float(v.detach()) for k, v in parts.items()})
+    return ObjectiveOutput(loss, dict(sums), {k: float(v.detach()) for k, v in parts.items()}, logprobs.detach())
 
 
 @torch.no_grad()

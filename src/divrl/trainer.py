@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from divrl import chunked, demos, diversity, objectives, stored
+from divrl import chunked, demos, diversity, objectives, precision, stored
 from divrl.atomic import write_text_atomically
 from divrl.calibration import CalibrationSpec, transformed
 from divrl.chunked import Head
@@ -103,7 +103,8 @@ class Trainer:
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr,
                                            weight_decay=cfg.weight_decay)
         self.generator = torch.Generator().manual_seed(cfg.seed)
-        self.autocast = autocast_for(cfg.dtype)
+        self.precision = precision.resolve(cfg.dtype, self.model, log)
+        self.autocast = autocast_for(self.precision)
         self.stop_ids = stop_token_ids(self.tokenizer)
         self._prompt_cache: dict[str, list[int]] = {}
         self.online_spec, self.stored_spec = objectives.online_and_stored(self.objective)
@@ -315,8 +316,9 @@ class Trainer:
                         prompt_models[name] = ModelOutputs(out.prompt.hidden, head)
             if cfg.top_p < 1.0 or (cfg.offline and cfg.offline_data == "stored"):  # the sampler's log-probs
                 old_logprobs = torch.tensor([lp for row in behaviour_logprobs for lp in row])
-            if old_head is not None or (old_logprobs is None and (
-                    cfg.inner_iterations > 1 or spec.reward_terms)):
+            # Without the sampler's log-probs, πold of inner iterations 2.. is the first iteration's
+            # πθ, kept by `_update`; a forward here only when the targets or rewards need πold now.
+            if old_head is not None or (old_logprobs is None and spec.reward_terms):
                 cur = completion_hidden(self.model, prompts, completions, pad)
                 if old_logprobs is None:
                     old_logprobs = chunked.logprob_entropy(cur.hidden, self._head(self.model), cur.tokens)[0]
@@ -387,6 +389,7 @@ class Trainer:
             head = self._head(self.model)
             old_head = dataclasses.replace(head, weight=head.weight.detach().clone(), bias=None
                                            if head.bias is None else head.bias.detach().clone())
+        clock = time.perf_counter()
         frozen = [self._frozen_inputs(ps, cs, [behaviour_logprobs[r] for r in rows], old_head, spec)
                   for ps, cs, rows, _ in micro]
 
@@ -421,6 +424,7 @@ class Trainer:
         stored_micro = self._stored_inputs(list(stored_groups), stored_spec) if stored_groups else []
         sources = [(defaultdict(float), defaultdict(float)) for _ in range(2)]  # online, stored
         grad_norms = []
+        seconds = {"time_frozen": time.perf_counter() - clock, "time_forward_backward": 0.0, "time_optimizer": 0.0}
 
         def accumulate(source, out):
             for sums, new in zip(source, (out.token_sums, out.loss_parts)):
@@ -428,6 +432,7 @@ class Trainer:
                     sums[key] += value
 
         for _ in range(cfg.inner_iterations):
+            clock = time.perf_counter()
             self.optimizer.zero_grad(set_to_none=True)
             for m, (ps, cs, _, _) in enumerate(micro):
                 with self.autocast():
@@ -436,6 +441,8 @@ class Trainer:
                                                                  cur.prompt))
                 out.loss.backward()
                 accumulate(sources[0], out)
+                if frozen[m].old_logprobs is None and cfg.inner_iterations > 1:  # πold: πθ before the update
+                    frozen[m].old_logprobs = out.logprobs
             for ps, cs, fields in stored_micro:
                 with self.autocast():
                     cur = completion_hidden(self.model, ps, cs, pad)
@@ -444,10 +451,13 @@ class Trainer:
                         rows=cur.rows, **fields))
                 out.loss.backward()
                 accumulate(sources[1], out)
+            seconds["time_forward_backward"] += time.perf_counter() - clock
+            clock = time.perf_counter()
             norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(),
                                                   cfg.max_grad_norm or float("inf"))
             grad_norms.append(norm.item())
             self.optimizer.step()
+            seconds["time_optimizer"] += time.perf_counter() - clock
         n_stored = sum(len(c) for _, cs, _ in stored_micro for c in cs)
         stats = objectives.summarize([(*sources[0], sum(lengths)), (*sources[1], n_stored)], cfg.inner_iterations)
         if spec.overlong_buffer:
@@ -458,6 +468,7 @@ class Trainer:
             stats["diversity"] = float(spread.mean())
             stats["diversity_of_passes"] = float(spread[passed].mean()) if passed.any() else math.nan
         stats["grad_norm"] = sum(grad_norms) / len(grad_norms)
+        stats.update(seconds)
         stats.update((f"{t.name}_coef", t.coef_at(step)) for t in self.objective.terms if t.anneal)
         if spec.entropy_anchor is not None:
             if self.entropy_anchor is None:  # H₀: the first batch's statistic, fixed afterwards

@@ -1,0 +1,313 @@
+"""A GRPO step of divrl against TRL's GRPOTrainer, on the same configuration, on this machine.
+
+    python benchmarks/grpo_step.py [--steps 4] [--sides trl-fp32,trl-bf16,divrl-fp32,divrl-auto]
+                                   [--side-timeout 3600] [--out benchmarks/results/DATE-grpo-step-HOST]
+
+The configuration (issue 10): SmolLM2-135M-Instruct, reasoning-gym chain_sum (2 terms, 1 digit), 4
+prompts × 8 samples, ≤ 64 new tokens, T = 1.0, β = 0.04 with the k3 estimator in the loss, AdamW
+at a constant lr 1e-6, gradient clipping at 1.0, token-mean loss (TRL's `dapo`), advantages
+normalized by the group's sample std, PPO clip 0.2 on both sides (one inner iteration, so the ratio
+is 1), micro-batches of 16 sequences. TRL samples with transformers' `generate`.
+
+Each side runs in its own subprocess (TRL fp32, divrl fp32, TRL bf16, divrl `dtype: auto`, in
+that order), writing one JSON line per step as it goes, so a side stopped at --side-timeout still
+reports the steps it finished (and one that finished none reports a lower bound). Timings are the
+median of steps 2..N (step 1 warms up). Peak RSS is the process's ru_maxrss (model loading
+included, on both sides). Model FLOPs count each token's weight matmuls (2 × parameters per token
+and pass, the output layer only at completion positions, attention scores left out): sampling
+one forward, the policy a forward and a backward (×3), the reference a forward; the machine's
+matmul peak is measured here at each precision. Prints a table, writes `results.json`,
+`reward.png` (reward per step of every side) and `summary.md` to --out, and ends with the line
+`ratio_samples_per_s_vs_trl=X ratio_peak_rss_vs_trl=Y` (divrl's faster setting against TRL's
+faster one).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import resource
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+PROMPTS, GROUP, MAX_NEW, BETA, LR, TEMPERATURE, MICRO = 4, 8, 64, 0.04, 1e-6, 1.0, 16
+TASK_PARAMS = {"min_terms": 2, "max_terms": 2, "min_digits": 1, "max_digits": 1, "allow_negation": False}
+SIDES = ("trl-fp32", "divrl-fp32", "trl-bf16", "divrl-auto")
+FLAGS = ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_vnni", "amx_tile", "amx_bf16")
+
+
+def peak_rss_gb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # KiB on Linux
+
+
+def divrl_config(steps: int, dtype: str, output_dir: str):
+    from divrl.config import TrainConfig
+
+    return TrainConfig(model="default", task="chain_sum", task_params=TASK_PARAMS, steps=steps,
+                       prompts_per_step=PROMPTS, group_size=GROUP, max_new_tokens=MAX_NEW,
+                       temperature=TEMPERATURE, lr=LR, kl_coef=BETA, kl_estimator="k3", clip_low=0.2,
+                       clip_high=0.2, micro_batch_size=MICRO, eval_size=8, inspect_every=0,
+                       checkpoint_every=10**9, dtype=dtype, output_dir=output_dir)
+
+
+def run_divrl(steps: int, dtype: str, emit) -> None:
+    from divrl.trainer import Trainer
+
+    with tempfile.TemporaryDirectory() as tmp:
+        trainer = Trainer(divrl_config(steps, dtype, tmp), log=lambda *_: None)
+        params = model_params(trainer.model)
+        for step in range(steps):
+            m = trainer.train_step(step)
+            emit({"step": step + 1, "seconds": m["time_step"], "reward": m["reward"],
+                  "completion_tokens": m["completion_length"] * PROMPTS * GROUP,
+                  "phases": {k[len("time_"):]: m[k] for k in m if k.startswith("time_") and k != "time_step"},
+                  "autocast": trainer.precision, **params})
+
+
+def model_params(model) -> dict:
+    """Parameters in matmuls per token: the body's (no embedding lookup) and the output layer's."""
+    head = model.get_output_embeddings().weight.numel()
+    total = sum(p.numel() for p in model.parameters())  # a tied output layer is counted once
+    embedding = model.get_input_embeddings().weight.numel()
+    return {"params_body": total - embedding - (0 if model.config.tie_word_embeddings else head),
+            "params_head": head}
+
+
+def run_trl(steps: int, bf16: bool, emit) -> None:
+    from datasets import Dataset
+    from transformers import TrainerCallback
+    from trl import GRPOConfig, GRPOTrainer
+
+    from divrl.evaluation import score_completions
+    from divrl.models import load_model
+    from divrl.tasks import build_task
+
+    model, tokenizer = load_model("default")
+    task = build_task(divrl_config(steps, "float32", "unused"))
+    rows = [{"prompt": [{"role": "user", "content": e.prompt}], "index": i} for i, e in enumerate(task.train)]
+
+    def reward(completions, index, **_):
+        texts = [c[-1]["content"] for c in completions]
+        return score_completions(task, texts, [task.train[i] for i in index], 1)[0]
+
+    class Clock(TrainerCallback):
+        def on_step_begin(self, *_, **__):
+            self.start = time.perf_counter()
+
+        def on_step_end(self, *_, **__):
+            self.seconds = time.perf_counter() - self.start
+
+        def on_log(self, args, state, control, logs=None, **_):
+            if logs and "reward" in logs:
+                emit({"step": state.global_step, "seconds": self.seconds, "reward": logs["reward"],
+                      "completion_tokens": logs["completions/mean_length"] * PROMPTS * GROUP,
+                      "autocast": "bf16" if bf16 else "none", **params})
+
+    params = model_params(model)
+    with tempfile.TemporaryDirectory() as tmp:
+        args = GRPOConfig(output_dir=tmp, max_steps=steps, per_device_train_batch_size=MICRO,
+                          gradient_accumulation_steps=PROMPTS * GROUP // MICRO, num_generations=GROUP,
+                          max_completion_length=MAX_NEW, temperature=TEMPERATURE, beta=BETA, learning_rate=LR,
+                          lr_scheduler_type="constant", loss_type="dapo", scale_rewards="group", epsilon=0.2,
+                          max_grad_norm=1.0, weight_decay=0.0, logging_steps=1, report_to="none",
+                          save_strategy="no", use_cpu=True, bf16=bf16, seed=0, dataloader_num_workers=0,
+                          disable_tqdm=True)
+        GRPOTrainer(model=model, reward_funcs=reward, args=args, train_dataset=Dataset.from_list(rows),
+                    processing_class=tokenizer, callbacks=[Clock()]).train()
+
+
+def worker(side: str, steps: int, path: Path) -> None:
+    def emit(row: dict) -> None:
+        row["peak_rss_gb"] = peak_rss_gb()
+        with path.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+
+    if side.startswith("trl"):
+        run_trl(steps, side == "trl-bf16", emit)
+    else:
+        run_divrl(steps, side.split("-")[1].replace("fp32", "float32"), emit)
+
+
+def matmul_peak(dtype: torch.dtype, n: int = 1024, seconds: float = 1.5) -> float:
+    """FLOP/s of square n × n matmuls at `dtype` on this machine (best of a few timed batches)."""
+    a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
+    best, deadline = 0.0, time.perf_counter() + seconds
+    while time.perf_counter() < deadline:
+        start = time.perf_counter()
+        for _ in range(4):
+            a @ b
+        best = max(best, 4 * 2 * n**3 / (time.perf_counter() - start))
+    return best
+
+
+def cpu_flags() -> list[str]:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return []
+    line = next((l for l in text.splitlines() if l.startswith("flags")), "")
+    present = set(line.split(":", 1)[-1].split())
+    return [f for f in FLAGS if f in present]
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def model_flops(row: dict, prompt_tokens: float) -> float:
+    """Model FLOPs of one step (see the module docstring)."""
+    body, head = row["params_body"], row["params_head"]
+    completion = row["completion_tokens"]
+    per_forward = 2 * body * (prompt_tokens + completion) + 2 * head * completion
+    return per_forward * (1 + 3 + 1)  # sampling, policy forward + backward, reference
+
+
+def summarize(side: str, rows: list[dict], limit_hit: bool, timeout: float, peaks: dict, prompt_tokens: float) -> dict:
+    timed = rows[1:] if len(rows) > 1 else rows
+    if not rows:
+        return {"side": side, "steps": 0, "seconds_per_step_lower_bound": timeout, "limit_hit": limit_hit}
+    seconds = statistics.median(r["seconds"] for r in timed)
+    tokens = statistics.median(r["completion_tokens"] for r in timed)
+    precision = "bf16" if rows[-1]["autocast"] == "bf16" else "fp32"
+    flops = statistics.median(model_flops(r, prompt_tokens) for r in timed)
+    out = {"side": side, "steps": len(rows), "limit_hit": limit_hit, "seconds_per_step": seconds,
+           "samples_per_s": PROMPTS * GROUP / seconds, "tokens_per_s": tokens / seconds,
+           "peak_rss_gb": max(r["peak_rss_gb"] for r in rows), "precision": precision,
+           "model_tflop_per_step": flops / 1e12, "fraction_of_peak": flops / seconds / peaks[precision],
+           "rewards": [r["reward"] for r in rows]}
+    if "phases" in rows[-1]:
+        out["phases"] = {k: statistics.median(r["phases"][k] for r in timed) for k in rows[-1]["phases"]}
+    return out
+
+
+def plot(results: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for r in results:
+        if r.get("rewards"):
+            ax.plot(range(1, len(r["rewards"]) + 1), r["rewards"], marker="o", label=r["side"])
+    ax.set(xlabel="step", ylabel="mean reward of the step's 32 samples", title="GRPO, same configuration")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def table(results: list[dict]) -> str:
+    lines = ["| side | precision | steps | s/step | samples/s | tokens/s | peak RSS GB | model TFLOP/step | of matmul peak |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in results:
+        if not r["steps"]:
+            lines.append(f"| {r['side']} | | 0 | > {r['seconds_per_step_lower_bound']:.0f} (no step within the limit) | | | | | |")
+            continue
+        lines.append(f"| {r['side']} | {r['precision']} | {r['steps']} | {r['seconds_per_step']:.1f} | "
+                     f"{r['samples_per_s']:.2f} | {r['tokens_per_s']:.1f} | {r['peak_rss_gb']:.2f} | "
+                     f"{r['model_tflop_per_step']:.2f} | {100 * r['fraction_of_peak']:.1f}% |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--sides", default=",".join(SIDES))
+    parser.add_argument("--side-timeout", type=float, default=3600.0, help="seconds one side may run")
+    parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser.add_argument("--rows", type=Path, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        return worker(args.worker, args.steps, args.rows)
+
+    date, host = datetime.date.today().isoformat(), socket.gethostname().split(".")[0]
+    out = args.out or Path(__file__).parent / "results" / f"{date}-grpo-step"
+    out.mkdir(parents=True, exist_ok=True)
+    flags = cpu_flags()
+    peaks = {"fp32": matmul_peak(torch.float32), "bf16": matmul_peak(torch.bfloat16)}
+    machine = (f"{cpu_name()}, {os.cpu_count()} cores, flags {' '.join(flags) or 'none of ' + ' '.join(FLAGS)}; "
+               f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+    print(f"machine: {machine}")
+    print(f"matmul peak (1024², this machine): fp32 {peaks['fp32'] / 1e9:.0f} GFLOP/s, "
+          f"bf16 {peaks['bf16'] / 1e9:.0f} GFLOP/s", flush=True)
+    prompt_tokens = prompt_token_count()
+
+    results = []
+    for side in args.sides.split(","):
+        rows_path = out / f"steps-{side}.jsonl"
+        rows_path.unlink(missing_ok=True)
+        start = time.perf_counter()
+        print(f"{side}: {args.steps} steps …", flush=True)
+        try:
+            subprocess.run([sys.executable, __file__, "--worker", side, "--steps", str(args.steps),
+                            "--rows", str(rows_path)], check=True, timeout=args.side_timeout)
+            limit_hit = False
+        except subprocess.TimeoutExpired:
+            limit_hit = True
+        rows = [json.loads(l) for l in rows_path.read_text().splitlines()] if rows_path.exists() else []
+        results.append(summarize(side, rows, limit_hit, time.perf_counter() - start, peaks, prompt_tokens))
+        print(table(results[-1:]).splitlines()[-1], flush=True)
+
+    print("\n" + table(results))
+    for r in results:
+        if r.get("phases"):
+            print(f"{r['side']} phases (median s): " + ", ".join(f"{k} {v:.2f}" for k, v in r["phases"].items()))
+    done = [r for r in results if r["steps"]]
+    trl = [r for r in done if r["side"].startswith("trl")]
+    ours = [r for r in done if r["side"].startswith("divrl")]
+    summary = {"date": date, "host": host, "machine": machine, "peaks_gflops": {k: v / 1e9 for k, v in peaks.items()},
+               "steps": args.steps, "results": results}
+    (out / "results.json").write_text(json.dumps(summary, indent=1))
+    plot(results, out / "reward.png")
+    lines = [f"# GRPO step, divrl vs TRL ({date}, {host})", "", f"Machine: {machine}.",
+             f"Matmul peak: fp32 {peaks['fp32'] / 1e9:.0f} GFLOP/s, bf16 {peaks['bf16'] / 1e9:.0f} GFLOP/s.", "",
+             table(results), ""]
+    if trl and ours:
+        best_trl = max(trl, key=lambda r: r["samples_per_s"])
+        best = max(ours, key=lambda r: r["samples_per_s"])
+        ratio = best["samples_per_s"] / best_trl["samples_per_s"]
+        rss = best["peak_rss_gb"] / best_trl["peak_rss_gb"]
+        slower = [r for r in results if r["side"].startswith("trl") and r is not best_trl]
+        note = "; ".join(f"{r['side']} did not finish a step within {r['seconds_per_step_lower_bound']:.0f} s"
+                         for r in slower if not r["steps"])
+        lines.append(f"{best['side']} against {best_trl['side']}: {ratio:.2f}× the samples/s at "
+                     f"{rss:.2f}× the peak RSS" + (f" ({note})" if note else "") + ".")
+        (out / "summary.md").write_text("\n".join(lines) + "\n")
+        print(f"ratio_samples_per_s_vs_trl={ratio:.2f} ratio_peak_rss_vs_trl={rss:.2f}")
+    else:
+        (out / "summary.md").write_text("\n".join(lines) + "\n")
+        print("ratio_samples_per_s_vs_trl=nan ratio_peak_rss_vs_trl=nan")
+
+
+def prompt_token_count() -> float:
+    """Mean chat-templated prompt tokens per step (P prompts, each computed once), from the task."""
+    from divrl.models import default_tokenizer_dir, load_tokenizer
+    from divrl.tasks import build_task, encode_prompt
+
+    tokenizer = load_tokenizer(default_tokenizer_dir())
+    task = build_task(divrl_config(1, "float32", "unused"))
+    lengths = [len(encode_prompt(tokenizer, e.prompt, None)) for e in task.train[:64]]
+    return PROMPTS * sum(lengths) / len(lengths)
+
+
+if __name__ == "__main__":
+    main()

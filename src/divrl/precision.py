@@ -1,0 +1,105 @@
+"""The precision a model runs at (config key `dtype`); for 'auto', the faster one measured here.
+
+bf16 autocast pays only where the machine multiplies bf16 natively, and the CPU flags do not say
+whether it does: measured, one CPU with AMX ran bf16 matmuls ≈ 4× fp32, one with the AVX512-BF16
+flag but no AMX 0.6×, an AVX2-only one (1024² matmuls) 1/146×. So 'auto' times the model's own
+forward pass (no gradient) on a batch shaped like a training micro-batch (8 sequences × 64
+tokens) at float32 and at bf16 autocast, and takes bf16 when it is at least 10% faster. A bf16
+pass that already took 3× the float32 one is not repeated. The verdict is cached in
+``$DIVRL_CACHE/precision.json`` under the machine (CPU model and flags, threads, torch version,
+device) and the model (its config), so a machine pays the few seconds once per model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+from divrl.atomic import write_text_atomically
+from divrl.models import cache_dir
+
+BF16_GAIN = 0.9  # bf16 is chosen when its time ≤ this × float32's
+GIVE_UP = 3.0  # a bf16 warm-up this many times slower than float32 ends the measurement
+ROWS, TOKENS = 8, 64
+
+
+def cache_file() -> Path:
+    return cache_dir() / "precision.json"
+
+
+def machine_key(device: torch.device) -> str:
+    """What makes one machine's timings differ from another's."""
+    if device.type == "cuda":
+        hardware = torch.cuda.get_device_name(device)
+    else:
+        try:
+            info = Path("/proc/cpuinfo").read_text().splitlines()
+        except OSError:
+            info = []
+        name = next((l.split(":", 1)[1].strip() for l in info if l.startswith("model name")), platform.processor())
+        flags = next((l.split(":", 1)[1].split() for l in info if l.startswith("flags")), [])
+        hardware = f"{name} [{' '.join(sorted(f for f in flags if 'avx' in f or 'amx' in f or f == 'fma'))}]"
+    return f"{device.type}: {hardware}; {torch.get_num_threads()} threads; torch {torch.__version__}"
+
+
+def model_key(model) -> str:
+    """The model's architecture and size (its config without names and versions)."""
+    config = {k: v for k, v in model.config.to_dict().items()
+              if not k.startswith("_") and k not in ("transformers_version", "name_or_path")}
+    digest = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return f"{type(model).__name__}-{digest}"
+
+
+def _forward_seconds(model, ids: torch.Tensor, precision: str) -> float:
+    autocast = torch.autocast(ids.device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+    start = time.perf_counter()
+    with torch.no_grad(), autocast:
+        model(input_ids=ids, logits_to_keep=1)
+    if ids.device.type == "cuda":
+        torch.cuda.synchronize(ids.device)
+    return time.perf_counter() - start
+
+
+def measure(model) -> dict[str, float]:
+    """Seconds of one forward pass of ROWS × TOKENS random tokens at each precision (best of two
+    after a warm-up; bf16 stops after its warm-up when that took GIVE_UP × float32's best)."""
+    generator = torch.Generator().manual_seed(0)
+    ids = torch.randint(model.config.vocab_size, (ROWS, TOKENS), generator=generator).to(model.device)
+    _forward_seconds(model, ids, "fp32")
+    fp32 = min(_forward_seconds(model, ids, "fp32") for _ in range(2))
+    bf16 = _forward_seconds(model, ids, "bf16")
+    if bf16 < GIVE_UP * fp32:
+        bf16 = min(_forward_seconds(model, ids, "bf16") for _ in range(2))
+    return {"fp32": fp32, "bf16": bf16}
+
+
+def faster(seconds: dict[str, float]) -> str:
+    return "bf16" if seconds["bf16"] <= BF16_GAIN * seconds["fp32"] else "fp32"
+
+
+def resolve(dtype: str, model, log=None) -> str:
+    """'bf16' or 'fp32' for config key `dtype`: 'bfloat16' and 'float32' as named; 'auto' the
+    faster of the two for this model on this machine (cached; measured on first use)."""
+    if dtype != "auto":
+        return {"bfloat16": "bf16", "float32": "fp32"}[dtype]
+    key = f"{machine_key(model.device)} | {model_key(model)}"
+    path = cache_file()
+    try:
+        known = json.loads(path.read_text())
+    except (OSError, ValueError):
+        known = {}
+    if key not in known:
+        seconds = measure(model)
+        known[key] = {"precision": faster(seconds), "seconds": seconds}
+        write_text_atomically(path, json.dumps(known, indent=1))
+    entry = known[key]
+    if log is not None:
+        s = entry["seconds"]
+        log(f"dtype auto: {entry['precision']} (a forward of {ROWS}×{TOKENS} tokens took {s['fp32']:.3g} s at "
+            f"fp32, {s['bf16']:.3g} s at bf16 autocast on this machine; cached in {path})")
+    return entry["precision"]

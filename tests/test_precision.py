@@ -1,0 +1,57 @@
+"""`dtype: auto`: the faster precision measured on this machine, cached per machine and model."""
+
+import json
+
+import pytest
+
+from divrl import precision
+from divrl.models import load_model, tiny_config
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("DIVRL_CACHE", str(tmp_path))
+    return tmp_path / "precision.json"
+
+
+def test_named_dtypes_need_no_measurement(tiny, monkeypatch):
+    monkeypatch.setattr(precision, "measure", lambda model: pytest.fail("measured"))
+    assert precision.resolve("float32", tiny[0]) == "fp32"
+    assert precision.resolve("bfloat16", tiny[0]) == "bf16"
+
+
+def test_bf16_only_when_measured_at_least_ten_percent_faster():
+    assert precision.faster({"fp32": 1.0, "bf16": 0.5}) == "bf16"
+    assert precision.faster({"fp32": 1.0, "bf16": 0.9}) == "bf16"
+    assert precision.faster({"fp32": 1.0, "bf16": 0.95}) == "fp32"
+    assert precision.faster({"fp32": 1.0, "bf16": 146.0}) == "fp32"
+
+
+def test_auto_measures_once_per_machine_and_model_and_logs_why(tiny, cache, monkeypatch):
+    calls = []
+
+    def fake(model):
+        calls.append(model)
+        return {"fp32": 2.0, "bf16": 1.0}
+
+    monkeypatch.setattr(precision, "measure", fake)
+    said = []
+    assert precision.resolve("auto", tiny[0], said.append) == "bf16"
+    assert precision.resolve("auto", tiny[0]) == "bf16" and len(calls) == 1  # read back, not re-measured
+    assert "bf16" in said[0] and "2 s at fp32" in said[0] and str(cache) in said[0]
+    other, _ = load_model("tiny", seed=1)  # same architecture, other weights: the same entry
+    assert precision.resolve("auto", other) == "bf16" and len(calls) == 1
+    from transformers import LlamaForCausalLM
+
+    config = tiny_config(tiny[0].config.vocab_size)
+    config.num_hidden_layers = 3
+    assert precision.resolve("auto", LlamaForCausalLM(config)) == "bf16" and len(calls) == 2  # another model
+    entries = json.loads(cache.read_text())
+    assert len(entries) == 2 and all(k.startswith(precision.machine_key(tiny[0].device)) for k in entries)
+
+
+def test_measure_times_both_precisions_of_the_real_forward(tiny, cache):
+    seconds = precision.measure(tiny[0])
+    assert set(seconds) == {"fp32", "bf16"} and all(v > 0 for v in seconds.values())
+    assert precision.resolve("auto", tiny[0]) in ("fp32", "bf16")
+    assert cache.is_file()
