@@ -401,3 +401,27 @@ def test_autocast_casts_the_bias_like_the_weight(inputs, target, heads):
                divergence("jsd", hidden.bfloat16(), bf16, target_hidden.bfloat16(), target_bf16, **CHUNKS))
     for got, want in zip(under_autocast, by_hand):
         torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+def test_weight_gradient_accumulators_are_bounded(inputs, target, monkeypatch):
+    """The token_weights fast path keeps one (V, H) accumulator per worker thread: no more than fit
+    in the budget (16 threads × a 152k × 1536 float32 head would be 15 GB), with the same result."""
+    weight = torch.empty(152_064, 1536, device="meta")
+    assert chunked_module._accumulating_workers(16, weight, torch.float32) == 2
+    assert chunked_module._accumulating_workers(16, weight, torch.float64) == 1
+    assert chunked_module._accumulating_workers(3, torch.empty(V, H), torch.float32) == 3
+    hidden, head_weight, _ = inputs
+    token_weights = torch.linspace(0.0, 1.0, N, dtype=torch.float64)
+    grads, used = {}, []
+    in_parallel = chunked_module._in_parallel
+    monkeypatch.setattr(chunked_module, "_in_parallel", lambda task, items, workers: (
+        used.append(workers), in_parallel(task, items, workers)))
+    monkeypatch.setattr(chunked_module, "_workers", lambda n, device: 2)
+    for budget in (chunked_module.ACCUMULATOR_BUDGET_BYTES, V * H * 8):  # as many workers as threads; one
+        monkeypatch.setattr(chunked_module, "ACCUMULATOR_BUDGET_BYTES", budget)
+        values = divergence("reverse_kl", hidden, head_weight, *target, token_weights=token_weights, **CHUNKS)
+        grads[budget] = torch.autograd.grad((values * token_weights).sum(), (hidden, head_weight))
+    assert used == [2, 1]  # the fused forward's workers; its backward was computed there
+    first, second = grads.values()
+    for a, b in zip(first, second):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)

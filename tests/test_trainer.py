@@ -281,3 +281,14 @@ def test_inner_iterations_take_old_logprobs_from_the_first_iteration(tmp_path, m
     assert all(old is None for old, _ in logprobs[:micro_batches])
     for m, (old, _) in enumerate(logprobs[micro_batches:]):
         assert torch.equal(old, first[m % micro_batches])
+
+
+@pytest.mark.parametrize("kl_coef, logged", [("0.0", [1, 3]), ("0.1", [1, 2, 3, 4])])
+def test_kl_is_monitored_every_few_steps_unless_a_term_needs_the_reference(tmp_path, kl_coef, logged):
+    """β = 0: the reference forward and the divergence pass that only log `kl` run on the first
+    step and every monitor_kl_every-th; a term that reads the reference has it every step."""
+    trainer = Trainer(tiny_cfg(tmp_path, "steps=4", f"kl_coef={kl_coef}", "monitor_kl_every=3"),
+                      log=lambda *_: None)
+    rows = [dict(step=s + 1, **trainer.train_step(s)) for s in range(4)]
+    assert [r["step"] for r in rows if "kl" in r] == logged
+    assert all(r["kl"] >= -1e-6 for r in rows if "kl" in r)  # exact KL, up to rounding at step 1

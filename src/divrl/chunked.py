@@ -11,7 +11,8 @@ calculation for softmax"), and recomputed tile by tile in a custom backward
 Memory besides the inputs and their gradients: a few tiles per worker thread, and in the forward
 of ``divergence`` the tiles of one row block (chunk_tokens × V per model per worker, 2 × 2 × 128 ×
 49152 × 4 B ≈ 100 MB with the defaults) so that its second pass need not redo the matmuls; with
-``token_weights``, also one weight-gradient (and bias-gradient) accumulator per worker thread.
+``token_weights``, also one weight-gradient (and bias-gradient) accumulator per worker thread,
+as many workers as fit in ``ACCUMULATOR_BUDGET_BYTES``.
 
 Work: ``logprob_entropy`` does one logits matmul forward and three backward (recompute, ∂hidden,
 ∂weight) against one and two for full logits; ``divergence`` two forward (policy, target) and four
@@ -169,6 +170,17 @@ def _times_(tile: Tensor, slope: float | Tensor) -> Tensor:
 def _workers(n_items: int, device: torch.device) -> int:
     """CPU: one Python thread per intra-op thread; accelerators queue their own work: one."""
     return max(1, min(torch.get_num_threads(), n_items)) if device.type == "cpu" else 1
+
+
+ACCUMULATOR_BUDGET_BYTES = 2 * 1024**3  # the per-worker weight-gradient accumulators, together
+
+
+def _accumulating_workers(workers: int, weight: Tensor, dtype: torch.dtype) -> int:
+    """Workers for a pass that keeps one (V, H) weight-gradient accumulator per worker: as many as
+    fit in ACCUMULATOR_BUDGET_BYTES (at least one): 16 threads with a 152k × 1536 head would
+    otherwise hold 15 GB of accumulators."""
+    per_worker = weight.numel() * torch.finfo(dtype).bits // 8
+    return max(1, min(workers, ACCUMULATOR_BUDGET_BYTES // per_worker))
 
 
 def _in_parallel(task, items, workers: int) -> None:
@@ -397,6 +409,7 @@ class _Divergence(torch.autograd.Function):
         value = torch.zeros(n, dtype=acc, device=hidden.device)
         grad_sum, lse_p, lse_q = torch.zeros_like(value), torch.empty_like(value), torch.empty_like(value)
         if precompute:  # weight rows are shared by all row blocks: one accumulator per worker
+            workers = _accumulating_workers(workers, weight, acc)
             grad_hidden = torch.zeros(hidden.shape, dtype=acc, device=hidden.device)
             partial_grad_weight = [torch.zeros(weight.shape, dtype=acc, device=weight.device) for _ in range(workers)]
             partial_grad_bias = [

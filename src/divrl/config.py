@@ -178,6 +178,9 @@ class TrainConfig:
                                            default=None)
     monitor_kl: bool = _doc("Log 'kl', the exact reverse KL to the reference, even when no term "
                             "uses the reference (keeps the reference model in memory).", default=True)
+    monitor_kl_every: int = _doc("When no term uses the reference, log 'kl' on the first step and every "
+                                 "this many steps (each costs a reference forward and a divergence pass); "
+                                 "1 = every step.", default=10)
     lr: float = _doc("AdamW learning rate.", default=1e-5)
     weight_decay: float = _doc("AdamW weight decay.", default=0.0)
     max_grad_norm: float = _doc("Gradient clipping norm (0 disables).", default=1.0)
@@ -268,6 +271,7 @@ def _check(cfg: TrainConfig) -> None:
         need(getattr(cfg, key) >= 1, key, "must be ≥ 1")
     need(cfg.eval_every >= 0, "eval_every", "must be ≥ 0")
     need(cfg.inspect_every >= 0, "inspect_every", "must be ≥ 0")
+    need(cfg.monitor_kl_every >= 1, "monitor_kl_every", "must be ≥ 1")
     try:
         calibration.CalibrationSpec.parse(cfg.reward_calibration)
     except ValueError as err:

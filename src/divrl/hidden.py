@@ -76,9 +76,17 @@ def completion_hidden(model, prompts: list[list[int]], completions: list[list[in
         prompt_ids[row, width - len(prompt):] = torch.tensor(prompt)
         prompt_mask[row, width - len(prompt):] = 1
     prompt_ids, prompt_mask = prompt_ids.to(device), prompt_mask.to(device)
-    cache = DynamicCache(config=model.config)
+    # One embedding lookup for every token, so its backward builds one vocabulary-sized gradient,
+    # not one per forward; the buckets gather their rows from it (a zero row for padding).
+    inputs = [c[:-1] for c in completions]  # the last token predicts nothing
+    flat = torch.tensor([t for ids in inputs for t in ids], dtype=torch.long, device=device)
     body = model.base_model
-    prompt_states = body(input_ids=prompt_ids, attention_mask=prompt_mask,
+    embedded = body.get_input_embeddings()(torch.cat([prompt_ids.flatten(), flat]))
+    prompt_embeds = embedded[:prompt_ids.numel()].view(*prompt_ids.shape, -1)
+    comp_embeds = torch.cat([embedded[prompt_ids.numel():], embedded.new_zeros(1, embedded.shape[-1])])
+    input_starts = torch.tensor([0, *(len(ids) for ids in inputs)]).cumsum(0)[:-1].to(device)
+    cache = DynamicCache(config=model.config)
+    prompt_states = body(inputs_embeds=prompt_embeds, attention_mask=prompt_mask,
                          position_ids=(prompt_mask.cumsum(1) - 1).clamp(min=0), cache=cache,
                          use_cache=True).last_hidden_state
     prompt_lens = prompt_mask.sum(1)
@@ -91,20 +99,18 @@ def completion_hidden(model, prompts: list[list[int]], completions: list[list[in
     all_rows = torch.arange(len(completions), device=device)
     values = [prompt_states[:, -1].index_select(0, all_rows // group)]
     places = [starts]
-    for bucket in length_buckets([n - 1 for n in lengths], bucket_overhead):
-        inputs = [completions[r][:-1] for r in bucket]  # the last token predicts nothing
-        comp_width = max(map(len, inputs))
+    for bucket in length_buckets([len(ids) for ids in inputs], bucket_overhead):
+        comp_width = max(len(inputs[r]) for r in bucket)
         if comp_width == 0:
             continue
         rows = torch.tensor(bucket, device=device)
-        comp_ids = torch.full((len(bucket), comp_width), pad_token_id, dtype=torch.long)
-        for i, ids in enumerate(inputs):
-            comp_ids[i, :len(ids)] = torch.tensor(ids, dtype=torch.long)
-        lens = torch.tensor([len(ids) for ids in inputs], device=device)
+        lens = torch.tensor([len(inputs[r]) for r in bucket], device=device)
         columns = torch.arange(comp_width, device=device)
         comp_mask = (columns[None, :] < lens[:, None]).long()
+        gather = torch.where(comp_mask.bool(), input_starts.index_select(0, rows)[:, None] + columns[None, :],
+                             len(comp_embeds) - 1)
         bucket_cache = _prompt_cache_rows(model, cache, rows // group)
-        hidden = body(input_ids=comp_ids.to(device),
+        hidden = body(inputs_embeds=comp_embeds[gather],
                       attention_mask=torch.cat([prompt_mask.index_select(0, rows // group), comp_mask], 1),
                       position_ids=prompt_lens.index_select(0, rows // group)[:, None] + columns[None, :],
                       cache=bucket_cache, use_cache=True).last_hidden_state

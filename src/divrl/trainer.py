@@ -298,16 +298,17 @@ class Trainer:
         objective is the temperature-T one the samples were drawn from, as TRL does)."""
         return output_head(model).at_temperature(self.cfg.temperature)
 
-    def _frozen_inputs(self, prompts, completions, behaviour_logprobs, old_head, spec) -> FrozenInputs:
+    def _frozen_inputs(self, prompts, completions, behaviour_logprobs, old_head, spec, monitor_kl: bool
+                       ) -> FrozenInputs:
         """Outputs of the models that carry no gradient, computed once per rollout batch: those
-        `spec` reads, and the reference for the `kl` metric."""
+        `spec` reads, and the reference for the `kl` metric when `monitor_kl`."""
         cfg, pad = self.cfg, self.tokenizer.pad_token_id
         models, prompt_models, old_logprobs, cur = {}, {}, None, None
         read_at_tokens = objectives.models_read_at_tokens(spec)
         with_prompt = spec.reads_prompt_positions
         with torch.no_grad(), self.autocast():
             for name, model in (("reference", self.reference), ("teacher", self.teacher)):
-                if model is not None and (name in spec.models() or name == "reference"):
+                if model is not None and (name in spec.models() or (name == "reference" and monitor_kl)):
                     out, head = completion_hidden(model, prompts, completions, pad, with_prompt), self._head(model)
                     at_tokens = (chunked.logprob_entropy(out.hidden, head, out.tokens)
                                  if name in read_at_tokens else (None, None))
@@ -389,8 +390,9 @@ class Trainer:
             head = self._head(self.model)
             old_head = dataclasses.replace(head, weight=head.weight.detach().clone(), bias=None
                                            if head.bias is None else head.bias.detach().clone())
+        monitor_kl = step == 0 or (step + 1) % cfg.monitor_kl_every == 0  # `kl` when no term reads the reference
         clock = time.perf_counter()
-        frozen = [self._frozen_inputs(ps, cs, [behaviour_logprobs[r] for r in rows], old_head, spec)
+        frozen = [self._frozen_inputs(ps, cs, [behaviour_logprobs[r] for r in rows], old_head, spec, monitor_kl)
                   for ps, cs, rows, _ in micro]
 
         def inputs(m, hidden, tokens, token_rows, advantages, prompt: TokenBatch | None = None
