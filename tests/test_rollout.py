@@ -302,3 +302,32 @@ def test_entropies_are_those_of_the_teacher_forced_distribution(tiny, temperatur
     torch.testing.assert_close(got, expected.float(), rtol=0, atol=1e-4)
     assert sample(model, prompts, group_size=1, max_new_tokens=2, stop_token_ids=[0],
                   pad_token_id=tokenizer.pad_token_id).entropies is None
+
+
+def test_packed_linears_give_the_plain_numbers(tiny, monkeypatch):
+    """The oneDNN path of sampling (weights reordered once) computes the same logits as the plain
+    layers to float32 rounding, samples the same completions, and leaves the model as it was."""
+    from contextlib import nullcontext
+
+    from divrl import rollout
+
+    model, tokenizer = tiny
+    ids = torch.tensor([PROMPTS[1]])
+    with torch.no_grad():
+        plain = model(ids).logits
+        with rollout.packed_linears(model):
+            assert any("forward" in m.__dict__ for m in model.modules())
+            packed = model(ids).logits
+    assert not any("forward" in m.__dict__ for m in model.modules() if isinstance(m, torch.nn.Linear))
+    torch.testing.assert_close(packed, plain, rtol=1e-5, atol=1e-5)
+
+    def draw():
+        return sample(model, PROMPTS, group_size=3, max_new_tokens=8, stop_token_ids=[0],
+                      pad_token_id=tokenizer.pad_token_id, generator=torch.Generator().manual_seed(3))
+
+    fast = draw()
+    monkeypatch.setattr(rollout, "packed_linears", lambda model: nullcontext())
+    slow = draw()
+    assert fast.completion_ids == slow.completion_ids
+    torch.testing.assert_close(torch.tensor(sum(fast.logprobs, [])), torch.tensor(sum(slow.logprobs, [])),
+                               rtol=1e-5, atol=1e-5)

@@ -16,6 +16,10 @@ behaviour policy b of PPO ratios and k1/k3 estimators: log b(y) = log(w_y / Σ_{
 w = softmax(logits / T) (the whole vocabulary when top_p = 1); log b = 0 for greedy (T = 0). It is
 the drawn entry's weight over its row's kept mass (float64), one gather and one sum of what the
 draw already holds, not a second pass over the logits.
+- on CPU in float32 the linear layers run on oneDNN with their weights reordered once per
+  rollout (``packed_linears``): on a 2-core AVX2 EPYC, a 32-row decode matmul with the
+  output layer's 49152 × 576 weight ran at 82 GFLOP/s against 31 for ``F.linear`` (MKL), the
+  body's 576 × 1536 at 86 against 61; the reorder of all weights takes ~0.5 s.
 ``torch.compile`` of the decode step was measured and is not used: ~2 min to compile, another on
 the first batch shrink, and no faster once compiled on this CPU.
 """
@@ -23,7 +27,9 @@ the first batch shrink, and no faster once compiled on this CPU.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 from transformers import DynamicCache
@@ -176,6 +182,37 @@ def _rollout_cache(model, capacity: int) -> DynamicCache:
     return cache
 
 
+def _packed_forward(packed: torch.Tensor, bias: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
+    return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+
+
+@contextmanager
+def packed_linears(model):
+    """Inside, the model's float32 ``nn.Linear`` layers (no gradient) compute on oneDNN with their
+    weights reordered once, here, into its blocked layout: the same products as ``F.linear`` to
+    float32 rounding, faster at decode's few rows. Nothing changes off CPU, under autocast, or
+    without oneDNN."""
+    linears = [m for m in model.modules() if type(m) is torch.nn.Linear and m.weight.dtype == torch.float32]
+    usable = (model.device.type == "cpu" and torch.backends.mkldnn.is_available()
+              and not torch.is_autocast_enabled("cpu") and not torch.is_grad_enabled())
+    if not usable or not linears:
+        yield
+        return
+    own = {m: m.__dict__.get("forward") for m in linears}  # a forward set on the instance (hooks)
+    for m in linears:
+        packed = torch.ops.mkldnn._reorder_linear_weight(m.weight.detach(), None)
+        bias = None if m.bias is None else m.bias.detach()
+        m.forward = partial(_packed_forward, packed, bias)
+    try:
+        yield
+    finally:
+        for m, forward in own.items():
+            if forward is None:
+                del m.forward
+            else:
+                m.forward = forward
+
+
 def _left_pad(prompt_ids: list[list[int]], pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     width = max(len(p) for p in prompt_ids)
     ids = torch.full((len(prompt_ids), width), pad_token_id, dtype=torch.long)
@@ -215,10 +252,11 @@ def sample(
     was_training = model.training
     model.eval()
     try:
-        completions, logprobs, finished, entropies = _decode(
-            model, prompt_ids, group_size, max_new_tokens, stop_token_ids, pad_token_id,
-            temperature, top_p, generator, with_entropy,
-        )
+        with packed_linears(model):
+            completions, logprobs, finished, entropies = _decode(
+                model, prompt_ids, group_size, max_new_tokens, stop_token_ids, pad_token_id,
+                temperature, top_p, generator, with_entropy,
+            )
     finally:
         model.train(was_training)
     return Rollout(
