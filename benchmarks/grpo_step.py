@@ -232,6 +232,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--sides", default=",".join(SIDES))
     parser.add_argument("--side-timeout", type=float, default=3600.0, help="seconds one side may run")
+    parser.add_argument("--timeout", action="append", default=[], metavar="SIDE=SECONDS",
+                        help="another limit for one side (e.g. trl-bf16=600 where bf16 is slow)")
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--rows", type=Path, help=argparse.SUPPRESS)
@@ -247,10 +249,15 @@ def main() -> None:
     machine = (f"{cpu_name()}, {os.cpu_count()} cores, flags {' '.join(flags) or 'none of ' + ' '.join(FLAGS)}; "
                f"torch {torch.__version__}, {torch.get_num_threads()} threads")
     print(f"machine: {machine}")
+    from divrl.models import load_model
+    from divrl.precision import resolve
+
+    print(f"divrl dtype auto here: {resolve('auto', load_model('default')[0], print)}")
     print(f"matmul peak (1024², this machine): fp32 {peaks['fp32'] / 1e9:.0f} GFLOP/s, "
           f"bf16 {peaks['bf16'] / 1e9:.0f} GFLOP/s", flush=True)
     prompt_tokens = prompt_token_count()
 
+    limits = {side: float(seconds) for side, seconds in (t.split("=") for t in args.timeout)}
     results = []
     for side in args.sides.split(","):
         rows_path = out / f"steps-{side}.jsonl"
@@ -259,7 +266,7 @@ def main() -> None:
         print(f"{side}: {args.steps} steps …", flush=True)
         try:
             subprocess.run([sys.executable, __file__, "--worker", side, "--steps", str(args.steps),
-                            "--rows", str(rows_path)], check=True, timeout=args.side_timeout)
+                            "--rows", str(rows_path)], check=True, timeout=limits.get(side, args.side_timeout))
             limit_hit = False
         except subprocess.TimeoutExpired:
             limit_hit = True
