@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import math
 import os
 import platform
 import resource
@@ -235,11 +236,15 @@ def main() -> None:
     parser.add_argument("--timeout", action="append", default=[], metavar="SIDE=SECONDS",
                         help="another limit for one side (e.g. trl-bf16=600 where bf16 is slow)")
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--from-results", type=Path, metavar="DIR",
+                        help="write the summary of DIR/results.json again, running nothing")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--rows", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         return worker(args.worker, args.steps, args.rows)
+    if args.from_results:
+        return report(json.loads((args.from_results / "results.json").read_text()), args.from_results)
 
     date, host = datetime.date.today().isoformat(), socket.gethostname().split(".")[0]
     out = args.out or Path(__file__).parent / "results" / f"{date}-grpo-step"
@@ -273,36 +278,50 @@ def main() -> None:
         rows = [json.loads(l) for l in rows_path.read_text().splitlines()] if rows_path.exists() else []
         results.append(summarize(side, rows, limit_hit, time.perf_counter() - start, peaks, prompt_tokens))
         print(table(results[-1:]).splitlines()[-1], flush=True)
-
-    print("\n" + table(results))
-    for r in results:
-        if r.get("phases"):
-            print(f"{r['side']} phases (median s): " + ", ".join(f"{k} {v:.2f}" for k, v in r["phases"].items()))
-    done = [r for r in results if r["steps"]]
-    trl = [r for r in done if r["side"].startswith("trl")]
-    ours = [r for r in done if r["side"].startswith("divrl")]
     summary = {"date": date, "host": host, "machine": machine, "peaks_gflops": {k: v / 1e9 for k, v in peaks.items()},
                "steps": args.steps, "results": results}
     (out / "results.json").write_text(json.dumps(summary, indent=1))
+    report(summary, out)
+
+
+def mean_and_se(values: list[float]) -> tuple[float, float]:
+    return statistics.mean(values), (statistics.stdev(values) / len(values) ** 0.5 if len(values) > 1 else math.nan)
+
+
+def report(summary: dict, out: Path) -> None:
+    """Print and write (summary.md, reward.png) the comparison of a run's results, ending with the
+    ratio line."""
+    results, peaks = summary["results"], summary["peaks_gflops"]
     plot(results, out / "reward.png")
-    lines = [f"# GRPO step, divrl vs TRL ({date}, {host})", "", f"Machine: {machine}.",
-             f"Matmul peak: fp32 {peaks['fp32'] / 1e9:.0f} GFLOP/s, bf16 {peaks['bf16'] / 1e9:.0f} GFLOP/s.", "",
-             table(results), ""]
+    notes = [f"- {r['side']} phases (median s): " + ", ".join(f"{k} {v:.2f}" for k, v in r["phases"].items())
+             for r in results if r.get("phases")]
+    done = [r for r in results if r["steps"]]
+    for r in done:
+        mean, se = mean_and_se(r["rewards"])
+        notes.append(f"- {r['side']} reward over its {r['steps']} steps: {mean:.3f} ± {se:.3f} (mean ± standard error)")
+    trl = [r for r in done if r["side"].startswith("trl")]
+    ours = [r for r in done if r["side"].startswith("divrl")]
+    ratio = rss = math.nan
     if trl and ours:
         best_trl = max(trl, key=lambda r: r["samples_per_s"])
         best = max(ours, key=lambda r: r["samples_per_s"])
         ratio = best["samples_per_s"] / best_trl["samples_per_s"]
         rss = best["peak_rss_gb"] / best_trl["peak_rss_gb"]
-        slower = [r for r in results if r["side"].startswith("trl") and r is not best_trl]
-        note = "; ".join(f"{r['side']} did not finish a step within {r['seconds_per_step_lower_bound']:.0f} s"
-                         for r in slower if not r["steps"])
-        lines.append(f"{best['side']} against {best_trl['side']}: {ratio:.2f}× the samples/s at "
-                     f"{rss:.2f}× the peak RSS" + (f" ({note})" if note else "") + ".")
-        (out / "summary.md").write_text("\n".join(lines) + "\n")
-        print(f"ratio_samples_per_s_vs_trl={ratio:.2f} ratio_peak_rss_vs_trl={rss:.2f}")
-    else:
-        (out / "summary.md").write_text("\n".join(lines) + "\n")
-        print("ratio_samples_per_s_vs_trl=nan ratio_peak_rss_vs_trl=nan")
+        (m1, s1), (m2, s2) = mean_and_se(best["rewards"]), mean_and_se(best_trl["rewards"])
+        gap, gap_se = m1 - m2, (s1 ** 2 + s2 ** 2) ** 0.5
+        notes.append(f"- reward difference {best['side']} − {best_trl['side']}: {gap:+.3f} ± {gap_se:.3f}"
+                     f" ({'within' if abs(gap) <= 2 * gap_se else 'outside'} two standard errors)")
+        unfinished = "; ".join(f"{r['side']} did not finish a step within {r['seconds_per_step_lower_bound']:.0f} s"
+                               for r in results if r["side"].startswith("trl") and not r["steps"])
+        notes += ["", f"{best['side']} against {best_trl['side']}: {ratio:.2f}× the samples/s at "
+                      f"{rss:.2f}× the peak RSS" + (f" ({unfinished})" if unfinished else "") + "."]
+    lines = [f"# GRPO step, divrl vs TRL ({summary['date']}, {summary['host']})", "",
+             f"Machine: {summary['machine']}.",
+             f"Matmul peak: fp32 {peaks['fp32']:.0f} GFLOP/s, bf16 {peaks['bf16']:.0f} GFLOP/s.", "",
+             table(results), "", *notes]
+    (out / "summary.md").write_text("\n".join(lines) + "\n")
+    print("\n" + table(results) + "\n\n" + "\n".join(notes))
+    print(f"ratio_samples_per_s_vs_trl={ratio:.2f} ratio_peak_rss_vs_trl={rss:.2f}")
 
 
 def prompt_token_count() -> float:

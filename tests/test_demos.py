@@ -38,7 +38,7 @@ def test_sft_on_answer_demonstrations_trains_without_generating(tmp_path, monkey
     assert text == f"The answer is {trainer.task.train[0].answer}." and first.rewards == [1.0]
     assert first.completions[0][-1] == trainer.tokenizer.eos_token_id and first.prompt == trainer.task.train[0].prompt
     frozen = trainer._frozen_inputs([trainer._prompt_ids(trainer.task.train[0])], first.completions, first.logprobs,
-                                    None, trainer.online_spec)
+                                    None, trainer.online_spec, monitor_kl=True)
     assert frozen.old_logprobs is None  # no sampler behind a demonstration: on policy, not its placeholders
 
     def no_generation(*_, **__):

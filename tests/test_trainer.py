@@ -245,7 +245,7 @@ def test_top_p_below_one_trains_against_the_samplers_own_logprobs(tmp_path):
     examples = trainer.prompts.batch(0, 2)
     rollout = trainer._sample(examples, 4, 0.05, torch.Generator().manual_seed(0))
     frozen = trainer._frozen_inputs(rollout.prompt_ids, rollout.completion_ids, rollout.logprobs, None,
-                                    trainer.online_spec)
+                                    trainer.online_spec, monitor_kl=True)
     expected = torch.tensor([lp for row in rollout.logprobs for lp in row])
     torch.testing.assert_close(frozen.old_logprobs, expected)
     metrics = trainer.train_step(0)

@@ -58,7 +58,7 @@ def load_checkpoint(path: Path, model, optimizer, generator: torch.Generator) ->
     if set(missing) - tied or unexpected:
         raise RuntimeError(f"checkpoint {path} does not match the model: missing {missing}, "
                            f"unexpected {unexpected}")
-    optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
+    optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True))  # to the params' device
     rng = torch.load(path / "rng.pt", weights_only=True)
     generator.set_state(rng["sampling"])
     torch.set_rng_state(rng["torch"])

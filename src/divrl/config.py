@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 import yaml
 
 from divrl import calibration, demos, diversity, prompts, recipes, stored
@@ -186,6 +187,8 @@ class TrainConfig:
     max_grad_norm: float = _doc("Gradient clipping norm (0 disables).", default=1.0)
     micro_batch_size: int = _doc("Sequences per forward/backward chunk (memory bound); whole groups, "
                                  "so at least group_size.", default=16)
+    device: str = _doc("'auto' (the first CUDA device when there is one, else the CPU), 'cpu', 'cuda' "
+                       "or 'cuda:N': where every model and the objective run.", default="auto")
     dtype: str = _doc("'auto' (bf16 autocast where a forward of the model measured at least 10% faster "
                       "with it on this machine, else fp32; measured once per machine and model, cached "
                       "in $DIVRL_CACHE/precision.json), 'float32' or 'bfloat16'.", default="auto")
@@ -272,6 +275,10 @@ def _check(cfg: TrainConfig) -> None:
     need(cfg.eval_every >= 0, "eval_every", "must be ≥ 0")
     need(cfg.inspect_every >= 0, "inspect_every", "must be ≥ 0")
     need(cfg.monitor_kl_every >= 1, "monitor_kl_every", "must be ≥ 1")
+    need(re.fullmatch(r"auto|cpu|cuda(:\d+)?", cfg.device) is not None, "device",
+         f"must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {cfg.device!r}")
+    need(not cfg.device.startswith("cuda") or torch.cuda.is_available(), "device",
+         f"{cfg.device!r} asks for CUDA, which this machine does not have (use 'auto' or 'cpu')")
     try:
         calibration.CalibrationSpec.parse(cfg.reward_calibration)
     except ValueError as err:

@@ -72,7 +72,7 @@ def _config(args: argparse.Namespace):
 def _sampled(args: argparse.Namespace) -> tuple[dict, list[dict]]:
     """(header, rows) of a fresh sampling run."""
     from divrl import evaluation, precision
-    from divrl.models import autocast_for, load_model
+    from divrl.models import autocast_for, load_model, resolve_device
     from divrl.tasks import build_task
 
     if args.n < 1:
@@ -83,11 +83,12 @@ def _sampled(args: argparse.Namespace) -> tuple[dict, list[dict]]:
     cfg = _config(args)
     task = build_task(cfg)
     source = resolve_model(args.model)
-    model, tokenizer = load_model(source, seed=cfg.seed)
+    device = resolve_device(cfg.device)
+    model, tokenizer = load_model(source, seed=cfg.seed, device=device)
     model.eval().requires_grad_(False)
     reference = None
     if args.reference is not None:
-        reference, _ = load_model(resolve_model(args.reference), seed=cfg.seed)
+        reference, _ = load_model(resolve_model(args.reference), seed=cfg.seed, device=device)
         reference.eval().requires_grad_(False)
     temperature = cfg.eval_temperature if args.temperature is None else args.temperature
     print(f"evaluating {source} on {task.name}: {len(task.eval)} distinct held-out prompts × {args.n} "
@@ -95,7 +96,7 @@ def _sampled(args: argparse.Namespace) -> tuple[dict, list[dict]]:
     rows = evaluation.sample_eval(model, tokenizer, task, n=args.n, temperature=temperature, top_p=cfg.top_p,
                                   max_new_tokens=cfg.max_new_tokens, seed=args.seed,
                                   system_prompt=cfg.system_prompt, reference=reference,
-                                  autocast=autocast_for(precision.resolve(cfg.dtype, model, print)))
+                                  autocast=autocast_for(precision.resolve(cfg.dtype, model, print), device))
     header = {"model": source, "task": task.name, "task_params": cfg.task_params, "eval_seed": cfg.eval_seed,
               "n": args.n, "temperature": temperature, "top_p": cfg.top_p, "max_new_tokens": cfg.max_new_tokens,
               "seed": args.seed, "reference": args.reference, "prompts": len(task.eval)}

@@ -76,7 +76,8 @@ def reference_kl(model, reference, prompts: list[list[int]], completions: list[l
     target = completion_hidden(reference, prompts, completions, pad_token_id)
     kl = chunked.divergence("reverse_kl", policy.hidden, output_head(model).at_temperature(temperature),
                             target.hidden, output_head(reference).at_temperature(temperature))
-    return torch.zeros(len(completions), dtype=torch.float64).index_add_(0, policy.rows, kl.double()).tolist()
+    return torch.zeros(len(completions), dtype=torch.float64, device=kl.device).index_add_(
+        0, policy.rows, kl.double()).tolist()
 
 
 def sample_eval(model, tokenizer, task: Task, *, n: int, temperature: float, top_p: float,

@@ -160,11 +160,18 @@ def verify_head(model, head: chunked.Head | None = None, probe_ids: torch.Tensor
         f"one sampled.")
 
 
-def autocast_for(precision: str):
-    """A context-manager factory: bf16 autocast for 'bf16', none (float32) for 'fp32'."""
+def autocast_for(precision: str, device: torch.device | str = "cpu"):
+    """A context-manager factory: bf16 autocast on `device`'s type for 'bf16', none (float32) for 'fp32'."""
     if precision == "bf16":
-        return lambda: torch.autocast("cpu", dtype=torch.bfloat16)
+        return lambda: torch.autocast(torch.device(device).type, dtype=torch.bfloat16)
     return nullcontext
+
+
+def resolve_device(spec: str) -> torch.device:
+    """Config key `device`: 'auto' is the first CUDA device when there is one, else the CPU."""
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(spec)
 
 
 def stop_token_ids(tokenizer) -> list[int]:
@@ -172,9 +179,9 @@ def stop_token_ids(tokenizer) -> list[int]:
     return sorted({tokenizer.eos_token_id, tokenizer.pad_token_id})
 
 
-def load_model(spec: str, seed: int = 0):
-    """(model, tokenizer) in float32 for `spec` ∈ {'default', 'tiny', local dir, hub id}, its output
-    head checked by ``verify_head``."""
+def load_model(spec: str, seed: int = 0, device: torch.device | str = "cpu"):
+    """(model, tokenizer) in float32 on `device` for `spec` ∈ {'default', 'tiny', local dir, hub id},
+    its output head checked by ``verify_head``."""
     if spec == "default":
         path = default_model_dir()
         tokenizer = load_tokenizer(path)
@@ -196,5 +203,6 @@ def load_model(spec: str, seed: int = 0):
                 f"needs the Hugging Face Hub, which this machine cannot reach (offline). Pass a "
                 f"local model directory, 'default' or 'tiny'.") from None
     model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.to(device)
     verify_head(model)
     return model, tokenizer

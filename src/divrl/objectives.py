@@ -247,7 +247,7 @@ def sequence_chi2(logprobs: torch.Tensor, target_logprobs: torch.Tensor, rows: t
     at πθ = q). Summed over a completion's tokens with seq_mean_token_sum aggregation, it is the
     unbiased estimate of c·∇χ² over sequences (ORPO, Laidlaw et al., arXiv 2403.03185, regularizes
     the χ² of occupancy measures; this is its sequence-level Monte-Carlo form)."""
-    log_w = torch.zeros(n_completions, dtype=logprobs.dtype).index_add(
+    log_w = torch.zeros(n_completions, dtype=logprobs.dtype, device=logprobs.device).index_add(
         0, rows, (logprobs - target_logprobs).detach())
     excess = torch.expm1(log_w)[rows]
     return excess + 2 * excess * (logprobs - logprobs.detach())
@@ -313,8 +313,8 @@ def _mask_and_weight(name: str, mask, weight, stats, sums: dict, scale: torch.Te
     if not mask and not weight:
         return None, 1.0
     n = len(stats.rows)
-    m = weights.compute(mask, stats) if mask else torch.ones(n)
-    w = weights.compute(weight, stats) if weight else torch.ones(n)
+    m = weights.compute(mask, stats) if mask else torch.ones(n, device=stats.rows.device)
+    w = weights.compute(weight, stats) if weight else torch.ones(n, device=stats.rows.device)
     if mask:
         sums[f"{name}_masked_fraction"] += float((m == 0).sum())
     if weight:
@@ -432,7 +432,7 @@ def token_reward(spec: ObjectiveSpec, target_logprobs: dict[str, torch.Tensor], 
 @torch.no_grad()
 def reward_penalty(spec: ObjectiveSpec, inputs: ObjectiveInputs) -> torch.Tensor:
     """P_i = Σ_k c_k Σ_{t∈i} k(y_t) (B,) of the reward-placed terms, at the behaviour policy."""
-    penalty = torch.zeros(len(inputs.advantages))
+    penalty = torch.zeros(len(inputs.advantages), device=inputs.advantages.device)
     if not spec.reward_terms:
         return penalty
     models = _models(inputs)

@@ -55,7 +55,9 @@ class Rollout:
 def _draw(weights: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
     """Index i of each row with probability weights[i] / Σ weights, by inverse CDF (one uniform a row)."""
     cdf = weights.cumsum(dim=-1, dtype=torch.float64)
-    u = torch.rand(len(weights), 1, generator=generator, dtype=torch.float64, device=weights.device)
+    # drawn on the generator's device (the CPU's, for the trainer): the same draws on any device
+    u = torch.rand(len(weights), 1, generator=generator, dtype=torch.float64,
+                   device=None if generator is None else generator.device).to(weights.device)
     return torch.searchsorted(cdf, u * cdf[:, -1:], right=True).clamp_(max=weights.shape[-1] - 1).squeeze(1)
 
 

@@ -151,9 +151,9 @@ def gdsd(tokens: PolicyTokens, psi: float = 10.0, epsilon: float = 0.2) -> tuple
     if tokens.rows is None:
         raise ValueError("gdsd: needs the tokens' completions (rows)")
     n = int(tokens.rows.max()) + 1 if len(tokens.rows) else 0
-    log_ratio = torch.zeros(n, dtype=tokens.logprobs.dtype).index_add(0, tokens.rows, tokens.logprobs - tokens.old_logprobs)
-    length = torch.zeros(n, dtype=tokens.logprobs.dtype).index_add(0, tokens.rows, torch.ones_like(tokens.logprobs))
+    log_ratio = torch.zeros(n, dtype=tokens.logprobs.dtype, device=tokens.rows.device).index_add(0, tokens.rows, tokens.logprobs - tokens.old_logprobs)
+    length = torch.zeros(n, dtype=tokens.logprobs.dtype, device=tokens.rows.device).index_add(0, tokens.rows, torch.ones_like(tokens.logprobs))
     bounded = log_ratio.clamp(math.log(1 - epsilon), math.log(1 + epsilon))
-    advantage = torch.zeros(n, dtype=tokens.advantages.dtype).index_add(0, tokens.rows, tokens.advantages)
+    advantage = torch.zeros(n, dtype=tokens.advantages.dtype, device=tokens.rows.device).index_add(0, tokens.rows, tokens.advantages)
     loss = (bounded / length.clamp(min=1) - psi * advantage / length.clamp(min=1)) ** 2  # A_i: its tokens' mean
     return loss[tokens.rows], (bounded != log_ratio).detach()[tokens.rows]

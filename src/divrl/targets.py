@@ -161,4 +161,5 @@ def uniform(p: Tensor) -> Tensor:
 def sampled_token(token: Tensor) -> Tensor:
     """log q = 0 at the position's token, −inf elsewhere: its one-hot. ``token`` (..., V) bool is
     supplied by the objective. KL(q‖πθ) = −log πθ(y_t), the cross-entropy of the demonstration."""
-    return torch.zeros(token.shape, dtype=torch.float64 if token.dtype == torch.bool else token.dtype).masked_fill(~token.bool(), _NEG_INF)
+    return torch.zeros(token.shape, dtype=torch.float64 if token.dtype == torch.bool else token.dtype,
+                       device=token.device).masked_fill(~token.bool(), _NEG_INF)

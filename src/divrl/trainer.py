@@ -38,7 +38,7 @@ from divrl.checkpoint import checkpoint_dirs, load_checkpoint, save_checkpoint
 from divrl.config import ConfigError, TrainConfig, save_config, stage1_config, uses_demonstrations
 from divrl.spec import parse_objective
 from divrl.metrics import pass_at_k_over_prompts
-from divrl.models import ModelLoadError, autocast_for, load_model, output_head, stop_token_ids
+from divrl.models import ModelLoadError, autocast_for, load_model, resolve_device, output_head, stop_token_ids
 from divrl.report import write_report
 from divrl.prompts import Group, build_source, split_groups
 from divrl.rollout import sample
@@ -80,7 +80,8 @@ class Trainer:
         self.stage = 2 if cfg.stage1 else stage  # logged as `stage` in a two-stage run
         self.run_dir = check_output_dir(cfg)
         self.task: Task = build_task(cfg)
-        self.model, self.tokenizer = load_model(cfg.model, seed=cfg.seed)
+        self.device = resolve_device(cfg.device)
+        self.model, self.tokenizer = load_model(cfg.model, seed=cfg.seed, device=self.device)
         self.model.eval()  # no dropout; gradients still flow
         self.objective = cfg.objective
         log(f"objective: {self.objective.describe()}")
@@ -104,7 +105,7 @@ class Trainer:
                                            weight_decay=cfg.weight_decay)
         self.generator = torch.Generator().manual_seed(cfg.seed)
         self.precision = precision.resolve(cfg.dtype, self.model, log)
-        self.autocast = autocast_for(self.precision)
+        self.autocast = autocast_for(self.precision, self.device)
         self.stop_ids = stop_token_ids(self.tokenizer)
         self._prompt_cache: dict[str, list[int]] = {}
         self.online_spec, self.stored_spec = objectives.online_and_stored(self.objective)
@@ -260,7 +261,7 @@ class Trainer:
         """A frozen model from config key `key` (teacher, reference); refused if its vocabulary
         differs from the policy's."""
         try:
-            model, _ = load_model(spec, seed=seed)
+            model, _ = load_model(spec, seed=seed, device=self.device)
         except ModelLoadError as err:
             raise ConfigError(f"config key '{key}': {err}") from None
         model.eval().requires_grad_(False)
@@ -316,7 +317,7 @@ class Trainer:
                     if with_prompt:
                         prompt_models[name] = ModelOutputs(out.prompt.hidden, head)
             if cfg.top_p < 1.0 or (cfg.offline and cfg.offline_data == "stored"):  # the sampler's log-probs
-                old_logprobs = torch.tensor([lp for row in behaviour_logprobs for lp in row])
+                old_logprobs = torch.tensor([lp for row in behaviour_logprobs for lp in row], device=self.device)
             # Without the sampler's log-probs, πold of inner iterations 2.. is the first iteration's
             # πθ, kept by `_update`; a forward here only when the targets or rewards need πold now.
             if old_head is not None or (old_logprobs is None and spec.reward_terms):
@@ -343,6 +344,7 @@ class Trainer:
                           group_pass_rate=objectives.group_pass_rate(passed, cfg.stored_samples),
                           token_scale=scale[first_token:first_token + n_tokens],
                           stored_logprobs=torch.tensor([lp for g in chunk for row in g.logprobs for lp in row]))
+            fields = {key: value.to(self.device) for key, value in fields.items()}
             out.append(([self._prompt_ids(self.task.train[g.index]) for g in chunk], completions, fields))
             first_token += n_tokens
         return out
@@ -398,16 +400,21 @@ class Trainer:
         def inputs(m, hidden, tokens, token_rows, advantages, prompt: TokenBatch | None = None
                    ) -> objectives.ObjectiveInputs:
             _, _, rows, tokens_slice = micro[m]
+            device = hidden.device  # the per-completion bookkeeping lives on the CPU
+
+            def of_rows(values: torch.Tensor) -> torch.Tensor:
+                return values[rows].to(device)
+
             at_prompt = None if prompt is None else objectives.PromptPositions(
                 ModelOutputs(prompt.hidden, self._head(self.model)), frozen[m].prompt_models,
-                torch.full((len(prompt.tokens),), group))
+                torch.full((len(prompt.tokens),), group, device=device))
             return objectives.ObjectiveInputs(
                 policy=ModelOutputs(hidden, self._head(self.model)), tokens=tokens, rows=token_rows,
-                advantages=advantages[rows], rewards=reward_t[rows], group_pass_rate=pass_rate[rows],
-                token_scale=scale[tokens_slice], old_logprobs=frozen[m].old_logprobs,
-                models=frozen[m].models, batch_pass_rate=batch_pass_rate, passed=passed[rows],
-                groups=rows // group, entropy_anchor=self.entropy_anchor,
-                batch_fraction=len(rows) / len(completions), diversity=None if spread is None else spread[rows],
+                advantages=of_rows(advantages), rewards=of_rows(reward_t), group_pass_rate=of_rows(pass_rate),
+                token_scale=scale[tokens_slice].to(device), old_logprobs=frozen[m].old_logprobs,
+                models=frozen[m].models, batch_pass_rate=batch_pass_rate, passed=of_rows(passed),
+                groups=(rows // group).to(device), entropy_anchor=self.entropy_anchor,
+                batch_fraction=len(rows) / len(completions), diversity=None if spread is None else of_rows(spread),
                 prompt=at_prompt)
 
         penalty = None
@@ -418,7 +425,7 @@ class Trainer:
                 cur = frozen[m].current
                 with self.autocast():
                     penalty[rows] = objectives.reward_penalty(
-                        spec, inputs(m, cur.hidden, cur.tokens, cur.rows, zero))
+                        spec, inputs(m, cur.hidden, cur.tokens, cur.rows, zero)).cpu()
         advantages = objectives.advantages(spec, reward_t, penalty, group, verdict=passed)
         if record is not None:
             self._record_tokens(step + 1, record, prompts, completions, reward_t, advantages, passed)

@@ -295,11 +295,12 @@ def stcr(stats: TokenStats) -> Tensor:
     passed = _required(stats, "passed", "stcr")
     groups = _required(stats, "groups", "stcr")
     n = len(stats.advantages)
-    length = torch.zeros(n, dtype=torch.float64).index_add_(0, stats.rows, torch.ones(len(stats.rows), dtype=torch.float64))
+    ones = torch.ones(len(stats.rows), dtype=torch.float64, device=stats.rows.device)
+    length = torch.zeros(n, dtype=torch.float64, device=stats.rows.device).index_add_(0, stats.rows, ones)
     _, group_index = torch.unique(groups, return_inverse=True)
     n_groups = int(group_index.max()) + 1 if n else 0
-    pass_len = torch.zeros(n_groups, dtype=torch.float64).index_add_(0, group_index, length * passed)
-    pass_count = torch.zeros(n_groups, dtype=torch.float64).index_add_(0, group_index, passed.double())
+    pass_len = torch.zeros(n_groups, dtype=torch.float64, device=stats.rows.device).index_add_(0, group_index, length * passed)
+    pass_count = torch.zeros(n_groups, dtype=torch.float64, device=stats.rows.device).index_add_(0, group_index, passed.double())
     excess = length - pass_len[group_index] / pass_count[group_index].clamp(min=1)
     applies = ~passed & (excess > 0) & (pass_count[group_index] > 0)
     per_completion = torch.where(applies, 2.0 - 1.00001 ** (-excess), 1.0)
@@ -341,9 +342,10 @@ def confidence_shift(stats: TokenStats, alpha: NonNegative = 1.0, length_normali
     old = _required(stats, "old_logprobs", "confidence_shift")
     ref = _required(stats, "ref_logprobs", "confidence_shift")
     n = len(stats.advantages)
-    shift = torch.zeros(n, dtype=torch.float64).index_add_(0, stats.rows, (old - ref).double())
+    shift = torch.zeros(n, dtype=torch.float64, device=stats.rows.device).index_add_(0, stats.rows, (old - ref).double())
     if length_normalized:
-        count = torch.zeros(n, dtype=torch.float64).index_add_(0, stats.rows, torch.ones(len(stats.rows), dtype=torch.float64))
+        ones = torch.ones(len(stats.rows), dtype=torch.float64, device=stats.rows.device)
+        count = torch.zeros(n, dtype=torch.float64, device=stats.rows.device).index_add_(0, stats.rows, ones)
         shift = shift / count.clamp(min=1)
     scale = torch.where(stats.advantages < 0, 1.0 + alpha * torch.nn.functional.softplus(shift), 1.0)
     return scale[stats.rows].to(stats.advantages.dtype)
@@ -363,11 +365,11 @@ def diversity_allocation(stats: TokenStats, tau: NonNegative = 5.0) -> Tensor:
     _, group = torch.unique(groups, return_inverse=True)
     n_groups = int(group.max()) + 1 if len(group) else 0
     logits = torch.where(passed, tau * diversity.double(), -math.inf)
-    top = torch.full((n_groups,), -math.inf, dtype=torch.float64).scatter_reduce(0, group, logits, "amax")
+    top = torch.full((n_groups,), -math.inf, dtype=torch.float64, device=stats.rows.device).scatter_reduce(0, group, logits, "amax")
     top = torch.where(torch.isfinite(top), top, 0.0)
     mass = torch.where(passed, torch.exp(logits - top[group]), 0.0)
-    total = torch.zeros(n_groups, dtype=torch.float64).index_add_(0, group, mass)
-    size = torch.zeros(n_groups, dtype=torch.float64).index_add_(0, group, torch.ones_like(mass))
+    total = torch.zeros(n_groups, dtype=torch.float64, device=stats.rows.device).index_add_(0, group, mass)
+    size = torch.zeros(n_groups, dtype=torch.float64, device=stats.rows.device).index_add_(0, group, torch.ones_like(mass))
     weight = torch.where(passed, mass / total[group].clamp(min=1e-300) * size[group], 0.0)
     return weight[stats.rows].to(stats.advantages.dtype)
 
@@ -395,7 +397,7 @@ def reference_kl_quantile(stats: TokenStats, top: Fraction = 0.2, complement: bo
     ρ = top = 0.2 in the authors' script. Exactly ⌈top·N⌉ tokens (ties broken by position, not all
     kept: at the first step πθ = π_ref and every KL is 0)."""
     kl = _required(stats, "reference_kl", "reference_kl_quantile")
-    mask = torch.zeros(kl.shape, dtype=torch.bool)
+    mask = torch.zeros(kl.shape, dtype=torch.bool, device=kl.device)
     if kl.numel():
         mask[kl.topk(max(1, math.ceil(top * kl.numel() - 1e-9 * kl.numel()))).indices] = True
     return (~mask if complement else mask).to(kl.dtype)
