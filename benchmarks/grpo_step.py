@@ -1,7 +1,10 @@
 """A GRPO step of divrl against TRL's GRPOTrainer, on the same configuration, on this machine.
 
-    python benchmarks/grpo_step.py [--steps 4] [--sides trl-fp32,trl-bf16,divrl-fp32,divrl-auto]
-                                   [--side-timeout 3600] [--out benchmarks/results/DATE-grpo-step-HOST]
+    python benchmarks/grpo_step.py [--steps 4] [--sides trl-fp32,divrl-fp32,trl-bf16,divrl-auto]
+                                   [--side-timeout 3600] [--timeout trl-bf16=600] [--out DIR]
+    python benchmarks/grpo_step.py --from-results DIR     # summary.md and reward.png again
+
+TRL comes with the `bench` extra: `pip install -e '.[bench]'`.
 
 The configuration (issue 10): SmolLM2-135M-Instruct, reasoning-gym chain_sum (2 terms, 1 digit), 4
 prompts × 8 samples, ≤ 64 new tokens, T = 1.0, β = 0.04 with the k3 estimator in the loss, AdamW
