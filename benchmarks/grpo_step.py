@@ -32,7 +32,6 @@ import datetime
 import json
 import math
 import os
-import platform
 import resource
 import socket
 import statistics
@@ -154,26 +153,6 @@ def matmul_peak(dtype: torch.dtype, n: int = 1024, seconds: float = 1.5) -> floa
     return best
 
 
-def cpu_flags() -> list[str]:
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return []
-    line = next((l for l in text.splitlines() if l.startswith("flags")), "")
-    present = set(line.split(":", 1)[-1].split())
-    return [f for f in FLAGS if f in present]
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
 def model_flops(row: dict, prompt_tokens: float) -> float:
     """Model FLOPs of one step (see the module docstring)."""
     body, head = row["params_body"], row["params_head"]
@@ -252,9 +231,12 @@ def main() -> None:
     date, host = datetime.date.today().isoformat(), socket.gethostname().split(".")[0]
     out = args.out or Path(__file__).parent / "results" / f"{date}-grpo-step"
     out.mkdir(parents=True, exist_ok=True)
-    flags = cpu_flags()
+    from divrl.precision import cpu_info
+
+    name, present = cpu_info()
+    flags = [f for f in FLAGS if f in present]
     peaks = {"fp32": matmul_peak(torch.float32), "bf16": matmul_peak(torch.bfloat16)}
-    machine = (f"{cpu_name()}, {os.cpu_count()} cores, flags {' '.join(flags) or 'none of ' + ' '.join(FLAGS)}; "
+    machine = (f"{name}, {os.cpu_count()} cores, flags {' '.join(flags) or 'none of ' + ' '.join(FLAGS)}; "
                f"torch {torch.__version__}, {torch.get_num_threads()} threads")
     print(f"machine: {machine}")
     from divrl.models import load_model

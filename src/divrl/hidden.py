@@ -54,6 +54,17 @@ def _prompt_cache_rows(model, cache: DynamicCache, prompt_of: torch.Tensor) -> D
     return rows
 
 
+def left_pad(prompt_ids: list[list[int]], pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids, attention mask) of the prompts left-padded to the longest, on the CPU."""
+    width = max(len(p) for p in prompt_ids)
+    ids = torch.full((len(prompt_ids), width), pad_token_id, dtype=torch.long)
+    mask = torch.zeros((len(prompt_ids), width), dtype=torch.long)
+    for row, prompt in enumerate(prompt_ids):
+        ids[row, width - len(prompt):] = torch.tensor(prompt, dtype=torch.long)
+        mask[row, width - len(prompt):] = 1
+    return ids, mask
+
+
 def completion_hidden(model, prompts: list[list[int]], completions: list[list[int]],
                       pad_token_id: int, with_prompt: bool = False,
                       bucket_overhead: int = BUCKET_OVERHEAD_TOKENS) -> TokenBatch:
@@ -71,13 +82,8 @@ def completion_hidden(model, prompts: list[list[int]], completions: list[list[in
     """
     group = len(completions) // len(prompts)
     device = model.device
-    width = max(len(p) for p in prompts)
-    prompt_ids = torch.full((len(prompts), width), pad_token_id, dtype=torch.long)
-    prompt_mask = torch.zeros_like(prompt_ids)
-    for row, prompt in enumerate(prompts):
-        prompt_ids[row, width - len(prompt):] = torch.tensor(prompt)
-        prompt_mask[row, width - len(prompt):] = 1
-    prompt_ids, prompt_mask = prompt_ids.to(device), prompt_mask.to(device)
+    prompt_ids, prompt_mask = (t.to(device) for t in left_pad(prompts, pad_token_id))
+    width = prompt_ids.shape[1]
     # One embedding lookup for every token, so its backward builds one vocabulary-sized gradient,
     # not one per forward; the buckets gather their rows from it (a zero row for padding).
     inputs = [c[:-1] for c in completions]  # the last token predicts nothing
@@ -105,16 +111,17 @@ def completion_hidden(model, prompts: list[list[int]], completions: list[list[in
         comp_width = max(len(inputs[r]) for r in bucket)
         if comp_width == 0:
             continue
-        rows = torch.tensor(bucket, device=device)
+        members = torch.tensor(bucket, device=device)
+        prompt_of = members // group
         lens = torch.tensor([len(inputs[r]) for r in bucket], device=device)
         columns = torch.arange(comp_width, device=device)
         comp_mask = (columns[None, :] < lens[:, None]).long()
-        gather = torch.where(comp_mask.bool(), input_starts.index_select(0, rows)[:, None] + columns[None, :],
+        gather = torch.where(comp_mask.bool(), input_starts.index_select(0, members)[:, None] + columns[None, :],
                              len(comp_embeds) - 1)
-        bucket_cache = _prompt_cache_rows(model, cache, rows // group)
+        bucket_cache = _prompt_cache_rows(model, cache, prompt_of)
         hidden = body(inputs_embeds=comp_embeds[gather],
-                      attention_mask=torch.cat([prompt_mask.index_select(0, rows // group), comp_mask], 1),
-                      position_ids=prompt_lens.index_select(0, rows // group)[:, None] + columns[None, :],
+                      attention_mask=torch.cat([prompt_mask.index_select(0, prompt_of), comp_mask], 1),
+                      position_ids=prompt_lens.index_select(0, prompt_of)[:, None] + columns[None, :],
                       cache=bucket_cache, use_cache=True).last_hidden_state
         if bucket_cache.get_seq_length() != width + comp_width:  # e.g. gradient checkpointing in train mode
             raise RuntimeError(f"the KV cache holds {bucket_cache.get_seq_length()} positions after the "
@@ -123,7 +130,7 @@ def completion_hidden(model, prompts: list[list[int]], completions: list[list[in
                                f"train mode), so completions would not see their prompts")
         real = comp_mask.bool()
         values.append(hidden[real])
-        places.append((starts.index_select(0, rows)[:, None] + 1 + columns[None, :])[real])
+        places.append((starts.index_select(0, members)[:, None] + 1 + columns[None, :])[real])
     order = torch.cat(places).argsort()
     tokens = torch.tensor([t for c in completions for t in c], dtype=torch.long, device=device)
     rows = torch.repeat_interleave(all_rows, torch.tensor(lengths, device=device))

@@ -32,17 +32,23 @@ def cache_file() -> Path:
     return cache_dir() / "precision.json"
 
 
+def cpu_info() -> tuple[str, set[str]]:
+    """(model name, flags) of this machine's CPU, from /proc/cpuinfo where there is one."""
+    try:
+        info = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        info = []
+    name = next((l.split(":", 1)[1].strip() for l in info if l.startswith("model name")), platform.processor())
+    flags = next((l.split(":", 1)[1].split() for l in info if l.startswith("flags")), [])
+    return name or "unknown", set(flags)
+
+
 def machine_key(device: torch.device) -> str:
     """What makes one machine's timings differ from another's."""
     if device.type == "cuda":
         hardware = torch.cuda.get_device_name(device)
     else:
-        try:
-            info = Path("/proc/cpuinfo").read_text().splitlines()
-        except OSError:
-            info = []
-        name = next((l.split(":", 1)[1].strip() for l in info if l.startswith("model name")), platform.processor())
-        flags = next((l.split(":", 1)[1].split() for l in info if l.startswith("flags")), [])
+        name, flags = cpu_info()
         hardware = f"{name} [{' '.join(sorted(f for f in flags if 'avx' in f or 'amx' in f or f == 'fma'))}]"
     return f"{device.type}: {hardware}; {torch.get_num_threads()} threads; torch {torch.__version__}"
 

@@ -35,6 +35,8 @@ import torch
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
+from divrl.hidden import left_pad
+
 
 @dataclass
 class Rollout:
@@ -215,16 +217,6 @@ def packed_linears(model):
                 m.forward = forward
 
 
-def _left_pad(prompt_ids: list[list[int]], pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(p) for p in prompt_ids)
-    ids = torch.full((len(prompt_ids), width), pad_token_id, dtype=torch.long)
-    mask = torch.zeros((len(prompt_ids), width), dtype=torch.long)
-    for row, prompt in enumerate(prompt_ids):
-        ids[row, width - len(prompt) :] = torch.tensor(prompt, dtype=torch.long)
-        mask[row, width - len(prompt) :] = 1
-    return ids, mask
-
-
 @torch.no_grad()
 def sample(
     model,
@@ -278,7 +270,7 @@ def _decode(
     """(completions, logprobs, finished, entropies or None) of `sample`: prefill the P prompts, copy
     their cache G times, decode."""
     device = model.device
-    ids, prompt_mask = _left_pad(prompt_ids, pad_token_id)
+    ids, prompt_mask = left_pad(prompt_ids, pad_token_id)
     width = ids.shape[1]
     mask = torch.ones(len(prompt_ids), width + max_new_tokens, dtype=torch.long)
     mask[:, :width] = prompt_mask
