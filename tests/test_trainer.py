@@ -283,12 +283,15 @@ def test_inner_iterations_take_old_logprobs_from_the_first_iteration(tmp_path, m
         assert torch.equal(old, first[m % micro_batches])
 
 
-@pytest.mark.parametrize("kl_coef, logged", [("0.0", [1, 3]), ("0.1", [1, 2, 3, 4])])
-def test_kl_is_monitored_every_few_steps_unless_a_term_needs_the_reference(tmp_path, kl_coef, logged):
-    """β = 0: the reference forward and the divergence pass that only log `kl` run on the first
-    step and every monitor_kl_every-th; a term that reads the reference has it every step."""
-    trainer = Trainer(tiny_cfg(tmp_path, "steps=4", f"kl_coef={kl_coef}", "monitor_kl_every=3"),
-                      log=lambda *_: None)
+@pytest.mark.parametrize("objective, logged", [
+    ("kl_coef=0.0", [1, 3]),  # no term reads the reference
+    ("terms=[{divergence: forward_kl, target: reference, coef: 0.1}]", [1, 3]),  # one reads it, not for `kl`
+    ("kl_coef=0.1", [1, 2, 3, 4]),  # the reverse-KL term computes `kl` anyway
+])
+def test_kl_is_monitored_every_few_steps_unless_a_term_computes_it(tmp_path, objective, logged):
+    """The reference forward and the divergence pass that only log `kl` run on the first step and
+    every monitor_kl_every-th; a reverse-KL-to-reference term gives it every step."""
+    trainer = Trainer(tiny_cfg(tmp_path, "steps=4", objective, "monitor_kl_every=3"), log=lambda *_: None)
     rows = [dict(step=s + 1, **trainer.train_step(s)) for s in range(4)]
     assert [r["step"] for r in rows if "kl" in r] == logged
     assert all(r["kl"] >= -1e-6 for r in rows if "kl" in r)  # exact KL, up to rounding at step 1

@@ -179,9 +179,10 @@ class TrainConfig:
                                            default=None)
     monitor_kl: bool = _doc("Log 'kl', the exact reverse KL to the reference, even when no term "
                             "uses the reference (keeps the reference model in memory).", default=True)
-    monitor_kl_every: int = _doc("When no term uses the reference, log 'kl' on the first step and every "
-                                 "this many steps (each costs a reference forward and a divergence pass); "
-                                 "1 = every step.", default=10)
+    monitor_kl_every: int = _doc("Unless a reverse-KL-to-reference term computes it anyway, log 'kl' on the "
+                                 "first step and every this many steps (each costs a divergence pass, and a "
+                                 "reference forward where no term reads the reference); 1 = every step.",
+                                 default=10)
     lr: float = _doc("AdamW learning rate.", default=1e-5)
     weight_decay: float = _doc("AdamW weight decay.", default=0.0)
     max_grad_norm: float = _doc("Gradient clipping norm (0 disables).", default=1.0)

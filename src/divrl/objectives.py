@@ -164,6 +164,7 @@ class ObjectiveInputs:
     diversity: torch.Tensor | None = None  # (B,) DSDR's clipped global diversity (diversity_bonus)
     prompt: PromptPositions | None = None  # for terms with prompt_positions
     batch_fraction: float = 1.0  # this micro-batch's share of the batch's completions
+    monitor_kl: bool = True  # run the `kl` metric's own divergence pass when no term computes the KL
 
     def passed_completions(self) -> torch.Tensor:
         return passed(self.rewards) if self.passed is None else self.passed
@@ -403,7 +404,7 @@ def objective_loss(spec: ObjectiveSpec, inputs: ObjectiveInputs) -> ObjectiveOut
             t.divergence == "reverse_kl" and t.target.op == "reference" for t in spec.terms):
         if stats.reference_kl is not None:  # the `kl` metric: computed already for a mask
             sums["reverse_kl_to_reference"] += float(stats.reference_kl.sum())
-        else:
+        elif inputs.monitor_kl:
             with torch.no_grad():  # the `kl` metric: exact reverse KL to the reference, no graph
                 ref = inputs.models["reference"]
                 sums["reverse_kl_to_reference"] += float(chunked.divergence(

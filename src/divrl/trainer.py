@@ -392,7 +392,7 @@ class Trainer:
             head = self._head(self.model)
             old_head = dataclasses.replace(head, weight=head.weight.detach().clone(), bias=None
                                            if head.bias is None else head.bias.detach().clone())
-        monitor_kl = step == 0 or (step + 1) % cfg.monitor_kl_every == 0  # `kl` when no term reads the reference
+        monitor_kl = step == 0 or (step + 1) % cfg.monitor_kl_every == 0  # `kl` when no term computes it
         clock = time.perf_counter()
         frozen = [self._frozen_inputs(ps, cs, [behaviour_logprobs[r] for r in rows], old_head, spec, monitor_kl)
                   for ps, cs, rows, _ in micro]
@@ -415,7 +415,7 @@ class Trainer:
                 models=frozen[m].models, batch_pass_rate=batch_pass_rate, passed=of_rows(passed),
                 groups=(rows // group).to(device), entropy_anchor=self.entropy_anchor,
                 batch_fraction=len(rows) / len(completions), diversity=None if spread is None else of_rows(spread),
-                prompt=at_prompt)
+                prompt=at_prompt, monitor_kl=monitor_kl)
 
         penalty = None
         if spec.reward_terms:  # returns minus the reward-placed terms, at the behaviour policy
