@@ -1,8 +1,8 @@
 """The precision a model runs at (config key `dtype`); for 'auto', the faster one measured here.
 
 bf16 autocast pays only where the machine multiplies bf16 natively, and the CPU flags do not say
-whether it does: measured, one CPU with AMX ran bf16 matmuls ≈ 4× fp32, one with the AVX512-BF16
-flag but no AMX 0.6×, an AVX2-only one (1024² matmuls) 1/146×. So 'auto' times the model's own
+whether it does: reported, one CPU (probably with AMX) ran bf16 matmuls ≈ 4× fp32, one with the
+AVX512-BF16 flag but no AMX 0.6×; measured, an AVX2-only one (1024² matmuls) 1/146×. So 'auto' times the model's own
 forward pass (no gradient) on a batch shaped like a training micro-batch (8 sequences × 64
 tokens) at float32 and at bf16 autocast, and takes bf16 when it is at least 10% faster. A bf16
 pass that already took 3× the float32 one is not repeated. The verdict is cached in
