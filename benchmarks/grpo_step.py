@@ -227,6 +227,15 @@ def main() -> None:
         return worker(args.worker, args.steps, args.rows)
     if args.from_results:
         return report(json.loads((args.from_results / "results.json").read_text()), args.from_results)
+    limits = {}
+    for limit in args.timeout:
+        side, _, seconds = limit.partition("=")
+        if side not in SIDES or not seconds.replace(".", "", 1).isdigit():
+            parser.error(f"--timeout {limit!r}: expected SIDE=SECONDS with SIDE one of {', '.join(SIDES)}")
+        limits[side] = float(seconds)
+    unknown = [side for side in args.sides.split(",") if side not in SIDES]
+    if unknown:
+        parser.error(f"--sides: unknown {', '.join(unknown)}; choose from {', '.join(SIDES)}")
 
     date, host = datetime.date.today().isoformat(), socket.gethostname().split(".")[0]
     out = args.out or Path(__file__).parent / "results" / f"{date}-grpo-step"
@@ -247,7 +256,6 @@ def main() -> None:
           f"bf16 {peaks['bf16'] / 1e9:.0f} GFLOP/s", flush=True)
     prompt_tokens = prompt_token_count()
 
-    limits = {side: float(seconds) for side, seconds in (t.split("=") for t in args.timeout)}
     results = []
     for side in args.sides.split(","):
         rows_path = out / f"steps-{side}.jsonl"

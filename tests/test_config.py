@@ -18,6 +18,8 @@ def test_defaults_validate_and_overrides_apply(tmp_path):
     ("kl_estimator: k4", "config key 'kl_estimator' must be one of"),
     ("kl_coef: 0.1\nkl_in_reward: true", "config key kl_in_reward: the exact divergence is a loss term"),
     ("- a list", "must hold a mapping"),
+    ("monitor_kl_every: 0", "config key 'monitor_kl_every' must be ≥ 1"),
+    ("device: tpu", "config key 'device' must be 'auto', 'cpu', 'cuda' or 'cuda:N'"),
 ])
 def test_bad_config_file_names_the_key(tmp_path, source, message):
     path = tmp_path / "c.yaml"
