@@ -2,6 +2,7 @@
 
     python benchmarks/grpo_step.py [--steps 4] [--sides trl-fp32,divrl-fp32,trl-bf16,divrl-auto]
                                    [--side-timeout 3600] [--timeout trl-bf16=600] [--out DIR]
+                                   [--device auto|cpu|cuda]
     python benchmarks/grpo_step.py --from-results DIR     # summary.md and reward.png again
 
 TRL comes with the `bench` extra: `pip install -e '.[bench]'`.
@@ -19,7 +20,9 @@ median of steps 2..N (step 1 warms up). Peak RSS is the process's ru_maxrss (mod
 included, on both sides). Model FLOPs count each token's weight matmuls (2 × parameters per token
 and pass, the output layer only at completion positions, attention scores left out): sampling
 one forward, the policy a forward and a backward (×3), the reference a forward; the machine's
-matmul peak is measured here at each precision. Prints a table, writes `results.json`,
+matmul peak is measured here at each precision. On a GPU (`--device auto` takes CUDA when there is
+one) both sides train there, and each side's peak GPU memory (the allocator's) is reported beside
+its RSS. Prints a table, writes `results.json`,
 `reward.png` (reward per step of every side) and `summary.md` to --out, and ends with the line
 `ratio_samples_per_s_vs_trl=X ratio_peak_rss_vs_trl=Y` (divrl's faster setting against TRL's
 faster one).
@@ -53,21 +56,29 @@ def peak_rss_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # KiB on Linux
 
 
-def divrl_config(steps: int, dtype: str, output_dir: str):
+def peak_memory(device: torch.device) -> dict:
+    """This process's peak RSS, and on CUDA the allocator's peak on the device."""
+    out = {"peak_rss_gb": peak_rss_gb()}
+    if device.type == "cuda":
+        out["peak_gpu_gb"] = torch.cuda.max_memory_allocated(device) / 1e9
+    return out
+
+
+def divrl_config(steps: int, dtype: str, output_dir: str, device: str = "cpu"):
     from divrl.config import TrainConfig
 
     return TrainConfig(model="default", task="chain_sum", task_params=TASK_PARAMS, steps=steps,
                        prompts_per_step=PROMPTS, group_size=GROUP, max_new_tokens=MAX_NEW,
                        temperature=TEMPERATURE, lr=LR, kl_coef=BETA, kl_estimator="k3", clip_low=0.2,
                        clip_high=0.2, micro_batch_size=MICRO, eval_size=8, inspect_every=0,
-                       checkpoint_every=10**9, dtype=dtype, output_dir=output_dir)
+                       checkpoint_every=10**9, dtype=dtype, output_dir=output_dir, device=device)
 
 
-def run_divrl(steps: int, dtype: str, emit) -> None:
+def run_divrl(steps: int, dtype: str, device: torch.device, emit) -> None:
     from divrl.trainer import Trainer
 
     with tempfile.TemporaryDirectory() as tmp:
-        trainer = Trainer(divrl_config(steps, dtype, tmp), log=lambda *_: None)
+        trainer = Trainer(divrl_config(steps, dtype, tmp, str(device)), log=lambda *_: None)
         params = model_params(trainer.model)
         for step in range(steps):
             m = trainer.train_step(step)
@@ -86,7 +97,7 @@ def model_params(model) -> dict:
             "params_head": head}
 
 
-def run_trl(steps: int, bf16: bool, emit) -> None:
+def run_trl(steps: int, bf16: bool, device: torch.device, emit) -> None:
     from datasets import Dataset
     from transformers import TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
@@ -123,32 +134,37 @@ def run_trl(steps: int, bf16: bool, emit) -> None:
                           max_completion_length=MAX_NEW, temperature=TEMPERATURE, beta=BETA, learning_rate=LR,
                           lr_scheduler_type="constant", loss_type="dapo", scale_rewards="group", epsilon=0.2,
                           max_grad_norm=1.0, weight_decay=0.0, logging_steps=1, report_to="none",
-                          save_strategy="no", use_cpu=True, bf16=bf16, seed=0, dataloader_num_workers=0,
+                          save_strategy="no", use_cpu=device.type == "cpu", bf16=bf16, seed=0, dataloader_num_workers=0,
                           disable_tqdm=True)
         GRPOTrainer(model=model, reward_funcs=reward, args=args, train_dataset=Dataset.from_list(rows),
                     processing_class=tokenizer, callbacks=[Clock()]).train()
 
 
-def worker(side: str, steps: int, path: Path) -> None:
+def worker(side: str, steps: int, path: Path, device: torch.device) -> None:
     def emit(row: dict) -> None:
-        row["peak_rss_gb"] = peak_rss_gb()
+        row.update(peak_memory(device))
         with path.open("a") as f:
             f.write(json.dumps(row) + "\n")
 
     if side.startswith("trl"):
-        run_trl(steps, side == "trl-bf16", emit)
+        run_trl(steps, side == "trl-bf16", device, emit)
     else:
-        run_divrl(steps, side.split("-")[1].replace("fp32", "float32"), emit)
+        run_divrl(steps, side.split("-")[1].replace("fp32", "float32"), device, emit)
 
 
-def matmul_peak(dtype: torch.dtype, n: int = 1024, seconds: float = 1.5) -> float:
-    """FLOP/s of square n × n matmuls at `dtype` on this machine (best of a few timed batches)."""
-    a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
+def matmul_peak(dtype: torch.dtype, device: torch.device, seconds: float = 1.5) -> float:
+    """FLOP/s of square matmuls at `dtype` on `device` (1024² on a CPU, 8192² on a GPU; best of a
+    few timed batches)."""
+    n = 8192 if device.type == "cuda" else 1024
+    a, b = (torch.randn(n, n, device=device).to(dtype) for _ in range(2))
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     best, deadline = 0.0, time.perf_counter() + seconds
     while time.perf_counter() < deadline:
+        sync()
         start = time.perf_counter()
         for _ in range(4):
             a @ b
+        sync()
         best = max(best, 4 * 2 * n**3 / (time.perf_counter() - start))
     return best
 
@@ -172,6 +188,7 @@ def summarize(side: str, rows: list[dict], limit_hit: bool, timeout: float, peak
     out = {"side": side, "steps": len(rows), "limit_hit": limit_hit, "seconds_per_step": seconds,
            "samples_per_s": PROMPTS * GROUP / seconds, "tokens_per_s": tokens / seconds,
            "peak_rss_gb": max(r["peak_rss_gb"] for r in rows), "precision": precision,
+           **({"peak_gpu_gb": max(r["peak_gpu_gb"] for r in rows)} if "peak_gpu_gb" in rows[-1] else {}),
            "model_tflop_per_step": flops / 1e12, "fraction_of_peak": flops / seconds / peaks[precision],
            "rewards": [r["reward"] for r in rows]}
     if "phases" in rows[-1]:
@@ -198,15 +215,20 @@ def plot(results: list[dict], path: Path) -> None:
 
 
 def table(results: list[dict]) -> str:
-    lines = ["| side | precision | steps | s/step | samples/s | tokens/s | peak RSS GB | model TFLOP/step | of matmul peak |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    gpu = any("peak_gpu_gb" in r for r in results)
+    lines = ["| side | precision | steps | s/step | samples/s | tokens/s | peak RSS GB | "
+             + ("peak GPU GB | " if gpu else "") + "model TFLOP/step | of matmul peak |",
+             "|---|---|---|---|---|---|---|---|---|" + ("---|" if gpu else "")]
     for r in results:
         if not r["steps"]:
-            lines.append(f"| {r['side']} | | 0 | > {r['seconds_per_step_lower_bound']:.0f} (no step within the limit) | | | | | |")
+            why = f"failed, exit code {r['exit_code']}" if r.get("exit_code") else "no step within the limit"
+            lines.append(f"| {r['side']} | | 0 | > {r['seconds_per_step_lower_bound']:.0f} ({why}) "
+                         f"| | | | | |" + (" |" if gpu else ""))
             continue
-        lines.append(f"| {r['side']} | {r['precision']} | {r['steps']} | {r['seconds_per_step']:.1f} | "
+        lines.append(f"| {r['side']} | {r['precision']} | {r['steps']} | {r['seconds_per_step']:.2f} | "
                      f"{r['samples_per_s']:.2f} | {r['tokens_per_s']:.1f} | {r['peak_rss_gb']:.2f} | "
-                     f"{r['model_tflop_per_step']:.2f} | {100 * r['fraction_of_peak']:.1f}% |")
+                     + (f"{r.get('peak_gpu_gb', math.nan):.2f} | " if gpu else "")
+                     + f"{r['model_tflop_per_step']:.2f} | {100 * r['fraction_of_peak']:.1f}% |")
     return "\n".join(lines)
 
 
@@ -218,13 +240,17 @@ def main() -> None:
     parser.add_argument("--timeout", action="append", default=[], metavar="SIDE=SECONDS",
                         help="another limit for one side (e.g. trl-bf16=600 where bf16 is slow)")
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--device", default="auto", help="where both sides train: auto (CUDA when present), cpu, cuda")
     parser.add_argument("--from-results", type=Path, metavar="DIR",
                         help="write the summary of DIR/results.json again, running nothing")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--rows", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    from divrl.models import resolve_device
+
+    device = resolve_device(args.device)
     if args.worker:
-        return worker(args.worker, args.steps, args.rows)
+        return worker(args.worker, args.steps, args.rows, device)
     if args.from_results:
         return report(json.loads((args.from_results / "results.json").read_text()), args.from_results)
     limits = {}
@@ -244,15 +270,16 @@ def main() -> None:
 
     name, present = cpu_info()
     flags = [f for f in FLAGS if f in present]
-    peaks = {"fp32": matmul_peak(torch.float32), "bf16": matmul_peak(torch.bfloat16)}
-    machine = (f"{name}, {os.cpu_count()} cores, flags {' '.join(flags) or 'none of ' + ' '.join(FLAGS)}; "
+    peaks = {"fp32": matmul_peak(torch.float32, device), "bf16": matmul_peak(torch.bfloat16, device)}
+    gpu = f"GPU {torch.cuda.get_device_name(device)} (both sides train there); " if device.type == "cuda" else ""
+    machine = (f"{gpu}{name}, {os.cpu_count()} cores, flags {' '.join(flags) or 'none of ' + ' '.join(FLAGS)}; "
                f"torch {torch.__version__}, {torch.get_num_threads()} threads")
     print(f"machine: {machine}")
     from divrl.models import load_model
     from divrl.precision import resolve
 
-    print(f"divrl dtype auto here: {resolve('auto', load_model('default')[0], print)}")
-    print(f"matmul peak (1024², this machine): fp32 {peaks['fp32'] / 1e9:.0f} GFLOP/s, "
+    print(f"divrl dtype auto here: {resolve('auto', load_model('default', device=device)[0], print)}")
+    print(f"matmul peak ({device.type}): fp32 {peaks['fp32'] / 1e9:.0f} GFLOP/s, "
           f"bf16 {peaks['bf16'] / 1e9:.0f} GFLOP/s", flush=True)
     prompt_tokens = prompt_token_count()
 
@@ -262,14 +289,16 @@ def main() -> None:
         rows_path.unlink(missing_ok=True)
         start = time.perf_counter()
         print(f"{side}: {args.steps} steps …", flush=True)
-        try:
-            subprocess.run([sys.executable, __file__, "--worker", side, "--steps", str(args.steps),
-                            "--rows", str(rows_path)], check=True, timeout=limits.get(side, args.side_timeout))
+        try:  # a side that fails (exit code printed by its own traceback) keeps the steps it finished
+            exit_code = subprocess.run([sys.executable, __file__, "--worker", side, "--steps", str(args.steps),
+                                        "--rows", str(rows_path), "--device", str(device)],
+                                       timeout=limits.get(side, args.side_timeout)).returncode
             limit_hit = False
         except subprocess.TimeoutExpired:
-            limit_hit = True
+            exit_code, limit_hit = None, True
         rows = [json.loads(l) for l in rows_path.read_text().splitlines()] if rows_path.exists() else []
-        results.append(summarize(side, rows, limit_hit, time.perf_counter() - start, peaks, prompt_tokens))
+        results.append(summarize(side, rows, limit_hit, time.perf_counter() - start, peaks, prompt_tokens)
+                       | ({"exit_code": exit_code} if exit_code else {}))
         print(table(results[-1:]).splitlines()[-1], flush=True)
     summary = {"date": date, "host": host, "machine": machine, "peaks_gflops": {k: v / 1e9 for k, v in peaks.items()},
                "steps": args.steps, "results": results}
@@ -300,6 +329,9 @@ def report(summary: dict, out: Path) -> None:
         best = max(ours, key=lambda r: r["samples_per_s"])
         ratio = best["samples_per_s"] / best_trl["samples_per_s"]
         rss = best["peak_rss_gb"] / best_trl["peak_rss_gb"]
+        if "peak_gpu_gb" in best and "peak_gpu_gb" in best_trl:
+            notes.append(f"- peak GPU memory {best['side']} / {best_trl['side']}: "
+                         f"{best['peak_gpu_gb'] / best_trl['peak_gpu_gb']:.2f}")
         (m1, s1), (m2, s2) = mean_and_se(best["rewards"]), mean_and_se(best_trl["rewards"])
         gap, gap_se = m1 - m2, (s1 ** 2 + s2 ** 2) ** 0.5
         notes.append(f"- reward difference {best['side']} − {best_trl['side']}: {gap:+.3f} ± {gap_se:.3f}"

@@ -29,9 +29,9 @@ def test_cuda_without_cuda_is_refused_up_front():
 @pytest.mark.device
 @cuda
 def test_training_runs_on_cuda_with_the_numbers_of_the_cpu(tmp_path):
-    """Two tiny steps with an exact and a sampled KL term on CUDA: every model on the device, the
-    same sampled completions as on the CPU (the sampler draws its uniforms on the CPU generator),
-    and metrics within float32 rounding of the CPU run's first step."""
+    """A tiny step with an exact (forward) and a sampled (reverse, k3) KL term on CUDA: every model
+    on the device, the same sampled completions as on the CPU (the sampler draws its uniforms on the
+    CPU generator), and metrics within float32 rounding of the CPU run's."""
     from divrl.trainer import Trainer
 
     rows = {}
@@ -39,7 +39,7 @@ def test_training_runs_on_cuda_with_the_numbers_of_the_cpu(tmp_path):
         cfg = build_config(None, ["model=tiny", "steps=2", f"output_dir={tmp_path / device}", "prompts_per_step=2",
                                   "group_size=4", "max_new_tokens=6", "eval_size=4", "eval_samples=2",
                                   "train_size=50", "lr=1e-3", "eval_every=0", f"device={device}", "dtype=float32",
-                                  "terms=[{divergence: reverse_kl, target: reference, coef: 0.1}, "
+                                  "terms=[{divergence: forward_kl, target: reference, coef: 0.1}, "
                                   "{divergence: reverse_kl, target: reference, coef: 0.1, estimator: k3}]"])
         trainer = Trainer(cfg, log=lambda *_: None)
         assert all(p.device.type == device for p in trainer.model.parameters())
@@ -63,3 +63,23 @@ def test_completion_hidden_and_sampling_agree_across_devices(tiny):
     on_cuda = completion_hidden(model, prompts, completions, tokenizer.pad_token_id).hidden
     torch.testing.assert_close(on_cuda.cpu(), on_cpu, rtol=1e-4, atol=1e-4)
     assert runs[0].completion_ids == runs[1].completion_ids
+
+
+@pytest.mark.device
+@cuda
+def test_chunked_heads_give_the_cpu_numbers_on_cuda():
+    """The chunked log-probs, entropies and a divergence, with their gradients, on CUDA and on the CPU."""
+    from divrl.chunked import divergence, logprob_entropy
+
+    g = torch.Generator().manual_seed(0)
+    hidden, weight = torch.randn(300, 32, generator=g), torch.randn(5000, 32, generator=g) / 4
+    target_hidden, tokens = torch.randn(300, 32, generator=g), torch.randint(5000, (300,), generator=g)
+    results = []
+    for device in ("cpu", "cuda"):
+        h, w = (t.detach().to(device).requires_grad_() for t in (hidden, weight))  # leaves on each device
+        logp, entropy = logprob_entropy(h, w, tokens.to(device))
+        d = divergence("forward_kl", h, w, target_hidden.to(device), weight.to(device))
+        (logp.sum() + entropy.sum() + d.sum()).backward()
+        results.append([t.detach().cpu() for t in (logp, entropy, d, h.grad, w.grad)])
+    for cpu, gpu in zip(*results):
+        torch.testing.assert_close(gpu, cpu, rtol=1e-4, atol=1e-4)
