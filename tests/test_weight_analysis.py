@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from divrl import analyze_cli, weight_analysis as wa
+from divrl.checkpoint import write_manifest
 
 DT = torch.float64
 
@@ -212,6 +213,7 @@ def trained(tmp_path_factory, tiny):
         moved.save_pretrained(target)
         tokenizer.save_pretrained(target)
         (target / "trainer_state.json").write_text(json.dumps({"step": step}))
+        write_manifest(target)  # what makes it a complete checkpoint (divrl.checkpoint)
     unchanged = sum(int((d == 0).sum()) for d in delta.values()) / sum(d.numel() for d in delta.values())
     return root / "base", root / "run", theta0, delta, unchanged
 

@@ -29,7 +29,7 @@ from divrl import weight_analysis as wa
 
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 TIED_HEAD = "lm_head.weight"  # omitted by save_pretrained when tied to the input embedding
-_NOT_COPIED = ("*.safetensors", "*.safetensors.index.json", "*.bin", "*.pt", "trainer_state.json")
+_NOT_COPIED = ("*.safetensors", "*.safetensors.index.json", "*.bin", "*.pt", "trainer_state.json", "manifest.json")
 _COMPARE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _RELEX_PLOTTED = 6
 

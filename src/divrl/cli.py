@@ -18,24 +18,37 @@ from divrl.lab_cli import add_parser as add_lab
 def _train(args: argparse.Namespace) -> int:
     from divrl.config import ConfigError, build_config, describe
     from divrl.models import ModelLoadError
+    from divrl.run_dirs import config_name, point_latest, resolve_output_dir
     from divrl.tasks import TaskError
 
     if args.help_config:
         print(describe())
         return 0
+    fresh = None
     try:
         cfg = build_config(args.config, args.set or [], recipe=args.recipe)
+        cfg, fresh = resolve_output_dir(cfg, config_name(args.config, args.recipe))
         print("resolved config:\n" + yaml.safe_dump(cfg.to_dict(), sort_keys=False), flush=True)
-        from divrl.trainer import Trainer
+        from divrl.trainer import NonFiniteError, Trainer
 
         trainer = Trainer(cfg)
     except (ConfigError, TaskError, ModelLoadError) as err:
+        if fresh is not None and not any(fresh.iterdir()):
+            fresh.rmdir()  # a run that never started leaves no directory behind
         print(f"divrl: error: {err}", file=sys.stderr)
         return 2
+    if fresh is not None:
+        point_latest(fresh)
+    from divrl.checkpoint import CheckpointWriteError
+
     try:
         trainer.run()
     except KeyboardInterrupt:
         return 130
+    except (ConfigError, CheckpointWriteError, NonFiniteError) as err:  # the message says what to do
+        print(f"divrl: error: {err}", file=sys.stderr)
+        return 1
+    print(f"report: {trainer.run_dir / 'report.md'}")
     return 0
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
+import math
 import re
 import types
 import typing
@@ -21,8 +22,9 @@ from typing import Any
 import torch
 import yaml
 
-from divrl import calibration, demos, diversity, prompts, recipes, stored
+from divrl import calibration, demos, diversity, guarded_verifier, prompts, recipes, stored
 from divrl.spec import ESTIMATORS, ObjectiveSpec, SpecError, parse_objective
+from divrl.tasks import OVERLONG_POLICIES
 
 
 class ConfigError(ValueError):
@@ -35,6 +37,7 @@ def _doc(text: str, **kwargs: Any) -> Any:
 
 PROMPT_FILTERS = ("none", "greedy_unsolved")
 DTYPES = ("auto", "float32", "bfloat16")
+SEED_LIMIT = 2**32
 
 
 @dataclass
@@ -49,6 +52,15 @@ class TrainConfig:
                                                       "max_digits": 1, "allow_negation": False})
     verifier: str = _doc("For JSONL tasks: 'exact' (extracted answer == answer) or 'module:function' "
                          "called as f(completion, answer) -> float.", default="exact")
+    reward_timeout: float | None = _doc("Seconds a verifier call may take; a longer one scores 0 and is "
+                                        "counted (reward_timeouts). null: no limit. In the trainer's "
+                                        "process it needs POSIX and the main thread and cannot cut short "
+                                        "C code; reward_workers enforce it always.",
+                                        default=guarded_verifier.DEFAULT_TIMEOUT)
+    reward_workers: int = _doc("0: call the verifier in the trainer's process; N: in N worker "
+                               "processes, so a verifier that crashes (segfault, os._exit) or hangs "
+                               "is killed and replaced, its call scored 0 and counted (reward_crashes, "
+                               "reward_timeouts).", default=0)
     system_prompt: str | None = _doc("System message for chat models (None: the model's default).",
                                      default=None)
     train_size: int = _doc("Number of training prompts generated (reasoning-gym) or kept (JSONL).",
@@ -69,6 +81,10 @@ class TrainConfig:
     group_size: int = _doc("Completions sampled per prompt (G).", default=8)
     max_new_tokens: int = _doc("Longest completion; longer ones are truncated (and usually wrong).",
                                default=32)
+    overlong_prompts: str = _doc("Prompts longer than the model's context less max_new_tokens: "
+                                 "'reject' (error before training, naming the first), 'truncate' "
+                                 "(keep each one's tail) or 'skip' (drop them); counted in the log and "
+                                 "metrics.jsonl's step-0 row.", default="reject")
     temperature: float = _doc("Sampling temperature of training rollouts.", default=0.7)
     top_p: float = _doc("Nucleus sampling threshold of rollouts (1.0 = off).", default=1.0)
     policy_gradient: bool = _doc("Include the clipped policy-gradient term (false: pure "
@@ -186,6 +202,11 @@ class TrainConfig:
     lr: float = _doc("AdamW learning rate.", default=1e-5)
     weight_decay: float = _doc("AdamW weight decay.", default=0.0)
     max_grad_norm: float = _doc("Gradient clipping norm (0 disables).", default=1.0)
+    max_skipped_steps: int = _doc("A step whose loss or gradient is non-finite (inf, NaN) is skipped: "
+                                  "no optimizer step; its metrics row has skipped_step 1 and a "
+                                  "skip_reason naming the part (pg_loss, a term's loss, a token weight, "
+                                  "or the gradient). This many consecutive skipped steps stop the run "
+                                  "(NonFiniteError); its checkpoints keep the good weights.", default=5)
     micro_batch_size: int = _doc("Sequences per forward/backward chunk (memory bound); whole groups, "
                                  "so at least group_size.", default=16)
     device: str = _doc("'auto' (the first CUDA device when there is one, else the CPU), 'cpu', 'cuda' "
@@ -205,8 +226,11 @@ class TrainConfig:
     checkpoint_every: int = _doc("Save a checkpoint every this many steps (and at the end).",
                                  default=10)
     keep_checkpoints: int = _doc("How many recent checkpoints to keep.", default=2)
-    output_dir: str = _doc("Run directory.", default="runs/default")
-    resume: bool = _doc("Continue from the latest checkpoint in output_dir.", default=False)
+    output_dir: str | None = _doc("Run directory; one that holds a run is refused unless resuming. "
+                                  "null: `divrl train` makes a fresh runs/<config>-<YYYYmmdd-HHMMSS>/ "
+                                  "per run, runs/latest pointing to it (divrl.run_dirs).", default=None)
+    resume: bool = _doc("Continue from the latest checkpoint in output_dir (output_dir null: in the "
+                        "newest runs/<config>-<date-time>/).", default=False)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -268,12 +292,20 @@ def _check(cfg: TrainConfig) -> None:
         if not ok:
             raise ConfigError(f"config key '{key}' {what}, got {getattr(cfg, key)!r}")
 
+    for key in FIELDS:  # YAML's .inf and .nan are floats; no key means them
+        value = getattr(cfg, key)
+        need(not isinstance(value, float) or math.isfinite(value), key, "must be a finite number")
+    for key in ("seed", "eval_seed"):  # torch wraps a negative seed; seed + small offsets must fit
+        need(0 <= getattr(cfg, key) < SEED_LIMIT, key, "must be in [0, 2**32)")
     for key in ("steps", "prompts_per_step", "group_size", "max_new_tokens", "train_size",
                 "eval_size", "eval_samples", "micro_batch_size", "inner_iterations",
                 "keep_checkpoints", "checkpoint_every", "stored_prompts", "stored_samples",
-                "stored_per_step"):
+                "stored_per_step", "max_skipped_steps"):
         need(getattr(cfg, key) >= 1, key, "must be ≥ 1")
     need(cfg.eval_every >= 0, "eval_every", "must be ≥ 0")
+    need(cfg.reward_timeout is None or cfg.reward_timeout > 0, "reward_timeout",
+         "must be > 0 seconds, or null for no limit")
+    need(cfg.reward_workers >= 0, "reward_workers", "must be ≥ 0 (0 = call the verifier in the trainer's process)")
     need(cfg.inspect_every >= 0, "inspect_every", "must be ≥ 0")
     need(cfg.monitor_kl_every >= 1, "monitor_kl_every", "must be ≥ 1")
     need(re.fullmatch(r"auto|cpu|cuda(:\d+)?", cfg.device) is not None, "device",
@@ -286,6 +318,7 @@ def _check(cfg: TrainConfig) -> None:
         raise ConfigError(f"config key 'reward_calibration': {err}") from None
     need(cfg.max_refills >= 0, "max_refills", "must be ≥ 0")
     need(cfg.prompt_filter in PROMPT_FILTERS, "prompt_filter", f"must be one of {PROMPT_FILTERS}")
+    need(cfg.overlong_prompts in OVERLONG_POLICIES, "overlong_prompts", f"must be one of {OVERLONG_POLICIES}")
     try:
         diversity.parse_bonus(cfg.diversity_bonus)
     except ValueError as err:
@@ -363,8 +396,31 @@ def _check(cfg: TrainConfig) -> None:
     need(cfg.inner_iterations == 1 or not sequence, "inner_iterations",
          f"must be 1 with the sequence estimator of {', '.join(sequence)} (it needs samples of the "
          f"current policy, not of an older one)")
+    _check_something_trains(spec)
     need(cfg.eval_seed != cfg.seed, "eval_seed", "must differ from seed (held-out split)")
-    need(bool(cfg.output_dir), "output_dir", "must be a path")
+    need(cfg.output_dir is None or bool(cfg.output_dir), "output_dir",
+         "must be a path, or null for a fresh runs/<config>-<date-time>/")
+
+
+def _check_something_trains(spec: ObjectiveSpec) -> None:
+    """Without the policy gradient, only loss terms train: refuse reward-placed terms (they only
+    shift the return the policy gradient would train on) and an objective whose loss terms all
+    have coefficient 0 (a penalty-only recipe with β = 0 would run every step and change nothing)."""
+    if spec.policy_gradient:
+        return
+    if spec.reward_terms:
+        raise ConfigError(f"config key 'policy_gradient' is false, so the reward-placed terms "
+                          f"{', '.join(t.name for t in spec.reward_terms)} (subtracted from the return "
+                          f"the policy gradient trains on) would train nothing; set policy_gradient: "
+                          f"true or placement: loss")
+    pulling = [t for t in spec.terms if t.placement == "loss" and (t.coef > 0 or (t.anneal and t.anneal[0] > 0))]
+    anchored = spec.entropy_anchor is not None and spec.entropy_anchor.coef > 0
+    if not pulling and not anchored:
+        zero = [f"{t.name} coef {t.coef:g}" for t in spec.terms] + (
+            [f"entropy_anchor coef {spec.entropy_anchor.coef:g}"] if spec.entropy_anchor else [])
+        raise ConfigError(f"config key 'terms': with policy_gradient false every loss term's "
+                          f"coefficient is 0 ({', '.join(zero)}), so nothing would train; give one a "
+                          f"coef > 0 or set policy_gradient: true")
 
 
 def parse_override(text: str) -> tuple[str, Any]:
@@ -436,7 +492,8 @@ def _read_yaml_mapping(path: Path, what: str) -> dict[str, Any]:
 def stage1_config(cfg: TrainConfig) -> TrainConfig:
     """The first stage's config: this one with `stage1`'s keys over it, in <output_dir>/stage1;
     errors name the key as stage1.<key>."""
-    values = {**cfg.to_dict(), "stage1": None, "output_dir": str(Path(cfg.output_dir) / "stage1")}
+    output_dir = None if cfg.output_dir is None else str(Path(cfg.output_dir) / "stage1")
+    values = {**cfg.to_dict(), "stage1": None, "output_dir": output_dir}
     for key, value in cfg.stage1.items():
         if key not in FIELDS:
             raise ConfigError(str(_unknown_key(key)).replace("config key '", "config key 'stage1.", 1))

@@ -7,6 +7,21 @@ exact answers: 0·log 0 = 0, finite where the math is finite, +inf (never NaN) w
 is infinite, and no NaN gradient wherever the value is finite (the "double where": unsafe entries
 are replaced before the arithmetic, not only after it).
 
+The rule for infinite and invalid values (public and fuzzed in tests/reliability/test_fuzz.py):
+
+- Disjoint supports: +inf where the divergence is infinite (KL, χ², α ∉ (0, 1) where one side
+  has mass the other lacks), with zero gradient, so a caller that masks the position gets finite
+  gradients; the trainer skips a step whose loss is not finite. The bounded ones (total
+  variation, Hellinger, jsd with 0 < β < 1, α ∈ (0, 1), Sinkhorn) stay finite.
+- Extreme log-ratios (log-probs down to −1e30 and beyond): the value is exact, or +inf where it
+  exceeds the dtype's range (e.g. χ² with q underflowing to 0 below a p > 0); never 0·∞ = NaN.
+- A row without mass (all −inf, as ``divrl.targets.extrapolate`` gives on disjoint supports) is
+  evaluated by the same sums over the vocabulary: KL(p‖∅) = +inf, KL(∅‖p) = 0; Sinkhorn, which
+  has no coupling there, +inf.
+- NaN inputs (a NaN logit makes its whole row NaN) give NaN in their rows and nowhere else;
+  checking them here would cost a device sync per call in the chunked training path, so
+  ``divrl.objectives`` raises the ValueError instead, where it reads the loss anyway.
+
 Conventions (design notes §2; public and tested):
 
 ============================  =========================================================
@@ -77,35 +92,59 @@ def _summed_over_vocabulary(name: str) -> Callable[[Divergence], Divergence]:
     return register
 
 
-def _weighted_by_first(log_a: Tensor, log_b: Tensor, fn: Callable[[Tensor], Tensor]) -> Tensor:
-    """a · fn(log a − log b) for fn finite at 0: exactly 0 where a = 0, a · fn(+∞) where a > 0 = b.
+def _exp_or_inf(log_value: Tensor) -> Tensor:
+    """exp(x), and a constant +inf (zero gradient) where exp overflows the dtype: a caller that masks
+    that +inf out gets a zero gradient there, not exp's ∞·0 = NaN."""
+    overflow = log_value > math.log(torch.finfo(log_value.dtype).max)
+    return log_value.masked_fill(overflow, 0.0).exp().masked_fill(overflow, math.inf)
 
-    Non-finite log-ratios are replaced before fn and the product, so no gradient is NaN; an
-    infinite fn(+∞) gives +inf there with a zero gradient (a caller that masks it stays finite).
+
+def _times_expm1_power(log_a: Tensor, y: Tensor, power: int) -> Tensor:
+    """a·expm1(y)^power for finite y, a = e^{log a}, with no underflow-times-overflow 0·∞ = NaN.
+
+    Directly while expm1(y)^power ≤ √max of the dtype (where a underflows to 0 the true value is
+    below tiny·√max, negligible); beyond, exactly in log space:
+    exp(log a + power·(y + log(−expm1(−y)))), +inf (zero gradient) where that overflows.
+    """
+    large = y > math.log(torch.finfo(y.dtype).max) / (2 * power)
+    direct = log_a.exp() * torch.expm1(y.masked_fill(large, 0.0)).pow(power)
+    safe_y = y.masked_fill(~large, 1.0)
+    log_value = log_a + power * (safe_y + torch.log(-torch.expm1(-safe_y)))
+    return torch.where(large, _exp_or_inf(log_value.masked_fill(~large, _NEG_INF)), direct)
+
+
+def _weighted_by_first(
+    log_a: Tensor, log_b: Tensor, weighted: Callable[[Tensor, Tensor], Tensor], at_infinity: float
+) -> Tensor:
+    """a·fn(log a − log b), given as ``weighted(log a, d)`` = a·fn(d) on finite log-ratios d (fn finite
+    at 0): exactly 0 where a = 0, a·fn(+∞) = a·``at_infinity`` where a > 0 = b.
+
+    Non-finite log-ratios are replaced before ``weighted``, so no gradient is NaN; an infinite
+    fn(+∞) gives +inf there with a zero gradient (a caller that masks it stays finite).
     """
     log_ratio = log_a - log_b  # +inf where a > 0 = b; −inf or NaN where a = 0
-    ratio_term = fn(torch.where(log_ratio.isfinite(), log_ratio, 0.0))
     b_only_zero = log_ratio == math.inf
-    at_infinity = float(fn(torch.tensor(math.inf, dtype=torch.float64)))
+    inner = weighted(log_a, torch.where((log_a == _NEG_INF) | b_only_zero, 0.0, log_ratio))  # NaN inputs stay NaN
     if math.isinf(at_infinity):
-        return (log_a.exp() * ratio_term).masked_fill(b_only_zero, at_infinity)
-    return log_a.exp() * torch.where(b_only_zero, at_infinity, ratio_term)
+        return inner.masked_fill(b_only_zero, at_infinity)
+    return torch.where(b_only_zero, log_a.exp() * at_infinity, inner)
 
 
-def _identity(x: Tensor) -> Tensor:
-    return x
+def _times_log_ratio(log_a: Tensor, log_ratio: Tensor) -> Tensor:
+    """a·log(a/b): the KL term."""
+    return log_a.exp() * log_ratio
 
 
 @_summed_over_vocabulary("reverse_kl")
 def reverse_kl(policy_logprobs: Tensor, target_logprobs: Tensor) -> Tensor:
     """KL(p‖q) = Σ_v p_v (log p_v − log q_v): mode-seeking; +inf where p_v > 0 = q_v."""
-    return _weighted_by_first(policy_logprobs, target_logprobs, _identity)
+    return _weighted_by_first(policy_logprobs, target_logprobs, _times_log_ratio, math.inf)
 
 
 @_summed_over_vocabulary("forward_kl")
 def forward_kl(policy_logprobs: Tensor, target_logprobs: Tensor) -> Tensor:
     """KL(q‖p) = Σ_v q_v (log q_v − log p_v): mass-covering; +inf where q_v > 0 = p_v."""
-    return _weighted_by_first(target_logprobs, policy_logprobs, _identity)
+    return _weighted_by_first(target_logprobs, policy_logprobs, _times_log_ratio, math.inf)
 
 
 @_summed_over_vocabulary("jsd")
@@ -119,18 +158,18 @@ def jsd(policy_logprobs: Tensor, target_logprobs: Tensor, beta: float = 0.5) -> 
     if not 0.0 <= beta <= 1.0:
         raise ValueError(f"jsd: beta must lie in [0, 1], got {beta}")
     if beta == 0.0:
-        return _weighted_by_first(target_logprobs, policy_logprobs, _identity)
+        return _weighted_by_first(target_logprobs, policy_logprobs, _times_log_ratio, math.inf)
     if beta == 1.0:
-        return _weighted_by_first(policy_logprobs, target_logprobs, _identity)
+        return _weighted_by_first(policy_logprobs, target_logprobs, _times_log_ratio, math.inf)
     # Where p = q = 0 the mixture is taken at p = 1 instead (its terms vanish anyway): keeps
     # logaddexp's gradient free of −inf − (−inf).
     both_zero = (policy_logprobs == _NEG_INF) & (target_logprobs == _NEG_INF)
     mixture_logprobs = torch.logaddexp(
         torch.where(both_zero, 0.0, policy_logprobs) + math.log1p(-beta), target_logprobs + math.log(beta)
     )
-    return beta * _weighted_by_first(target_logprobs, mixture_logprobs, _identity) + (
+    return beta * _weighted_by_first(target_logprobs, mixture_logprobs, _times_log_ratio, math.inf) + (
         1.0 - beta
-    ) * _weighted_by_first(policy_logprobs, mixture_logprobs, _identity)
+    ) * _weighted_by_first(policy_logprobs, mixture_logprobs, _times_log_ratio, math.inf)
 
 
 @_summed_over_vocabulary("total_variation")
@@ -143,7 +182,8 @@ def total_variation(policy_logprobs: Tensor, target_logprobs: Tensor) -> Tensor:
 def chi2(policy_logprobs: Tensor, target_logprobs: Tensor) -> Tensor:
     """Pearson χ²(p‖q) = Σ_v (p_v − q_v)²/q_v; +inf where p_v > 0 = q_v."""
     unbounded = (target_logprobs == _NEG_INF) & (policy_logprobs > _NEG_INF)
-    term = _weighted_by_first(target_logprobs, policy_logprobs, lambda d: torch.expm1(-d).square())
+    # q·(p/q − 1)² = q·expm1(log p − log q)², and q (with p = 0) where log q − log p = +∞.
+    term = _weighted_by_first(target_logprobs, policy_logprobs, lambda log_q, d: _times_expm1_power(log_q, -d, 2), 1.0)
     return term.masked_fill(unbounded, math.inf)
 
 
@@ -165,11 +205,12 @@ def alpha(policy_logprobs: Tensor, target_logprobs: Tensor, alpha: float = 0.5) 
     if alpha < 0.5:
         policy_logprobs, target_logprobs, alpha = target_logprobs, policy_logprobs, 1.0 - alpha
     if alpha == 1.0:
-        log_ratio_term = _identity
+        p_term = _weighted_by_first(policy_logprobs, target_logprobs, _times_log_ratio, math.inf)
     else:
-        def log_ratio_term(log_ratio: Tensor) -> Tensor:
-            return torch.expm1((alpha - 1.0) * log_ratio) / (alpha - 1.0)
-    p_term = _weighted_by_first(policy_logprobs, target_logprobs, log_ratio_term)
+        c = alpha - 1.0  # p·expm1(c·d)/c → p·(−1/c) as d → +∞ for c < 0, +∞ for c > 0
+        p_term = _weighted_by_first(policy_logprobs, target_logprobs,
+                                    lambda log_p, d: _times_expm1_power(log_p, c * d, 1) / c,
+                                    math.inf if c > 0 else -1.0 / c)
     return (p_term - policy_logprobs.exp() + target_logprobs.exp()) / alpha
 
 
@@ -187,13 +228,20 @@ def f_divergence(
     Entries with q_v = 0 < p_v contribute p_v·f'(∞), f'(∞) = lim_{t→∞} f(t)/t, given as
     ``f_prime_inf`` (default +inf, right for superlinear f such as t log t; ½ for total variation,
     1 for squared Hellinger, 0 for −log t). Entries with p_v = q_v = 0 contribute 0.
+
+    It works on the probabilities e^{log p} in the given dtype: one that underflows to 0 counts as
+    0, and where p/q overflows the term is its limit p·f'(∞) (+inf for superlinear f, where the
+    exact value is finite but beyond the ratio's range: the closed forms compute such extreme
+    log-ratios exactly).
     """
-    policy_zero = policy_logprobs == _NEG_INF
-    target_zero = target_logprobs == _NEG_INF
+    policy_zero = policy_logprobs.exp() == 0
+    target_zero = target_logprobs.exp() == 0
+    log_ratio = torch.where(policy_zero | target_zero, 0.0, policy_logprobs - target_logprobs)
+    target_zero = target_zero | (log_ratio > math.log(torch.finfo(log_ratio.dtype).max))
     both_positive = ~(policy_zero | target_zero)
-    safe_policy = torch.where(both_positive, policy_logprobs, 0.0)
     safe_target = torch.where(both_positive, target_logprobs, 0.0)
-    ratio_term = torch.where(both_positive, safe_target.exp() * f((safe_policy - safe_target).exp()), 0.0)
+    safe_ratio = torch.where(both_positive, log_ratio, 0.0).exp()
+    ratio_term = torch.where(both_positive, safe_target.exp() * f(safe_ratio), 0.0)
     # One-sided entries: q·f(0) where p = 0 < q, p·f'(∞) where q = 0 < p; an infinite
     # coefficient gives +inf with a zero gradient.
     edge_coefficient = torch.where(
@@ -237,14 +285,18 @@ def _entropic_ot(
     step down to its target, so small ε converges in far fewer steps). The value is the dual
     ⟨p, f⟩ + ⟨q, g⟩, whose gradient in (p, q) is (f, g) at convergence (envelope theorem), so memory
     is one (..., V, V) buffer rather than one per iteration; the cost gets no gradient. A zero-mass
-    token drops out of the plan and its gradient p_i·f_i stays finite.
+    token drops out of the plan and its gradient p_i·f_i stays finite. A position where p or q has
+    no mass at all (an all −inf row) has no coupling: +inf there (the infimum over an empty set),
+    with zero gradient.
     """
     if epsilon <= 0.0:
         raise ValueError(f"sinkhorn: epsilon must be > 0, got {epsilon}")
     if iterations < 1:
         raise ValueError(f"sinkhorn: iterations must be >= 1, got {iterations}")
+    no_mass = ((policy_logprobs == _NEG_INF).all(-1) | (target_logprobs == _NEG_INF).all(-1)).unsqueeze(-1)
+    policy_logprobs, target_logprobs = policy_logprobs.masked_fill(no_mass, 0.0), target_logprobs.masked_fill(no_mass, 0.0)
     cost = cost.to(policy_logprobs.dtype)
-    cost_scale = cost.max().item()
+    cost_scale = cost.max().item() if cost.numel() else 0.0
     with torch.no_grad():
         log_p, log_q = policy_logprobs.detach(), target_logprobs.detach()
         g = torch.zeros_like(log_q)
@@ -252,7 +304,8 @@ def _entropic_ot(
             eps = max(epsilon, cost_scale * 0.5**step)
             f = -eps * torch.logsumexp((log_q + g / eps).unsqueeze(-2) - cost / eps, dim=-1)
             g = -eps * torch.logsumexp((log_p + f / eps).unsqueeze(-1) - cost / eps, dim=-2)
-    return (policy_logprobs.exp() * f).sum(-1) + (target_logprobs.exp() * g).sum(-1)
+    value = (policy_logprobs.exp() * f).sum(-1) + (target_logprobs.exp() * g).sum(-1)
+    return value.masked_fill(no_mass.squeeze(-1), math.inf)
 
 
 def sinkhorn(
@@ -305,7 +358,8 @@ def sinkhorn_topk(
 
     def restricted(logprobs: Tensor) -> Tensor:
         gathered = logprobs.gather(-1, support).masked_fill(kept, _NEG_INF)
-        return gathered - gathered.logsumexp(-1, keepdim=True)
+        no_mass = (gathered == _NEG_INF).all(-1, keepdim=True)  # stays all −inf: +inf in _entropic_ot
+        return gathered - gathered.masked_fill(no_mass, 0.0).logsumexp(-1, keepdim=True)
 
     return _entropic_ot(
         restricted(policy_logprobs),
@@ -394,7 +448,7 @@ def k3(policy_logprobs: Tensor, target_logprobs: Tensor) -> Tensor:
     *forward*-KL gradient, not the reverse one its value estimates.
     """
     r = _log_ratio(policy_logprobs, target_logprobs)
-    unbounded = r == math.inf
+    unbounded = r > math.log(torch.finfo(r.dtype).max)  # eʳ overflows; includes p(y) = 0 < q(y)
     safe_r = r.masked_fill(unbounded, 0.0)
     return (torch.expm1(safe_r) - safe_r).masked_fill(unbounded, math.inf)
 

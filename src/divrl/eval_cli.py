@@ -72,8 +72,9 @@ def _config(args: argparse.Namespace):
 def _sampled(args: argparse.Namespace) -> tuple[dict, list[dict]]:
     """(header, rows) of a fresh sampling run."""
     from divrl import evaluation, precision
-    from divrl.models import autocast_for, load_model, resolve_device
-    from divrl.tasks import build_task
+    from divrl.guarded_verifier import GuardedVerifier
+    from divrl.models import autocast_for, context_length, load_model, resolve_device
+    from divrl.tasks import build_task, fit_to_context
 
     if args.n < 1:
         raise evaluation.EvalError(f"--n must be at least 1, got {args.n}")
@@ -85,6 +86,7 @@ def _sampled(args: argparse.Namespace) -> tuple[dict, list[dict]]:
     source = resolve_model(args.model)
     device = resolve_device(cfg.device)
     model, tokenizer = load_model(source, seed=cfg.seed, device=device)
+    fit_to_context(task, tokenizer, cfg, context_length(model))  # overlong_prompts, as in training
     model.eval().requires_grad_(False)
     reference = None
     if args.reference is not None:
@@ -96,7 +98,8 @@ def _sampled(args: argparse.Namespace) -> tuple[dict, list[dict]]:
     rows = evaluation.sample_eval(model, tokenizer, task, n=args.n, temperature=temperature, top_p=cfg.top_p,
                                   max_new_tokens=cfg.max_new_tokens, seed=args.seed,
                                   system_prompt=cfg.system_prompt, reference=reference,
-                                  autocast=autocast_for(precision.resolve(cfg.dtype, model, print), device))
+                                  autocast=autocast_for(precision.resolve(cfg.dtype, model, print), device),
+                                  verifier=GuardedVerifier.from_config(task, cfg))
     header = {"model": source, "task": task.name, "task_params": cfg.task_params, "eval_seed": cfg.eval_seed,
               "n": args.n, "temperature": temperature, "top_p": cfg.top_p, "max_new_tokens": cfg.max_new_tokens,
               "seed": args.seed, "reference": args.reference, "prompts": len(task.eval)}

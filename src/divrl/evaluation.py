@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from pathlib import Path
@@ -39,7 +39,8 @@ from divrl.hidden import completion_hidden
 from divrl.models import output_head, stop_token_ids
 from divrl.objectives import PASS_THRESHOLD
 from divrl.rollout import sample
-from divrl.tasks import Example, Task, TaskError, encode_prompt, extract_answer, load_function, safe_score
+from divrl.guarded_verifier import GuardedVerifier
+from divrl.tasks import Example, Task, TaskError, encode_prompt, load_function
 
 FORMAT = "divrl-eval-samples/1"
 SELECTIONS = ("mean_logprob", "verifier")
@@ -55,16 +56,13 @@ def default_ks(n: int) -> list[int]:
     return ks if ks[-1] == n else [*ks, n]
 
 
-def score_completions(task: Task, texts: Sequence[str], examples: Sequence[Example], group: int
-                      ) -> tuple[list[float], int]:
-    """Rewards of group-major completions (`group` per example) and how many verifier calls failed
-    (scored 0; `tasks.safe_score`)."""
-    rewards, errors = [], 0
-    for i, text in enumerate(texts):
-        reward, ok = safe_score(task, text, examples[i // group])
-        rewards.append(reward)
-        errors += not ok
-    return rewards, errors
+def score_completions(verifier: GuardedVerifier, texts: Sequence[str], examples: Sequence[Example],
+                      group: int) -> tuple[list[float], Counter[str]]:
+    """Rewards of group-major completions (`group` per example) and the failed verifier calls by
+    kind (`error`, `timeout`, `crash`; each scored 0, `divrl.guarded_verifier`). A partial-credit
+    reward (reasoning-gym's) is kept as it is; passing is decided elsewhere (full score only)."""
+    outcomes = verifier.score([(text, examples[i // group]) for i, text in enumerate(texts)])
+    return [reward for reward, _ in outcomes], Counter(kind for _, kind in outcomes if kind)
 
 
 @torch.no_grad()
@@ -82,16 +80,19 @@ def reference_kl(model, reference, prompts: list[list[int]], completions: list[l
 
 def sample_eval(model, tokenizer, task: Task, *, n: int, temperature: float, top_p: float,
                 max_new_tokens: int, seed: int, system_prompt: str | None = None, reference=None,
-                rows_per_batch: int = 256, autocast: Callable = nullcontext) -> list[dict]:
+                rows_per_batch: int = 256, autocast: Callable = nullcontext,
+                verifier: GuardedVerifier | None = None) -> list[dict]:
     """n samples of every held-out prompt of `task`, scored and measured: one dict per completion
     (the JSONL rows). Prompts go in batches of about `rows_per_batch` completions; one seeded
-    generator, so a run is reproducible."""
+    generator, so a run is reproducible. `verifier` scores them (default: the task's, in this
+    process, with the default time limit)."""
+    verifier = verifier or GuardedVerifier(task)
     if not task.eval:
         raise EvalError(f"task '{task.name}' has no held-out prompts (eval_size is 0 or the split is empty)")
     if n < 1:
         raise EvalError(f"n must be at least 1, got {n}")
     generator = torch.Generator().manual_seed(seed)
-    stops, pad = stop_token_ids(tokenizer), tokenizer.pad_token_id
+    stops, pad = stop_token_ids(tokenizer, model), tokenizer.pad_token_id
     per_batch = max(1, rows_per_batch // n)
     rows = []
     bar = tqdm(total=len(task.eval) * n, desc="eval", unit="sample", dynamic_ncols=True)
@@ -105,12 +106,12 @@ def sample_eval(model, tokenizer, task: Task, *, n: int, temperature: float, top
             kl = None if reference is None else reference_kl(model, reference, prompt_ids, rollout.completion_ids,
                                                              pad, temperature or 1.0)
         texts = tokenizer.batch_decode(rollout.completion_ids, skip_special_tokens=True)
-        rewards, _ = score_completions(task, texts, examples, n)
+        rewards, _ = score_completions(verifier, texts, examples, n)
         for i, (ids, text) in enumerate(zip(rollout.completion_ids, texts)):
             example = examples[i // n]
             rows.append({"prompt_id": first + i // n, "prompt": example.prompt, "answer": example.answer,
                          "completion": text, "completion_ids": ids, "reward": rewards[i],
-                         "passed": rewards[i] >= PASS_THRESHOLD, "final_answer": extract_answer(text),
+                         "passed": rewards[i] >= PASS_THRESHOLD, "final_answer": task.final_answer(text),
                          "finished": rollout.finished[i], "length": len(ids),
                          "logprob_sum": sum(rollout.logprobs[i]), "entropy_sum": sum(rollout.entropies[i]),
                          "kl_sum": None if kl is None else kl[i]})

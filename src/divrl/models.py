@@ -174,9 +174,40 @@ def resolve_device(spec: str) -> torch.device:
     return torch.device(spec)
 
 
-def stop_token_ids(tokenizer) -> list[int]:
-    """The token ids that end a completion: the tokenizer's eos and pad tokens."""
-    return sorted({tokenizer.eos_token_id, tokenizer.pad_token_id})
+def chat_turn_end_id(tokenizer) -> int | None:
+    """The special token the chat template puts right after an assistant message (e.g. Llama 3's
+    <|eot_id|>, ChatML's <|im_end|>), read by rendering one; None without a chat template, or if
+    what follows the message is not a special token."""
+    if tokenizer.chat_template is None:
+        return None
+    probe = "divrl turn end probe"
+    try:
+        text = tokenizer.apply_chat_template([{"role": "user", "content": "hi"},
+                                              {"role": "assistant", "content": probe}], tokenize=False)
+    except Exception:  # noqa: BLE001 - a template may refuse this conversation in any way
+        return None
+    after = tokenizer(text.rpartition(probe)[2], add_special_tokens=False)["input_ids"]
+    special = {i for i, token in tokenizer.added_tokens_decoder.items() if token.special}
+    return after[0] if after and after[0] in special else None
+
+
+def stop_token_ids(tokenizer, model=None) -> list[int]:
+    """The token ids that end a completion: the tokenizer's eos and pad tokens, the chat
+    template's end of turn (`chat_turn_end_id`), and the eos id(s) of `model`'s generation config,
+    which a chat model may set to a turn end other than the tokenizer's eos (else every completion
+    would run to max_new_tokens)."""
+    ids = {tokenizer.eos_token_id, tokenizer.pad_token_id, chat_turn_end_id(tokenizer)}
+    generation_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids.update(generation_eos if isinstance(generation_eos, list | tuple) else [generation_eos])
+    return sorted(i for i in ids if i is not None)
+
+
+def context_length(model) -> int | None:
+    """The most positions `model` attends over (its config's max_position_embeddings, or
+    n_positions in GPT-2-style configs); None if its config names neither."""
+    config = model.config.get_text_config()
+    return next((getattr(config, key) for key in ("max_position_embeddings", "n_positions")
+                 if isinstance(getattr(config, key, None), int)), None)
 
 
 def load_model(spec: str, seed: int = 0, device: torch.device | str = "cpu"):

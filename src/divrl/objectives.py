@@ -410,7 +410,29 @@ def objective_loss(spec: ObjectiveSpec, inputs: ObjectiveInputs) -> ObjectiveOut
                 sums["reverse_kl_to_reference"] += float(chunked.divergence(
                     "reverse_kl", policy.hidden.detach(), policy.head.detach(), ref.hidden, ref.head).sum())
     loss = sum(parts.values()) if parts else logprobs.sum() * 0.0
-    return ObjectiveOutput(loss, dict(sums), {k: float(v.detach()) for k, v in parts.items()}, logprobs.detach())
+    loss_parts = {k: float(v.detach()) for k, v in parts.items()}
+    _raise_on_nan(loss_parts, sums, logprobs)
+    return ObjectiveOutput(loss, dict(sums), loss_parts, logprobs.detach())
+
+
+class NaNObjectiveError(ValueError):
+    """The objective came out NaN: its inputs held NaN (see `_raise_on_nan`)."""
+
+
+def _raise_on_nan(loss_parts: dict[str, float], sums: dict[str, float], logprobs: torch.Tensor) -> None:
+    """NaNObjectiveError naming the NaN loss parts and metrics. Divergences and targets never turn
+    finite or −inf log-probs into NaN (a divergence is finite or +inf), so a NaN here came in with
+    the model outputs. A caller of the objective gets the error; the trainer skips the step on it,
+    as on a +inf loss (`divrl.trainer.nonfinite_reason`)."""
+    nan = sorted(name for name, value in {**sums, **loss_parts}.items() if math.isnan(value))
+    if not nan:
+        return
+    tokens = torch.nonzero(logprobs.detach().isnan()).flatten().tolist()
+    where = (f"the policy's log-prob is NaN at tokens {tokens[:10]}" if tokens
+             else "the policy's log-probs are not: a reference, teacher, old or stored input is")
+    raise NaNObjectiveError(f"objective: NaN in {', '.join(nan)} ({where}); the inputs hold NaN (hidden states, a head's "
+                     f"weights, old or stored log-probs): check the models for an overflow (e.g. float16 logits) "
+                     f"or a diverged update")
 
 
 @torch.no_grad()

@@ -54,9 +54,11 @@ def machine_key(device: torch.device) -> str:
 
 
 def model_key(model) -> str:
-    """The model's architecture and size (its config without names and versions)."""
+    """The model's architecture and size: its config without names and versions, nor what
+    `save_pretrained` fills in (`architectures`: the class name stands for it; `dtype`: the
+    measurement times both precisions itself)."""
     config = {k: v for k, v in model.config.to_dict().items()
-              if not k.startswith("_") and k not in ("transformers_version", "name_or_path")}
+              if not k.startswith("_") and k not in ("transformers_version", "name_or_path", "architectures", "dtype")}
     digest = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:16]
     return f"{type(model).__name__}-{digest}"
 

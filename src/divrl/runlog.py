@@ -11,8 +11,10 @@ class MetricsLog:
     def __init__(self, run_dir: Path, resume_step: int | None = None):
         self.path = run_dir / "metrics.jsonl"
         if resume_step is not None and self.path.exists():
-            kept = [line for line in self.path.read_text().splitlines()
-                    if line.strip() and json.loads(line).get("step", 0) <= resume_step]
+            # Rows past the resumed step are redone; a last line without its newline is a row
+            # torn by a kill (rows are written after their step, so it is past the checkpoint).
+            lines = self.path.read_text().split("\n")[:-1]
+            kept = [line for line in lines if line.strip() and json.loads(line).get("step", 0) <= resume_step]
             self.path.write_text("".join(f"{line}\n" for line in kept))
         self._file = self.path.open("a", encoding="utf-8")
         from torch.utils.tensorboard import SummaryWriter

@@ -4,6 +4,9 @@ Inputs and outputs are **normalized log-probabilities** with any leading shape a
 on the last dim, in the dtype given. Zero mass (−inf) is handled exactly: a token with zero mass
 where the formula says so gets −inf, never NaN, and no gradient is NaN where the value is finite
 (unsafe entries are replaced before the arithmetic — the "double where" of ``divrl.divergences``).
+A position with no mass at all (an all −inf row, as ``extrapolate`` gives on disjoint supports)
+stays all −inf through every function, with zero gradient, instead of normalizing to NaN. A NaN
+input gives NaN in its own row only (unchecked here, as in ``divrl.divergences``).
 
 ===================================  ==================================================================
 function                             log q
@@ -37,6 +40,12 @@ from torch import Tensor
 _NEG_INF = -math.inf
 
 
+def _log_normalized(logits: Tensor) -> Tensor:
+    """log_softmax over the last dim; a row without mass (all −inf) stays all −inf, zero gradient."""
+    no_mass = (logits == _NEG_INF).all(dim=-1, keepdim=True)
+    return torch.log_softmax(logits.masked_fill(no_mass, 0.0), dim=-1).masked_fill(no_mass, _NEG_INF)
+
+
 def tilt(base: Tensor, advantage: Tensor | float, beta: float) -> Tensor:
     """log q = log_softmax(base + A/β), i.e. q ∝ base·exp(A/β) (methods notes C1).
 
@@ -46,7 +55,7 @@ def tilt(base: Tensor, advantage: Tensor | float, beta: float) -> Tensor:
     """
     if not beta > 0:
         raise ValueError(f"tilt: beta must be > 0, got {beta}")
-    return torch.log_softmax(base + advantage / beta, dim=-1)
+    return _log_normalized(base + advantage / beta)
 
 
 def extrapolate(ref: Tensor, teacher: Tensor, lam: float, normalized: bool = True) -> Tensor:
@@ -77,12 +86,9 @@ def extrapolate(ref: Tensor, teacher: Tensor, lam: float, normalized: bool = Tru
     if not normalized:
         return torch.where((ref > _NEG_INF) & (teacher > _NEG_INF), (1.0 - lam) * ref + lam * teacher, _NEG_INF)
     supported = (ref > _NEG_INF) & (teacher > _NEG_INF)
-    empty = ~supported.any(dim=-1, keepdim=True)
     safe_ref = torch.where(supported, ref, 0.0)
     safe_teacher = torch.where(supported, teacher, 0.0)
-    logits = ((1.0 - lam) * safe_ref + lam * safe_teacher).masked_fill(~supported, _NEG_INF)
-    logits = logits.masked_fill(empty, 0.0)  # an all-(−inf) row would normalize to NaN
-    return torch.log_softmax(logits, dim=-1).masked_fill(empty, _NEG_INF)
+    return _log_normalized(((1.0 - lam) * safe_ref + lam * safe_teacher).masked_fill(~supported, _NEG_INF))
 
 
 def mix(a: Tensor, b: Tensor, alpha: float) -> Tensor:
@@ -117,20 +123,20 @@ def filter(p: Tensor, min_p: float, relative: bool = False) -> Tensor:  # noqa: 
     if relative:
         log_threshold = log_threshold + max_logprob
     kept = (p >= log_threshold) | (p == max_logprob)
-    return torch.log_softmax(p.masked_fill(~kept, _NEG_INF), dim=-1)
+    return _log_normalized(p.masked_fill(~kept, _NEG_INF))
 
 
 def temperature(p: Tensor, T: float) -> Tensor:
     """log q = log_softmax(p/T), q ∝ p^{1/T}: T > 1 flattens, T < 1 sharpens; supp(q) = supp(p)."""
     if not (T > 0 and math.isfinite(T)):
         raise ValueError(f"temperature: T must be a finite number > 0, got {T}")
-    return torch.log_softmax(p / T, dim=-1)
+    return _log_normalized(p / T)
 
 
 def _power_on_support(p: Tensor, exponent: Tensor | float) -> Tensor:
     """log q ∝ exponent·log p on supp(p) (0 outside), exponent ≥ 0 broadcasting against p."""
     supported = p > _NEG_INF
-    return torch.log_softmax((exponent * torch.where(supported, p, 0.0)).masked_fill(~supported, _NEG_INF), dim=-1)
+    return _log_normalized((exponent * torch.where(supported, p, 0.0)).masked_fill(~supported, _NEG_INF))
 
 
 def reward_power(p: Tensor, reward: Tensor | float, floor: float = 0.5) -> Tensor:

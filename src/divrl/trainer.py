@@ -9,7 +9,10 @@ is — PG term, divergences, targets, estimators, masks — is the `ObjectiveSpe
 distributions the samples were drawn from (as TRL does); with top_p < 1 the behaviour
 log-probs of the PPO ratio are the sampler's own (nucleus-renormalized).
 
-A sample *passes* when its reward is 1 (full score); pass@k uses that.
+A sample *passes* when its reward is 1 (full score); `pass_rate` and pass@k count passes only,
+while a partial-credit reward (reasoning-gym's, e.g. len(answer)/len(reply) for a reply that
+contains the answer) is kept as the reward the objective and `reward` see. The verifier is called
+through `divrl.guarded_verifier` (time limit, optional worker processes); its failures score 0.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ import json
 import math
 import sys
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,18 +36,21 @@ from divrl.atomic import write_text_atomically
 from divrl.calibration import CalibrationSpec, transformed
 from divrl.chunked import Head
 from divrl.evaluation import score_completions
+from divrl.guarded_verifier import CRASH, TIMEOUT, GuardedVerifier
 from divrl.hidden import TokenBatch, completion_hidden
-from divrl.checkpoint import checkpoint_dirs, load_checkpoint, save_checkpoint
+from divrl.checkpoint import (checkpoint_dirs, latest_checkpoint, load_checkpoint, remove_partial_writes,
+                              save_checkpoint)
 from divrl.config import ConfigError, TrainConfig, save_config, stage1_config, uses_demonstrations
-from divrl.spec import parse_objective
+from divrl.spec import ObjectiveSpec, parse_objective
 from divrl.metrics import pass_at_k_over_prompts
-from divrl.models import ModelLoadError, autocast_for, load_model, resolve_device, output_head, stop_token_ids
+from divrl.models import (ModelLoadError, autocast_for, context_length, load_model, resolve_device, output_head,
+                           stop_token_ids)
 from divrl.report import write_report
 from divrl.prompts import Group, build_source, split_groups
 from divrl.rollout import sample
 from divrl.rowwise import ModelOutputs
-from divrl.runlog import MetricsLog, read_metrics
-from divrl.tasks import Example, Task, build_task, encode_prompt
+from divrl.runlog import MetricsLog
+from divrl.tasks import Example, Task, build_task, encode_prompt, fit_to_context
 
 
 def passes(reward: float) -> bool:
@@ -52,7 +58,11 @@ def passes(reward: float) -> bool:
 
 
 def check_output_dir(cfg: TrainConfig) -> Path:
-    """The run directory; refuses to overwrite an earlier run unless resuming it."""
+    """The run directory; refuses to overwrite an earlier run unless resuming it, and a null
+    output_dir (`divrl train` resolves it first: `divrl.run_dirs.resolve_output_dir`)."""
+    if cfg.output_dir is None:
+        raise ConfigError("config key 'output_dir' is null: a Trainer needs a directory; "
+                          "divrl.run_dirs.resolve_output_dir makes a fresh one, as `divrl train` does")
     run_dir = Path(cfg.output_dir)
     has_run = (run_dir / "metrics.jsonl").exists() or checkpoint_dirs(run_dir)
     if has_run and not cfg.resume:
@@ -61,6 +71,33 @@ def check_output_dir(cfg: TrainConfig) -> Path:
     if cfg.resume and not checkpoint_dirs(run_dir) and not (cfg.stage1 and (run_dir / "stage1").is_dir()):
         raise ConfigError(f"config key 'resume': '{run_dir}' has no checkpoint to resume from")
     return run_dir
+
+
+class NonFiniteError(RuntimeError):
+    """`max_skipped_steps` consecutive steps were skipped for a non-finite loss or gradient."""
+
+
+def nonfinite_reason(outputs: list[tuple[ObjectiveSpec, objectives.ObjectiveOutput]], grad_norm: float
+                     ) -> str | None:
+    """Why an optimizer step must be skipped, from one pass's micro-batch outputs and global
+    gradient norm; None when every value is finite.
+
+    Named first, as the likelier causes: non-finite token weights (`<part> weight <names>`, read
+    from `<part>_mean_weight`), then non-finite loss parts (`pg_loss`, `<term>_loss`: the metric
+    names). Otherwise the gradient: its global norm is non-finite exactly when some element is inf
+    or NaN, so this one number, computed for clipping anyway, checks every gradient."""
+    found = []
+    for spec, out in outputs:
+        weighted = {"pg": spec.pg_weight, **{t.name: t.weight for t in spec.terms}}
+        found += [f"{part} weight {'·'.join(name for name, _ in choices)}" for part, choices in weighted.items()
+                  if not math.isfinite(out.token_sums.get(f"{part}_mean_weight", 0.0))]
+        found += [f"{part}_loss" for part, value in out.loss_parts.items() if not math.isfinite(value)]
+    if found:
+        return "non-finite " + ", ".join(dict.fromkeys(found))
+    if not math.isfinite(grad_norm):
+        parts = ", ".join(sorted({f"{part}_loss" for _, out in outputs for part in out.loss_parts}))
+        return f"non-finite gradient (norm {grad_norm}; loss parts finite: {parts or 'none'})"
+    return None
 
 
 @dataclass
@@ -80,8 +117,10 @@ class Trainer:
         self.stage = 2 if cfg.stage1 else stage  # logged as `stage` in a two-stage run
         self.run_dir = check_output_dir(cfg)
         self.task: Task = build_task(cfg)
+        self.verifier = GuardedVerifier.from_config(self.task, cfg)
         self.device = resolve_device(cfg.device)
         self.model, self.tokenizer = load_model(cfg.model, seed=cfg.seed, device=self.device)
+        self.overlong_prompts = fit_to_context(self.task, self.tokenizer, cfg, context_length(self.model), log)
         self.model.eval()  # no dropout; gradients still flow
         self.objective = cfg.objective
         log(f"objective: {self.objective.describe()}")
@@ -106,7 +145,7 @@ class Trainer:
         self.generator = torch.Generator().manual_seed(cfg.seed)
         self.precision = precision.resolve(cfg.dtype, self.model, log)
         self.autocast = autocast_for(self.precision, self.device)
-        self.stop_ids = stop_token_ids(self.tokenizer)
+        self.stop_ids = stop_token_ids(self.tokenizer, self.model)
         self._prompt_cache: dict[str, list[int]] = {}
         self.online_spec, self.stored_spec = objectives.online_and_stored(self.objective)
         self.stored_groups: list[stored.StoredGroup] = []
@@ -129,6 +168,7 @@ class Trainer:
         self.entropy_anchor: float | None = None  # SIREN's H₀, set by the first update
         self.step = 0
         self.reward_errors = 0
+        self.skipped_steps: list[tuple[int, str]] = []  # (step, reason) of the consecutive skipped updates
         if cfg.behaviour_cloning_steps:
             self._behaviour_clone()
 
@@ -289,9 +329,9 @@ class Trainer:
                           generator=generator)
 
     def _score(self, examples: list[Example], completions: list[list[int]], group_size: int
-               ) -> tuple[list[float], int]:
+               ) -> tuple[list[float], Counter[str]]:
         texts = self.tokenizer.batch_decode(completions, skip_special_tokens=True)
-        return score_completions(self.task, texts, examples, group_size)
+        return score_completions(self.verifier, texts, examples, group_size)
 
     # ----- the update -------------------------------------------------------------------------
     def _head(self, model) -> Head:
@@ -357,7 +397,10 @@ class Trainer:
         step's stored responses, for stored terms), with annealed coefficients at `step`; another
         `objective` (behaviour cloning's) replaces the run's online one. `record` (the prompts'
         texts) writes the batch's per-token record for `divrl inspect` before the update;
-        `reference_rewards` (sorted, per prompt) calibrates and transforms the task reward."""
+        `reference_rewards` (sorted, per prompt) calibrates and transforms the task reward.
+
+        A pass whose loss or gradient is non-finite takes no optimizer step, and the batch's later
+        passes are dropped: `skipped_step` is 1 and `skip_reason` says what (`nonfinite_reason`)."""
         cfg, pad = self.cfg, self.tokenizer.pad_token_id
         spec = (objective or self.online_spec).at_step(step)
         stored_spec = None if self.stored_spec is None else self.stored_spec.at_step(step)
@@ -440,35 +483,49 @@ class Trainer:
                 for key, value in new.items():
                     sums[key] += value
 
-        for _ in range(cfg.inner_iterations):
-            clock = time.perf_counter()
+        reason, passes = None, 0
+        while reason is None and passes < cfg.inner_iterations:
+            clock, passes, outputs = time.perf_counter(), passes + 1, []
             self.optimizer.zero_grad(set_to_none=True)
-            for m, (ps, cs, _, _) in enumerate(micro):
-                with self.autocast():
-                    cur = completion_hidden(self.model, ps, cs, pad, spec.reads_prompt_positions)
-                    out = objectives.objective_loss(spec, inputs(m, cur.hidden, cur.tokens, cur.rows, advantages,
-                                                                 cur.prompt))
-                out.loss.backward()
-                accumulate(sources[0], out)
-                if frozen[m].old_logprobs is None and cfg.inner_iterations > 1:  # πold: πθ before the update
-                    frozen[m].old_logprobs = out.logprobs
-            for ps, cs, fields in stored_micro:
-                with self.autocast():
-                    cur = completion_hidden(self.model, ps, cs, pad)
-                    out = objectives.objective_loss(stored_spec, objectives.ObjectiveInputs(
-                        policy=ModelOutputs(cur.hidden, self._head(self.model)), tokens=cur.tokens,
-                        rows=cur.rows, **fields))
-                out.loss.backward()
-                accumulate(sources[1], out)
+            try:
+                for m, (ps, cs, _, _) in enumerate(micro):
+                    with self.autocast():
+                        cur = completion_hidden(self.model, ps, cs, pad, spec.reads_prompt_positions)
+                        out = objectives.objective_loss(spec, inputs(m, cur.hidden, cur.tokens, cur.rows,
+                                                                     advantages, cur.prompt))
+                    out.loss.backward()
+                    accumulate(sources[0], out)
+                    outputs.append((spec, out))
+                    if frozen[m].old_logprobs is None and cfg.inner_iterations > 1:  # πold: πθ before the update
+                        frozen[m].old_logprobs = out.logprobs
+                for ps, cs, fields in stored_micro:
+                    with self.autocast():
+                        cur = completion_hidden(self.model, ps, cs, pad)
+                        out = objectives.objective_loss(stored_spec, objectives.ObjectiveInputs(
+                            policy=ModelOutputs(cur.hidden, self._head(self.model)), tokens=cur.tokens,
+                            rows=cur.rows, **fields))
+                    out.loss.backward()
+                    accumulate(sources[1], out)
+                    outputs.append((stored_spec, out))
+            except objectives.NaNObjectiveError as err:  # NaN inputs: skipped like a +inf loss
+                reason = str(err)
             seconds["time_forward_backward"] += time.perf_counter() - clock
             clock = time.perf_counter()
-            norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(),
-                                                  cfg.max_grad_norm or float("inf"))
-            grad_norms.append(norm.item())
-            self.optimizer.step()
+            if reason is None:
+                norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(),
+                                                      cfg.max_grad_norm or float("inf"))
+                grad_norms.append(norm.item())
+                reason = nonfinite_reason(outputs, grad_norms[-1])
+            if reason is None:
+                self.optimizer.step()
+            else:  # no step (weights and optimizer state stay as they were), and no later pass
+                self.optimizer.zero_grad(set_to_none=True)
             seconds["time_optimizer"] += time.perf_counter() - clock
         n_stored = sum(len(c) for _, cs, _ in stored_micro for c in cs)
-        stats = objectives.summarize([(*sources[0], sum(lengths)), (*sources[1], n_stored)], cfg.inner_iterations)
+        stats = objectives.summarize([(*sources[0], sum(lengths)), (*sources[1], n_stored)], passes)
+        stats["skipped_step"] = int(reason is not None)
+        if reason is not None:
+            stats["skip_reason"] = reason
         if spec.overlong_buffer:
             stats["overlong_penalty"] = float(shaping.mean())
         if reference_rewards is not None:
@@ -476,11 +533,11 @@ class Trainer:
         if spread is not None:
             stats["diversity"] = float(spread.mean())
             stats["diversity_of_passes"] = float(spread[passed].mean()) if passed.any() else math.nan
-        stats["grad_norm"] = sum(grad_norms) / len(grad_norms)
+        stats["grad_norm"] = sum(grad_norms) / len(grad_norms) if grad_norms else math.nan
         stats.update(seconds)
         stats.update((f"{t.name}_coef", t.coef_at(step)) for t in self.objective.terms if t.anneal)
         if spec.entropy_anchor is not None:
-            if self.entropy_anchor is None:  # H₀: the first batch's statistic, fixed afterwards
+            if self.entropy_anchor is None and reason is None:  # H₀: the first good batch's, then fixed
                 self.entropy_anchor = stats["top_p_entropy"]
             stats["entropy_anchor_h0"] = self.entropy_anchor
         return stats
@@ -571,7 +628,7 @@ class Trainer:
         cfg = self.cfg
         offered = self.prompts.batch(step, cfg.prompts_per_step)
         examples = self._unsolved_greedily(offered)
-        kept, sampled, errors, refills, n_offered = [], [], 0, 0, len(offered)
+        kept, sampled, errors, refills, n_offered = [], [], Counter(), 0, len(offered)
         while True:
             if examples:
                 rollout = self._sample(examples, cfg.group_size, cfg.temperature, self.generator)
@@ -593,7 +650,8 @@ class Trainer:
         mean = (lambda xs: sum(xs) / len(xs)) if rewards else (lambda xs: math.nan)
         stats = {"reward": mean(rewards), "pass_rate": mean([float(passes(r)) for r in rewards]),
                  "completion_length": mean(lengths), "truncated_fraction": 1 - mean(finished),
-                 "reward_errors": errors}
+                 "reward_errors": errors.total(), "reward_timeouts": errors[TIMEOUT],
+                 "reward_crashes": errors[CRASH]}
         if cfg.dynamic_sampling:  # refills ask for the missing count only: kept ≤ prompts_per_step
             stats.update(refills=refills, dropped_groups=len(sampled) - len(kept), trained_groups=len(kept))
         if cfg.prompt_filter != "none":
@@ -627,6 +685,7 @@ class Trainer:
                                       [r for g in groups for r in g.rewards], [lp for g in groups for lp in g.logprobs],
                                       stored.batch(self.stored_groups, step, self.cfg.stored_per_step), step,
                                       record=record, reference_rewards=calibration))
+            self._count_skipped(step, stats)
         else:  # nothing to learn from: every prompt filtered out, or equal rewards after the refills
             self.log(f"step {step + 1}: no prompt left to train on ({', '.join(f'{k} {stats[k]}' for k in ('refills', 'filtered_prompts') if k in stats)}); update skipped")
         t2 = time.perf_counter()
@@ -635,28 +694,71 @@ class Trainer:
         return {**stats, "reward_errors_total": self.reward_errors,
                 "time_rollout": t1 - t0, "time_update": t2 - t1, "time_step": t2 - t0}
 
+    def _resume(self) -> tuple[int, dict | None]:
+        """Restore the newest intact checkpoint (`divrl.checkpoint.latest_checkpoint`: newer broken
+        ones are skipped with a warning naming them, leftovers of interrupted writes removed);
+        returns its step and the before-training evaluation, or (0, None) where the run has no
+        checkpoint yet (a two-stage run may stop in its first stage)."""
+        cfg, run_dir = self.cfg, self.run_dir
+        for partial in remove_partial_writes(run_dir):
+            self.log(f"removed {partial}: an interrupted checkpoint write (never loaded)")
+        found = latest_checkpoint(run_dir, warn=lambda message: self.log(f"warning: {message}"))
+        if found is None:
+            if checkpoint_dirs(run_dir):
+                raise ConfigError(f"config key 'resume': no checkpoint in {run_dir / 'checkpoints'} is intact "
+                                  f"(each skipped above); choose another output_dir to start over")
+            return 0, None
+        _, path = found
+        state = load_checkpoint(path, self.model, self.optimizer, self.generator)
+        self.step = state["step"]
+        if cfg.reference_refresh_every:
+            if self.step % cfg.reference_refresh_every:
+                raise ConfigError(f"config key 'reference_refresh_every': the checkpoint {path} (step "
+                                  f"{self.step}) is not at a refresh of the reference (every "
+                                  f"{cfg.reference_refresh_every} steps); resume from one that is")
+            self.reference.load_state_dict(self.model.state_dict())
+        self.prompts.load_state_dict(state["prompt_source"])
+        self.entropy_anchor = state["entropy_anchor"]
+        self.reference_rewards = state["reference_rewards"]
+        self.reward_errors = state["reward_errors"]
+        self.skipped_steps = [(step, reason) for step, reason in state["skipped_steps"]]
+        self.log(f"resumed from {path} (step {self.step})")
+        return self.step, state["before"]
+
+    def _trainer_state(self, before: dict) -> dict:
+        """What a checkpoint holds beyond weights, optimizer and RNGs (JSON-able): everything else
+        the next steps' metrics depend on, so a resumed run repeats an uninterrupted one."""
+        return {"prompt_source": self.prompts.state_dict(), "entropy_anchor": self.entropy_anchor,
+                "reference_rewards": self.reference_rewards, "reward_errors": self.reward_errors,
+                "skipped_steps": self.skipped_steps, "before": before}
+
+    def _count_skipped(self, step: int, stats: dict) -> None:
+        """Log a skipped update (`_update`) and raise NonFiniteError at `max_skipped_steps` in a row;
+        a good step resets the count. A skipped optimizer step changes neither weights nor optimizer
+        state, and `run` writes a checkpoint only after a step returns, so every checkpoint holds the
+        result of finite updates only."""
+        if not stats["skipped_step"]:
+            self.skipped_steps.clear()
+            return
+        self.skipped_steps.append((step + 1, stats["skip_reason"]))
+        limit = self.cfg.max_skipped_steps
+        self.log(f"step {step + 1}: optimizer step skipped, {stats['skip_reason']}; it changed no weight "
+                 f"or optimizer state ({len(self.skipped_steps)} in a row; max_skipped_steps {limit})")
+        if len(self.skipped_steps) < limit:
+            return
+        found = checkpoint_dirs(self.run_dir)
+        where = (f"the last checkpoint, {found[-1][1]}, is intact and holds the weights of finite updates "
+                 f"only (a skipped step changes none)" if found else "no checkpoint was written yet")
+        raise NonFiniteError(
+            f"{limit} consecutive steps (max_skipped_steps) had a non-finite loss or gradient and were "
+            f"skipped: {'; '.join(f'step {s}: {r}' for s, r in self.skipped_steps)}. Training stopped; "
+            f"{where}. Fix the named part (its target, weight or coef; or lower lr), then continue "
+            f"with --set resume=true")
+
     def run(self) -> dict:
         cfg, run_dir = self.cfg, self.run_dir
         run_dir.mkdir(parents=True, exist_ok=True)
-        start_step, before = 0, None
-        if cfg.resume and checkpoint_dirs(run_dir):  # (a two-stage run may stop in its first stage)
-            _, path = checkpoint_dirs(run_dir)[-1]
-            state = load_checkpoint(path, self.model, self.optimizer, self.generator)
-            start_step = state["step"]
-            if cfg.reference_refresh_every:
-                if start_step % cfg.reference_refresh_every:
-                    raise ConfigError(f"config key 'reference_refresh_every': the checkpoint {path} (step "
-                                      f"{start_step}) is not at a refresh of the reference (every "
-                                      f"{cfg.reference_refresh_every} steps); resume from one that is")
-                self.reference.load_state_dict(self.model.state_dict())
-            self.prompts.load_state_dict(state.get("prompt_source", {}))
-            self.entropy_anchor = state.get("entropy_anchor")
-            self.reference_rewards = state.get("reference_rewards", {})
-            self.log(f"resumed from {path} (step {start_step})")
-            rows = read_metrics(run_dir / "metrics.jsonl") if (run_dir / "metrics.jsonl").exists() else []
-            before = next((r for r in rows if r["step"] == 0 and "eval_pass@1" in r), None)
-            self.reward_errors = max((r.get("reward_errors_total", 0) for r in rows
-                                      if r["step"] <= start_step), default=0)
+        start_step, before = self._resume() if cfg.resume else (0, None)
         save_config(cfg, run_dir / "config.yaml")
         log = MetricsLog(run_dir, resume_step=start_step if cfg.resume else None)
         wall0 = time.perf_counter()
@@ -664,7 +766,7 @@ class Trainer:
             if before is None:
                 self.log(f"evaluating before training on {len(self.task.eval)} held-out prompts …")
                 before = self.evaluate()
-                log.log(0, before)
+                log.log(0, {**before, "overlong_prompts": self.overlong_prompts})
                 self.log(_fmt_eval("before", before))
             bar = tqdm(range(start_step, cfg.steps), initial=start_step, total=cfg.steps,
                        desc="train", unit="step", file=sys.stderr, dynamic_ncols=True)
@@ -679,11 +781,8 @@ class Trainer:
                 bar.set_postfix(reward=f"{metrics['reward']:.3f}", kl=f"{metrics.get('kl', math.nan):.4f}",
                                 ent=f"{metrics.get('entropy', math.nan):.3f}", s=f"{metrics['time_step']:.1f}")
                 if self.step % cfg.checkpoint_every == 0 or self.step == cfg.steps:
-                    save_checkpoint(run_dir, self.step, self.model, self.tokenizer,
-                                    self.optimizer, self.generator, cfg.keep_checkpoints,
-                                    {"prompt_source": self.prompts.state_dict(),
-                                     "entropy_anchor": self.entropy_anchor,
-                                     "reference_rewards": self.reference_rewards})
+                    save_checkpoint(run_dir, self.step, self.model, self.tokenizer, self.optimizer,
+                                    self.generator, cfg.keep_checkpoints, self._trainer_state(before))
             bar.close()
             after = self.evaluate()
             log.log(cfg.steps, after)
@@ -696,6 +795,7 @@ class Trainer:
             raise
         finally:
             log.close()
+            self.verifier.close()  # its worker processes, if any
         summary = {"before": before, "after": after, "train_seconds": time.perf_counter() - wall0}
         write_report(run_dir, cfg, summary)
         self.log(f"wrote {run_dir / 'report.md'} and {run_dir / 'curves.png'}")
