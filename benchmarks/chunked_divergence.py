@@ -34,8 +34,11 @@ import sys
 import time
 
 VOCAB, HIDDEN = 49152, 576
-DIVERGENCES = {"reverse_kl": ("reverse_kl", {}, 1.0), "forward_kl": ("forward_kl", {}, 0.0),
-               "jsd(0.5)": ("jsd", {"beta": 0.5}, 0.5)}
+DIVERGENCES = {
+    "reverse_kl": ("reverse_kl", {}, 1.0),
+    "forward_kl": ("forward_kl", {}, 0.0),
+    "jsd(0.5)": ("jsd", {"beta": 0.5}, 0.5),
+}
 METHODS = ("naive", "trl", "liger", "divrl", "divrl_fused", "divrl_rowwise")
 
 
@@ -77,9 +80,13 @@ def _loss_fn(method: str, divergence: str):
 
         def row_chunks(h, w, th, tw):
             return rowwise.divergence_to_target(
-                divergences.get(name), Target("reference"), rowwise.ModelOutputs(h, Head(w)),
-                {"reference": rowwise.ModelOutputs(th, Head(tw))}, torch.zeros(h.shape[0], dtype=torch.long),
-                **params).mean()
+                divergences.get(name),
+                Target("reference"),
+                rowwise.ModelOutputs(h, Head(w)),
+                {"reference": rowwise.ModelOutputs(th, Head(tw))},
+                torch.zeros(h.shape[0], dtype=torch.long),
+                **params,
+            ).mean()
 
         return row_chunks
     if method == "divrl_fused":  # the loss weights are known: gradient computed in the forward
@@ -115,14 +122,20 @@ def _worker(method: str, divergence: str, tokens: int) -> dict:
     loss = loss_fn(hidden, weight, target_hidden, target_weight)
     loss.backward()
     seconds = time.perf_counter() - start
-    return {"seconds": seconds, "peak_mib": _status_mib("VmHWM") - before, "loss": loss.item(),
-            "grad_norm": weight.grad.norm().item()}
+    return {
+        "seconds": seconds,
+        "peak_mib": _status_mib("VmHWM") - before,
+        "loss": loss.item(),
+        "grad_norm": weight.grad.norm().item(),
+    }
 
 
 def _measure(method: str, divergence: str, tokens: int) -> dict:
     out = subprocess.run(
         [sys.executable, __file__, "--worker", method, divergence, str(tokens)],
-        capture_output=True, text=True, check=True,
+        capture_output=True,
+        text=True,
+        check=True,
     )
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -141,8 +154,10 @@ def main() -> None:
     tokens = 512 if args.quick else 4096
     methods = [m for m in METHODS if m in args.methods.split(",")]
     ours = [m for m in methods if m.startswith("divrl")]
-    print(f"N={tokens} V={VOCAB} H={HIDDEN} float32, forward+backward of the token-mean divergence; "
-          f"time: best of {args.repeats} (s); memory: peak RSS added over the inputs (MiB), one subprocess each")
+    print(
+        f"N={tokens} V={VOCAB} H={HIDDEN} float32, forward+backward of the token-mean divergence; "
+        f"time: best of {args.repeats} (s); memory: peak RSS added over the inputs (MiB), one subprocess each"
+    )
     for divergence in DIVERGENCES:
         runs = {m: [_measure(m, divergence, tokens) for _ in range(args.repeats)] for m in methods}
         best = {m: min(r["seconds"] for r in rs) for m, rs in runs.items()}
@@ -150,14 +165,19 @@ def main() -> None:
         cells = "  ".join(f"{m} {best[m]:.2f}s {memory[m]:.0f}MiB" for m in methods)
         ratios = "  ".join(
             f"{m}/{peer} time {best[m] / best[peer]:.2f} mem {memory[m] / memory[peer]:.3f}"
-            for m in ours for peer in ("naive", "liger") if peer in best
+            for m in ours
+            for peer in ("naive", "liger")
+            if peer in best
         )
         losses = "/".join(f"{m} {runs[m][0]['loss']:.6g}" for m in methods)
         print(f"{divergence:<11} {cells}  |  {ratios}  |  loss {losses}", flush=True)
     for method in ours:  # the last run's divergence (jsd): each divrl path against the peers
-        peers = " ".join(f"ratio_time_vs_{peer}={best[method] / best[peer]:.2f} "
-                         f"ratio_mem_vs_{peer}={memory[method] / memory[peer]:.3f}"
-                         for peer in ("naive", "liger") if peer in best)
+        peers = " ".join(
+            f"ratio_time_vs_{peer}={best[method] / best[peer]:.2f} "
+            f"ratio_mem_vs_{peer}={memory[method] / memory[peer]:.3f}"
+            for peer in ("naive", "liger")
+            if peer in best
+        )
         print(f"{method}: {peers}")
 
 

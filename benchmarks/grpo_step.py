@@ -67,11 +67,28 @@ def peak_memory(device: torch.device) -> dict:
 def divrl_config(steps: int, dtype: str, output_dir: str, device: str = "cpu"):
     from divrl.config import TrainConfig
 
-    return TrainConfig(model="default", task="chain_sum", task_params=TASK_PARAMS, steps=steps,
-                       prompts_per_step=PROMPTS, group_size=GROUP, max_new_tokens=MAX_NEW,
-                       temperature=TEMPERATURE, lr=LR, kl_coef=BETA, kl_estimator="k3", clip_low=0.2,
-                       clip_high=0.2, micro_batch_size=MICRO, eval_size=8, inspect_every=0,
-                       checkpoint_every=10**9, dtype=dtype, output_dir=output_dir, device=device)
+    return TrainConfig(
+        model="default",
+        task="chain_sum",
+        task_params=TASK_PARAMS,
+        steps=steps,
+        prompts_per_step=PROMPTS,
+        group_size=GROUP,
+        max_new_tokens=MAX_NEW,
+        temperature=TEMPERATURE,
+        lr=LR,
+        kl_coef=BETA,
+        kl_estimator="k3",
+        clip_low=0.2,
+        clip_high=0.2,
+        micro_batch_size=MICRO,
+        eval_size=8,
+        inspect_every=0,
+        checkpoint_every=10**9,
+        dtype=dtype,
+        output_dir=output_dir,
+        device=device,
+    )
 
 
 def run_divrl(steps: int, dtype: str, device: torch.device, emit) -> None:
@@ -82,10 +99,17 @@ def run_divrl(steps: int, dtype: str, device: torch.device, emit) -> None:
         params = model_params(trainer.model)
         for step in range(steps):
             m = trainer.train_step(step)
-            emit({"step": step + 1, "seconds": m["time_step"], "reward": m["reward"],
-                  "completion_tokens": m["completion_length"] * PROMPTS * GROUP,
-                  "phases": {k[len("time_"):]: m[k] for k in m if k.startswith("time_") and k != "time_step"},
-                  "autocast": trainer.precision, **params})
+            emit(
+                {
+                    "step": step + 1,
+                    "seconds": m["time_step"],
+                    "reward": m["reward"],
+                    "completion_tokens": m["completion_length"] * PROMPTS * GROUP,
+                    "phases": {k[len("time_") :]: m[k] for k in m if k.startswith("time_") and k != "time_step"},
+                    "autocast": trainer.precision,
+                    **params,
+                }
+            )
 
 
 def model_params(model) -> dict:
@@ -93,8 +117,7 @@ def model_params(model) -> dict:
     head = model.get_output_embeddings().weight.numel()
     total = sum(p.numel() for p in model.parameters())  # a tied output layer is counted once
     embedding = model.get_input_embeddings().weight.numel()
-    return {"params_body": total - embedding - (0 if model.config.tie_word_embeddings else head),
-            "params_head": head}
+    return {"params_body": total - embedding - (0 if model.config.tie_word_embeddings else head), "params_head": head}
 
 
 def run_trl(steps: int, bf16: bool, device: torch.device, emit) -> None:
@@ -123,21 +146,52 @@ def run_trl(steps: int, bf16: bool, device: torch.device, emit) -> None:
 
         def on_log(self, args, state, control, logs=None, **_):
             if logs and "reward" in logs:
-                emit({"step": state.global_step, "seconds": self.seconds, "reward": logs["reward"],
-                      "completion_tokens": logs["completions/mean_length"] * PROMPTS * GROUP,
-                      "autocast": "bf16" if bf16 else "none", **params})
+                emit(
+                    {
+                        "step": state.global_step,
+                        "seconds": self.seconds,
+                        "reward": logs["reward"],
+                        "completion_tokens": logs["completions/mean_length"] * PROMPTS * GROUP,
+                        "autocast": "bf16" if bf16 else "none",
+                        **params,
+                    }
+                )
 
     params = model_params(model)
     with tempfile.TemporaryDirectory() as tmp:
-        args = GRPOConfig(output_dir=tmp, max_steps=steps, per_device_train_batch_size=MICRO,
-                          gradient_accumulation_steps=PROMPTS * GROUP // MICRO, num_generations=GROUP,
-                          max_completion_length=MAX_NEW, temperature=TEMPERATURE, beta=BETA, learning_rate=LR,
-                          lr_scheduler_type="constant", loss_type="dapo", scale_rewards="group", epsilon=0.2,
-                          max_grad_norm=1.0, weight_decay=0.0, logging_steps=1, report_to="none",
-                          save_strategy="no", use_cpu=device.type == "cpu", bf16=bf16, seed=0, dataloader_num_workers=0,
-                          disable_tqdm=True)
-        GRPOTrainer(model=model, reward_funcs=reward, args=args, train_dataset=Dataset.from_list(rows),
-                    processing_class=tokenizer, callbacks=[Clock()]).train()
+        args = GRPOConfig(
+            output_dir=tmp,
+            max_steps=steps,
+            per_device_train_batch_size=MICRO,
+            gradient_accumulation_steps=PROMPTS * GROUP // MICRO,
+            num_generations=GROUP,
+            max_completion_length=MAX_NEW,
+            temperature=TEMPERATURE,
+            beta=BETA,
+            learning_rate=LR,
+            lr_scheduler_type="constant",
+            loss_type="dapo",
+            scale_rewards="group",
+            epsilon=0.2,
+            max_grad_norm=1.0,
+            weight_decay=0.0,
+            logging_steps=1,
+            report_to="none",
+            save_strategy="no",
+            use_cpu=device.type == "cpu",
+            bf16=bf16,
+            seed=0,
+            dataloader_num_workers=0,
+            disable_tqdm=True,
+        )
+        GRPOTrainer(
+            model=model,
+            reward_funcs=reward,
+            args=args,
+            train_dataset=Dataset.from_list(rows),
+            processing_class=tokenizer,
+            callbacks=[Clock()],
+        ).train()
 
 
 def worker(side: str, steps: int, path: Path, device: torch.device) -> None:
@@ -185,12 +239,20 @@ def summarize(side: str, rows: list[dict], limit_hit: bool, timeout: float, peak
     tokens = statistics.median(r["completion_tokens"] for r in timed)
     precision = "bf16" if rows[-1]["autocast"] == "bf16" else "fp32"
     flops = statistics.median(model_flops(r, prompt_tokens) for r in timed)
-    out = {"side": side, "steps": len(rows), "limit_hit": limit_hit, "seconds_per_step": seconds,
-           "samples_per_s": PROMPTS * GROUP / seconds, "tokens_per_s": tokens / seconds,
-           "peak_rss_gb": max(r["peak_rss_gb"] for r in rows), "precision": precision,
-           **({"peak_gpu_gb": max(r["peak_gpu_gb"] for r in rows)} if "peak_gpu_gb" in rows[-1] else {}),
-           "model_tflop_per_step": flops / 1e12, "fraction_of_peak": flops / seconds / peaks[precision],
-           "rewards": [r["reward"] for r in rows]}
+    out = {
+        "side": side,
+        "steps": len(rows),
+        "limit_hit": limit_hit,
+        "seconds_per_step": seconds,
+        "samples_per_s": PROMPTS * GROUP / seconds,
+        "tokens_per_s": tokens / seconds,
+        "peak_rss_gb": max(r["peak_rss_gb"] for r in rows),
+        "precision": precision,
+        **({"peak_gpu_gb": max(r["peak_gpu_gb"] for r in rows)} if "peak_gpu_gb" in rows[-1] else {}),
+        "model_tflop_per_step": flops / 1e12,
+        "fraction_of_peak": flops / seconds / peaks[precision],
+        "rewards": [r["reward"] for r in rows],
+    }
     if "phases" in rows[-1]:
         out["phases"] = {k: statistics.median(r["phases"][k] for r in timed) for k in rows[-1]["phases"]}
     return out
@@ -216,19 +278,26 @@ def plot(results: list[dict], path: Path) -> None:
 
 def table(results: list[dict]) -> str:
     gpu = any("peak_gpu_gb" in r for r in results)
-    lines = ["| side | precision | steps | s/step | samples/s | tokens/s | peak RSS GB | "
-             + ("peak GPU GB | " if gpu else "") + "model TFLOP/step | of matmul peak |",
-             "|---|---|---|---|---|---|---|---|---|" + ("---|" if gpu else "")]
+    lines = [
+        "| side | precision | steps | s/step | samples/s | tokens/s | peak RSS GB | "
+        + ("peak GPU GB | " if gpu else "")
+        + "model TFLOP/step | of matmul peak |",
+        "|---|---|---|---|---|---|---|---|---|" + ("---|" if gpu else ""),
+    ]
     for r in results:
         if not r["steps"]:
             why = f"failed, exit code {r['exit_code']}" if r.get("exit_code") else "no step within the limit"
-            lines.append(f"| {r['side']} | | 0 | > {r['seconds_per_step_lower_bound']:.0f} ({why}) "
-                         f"| | | | | |" + (" |" if gpu else ""))
+            lines.append(
+                f"| {r['side']} | | 0 | > {r['seconds_per_step_lower_bound']:.0f} ({why}) "
+                f"| | | | | |" + (" |" if gpu else "")
+            )
             continue
-        lines.append(f"| {r['side']} | {r['precision']} | {r['steps']} | {r['seconds_per_step']:.2f} | "
-                     f"{r['samples_per_s']:.2f} | {r['tokens_per_s']:.1f} | {r['peak_rss_gb']:.2f} | "
-                     + (f"{r.get('peak_gpu_gb', math.nan):.2f} | " if gpu else "")
-                     + f"{r['model_tflop_per_step']:.2f} | {100 * r['fraction_of_peak']:.1f}% |")
+        lines.append(
+            f"| {r['side']} | {r['precision']} | {r['steps']} | {r['seconds_per_step']:.2f} | "
+            f"{r['samples_per_s']:.2f} | {r['tokens_per_s']:.1f} | {r['peak_rss_gb']:.2f} | "
+            + (f"{r.get('peak_gpu_gb', math.nan):.2f} | " if gpu else "")
+            + f"{r['model_tflop_per_step']:.2f} | {100 * r['fraction_of_peak']:.1f}% |"
+        )
     return "\n".join(lines)
 
 
@@ -237,12 +306,18 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--sides", default=",".join(SIDES))
     parser.add_argument("--side-timeout", type=float, default=3600.0, help="seconds one side may run")
-    parser.add_argument("--timeout", action="append", default=[], metavar="SIDE=SECONDS",
-                        help="another limit for one side (e.g. trl-bf16=600 where bf16 is slow)")
+    parser.add_argument(
+        "--timeout",
+        action="append",
+        default=[],
+        metavar="SIDE=SECONDS",
+        help="another limit for one side (e.g. trl-bf16=600 where bf16 is slow)",
+    )
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--device", default="auto", help="where both sides train: auto (CUDA when present), cpu, cuda")
-    parser.add_argument("--from-results", type=Path, metavar="DIR",
-                        help="write the summary of DIR/results.json again, running nothing")
+    parser.add_argument(
+        "--from-results", type=Path, metavar="DIR", help="write the summary of DIR/results.json again, running nothing"
+    )
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--rows", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -272,15 +347,19 @@ def main() -> None:
     flags = [f for f in FLAGS if f in present]
     peaks = {"fp32": matmul_peak(torch.float32, device), "bf16": matmul_peak(torch.bfloat16, device)}
     gpu = f"GPU {torch.cuda.get_device_name(device)} (both sides train there); " if device.type == "cuda" else ""
-    machine = (f"{gpu}{name}, {os.cpu_count()} cores, flags {' '.join(flags) or 'none of ' + ' '.join(FLAGS)}; "
-               f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+    machine = (
+        f"{gpu}{name}, {os.cpu_count()} cores, flags {' '.join(flags) or 'none of ' + ' '.join(FLAGS)}; "
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads"
+    )
     print(f"machine: {machine}")
     from divrl.models import load_model
     from divrl.precision import resolve
 
     print(f"divrl dtype auto here: {resolve('auto', load_model('default', device=device)[0], print)}")
-    print(f"matmul peak ({device.type}): fp32 {peaks['fp32'] / 1e9:.0f} GFLOP/s, "
-          f"bf16 {peaks['bf16'] / 1e9:.0f} GFLOP/s", flush=True)
+    print(
+        f"matmul peak ({device.type}): fp32 {peaks['fp32'] / 1e9:.0f} GFLOP/s, bf16 {peaks['bf16'] / 1e9:.0f} GFLOP/s",
+        flush=True,
+    )
     prompt_tokens = prompt_token_count()
 
     results = []
@@ -290,18 +369,38 @@ def main() -> None:
         start = time.perf_counter()
         print(f"{side}: {args.steps} steps …", flush=True)
         try:  # a side that fails (exit code printed by its own traceback) keeps the steps it finished
-            exit_code = subprocess.run([sys.executable, __file__, "--worker", side, "--steps", str(args.steps),
-                                        "--rows", str(rows_path), "--device", str(device)],
-                                       timeout=limits.get(side, args.side_timeout)).returncode
+            exit_code = subprocess.run(
+                [
+                    sys.executable,
+                    __file__,
+                    "--worker",
+                    side,
+                    "--steps",
+                    str(args.steps),
+                    "--rows",
+                    str(rows_path),
+                    "--device",
+                    str(device),
+                ],
+                timeout=limits.get(side, args.side_timeout),
+            ).returncode
             limit_hit = False
         except subprocess.TimeoutExpired:
             exit_code, limit_hit = None, True
         rows = [json.loads(l) for l in rows_path.read_text().splitlines()] if rows_path.exists() else []
-        results.append(summarize(side, rows, limit_hit, time.perf_counter() - start, peaks, prompt_tokens)
-                       | ({"exit_code": exit_code} if exit_code else {}))
+        results.append(
+            summarize(side, rows, limit_hit, time.perf_counter() - start, peaks, prompt_tokens)
+            | ({"exit_code": exit_code} if exit_code else {})
+        )
         print(table(results[-1:]).splitlines()[-1], flush=True)
-    summary = {"date": date, "host": host, "machine": machine, "peaks_gflops": {k: v / 1e9 for k, v in peaks.items()},
-               "steps": args.steps, "results": results}
+    summary = {
+        "date": date,
+        "host": host,
+        "machine": machine,
+        "peaks_gflops": {k: v / 1e9 for k, v in peaks.items()},
+        "steps": args.steps,
+        "results": results,
+    }
     (out / "results.json").write_text(json.dumps(summary, indent=1))
     report(summary, out)
 
@@ -315,8 +414,11 @@ def report(summary: dict, out: Path) -> None:
     ratio line."""
     results, peaks = summary["results"], summary["peaks_gflops"]
     plot(results, out / "reward.png")
-    notes = [f"- {r['side']} phases (median s): " + ", ".join(f"{k} {v:.2f}" for k, v in r["phases"].items())
-             for r in results if r.get("phases")]
+    notes = [
+        f"- {r['side']} phases (median s): " + ", ".join(f"{k} {v:.2f}" for k, v in r["phases"].items())
+        for r in results
+        if r.get("phases")
+    ]
     done = [r for r in results if r["steps"]]
     for r in done:
         mean, se = mean_and_se(r["rewards"])
@@ -330,20 +432,36 @@ def report(summary: dict, out: Path) -> None:
         ratio = best["samples_per_s"] / best_trl["samples_per_s"]
         rss = best["peak_rss_gb"] / best_trl["peak_rss_gb"]
         if "peak_gpu_gb" in best and "peak_gpu_gb" in best_trl:
-            notes.append(f"- peak GPU memory {best['side']} / {best_trl['side']}: "
-                         f"{best['peak_gpu_gb'] / best_trl['peak_gpu_gb']:.2f}")
+            notes.append(
+                f"- peak GPU memory {best['side']} / {best_trl['side']}: "
+                f"{best['peak_gpu_gb'] / best_trl['peak_gpu_gb']:.2f}"
+            )
         (m1, s1), (m2, s2) = mean_and_se(best["rewards"]), mean_and_se(best_trl["rewards"])
-        gap, gap_se = m1 - m2, (s1 ** 2 + s2 ** 2) ** 0.5
-        notes.append(f"- reward difference {best['side']} − {best_trl['side']}: {gap:+.3f} ± {gap_se:.3f}"
-                     f" ({'within' if abs(gap) <= 2 * gap_se else 'outside'} two standard errors)")
-        unfinished = "; ".join(f"{r['side']} did not finish a step within {r['seconds_per_step_lower_bound']:.0f} s"
-                               for r in results if r["side"].startswith("trl") and not r["steps"])
-        notes += ["", f"{best['side']} against {best_trl['side']}: {ratio:.2f}× the samples/s at "
-                      f"{rss:.2f}× the peak RSS" + (f" ({unfinished})" if unfinished else "") + "."]
-    lines = [f"# GRPO step, divrl vs TRL ({summary['date']}, {summary['host']})", "",
-             f"Machine: {summary['machine']}.",
-             f"Matmul peak: fp32 {peaks['fp32']:.0f} GFLOP/s, bf16 {peaks['bf16']:.0f} GFLOP/s.", "",
-             table(results), "", *notes]
+        gap, gap_se = m1 - m2, (s1**2 + s2**2) ** 0.5
+        notes.append(
+            f"- reward difference {best['side']} − {best_trl['side']}: {gap:+.3f} ± {gap_se:.3f}"
+            f" ({'within' if abs(gap) <= 2 * gap_se else 'outside'} two standard errors)"
+        )
+        unfinished = "; ".join(
+            f"{r['side']} did not finish a step within {r['seconds_per_step_lower_bound']:.0f} s"
+            for r in results
+            if r["side"].startswith("trl") and not r["steps"]
+        )
+        notes += [
+            "",
+            f"{best['side']} against {best_trl['side']}: {ratio:.2f}× the samples/s at "
+            f"{rss:.2f}× the peak RSS" + (f" ({unfinished})" if unfinished else "") + ".",
+        ]
+    lines = [
+        f"# GRPO step, divrl vs TRL ({summary['date']}, {summary['host']})",
+        "",
+        f"Machine: {summary['machine']}.",
+        f"Matmul peak: fp32 {peaks['fp32']:.0f} GFLOP/s, bf16 {peaks['bf16']:.0f} GFLOP/s.",
+        "",
+        table(results),
+        "",
+        *notes,
+    ]
     (out / "summary.md").write_text("\n".join(lines) + "\n")
     print("\n" + table(results) + "\n\n" + "\n".join(notes))
     print(f"ratio_samples_per_s_vs_trl={ratio:.2f} ratio_peak_rss_vs_trl={rss:.2f}")

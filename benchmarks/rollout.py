@@ -99,8 +99,11 @@ def main() -> None:
     if stop_id is None or stop_id == tokenizer.unk_token_id:
         stop_id = tokenizer.eos_token_id
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop_id
-    print(f"{args.prompts} prompts ({min(map(len, prompts))}-{max(map(len, prompts))} tokens) x "
-          f"{args.group} samples x {args.new} new tokens, {model.dtype}, {args.threads} threads", flush=True)
+    print(
+        f"{args.prompts} prompts ({min(map(len, prompts))}-{max(map(len, prompts))} tokens) x "
+        f"{args.group} samples x {args.new} new tokens, {model.dtype}, {args.threads} threads",
+        flush=True,
+    )
     sample(model, prompts[:1], group_size=2, max_new_tokens=2, stop_token_ids=[], pad_token_id=pad_id)  # warm-up
 
     _, prefill = timed(divrl_sample, model, prompts, args.group, 1, stop_id, pad_id, True, 0)

@@ -35,12 +35,15 @@ def test_exponential_transform_by_hand():
     assert torch.allclose(transformed(rewards, [[0.0, 1.0], [1.0, 1.0]], t=0.0), torch.ones(4))
 
 
-@pytest.mark.parametrize("value, message", [
-    ({"samples": 0}, "samples must be an integer ≥ 1"),
-    ({"t": math.inf}, "t must be a finite number"),
-    ({"k": 3}, "unknown field(s) ['k']"),
-    ([1], "must be a mapping"),
-])
+@pytest.mark.parametrize(
+    "value, message",
+    [
+        ({"samples": 0}, "samples must be an integer ≥ 1"),
+        ({"t": math.inf}, "t must be a finite number"),
+        ({"k": 3}, "unknown field(s) ['k']"),
+        ([1], "must be a mapping"),
+    ],
+)
 def test_spec_errors(value, message):
     with pytest.raises(ValueError, match=re.escape(message)):
         CalibrationSpec.parse(value)
@@ -49,10 +52,35 @@ def test_spec_errors(value, message):
 def test_training_with_calibration_keeps_the_reference_rewards_in_the_checkpoint(tmp_path, say_task):
     run = tmp_path / "run"
     task = [arg for o in say_task([1, 2, 3, 4, 5, 6], "parity") for arg in ("--set", o)]
-    assert main(["train", *task, "--set", "model=tiny", "--set", "steps=2",
-                 "--set", "prompts_per_step=2", "--set", "group_size=2", "--set", "max_new_tokens=3",
-                 "--set", "eval_samples=2", "--set", "checkpoint_every=1", "--set", "inspect_every=0",
-                 "--set", "reward_calibration={samples: 3, t: 1.5}", "--set", f"output_dir={run}"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                *task,
+                "--set",
+                "model=tiny",
+                "--set",
+                "steps=2",
+                "--set",
+                "prompts_per_step=2",
+                "--set",
+                "group_size=2",
+                "--set",
+                "max_new_tokens=3",
+                "--set",
+                "eval_samples=2",
+                "--set",
+                "checkpoint_every=1",
+                "--set",
+                "inspect_every=0",
+                "--set",
+                "reward_calibration={samples: 3, t: 1.5}",
+                "--set",
+                f"output_dir={run}",
+            ]
+        )
+        == 0
+    )
     state = json.loads((run / "checkpoints" / "step-2" / "trainer_state.json").read_text())
     cached = state["reference_rewards"]
     assert cached and all(len(v) == 3 and v == sorted(v) for v in cached.values())

@@ -10,10 +10,10 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from divergence_cases import POINTWISE_CASES
 from divrl import chunked as chunked_module
 from divrl import divergences
 from divrl.chunked import Head, divergence, logprob_entropy
-from divergence_cases import POINTWISE_CASES
 
 N, V, H = 13, 37, 5
 CHUNKS = dict(chunk_tokens=4, chunk_vocab=10)  # smaller than N and V, not dividing them
@@ -239,8 +239,10 @@ def test_autocast_and_mixed_dtypes(inputs, target):
     hidden, weight = hidden.detach().float(), weight.detach().float().requires_grad_()
     target_hidden, target_weight = (t.float() for t in target)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        under_autocast = (*logprob_entropy(hidden, weight, tokens, **CHUNKS),
-                          divergence("jsd", hidden, weight, target_hidden, target_weight, **CHUNKS))
+        under_autocast = (
+            *logprob_entropy(hidden, weight, tokens, **CHUNKS),
+            divergence("jsd", hidden, weight, target_hidden, target_weight, **CHUNKS),
+        )
     (grad,) = torch.autograd.grad(sum(v.sum() for v in under_autocast), weight)
     assert grad.dtype == torch.float32
     bf16 = [t.bfloat16() for t in (hidden, weight, target_hidden, target_weight)]
@@ -325,8 +327,10 @@ def test_head_gradcheck(inputs, target, heads):
 
     def outputs(h, w, b):
         policy = Head(w, b, head.scale, head.softcap, head.temperature)
-        return (*logprob_entropy(h, policy, tokens[rows], **CHUNKS),
-                divergence("jsd", h, policy, target[0][rows], target_head, beta=0.3, **CHUNKS))
+        return (
+            *logprob_entropy(h, policy, tokens[rows], **CHUNKS),
+            divergence("jsd", h, policy, target[0][rows], target_head, beta=0.3, **CHUNKS),
+        )
 
     small_hidden = hidden[rows].detach().requires_grad_()
     assert torch.autograd.gradcheck(outputs, (small_hidden, weight, head.bias), fast_mode=True)
@@ -356,8 +360,13 @@ def test_divergence_with_heads_is_zero_against_itself_and_target_is_constant(inp
     hidden, _, _ = inputs
     head, _ = heads
     target_hidden = hidden.detach().clone().requires_grad_()
-    target_head = Head(head.weight.detach().clone().requires_grad_(), head.bias.detach().clone().requires_grad_(),
-                       head.scale, head.softcap, head.temperature)
+    target_head = Head(
+        head.weight.detach().clone().requires_grad_(),
+        head.bias.detach().clone().requires_grad_(),
+        head.scale,
+        head.softcap,
+        head.temperature,
+    )
     value = divergence("reverse_kl", hidden, head, target_hidden, target_head, **CHUNKS)
     torch.testing.assert_close(value, torch.zeros(N, dtype=torch.float64), rtol=0, atol=1e-12)
     value.sum().backward()
@@ -385,20 +394,31 @@ def test_autocast_casts_the_bias_like_the_weight(inputs, target, heads):
     hidden, _, tokens = inputs
     head, target_head = heads
     hidden = hidden.detach().float()
-    as_float = Head(head.weight.detach().float(), head.bias.detach().float().requires_grad_(),
-                    head.scale, head.softcap, head.temperature)
+    as_float = Head(
+        head.weight.detach().float(),
+        head.bias.detach().float().requires_grad_(),
+        head.scale,
+        head.softcap,
+        head.temperature,
+    )
     target_hidden = target[0].float()
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        under_autocast = (*logprob_entropy(hidden, as_float, tokens, **CHUNKS),
-                          divergence("jsd", hidden, as_float, target_hidden, target_head, **CHUNKS))
+        under_autocast = (
+            *logprob_entropy(hidden, as_float, tokens, **CHUNKS),
+            divergence("jsd", hidden, as_float, target_hidden, target_head, **CHUNKS),
+        )
     (grad,) = torch.autograd.grad(sum(v.sum() for v in under_autocast), as_float.bias)
     assert grad.dtype == torch.float32
-    bf16 = dataclasses.replace(as_float, weight=as_float.weight.detach().bfloat16(),
-                               bias=as_float.bias.detach().bfloat16())
-    target_bf16 = dataclasses.replace(target_head, weight=target_head.weight.bfloat16(),
-                                      bias=target_head.bias.bfloat16())
-    by_hand = (*logprob_entropy(hidden.bfloat16(), bf16, tokens, **CHUNKS),
-               divergence("jsd", hidden.bfloat16(), bf16, target_hidden.bfloat16(), target_bf16, **CHUNKS))
+    bf16 = dataclasses.replace(
+        as_float, weight=as_float.weight.detach().bfloat16(), bias=as_float.bias.detach().bfloat16()
+    )
+    target_bf16 = dataclasses.replace(
+        target_head, weight=target_head.weight.bfloat16(), bias=target_head.bias.bfloat16()
+    )
+    by_hand = (
+        *logprob_entropy(hidden.bfloat16(), bf16, tokens, **CHUNKS),
+        divergence("jsd", hidden.bfloat16(), bf16, target_hidden.bfloat16(), target_bf16, **CHUNKS),
+    )
     for got, want in zip(under_autocast, by_hand):
         torch.testing.assert_close(got, want, rtol=0, atol=0)
 
@@ -414,8 +434,11 @@ def test_weight_gradient_accumulators_are_bounded(inputs, target, monkeypatch):
     token_weights = torch.linspace(0.0, 1.0, N, dtype=torch.float64)
     grads, used = {}, []
     in_parallel = chunked_module._in_parallel
-    monkeypatch.setattr(chunked_module, "_in_parallel", lambda task, items, workers: (
-        used.append(workers), in_parallel(task, items, workers)))
+    monkeypatch.setattr(
+        chunked_module,
+        "_in_parallel",
+        lambda task, items, workers: (used.append(workers), in_parallel(task, items, workers)),
+    )
     monkeypatch.setattr(chunked_module, "_workers", lambda n, device: 2)
     for budget in (chunked_module.ACCUMULATOR_BUDGET_BYTES, V * H * 8):  # as many workers as threads; one
         monkeypatch.setattr(chunked_module, "ACCUMULATOR_BUDGET_BYTES", budget)

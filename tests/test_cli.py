@@ -7,9 +7,24 @@ import pytest
 
 from divrl.cli import main
 
-TINY = ["--set", "model=tiny", "--set", "steps=1", "--set", "prompts_per_step=2",
-        "--set", "group_size=2", "--set", "max_new_tokens=4", "--set", "eval_size=2",
-        "--set", "eval_samples=2", "--set", "train_size=20"]
+TINY = [
+    "--set",
+    "model=tiny",
+    "--set",
+    "steps=1",
+    "--set",
+    "prompts_per_step=2",
+    "--set",
+    "group_size=2",
+    "--set",
+    "max_new_tokens=4",
+    "--set",
+    "eval_size=2",
+    "--set",
+    "eval_samples=2",
+    "--set",
+    "train_size=20",
+]
 
 
 def test_train_happy_path_from_a_config_file(tmp_path, capsys):
@@ -24,14 +39,19 @@ def test_train_happy_path_from_a_config_file(tmp_path, capsys):
     assert "model: tiny" in (run / "config.yaml").read_text()
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--set", "modle=tiny"], "unknown config key 'modle'; did you mean 'model'?"),
-    (["--set", "task=chain_summ"], "unknown task 'chain_summ'"),
-    (["--set", "model=./no/such/model"], "model path './no/such/model' does not exist"),
-    (["--set", "reference=./no/such/model"], "config key 'reference': model path './no/such/model' does not exist"),
-    (["--set", "teacher=./no/such/model", "--set", "terms=[{divergence: reverse_kl, target: teacher}]"],
-     "config key 'teacher': model path './no/such/model' does not exist"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--set", "modle=tiny"], "unknown config key 'modle'; did you mean 'model'?"),
+        (["--set", "task=chain_summ"], "unknown task 'chain_summ'"),
+        (["--set", "model=./no/such/model"], "model path './no/such/model' does not exist"),
+        (["--set", "reference=./no/such/model"], "config key 'reference': model path './no/such/model' does not exist"),
+        (
+            ["--set", "teacher=./no/such/model", "--set", "terms=[{divergence: reverse_kl, target: teacher}]"],
+            "config key 'teacher': model path './no/such/model' does not exist",
+        ),
+    ],
+)
 def test_bad_input_fails_before_training_with_a_clear_message(tmp_path, capsys, args, message):
     assert main(["train", *TINY, "--set", f"output_dir={tmp_path / 'out'}", *args]) == 2
     assert message in capsys.readouterr().err
@@ -41,8 +61,7 @@ def test_bad_input_fails_before_training_with_a_clear_message(tmp_path, capsys, 
 def test_malformed_dataset_line_is_reported_with_file_and_line(tmp_path, capsys):
     data = tmp_path / "data.jsonl"
     data.write_text(json.dumps({"prompt": "a", "answer": "1"}) + "\n{broken\n")
-    assert main(["train", *TINY, "--set", f"task={data}",
-                 "--set", f"output_dir={tmp_path / 'out'}"]) == 2
+    assert main(["train", *TINY, "--set", f"task={data}", "--set", f"output_dir={tmp_path / 'out'}"]) == 2
     assert f"{data}:2: not valid JSON" in capsys.readouterr().err
 
 

@@ -11,16 +11,19 @@ def test_defaults_validate_and_overrides_apply(tmp_path):
     assert cfg.task_params["min_terms"] == 3 and cfg.task_params["max_terms"] == 2
 
 
-@pytest.mark.parametrize("source, message", [
-    ("stepz: 3", "unknown config key 'stepz'; did you mean 'steps'?"),
-    ("steps: many", "config key 'steps' must be int"),
-    ("steps: 0", "config key 'steps' must be ≥ 1"),
-    ("kl_estimator: k4", "config key 'kl_estimator' must be one of"),
-    ("kl_coef: 0.1\nkl_in_reward: true", "config key kl_in_reward: the exact divergence is a loss term"),
-    ("- a list", "must hold a mapping"),
-    ("monitor_kl_every: 0", "config key 'monitor_kl_every' must be ≥ 1"),
-    ("device: tpu", "config key 'device' must be 'auto', 'cpu', 'cuda' or 'cuda:N'"),
-])
+@pytest.mark.parametrize(
+    "source, message",
+    [
+        ("stepz: 3", "unknown config key 'stepz'; did you mean 'steps'?"),
+        ("steps: many", "config key 'steps' must be int"),
+        ("steps: 0", "config key 'steps' must be ≥ 1"),
+        ("kl_estimator: k4", "config key 'kl_estimator' must be one of"),
+        ("kl_coef: 0.1\nkl_in_reward: true", "config key kl_in_reward: the exact divergence is a loss term"),
+        ("- a list", "must hold a mapping"),
+        ("monitor_kl_every: 0", "config key 'monitor_kl_every' must be ≥ 1"),
+        ("device: tpu", "config key 'device' must be 'auto', 'cpu', 'cuda' or 'cuda:N'"),
+    ],
+)
 def test_bad_config_file_names_the_key(tmp_path, source, message):
     path = tmp_path / "c.yaml"
     path.write_text(source)

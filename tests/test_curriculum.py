@@ -24,7 +24,7 @@ def test_weights_start_uniform_and_follow_the_ema_of_pass_rates():
     source.observe([examples[0], examples[1], examples[2]], [1.0, 0.0, 0.5])
     torch.testing.assert_close(source.ema[:4], torch.tensor([0.55, 0.45, 0.5, 0.5], dtype=torch.float64))
     w = source.weights()
-    assert w[0].item() == pytest.approx(math.exp(-0.05**2 / (2 * 0.35**2)))
+    assert w[0].item() == pytest.approx(math.exp(-(0.05**2) / (2 * 0.35**2)))
     assert w[1].item() == pytest.approx(w[0].item()) and w[2] == 1.0
     for _ in range(40):  # a prompt always solved drifts to p̃ → 1, weight exp(−0.25/(2σ²))
         source.observe([examples[0]], [1.0])
@@ -45,28 +45,43 @@ def test_draws_are_seeded_distinct_and_restored_with_the_state():
     assert hard > 0.6 * 200  # the frontier (p̃ = 0.5) prompts dominate
 
 
-@pytest.mark.parametrize("value, message", [
-    ({"gaussian_curriculum": {"sigma": 0}}, "sigma: must be a finite number > 0"),
-    ({"gaussian_curriculum": {"alpha": 1.5}}, "alpha: must lie in [0, 1)"),
-    ({"gaussian_curriculum": {"sigmaa": 1}}, "unexpected keyword argument 'sigmaa'"),
-    ("curriculum", "unknown prompt sampler 'curriculum'"),
-])
+@pytest.mark.parametrize(
+    "value, message",
+    [
+        ({"gaussian_curriculum": {"sigma": 0}}, "sigma: must be a finite number > 0"),
+        ({"gaussian_curriculum": {"alpha": 1.5}}, "alpha: must lie in [0, 1)"),
+        ({"gaussian_curriculum": {"sigmaa": 1}}, "unexpected keyword argument 'sigmaa'"),
+        ("curriculum", "unknown prompt sampler 'curriculum'"),
+    ],
+)
 def test_bad_sampler_settings_are_refused_naming_the_key(value, message):
     with pytest.raises(ConfigError) as err:
-        build_config(None, [f"prompt_sampler={value!r}".replace("'", "") if isinstance(value, str)
-                            else f"prompt_sampler={value}"])
+        build_config(
+            None,
+            [f"prompt_sampler={value!r}".replace("'", "") if isinstance(value, str) else f"prompt_sampler={value}"],
+        )
     assert "config key 'prompt_sampler'" in str(err.value) and message in str(err.value)
 
 
 def test_the_curriculum_state_survives_a_resume(tmp_path):
     """2 steps, then a resumed 3rd, end with the EMA of an uninterrupted 3-step run (it would not
     if the state were lost: steps 1–2 moved it)."""
-    args = ["model=tiny", "prompts_per_step=2", "group_size=2", "max_new_tokens=4", "eval_size=2",
-            "eval_samples=1", "train_size=20", "checkpoint_every=1", "eval_every=0"]
+    args = [
+        "model=tiny",
+        "prompts_per_step=2",
+        "group_size=2",
+        "max_new_tokens=4",
+        "eval_size=2",
+        "eval_samples=1",
+        "train_size=20",
+        "checkpoint_every=1",
+        "eval_every=0",
+    ]
 
     def run(out, *extra):
-        trainer = Trainer(build_config(None, [*args, f"output_dir={tmp_path / out}", *extra], recipe="fg-expo"),
-                          log=lambda *_: None)
+        trainer = Trainer(
+            build_config(None, [*args, f"output_dir={tmp_path / out}", *extra], recipe="fg-expo"), log=lambda *_: None
+        )
         trainer.run()
         return trainer.prompts.state_dict()["ema"]
 

@@ -17,9 +17,20 @@ def test_one_step_on_the_default_model(tmp_path):
     assert not hasattr(loaded.config, "quantization_config")
     assert loaded.config.vocab_size == 49152
 
-    cfg = build_config(None, ["model=default", "steps=1", f"output_dir={tmp_path / 'run'}",
-                              "prompts_per_step=2", "group_size=2", "max_new_tokens=8",
-                              "eval_size=2", "eval_samples=2", "train_size=20"])
+    cfg = build_config(
+        None,
+        [
+            "model=default",
+            "steps=1",
+            f"output_dir={tmp_path / 'run'}",
+            "prompts_per_step=2",
+            "group_size=2",
+            "max_new_tokens=8",
+            "eval_size=2",
+            "eval_samples=2",
+            "train_size=20",
+        ],
+    )
     summary = Trainer(cfg, log=lambda *_: None).run()
     row = [r for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if "reward" in r][0]
     assert row["kl"] == pytest.approx(0.0, abs=1e-5) and row["entropy"] > 0

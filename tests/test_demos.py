@@ -2,16 +2,13 @@
 answers or from the teacher, offline training on them without generation, and EKSFT's masked
 cross-entropy on a hand toy."""
 
-import dataclasses
-
 import pytest
 import torch
 
 from divrl import demos, objectives
 from divrl.config import build_config
 from divrl.trainer import Trainer
-
-from test_recipes import ROWS, TOKENS, _spec, _toy
+from test_recipes import TOKENS, _spec, _toy
 
 
 def test_a_malformed_line_is_refused_with_file_and_line(tmp_path):
@@ -27,8 +24,15 @@ def test_a_malformed_line_is_refused_with_file_and_line(tmp_path):
 
 
 def _run_args(tmp_path, *extra):
-    return ["model=tiny", "prompts_per_step=3", "max_new_tokens=8", "eval_size=2", "eval_samples=1",
-            f"output_dir={tmp_path / 'run'}", *extra]
+    return [
+        "model=tiny",
+        "prompts_per_step=3",
+        "max_new_tokens=8",
+        "eval_size=2",
+        "eval_samples=1",
+        f"output_dir={tmp_path / 'run'}",
+        *extra,
+    ]
 
 
 def test_sft_on_answer_demonstrations_trains_without_generating(tmp_path, monkeypatch):
@@ -37,8 +41,14 @@ def test_sft_on_answer_demonstrations_trains_without_generating(tmp_path, monkey
     text = trainer.tokenizer.decode(first.completions[0], skip_special_tokens=True)
     assert text == f"The answer is {trainer.task.train[0].answer}." and first.rewards == [1.0]
     assert first.completions[0][-1] == trainer.tokenizer.eos_token_id and first.prompt == trainer.task.train[0].prompt
-    frozen = trainer._frozen_inputs([trainer._prompt_ids(trainer.task.train[0])], first.completions, first.logprobs,
-                                    None, trainer.online_spec, monitor_kl=True)
+    frozen = trainer._frozen_inputs(
+        [trainer._prompt_ids(trainer.task.train[0])],
+        first.completions,
+        first.logprobs,
+        None,
+        trainer.online_spec,
+        monitor_kl=True,
+    )
     assert frozen.old_logprobs is None  # no sampler behind a demonstration: on policy, not its placeholders
 
     def no_generation(*_, **__):
@@ -52,8 +62,14 @@ def test_sft_on_answer_demonstrations_trains_without_generating(tmp_path, monkey
 
 
 def test_teacher_demonstrations_are_its_first_passing_samples(tmp_path, say_task):
-    args = _run_args(tmp_path, *say_task(range(12), "always"), "teacher=tiny",
-                     "demonstrations_from=teacher", "stored_prompts=4", "stored_samples=2")
+    args = _run_args(
+        tmp_path,
+        *say_task(range(12), "always"),
+        "teacher=tiny",
+        "demonstrations_from=teacher",
+        "stored_prompts=4",
+        "stored_samples=2",
+    )
     trainer = Trainer(build_config(None, args, recipe="eksft"), log=lambda *_: None)
     assert [g.prompt for g in trainer.offline_groups] == [e.prompt for e in trainer.task.train[:4]]
     with pytest.raises(Exception, match="'demonstrations_from' is 'teacher' but no 'teacher' is set"):

@@ -36,11 +36,26 @@ def test_training_runs_on_cuda_with_the_numbers_of_the_cpu(tmp_path):
 
     rows = {}
     for device in ("cpu", "cuda"):
-        cfg = build_config(None, ["model=tiny", "steps=2", f"output_dir={tmp_path / device}", "prompts_per_step=2",
-                                  "group_size=4", "max_new_tokens=6", "eval_size=4", "eval_samples=2",
-                                  "train_size=50", "lr=1e-3", "eval_every=0", f"device={device}", "dtype=float32",
-                                  "terms=[{divergence: forward_kl, target: reference, coef: 0.1}, "
-                                  "{divergence: reverse_kl, target: reference, coef: 0.1, estimator: k3}]"])
+        cfg = build_config(
+            None,
+            [
+                "model=tiny",
+                "steps=2",
+                f"output_dir={tmp_path / device}",
+                "prompts_per_step=2",
+                "group_size=4",
+                "max_new_tokens=6",
+                "eval_size=4",
+                "eval_samples=2",
+                "train_size=50",
+                "lr=1e-3",
+                "eval_every=0",
+                f"device={device}",
+                "dtype=float32",
+                "terms=[{divergence: forward_kl, target: reference, coef: 0.1}, "
+                "{divergence: reverse_kl, target: reference, coef: 0.1, estimator: k3}]",
+            ],
+        )
         trainer = Trainer(cfg, log=lambda *_: None)
         assert all(p.device.type == device for p in trainer.model.parameters())
         assert all(p.device.type == device for p in trainer.reference.parameters())
@@ -58,8 +73,18 @@ def test_completion_hidden_and_sampling_agree_across_devices(tiny):
     model, tokenizer = tiny
     prompts, completions = [[5, 6, 7], [8, 9]], [[10, 11, 12], [13], [14, 15], [16, 17, 18]]
     on_cpu = completion_hidden(model, prompts, completions, tokenizer.pad_token_id).hidden
-    runs = [sample(m, prompts, group_size=3, max_new_tokens=6, stop_token_ids=[0], pad_token_id=tokenizer.pad_token_id,
-                   generator=torch.Generator().manual_seed(4)) for m in (model, model.cuda())]
+    runs = [
+        sample(
+            m,
+            prompts,
+            group_size=3,
+            max_new_tokens=6,
+            stop_token_ids=[0],
+            pad_token_id=tokenizer.pad_token_id,
+            generator=torch.Generator().manual_seed(4),
+        )
+        for m in (model, model.cuda())
+    ]
     on_cuda = completion_hidden(model, prompts, completions, tokenizer.pad_token_id).hidden
     torch.testing.assert_close(on_cuda.cpu(), on_cpu, rtol=1e-4, atol=1e-4)
     assert runs[0].completion_ids == runs[1].completion_ids

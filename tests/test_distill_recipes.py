@@ -10,14 +10,15 @@ import torch
 
 from divrl import lab, objectives, targets
 from divrl.rowwise import ModelOutputs
-
 from test_recipes import LENGTHS, ROWS, TOKENS, _spec, _toy
 
 
 def _with_teacher(inputs, seed=7, old=None):
     gen = torch.Generator().manual_seed(seed)
-    teacher = ModelOutputs(torch.randn(len(TOKENS), 3, dtype=torch.float64, generator=gen),
-                           objectives.chunked.Head(torch.randn(5, 3, dtype=torch.float64, generator=gen)))
+    teacher = ModelOutputs(
+        torch.randn(len(TOKENS), 3, dtype=torch.float64, generator=gen),
+        objectives.chunked.Head(torch.randn(5, 3, dtype=torch.float64, generator=gen)),
+    )
     return dataclasses.replace(inputs, models={**inputs.models, "teacher": teacher}, old_logprobs=old)
 
 
@@ -30,8 +31,9 @@ def _grad(loss, inputs):
 
 
 def test_opd_dense_mode_advantage_is_the_negative_log_ratio_to_the_teacher():
-    spec = _spec("opd", "policy_gradient=true", "advantage=none", "terms[0].estimator=k1",
-                 "terms[0].placement=token_reward")
+    spec = _spec(
+        "opd", "policy_gradient=true", "advantage=none", "terms[0].estimator=k1", "terms[0].placement=token_reward"
+    )
     inputs, logp = _toy(spec, [1.0, 0.0, 0.0, 1.0])
     inputs = _with_teacher(inputs)
     teacher = _logp(inputs.models["teacher"])
@@ -48,25 +50,37 @@ def test_opd_dense_mode_has_the_exact_reverse_kl_gradient_in_expectation():
     ref, reward = lab.random_problem(5, (2,), seed=1)
     teacher = torch.randn(2, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(2)).log_softmax(-1)
     exact = _spec("opd")
-    dense = _spec("opd", "policy_gradient=true", "advantage=none", "terms[0].estimator=k1",
-                  "terms[0].placement=token_reward")
-    steps = [lab.objective_fixed_point(s, reward, {"reference": ref, "teacher": teacher}, steps=1, lr=0.5)
-             for s in (exact, dense)]
+    dense = _spec(
+        "opd", "policy_gradient=true", "advantage=none", "terms[0].estimator=k1", "terms[0].placement=token_reward"
+    )
+    steps = [
+        lab.objective_fixed_point(s, reward, {"reference": ref, "teacher": teacher}, steps=1, lr=0.5)
+        for s in (exact, dense)
+    ]
     torch.testing.assert_close(steps[0], steps[1])
 
 
 @pytest.mark.parametrize("reference_seed", [3, 4])
 def test_g_opd_at_lambda_one_is_opd_dense_mode_whatever_the_reference(reference_seed):
-    opd = _spec("opd", "policy_gradient=true", "advantage=none", "terms[0].estimator=k1",
-                "terms[0].placement=token_reward", "clip_high=0.2")
+    opd = _spec(
+        "opd",
+        "policy_gradient=true",
+        "advantage=none",
+        "terms[0].estimator=k1",
+        "terms[0].placement=token_reward",
+        "clip_high=0.2",
+    )
     g_opd = _spec("g-opd", "group_size=2")
     inputs, _ = _toy(g_opd, [1.0, 0.0, 0.0, 1.0])
     inputs = _with_teacher(inputs)
     gen = torch.Generator().manual_seed(reference_seed)
-    reference = ModelOutputs(torch.randn(len(TOKENS), 3, dtype=torch.float64, generator=gen),
-                             objectives.chunked.Head(torch.randn(5, 3, dtype=torch.float64, generator=gen)))
-    inputs = dataclasses.replace(inputs, models={**inputs.models, "reference": reference},
-                                 advantages=torch.zeros(4, dtype=torch.float64))
+    reference = ModelOutputs(
+        torch.randn(len(TOKENS), 3, dtype=torch.float64, generator=gen),
+        objectives.chunked.Head(torch.randn(5, 3, dtype=torch.float64, generator=gen)),
+    )
+    inputs = dataclasses.replace(
+        inputs, models={**inputs.models, "reference": reference}, advantages=torch.zeros(4, dtype=torch.float64)
+    )
     a, b = objectives.objective_loss(opd, inputs), objectives.objective_loss(g_opd, inputs)
     assert a.loss.item() == b.loss.item()  # bit for bit: extrapolate(·, teacher, 1) is the teacher
     torch.testing.assert_close(_grad(a.loss, inputs), _grad(b.loss, inputs), rtol=0, atol=0)
@@ -86,8 +100,13 @@ def test_exopd_reward_is_lambda_log_teacher_over_reference_minus_log_policy_over
 def test_kdrl_anneals_its_coefficient_and_masks_by_reward():
     spec = _spec("kdrl")
     (term,) = spec.terms
-    assert (term.estimator, term.coef_at(0), term.coef_at(40), term.coef_at(80), term.coef_at(200)) == \
-        ("k2", 0.005, pytest.approx(0.003), pytest.approx(0.001), pytest.approx(0.001))
+    assert (term.estimator, term.coef_at(0), term.coef_at(40), term.coef_at(80), term.coef_at(200)) == (
+        "k2",
+        0.005,
+        pytest.approx(0.003),
+        pytest.approx(0.001),
+        pytest.approx(0.001),
+    )
     assert spec.at_step(40).terms[0].coef == pytest.approx(0.005 - 5e-5 * 40)  # max(5e-3 − 5e-5·t, 1e-3)
     masked = _spec("kdrl", "terms[0].mask={failed: {}}")
     inputs, logp = _toy(masked, [1.0, 0.0, 0.0, 1.0])
@@ -96,7 +115,9 @@ def test_kdrl_anneals_its_coefficient_and_masks_by_reward():
     out = objectives.objective_loss(masked.at_step(0), inputs)
     failed = torch.tensor([0.0, 1.0, 1.0, 0.0], dtype=torch.float64)[ROWS]
     k2 = 0.5 * (logp - teacher) ** 2
-    assert out.loss_parts["reverse_kl_to_teacher"] == pytest.approx(0.005 * float((failed * k2).sum()) / len(TOKENS), rel=1e-6)
+    assert out.loss_parts["reverse_kl_to_teacher"] == pytest.approx(
+        0.005 * float((failed * k2).sum()) / len(TOKENS), rel=1e-6
+    )
     group = _spec("kdrl", "terms[0].mask={group_unsolved: {}}")
     inputs, _ = _toy(group, [0.0, 0.0, 1.0, 0.0])  # group 1 all wrong: only its KD survives
     out = objectives.objective_loss(group, _with_teacher(inputs))
@@ -117,8 +138,9 @@ def test_trrd_ratio_is_against_the_geometric_anchor_and_alpha_one_is_grpo():
     out = objectives.objective_loss(spec, inputs)
     assert out.loss_parts["pg"] == pytest.approx(expected.item(), rel=1e-6)
     grpo = dataclasses.replace(spec, pg_loss="clipped", pg_loss_params=())
-    alpha_one = dataclasses.replace(spec, pg_loss_params=(("alpha", 1.0), ("clip_low", 0.2), ("clip_high", 0.28),
-                                                          ("teacher_clamp", 1.0)))
+    alpha_one = dataclasses.replace(
+        spec, pg_loss_params=(("alpha", 1.0), ("clip_low", 0.2), ("clip_high", 0.28), ("teacher_clamp", 1.0))
+    )
     a, b = objectives.objective_loss(grpo, inputs), objectives.objective_loss(alpha_one, inputs)
     assert a.loss_parts["pg"] == b.loss_parts["pg"]  # bit-identical
     torch.testing.assert_close(_grad(a.loss, inputs), _grad(b.loss, inputs), rtol=0, atol=0)
@@ -181,10 +203,21 @@ def test_erpd_trains_stage_one_then_distils_it_as_the_teacher(tmp_path, say_task
     from divrl.runlog import read_metrics
     from divrl.trainer import Trainer
 
-    args = ["model=tiny", *say_task(range(24), "parity"), "max_new_tokens=6", "eval_size=2",
-            "eval_samples=1", "prompts_per_step=2", "steps=1", f"output_dir={tmp_path / 'run'}",
-            "stage1.steps=2", "stage1.checkpoint_every=2", "stage1.stored_prompts=4", "stage1.stored_samples=4",
-            "stage1.prompts_per_step=2"]
+    args = [
+        "model=tiny",
+        *say_task(range(24), "parity"),
+        "max_new_tokens=6",
+        "eval_size=2",
+        "eval_samples=1",
+        "prompts_per_step=2",
+        "steps=1",
+        f"output_dir={tmp_path / 'run'}",
+        "stage1.steps=2",
+        "stage1.checkpoint_every=2",
+        "stage1.stored_prompts=4",
+        "stage1.stored_samples=4",
+        "stage1.prompts_per_step=2",
+    ]
     trainer = Trainer(build_config(None, args, recipe="erpd"), log=lambda *_: None)
     final = tmp_path / "run" / "stage1" / "checkpoints" / "step-2"
     assert (final / "config.json").is_file() and (tmp_path / "run" / "stage1" / "metrics.jsonl").is_file()

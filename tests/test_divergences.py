@@ -8,8 +8,8 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from divrl import divergences as D
 from divergence_cases import POINTWISE_CASES
+from divrl import divergences as D
 
 F64 = torch.float64
 INF = math.inf
@@ -113,10 +113,15 @@ def test_divergence_is_the_vocabulary_sum_of_its_pointwise_term_on_any_leading_s
 
 @pytest.mark.parametrize("name,params", POINTWISE_CASES, ids=CASE_IDS)
 def test_computes_in_the_given_dtype(name, params):
-    policy, target = random_logprobs(4, 9, dtype=torch.float32), random_logprobs(4, 9, generator_seed=1, dtype=torch.float32)
+    policy, target = (
+        random_logprobs(4, 9, dtype=torch.float32),
+        random_logprobs(4, 9, generator_seed=1, dtype=torch.float32),
+    )
     value = D.get(name)(policy, target, **params)
     assert value.dtype == torch.float32
-    torch.testing.assert_close(value.double(), D.get(name)(policy.double(), target.double(), **params), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(
+        value.double(), D.get(name)(policy.double(), target.double(), **params), rtol=1e-4, atol=1e-5
+    )
 
 
 # --- properties over random distributions with zeros and near-ties ----------------------------
@@ -329,7 +334,9 @@ def test_sinkhorn_is_finite_with_finite_useful_gradient_on_disjoint_supports():
     assert grad[2] < 0 < grad[0]  # mass should move toward q's tokens, i.e. to the right
     with torch.no_grad():
         stepped = logits_p - 0.1 * grad
-    assert D.sinkhorn(stepped.log_softmax(-1), logits_q.log_softmax(-1), line_cost, epsilon=0.05, iterations=300) < value
+    assert (
+        D.sinkhorn(stepped.log_softmax(-1), logits_q.log_softmax(-1), line_cost, epsilon=0.05, iterations=300) < value
+    )
 
 
 def test_sinkhorn_gradcheck_at_convergence():

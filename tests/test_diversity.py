@@ -7,11 +7,10 @@ import math
 import pytest
 import torch
 
+import test_recipes as toy
 from divrl import diversity, objectives, weights
 from divrl.config import build_config
 from divrl.trainer import Trainer
-
-import test_recipes as toy
 
 
 def test_formulas_are_latex_spans_and_plain_operator_runs_with_a_digit():
@@ -25,17 +24,25 @@ def test_scores_on_hand_numbers():
     # D_emb: 0 → (½·1 + 0)/2 = ¼; 1 → (½ + ½)/2 = ½; 2 → ¼
     torch.testing.assert_close(diversity.embedding_distance(z), torch.tensor([0.25, 0.5, 0.25]))
     sets = [frozenset({"1+1=2", "2+2=4"}), frozenset({"1+1=2"}), frozenset()]
-    torch.testing.assert_close(diversity.unique_formula_fraction(sets), torch.tensor([0.5, 0.0, 0.0], dtype=torch.float64))
+    torch.testing.assert_close(
+        diversity.unique_formula_fraction(sets), torch.tensor([0.5, 0.0, 0.0], dtype=torch.float64)
+    )
     texts = ["1 + 1 = 2 and 2 + 2 = 4", "1 + 1 = 2", "nothing"]
-    torch.testing.assert_close(diversity.diversity_scores(texts, z),
-                               torch.tensor([0.375, 0.25, 0.125], dtype=torch.float64))
+    torch.testing.assert_close(
+        diversity.diversity_scores(texts, z), torch.tensor([0.375, 0.25, 0.125], dtype=torch.float64)
+    )
 
 
 def _allocation(d, passed, groups, tau=5.0):
-    stats = weights.TokenStats(rows=torch.arange(len(d)), advantages=torch.zeros(len(d), dtype=torch.float64),
-                               rewards=torch.zeros(len(d)), group_pass_rate=torch.zeros(len(d)),
-                               passed=torch.tensor(passed), groups=torch.tensor(groups),
-                               diversity=torch.tensor(d, dtype=torch.float64))
+    stats = weights.TokenStats(
+        rows=torch.arange(len(d)),
+        advantages=torch.zeros(len(d), dtype=torch.float64),
+        rewards=torch.zeros(len(d)),
+        group_pass_rate=torch.zeros(len(d)),
+        passed=torch.tensor(passed),
+        groups=torch.tensor(groups),
+        diversity=torch.tensor(d, dtype=torch.float64),
+    )
     return weights.compute([("diversity_allocation", {"tau": tau})], stats)
 
 
@@ -76,9 +83,21 @@ def test_the_local_term_is_the_allocated_mean_token_entropy_of_passing_completio
 
 
 def test_the_bonus_separates_equal_rewards_by_diversity_in_a_step(tmp_path, say_task):
-    cfg = build_config(None, ["model=tiny", *say_task(range(20), "always"), "prompts_per_step=2",
-                              "group_size=3", "max_new_tokens=6", "eval_size=2", "eval_samples=1",
-                              "diversity_bonus={coef: 0.5}", f"output_dir={tmp_path / 'run'}"], recipe="dsdr")
+    cfg = build_config(
+        None,
+        [
+            "model=tiny",
+            *say_task(range(20), "always"),
+            "prompts_per_step=2",
+            "group_size=3",
+            "max_new_tokens=6",
+            "eval_size=2",
+            "eval_samples=1",
+            "diversity_bonus={coef: 0.5}",
+            f"output_dir={tmp_path / 'run'}",
+        ],
+        recipe="dsdr",
+    )
     trainer = Trainer(cfg, log=lambda *_: None)
     row = trainer.train_step(0)
     assert row["pass_rate"] == 1.0 and 0 < row["diversity"] <= 1 and row["diversity_of_passes"] == row["diversity"]

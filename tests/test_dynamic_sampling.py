@@ -24,10 +24,23 @@ def never(completion, answer):
 
 
 def _cfg(tmp_path, say_task, verifier, *extra):
-    return build_config(None, ["model=tiny", "steps=1", f"output_dir={tmp_path / 'run'}", "prompts_per_step=4",
-                               "group_size=4", "max_new_tokens=6", "eval_size=4", "eval_samples=1",
-                               *say_task(range(40), verifier, VERIFIER), "eval_every=0"] + list(extra),
-                        recipe="dapo")
+    return build_config(
+        None,
+        [
+            "model=tiny",
+            "steps=1",
+            f"output_dir={tmp_path / 'run'}",
+            "prompts_per_step=4",
+            "group_size=4",
+            "max_new_tokens=6",
+            "eval_size=4",
+            "eval_samples=1",
+            *say_task(range(40), verifier, VERIFIER),
+            "eval_every=0",
+        ]
+        + list(extra),
+        recipe="dapo",
+    )
 
 
 def test_uninformative_groups_are_dropped_and_refilled(tmp_path, say_task, monkeypatch):
@@ -42,7 +55,7 @@ def test_uninformative_groups_are_dropped_and_refilled(tmp_path, say_task, monke
     monkeypatch.setattr(trainer, "_update", spy)
     metrics = trainer.train_step(0)
     (rewards,) = trained
-    groups = [rewards[i:i + 4] for i in range(0, len(rewards), 4)]
+    groups = [rewards[i : i + 4] for i in range(0, len(rewards), 4)]
     assert len(groups) == metrics["trained_groups"] == 4
     assert all(max(g) > min(g) for g in groups)  # only groups with something to learn
     assert metrics["refills"] >= 1 and metrics["dropped_groups"] >= 1
@@ -75,9 +88,14 @@ def test_overlong_penalty_is_zero_then_linear_to_its_maximum():
     assert objectives.overlong_penalty(off, torch.tensor([10])).item() == 0.0
 
 
-@pytest.mark.parametrize("override, message", [("overlong_buffer=1.5", "overlong_buffer: must lie in [0, 1]"),
-                                               ("overlong_penalty=-1", "overlong_penalty: must be a finite number ≥ 0"),
-                                               ("max_refills=-1", "'max_refills' must be ≥ 0")])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("overlong_buffer=1.5", "overlong_buffer: must lie in [0, 1]"),
+        ("overlong_penalty=-1", "overlong_penalty: must be a finite number ≥ 0"),
+        ("max_refills=-1", "'max_refills' must be ≥ 0"),
+    ],
+)
 def test_bad_dapo_settings_are_refused(override, message):
     with pytest.raises(Exception) as err:
         build_config(None, [override], recipe="dapo")

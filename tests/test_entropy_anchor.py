@@ -20,8 +20,9 @@ def _entropy(probs):
 
 
 def test_top_p_entropy_renormalizes_the_tokens_below_the_mass_threshold():
-    logits = torch.tensor([[0.5, 0.2, 0.15, 0.1, 0.05], [0.9, 0.05, 0.03, 0.01, 0.01],
-                           [0.3, 0.3, 0.2, 0.1, 0.1]], dtype=torch.float64).log()
+    logits = torch.tensor(
+        [[0.5, 0.2, 0.15, 0.1, 0.05], [0.9, 0.05, 0.03, 0.01, 0.01], [0.3, 0.3, 0.2, 0.1, 0.1]], dtype=torch.float64
+    ).log()
     got = rowwise._top_p_entropy_of_logits(logits, top_p=0.8, top_k=10000)
     # row 0: running mass 0.5, 0.7 < 0.8 → (5/7, 2/7); row 1: 0.9 ≥ 0.8 at once → nothing, 0;
     # row 2: 0.3, 0.6 < 0.8 → (1/2, 1/2)
@@ -39,8 +40,7 @@ def test_chunked_top_p_entropy_matches_full_logits_in_value_and_gradient():
     full = rowwise._top_p_entropy_of_logits(head.logits(hidden), 0.8, 6)
     torch.testing.assert_close(got, full)
     weights = torch.linspace(0.5, 1.5, 7, dtype=torch.float64)
-    grads = [torch.autograd.grad((weights * v).sum(), (hidden, head.weight), retain_graph=True)
-             for v in (got, full)]
+    grads = [torch.autograd.grad((weights * v).sum(), (hidden, head.weight), retain_graph=True) for v in (got, full)]
     for g, e in zip(*grads):
         torch.testing.assert_close(g, e)
 
@@ -52,9 +52,16 @@ def _inputs(anchor):
     hidden = torch.eye(10, dtype=torch.float64)
     rows = torch.tensor([0] * 5 + [1] * 5)
     inputs = objectives.ObjectiveInputs(
-        policy=ModelOutputs(hidden, Head(table.T)), tokens=torch.zeros(10, dtype=torch.long), rows=rows,
-        advantages=torch.zeros(2, dtype=torch.float64), rewards=torch.zeros(2), group_pass_rate=torch.zeros(2),
-        token_scale=torch.full((10,), 0.1, dtype=torch.float64), entropy_anchor=anchor, batch_fraction=0.5)
+        policy=ModelOutputs(hidden, Head(table.T)),
+        tokens=torch.zeros(10, dtype=torch.long),
+        rows=rows,
+        advantages=torch.zeros(2, dtype=torch.float64),
+        rewards=torch.zeros(2),
+        group_pass_rate=torch.zeros(2),
+        token_scale=torch.full((10,), 0.1, dtype=torch.float64),
+        entropy_anchor=anchor,
+        batch_fraction=0.5,
+    )
     return inputs, table
 
 
@@ -75,25 +82,41 @@ def test_the_regularizer_is_the_squared_deviation_of_the_peak_tokens_mean_entrop
 
 
 def test_the_anchor_is_set_by_the_first_step_and_survives_a_resume(tmp_path):
-    args = ["model=tiny", "prompts_per_step=2", "group_size=2", "max_new_tokens=6", "eval_size=2",
-            "eval_samples=1", "train_size=20", "checkpoint_every=1", "eval_every=0", "lr=1e-3",
-            f"output_dir={tmp_path / 'run'}"]
+    args = [
+        "model=tiny",
+        "prompts_per_step=2",
+        "group_size=2",
+        "max_new_tokens=6",
+        "eval_size=2",
+        "eval_samples=1",
+        "train_size=20",
+        "checkpoint_every=1",
+        "eval_every=0",
+        "lr=1e-3",
+        f"output_dir={tmp_path / 'run'}",
+    ]
     first = Trainer(build_config(None, [*args, "steps=2"], recipe="siren"), log=lambda *_: None)
     first.run()
     rows = [r for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if "reward" in r]
     assert rows[0]["entropy_anchor_h0"] == rows[0]["top_p_entropy"] == first.entropy_anchor
     assert rows[0]["entropy_anchor_loss"] == 0.0 and rows[1]["entropy_anchor_h0"] == first.entropy_anchor
     assert rows[1]["entropy_anchor_loss"] == pytest.approx(  # one micro-batch here: exactly c·(H̄ − H₀)²
-        0.005 * (rows[1]["top_p_entropy"] - first.entropy_anchor) ** 2, rel=1e-9)
+        0.005 * (rows[1]["top_p_entropy"] - first.entropy_anchor) ** 2, rel=1e-9
+    )
     resumed = Trainer(build_config(None, [*args, "steps=3", "resume=true"], recipe="siren"), log=lambda *_: None)
     resumed.run()
     assert resumed.entropy_anchor == first.entropy_anchor
 
 
-@pytest.mark.parametrize("value, message", [("{coef: -1}", "entropy_anchor.coef: must be a finite number ≥ 0"),
-                                            ("{top_p: 0}", "entropy_anchor.top_p: must be in (0, 1]"),
-                                            ("{quantile: 1}", "entropy_anchor.quantile: must be in [0, 1)"),
-                                            ("{topk: 5}", "entropy_anchor: unknown key 'topk'; did you mean 'top_k'?")])
+@pytest.mark.parametrize(
+    "value, message",
+    [
+        ("{coef: -1}", "entropy_anchor.coef: must be a finite number ≥ 0"),
+        ("{top_p: 0}", "entropy_anchor.top_p: must be in (0, 1]"),
+        ("{quantile: 1}", "entropy_anchor.quantile: must be in [0, 1)"),
+        ("{topk: 5}", "entropy_anchor: unknown key 'topk'; did you mean 'top_k'?"),
+    ],
+)
 def test_bad_anchor_settings_are_refused(value, message):
     with pytest.raises(Exception) as err:
         build_config(None, [f"entropy_anchor={value}"])

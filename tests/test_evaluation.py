@@ -16,6 +16,7 @@ TINY_EVAL = ["--set", "eval_size=3", "--set", "max_new_tokens=5", "--set", "trai
 
 # ----- estimators -----------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("n", [1, 3, 5, 6])
 def test_pass_at_k_equals_enumeration_of_k_subsets(n):
     for c in range(n + 1):
@@ -70,7 +71,7 @@ def test_best_of_n_with_binary_scores_is_exact_and_below_the_bound():
     # picking by the verdict itself: accuracy = 1 − (1 − p)^N, KL = P log(P/p) + (1−P) log((1−P)/(1−p))
     scores = [1.0] * 3 + [0.0] * 7
     accuracy, kl = metrics.best_of_n(scores, scores, 4)
-    p, big = 0.3, 1 - 0.7 ** 4
+    p, big = 0.3, 1 - 0.7**4
     assert accuracy == pytest.approx(big)
     assert kl == pytest.approx(big * math.log(big / p) + (1 - big) * math.log((1 - big) / (1 - p)))
     assert kl < math.log(4) - 3 / 4
@@ -81,16 +82,33 @@ def _rows(prompts):
     rows = []
     for i, (prompt, samples) in enumerate(prompts):
         for answer, passed, ids in samples:
-            rows.append({"prompt_id": i, "prompt": prompt, "answer": "x", "completion": f"so {answer}",
-                         "completion_ids": ids, "reward": float(passed), "passed": passed, "final_answer": answer,
-                         "finished": True, "length": len(ids), "logprob_sum": -float(len(ids)),
-                         "entropy_sum": 0.5 * len(ids), "kl_sum": None})
+            rows.append(
+                {
+                    "prompt_id": i,
+                    "prompt": prompt,
+                    "answer": "x",
+                    "completion": f"so {answer}",
+                    "completion_ids": ids,
+                    "reward": float(passed),
+                    "passed": passed,
+                    "final_answer": answer,
+                    "finished": True,
+                    "length": len(ids),
+                    "logprob_sum": -float(len(ids)),
+                    "entropy_sum": 0.5 * len(ids),
+                    "kl_sum": None,
+                }
+            )
     return rows
 
 
 def test_summarize_on_hand_made_samples():
-    rows = _rows([("p0", [("3", True, [1, 2]), ("3", True, [1, 2]), ("4", False, [5, 6])]),
-                  ("p1", [("9", False, [7]), ("8", False, [7]), ("8", False, [8])])])
+    rows = _rows(
+        [
+            ("p0", [("3", True, [1, 2]), ("3", True, [1, 2]), ("4", False, [5, 6])]),
+            ("p1", [("9", False, [7]), ("8", False, [7]), ("8", False, [8])]),
+        ]
+    )
     out = evaluation.summarize({"task": "t"}, rows, ks=[1, 3])
     assert out["pass@1"] == pytest.approx((2 / 3 + 0) / 2)
     assert out["pass@3"] == pytest.approx(0.5) and out["coverage"] == 0.5
@@ -112,19 +130,48 @@ def test_summarize_refuses_k_above_n_and_unequal_groups():
 
 # ----- the commands on the tiny model ----------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def tiny_eval(tmp_path_factory):
     out = tmp_path_factory.mktemp("eval")
-    assert main(["eval", "--model", "tiny", "--n", "4", "--reference", "tiny", "--best-of", "1,4",
-                 "--out", str(out), *TINY_EVAL]) == 0
+    assert (
+        main(
+            [
+                "eval",
+                "--model",
+                "tiny",
+                "--n",
+                "4",
+                "--reference",
+                "tiny",
+                "--best-of",
+                "1,4",
+                "--out",
+                str(out),
+                *TINY_EVAL,
+            ]
+        )
+        == 0
+    )
     return out
 
 
 def test_eval_writes_json_samples_and_plot(tiny_eval):
     result = json.loads((tiny_eval / "eval.json").read_text())
     assert result["ks"] == [1, 2, 4] and result["n"] == 4 and result["prompts"] == 3
-    for key in ("pass@1", "pass@4", "pass@4_ci", "maj@4", "mean@n", "coverage", "distinct_2",
-                "distinct_correct_answers", "distinct_correct_completions", "entropy", "length"):
+    for key in (
+        "pass@1",
+        "pass@4",
+        "pass@4_ci",
+        "maj@4",
+        "mean@n",
+        "coverage",
+        "distinct_2",
+        "distinct_correct_answers",
+        "distinct_correct_completions",
+        "entropy",
+        "length",
+    ):
         assert key in result
     assert result["kl"] == pytest.approx(0.0, abs=1e-6)  # the reference is the same tiny model
     assert result["entropy"] > 5  # a random model over a 49k vocabulary
@@ -143,19 +190,42 @@ def test_eval_recomputes_from_samples_without_a_model(tiny_eval, tmp_path, capsy
 
 def test_eval_of_a_run_directory_uses_its_latest_checkpoint_and_task(tmp_path):
     run = tmp_path / "run"
-    assert main(["train", "--set", "model=tiny", "--set", "steps=1", "--set", "prompts_per_step=2",
-                 "--set", "group_size=2", "--set", "eval_samples=2", "--set", f"output_dir={run}",
-                 "--set", "inspect_every=0", *TINY_EVAL]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--set",
+                "model=tiny",
+                "--set",
+                "steps=1",
+                "--set",
+                "prompts_per_step=2",
+                "--set",
+                "group_size=2",
+                "--set",
+                "eval_samples=2",
+                "--set",
+                f"output_dir={run}",
+                "--set",
+                "inspect_every=0",
+                *TINY_EVAL,
+            ]
+        )
+        == 0
+    )
     assert main(["eval", "--model", str(run), "--n", "2"]) == 0
     result = json.loads((run / "eval" / "eval.json").read_text())
     assert result["meta"]["model"].endswith("step-1") and result["prompts"] == 3
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--model", "tiny", "--n", "4", "--k", "1,8"], "cannot exceed n = 4"),
-    (["--model", "tiny", "--n", "2", "--set", "eval_size=0"], "config key 'eval_size' must be ≥ 1, got 0"),
-    (["--model", "tiny", "--n", "0"], "--n must be at least 1"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--model", "tiny", "--n", "4", "--k", "1,8"], "cannot exceed n = 4"),
+        (["--model", "tiny", "--n", "2", "--set", "eval_size=0"], "config key 'eval_size' must be ≥ 1, got 0"),
+        (["--model", "tiny", "--n", "0"], "--n must be at least 1"),
+    ],
+)
 def test_eval_bad_input(args, message, tmp_path, capsys):
     assert main(["eval", *args, "--out", str(tmp_path), "--set", "max_new_tokens=2", "--set", "train_size=20"]) == 2
     assert message in capsys.readouterr().err

@@ -7,12 +7,12 @@ import math
 import pytest
 import torch
 
-from divrl import divergences, targets
+from divergence_cases import POINTWISE_CASES
+from divrl import divergences
 from divrl.chunked import Head
-from divrl.objectives import ObjectiveInputs, objective_loss
+from divrl.objectives import ObjectiveInputs
 from divrl.rowwise import ModelOutputs
 from divrl.spec import parse_objective, parse_target
-from divergence_cases import POINTWISE_CASES
 
 N, V, H = 6, 9, 4
 TARGETS = {
@@ -46,13 +46,17 @@ def _head(gen, hidden_size, zero_tokens):
 def _problem(support):
     gen = torch.Generator().manual_seed(0)
     policy_hidden = torch.randn(N, H, dtype=torch.float64, generator=gen).requires_grad_()
-    policy_head = Head(torch.randn(V, H, dtype=torch.float64, generator=gen).requires_grad_(),
-                       bias=torch.randn(V, dtype=torch.float64, generator=gen), scale=1.3, temperature=0.8)
+    policy_head = Head(
+        torch.randn(V, H, dtype=torch.float64, generator=gen).requires_grad_(),
+        bias=torch.randn(V, dtype=torch.float64, generator=gen),
+        scale=1.3,
+        temperature=0.8,
+    )
     ref_zeros, teacher_zeros = SUPPORTS[support]
-    models = {"reference": ModelOutputs(torch.randn(N, H, dtype=torch.float64, generator=gen),
-                                        _head(gen, H, ref_zeros)),
-              "teacher": ModelOutputs(torch.randn(N, 3, dtype=torch.float64, generator=gen),
-                                      _head(gen, 3, teacher_zeros))}
+    models = {
+        "reference": ModelOutputs(torch.randn(N, H, dtype=torch.float64, generator=gen), _head(gen, H, ref_zeros)),
+        "teacher": ModelOutputs(torch.randn(N, 3, dtype=torch.float64, generator=gen), _head(gen, 3, teacher_zeros)),
+    }
     tokens = torch.randint(0, V, (N,), generator=gen)
     advantages = torch.randn(N, dtype=torch.float64, generator=gen)
     return policy_hidden, policy_head, models, tokens, advantages
@@ -70,13 +74,25 @@ def _full_divergence(name, params, target_spec, policy_hidden, policy_head, mode
 
 
 def _objective_divergence(name, params, target_spec, policy_hidden, policy_head, models, tokens, advantages):
-    spec = parse_objective({"policy_gradient": False, "teacher": "t", "terms": [
-        {"divergence": name, "params": params, "target": target_spec, "coef": 1.0}]})
-    inputs = ObjectiveInputs(policy=ModelOutputs(policy_hidden, policy_head), tokens=tokens,
-                             rows=torch.arange(N), advantages=advantages, rewards=REWARDS,
-                             group_pass_rate=torch.zeros(N), token_scale=torch.ones(N, dtype=torch.float64),
-                             models=models)
+    spec = parse_objective(
+        {
+            "policy_gradient": False,
+            "teacher": "t",
+            "terms": [{"divergence": name, "params": params, "target": target_spec, "coef": 1.0}],
+        }
+    )
+    inputs = ObjectiveInputs(
+        policy=ModelOutputs(policy_hidden, policy_head),
+        tokens=tokens,
+        rows=torch.arange(N),
+        advantages=advantages,
+        rewards=REWARDS,
+        group_pass_rate=torch.zeros(N),
+        token_scale=torch.ones(N, dtype=torch.float64),
+        models=models,
+    )
     from divrl import objectives
+
     term = spec.terms[0]
     return objectives._exact(term, inputs, objectives._models(inputs), None)
 
@@ -95,9 +111,13 @@ def test_exact_divergence_to_any_target_equals_full_logits(name, params, target,
     if not finite.any():
         return
     params_to_check = (policy_hidden, policy_head.weight)
-    grads = [torch.autograd.grad((weights * v)[finite].sum(), params_to_check)
-             for v in (_objective_divergence(name, params, TARGETS[target], *problem),
-                       _full_divergence(name, params, TARGETS[target], *problem))]
+    grads = [
+        torch.autograd.grad((weights * v)[finite].sum(), params_to_check)
+        for v in (
+            _objective_divergence(name, params, TARGETS[target], *problem),
+            _full_divergence(name, params, TARGETS[target], *problem),
+        )
+    ]
     for g, e in zip(*grads):
         torch.testing.assert_close(g, e, rtol=1e-6, atol=1e-9)
 
@@ -105,8 +125,12 @@ def test_exact_divergence_to_any_target_equals_full_logits(name, params, target,
 @pytest.mark.parametrize("target", ["reference", "extrapolate", "filter"])
 def test_sinkhorn_topk_through_the_row_path_equals_full_logits(target):
     problem = _problem("full")
-    params = {"cost": torch.rand(V, V, dtype=torch.float64, generator=torch.Generator().manual_seed(3)),
-              "k": 3, "epsilon": 0.5, "iterations": 50}
+    params = {
+        "cost": torch.rand(V, V, dtype=torch.float64, generator=torch.Generator().manual_seed(3)),
+        "k": 3,
+        "epsilon": 0.5,
+        "iterations": 50,
+    }
     got = _objective_divergence("sinkhorn_topk", params, TARGETS[target], *problem)
     expected = _full_divergence("sinkhorn_topk", params, TARGETS[target], *problem)
     torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-9)
@@ -127,8 +151,14 @@ def test_row_path_keeps_only_one_chunk_of_vocabulary_tensors_alive():
 
     target = parse_target(TARGETS["extrapolate"], "target")
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        value = rowwise.divergence_to_target(divergences.get("forward_kl"), target,
-                                             ModelOutputs(policy_hidden, policy_head), models, tokens,
-                                             advantages, chunk_rows=2)
+        value = rowwise.divergence_to_target(
+            divergences.get("forward_kl"),
+            target,
+            ModelOutputs(policy_hidden, policy_head),
+            models,
+            tokens,
+            advantages,
+            chunk_rows=2,
+        )
     assert value.shape == (N,)
     assert max(saved) < N * V, "a full (N, V) tensor was kept for backward"

@@ -10,8 +10,19 @@ from divrl.trainer import Trainer
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = sorted((ROOT / "configs" / "examples").glob("*.yaml"))
-TINY = ["model=tiny", "teacher=tiny", "steps=1", "prompts_per_step=2", "group_size=4", "max_new_tokens=6",
-        "eval_size=2", "eval_samples=2", "train_size=20", "lr=1e-3", "eval_every=0"]
+TINY = [
+    "model=tiny",
+    "teacher=tiny",
+    "steps=1",
+    "prompts_per_step=2",
+    "group_size=4",
+    "max_new_tokens=6",
+    "eval_size=2",
+    "eval_samples=2",
+    "train_size=20",
+    "lr=1e-3",
+    "eval_every=0",
+]
 
 
 def test_the_readme_shows_every_example_verbatim():

@@ -6,7 +6,6 @@ the restructure) on these exact configs. k1-in-the-reward with group_norm advant
 its advantage changed on purpose (the penalty is no longer divided by the reward's std)."""
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
@@ -28,11 +27,26 @@ CASES = {
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_metrics_equal_those_recorded_before_the_restructure(tmp_path, monkeypatch, case):
     monkeypatch.syspath_prepend(str(GOLDEN))
-    cfg = build_config(None, [
-        "model=tiny", "steps=2", f"output_dir={tmp_path / 'run'}", "prompts_per_step=2", "group_size=4",
-        "max_new_tokens=6", f"task={GOLDEN / 'golden.jsonl'}", "verifier=golden_verifier:letter_share",
-        "eval_size=4", "eval_samples=2", "train_size=50", "lr=1e-3", "checkpoint_every=2",
-        "eval_every=0", *CASES[case]])
+    cfg = build_config(
+        None,
+        [
+            "model=tiny",
+            "steps=2",
+            f"output_dir={tmp_path / 'run'}",
+            "prompts_per_step=2",
+            "group_size=4",
+            "max_new_tokens=6",
+            f"task={GOLDEN / 'golden.jsonl'}",
+            "verifier=golden_verifier:letter_share",
+            "eval_size=4",
+            "eval_samples=2",
+            "train_size=50",
+            "lr=1e-3",
+            "checkpoint_every=2",
+            "eval_every=0",
+            *CASES[case],
+        ],
+    )
     Trainer(cfg, log=lambda *_: None).run()
     rows = [r for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if "reward" in r]
     assert len(rows) == len(RECORDED[case]) == 2

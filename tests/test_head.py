@@ -12,13 +12,24 @@ import transformers
 from divrl import chunked
 from divrl.models import ModelLoadError, output_head, verify_head
 
-COMMON = dict(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-              num_key_value_heads=2, max_position_embeddings=64, bos_token_id=1, eos_token_id=2, pad_token_id=0,
-              initializer_range=0.2)  # logits of a few nats, so that every head feature matters
+COMMON = dict(
+    vocab_size=97,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=64,
+    bos_token_id=1,
+    eos_token_id=2,
+    pad_token_id=0,
+    initializer_range=0.2,
+)  # logits of a few nats, so that every head feature matters
 MODELS = {
     "phi": lambda: transformers.PhiForCausalLM(transformers.PhiConfig(**COMMON)),
     "gemma2": lambda: transformers.Gemma2ForCausalLM(
-        transformers.Gemma2Config(**COMMON, head_dim=8, final_logit_softcapping=2.0)),
+        transformers.Gemma2Config(**COMMON, head_dim=8, final_logit_softcapping=2.0)
+    ),
     "granite": lambda: transformers.GraniteForCausalLM(transformers.GraniteConfig(**COMMON, logits_scaling=4.0)),
     "cohere": lambda: transformers.CohereForCausalLM(transformers.CohereConfig(**COMMON, logit_scale=0.25)),
     "llama": lambda: transformers.LlamaForCausalLM(transformers.LlamaConfig(**COMMON)),

@@ -19,22 +19,46 @@ from divrl import inspect_page
 LABEL = "KL(πθ ‖ π_ref)"
 SCRIPT_TOKEN = "</script><script>window.__pwned = 1</script>"
 STEP_10 = [  # reward order 0, 2, 1; total-divergence order 1, 0, 2
-    {"prompt": "What is 3 + 4?", "completion": "The answer is 7.", "reward": 1.0, "passed": True,
-     "advantage": 0.71, "tokens": ["The", " answer", " is", " 7", "."],
-     "divergence": [0.01, 0.002, 0.0, 0.3, 0.05], "entropy": [1.2, 0.4, 0.1, 2.0, 0.3]},
-    {"prompt": "Say <b>\nthen stop", "completion": None, "reward": 0.0, "passed": False,
-     "advantage": -0.71, "tokens": ["<b>&", "\n", " ", "x\ny", SCRIPT_TOKEN, ""],
-     "divergence": [0.9, 0.1, 0.0, 0.5, 1.2, 0.0], "entropy": [0.2, 0.3, 0.0, 1.0, 0.5, 0.1]},
-    {"prompt": "What is 3 + 5?", "completion": "Maybe 8", "reward": 0.5, "passed": False,
-     "advantage": 0.0, "tokens": ["Maybe", " 8"], "divergence": [0.2, 0.1], "entropy": [0.5, None]},
+    {
+        "prompt": "What is 3 + 4?",
+        "completion": "The answer is 7.",
+        "reward": 1.0,
+        "passed": True,
+        "advantage": 0.71,
+        "tokens": ["The", " answer", " is", " 7", "."],
+        "divergence": [0.01, 0.002, 0.0, 0.3, 0.05],
+        "entropy": [1.2, 0.4, 0.1, 2.0, 0.3],
+    },
+    {
+        "prompt": "Say <b>\nthen stop",
+        "completion": None,
+        "reward": 0.0,
+        "passed": False,
+        "advantage": -0.71,
+        "tokens": ["<b>&", "\n", " ", "x\ny", SCRIPT_TOKEN, ""],
+        "divergence": [0.9, 0.1, 0.0, 0.5, 1.2, 0.0],
+        "entropy": [0.2, 0.3, 0.0, 1.0, 0.5, 0.1],
+    },
+    {
+        "prompt": "What is 3 + 5?",
+        "completion": "Maybe 8",
+        "reward": 0.5,
+        "passed": False,
+        "advantage": 0.0,
+        "tokens": ["Maybe", " 8"],
+        "divergence": [0.2, 0.1],
+        "entropy": [0.5, None],
+    },
 ]
 
 
 def _write_run(run: Path, label=LABEL, step_10=STEP_10, metrics=True) -> Path:
     (run / "inspect").mkdir(parents=True)
     step_10 = [dict(s, completion="".join(s["tokens"])) if s["completion"] is None else s for s in step_10]
-    records = {10: {"step": 10, "divergence": label, "samples": step_10},
-               20: {"step": 20, "divergence": label, "samples": step_10[:1]}}
+    records = {
+        10: {"step": 10, "divergence": label, "samples": step_10},
+        20: {"step": 20, "divergence": label, "samples": step_10[:1]},
+    }
     for step, record in records.items():
         (run / "inspect" / f"step-{step}.json").write_text(json.dumps(record))
     if metrics:
@@ -84,11 +108,10 @@ def test_step_and_out(run_dir, tmp_path, capsys):
     assert [s["dt"] for s in data["samples"]] == pytest.approx([0.362, 2.7, 0.3])
     assert data["samples"][2]["e"] == [0.5, None] and data["samples"][2]["em"] == 0.5
     assert "KL(πθ ‖ π_ref)" in page  # header label
-    for select, options in (("view", ["divergence", "entropy", "advantage"]),
-                            ("sort", ["reward", "divergence"])):
+    for select, options in (("view", ["divergence", "entropy", "advantage"]), ("sort", ["reward", "divergence"])):
         block = re.search(rf'<select id="{select}">(.*?)</select>', page).group(1)
         values = re.findall(r'value="([^"]+)"', block)
-        assert values[:len(options)] == options and " disabled" not in block
+        assert values[: len(options)] == options and " disabled" not in block
     # curves: reward (with eval_pass@1), KL and entropy, the step marked and its values given
     assert page.count('<svg class="curve"') == 3 and page.count("<polyline") == 4
     assert "reward = 0.5 at step 10" in page and "eval_pass@1 = 0.4 at step 10" in page
@@ -159,8 +182,7 @@ def test_errors(tmp_path, run_dir, capsys):
     bad.write_text('{"step": 10, "samples": [')
     err = _error(capsys, run_dir, "--step", 10)
     assert str(bad) in err and "malformed JSON" in err
-    bad.write_text(json.dumps({"step": 10, "divergence": LABEL,
-                               "samples": [dict(STEP_10[0], divergence=[0.1])]}))
+    bad.write_text(json.dumps({"step": 10, "divergence": LABEL, "samples": [dict(STEP_10[0], divergence=[0.1])]}))
     err = _error(capsys, run_dir, "--step", 10)
     assert str(bad) in err and "sample 0" in err and "divergence" in err
     bad.write_text(json.dumps({"step": 11, "divergence": LABEL, "samples": []}))
@@ -173,6 +195,7 @@ def test_errors(tmp_path, run_dir, capsys):
 
 
 # --------------------------------------------------------------------------- in a browser -----
+
 
 @pytest.fixture(scope="module")
 def browser():
@@ -196,8 +219,9 @@ def pages(tmp_path_factory):
     """{"full": page of step 10, "no_ref": the same without a reference}."""
     root = tmp_path_factory.mktemp("inspect")
     full = inspect_page.write_page(_write_run(root / "run"), step=10)
-    no_ref = inspect_page.write_page(_write_run(
-        root / "no-ref", label=None, step_10=[dict(s, divergence=None) for s in STEP_10]), step=10)
+    no_ref = inspect_page.write_page(
+        _write_run(root / "no-ref", label=None, step_10=[dict(s, divergence=None) for s in STEP_10]), step=10
+    )
     return {"full": full, "no_ref": no_ref}
 
 
@@ -216,13 +240,17 @@ def _select(driver, select_id: str, value: str) -> None:
 
 def _order(driver) -> list[int]:
     return driver.execute_script(
-        "return [...document.querySelectorAll('#samples > .sample')].map(e => +e.dataset.index)")
+        "return [...document.querySelectorAll('#samples > .sample')].map(e => +e.dataset.index)"
+    )
 
 
 def _background(driver, sample: int, token: int) -> str:
     return driver.execute_script(
         "return getComputedStyle(document.querySelectorAll(`#sample-${arguments[0]} .tok`)"
-        "[arguments[1]]).backgroundColor", sample, token)
+        "[arguments[1]]).backgroundColor",
+        sample,
+        token,
+    )
 
 
 def test_page_renders(browser, pages):
@@ -233,8 +261,7 @@ def test_page_renders(browser, pages):
     assert len(browser.find_elements(By.CSS_SELECTOR, "span.tok")) == 5 + 6 + 2
     assert browser.execute_script("return window.__pwned === undefined")
     assert browser.find_elements(By.CSS_SELECTOR, "#samples b") == []
-    texts = browser.execute_script(
-        "return [...document.querySelectorAll('#sample-1 .tok')].map(t => t.textContent)")
+    texts = browser.execute_script("return [...document.querySelectorAll('#sample-1 .tok')].map(t => t.textContent)")
     assert texts == ["<b>&", "\n", " ", "x\ny", SCRIPT_TOKEN, ""]
     newline = browser.find_elements(By.CSS_SELECTOR, "#sample-1 .tok")[1]
     assert newline.find_elements(By.CSS_SELECTOR, ".nl")  # the ↵ marker
@@ -245,12 +272,17 @@ def test_page_renders(browser, pages):
     title = token.get_attribute("title")
     assert '" 7"' in title and f"{LABEL}: 0.3 nats" in title and "entropy: 2 nats" in title
     summary = browser.find_element(By.CSS_SELECTOR, "#sample-1 .summary").text
-    for part in ("reward 0", "failed", "advantage -0.71", "divergence total 2.7, mean 0.45",
-                 "entropy mean 0.35", "6 tokens"):
+    for part in (
+        "reward 0",
+        "failed",
+        "advantage -0.71",
+        "divergence total 2.7, mean 0.45",
+        "entropy mean 0.35",
+        "6 tokens",
+    ):
         assert part in summary
     # the line break of "x\ny" puts "y" below "x"; the whitespace-only token is outlined
-    assert browser.execute_script(
-        "return document.querySelectorAll('#sample-1 .tok')[3].getClientRects().length") == 2
+    assert browser.execute_script("return document.querySelectorAll('#sample-1 .tok')[3].getClientRects().length") == 2
     assert "ws" in browser.find_elements(By.CSS_SELECTOR, "#sample-1 .tok")[2].get_attribute("class")
 
 
@@ -298,8 +330,9 @@ def _png_size(path: Path) -> tuple[int, int]:
 
 
 def test_screenshot(browser, pages, tmp_path):
-    png = inspect_page.screenshot(pages["full"], tmp_path / "shared.png", width=1000, driver=browser,
-                                  view="entropy", sort="divergence")
+    png = inspect_page.screenshot(
+        pages["full"], tmp_path / "shared.png", width=1000, driver=browser, view="entropy", sort="divergence"
+    )
     width, height = _png_size(png)
     assert width == 1000 and 300 < height <= 2400
     assert _order(browser) == [1, 0, 2]
@@ -314,10 +347,34 @@ def test_a_training_run_records_what_the_page_shows(tmp_path, capsys):
     from divrl.cli import main
 
     run = tmp_path / "run"
-    assert main(["train", "--set", "model=tiny", "--set", "steps=2", "--set", "prompts_per_step=2",
-                 "--set", "group_size=2", "--set", "max_new_tokens=4", "--set", "eval_size=2",
-                 "--set", "eval_samples=2", "--set", "train_size=20", "--set", "inspect_every=2",
-                 "--set", f"output_dir={run}"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--set",
+                "model=tiny",
+                "--set",
+                "steps=2",
+                "--set",
+                "prompts_per_step=2",
+                "--set",
+                "group_size=2",
+                "--set",
+                "max_new_tokens=4",
+                "--set",
+                "eval_size=2",
+                "--set",
+                "eval_samples=2",
+                "--set",
+                "train_size=20",
+                "--set",
+                "inspect_every=2",
+                "--set",
+                f"output_dir={run}",
+            ]
+        )
+        == 0
+    )
     assert inspect_page.recorded_steps(run).keys() == {2}
     record = json.loads((run / "inspect" / "step-2.json").read_text())
     assert record["divergence"] == "KL(πθ ‖ π_ref)" and len(record["samples"]) == 4

@@ -216,8 +216,7 @@ def test_soft_bellman_equals_the_sequence_level_tilt():
     """Token-level soft Bellman backup reproduces C1 applied to whole sequences (V=3, T=3)."""
     gen = torch.Generator().manual_seed(6)
     vocab, length, beta = 3, 3, 0.4
-    ref = [torch.randn((vocab,) * (t + 1), generator=gen, dtype=DT).log_softmax(-1)
-           for t in range(length)]
+    ref = [torch.randn((vocab,) * (t + 1), generator=gen, dtype=DT).log_softmax(-1) for t in range(length)]
     reward = torch.rand((vocab,) * length, generator=gen, dtype=DT)
     ref_joint = lab.joint_logprobs(ref)
     assert ref_joint.logsumexp(tuple(range(length))).item() == pytest.approx(0.0, abs=1e-12)
@@ -228,8 +227,7 @@ def test_soft_bellman_equals_the_sequence_level_tilt():
 
 def test_adam_solver_also_reaches_the_tilt(problem):
     ref_logprobs, reward = problem
-    numerical = lab.regularized_optimum(ref_logprobs, reward, 0.5, "reverse_kl", method="adam",
-                                        steps=1500)
+    numerical = lab.regularized_optimum(ref_logprobs, reward, 0.5, "reverse_kl", method="adam", steps=1500)
     assert tv(numerical, lab.tilted(ref_logprobs, reward, 0.5)) < 1e-4
 
 
@@ -252,8 +250,23 @@ def _table(output):
 def test_lab_command_random_problem(tmp_path, capsys):
     out = tmp_path / "frontier.png"
     names = ["reverse_kl", "forward_kl", "chi2", "hellinger"]
-    args = _lab_args(["--vocab", "6", "--seed", "3", "--betas", "0.1", "1", "--max-n", "8",
-                      "--divergences", *names, "--out", str(out)])
+    args = _lab_args(
+        [
+            "--vocab",
+            "6",
+            "--seed",
+            "3",
+            "--betas",
+            "0.1",
+            "1",
+            "--max-n",
+            "8",
+            "--divergences",
+            *names,
+            "--out",
+            str(out),
+        ]
+    )
     assert args.func(args) == 0
     rows = _table(capsys.readouterr().out)
     assert set(rows) == {(beta, name) for beta in (0.1, 1.0) for name in names}
@@ -276,9 +289,31 @@ def test_lab_command_random_problem(tmp_path, capsys):
 
 def test_lab_command_given_problem_off_support(tmp_path, capsys):
     out = tmp_path / "given.png"
-    args = _lab_args(["--rewards", "0", "0.3", "0.6", "1", "2", "--ref", "4", "3", "2", "1", "0",
-                      "--betas", "0.2", "--divergences", "reverse_kl", "forward_kl", "--max-n", "4",
-                      "--out", str(out)])
+    args = _lab_args(
+        [
+            "--rewards",
+            "0",
+            "0.3",
+            "0.6",
+            "1",
+            "2",
+            "--ref",
+            "4",
+            "3",
+            "2",
+            "1",
+            "0",
+            "--betas",
+            "0.2",
+            "--divergences",
+            "reverse_kl",
+            "forward_kl",
+            "--max-n",
+            "4",
+            "--out",
+            str(out),
+        ]
+    )
     assert args.func(args) == 0
     rows = _table(capsys.readouterr().out)
     assert rows[0.2, "forward_kl"][1] == math.inf  # mass on the off-support token: KL(p‖ref) = ∞
@@ -287,8 +322,7 @@ def test_lab_command_given_problem_off_support(tmp_path, capsys):
 
 
 def test_lab_command_rejects_bad_input(tmp_path, capsys):
-    args = _lab_args(["--rewards", "0", "1", "--ref", "1", "1", "1",
-                      "--out", str(tmp_path / "x.png")])
+    args = _lab_args(["--rewards", "0", "1", "--ref", "1", "1", "1", "--out", str(tmp_path / "x.png")])
     assert args.func(args) == 2
     assert "--ref has 3 values" in capsys.readouterr().err
     args = _lab_args(["--divergences", "nope", "--out", str(tmp_path / "x.png")])

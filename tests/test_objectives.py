@@ -66,16 +66,20 @@ def test_reward_penalty_is_centred_after_the_reward_is_normalized():
     expected = group_advantages(rewards, 4) - 0.5 * (kl - kl.mean())
     torch.testing.assert_close(objectives.advantages(spec, rewards, 0.5 * kl, 4), expected)
     mean_only = parse_objective({"advantage": "mean_only"})  # = advantage of r − P
-    torch.testing.assert_close(objectives.advantages(mean_only, rewards, kl, 4),
-                               group_advantages(rewards - kl, 4, normalize=False))
+    torch.testing.assert_close(
+        objectives.advantages(mean_only, rewards, kl, 4), group_advantages(rewards - kl, 4, normalize=False)
+    )
 
 
-@pytest.mark.parametrize("aggregation, expected", [
-    ("token_mean", [1 / 6] * 6),
-    ("seq_mean_token_mean", [1 / 4] * 2 + [1 / 8] * 4),
-    ("seq_mean_token_sum", [1 / 2] * 6),
-    ("seq_mean_token_sum_norm", [1 / 20] * 6),  # B = 2, C = 10
-])
+@pytest.mark.parametrize(
+    "aggregation, expected",
+    [
+        ("token_mean", [1 / 6] * 6),
+        ("seq_mean_token_mean", [1 / 4] * 2 + [1 / 8] * 4),
+        ("seq_mean_token_sum", [1 / 2] * 6),
+        ("seq_mean_token_sum_norm", [1 / 20] * 6),  # B = 2, C = 10
+    ],
+)
 def test_token_scale_of_each_aggregation(aggregation, expected):
     spec = parse_objective({"loss_aggregation": aggregation, "loss_normalizer": 10})
     torch.testing.assert_close(objectives.token_scale(spec, [2, 4]), torch.tensor(expected))
@@ -86,19 +90,30 @@ def _inputs(old_logprobs=None, models=None):
     n, v, h = 5, 11, 3
     hidden = torch.randn(n, h, generator=gen, dtype=torch.float64).requires_grad_()
     head = Head(torch.randn(v, h, generator=gen, dtype=torch.float64))
-    ref = ModelOutputs(torch.randn(n, h, generator=gen, dtype=torch.float64),
-                       Head(torch.randn(v, h, generator=gen, dtype=torch.float64)))
+    ref = ModelOutputs(
+        torch.randn(n, h, generator=gen, dtype=torch.float64),
+        Head(torch.randn(v, h, generator=gen, dtype=torch.float64)),
+    )
     return objectives.ObjectiveInputs(
-        policy=ModelOutputs(hidden, head), tokens=torch.randint(0, v, (n,), generator=gen),
-        rows=torch.tensor([0, 0, 1, 1, 1]), advantages=torch.tensor([1.0, -0.5], dtype=torch.float64),
-        rewards=torch.tensor([1.0, 0.0]), group_pass_rate=torch.tensor([0.5, 0.5]),
-        token_scale=torch.full((n,), 0.2, dtype=torch.float64), old_logprobs=old_logprobs,
-        models={"reference": ref} if models is None else models)
+        policy=ModelOutputs(hidden, head),
+        tokens=torch.randint(0, v, (n,), generator=gen),
+        rows=torch.tensor([0, 0, 1, 1, 1]),
+        advantages=torch.tensor([1.0, -0.5], dtype=torch.float64),
+        rewards=torch.tensor([1.0, 0.0]),
+        group_pass_rate=torch.tensor([0.5, 0.5]),
+        token_scale=torch.full((n,), 0.2, dtype=torch.float64),
+        old_logprobs=old_logprobs,
+        models={"reference": ref} if models is None else models,
+    )
 
 
 def test_sampled_estimator_in_the_loss_is_importance_weighted_by_the_detached_ratio():
-    spec = parse_objective({"policy_gradient": False, "terms": [
-        {"divergence": "reverse_kl", "target": "reference", "estimator": "k2", "coef": 2.0}]})
+    spec = parse_objective(
+        {
+            "policy_gradient": False,
+            "terms": [{"divergence": "reverse_kl", "target": "reference", "estimator": "k2", "coef": 2.0}],
+        }
+    )
     on_policy = _inputs()
     lp = objectives._model_logprobs(on_policy.policy, on_policy.tokens)
     ref_lp = objectives._model_logprobs(on_policy.models["reference"], on_policy.tokens)
@@ -118,20 +133,32 @@ def test_sampled_estimator_in_the_loss_is_importance_weighted_by_the_detached_ra
 
 
 def test_masks_and_weights_apply_per_term_and_are_logged():
-    spec = parse_objective({"pg_mask": {"entropy_quantile": {"top": 0.4}},
-                            "terms": [{"divergence": "forward_kl", "target": "reference", "coef": 0.5,
-                                       "weight": {"asymmetric": {"positive": 1.0, "negative": 0.0}}}]})
+    spec = parse_objective(
+        {
+            "pg_mask": {"entropy_quantile": {"top": 0.4}},
+            "terms": [
+                {
+                    "divergence": "forward_kl",
+                    "target": "reference",
+                    "coef": 0.5,
+                    "weight": {"asymmetric": {"positive": 1.0, "negative": 0.0}},
+                }
+            ],
+        }
+    )
     inputs = _inputs()
     out = objectives.objective_loss(spec, inputs)
     assert out.token_sums["pg_masked_fraction"] == 3  # 2 of 5 tokens kept
     assert out.token_sums["forward_kl_to_reference_mean_weight"] == 2  # only completion 0 (A > 0)
-    lp, entropy = (t.detach() for t in objectives.chunked.logprob_entropy(
-        inputs.policy.hidden, inputs.policy.head, inputs.tokens))
+    lp, entropy = (
+        t.detach() for t in objectives.chunked.logprob_entropy(inputs.policy.hidden, inputs.policy.head, inputs.tokens)
+    )
     keep = (entropy >= entropy.topk(2).values[-1]).double()
     adv = inputs.advantages[inputs.rows]
     ref = inputs.models["reference"]
-    fkl = objectives.chunked.divergence("forward_kl", inputs.policy.hidden.detach(), inputs.policy.head,
-                                        ref.hidden, ref.head)
+    fkl = objectives.chunked.divergence(
+        "forward_kl", inputs.policy.hidden.detach(), inputs.policy.head, ref.hidden, ref.head
+    )
     expected_pg = (0.2 * keep * -adv).sum()  # ratio 1 on-policy
     expected_kl = 0.5 * (0.2 * torch.tensor([1.0, 1, 0, 0, 0], dtype=torch.float64) * fkl).sum()
     assert out.loss_parts["pg"] == pytest.approx(expected_pg.item(), rel=1e-10)
@@ -140,7 +167,9 @@ def test_masks_and_weights_apply_per_term_and_are_logged():
     assert metrics["pg_masked_fraction"] == pytest.approx(0.6)
     assert metrics["pg_loss"] == out.loss_parts["pg"]
     total = abs(out.loss_parts["pg"]) + abs(out.loss_parts["forward_kl_to_reference"])
-    assert metrics["forward_kl_to_reference_share"] == pytest.approx(abs(out.loss_parts["forward_kl_to_reference"]) / total)
+    assert metrics["forward_kl_to_reference_share"] == pytest.approx(
+        abs(out.loss_parts["forward_kl_to_reference"]) / total
+    )
     assert metrics["loss"] == pytest.approx(out.loss.item())
     assert metrics["kl"] == metrics["reverse_kl_to_reference"] >= 0  # monitored, not in the loss
     assert not math.isnan(metrics["entropy"])

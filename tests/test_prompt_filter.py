@@ -6,8 +6,17 @@ from divrl.trainer import Trainer
 
 
 def _trainer(tmp_path, say_task, answers, *overrides):
-    args = ["model=tiny", "prompts_per_step=4", "group_size=2", "max_new_tokens=4", "eval_size=2",
-            "eval_samples=1", *say_task(answers, "even_solved"), f"output_dir={tmp_path / 'run'}", *overrides]
+    args = [
+        "model=tiny",
+        "prompts_per_step=4",
+        "group_size=2",
+        "max_new_tokens=4",
+        "eval_size=2",
+        "eval_samples=1",
+        *say_task(answers, "even_solved"),
+        f"output_dir={tmp_path / 'run'}",
+        *overrides,
+    ]
     return Trainer(build_config(None, args, recipe="self"), log=lambda *_: None)
 
 
@@ -15,7 +24,9 @@ def test_greedy_unsolved_trains_only_the_prompts_the_greedy_answer_gets_wrong(tm
     trainer = _trainer(tmp_path, say_task, range(30))
     calls = []
     sample = trainer._sample
-    monkeypatch.setattr(trainer, "_sample", lambda ex, g, t, gen, *a: calls.append((len(ex), g, t)) or sample(ex, g, t, gen, *a))
+    monkeypatch.setattr(
+        trainer, "_sample", lambda ex, g, t, gen, *a: calls.append((len(ex), g, t)) or sample(ex, g, t, gen, *a)
+    )
     offered = trainer.prompts.batch(0, 4)
     groups, stats = trainer._collect(0)
     odd = [e for e in offered if int(e.answer) % 2]

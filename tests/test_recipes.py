@@ -21,8 +21,7 @@ ROWS = torch.repeat_interleave(torch.arange(4), torch.tensor(LENGTHS))
 
 
 def _spec(recipe, *overrides):
-    return build_config(None, ["group_size=2", "max_new_tokens=4", "teacher=tiny", *overrides],
-                        recipe=recipe).objective
+    return build_config(None, ["group_size=2", "max_new_tokens=4", "teacher=tiny", *overrides], recipe=recipe).objective
 
 
 def _toy(spec, rewards):
@@ -31,13 +30,20 @@ def _toy(spec, rewards):
     hidden = torch.randn(len(TOKENS), H, dtype=torch.float64, generator=gen).requires_grad_()
     head = Head(torch.randn(V, H, dtype=torch.float64, generator=gen))
     rewards = torch.tensor(rewards, dtype=torch.float64)
-    reference = ModelOutputs(torch.randn(len(TOKENS), H, dtype=torch.float64, generator=gen),
-                             Head(torch.randn(V, H, dtype=torch.float64, generator=gen)))
+    reference = ModelOutputs(
+        torch.randn(len(TOKENS), H, dtype=torch.float64, generator=gen),
+        Head(torch.randn(V, H, dtype=torch.float64, generator=gen)),
+    )
     inputs = objectives.ObjectiveInputs(
-        policy=ModelOutputs(hidden, head), tokens=TOKENS, rows=ROWS,
-        advantages=objectives.advantages(spec, rewards, None, group_size=2), rewards=rewards,
+        policy=ModelOutputs(hidden, head),
+        tokens=TOKENS,
+        rows=ROWS,
+        advantages=objectives.advantages(spec, rewards, None, group_size=2),
+        rewards=rewards,
         group_pass_rate=objectives.group_pass_rate(objectives.passed(rewards), 2),
-        token_scale=objectives.token_scale(spec, LENGTHS).double(), models={"reference": reference})
+        token_scale=objectives.token_scale(spec, LENGTHS).double(),
+        models={"reference": reference},
+    )
     logp = head.logits(hidden).log_softmax(-1).gather(-1, TOKENS[:, None]).squeeze(-1)
     return inputs, logp
 
@@ -48,8 +54,7 @@ def _check_policy_gradient(spec, rewards, coefficient):
     inputs, logp = _toy(spec, rewards)
     out = objectives.objective_loss(spec, inputs)
     assert out.loss_parts["pg"] == pytest.approx(-coefficient.sum().item(), rel=1e-12, abs=1e-15)
-    (got,) = torch.autograd.grad(out.loss_parts and objectives.objective_loss(spec, inputs).loss,
-                                 inputs.policy.hidden)
+    (got,) = torch.autograd.grad(out.loss_parts and objectives.objective_loss(spec, inputs).loss, inputs.policy.hidden)
     (expected,) = torch.autograd.grad(-(coefficient * logp).sum(), inputs.policy.hidden)
     torch.testing.assert_close(got, expected)
     return out
@@ -57,14 +62,20 @@ def _check_policy_gradient(spec, rewards, coefficient):
 
 def test_dr_grpo_is_mean_centred_token_sums_over_a_constant():
     spec = _spec("dr-grpo")
-    assert (spec.advantage, spec.aggregation, spec.normalizer, spec.terms) == ("mean_only", "seq_mean_token_sum_norm", 4.0, ())
+    assert (spec.advantage, spec.aggregation, spec.normalizer, spec.terms) == (
+        "mean_only",
+        "seq_mean_token_sum_norm",
+        4.0,
+        (),
+    )
     # rewards (1, 0 | 0.5, 0.5): A = (0.5, −0.5 | 0, 0); a_t = 1/(B·C) = 1/16
     coefficient = torch.tensor([0.5, 0.5, -0.5, 0, 0, 0, 0, 0], dtype=torch.float64) / 16
     _check_policy_gradient(spec, [1.0, 0.0, 0.5, 0.5], coefficient)
 
 
-@pytest.mark.parametrize("recipe, positive, negative", [("psr", 1.0, 0.0), ("nsr", 0.0, 1.0),
-                                                        ("w-reinforce", 0.1, 1.0)])
+@pytest.mark.parametrize(
+    "recipe, positive, negative", [("psr", 1.0, 0.0), ("nsr", 0.0, 1.0), ("w-reinforce", 0.1, 1.0)]
+)
 def test_psr_nsr_w_reinforce_give_lambda_to_correct_and_minus_one_to_incorrect(recipe, positive, negative):
     spec = _spec(recipe)
     # rewards (1, 0 | 0.5, 1): partial credit 0.5 does not pass → A = (+1, −1 | −1, +1), no baseline
@@ -72,7 +83,8 @@ def test_psr_nsr_w_reinforce_give_lambda_to_correct_and_minus_one_to_incorrect(r
     coefficient = per_sample[ROWS] / len(TOKENS)  # token mean over the batch, as the official code
     out = _check_policy_gradient(spec, [1.0, 0.0, 0.5, 1.0], coefficient)
     assert out.token_sums["pg_mean_weight"] == pytest.approx(
-        sum(({1.0: positive, 0.0: negative}[s > 0]) * n for s, n in zip([1, -1, -1, 1], LENGTHS)))
+        sum(({1.0: positive, 0.0: negative}[s > 0]) * n for s, n in zip([1, -1, -1, 1], LENGTHS))
+    )
 
 
 def test_paced_weights_each_prompt_by_its_pass_rate_kernel():
@@ -106,8 +118,10 @@ def test_psr_nsr_and_w_reinforce_share_one_expected_gradient_in_the_lab():
     answers a finite group samples. One exact step of the trainer's objective from one table."""
     init = torch.tensor([[0.3, 0.02, 0.38, 0.2, 0.1], [0.1, 0.5, 0.1, 0.1, 0.2]], dtype=torch.float64).log()
     reward = torch.tensor([[1.0, 1.0, 0, 0, 0], [0, 0, 0, 1.0, 0]], dtype=torch.float64)
-    step = {name: lab.objective_fixed_point(_spec(name), reward, {}, init=init, steps=1, lr=1.0) - init
-            for name in ("psr", "nsr", "w-reinforce")}
+    step = {
+        name: lab.objective_fixed_point(_spec(name), reward, {}, init=init, steps=1, lr=1.0) - init
+        for name in ("psr", "nsr", "w-reinforce")
+    }
     step = {k: v - v.mean(-1, keepdim=True) for k, v in step.items()}  # log-probs: up to a constant
     assert step["psr"].abs().max() > 1e-3
     torch.testing.assert_close(step["nsr"], step["psr"], rtol=1e-3, atol=1e-6)
@@ -122,8 +136,12 @@ def test_sampled_groups_average_to_the_expected_step():
     spec = _spec("w-reinforce")
     lr, n = 1e-3, 1500
     gen = torch.Generator().manual_seed(0)
-    steps = torch.stack([lab.objective_sampled_steps(spec, reward, {}, init=init, steps=1, group_size=4,
-                                                     lr=lr, generator=gen) - init for _ in range(n)])
+    steps = torch.stack(
+        [
+            lab.objective_sampled_steps(spec, reward, {}, init=init, steps=1, group_size=4, lr=lr, generator=gen) - init
+            for _ in range(n)
+        ]
+    )
     steps = steps - steps.mean(-1, keepdim=True)
     expected = lab.objective_fixed_point(spec, reward, {}, init=init, steps=1, lr=lr) - init
     expected = expected - expected.mean(-1, keepdim=True)
@@ -145,13 +163,27 @@ OFFLINE_ARGS = ["stored_prompts=4", "stored_samples=4", "offline_keep=2"]
 
 @pytest.mark.parametrize("name", recipes.names())
 def test_divrl_train_recipe_smoke_run_on_the_tiny_model(tmp_path, name, say_task):
-    overrides = ["model=tiny", "teacher=tiny", "steps=1", "prompts_per_step=2", "group_size=2",
-                 "max_new_tokens=4", "eval_size=2", "eval_samples=1", "train_size=20",
-                 f"output_dir={tmp_path / 'run'}"]
+    overrides = [
+        "model=tiny",
+        "teacher=tiny",
+        "steps=1",
+        "prompts_per_step=2",
+        "group_size=2",
+        "max_new_tokens=4",
+        "eval_size=2",
+        "eval_samples=1",
+        "train_size=20",
+        f"output_dir={tmp_path / 'run'}",
+    ]
     config = recipes.load(name).config
     if config.get("stage1"):  # a two-stage recipe: a CPU-sized first stage
-        overrides += ["teacher=null", *(f"stage1.{o}" for o in ("steps=1", "checkpoint_every=1", "prompts_per_step=2",
-                                                                 "stored_prompts=4", "stored_samples=4"))]
+        overrides += [
+            "teacher=null",
+            *(
+                f"stage1.{o}"
+                for o in ("steps=1", "checkpoint_every=1", "prompts_per_step=2", "stored_prompts=4", "stored_samples=4")
+            ),
+        ]
     if config.get("offline") or (config.get("stage1") or {}).get("offline"):
         overrides += [*OFFLINE_ARGS, *say_task(range(24), "parity")]
     args = ["train", "--recipe", name, *(a for o in overrides for a in ("--set", o))]
@@ -180,9 +212,14 @@ def test_nft_on_policy_gradient_equals_dr_grpo():
     head = Head(torch.randn(V, H, dtype=torch.float64, generator=gen))
     r = torch.tensor(rewards, dtype=torch.float64)
     inputs = objectives.ObjectiveInputs(
-        policy=ModelOutputs(hidden, head), tokens=tokens, rows=torch.arange(8), advantages=torch.zeros(8),
-        rewards=r, group_pass_rate=objectives.group_pass_rate(objectives.passed(r), 4),
-        token_scale=objectives.token_scale(spec, lengths).double())
+        policy=ModelOutputs(hidden, head),
+        tokens=tokens,
+        rows=torch.arange(8),
+        advantages=torch.zeros(8),
+        rewards=r,
+        group_pass_rate=objectives.group_pass_rate(objectives.passed(r), 4),
+        token_scale=objectives.token_scale(spec, lengths).double(),
+    )
     (got,) = torch.autograd.grad(objectives.objective_loss(spec, inputs).loss, hidden)
     logp = head.logits(hidden).log_softmax(-1).gather(-1, tokens[:, None]).squeeze(-1)
     weight = torch.where(r == 1, -0.75, 0.25) / (8 * 4)
@@ -215,14 +252,19 @@ def test_lp_reg_pulls_only_the_rare_kept_negative_tokens_toward_the_filtered_pro
     probs = torch.tensor([0.6, 0.3, 0.088, 0.011, 0.001], dtype=torch.float64)
     theta = probs.log()[None].clone().requires_grad_()
     tokens = torch.tensor([0, 2, 4, 1])
-    spec = build_config(None, ["group_size=4", "terms[0].mask.low_probability_negatives.fraction=0.5"],
-                        recipe="lp-reg").objective
+    spec = build_config(
+        None, ["group_size=4", "terms[0].mask.low_probability_negatives.fraction=0.5"], recipe="lp-reg"
+    ).objective
     rewards = torch.tensor([1.0, 0.0, 0.0, 0.0], dtype=torch.float64)
     inputs = objectives.ObjectiveInputs(
-        policy=ModelOutputs(torch.ones(4, 1, dtype=torch.float64), Head(theta.T)), tokens=tokens,
-        rows=torch.arange(4), advantages=objectives.advantages(spec, rewards, None, 4), rewards=rewards,
+        policy=ModelOutputs(torch.ones(4, 1, dtype=torch.float64), Head(theta.T)),
+        tokens=tokens,
+        rows=torch.arange(4),
+        advantages=objectives.advantages(spec, rewards, None, 4),
+        rewards=rewards,
         group_pass_rate=torch.full((4,), 0.25, dtype=torch.float64),
-        token_scale=torch.full((4,), 0.25, dtype=torch.float64))
+        token_scale=torch.full((4,), 0.25, dtype=torch.float64),
+    )
     out = objectives.objective_loss(spec, inputs)
     z = probs[:3].sum()
     term = "reverse_kl_to_filter"
@@ -274,8 +316,11 @@ def test_reasonmaxxer_is_gated_cross_entropy_plus_forward_kl_elsewhere_each_a_me
     ref_entropy = -(ref_logits.exp() * ref_logits).sum(-1)
     middle = ref_entropy.sort().values[3:5].detach()
     tau = float(middle.mean())  # halfway between the 4th and 5th entropies: 4 positions above τ
-    spec = _spec("reasonmaxxer", f"pg_mask={{reference_entropy_above: {{threshold: {tau}}}}}",
-                 f"terms[0].mask={{reference_entropy_at_most: {{threshold: {tau}}}}}")
+    spec = _spec(
+        "reasonmaxxer",
+        f"pg_mask={{reference_entropy_above: {{threshold: {tau}}}}}",
+        f"terms[0].mask={{reference_entropy_at_most: {{threshold: {tau}}}}}",
+    )
     gate = ref_entropy > tau
     assert int(gate.sum()) == 4
     # rewards (1, 0 | 1, 1), population std: A = (+1, −1 | 0, 0); no clip at |A| = 1
@@ -296,8 +341,12 @@ def test_reasonmaxxer_is_gated_cross_entropy_plus_forward_kl_elsewhere_each_a_me
     gen = torch.Generator().manual_seed(5)
     prompt_hidden = torch.randn(3, H, dtype=torch.float64, generator=gen).requires_grad_()
     ref_prompt = ModelOutputs(torch.randn(3, H, dtype=torch.float64, generator=gen), reference.head)
-    with_prompt = dataclasses.replace(inputs, prompt=objectives.PromptPositions(
-        ModelOutputs(prompt_hidden, inputs.policy.head), {"reference": ref_prompt}, torch.tensor([2, 2, 2])))
+    with_prompt = dataclasses.replace(
+        inputs,
+        prompt=objectives.PromptPositions(
+            ModelOutputs(prompt_hidden, inputs.policy.head), {"reference": ref_prompt}, torch.tensor([2, 2, 2])
+        ),
+    )
     prompt_ref = reference.head.logits(ref_prompt.hidden).log_softmax(-1)
     prompt_policy = inputs.policy.head.logits(prompt_hidden).log_softmax(-1)
     prompt_kl = (prompt_ref.exp() * (prompt_ref - prompt_policy)).sum(-1)
@@ -333,9 +382,15 @@ def test_ace_scales_only_negative_advantages_by_one_plus_alpha_softplus_of_the_c
     assert out.token_sums["pg_mean_weight"] == pytest.approx(float((scale[ROWS]).sum()))
     # softplus(0) = log 2; the scale grows with the confidence shift (dÃ/dc < 0 for A < 0)
     from divrl import weights
-    stats = weights.TokenStats(rows=torch.tensor([0, 1]), advantages=torch.tensor([-1.0, -1.0]),
-                               rewards=torch.zeros(2), group_pass_rate=torch.zeros(2),
-                               old_logprobs=torch.tensor([-1.0, -0.5]), ref_logprobs=torch.tensor([-1.0, -1.0]))
+
+    stats = weights.TokenStats(
+        rows=torch.tensor([0, 1]),
+        advantages=torch.tensor([-1.0, -1.0]),
+        rewards=torch.zeros(2),
+        group_pass_rate=torch.zeros(2),
+        old_logprobs=torch.tensor([-1.0, -0.5]),
+        ref_logprobs=torch.tensor([-1.0, -1.0]),
+    )
     got = weights.compute([("confidence_shift", {"alpha": 2.0})], stats)
     torch.testing.assert_close(got, torch.tensor([1 + 2 * math.log(2), 1 + 2 * math.log1p(math.exp(0.5))]))
     summed = weights.compute([("confidence_shift", {"alpha": 2.0, "length_normalized": False})], stats)

@@ -52,8 +52,15 @@ def gpt2():
     (RoPE models are blind to a constant shift)."""
     torch.manual_seed(0)
     config = GPT2Config(
-        vocab_size=VOCAB, n_embd=48, n_layer=2, n_head=4, n_positions=64, initializer_range=0.3,
-        bos_token_id=1, eos_token_id=2, pad_token_id=PAD,
+        vocab_size=VOCAB,
+        n_embd=48,
+        n_layer=2,
+        n_head=4,
+        n_positions=64,
+        initializer_range=0.3,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=PAD,
     )
     return GPT2LMHeadModel(config).eval()
 
@@ -270,7 +277,13 @@ def test_samples_in_eval_mode_and_restores_training_mode(gpt2):
     assert in_training == sample(gpt2, PROMPTS, generator=torch.Generator().manual_seed(9), **kwargs)
 
 
-BAD_ARGUMENTS = [dict(prompt_ids=[[1], []]), dict(group_size=0), dict(top_p=0.0), dict(top_p=1.5), dict(temperature=-1.0)]
+BAD_ARGUMENTS = [
+    dict(prompt_ids=[[1], []]),
+    dict(group_size=0),
+    dict(top_p=0.0),
+    dict(top_p=1.5),
+    dict(temperature=-1.0),
+]
 
 
 @pytest.mark.parametrize("bad", BAD_ARGUMENTS)
@@ -290,18 +303,31 @@ def test_entropies_are_those_of_the_teacher_forced_distribution(tiny, temperatur
 
     model, tokenizer = tiny
     prompts = PROMPTS[:2]
-    rollout = sample(model, prompts, group_size=3, max_new_tokens=6, stop_token_ids=range(0, len(tokenizer), 3),
-                     pad_token_id=tokenizer.pad_token_id, temperature=temperature,
-                     generator=torch.Generator().manual_seed(1), with_entropy=True)
+    rollout = sample(
+        model,
+        prompts,
+        group_size=3,
+        max_new_tokens=6,
+        stop_token_ids=range(0, len(tokenizer), 3),
+        pad_token_id=tokenizer.pad_token_id,
+        temperature=temperature,
+        generator=torch.Generator().manual_seed(1),
+        with_entropy=True,
+    )
     assert [len(e) for e in rollout.entropies] == [len(c) for c in rollout.completion_ids]
     with torch.no_grad():
         batch = completion_hidden(model, prompts, rollout.completion_ids, tokenizer.pad_token_id)
-        _, expected = chunked.logprob_entropy(batch.hidden, output_head(model).at_temperature(temperature or 1.0),
-                                              batch.tokens)
+        _, expected = chunked.logprob_entropy(
+            batch.hidden, output_head(model).at_temperature(temperature or 1.0), batch.tokens
+        )
     got = torch.tensor([e for row in rollout.entropies for e in row])
     torch.testing.assert_close(got, expected.float(), rtol=0, atol=1e-4)
-    assert sample(model, prompts, group_size=1, max_new_tokens=2, stop_token_ids=[0],
-                  pad_token_id=tokenizer.pad_token_id).entropies is None
+    assert (
+        sample(
+            model, prompts, group_size=1, max_new_tokens=2, stop_token_ids=[0], pad_token_id=tokenizer.pad_token_id
+        ).entropies
+        is None
+    )
 
 
 def test_packed_linears_give_the_plain_numbers(tiny, monkeypatch):
@@ -322,12 +348,20 @@ def test_packed_linears_give_the_plain_numbers(tiny, monkeypatch):
     torch.testing.assert_close(packed, plain, rtol=1e-5, atol=1e-5)
 
     def draw():
-        return sample(model, PROMPTS, group_size=3, max_new_tokens=8, stop_token_ids=[0],
-                      pad_token_id=tokenizer.pad_token_id, generator=torch.Generator().manual_seed(3))
+        return sample(
+            model,
+            PROMPTS,
+            group_size=3,
+            max_new_tokens=8,
+            stop_token_ids=[0],
+            pad_token_id=tokenizer.pad_token_id,
+            generator=torch.Generator().manual_seed(3),
+        )
 
     fast = draw()
     monkeypatch.setattr(rollout, "packed_linears", lambda model: nullcontext())
     slow = draw()
     assert fast.completion_ids == slow.completion_ids
-    torch.testing.assert_close(torch.tensor(sum(fast.logprobs, [])), torch.tensor(sum(slow.logprobs, [])),
-                               rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(
+        torch.tensor(sum(fast.logprobs, [])), torch.tensor(sum(slow.logprobs, [])), rtol=1e-5, atol=1e-5
+    )

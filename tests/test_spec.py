@@ -11,25 +11,39 @@ from divrl.spec import Target, parse_objective
 
 def test_shorthand_is_one_reverse_kl_term_to_the_reference():
     short = build_config(None, ["kl_coef=0.01", "kl_estimator=k2"]).objective
-    explicit = build_config(None, ["terms=[{divergence: reverse_kl, target: reference, coef: 0.01, "
-                                   "estimator: k2}]"]).objective
+    explicit = build_config(
+        None, ["terms=[{divergence: reverse_kl, target: reference, coef: 0.01, estimator: k2}]"]
+    ).objective
     assert short == explicit
     (term,) = short.terms
     assert (term.name, term.coef, term.estimator, term.placement) == ("reverse_kl_to_reference", 0.01, "k2", "loss")
-    assert build_config(None, ["kl_coef=0.01", "kl_estimator=k1", "kl_in_reward=true"]).objective.terms[0].placement == "reward"
+    assert (
+        build_config(None, ["kl_coef=0.01", "kl_estimator=k1", "kl_in_reward=true"]).objective.terms[0].placement
+        == "reward"
+    )
     assert build_config(None, ["kl_coef=0"]).objective.terms == ()
 
 
 def test_a_composed_target_parses_to_a_tree_and_names_its_function():
-    spec = build_config(None, ["teacher=tiny", "terms=[{divergence: jsd, params: {beta: 0.5}, coef: 0.2, "
-                               "target: {extrapolate: {ref: reference, teacher: {temperature: {p: teacher, "
-                               "T: 2}}, lam: 1.25}}, mask: {entropy_quantile: {top: 0.2}}, weight: pass_rate}]"]
-                       ).objective
+    spec = build_config(
+        None,
+        [
+            "teacher=tiny",
+            "terms=[{divergence: jsd, params: {beta: 0.5}, coef: 0.2, "
+            "target: {extrapolate: {ref: reference, teacher: {temperature: {p: teacher, "
+            "T: 2}}, lam: 1.25}}, mask: {entropy_quantile: {top: 0.2}}, weight: pass_rate}]",
+        ],
+    ).objective
     (term,) = spec.terms
     assert term.name == "jsd_to_extrapolate" and term.kwargs == {"beta": 0.5}
-    assert term.target == Target("extrapolate", (
-        ("ref", Target("reference")), ("teacher", Target("temperature", (("p", Target("teacher")), ("T", 2.0)))),
-        ("lam", 1.25)))
+    assert term.target == Target(
+        "extrapolate",
+        (
+            ("ref", Target("reference")),
+            ("teacher", Target("temperature", (("p", Target("teacher")), ("T", 2.0)))),
+            ("lam", 1.25),
+        ),
+    )
     assert spec.models() == {"reference", "teacher"}
     assert term.mask == (("entropy_quantile", {"top": 0.2}),) and term.weight == (("pass_rate", {}),)
 
@@ -44,50 +58,88 @@ def test_aggregation_normalizer_defaults_to_the_generation_budget():
     assert (spec.aggregation, spec.normalizer) == ("seq_mean_token_sum_norm", 48.0)
 
 
-@pytest.mark.parametrize("overrides, message", [
-    (["terms=[{divergence: revers_kl, target: reference}]"],
-     "terms[0].divergence: unknown divergence 'revers_kl'; did you mean 'reverse_kl'?"),
-    (["terms=[{divergence: forward_kl, target: refrence}]"],
-     "terms[0].target: unknown target 'refrence'; did you mean 'reference'?"),
-    (["terms=[{divergence: forward_kl, target: {extrapolat: {}}}]"],
-     "terms[0].target: unknown target function 'extrapolat'; did you mean 'extrapolate'?"),
-    (["terms=[{divergence: forward_kl, target: {mix: {a: reference, b: self, alfa: 0.1}}}]"],
-     "terms[0].target.mix: unknown argument 'alfa'; did you mean 'alpha'?"),
-    (["terms=[{divergence: forward_kl, target: {mix: {a: reference, b: self}}}]"],
-     "terms[0].target.mix.alpha: missing"),
-    (["terms=[{divergence: forward_kl, target: {tilt: {base: old, beta: -1}}}]"],
-     "terms[0].target.tilt: tilt: beta must be > 0"),
-    (["terms=[{divergence: forward_kl, target: reference, estimator: k9}]"],
-     "terms[0].estimator: unknown estimator 'k9'"),
-    (["terms=[{divergence: forward_kl, target: reference, estimator: k3}]"],
-     "terms[0].estimator: sampled estimators (k3) estimate KL(πθ‖q) from the sampled token and exist for reverse_kl only"),
-    (["terms=[{divergence: reverse_kl, target: reference, estimator: k1}]"],
-     "terms[0].estimator: k1 as a loss has zero expected gradient"),
-    (["terms=[{divergence: reverse_kl, target: reference, estimator: k3, placement: reward}]"],
-     "terms[0].estimator: in the reward only k1 gives"),
-    (["terms=[{divergence: reverse_kl, target: reference, placement: reward}]"],
-     "terms[0].placement: the exact divergence is a loss term"),
-    (["terms=[{divergence: reverse_kl, target: teacher}]"],
-     "terms[0].target: teacher needs a teacher model; set 'teacher'"),
-    (["terms=[{divergence: reverse_kl, target: reference, coef: -0.1}]"],
-     "terms[0].coef: must be a finite number ≥ 0"),
-    (["terms=[{divergence: jsd, params: {beta: 1.5}, target: reference}]"],
-     "terms[0].params: jsd: beta must lie in [0, 1]"),
-    (["terms=[{divergence: jsd, params: {bta: 0.5}, target: reference}]"], "terms[0].params:"),
-    (["terms=[{divergence: jsd, target: reference, coeff: 1}]"], "terms[0]: unknown key 'coeff'; did you mean 'coef'?"),
-    (["terms=[{divergence: reverse_kl, target: reference, mask: entropy_quantil}]"],
-     "terms[0].mask.entropy_quantil:"),
-    (["pg_weight={pass_rate: {a: -1}}"], "pg_weight.pass_rate:"),
-    (["kl_coef=0.1", "terms=[{divergence: reverse_kl, target: reference}]"],
-     "two terms share the name reverse_kl_to_reference"),
-    (["policy_gradient=false"], "policy_gradient: false leaves no loss term"),
-    (["kl_coef=0.1", "kl_estimator=k1"], "kl_estimator: k1 as a loss has zero expected gradient"),
-    (["kl_coef=0.1", "kl_estimator=k3", "top_p=0.9"], "'top_p' < 1 samples from the renormalized nucleus"),
-    (["micro_batch_size=4", "group_size=8"], "'micro_batch_size' must be ≥ group_size (8)"),
-    (["loss_aggregation=seq_mean"], "loss_aggregation: unknown aggregation 'seq_mean'; did you mean"),
-    (["advantage=mean"], "advantage: unknown advantage 'mean'; did you mean 'mean_only'?"),
-    (["terms[1].coef=0.1"], "'terms' has no item 1"),
-])
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (
+            ["terms=[{divergence: revers_kl, target: reference}]"],
+            "terms[0].divergence: unknown divergence 'revers_kl'; did you mean 'reverse_kl'?",
+        ),
+        (
+            ["terms=[{divergence: forward_kl, target: refrence}]"],
+            "terms[0].target: unknown target 'refrence'; did you mean 'reference'?",
+        ),
+        (
+            ["terms=[{divergence: forward_kl, target: {extrapolat: {}}}]"],
+            "terms[0].target: unknown target function 'extrapolat'; did you mean 'extrapolate'?",
+        ),
+        (
+            ["terms=[{divergence: forward_kl, target: {mix: {a: reference, b: self, alfa: 0.1}}}]"],
+            "terms[0].target.mix: unknown argument 'alfa'; did you mean 'alpha'?",
+        ),
+        (
+            ["terms=[{divergence: forward_kl, target: {mix: {a: reference, b: self}}}]"],
+            "terms[0].target.mix.alpha: missing",
+        ),
+        (
+            ["terms=[{divergence: forward_kl, target: {tilt: {base: old, beta: -1}}}]"],
+            "terms[0].target.tilt: tilt: beta must be > 0",
+        ),
+        (
+            ["terms=[{divergence: forward_kl, target: reference, estimator: k9}]"],
+            "terms[0].estimator: unknown estimator 'k9'",
+        ),
+        (
+            ["terms=[{divergence: forward_kl, target: reference, estimator: k3}]"],
+            "terms[0].estimator: sampled estimators (k3) estimate KL(πθ‖q) from the sampled token and exist for reverse_kl only",
+        ),
+        (
+            ["terms=[{divergence: reverse_kl, target: reference, estimator: k1}]"],
+            "terms[0].estimator: k1 as a loss has zero expected gradient",
+        ),
+        (
+            ["terms=[{divergence: reverse_kl, target: reference, estimator: k3, placement: reward}]"],
+            "terms[0].estimator: in the reward only k1 gives",
+        ),
+        (
+            ["terms=[{divergence: reverse_kl, target: reference, placement: reward}]"],
+            "terms[0].placement: the exact divergence is a loss term",
+        ),
+        (
+            ["terms=[{divergence: reverse_kl, target: teacher}]"],
+            "terms[0].target: teacher needs a teacher model; set 'teacher'",
+        ),
+        (
+            ["terms=[{divergence: reverse_kl, target: reference, coef: -0.1}]"],
+            "terms[0].coef: must be a finite number ≥ 0",
+        ),
+        (
+            ["terms=[{divergence: jsd, params: {beta: 1.5}, target: reference}]"],
+            "terms[0].params: jsd: beta must lie in [0, 1]",
+        ),
+        (["terms=[{divergence: jsd, params: {bta: 0.5}, target: reference}]"], "terms[0].params:"),
+        (
+            ["terms=[{divergence: jsd, target: reference, coeff: 1}]"],
+            "terms[0]: unknown key 'coeff'; did you mean 'coef'?",
+        ),
+        (
+            ["terms=[{divergence: reverse_kl, target: reference, mask: entropy_quantil}]"],
+            "terms[0].mask.entropy_quantil:",
+        ),
+        (["pg_weight={pass_rate: {a: -1}}"], "pg_weight.pass_rate:"),
+        (
+            ["kl_coef=0.1", "terms=[{divergence: reverse_kl, target: reference}]"],
+            "two terms share the name reverse_kl_to_reference",
+        ),
+        (["policy_gradient=false"], "policy_gradient: false leaves no loss term"),
+        (["kl_coef=0.1", "kl_estimator=k1"], "kl_estimator: k1 as a loss has zero expected gradient"),
+        (["kl_coef=0.1", "kl_estimator=k3", "top_p=0.9"], "'top_p' < 1 samples from the renormalized nucleus"),
+        (["micro_batch_size=4", "group_size=8"], "'micro_batch_size' must be ≥ group_size (8)"),
+        (["loss_aggregation=seq_mean"], "loss_aggregation: unknown aggregation 'seq_mean'; did you mean"),
+        (["advantage=mean"], "advantage: unknown advantage 'mean'; did you mean 'mean_only'?"),
+        (["terms[1].coef=0.1"], "'terms' has no item 1"),
+    ],
+)
 def test_bad_objective_is_refused_with_its_key_path(overrides, message):
     with pytest.raises(ConfigError) as err:
         build_config(None, overrides)
@@ -95,8 +147,9 @@ def test_bad_objective_is_refused_with_its_key_path(overrides, message):
 
 
 def test_key_path_overrides_reach_into_terms():
-    cfg = build_config(None, ["terms=[{divergence: jsd, target: reference}]", "terms[0].coef=0.3",
-                              "terms[0].params.beta=0.9"])
+    cfg = build_config(
+        None, ["terms=[{divergence: jsd, target: reference}]", "terms[0].coef=0.3", "terms[0].params.beta=0.9"]
+    )
     assert cfg.terms == [{"divergence": "jsd", "target": "reference", "coef": 0.3, "params": {"beta": 0.9}}]
 
 
@@ -140,8 +193,13 @@ def test_prompt_positions_take_an_exact_divergence_to_a_model():
     ok = parse_objective({"terms": [{"divergence": "forward_kl", "target": "reference", "prompt_positions": True}]})
     assert ok.reads_prompt_positions
     with pytest.raises(SpecError, match="terms\\[0\\].prompt_positions: .*exact divergence to a model"):
-        parse_objective({"terms": [{"divergence": "reverse_kl", "target": "reference", "estimator": "k2",
-                                    "prompt_positions": True}]})
+        parse_objective(
+            {
+                "terms": [
+                    {"divergence": "reverse_kl", "target": "reference", "estimator": "k2", "prompt_positions": True}
+                ]
+            }
+        )
     with pytest.raises(SpecError, match="terms\\[0\\].prompt_positions: .*target self"):
         parse_objective({"terms": [{"divergence": "reverse_kl", "target": "self", "prompt_positions": True}]})
     with pytest.raises(SpecError, match="terms\\[0\\].mask_mean: averages over the tokens a mask keeps"):

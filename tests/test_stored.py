@@ -11,8 +11,10 @@ from divrl.runlog import read_metrics
 from divrl.trainer import Trainer
 
 
-@pytest.mark.parametrize("name, params", [("forward_kl", {}), ("jsd", {"beta": 0.5}), ("chi2", {}),
-                                          ("reverse_kl", {}), ("alpha", {"alpha": 0.3})])
+@pytest.mark.parametrize(
+    "name, params",
+    [("forward_kl", {}), ("jsd", {"beta": 0.5}), ("chi2", {}), ("reverse_kl", {}), ("alpha", {"alpha": 0.3})],
+)
 def test_stored_estimate_is_unbiased_under_the_target(name, params):
     gen = torch.Generator().manual_seed(0)
     logits = torch.randn(6, dtype=torch.float64, generator=gen).requires_grad_()
@@ -36,10 +38,22 @@ def test_dph_forms():
 
 
 def test_the_rehearsal_set_is_sampled_once_split_and_reused(tmp_path, say_task):
-    args = ["model=tiny", "prompts_per_step=2", "group_size=2", "max_new_tokens=4", "eval_size=4",
-            "eval_samples=1", "checkpoint_every=1", "eval_every=0", *say_task(range(30), "even_solved"),
-            "stored_prompts=10", "stored_samples=2", "stored_per_step=2",
-            "monitor_kl=false", f"output_dir={tmp_path / 'run'}"]
+    args = [
+        "model=tiny",
+        "prompts_per_step=2",
+        "group_size=2",
+        "max_new_tokens=4",
+        "eval_size=4",
+        "eval_samples=1",
+        "checkpoint_every=1",
+        "eval_every=0",
+        *say_task(range(30), "even_solved"),
+        "stored_prompts=10",
+        "stored_samples=2",
+        "stored_per_step=2",
+        "monitor_kl=false",
+        f"output_dir={tmp_path / 'run'}",
+    ]
     trainer = Trainer(build_config(None, [*args, "steps=1"], recipe="dph-rl"), log=lambda *_: None)
     solved = {trainer.task.train[g.index].answer for g in trainer.stored_groups}
     assert solved and all(int(a) % 2 == 0 for a in solved)  # the initial policy "solves" even answers
@@ -62,9 +76,18 @@ def test_stored_terms_are_validated():
 
 
 def test_a_rehearsal_set_that_leaves_no_policy_gradient_prompt_is_refused(tmp_path, say_task):
-    cfg = build_config(None, ["model=tiny", "eval_size=4", "max_new_tokens=4",
-                              *say_task(range(0, 24, 2), "even_solved"), "stored_samples=2",
-                              f"output_dir={tmp_path / 'run'}"], recipe="dph-rl")
+    cfg = build_config(
+        None,
+        [
+            "model=tiny",
+            "eval_size=4",
+            "max_new_tokens=4",
+            *say_task(range(0, 24, 2), "even_solved"),
+            "stored_samples=2",
+            f"output_dir={tmp_path / 'run'}",
+        ],
+        recipe="dph-rl",
+    )
     with pytest.raises(Exception, match="none is left for the policy gradient"):
         Trainer(cfg, log=lambda *_: None)
 
@@ -74,11 +97,13 @@ def _group(index, rewards, lengths):
 
 
 def test_offline_selection_keeps_mixed_prompts_closest_to_half_and_their_shortest_responses():
-    groups = [_group(0, [1, 1, 1, 1, 1], [1, 2, 3, 4, 5]),  # all pass: dropped
-              _group(1, [1, 0, 0, 0, 0], [5, 4, 3, 2, 1]),  # p̂ 0.2
-              _group(2, [1, 1, 0, 0, 0], [2, 9, 1, 3, 3]),  # p̂ 0.4
-              _group(3, [0, 0, 0, 0, 0], [1, 1, 1, 1, 1]),  # all fail: dropped
-              _group(4, [1, 1, 1, 0, 1], [1, 2, 3, 4, 5])]  # p̂ 0.8
+    groups = [
+        _group(0, [1, 1, 1, 1, 1], [1, 2, 3, 4, 5]),  # all pass: dropped
+        _group(1, [1, 0, 0, 0, 0], [5, 4, 3, 2, 1]),  # p̂ 0.2
+        _group(2, [1, 1, 0, 0, 0], [2, 9, 1, 3, 3]),  # p̂ 0.4
+        _group(3, [0, 0, 0, 0, 0], [1, 1, 1, 1, 1]),  # all fail: dropped
+        _group(4, [1, 1, 1, 0, 1], [1, 2, 3, 4, 5]),
+    ]  # p̂ 0.8
     kept = stored.select_offline(groups, keep=2, shortest=0.8, pass_threshold=1.0)
     assert [g.index for g in kept] == [1, 2]  # |p̂ − 0.5| = 0.3, 0.1 beat 0.3 of prompt 4 by order
     assert stored.kept_per_prompt(5, 0.8) == 4 and stored.kept_per_prompt(20, 0.8) == 16
@@ -88,8 +113,18 @@ def test_offline_selection_keeps_mixed_prompts_closest_to_half_and_their_shortes
 
 
 def test_an_offline_run_trains_on_the_stored_set_without_generating(tmp_path, say_task, monkeypatch):
-    args = ["model=tiny", *say_task(range(30), "parity"), "prompts_per_step=2", "max_new_tokens=6", "eval_size=2",
-            "eval_samples=1", "stored_prompts=6", "stored_samples=5", "offline_keep=3", f"output_dir={tmp_path / 'run'}"]
+    args = [
+        "model=tiny",
+        *say_task(range(30), "parity"),
+        "prompts_per_step=2",
+        "max_new_tokens=6",
+        "eval_size=2",
+        "eval_samples=1",
+        "stored_prompts=6",
+        "stored_samples=5",
+        "offline_keep=3",
+        f"output_dir={tmp_path / 'run'}",
+    ]
     trainer = Trainer(build_config(None, [*args, "steps=2"], recipe="reasonmaxxer"), log=lambda *_: None)
     assert 1 <= len(trainer.offline_groups) <= 3
     assert all(len(g.completions) == 4 for g in trainer.offline_groups)  # the shortest 80% of 5

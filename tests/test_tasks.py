@@ -42,7 +42,8 @@ def test_jsonl_task_exact_and_user_verifier(tmp_path, monkeypatch):
     assert task.score(f"It is {ex.answer}", ex) == 1.0 and task.score("It is -1", ex) == 0.0
 
     (tmp_path / "myverifier.py").write_text(
-        "def half(completion, answer):\n    return 0.5 if answer in completion else 0.0\n")
+        "def half(completion, answer):\n    return 0.5 if answer in completion else 0.0\n"
+    )
     monkeypatch.syspath_prepend(str(tmp_path))
     task = build_task(build_config(None, [f"task={path}", "verifier=myverifier:half"]))
     assert task.score(task.train[0].answer, task.train[0]) == 0.5
@@ -50,11 +51,14 @@ def test_jsonl_task_exact_and_user_verifier(tmp_path, monkeypatch):
         build_task(build_config(None, [f"task={path}", "verifier=myverifier:nope"]))
 
 
-@pytest.mark.parametrize("bad, why", [
-    ('{"prompt": "a", "answer": "1"', "not valid JSON"),
-    ('{"prompt": "a"}', "needs 'prompt' and 'answer'"),
-    ('{"prompt": 3, "answer": "1"}', "'prompt' must be a non-empty string"),
-])
+@pytest.mark.parametrize(
+    "bad, why",
+    [
+        ('{"prompt": "a", "answer": "1"', "not valid JSON"),
+        ('{"prompt": "a"}', "needs 'prompt' and 'answer'"),
+        ('{"prompt": 3, "answer": "1"}', "'prompt' must be a non-empty string"),
+    ],
+)
 def test_malformed_jsonl_line_reports_file_and_line(tmp_path, bad, why):
     rows = [json.dumps({"prompt": "p", "answer": "1"})] * 2 + [bad]
     path = _write(tmp_path / "bad.jsonl", rows)
@@ -77,10 +81,17 @@ class _Flaky:
         return self.value
 
 
-@pytest.mark.parametrize("value, expected", [
-    (1.0, (1.0, True)), (0, (0.0, True)), (True, (1.0, True)),
-    (RuntimeError("boom"), (0.0, False)), ("1", (0.0, False)), (None, (0.0, False)),
-    (float("nan"), (0.0, False)),
-])
+@pytest.mark.parametrize(
+    "value, expected",
+    [
+        (1.0, (1.0, True)),
+        (0, (0.0, True)),
+        (True, (1.0, True)),
+        (RuntimeError("boom"), (0.0, False)),
+        ("1", (0.0, False)),
+        (None, (0.0, False)),
+        (float("nan"), (0.0, False)),
+    ],
+)
 def test_safe_score_turns_failures_into_zero(value, expected):
     assert safe_score(_Flaky(value), "text", None) == expected

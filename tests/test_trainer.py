@@ -8,17 +8,31 @@ from transformers import AutoModelForCausalLM
 from divrl import chunked
 from divrl.checkpoint import checkpoint_dirs
 from divrl.config import ConfigError, build_config
-from divrl.runlog import read_metrics
-from divrl.models import output_head
 from divrl.hidden import completion_hidden
+from divrl.models import output_head
+from divrl.runlog import read_metrics
 from divrl.trainer import Trainer
 
 
 def tiny_cfg(tmp_path, *extra):
-    return build_config(None, ["model=tiny", "steps=2", f"output_dir={tmp_path / 'run'}",
-                               "prompts_per_step=2", "group_size=4", "max_new_tokens=6",
-                               "eval_size=4", "eval_samples=2", "train_size=50", "lr=1e-3",
-                               "checkpoint_every=1", "eval_every=0", *extra])
+    return build_config(
+        None,
+        [
+            "model=tiny",
+            "steps=2",
+            f"output_dir={tmp_path / 'run'}",
+            "prompts_per_step=2",
+            "group_size=4",
+            "max_new_tokens=6",
+            "eval_size=4",
+            "eval_samples=2",
+            "train_size=50",
+            "lr=1e-3",
+            "checkpoint_every=1",
+            "eval_every=0",
+            *extra,
+        ],
+    )
 
 
 def test_two_steps_change_the_weights_and_write_the_run(tmp_path):
@@ -45,10 +59,8 @@ def test_two_steps_change_the_weights_and_write_the_run(tmp_path):
 def test_kl_of_a_model_against_itself_is_zero(tiny):
     model, tokenizer = tiny
     with torch.no_grad():
-        batch = completion_hidden(model, [[1, 2, 3], [7, 8]], [[4, 5, 6], [9], [10, 11], [12]],
-                                  tokenizer.pad_token_id)
-        kl = chunked.divergence("reverse_kl", batch.hidden, output_head(model),
-                                batch.hidden, output_head(model))
+        batch = completion_hidden(model, [[1, 2, 3], [7, 8]], [[4, 5, 6], [9], [10, 11], [12]], tokenizer.pad_token_id)
+        kl = chunked.divergence("reverse_kl", batch.hidden, output_head(model), batch.hidden, output_head(model))
     assert kl.shape == (7,)
     torch.testing.assert_close(kl, torch.zeros(7), atol=1e-6, rtol=0)
 
@@ -61,8 +73,7 @@ def test_shared_prompt_forward_matches_full_sequences(tiny, bucket_overhead):
     model, tokenizer = tiny
     prompts = [[5, 6, 7], [8, 9]]
     completions = [[10, 11, 12], [13], [14, 15], [16, 17, 18]]  # G = 2, group-major
-    batch = completion_hidden(model, prompts, completions, tokenizer.pad_token_id,
-                              bucket_overhead=bucket_overhead)
+    batch = completion_hidden(model, prompts, completions, tokenizer.pad_token_id, bucket_overhead=bucket_overhead)
     lp, _ = chunked.logprob_entropy(batch.hidden, output_head(model), batch.tokens)
     (grad,) = torch.autograd.grad(lp.sum(), model.model.layers[0].self_attn.q_proj.weight)
 
@@ -91,8 +102,11 @@ def test_length_buckets_minimize_padded_tokens_plus_overhead():
         def cost(parts):
             return sum(overhead + len(p) * max(p) for p in parts)
 
-        best = min(cost([ordered[a:b] for a, b in zip((0, *cuts), (*cuts, len(ordered)))])
-                   for k in range(len(ordered)) for cuts in it.combinations(range(1, len(ordered)), k))
+        best = min(
+            cost([ordered[a:b] for a, b in zip((0, *cuts), (*cuts, len(ordered)))])
+            for k in range(len(ordered))
+            for cuts in it.combinations(range(1, len(ordered)), k)
+        )
         buckets = length_buckets(lengths, overhead)
         assert sorted(r for b in buckets for r in b) == list(range(len(lengths)))
         assert cost([[lengths[r] for r in b] for b in buckets]) == best
@@ -101,8 +115,7 @@ def test_length_buckets_minimize_padded_tokens_plus_overhead():
 def test_prompt_positions_are_the_full_sequence_predictions_of_the_prompt_tokens(tiny):
     model, tokenizer = tiny
     prompts = [[5, 6, 7], [8, 9]]
-    batch = completion_hidden(model, prompts, [[10], [11, 12], [13], [14]], tokenizer.pad_token_id,
-                              with_prompt=True)
+    batch = completion_hidden(model, prompts, [[10], [11, 12], [13], [14]], tokenizer.pad_token_id, with_prompt=True)
     lp, _ = chunked.logprob_entropy(batch.prompt.hidden, output_head(model), batch.prompt.tokens)
     expected = []
     for prompt in prompts:
@@ -113,9 +126,14 @@ def test_prompt_positions_are_the_full_sequence_predictions_of_the_prompt_tokens
     assert lp.requires_grad  # the prompt's positions train too
 
 
-@pytest.mark.parametrize("extra", [["kl_estimator=k3", "kl_coef=0.1"],
-                                   ["kl_estimator=k1", "kl_in_reward=true", "kl_coef=0.1"],
-                                   ["inner_iterations=2", "advantage=mean_only"]])
+@pytest.mark.parametrize(
+    "extra",
+    [
+        ["kl_estimator=k3", "kl_coef=0.1"],
+        ["kl_estimator=k1", "kl_in_reward=true", "kl_coef=0.1"],
+        ["inner_iterations=2", "advantage=mean_only"],
+    ],
+)
 def test_objective_variants_train(tmp_path, extra):
     cfg = tiny_cfg(tmp_path, "steps=1", *extra)
     trainer = Trainer(cfg, log=lambda *_: None)
@@ -161,8 +179,7 @@ def test_interrupt_keeps_the_last_completed_checkpoint(tmp_path, monkeypatch):
 
 def test_failing_verifier_scores_zero_and_is_counted(tmp_path, monkeypatch):
     data = tmp_path / "d.jsonl"
-    data.write_text("".join(json.dumps({"prompt": f"Say {i}", "answer": str(i)}) + "\n"
-                            for i in range(12)))
+    data.write_text("".join(json.dumps({"prompt": f"Say {i}", "answer": str(i)}) + "\n" for i in range(12)))
     (tmp_path / "flaky_verifier.py").write_text(
         "calls = 0\n"
         "def score(completion, answer):\n"
@@ -170,7 +187,8 @@ def test_failing_verifier_scores_zero_and_is_counted(tmp_path, monkeypatch):
         "    calls += 1\n"
         "    if calls % 2:\n"
         "        raise ValueError('verifier bug')\n"
-        "    return 'not a number'\n")
+        "    return 'not a number'\n"
+    )
     monkeypatch.syspath_prepend(str(tmp_path))
     cfg = tiny_cfg(tmp_path, f"task={data}", "verifier=flaky_verifier:score", "steps=1")
     Trainer(cfg, log=lambda *_: None).run()
@@ -179,8 +197,10 @@ def test_failing_verifier_scores_zero_and_is_counted(tmp_path, monkeypatch):
 
 
 def test_distillation_to_a_teacher_loads_only_the_models_its_terms_need(tmp_path):
-    opd = Trainer(build_config(None, [*tiny_args(tmp_path), "steps=1", "teacher=tiny", "monitor_kl=false"],
-                               recipe="opd"), log=lambda *_: None)
+    opd = Trainer(
+        build_config(None, [*tiny_args(tmp_path), "steps=1", "teacher=tiny", "monitor_kl=false"], recipe="opd"),
+        log=lambda *_: None,
+    )
     assert opd.reference is None and opd.teacher is not None
     assert not any(p.requires_grad for p in opd.teacher.parameters())
     before = {k: v.detach().clone() for k, v in opd.model.named_parameters()}
@@ -194,21 +214,47 @@ def test_distillation_to_a_teacher_loads_only_the_models_its_terms_need(tmp_path
 
 
 def tiny_args(tmp_path):
-    return ["model=tiny", "steps=2", f"output_dir={tmp_path / 'run'}", "prompts_per_step=2",
-            "group_size=4", "max_new_tokens=6", "eval_size=4", "eval_samples=2", "train_size=50",
-            "lr=1e-3", "checkpoint_every=1", "eval_every=0"]
+    return [
+        "model=tiny",
+        "steps=2",
+        f"output_dir={tmp_path / 'run'}",
+        "prompts_per_step=2",
+        "group_size=4",
+        "max_new_tokens=6",
+        "eval_size=4",
+        "eval_samples=2",
+        "train_size=50",
+        "lr=1e-3",
+        "checkpoint_every=1",
+        "eval_every=0",
+    ]
 
 
 def test_a_composed_target_with_masks_trains_and_logs_each_term(tmp_path):
-    cfg = tiny_cfg(tmp_path, "steps=1", "teacher=tiny", "inner_iterations=2", "kl_coef=0.01",
-                   "kl_estimator=k2", "pg_weight={pass_rate: {a: 0, b: 0}}",
-                   "terms=[{divergence: jsd, params: {beta: 0.5}, coef: 0.1, "
-                   "target: {extrapolate: {ref: reference, teacher: teacher, lam: 1.5}}, "
-                   "mask: {entropy_quantile: {top: 0.5}}}, "
-                   "{divergence: forward_kl, coef: 0.1, target: {filter: {p: old, min_p: 0.001}}}]")
+    cfg = tiny_cfg(
+        tmp_path,
+        "steps=1",
+        "teacher=tiny",
+        "inner_iterations=2",
+        "kl_coef=0.01",
+        "kl_estimator=k2",
+        "pg_weight={pass_rate: {a: 0, b: 0}}",
+        "terms=[{divergence: jsd, params: {beta: 0.5}, coef: 0.1, "
+        "target: {extrapolate: {ref: reference, teacher: teacher, lam: 1.5}}, "
+        "mask: {entropy_quantile: {top: 0.5}}}, "
+        "{divergence: forward_kl, coef: 0.1, target: {filter: {p: old, min_p: 0.001}}}]",
+    )
     metrics = Trainer(cfg, log=lambda *_: None).train_step(0)
-    for key in ("jsd_to_extrapolate", "jsd_to_extrapolate_share", "jsd_to_extrapolate_masked_fraction",
-                "forward_kl_to_filter", "reverse_kl_to_reference", "kl", "pg_mean_weight", "grad_norm"):
+    for key in (
+        "jsd_to_extrapolate",
+        "jsd_to_extrapolate_share",
+        "jsd_to_extrapolate_masked_fraction",
+        "forward_kl_to_filter",
+        "reverse_kl_to_reference",
+        "kl",
+        "pg_mean_weight",
+        "grad_norm",
+    ):
         assert math.isfinite(metrics[key]), key
     assert metrics["jsd_to_extrapolate_masked_fraction"] == pytest.approx(0.5, abs=0.1)
     assert sum(metrics[k] for k in metrics if k.endswith("_share")) == pytest.approx(1.0)
@@ -244,8 +290,9 @@ def test_top_p_below_one_trains_against_the_samplers_own_logprobs(tmp_path):
     trainer = Trainer(tiny_cfg(tmp_path, "steps=1", "top_p=0.5", "temperature=0.05"), log=lambda *_: None)
     examples = trainer.prompts.batch(0, 2)
     rollout = trainer._sample(examples, 4, 0.05, torch.Generator().manual_seed(0))
-    frozen = trainer._frozen_inputs(rollout.prompt_ids, rollout.completion_ids, rollout.logprobs, None,
-                                    trainer.online_spec, monitor_kl=True)
+    frozen = trainer._frozen_inputs(
+        rollout.prompt_ids, rollout.completion_ids, rollout.logprobs, None, trainer.online_spec, monitor_kl=True
+    )
     expected = torch.tensor([lp for row in rollout.logprobs for lp in row])
     torch.testing.assert_close(frozen.old_logprobs, expected)
     metrics = trainer.train_step(0)
@@ -257,8 +304,10 @@ def test_inner_iterations_take_old_logprobs_from_the_first_iteration(tmp_path, m
     update (tests/test_golden_run.py's `inner2` case holds the metrics to the earlier numbers)."""
     import divrl.trainer as trainer_module
 
-    trainer = Trainer(tiny_cfg(tmp_path, "inner_iterations=3", "micro_batch_size=4", "kl_coef=0.0",
-                               "monitor_kl=false"), log=lambda *_: None)
+    trainer = Trainer(
+        tiny_cfg(tmp_path, "inner_iterations=3", "micro_batch_size=4", "kl_coef=0.0", "monitor_kl=false"),
+        log=lambda *_: None,
+    )
     forwards = []
 
     def counted(model, *args, **kwargs):
@@ -283,11 +332,14 @@ def test_inner_iterations_take_old_logprobs_from_the_first_iteration(tmp_path, m
         assert torch.equal(old, first[m % micro_batches])
 
 
-@pytest.mark.parametrize("objective, logged", [
-    ("kl_coef=0.0", [1, 3]),  # no term reads the reference
-    ("terms=[{divergence: forward_kl, target: reference, coef: 0.1}]", [1, 3]),  # one reads it, not for `kl`
-    ("kl_coef=0.1", [1, 2, 3, 4]),  # the reverse-KL term computes `kl` anyway
-])
+@pytest.mark.parametrize(
+    "objective, logged",
+    [
+        ("kl_coef=0.0", [1, 3]),  # no term reads the reference
+        ("terms=[{divergence: forward_kl, target: reference, coef: 0.1}]", [1, 3]),  # one reads it, not for `kl`
+        ("kl_coef=0.1", [1, 2, 3, 4]),  # the reverse-KL term computes `kl` anyway
+    ],
+)
 def test_kl_is_monitored_every_few_steps_unless_a_term_computes_it(tmp_path, objective, logged):
     """The reference forward and the divergence pass that only log `kl` run on the first step and
     every monitor_kl_every-th; a reverse-KL-to-reference term gives it every step."""

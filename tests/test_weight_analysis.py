@@ -9,7 +9,8 @@ import math
 import pytest
 import torch
 
-from divrl import analyze_cli, weight_analysis as wa
+from divrl import analyze_cli
+from divrl import weight_analysis as wa
 from divrl.checkpoint import write_manifest
 
 DT = torch.float64
@@ -23,6 +24,7 @@ def gen(seed: int = 0) -> torch.Generator:
 
 
 # --- update sparsity -------------------------------------------------------------------------
+
 
 def test_sparsity_of_a_masked_delta_is_the_masked_fraction_exactly():
     g = gen()
@@ -69,14 +71,19 @@ def test_a_change_below_tolerance_counts_as_unchanged():
 
 
 def test_layers_group_by_name_and_weight_by_parameter_count():
-    per_tensor = {"model.layers.0.a": wa.Sparsity(1, 10), "model.layers.0.b": wa.Sparsity(90, 90),
-                  "model.layers.11.a": wa.Sparsity(0, 5), "model.embed_tokens.weight": wa.Sparsity(7, 7)}
+    per_tensor = {
+        "model.layers.0.a": wa.Sparsity(1, 10),
+        "model.layers.0.b": wa.Sparsity(90, 90),
+        "model.layers.11.a": wa.Sparsity(0, 5),
+        "model.embed_tokens.weight": wa.Sparsity(7, 7),
+    }
     overall, layers = wa.group_by_layer(per_tensor)
     assert overall == wa.Sparsity(98, 112)
     assert layers == {0: wa.Sparsity(91, 100), 11: wa.Sparsity(0, 5)}
 
 
 # --- spectral drift --------------------------------------------------------------------------
+
 
 def planted_matrix(m=60, n=40, seed=3):
     """W = U diag(σ) Vᵀ with a well separated, geometrically decaying spectrum."""
@@ -137,6 +144,7 @@ def test_svd_method_is_full_below_the_work_threshold():
 
 # --- RELEX -----------------------------------------------------------------------------------
 
+
 def planted_trajectory(noise: float, steps=(10, 20, 30, 40, 50), shape=(30, 20), seed=7):
     g = gen(seed)
     theta0 = torch.randn(*shape, generator=g, dtype=DT)
@@ -154,7 +162,7 @@ def test_relex_recovers_a_rank_1_linear_trajectory_and_extrapolates_it_exactly(w
     fit = wa.relex_fit(theta0, checkpoints, steps, window)
     assert abs(fit.trajectory.direction @ u.flatten()) == pytest.approx(1.0, abs=1e-12)
     assert fit.trajectory.energy == pytest.approx(1.0, abs=1e-12) and fit.line.r2 == pytest.approx(1.0, abs=1e-12)
-    assert fit.fit_steps == steps[-(window or 5):]
+    assert fit.fit_steps == steps[-(window or 5) :]
     assert fit.trajectory.coefficients[-1] > 0  # u points where training went
     torch.testing.assert_close(fit.at(theta0, 400), theta0 + rate * 400 * u, rtol=0, atol=1e-12)
 
@@ -181,6 +189,7 @@ def test_relex_of_an_unchanged_tensor_stays_at_the_base_and_bad_windows_are_refu
 
 
 # --- divrl analyze on the tiny model ---------------------------------------------------------
+
 
 def analyze(*argv: str) -> int:
     parser = argparse.ArgumentParser()
@@ -250,8 +259,20 @@ def test_analyze_writes_the_report_and_a_loadable_extrapolated_model(trained, tm
 def test_analyze_one_checkpoint_without_a_step_needs_no_relex(trained, tmp_path):
     base, run, *_ = trained
     (tmp_path / "ckpt").symlink_to(run / "checkpoints" / "step-10")
-    assert analyze("--base", str(base), str(tmp_path / "ckpt"), "--out", str(tmp_path / "out"), "--top-k", "2",
-                   "--compare-dtype", "bfloat16") == 0
+    assert (
+        analyze(
+            "--base",
+            str(base),
+            str(tmp_path / "ckpt"),
+            "--out",
+            str(tmp_path / "out"),
+            "--top-k",
+            "2",
+            "--compare-dtype",
+            "bfloat16",
+        )
+        == 0
+    )
     report = json.loads((tmp_path / "out" / "analysis.json").read_text())
     assert "relex" not in report and not (tmp_path / "out" / "relex.png").exists()
     assert report["sparsity"]["per_tensor"]["model.norm.weight"]["rtol"] == 2.0**-8

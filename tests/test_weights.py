@@ -27,7 +27,22 @@ def assert_weights(actual, *expected):
 
 
 def test_names():
-    assert W.names() == ["accuracy_tanh", "asymmetric", "confidence_shift", "dads", "diversity_allocation", "entropy_quantile", "failed", "group_unsolved", "low_probability_negatives", "pass_rate", "reference_entropy_above", "reference_entropy_at_most", "reference_kl_quantile", "stcr"]
+    assert W.names() == [
+        "accuracy_tanh",
+        "asymmetric",
+        "confidence_shift",
+        "dads",
+        "diversity_allocation",
+        "entropy_quantile",
+        "failed",
+        "group_unsolved",
+        "low_probability_negatives",
+        "pass_rate",
+        "reference_entropy_above",
+        "reference_entropy_at_most",
+        "reference_kl_quantile",
+        "stcr",
+    ]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -106,7 +121,10 @@ def test_check_accepts_valid_params():
 def test_check_unknown_name_suggests_and_lists():
     with pytest.raises(ValueError, match="did you mean 'pass_rate'") as error:
         W.check("pass_rat", {})
-    assert "accuracy_tanh, asymmetric, confidence_shift, dads, diversity_allocation, entropy_quantile, failed, group_unsolved, low_probability_negatives, pass_rate, reference_entropy_above, reference_entropy_at_most, reference_kl_quantile, stcr" in str(error.value)
+    assert (
+        "accuracy_tanh, asymmetric, confidence_shift, dads, diversity_allocation, entropy_quantile, failed, group_unsolved, low_probability_negatives, pass_rate, reference_entropy_above, reference_entropy_at_most, reference_kl_quantile, stcr"
+        in str(error.value)
+    )
     with pytest.raises(ValueError, match="unknown weight .zzz.; valid: accuracy_tanh, asymmetric"):
         W.check("zzz", {})
 
@@ -170,23 +188,37 @@ def test_interval_text():
 
 def test_low_probability_negatives_keeps_the_rarest_kept_negative_tokens():
     # 6 tokens of 3 completions; A = (+1, −1, −1); completions 1 and 2 are negative (tokens 2..5)
-    stats = W.TokenStats(rows=torch.tensor([0, 0, 1, 1, 2, 2]), advantages=torch.tensor([1.0, -1.0, -1.0]),
-                         rewards=torch.zeros(3), group_pass_rate=torch.zeros(3),
-                         logprobs=torch.tensor([-9.0, -0.1, -5.0, -0.2, -4.0, -6.0]),
-                         target_logprobs=torch.tensor([-1.0, 0.0, -4.0, 0.0, -3.0, -math.inf]))
+    stats = W.TokenStats(
+        rows=torch.tensor([0, 0, 1, 1, 2, 2]),
+        advantages=torch.tensor([1.0, -1.0, -1.0]),
+        rewards=torch.zeros(3),
+        group_pass_rate=torch.zeros(3),
+        logprobs=torch.tensor([-9.0, -0.1, -5.0, -0.2, -4.0, -6.0]),
+        target_logprobs=torch.tensor([-1.0, 0.0, -4.0, 0.0, -3.0, -math.inf]),
+    )
     # negatives' log-probs: −5, −0.2, −4, −6; the lowest half (2 of 4): −6 and −5; −6 is filtered
     # out by the target (log q = −inf), so only token 2 remains; token 0 is rare but positive
-    torch.testing.assert_close(W.compute([("low_probability_negatives", {"fraction": 0.5})], stats),
-                               torch.tensor([0.0, 0.0, 1.0, 0.0, 0.0, 0.0]))
+    torch.testing.assert_close(
+        W.compute([("low_probability_negatives", {"fraction": 0.5})], stats),
+        torch.tensor([0.0, 0.0, 1.0, 0.0, 0.0, 0.0]),
+    )
     with pytest.raises(ValueError, match="needs the statistic 'target_logprobs'"):
-        W.compute([("low_probability_negatives", {})], W.TokenStats(
-            rows=stats.rows, advantages=stats.advantages, rewards=stats.rewards,
-            group_pass_rate=stats.group_pass_rate, logprobs=stats.logprobs))
+        W.compute(
+            [("low_probability_negatives", {})],
+            W.TokenStats(
+                rows=stats.rows,
+                advantages=stats.advantages,
+                rewards=stats.rewards,
+                group_pass_rate=stats.group_pass_rate,
+                logprobs=stats.logprobs,
+            ),
+        )
 
 
 def test_accuracy_tanh_scales_from_half_to_its_maximum():
-    base = dict(rows=torch.tensor([0, 0, 1]), advantages=torch.zeros(2), rewards=torch.zeros(2),
-                group_pass_rate=torch.zeros(2))
+    base = dict(
+        rows=torch.tensor([0, 0, 1]), advantages=torch.zeros(2), rewards=torch.zeros(2), group_pass_rate=torch.zeros(2)
+    )
     for rate, expected in ((0.0, 0.5), (1.0, (1 + math.tanh(1.0)) / 2), (0.5, (1 + math.tanh(0.5)) / 2)):
         got = W.compute([("accuracy_tanh", {})], W.TokenStats(**base, batch_pass_rate=rate))
         torch.testing.assert_close(got, torch.full((3,), expected))
@@ -196,12 +228,17 @@ def test_accuracy_tanh_scales_from_half_to_its_maximum():
 
 def test_dads_loosens_the_kl_on_correct_answers_of_hard_prompts():
     # 4 completions, one token each; groups: (0, 1) with p̂ = 0.5, (2, 3) with p̂ = 1
-    stats = W.TokenStats(rows=torch.arange(4), advantages=torch.tensor([1.0, -1.0, 0.5, 0.0]),
-                         rewards=torch.zeros(4), group_pass_rate=torch.tensor([0.5, 0.5, 1.0, 1.0]))
+    stats = W.TokenStats(
+        rows=torch.arange(4),
+        advantages=torch.tensor([1.0, -1.0, 0.5, 0.0]),
+        rewards=torch.zeros(4),
+        group_pass_rate=torch.tensor([0.5, 0.5, 1.0, 1.0]),
+    )
     expected = torch.tensor([1 - math.exp(-math.e * 0.5), 1.0, 1.0, 1.0])
     torch.testing.assert_close(W.compute([("dads", {})], stats), expected)
-    low = W.TokenStats(rows=torch.arange(1), advantages=torch.ones(1), rewards=torch.zeros(1),
-                       group_pass_rate=torch.tensor([0.125]))
+    low = W.TokenStats(
+        rows=torch.arange(1), advantages=torch.ones(1), rewards=torch.zeros(1), group_pass_rate=torch.tensor([0.125])
+    )
     assert W.compute([("dads", {})], low).item() == pytest.approx(1 - math.exp(-math.e / 8))  # ≈ 0.288
 
 
@@ -210,8 +247,13 @@ def test_stcr_scales_long_failures_against_the_mean_passing_length():
     # group 1: lengths 2, 3, both fail → no pass, weights 1
     lengths = [2, 4, 1, 5, 2, 3]
     rows = torch.repeat_interleave(torch.arange(6), torch.tensor(lengths))
-    stats = W.TokenStats(rows=rows, advantages=torch.zeros(6), rewards=torch.zeros(6),
-                         group_pass_rate=torch.zeros(6), passed=torch.tensor([True, True, False, False, False, False]),
-                         groups=torch.tensor([0, 0, 0, 0, 1, 1]))
-    per_completion = torch.tensor([1.0, 1.0, 1.0, 2 - 1.00001 ** -2, 1.0, 1.0])
+    stats = W.TokenStats(
+        rows=rows,
+        advantages=torch.zeros(6),
+        rewards=torch.zeros(6),
+        group_pass_rate=torch.zeros(6),
+        passed=torch.tensor([True, True, False, False, False, False]),
+        groups=torch.tensor([0, 0, 0, 0, 1, 1]),
+    )
+    per_completion = torch.tensor([1.0, 1.0, 1.0, 2 - 1.00001**-2, 1.0, 1.0])
     torch.testing.assert_close(W.compute([("stcr", {})], stats), per_completion[rows])

@@ -37,28 +37,54 @@ _RELEX_PLOTTED = 6
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Register the `analyze` subcommand on an argparse subparsers object; its handler is `run`."""
     parser = subparsers.add_parser(
-        "analyze", help="what RL did to the weights: update sparsity, spectral drift, RELEX extrapolation",
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("checkpoints", nargs="+", metavar="CHECKPOINT",
-                        help="model directory or run directory (all its checkpoints for RELEX)")
-    parser.add_argument("--base", required=True,
-                        help="the model RL started from: model or run directory, or 'default'")
+        "analyze",
+        help="what RL did to the weights: update sparsity, spectral drift, RELEX extrapolation",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "checkpoints",
+        nargs="+",
+        metavar="CHECKPOINT",
+        help="model directory or run directory (all its checkpoints for RELEX)",
+    )
+    parser.add_argument("--base", required=True, help="the model RL started from: model or run directory, or 'default'")
     parser.add_argument("--out", required=True, metavar="DIR", help="output directory (created)")
-    parser.add_argument("--top-k", type=int, default=16, metavar="K",
-                        help="singular values / vectors compared per matrix (default 16)")
-    parser.add_argument("--extrapolate-to", type=int, metavar="STEP",
-                        help="write the RELEX-extrapolated model at this step (needs >= 2 checkpoints)")
-    parser.add_argument("--window", type=int, metavar="N",
-                        help="fit the RELEX line on the N latest checkpoints (default all; u always uses all)")
-    parser.add_argument("--rtol", type=float,
-                        help="relative tolerance of 'unchanged' (default: unit roundoff eps/2 of the stored dtype)")
-    parser.add_argument("--atol", type=float,
-                        help="absolute tolerance of 'unchanged' (default: half the dtype's smallest subnormal)")
-    parser.add_argument("--compare-dtype", choices=sorted(_COMPARE_DTYPES),
-                        help="round both weights to this dtype before comparing (the sparsity paper: "
-                             "--compare-dtype bfloat16 --rtol 0 --atol 1e-5)")
-    parser.add_argument("--svd", choices=["auto", "full", "randomized"], default="auto",
-                        help="SVD of the spectral metrics (default auto: full up to m·n·min(m,n) = 2^35)")
+    parser.add_argument(
+        "--top-k", type=int, default=16, metavar="K", help="singular values / vectors compared per matrix (default 16)"
+    )
+    parser.add_argument(
+        "--extrapolate-to",
+        type=int,
+        metavar="STEP",
+        help="write the RELEX-extrapolated model at this step (needs >= 2 checkpoints)",
+    )
+    parser.add_argument(
+        "--window",
+        type=int,
+        metavar="N",
+        help="fit the RELEX line on the N latest checkpoints (default all; u always uses all)",
+    )
+    parser.add_argument(
+        "--rtol",
+        type=float,
+        help="relative tolerance of 'unchanged' (default: unit roundoff eps/2 of the stored dtype)",
+    )
+    parser.add_argument(
+        "--atol", type=float, help="absolute tolerance of 'unchanged' (default: half the dtype's smallest subnormal)"
+    )
+    parser.add_argument(
+        "--compare-dtype",
+        choices=sorted(_COMPARE_DTYPES),
+        help="round both weights to this dtype before comparing (the sparsity paper: "
+        "--compare-dtype bfloat16 --rtol 0 --atol 1e-5)",
+    )
+    parser.add_argument(
+        "--svd",
+        choices=["auto", "full", "randomized"],
+        default="auto",
+        help="SVD of the spectral metrics (default auto: full up to m·n·min(m,n) = 2^35)",
+    )
     parser.set_defaults(func=run)
     return parser
 
@@ -115,7 +141,7 @@ def _step(path: Path) -> int | None:
         try:
             return int(json.loads(state.read_text())["step"])
         except (ValueError, KeyError, TypeError) as err:
-            raise ValueError(f"{state} has no integer \"step\" ({err})") from None
+            raise ValueError(f'{state} has no integer "step" ({err})') from None
     match = _STEP_DIR.match(path.name)
     return int(match.group(1)) if match else None
 
@@ -140,8 +166,10 @@ def _window(paths: list[Path]) -> tuple[list[Path], list[int | None]]:
         return paths, steps
     missing = [str(p) for p, s in zip(paths, steps) if s is None]
     if missing:
-        raise ValueError(f"cannot tell the training step of {', '.join(missing)}: give it a trainer_state.json "
-                         f"with {{\"step\": N}} or name its directory step-N")
+        raise ValueError(
+            f"cannot tell the training step of {', '.join(missing)}: give it a trainer_state.json "
+            f'with {{"step": N}} or name its directory step-N'
+        )
     order = sorted(range(len(paths)), key=lambda i: steps[i])
     paths, steps = [paths[i] for i in order], [steps[i] for i in order]
     repeated = sorted({s for s in steps if steps.count(s) > 1})
@@ -165,12 +193,16 @@ def _tensor_names(base: _Weights, others: list[_Weights], tied: bool) -> list[st
     for other in others:
         for name in sorted((base.names() ^ other.names()) - skip):
             where, not_where = (base, other) if name in base.names() else (other, base)
-            raise ValueError(f"checkpoint '{other.path}' does not match base '{base.path}': tensor '{name}' "
-                             f"is in '{where.path}' but not in '{not_where.path}'")
+            raise ValueError(
+                f"checkpoint '{other.path}' does not match base '{base.path}': tensor '{name}' "
+                f"is in '{where.path}' but not in '{not_where.path}'"
+            )
         for name in sorted(names):
             if base.shape(name) != other.shape(name):
-                raise ValueError(f"checkpoint '{other.path}' does not match base '{base.path}': tensor '{name}' "
-                                 f"has shape {other.shape(name)} there and {base.shape(name)} in the base")
+                raise ValueError(
+                    f"checkpoint '{other.path}' does not match base '{base.path}': tensor '{name}' "
+                    f"has shape {other.shape(name)} there and {base.shape(name)} in the base"
+                )
     return sorted(names, key=lambda n: (wa.layer_of(n) is not None, wa.layer_of(n) or 0, n))
 
 
@@ -189,8 +221,9 @@ def _sparsity_entry(counts: wa.Sparsity) -> dict:
     return {"unchanged": counts.unchanged, "total": counts.total, "fraction_unchanged": counts.fraction}
 
 
-def _analyze(args, base: _Weights, window: list[_Weights], steps: list[int | None], fit_window: int,
-             names: list[str]) -> tuple[dict, dict[str, torch.Tensor]]:
+def _analyze(
+    args, base: _Weights, window: list[_Weights], steps: list[int | None], fit_window: int, names: list[str]
+) -> tuple[dict, dict[str, torch.Tensor]]:
     """One pass over the tensors, comparing the latest of `window` with `base` and (with 2 or more)
     fitting RELEX on `window`: (analysis dict, extrapolated tensors in the latest's dtypes)."""
     from tqdm.auto import tqdm
@@ -203,14 +236,21 @@ def _analyze(args, base: _Weights, window: list[_Weights], steps: list[int | Non
         counts, rtol, atol = wa.tensor_sparsity(w0, w1, args.rtol, args.atol, compare)
         sparsity[name] = (counts, rtol, atol)
         if w0.ndim == 2:
-            spectra[name] = {"layer": wa.layer_of(name), "shape": list(w0.shape),
-                             **wa.spectral_drift(w0, w1, args.top_k, args.svd)}
+            spectra[name] = {
+                "layer": wa.layer_of(name),
+                "shape": list(w0.shape),
+                **wa.spectral_drift(w0, w1, args.top_k, args.svd),
+            }
         if relex:
             fit = wa.relex_fit(w0, [w[name] for w in window], steps, fit_window)
             trajectories[name] = {
-                "energy_rank1": fit.trajectory.energy, "delta_energy": fit.trajectory.delta_energy,
+                "energy_rank1": fit.trajectory.energy,
+                "delta_energy": fit.trajectory.delta_energy,
                 "coefficients": fit.trajectory.coefficients.tolist(),
-                "alpha": fit.line.alpha, "beta": fit.line.beta, "r2": fit.line.r2}
+                "alpha": fit.line.alpha,
+                "beta": fit.line.beta,
+                "r2": fit.line.r2,
+            }
             if args.extrapolate_to is not None:
                 trajectories[name]["a_target"] = fit.line(args.extrapolate_to)
                 extrapolated[name] = fit.at(w0, args.extrapolate_to).to(w1.dtype)
@@ -218,9 +258,11 @@ def _analyze(args, base: _Weights, window: list[_Weights], steps: list[int | Non
     analysis = {
         "sparsity": {
             "rule": "unchanged iff |w' - w| <= max(atol, rtol * min(|w|, |w'|))",
-            "compare_dtype": args.compare_dtype, "overall": _sparsity_entry(overall),
+            "compare_dtype": args.compare_dtype,
+            "overall": _sparsity_entry(overall),
             "per_layer": {layer: _sparsity_entry(c) for layer, c in layers.items()},
-            "per_tensor": {n: {**_sparsity_entry(c), "rtol": r, "atol": a} for n, (c, r, a) in sparsity.items()}},
+            "per_tensor": {n: {**_sparsity_entry(c), "rtol": r, "atol": a} for n, (c, r, a) in sparsity.items()},
+        },
         "spectral": {"top_k": args.top_k, "full_svd_max_work": wa.FULL_SVD_MAX_WORK, "matrices": spectra},
     }
     if relex:
@@ -235,13 +277,16 @@ def _relex_summary(target: int | None, steps: list[int], fit_steps: list[int], p
     total = sum(t["delta_energy"] for t in per_tensor.values())
     return {
         "method": "per tensor: u = top right-singular vector of D (rows d_s = theta_s - theta_0), "
-                  "a_s = d_s . u, a(t) = alpha + beta t least squares on fit_steps, theta(T) = theta_0 + a(T) u",
-        "steps": steps, "fit_steps": fit_steps, "target_step": target,
+        "a_s = d_s . u, a(t) = alpha + beta t least squares on fit_steps, theta(T) = theta_0 + a(T) u",
+        "steps": steps,
+        "fit_steps": fit_steps,
+        "target_step": target,
         "energy_rank1_overall": explained / total if total else None,
         "energy_rank1_median": statistics.median(energies) if energies else None,
         "r2_median": statistics.median(r2s) if r2s else None,
         "note": "with 2 fit steps the line is exact: R² = 1 by construction" if len(fit_steps) == 2 else None,
-        "per_tensor": per_tensor}
+        "per_tensor": per_tensor,
+    }
 
 
 def _write_extrapolated(target: Path, latest: Path, tensors: dict[str, torch.Tensor]) -> None:
@@ -255,8 +300,9 @@ def _write_extrapolated(target: Path, latest: Path, tensors: dict[str, torch.Ten
         for file in latest.iterdir():
             if file.is_file() and not any(file.match(pattern) for pattern in _NOT_COPIED):
                 shutil.copy2(file, tmp / file.name)
-        save_file({n: t.contiguous() for n, t in tensors.items()}, str(tmp / "model.safetensors"),
-                  metadata={"format": "pt"})
+        save_file(
+            {n: t.contiguous() for n, t in tensors.items()}, str(tmp / "model.safetensors"), metadata={"format": "pt"}
+        )
 
     save_atomically(target, save)
 
@@ -286,9 +332,11 @@ def _plot_spectrum(path: Path, analysis: dict) -> None:
         if entry["layer"] is not None:
             kind = name.split(f"layers.{entry['layer']}.", 1)[1].removesuffix(".weight")
             kinds.setdefault(kind, []).append((entry["layer"], entry))
-    panels = [("sigma_rel_change_max", f"max over top-{analysis['spectral']['top_k']} of |Δσ|/σ", True),
-              ("rotation_left_deg", "top-k left subspace rotation [degrees]", True),
-              ("alignment", "‖U_kᵀ ΔW V_k‖_F / ‖ΔW‖_F", False)]
+    panels = [
+        ("sigma_rel_change_max", f"max over top-{analysis['spectral']['top_k']} of |Δσ|/σ", True),
+        ("rotation_left_deg", "top-k left subspace rotation [degrees]", True),
+        ("alignment", "‖U_kᵀ ΔW V_k‖_F / ‖ΔW‖_F", False),
+    ]
     fig = Figure(figsize=(14, 4.2), layout="constrained")
     for i, (key, label, log) in enumerate(panels):
         ax = fig.add_subplot(1, len(panels), i + 1)
@@ -319,8 +367,7 @@ def _plot_relex(path: Path, relex: dict) -> None:
         entry = per_tensor[name]
         scale = abs(entry["coefficients"][-1]) or 1.0
         (line,) = ax.plot(steps, [a / scale for a in entry["coefficients"]], "o", ms=4, label=name)
-        ax.plot(span, [(entry["alpha"] + entry["beta"] * t) / scale for t in span], "-", lw=1,
-                color=line.get_color())
+        ax.plot(span, [(entry["alpha"] + entry["beta"] * t) / scale for t in span], "-", lw=1, color=line.get_color())
         if target is not None:
             ax.plot([target], [entry["a_target"] / scale], "*", ms=11, color=line.get_color())
     ax.set_xlabel("training step")
@@ -329,8 +376,9 @@ def _plot_relex(path: Path, relex: dict) -> None:
     ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
     ax = fig.add_subplot(1, 2, 2)
-    ax.scatter(*[[math.nan if e[key] is None else e[key] for e in per_tensor.values()]
-                 for key in ("energy_rank1", "r2")], s=8)
+    ax.scatter(
+        *[[math.nan if e[key] is None else e[key] for e in per_tensor.values()] for key in ("energy_rank1", "r2")], s=8
+    )
     ax.set_xlabel("energy fraction of the rank-1 direction $\\sigma_1^2 / \\|D\\|_F^2$")
     ax.set_ylabel("$R^2$ of the linear fit")
     ax.ticklabel_format(useOffset=False)
@@ -347,8 +395,10 @@ def _fmt(value: float | None) -> str:
 def _summary(args, analysis: dict, base: Path, latest: Path, step: int | None, written: Path | None) -> str:
     sparsity = analysis["sparsity"]
     overall, per_layer = sparsity["overall"], sparsity["per_layer"]
-    lines = [f"base {base}\ncheckpoint {latest}" + (f" (step {step})" if step is not None else ""),
-             f"update sparsity: {overall['fraction_unchanged']:.2%} of {overall['total']:,} parameters unchanged"]
+    lines = [
+        f"base {base}\ncheckpoint {latest}" + (f" (step {step})" if step is not None else ""),
+        f"update sparsity: {overall['fraction_unchanged']:.2%} of {overall['total']:,} parameters unchanged",
+    ]
     if per_layer:
         fractions = {layer: e["fraction_unchanged"] for layer, e in per_layer.items()}
         low, high = min(fractions, key=fractions.get), max(fractions, key=fractions.get)
@@ -361,17 +411,21 @@ def _summary(args, analysis: dict, base: Path, latest: Path, step: int | None, w
             values = [e[key] for e in matrices if e[key] is not None]
             return statistics.median(values) if values else math.nan
 
-        lines.append(f"spectral drift (top-{args.top_k}, {len(matrices)} matrices: {methods['full']} full SVD, "
-                     f"{methods['randomized']} randomized), medians: "
-                     f"max |Δσ|/σ {median('sigma_rel_change_max'):.3g}, "
-                     f"rotation {median('rotation_left_deg'):.3g}° (left) {median('rotation_right_deg'):.3g}° "
-                     f"(right), alignment {median('alignment'):.3g}, rank(ΔW)/min(m,n) "
-                     f"{median('delta_rank_fraction'):.3g}")
+        lines.append(
+            f"spectral drift (top-{args.top_k}, {len(matrices)} matrices: {methods['full']} full SVD, "
+            f"{methods['randomized']} randomized), medians: "
+            f"max |Δσ|/σ {median('sigma_rel_change_max'):.3g}, "
+            f"rotation {median('rotation_left_deg'):.3g}° (left) {median('rotation_right_deg'):.3g}° "
+            f"(right), alignment {median('alignment'):.3g}, rank(ΔW)/min(m,n) "
+            f"{median('delta_rank_fraction'):.3g}"
+        )
     if "relex" in analysis:
         relex = analysis["relex"]
-        lines.append(f"RELEX over steps {relex['steps']} (line on {relex['fit_steps']}): rank-1 energy "
-                     f"{_fmt(relex['energy_rank1_overall'])} overall, median {_fmt(relex['energy_rank1_median'])}; "
-                     f"median R² {_fmt(relex['r2_median'])}")
+        lines.append(
+            f"RELEX over steps {relex['steps']} (line on {relex['fit_steps']}): rank-1 energy "
+            f"{_fmt(relex['energy_rank1_overall'])} overall, median {_fmt(relex['energy_rank1_median'])}; "
+            f"median R² {_fmt(relex['r2_median'])}"
+        )
         if written is not None:
             lines.append(f"  extrapolated to step {args.extrapolate_to}: {written}")
     return "\n".join(lines)
@@ -392,8 +446,10 @@ def run(args: argparse.Namespace) -> int:
         base_dir = _model_dir(args.base)
         paths = _checkpoints(args.checkpoints)
         if args.extrapolate_to is not None and len(paths) < 2:
-            raise ValueError(f"RELEX (--extrapolate-to) needs at least 2 checkpoints, got 1: {paths[0]}; "
-                             f"pass several, or a run directory that keeps several")
+            raise ValueError(
+                f"RELEX (--extrapolate-to) needs at least 2 checkpoints, got 1: {paths[0]}; "
+                f"pass several, or a run directory that keeps several"
+            )
         paths, steps = _window(paths)
         base = _Weights(base_dir)
         window = [_Weights(p) for p in paths]
@@ -405,8 +461,13 @@ def run(args: argparse.Namespace) -> int:
     fit_window = min(args.window or len(paths), len(paths))
     analysis, extrapolated = _analyze(args, base, window, steps, fit_window, names)
     skipped = [TIED_HEAD] if tied and TIED_HEAD in base.names() | window[-1].names() else []
-    analysis = {"base": str(base_dir), "checkpoint": str(paths[-1]), "checkpoint_step": steps[-1],
-                "skipped_tied_tensors": skipped, **analysis}
+    analysis = {
+        "base": str(base_dir),
+        "checkpoint": str(paths[-1]),
+        "checkpoint_step": steps[-1],
+        "skipped_tied_tensors": skipped,
+        **analysis,
+    }
     out.mkdir(parents=True, exist_ok=True)
     written = None
     if extrapolated:

@@ -31,7 +31,7 @@ class CalibrationSpec:
     t: float = 0.0  # exponent of the transform
 
     @classmethod
-    def parse(cls, value: dict | None) -> "CalibrationSpec | None":
+    def parse(cls, value: dict | None) -> CalibrationSpec | None:
         """From config key `reward_calibration` ({samples, t} or null); ValueError names a bad field."""
         if value is None:
             return None
@@ -59,6 +59,7 @@ def transformed(rewards: torch.Tensor, reference_rewards: Sequence[Sequence[floa
     """exp(t·C) of group-major rewards (len(rewards) / len(reference_rewards) per prompt), each
     calibrated against its prompt's sorted reference rewards."""
     group = len(rewards) // len(reference_rewards)
-    c = torch.tensor([calibrated(float(r), reference_rewards[i // group]) for i, r in enumerate(rewards)],
-                     dtype=rewards.dtype)
+    c = torch.tensor(
+        [calibrated(float(r), reference_rewards[i // group]) for i, r in enumerate(rewards)], dtype=rewards.dtype
+    )
     return torch.exp(t * c)

@@ -51,8 +51,7 @@ def _sha256(path: Path) -> str:
 def write_manifest(directory: Path) -> None:
     """`directory/manifest.json`: every other file's relative path, size and sha256."""
     files = sorted(p for p in directory.rglob("*") if p.is_file() and p.name != MANIFEST)
-    entries = {p.relative_to(directory).as_posix(): {"bytes": p.stat().st_size, "sha256": _sha256(p)}
-               for p in files}
+    entries = {p.relative_to(directory).as_posix(): {"bytes": p.stat().st_size, "sha256": _sha256(p)} for p in files}
     (directory / MANIFEST).write_text(json.dumps({"files": entries}, indent=1))
 
 
@@ -61,8 +60,10 @@ def checkpoint_problem(path: Path, checksums: bool = True) -> str | None:
     manifest and the files' sizes are checked (cheap: what a listing needs; a resume hashes)."""
     manifest = path / MANIFEST
     if not manifest.is_file():
-        return (f"it has no {MANIFEST} (its write did not finish, or an older divrl wrote it); pass "
-                f"the directory itself as a model to use its weights")
+        return (
+            f"it has no {MANIFEST} (its write did not finish, or an older divrl wrote it); pass "
+            f"the directory itself as a model to use its weights"
+        )
     try:
         files = json.loads(manifest.read_text())["files"]
         expected = {name: (int(entry["bytes"]), str(entry["sha256"])) for name, entry in files.items()}
@@ -115,8 +116,16 @@ def remove_partial_writes(run_dir: Path) -> list[Path]:
     return partial
 
 
-def save_checkpoint(run_dir: Path, step: int, model, tokenizer, optimizer,
-                    generator: torch.Generator, keep: int, state: dict | None = None) -> Path:
+def save_checkpoint(
+    run_dir: Path,
+    step: int,
+    model,
+    tokenizer,
+    optimizer,
+    generator: torch.Generator,
+    keep: int,
+    state: dict | None = None,
+) -> Path:
     """Write `checkpoints/step-N/`; `state` (JSON-able: e.g. the prompt sampler's) goes into
     trainer_state.json beside the step. The `keep` newest complete checkpoints are kept, older
     ones deleted only once the new one is complete. A failed write raises CheckpointWriteError
@@ -136,11 +145,14 @@ def save_checkpoint(run_dir: Path, step: int, model, tokenizer, optimizer,
     try:
         save_atomically(target, save)
     except Exception as err:  # safetensors and torch.save report a full disk as their own errors
-        intact = (f"the previous checkpoint {previous[-1][1]} is intact" if previous
-                  else "no earlier checkpoint was written")
-        raise CheckpointWriteError(f"writing checkpoint {target} failed: {type(err).__name__}: {err}; "
-                                   f"{intact}; free disk space (or fix the cause) and continue with "
-                                   f"--set resume=true") from err
+        intact = (
+            f"the previous checkpoint {previous[-1][1]} is intact" if previous else "no earlier checkpoint was written"
+        )
+        raise CheckpointWriteError(
+            f"writing checkpoint {target} failed: {type(err).__name__}: {err}; "
+            f"{intact}; free disk space (or fix the cause) and continue with "
+            f"--set resume=true"
+        ) from err
     for _, old in checkpoint_dirs(run_dir)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return target
@@ -157,9 +169,10 @@ def load_checkpoint(path: Path, model, optimizer, generator: torch.Generator) ->
     missing, unexpected = model.load_state_dict(state, strict=False)
     tied = {"lm_head.weight"} if getattr(model.config, "tie_word_embeddings", False) else set()
     if set(missing) - tied or unexpected:
-        raise RuntimeError(f"checkpoint {path} does not match the model: missing {missing}, "
-                           f"unexpected {unexpected}")
-    optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True))  # to the params' device
+        raise RuntimeError(f"checkpoint {path} does not match the model: missing {missing}, unexpected {unexpected}")
+    optimizer.load_state_dict(
+        torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True)
+    )  # to the params' device
     rng = torch.load(path / "rng.pt", weights_only=True)
     generator.set_state(rng["sampling"])
     torch.set_rng_state(rng["torch"])
@@ -183,6 +196,8 @@ def resolve_model(spec: str) -> str:
         return spec
     found = latest_checkpoint(Path(spec))
     if found is None:
-        raise FileNotFoundError(f"run directory '{spec}' has no complete checkpoint (checkpoints/step-N/ "
-                                f"whose files all match its {MANIFEST})")
+        raise FileNotFoundError(
+            f"run directory '{spec}' has no complete checkpoint (checkpoints/step-N/ "
+            f"whose files all match its {MANIFEST})"
+        )
     return str(found[1])

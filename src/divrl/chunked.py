@@ -65,11 +65,13 @@ class Head:
     def __post_init__(self):
         if self.weight.dim() != 2 or (self.bias is not None and self.bias.shape != self.weight.shape[:1]):
             bias = None if self.bias is None else tuple(self.bias.shape)
-            raise ValueError(f"a head needs weight (V, H) and bias (V,) or None: weight "
-                             f"{tuple(self.weight.shape)}, bias {bias}")
+            raise ValueError(
+                f"a head needs weight (V, H) and bias (V,) or None: weight {tuple(self.weight.shape)}, bias {bias}"
+            )
         if self.temperature <= 0 or (self.softcap is not None and self.softcap <= 0):
-            raise ValueError(f"temperature and softcap must be positive: temperature {self.temperature}, "
-                             f"softcap {self.softcap}")
+            raise ValueError(
+                f"temperature and softcap must be positive: temperature {self.temperature}, softcap {self.softcap}"
+            )
 
     @property
     def vocab_size(self) -> int:
@@ -95,8 +97,10 @@ def _as_head(head: Head | Tensor, temperature: float) -> Head:
     if not isinstance(head, Head):
         return Head(head, temperature=temperature)
     if temperature != 1.0:
-        raise ValueError(f"a Head carries its own temperature: pass head.at_temperature({temperature}) "
-                         f"instead of temperature={temperature}")
+        raise ValueError(
+            f"a Head carries its own temperature: pass head.at_temperature({temperature}) "
+            f"instead of temperature={temperature}"
+        )
     return head
 
 
@@ -374,8 +378,9 @@ def logprob_entropy(
         sampled_lin = (hidden.to(acc) * head.weight[tokens].to(acc)).sum(-1)
         if head.bias is not None:
             sampled_lin = sampled_lin + head.bias[tokens].to(acc)
-        lse, entropy, sampled = _LseEntropy.apply(hidden, head.weight, head.bias, tokens, _constants(head),
-                                                  chunk_tokens, chunk_vocab)
+        lse, entropy, sampled = _LseEntropy.apply(
+            hidden, head.weight, head.bias, tokens, _constants(head), chunk_tokens, chunk_vocab
+        )
     differentiable = _activate(sampled_lin, head)
     return (sampled - lse) + (differentiable - differentiable.detach()), entropy
 
@@ -415,8 +420,21 @@ class _Divergence(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, target_hidden, target_weight, target_bias, token_weights,
-                constants, target_constants, term, chunk_tokens, chunk_vocab):
+    def forward(
+        ctx,
+        hidden,
+        weight,
+        bias,
+        target_hidden,
+        target_weight,
+        target_bias,
+        token_weights,
+        constants,
+        target_constants,
+        term,
+        chunk_tokens,
+        chunk_vocab,
+    ):
         head, target_head = Head(weight, bias, *constants), Head(target_weight, target_bias, *target_constants)
         need_grad, need_bias = any(ctx.needs_input_grad[:3]), ctx.needs_input_grad[2]
         precompute = need_grad and token_weights is not None
@@ -464,8 +482,9 @@ class _Divergence(torch.autograd.Function):
                     _add_matmul(partial_grad_weight[worker][cols], grad_lin.T, hidden[rows])
 
         _in_parallel(row_block, blocks, workers)
-        ctx.save_for_backward(hidden, weight, bias, target_hidden, target_weight, target_bias,
-                              lse_p, lse_q, grad_sum, token_weights)
+        ctx.save_for_backward(
+            hidden, weight, bias, target_hidden, target_weight, target_bias, lse_p, lse_q, grad_sum, token_weights
+        )
         ctx.setup = (constants, target_constants, term, chunk_tokens, chunk_vocab)
         ctx.precomputed = None
         if precompute:
@@ -539,6 +558,16 @@ def divergence(
         token_weights = token_weights.detach().to(_accumulation_dtype(hidden.dtype)).expand(hidden.shape[0])
     with _autocast_off(hidden.device):
         return _Divergence.apply(
-            hidden, head.weight, head.bias, target_hidden, target_head.weight, target_head.bias, token_weights,
-            _constants(head), _constants(target_head), term, chunk_tokens, chunk_vocab,
+            hidden,
+            head.weight,
+            head.bias,
+            target_hidden,
+            target_head.weight,
+            target_head.bias,
+            token_weights,
+            _constants(head),
+            _constants(target_head),
+            term,
+            chunk_tokens,
+            chunk_vocab,
         )

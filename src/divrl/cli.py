@@ -64,10 +64,17 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     train = sub.add_parser("train", help="train a model: policy gradient and/or divergence terms to any target")
     train.add_argument("config", nargs="?", help="YAML config file (keys: divrl train --help-config)")
-    train.add_argument("--set", action="append", metavar="KEY=VALUE",
-                       help="override one config key (repeatable); dict keys as a.b=value")
-    train.add_argument("--recipe", metavar="NAME",
-                       help="start from a recipe (list: divrl recipes); the config file and --set override it")
+    train.add_argument(
+        "--set",
+        action="append",
+        metavar="KEY=VALUE",
+        help="override one config key (repeatable); dict keys as a.b=value",
+    )
+    train.add_argument(
+        "--recipe",
+        metavar="NAME",
+        help="start from a recipe (list: divrl recipes); the config file and --set override it",
+    )
     train.add_argument("--help-config", action="store_true", help="list every config key and exit")
     train.set_defaults(func=_train)
     listing = sub.add_parser("recipes", help="list the recipes: name, description, paper")

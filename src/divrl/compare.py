@@ -23,8 +23,11 @@ from divrl import metrics
 from divrl.checkpoint import is_run_dir
 from divrl.runlog import read_metrics
 
-TRAJECTORIES = (("reward", "train reward (mean)"), ("kl", "KL(πθ ‖ π_ref) per token"),
-                ("entropy", "entropy per token (nats)"))
+TRAJECTORIES = (
+    ("reward", "train reward (mean)"),
+    ("kl", "KL(πθ ‖ π_ref) per token"),
+    ("entropy", "entropy per token (nats)"),
+)
 
 
 class CompareError(ValueError):
@@ -73,8 +76,11 @@ def load_entry(path: str | Path, label: str | None = None) -> Entry:
 
 
 def _check_same_task(entries: list[Entry]) -> None:
-    tasks = {(e.eval["meta"].get("task"), json.dumps(e.eval["meta"].get("task_params"), sort_keys=True))
-             for e in entries if e.eval is not None}
+    tasks = {
+        (e.eval["meta"].get("task"), json.dumps(e.eval["meta"].get("task_params"), sort_keys=True))
+        for e in entries
+        if e.eval is not None
+    }
     if len(tasks) > 1:
         raise CompareError("the evals are of different tasks: " + "; ".join(f"{t} {p}" for t, p in sorted(tasks)))
 
@@ -103,28 +109,50 @@ def table(entries: list[Entry]) -> str:
     """The Markdown table: per input its final numbers, then each input's difference from the first."""
     ks = sorted({k for e in entries if e.eval for k in e.eval["ks"]})
     shown = [k for k in ks if k == 1 or k == ks[-1] or k in (8, 16)]
-    lines = ["| input | prompts × n | " + " | ".join(f"pass@{k}" for k in shown) +
-             " | maj@max | coverage | distinct correct answers | entropy | KL to ref | length | wall time |",
-             "|---|---|" + "---|" * (len(shown) + 7)]
+    lines = [
+        "| input | prompts × n | "
+        + " | ".join(f"pass@{k}" for k in shown)
+        + " | maj@max | coverage | distinct correct answers | entropy | KL to ref | length | wall time |",
+        "|---|---|" + "---|" * (len(shown) + 7),
+    ]
     for e in entries:
         ev = e.eval
         if ev is not None:
-            cells = [f"{ev[f'pass@{k}']:.3f} [{ev[f'pass@{k}_ci'][0]:.3f}, {ev[f'pass@{k}_ci'][1]:.3f}]"
-                     if k in ev["ks"] else "—" for k in shown]
-            row = [f"{ev['prompts']} × {ev['n']}", *cells, _cell(ev.get(f"maj@{ev['n']}")), _cell(ev["coverage"]),
-                   _cell(ev["distinct_correct_answers"], 2), _cell(ev["entropy"]), _cell(ev["kl"], 4),
-                   _cell(ev["length"], 1)]
+            cells = [
+                f"{ev[f'pass@{k}']:.3f} [{ev[f'pass@{k}_ci'][0]:.3f}, {ev[f'pass@{k}_ci'][1]:.3f}]"
+                if k in ev["ks"]
+                else "—"
+                for k in shown
+            ]
+            row = [
+                f"{ev['prompts']} × {ev['n']}",
+                *cells,
+                _cell(ev.get(f"maj@{ev['n']}")),
+                _cell(ev["coverage"]),
+                _cell(ev["distinct_correct_answers"], 2),
+                _cell(ev["entropy"]),
+                _cell(ev["kl"], 4),
+                _cell(ev["length"], 1),
+            ]
         else:
             last = next((r for r in reversed(e.rows) if "eval_pass@1" in r), {})
             p1 = f"{last['eval_pass@1']:.3f} ± {last['eval_pass@1_se']:.3f}" if last else "—"
-            row = [f"{last.get('eval_prompts', '—')} × {last.get('eval_samples', '—')}",
-                   *[p1 if k == 1 else "—" for k in shown], *["—"] * 6]
+            row = [
+                f"{last.get('eval_prompts', '—')} × {last.get('eval_samples', '—')}",
+                *[p1 if k == 1 else "—" for k in shown],
+                *["—"] * 6,
+            ]
         wall = e.wall_seconds
         row.append("—" if wall is None else f"{wall / 60:.1f} min (train steps)")
         lines.append(f"| {e.label} | " + " | ".join(row) + " |")
     if len(entries) > 1:
-        lines += ["", f"Differences from **{entries[0].label}** (95% interval):", "",
-                  "| input | k | difference | interval | method |", "|---|---|---|---|---|"]
+        lines += [
+            "",
+            f"Differences from **{entries[0].label}** (95% interval):",
+            "",
+            "| input | k | difference | interval | method |",
+            "|---|---|---|---|---|",
+        ]
         for e in entries[1:]:
             for k in shown or [1]:
                 found = difference(e, entries[0], k)
@@ -152,8 +180,9 @@ def plot(entries: list[Entry], path: Path) -> None:
             low, high = zip(*(e.eval[f"pass@{k}_ci"] for k in ks))
             ax.fill_between(ks, low, high, color=colour[e.label], alpha=0.15)
     ax.set_xscale("log", base=2)
-    ax.set(xlabel="k (samples per prompt)", ylabel="pass@k", title="held-out pass@k (95% bootstrap band)",
-           ylim=(0, 1.02))
+    ax.set(
+        xlabel="k (samples per prompt)", ylabel="pass@k", title="held-out pass@k (95% bootstrap band)", ylim=(0, 1.02)
+    )
     for ax, (key, title) in zip(axes.flat[1:], TRAJECTORIES):
         for e in entries:
             points = [(r["step"], r[key]) for r in e.rows if key in r and r[key] is not None]
@@ -171,9 +200,15 @@ def plot(entries: list[Entry], path: Path) -> None:
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    parser = subparsers.add_parser("compare", help="overlay pass@k curves and trajectories of runs/evals; table with CIs",
-                                   description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("inputs", nargs="+", metavar="RUN_OR_EVAL", help="run directories, eval directories or eval.json files")
+    parser = subparsers.add_parser(
+        "compare",
+        help="overlay pass@k curves and trajectories of runs/evals; table with CIs",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "inputs", nargs="+", metavar="RUN_OR_EVAL", help="run directories, eval directories or eval.json files"
+    )
     parser.add_argument("--labels", help="comma-separated labels, one per input (default: directory names)")
     parser.add_argument("--out", default="compare", help="output directory (default ./compare)")
     parser.set_defaults(func=run)

@@ -43,194 +43,306 @@ SEED_LIMIT = 2**32
 @dataclass
 class TrainConfig:
     # What to train, on what.
-    model: str = _doc("'default' (embedded SmolLM2-135M-Instruct), 'tiny' (random few-M Llama for "
-                      "smoke tests), a local Hugging Face model directory, or a hub id.", default="default")
-    task: str = _doc("A reasoning-gym dataset name (e.g. chain_sum) or a path to a .jsonl file with "
-                     "'prompt' and 'answer' fields.", default="chain_sum")
-    task_params: dict = _doc("Keyword arguments of reasoning_gym.create_dataset for the task.",
-                             default_factory=lambda: {"min_terms": 2, "max_terms": 2, "min_digits": 1,
-                                                      "max_digits": 1, "allow_negation": False})
-    verifier: str = _doc("For JSONL tasks: 'exact' (extracted answer == answer) or 'module:function' "
-                         "called as f(completion, answer) -> float.", default="exact")
-    reward_timeout: float | None = _doc("Seconds a verifier call may take; a longer one scores 0 and is "
-                                        "counted (reward_timeouts). null: no limit. In the trainer's "
-                                        "process it needs POSIX and the main thread and cannot cut short "
-                                        "C code; reward_workers enforce it always.",
-                                        default=guarded_verifier.DEFAULT_TIMEOUT)
-    reward_workers: int = _doc("0: call the verifier in the trainer's process; N: in N worker "
-                               "processes, so a verifier that crashes (segfault, os._exit) or hangs "
-                               "is killed and replaced, its call scored 0 and counted (reward_crashes, "
-                               "reward_timeouts).", default=0)
-    system_prompt: str | None = _doc("System message for chat models (None: the model's default).",
-                                     default=None)
-    train_size: int = _doc("Number of training prompts generated (reasoning-gym) or kept (JSONL).",
-                           default=2000)
+    model: str = _doc(
+        "'default' (embedded SmolLM2-135M-Instruct), 'tiny' (random few-M Llama for "
+        "smoke tests), a local Hugging Face model directory, or a hub id.",
+        default="default",
+    )
+    task: str = _doc(
+        "A reasoning-gym dataset name (e.g. chain_sum) or a path to a .jsonl file with 'prompt' and 'answer' fields.",
+        default="chain_sum",
+    )
+    task_params: dict = _doc(
+        "Keyword arguments of reasoning_gym.create_dataset for the task.",
+        default_factory=lambda: {
+            "min_terms": 2,
+            "max_terms": 2,
+            "min_digits": 1,
+            "max_digits": 1,
+            "allow_negation": False,
+        },
+    )
+    verifier: str = _doc(
+        "For JSONL tasks: 'exact' (extracted answer == answer) or 'module:function' "
+        "called as f(completion, answer) -> float.",
+        default="exact",
+    )
+    reward_timeout: float | None = _doc(
+        "Seconds a verifier call may take; a longer one scores 0 and is "
+        "counted (reward_timeouts). null: no limit. In the trainer's "
+        "process it needs POSIX and the main thread and cannot cut short "
+        "C code; reward_workers enforce it always.",
+        default=guarded_verifier.DEFAULT_TIMEOUT,
+    )
+    reward_workers: int = _doc(
+        "0: call the verifier in the trainer's process; N: in N worker "
+        "processes, so a verifier that crashes (segfault, os._exit) or hangs "
+        "is killed and replaced, its call scored 0 and counted (reward_crashes, "
+        "reward_timeouts).",
+        default=0,
+    )
+    system_prompt: str | None = _doc("System message for chat models (None: the model's default).", default=None)
+    train_size: int = _doc("Number of training prompts generated (reasoning-gym) or kept (JSONL).", default=2000)
     eval_size: int = _doc("Number of held-out evaluation prompts.", default=64)
     seed: int = _doc("Seed of weights init (tiny), data order, sampling and the training split.", default=0)
     eval_seed: int = _doc("Seed of the held-out split (must differ from seed).", default=12345)
-    teacher: str | None = _doc("Teacher model for targets that name 'teacher' (any form `model` "
-                               "takes; 'tiny' is a differently seeded tiny model); frozen, same "
-                               "vocabulary as the policy. Loaded only if a term uses it.", default=None)
-    reference: str | None = _doc("Reference model π_ref of targets that name 'reference': null = a "
-                                 "frozen copy of the policy's initial weights; or any form `model` "
-                                 "takes (e.g. a teacher's pre-RL base, G-OPD's reward correction).",
-                                 default=None)
+    teacher: str | None = _doc(
+        "Teacher model for targets that name 'teacher' (any form `model` "
+        "takes; 'tiny' is a differently seeded tiny model); frozen, same "
+        "vocabulary as the policy. Loaded only if a term uses it.",
+        default=None,
+    )
+    reference: str | None = _doc(
+        "Reference model π_ref of targets that name 'reference': null = a "
+        "frozen copy of the policy's initial weights; or any form `model` "
+        "takes (e.g. a teacher's pre-RL base, G-OPD's reward correction).",
+        default=None,
+    )
     # The step.
     steps: int = _doc("Number of optimizer steps.", default=30)
     prompts_per_step: int = _doc("Prompts per step (P).", default=8)
     group_size: int = _doc("Completions sampled per prompt (G).", default=8)
-    max_new_tokens: int = _doc("Longest completion; longer ones are truncated (and usually wrong).",
-                               default=32)
-    overlong_prompts: str = _doc("Prompts longer than the model's context less max_new_tokens: "
-                                 "'reject' (error before training, naming the first), 'truncate' "
-                                 "(keep each one's tail) or 'skip' (drop them); counted in the log and "
-                                 "metrics.jsonl's step-0 row.", default="reject")
+    max_new_tokens: int = _doc("Longest completion; longer ones are truncated (and usually wrong).", default=32)
+    overlong_prompts: str = _doc(
+        "Prompts longer than the model's context less max_new_tokens: "
+        "'reject' (error before training, naming the first), 'truncate' "
+        "(keep each one's tail) or 'skip' (drop them); counted in the log and "
+        "metrics.jsonl's step-0 row.",
+        default="reject",
+    )
     temperature: float = _doc("Sampling temperature of training rollouts.", default=0.7)
     top_p: float = _doc("Nucleus sampling threshold of rollouts (1.0 = off).", default=1.0)
-    policy_gradient: bool = _doc("Include the clipped policy-gradient term (false: pure "
-                                 "distillation by the divergence terms).", default=True)
-    pg_loss: str | dict = _doc("Policy-gradient surrogate (divrl.surrogates): 'clipped' (PPO, with "
-                               "clip_low/clip_high), 'reinforce' (−A·log πθ, no ratio) or {nft: "
-                               "{epsilon: 1.0, clamp: 0.02, negative_weight: 1.0}}.", default="clipped")
-    advantage: str = _doc("'group_norm' (GRPO: (r − mean)/std per group), 'mean_only' "
-                          "(Dr. GRPO: r − mean) or 'signed' (PSR/NSR: +1 if the sample passes, "
-                          "else −1, no baseline).", default="group_norm")
-    advantage_std: str = _doc("Std of 'group_norm': 'sample' (unbiased, GRPO) or 'population'.",
-                              default="sample")
+    policy_gradient: bool = _doc(
+        "Include the clipped policy-gradient term (false: pure distillation by the divergence terms).", default=True
+    )
+    pg_loss: str | dict = _doc(
+        "Policy-gradient surrogate (divrl.surrogates): 'clipped' (PPO, with "
+        "clip_low/clip_high), 'reinforce' (−A·log πθ, no ratio) or {nft: "
+        "{epsilon: 1.0, clamp: 0.02, negative_weight: 1.0}}.",
+        default="clipped",
+    )
+    advantage: str = _doc(
+        "'group_norm' (GRPO: (r − mean)/std per group), 'mean_only' "
+        "(Dr. GRPO: r − mean) or 'signed' (PSR/NSR: +1 if the sample passes, "
+        "else −1, no baseline).",
+        default="group_norm",
+    )
+    advantage_std: str = _doc("Std of 'group_norm': 'sample' (unbiased, GRPO) or 'population'.", default="sample")
     advantage_clip: float = _doc("Clip advantages to ±advantage_clip (0 = no clip).", default=0.0)
-    pg_mask: dict | str | None = _doc("Token mask of the policy-gradient term: a divrl.weights "
-                                      "name or {name: {params}}, e.g. {entropy_quantile: {top: 0.2}}.",
-                                      default=None)
-    pg_weight: dict | str | None = _doc("Token weight of the policy-gradient term, e.g. "
-                                        "{pass_rate: {a: 1, b: 1}}.", default=None)
-    pg_mask_mean: bool = _doc("Average the policy-gradient term over the tokens pg_mask keeps, not "
-                              "over all tokens (a term's own key is mask_mean).", default=False)
-    loss_aggregation: str = _doc("How token losses are summed: 'token_mean' (all tokens of the "
-                                 "batch), 'seq_mean_token_mean', 'seq_mean_token_sum', or "
-                                 "'seq_mean_token_sum_norm' (Dr. GRPO: token sums / loss_normalizer, "
-                                 "mean over sequences).", default="token_mean")
-    loss_normalizer: float | None = _doc("The constant of 'seq_mean_token_sum_norm' (default "
-                                         "max_new_tokens).", default=None)
-    terms: list = _doc("Divergence terms: a list of {divergence, params, target, coef, estimator, "
-                       "placement, mask, weight, mask_mean}; see the README, 'Writing an objective'.",
-                       default_factory=list)
+    pg_mask: dict | str | None = _doc(
+        "Token mask of the policy-gradient term: a divrl.weights "
+        "name or {name: {params}}, e.g. {entropy_quantile: {top: 0.2}}.",
+        default=None,
+    )
+    pg_weight: dict | str | None = _doc(
+        "Token weight of the policy-gradient term, e.g. {pass_rate: {a: 1, b: 1}}.", default=None
+    )
+    pg_mask_mean: bool = _doc(
+        "Average the policy-gradient term over the tokens pg_mask keeps, not "
+        "over all tokens (a term's own key is mask_mean).",
+        default=False,
+    )
+    loss_aggregation: str = _doc(
+        "How token losses are summed: 'token_mean' (all tokens of the "
+        "batch), 'seq_mean_token_mean', 'seq_mean_token_sum', or "
+        "'seq_mean_token_sum_norm' (Dr. GRPO: token sums / loss_normalizer, "
+        "mean over sequences).",
+        default="token_mean",
+    )
+    loss_normalizer: float | None = _doc(
+        "The constant of 'seq_mean_token_sum_norm' (default max_new_tokens).", default=None
+    )
+    terms: list = _doc(
+        "Divergence terms: a list of {divergence, params, target, coef, estimator, "
+        "placement, mask, weight, mask_mean}; see the README, 'Writing an objective'.",
+        default_factory=list,
+    )
     clip_low: float = _doc("PPO ratio clip ε_low: ratio ≥ 1 − clip_low.", default=0.2)
-    clip_high: float = _doc("PPO ratio clip ε_high (clip-higher, DAPO): ratio ≤ 1 + clip_high.",
-                            default=0.28)
+    clip_high: float = _doc("PPO ratio clip ε_high (clip-higher, DAPO): ratio ≤ 1 + clip_high.", default=0.28)
     inner_iterations: int = _doc("Optimizer passes μ over each rollout batch.", default=1)
-    overlong_buffer: float = _doc("DAPO's soft overlong penalty: the last fraction of max_new_tokens "
-                                  "in which the reward falls linearly by up to overlong_penalty "
-                                  "(paper: 4096 of 20480 = 0.2); 0 = off.", default=0.0)
-    overlong_penalty: float = _doc("The largest overlong penalty (reached at max_new_tokens).",
-                                   default=1.0)
-    entropy_anchor: dict | None = _doc("SIREN's anchored entropy regularizer: {coef: 0.005, top_p: "
-                                       "0.8, top_k: 10000, quantile: 0.8}; its anchor H₀ is the "
-                                       "first step's value, saved in checkpoints.", default=None)
-    stored_prompts: int = _doc("For stored-estimator terms (DPH-RL): how many training prompts the "
-                               "initial policy answers once, before training.", default=64)
+    overlong_buffer: float = _doc(
+        "DAPO's soft overlong penalty: the last fraction of max_new_tokens "
+        "in which the reward falls linearly by up to overlong_penalty "
+        "(paper: 4096 of 20480 = 0.2); 0 = off.",
+        default=0.0,
+    )
+    overlong_penalty: float = _doc("The largest overlong penalty (reached at max_new_tokens).", default=1.0)
+    entropy_anchor: dict | None = _doc(
+        "SIREN's anchored entropy regularizer: {coef: 0.005, top_p: "
+        "0.8, top_k: 10000, quantile: 0.8}; its anchor H₀ is the "
+        "first step's value, saved in checkpoints.",
+        default=None,
+    )
+    stored_prompts: int = _doc(
+        "For stored-estimator terms (DPH-RL): how many training prompts the "
+        "initial policy answers once, before training.",
+        default=64,
+    )
     stored_samples: int = _doc("Responses stored per such prompt.", default=8)
-    stored_solved: float = _doc("Pass rate at which a stored prompt counts as solved: its responses "
-                                "feed the stored terms and it leaves the policy-gradient prompts "
-                                "(DPH-RL: 6/8).", default=0.75)
-    stored_per_step: int = _doc("Stored prompts (with all their responses) per training step.",
-                                default=4)
-    stored_temperature: float | None = _doc("Sampling temperature of the stored responses "
-                                            "(default: temperature).", default=None)
-    stored_top_p: float | None = _doc("Nucleus threshold of the stored responses (default: top_p).",
-                                      default=None)
-    offline: bool = _doc("Train on the stored responses only, with no generation during training "
-                         "(ReasonMaxxer): each step takes prompts_per_step stored prompts in turn.",
-                         default=False)
-    offline_data: str = _doc("Offline: 'stored' (responses of the initial policy, stored_*) or "
-                             "'demonstrations' (supervised fine-tuning on demonstrations).",
-                             default="stored")
-    demonstrations: str | None = _doc("JSONL of {prompt, completion} demonstrations (null: built "
-                                      "from demonstrations_from).", default=None)
-    demonstrations_from: str = _doc("Without a demonstrations file: 'answers' (\"The answer is "
-                                    "{answer}.\" from the task's reference answers) or 'teacher' "
-                                    "(the teacher's first passing sample per prompt).", default="answers")
-    behaviour_cloning_steps: int = _doc("Demonstration-regularized RL: before training, this many SFT "
-                                        "steps (prompts_per_step demonstrations each) on the "
-                                        "demonstrations; the cloned model is the starting policy and the "
-                                        "reference, saved to <output_dir>/behaviour_cloned. 0 = off.",
-                                        default=0)
-    stage1: dict | None = _doc("A first stage trained before this one (ERPD): config keys that "
-                               "override this config's for it; it runs in <output_dir>/stage1 and its "
-                               "final model is this stage's teacher. null = one stage.", default=None)
-    reference_refresh_every: int = _doc("Replace the reference by a copy of the current policy every "
-                                        "this many steps (PS-KD's previous-epoch predictions); 0 = never. "
-                                        "checkpoint_every must be a multiple of it.", default=0)
+    stored_solved: float = _doc(
+        "Pass rate at which a stored prompt counts as solved: its responses "
+        "feed the stored terms and it leaves the policy-gradient prompts "
+        "(DPH-RL: 6/8).",
+        default=0.75,
+    )
+    stored_per_step: int = _doc("Stored prompts (with all their responses) per training step.", default=4)
+    stored_temperature: float | None = _doc(
+        "Sampling temperature of the stored responses (default: temperature).", default=None
+    )
+    stored_top_p: float | None = _doc("Nucleus threshold of the stored responses (default: top_p).", default=None)
+    offline: bool = _doc(
+        "Train on the stored responses only, with no generation during training "
+        "(ReasonMaxxer): each step takes prompts_per_step stored prompts in turn.",
+        default=False,
+    )
+    offline_data: str = _doc(
+        "Offline: 'stored' (responses of the initial policy, stored_*) or "
+        "'demonstrations' (supervised fine-tuning on demonstrations).",
+        default="stored",
+    )
+    demonstrations: str | None = _doc(
+        "JSONL of {prompt, completion} demonstrations (null: built from demonstrations_from).", default=None
+    )
+    demonstrations_from: str = _doc(
+        "Without a demonstrations file: 'answers' (\"The answer is "
+        "{answer}.\" from the task's reference answers) or 'teacher' "
+        "(the teacher's first passing sample per prompt).",
+        default="answers",
+    )
+    behaviour_cloning_steps: int = _doc(
+        "Demonstration-regularized RL: before training, this many SFT "
+        "steps (prompts_per_step demonstrations each) on the "
+        "demonstrations; the cloned model is the starting policy and the "
+        "reference, saved to <output_dir>/behaviour_cloned. 0 = off.",
+        default=0,
+    )
+    stage1: dict | None = _doc(
+        "A first stage trained before this one (ERPD): config keys that "
+        "override this config's for it; it runs in <output_dir>/stage1 and its "
+        "final model is this stage's teacher. null = one stage.",
+        default=None,
+    )
+    reference_refresh_every: int = _doc(
+        "Replace the reference by a copy of the current policy every "
+        "this many steps (PS-KD's previous-epoch predictions); 0 = never. "
+        "checkpoint_every must be a multiple of it.",
+        default=0,
+    )
     behaviour_cloning_lr: float = _doc("AdamW learning rate of behaviour cloning.", default=1e-5)
-    offline_keep: int = _doc("Offline: keep the stored prompts with 1 ≤ #passes ≤ stored_samples − 1 "
-                             "and, of those, the offline_keep whose pass rate is closest to 0.5 "
-                             "(0 = all of them).", default=0)
-    offline_shortest: float = _doc("Offline: the fraction of each kept prompt's responses trained "
-                                   "on, shortest first.", default=1.0)
-    prompt_sampler: str | dict = _doc("Which training prompts a step samples (divrl.prompts): "
-                                      "'sequential' (per-epoch shuffles) or {gaussian_curriculum: "
-                                      "{alpha: 0.9, sigma: 0.35}} (FG-ExPO).", default="sequential")
-    diversity_bonus: dict | None = _doc("DSDR's global diversity reward: {coef: 0.001, clip: 1.0, "
-                                        "encoder: minilm} adds coef·min(d, clip) to passing completions' "
-                                        "rewards, d the group diversity (divrl.diversity); null = off.",
-                                        default=None)
-    prompt_filter: str = _doc("Which of a step's prompts are trained on: 'none' (all) or "
-                              "'greedy_unsolved' (SELF: those the current policy answers wrongly "
-                              "when decoding greedily).", default="none")
-    dynamic_sampling: bool = _doc("DAPO's dynamic sampling: drop groups whose rewards are all equal "
-                                  "and refill the batch with fresh prompts.", default=False)
-    max_refills: int = _doc("Most extra sampling rounds per step for dynamic sampling (then the "
-                            "step trains on the groups it has).", default=10)
-    kl_coef: float = _doc("Shorthand for one term: β of a reverse-KL penalty to the reference "
-                          "model (0: none).", default=0.0)
-    kl_estimator: str = _doc("Estimator of that term: 'exact' (over the whole vocabulary), 'k2', "
-                             "'k3', 'k1_st', 'k3_st' in the loss, or 'k1' in the reward.",
-                             default="exact")
-    kl_in_reward: bool = _doc("Place that term in the reward (subtracted from the return; needs "
-                              "kl_estimator k1) instead of the loss.", default=False)
-    reward_calibration: dict | None = _doc("InfAlign's calibrate-and-transform reward "
-                                           "(divrl.calibration): {samples: K, t: T} trains on "
-                                           "exp(T·C), C = the reward's mid-rank among K samples of the "
-                                           "reference for the same prompt (T > 0: for best-of-N "
-                                           "decoding; T = 0: the calibrated reward). null: off.",
-                                           default=None)
-    monitor_kl: bool = _doc("Log 'kl', the exact reverse KL to the reference, even when no term "
-                            "uses the reference (keeps the reference model in memory).", default=True)
-    monitor_kl_every: int = _doc("Unless a reverse-KL-to-reference term computes it anyway, log 'kl' on the "
-                                 "first step and every this many steps (each costs a divergence pass, and a "
-                                 "reference forward where no term reads the reference); 1 = every step.",
-                                 default=10)
+    offline_keep: int = _doc(
+        "Offline: keep the stored prompts with 1 ≤ #passes ≤ stored_samples − 1 "
+        "and, of those, the offline_keep whose pass rate is closest to 0.5 "
+        "(0 = all of them).",
+        default=0,
+    )
+    offline_shortest: float = _doc(
+        "Offline: the fraction of each kept prompt's responses trained on, shortest first.", default=1.0
+    )
+    prompt_sampler: str | dict = _doc(
+        "Which training prompts a step samples (divrl.prompts): "
+        "'sequential' (per-epoch shuffles) or {gaussian_curriculum: "
+        "{alpha: 0.9, sigma: 0.35}} (FG-ExPO).",
+        default="sequential",
+    )
+    diversity_bonus: dict | None = _doc(
+        "DSDR's global diversity reward: {coef: 0.001, clip: 1.0, "
+        "encoder: minilm} adds coef·min(d, clip) to passing completions' "
+        "rewards, d the group diversity (divrl.diversity); null = off.",
+        default=None,
+    )
+    prompt_filter: str = _doc(
+        "Which of a step's prompts are trained on: 'none' (all) or "
+        "'greedy_unsolved' (SELF: those the current policy answers wrongly "
+        "when decoding greedily).",
+        default="none",
+    )
+    dynamic_sampling: bool = _doc(
+        "DAPO's dynamic sampling: drop groups whose rewards are all equal and refill the batch with fresh prompts.",
+        default=False,
+    )
+    max_refills: int = _doc(
+        "Most extra sampling rounds per step for dynamic sampling (then the step trains on the groups it has).",
+        default=10,
+    )
+    kl_coef: float = _doc(
+        "Shorthand for one term: β of a reverse-KL penalty to the reference model (0: none).", default=0.0
+    )
+    kl_estimator: str = _doc(
+        "Estimator of that term: 'exact' (over the whole vocabulary), 'k2', "
+        "'k3', 'k1_st', 'k3_st' in the loss, or 'k1' in the reward.",
+        default="exact",
+    )
+    kl_in_reward: bool = _doc(
+        "Place that term in the reward (subtracted from the return; needs kl_estimator k1) instead of the loss.",
+        default=False,
+    )
+    reward_calibration: dict | None = _doc(
+        "InfAlign's calibrate-and-transform reward "
+        "(divrl.calibration): {samples: K, t: T} trains on "
+        "exp(T·C), C = the reward's mid-rank among K samples of the "
+        "reference for the same prompt (T > 0: for best-of-N "
+        "decoding; T = 0: the calibrated reward). null: off.",
+        default=None,
+    )
+    monitor_kl: bool = _doc(
+        "Log 'kl', the exact reverse KL to the reference, even when no term "
+        "uses the reference (keeps the reference model in memory).",
+        default=True,
+    )
+    monitor_kl_every: int = _doc(
+        "Unless a reverse-KL-to-reference term computes it anyway, log 'kl' on the "
+        "first step and every this many steps (each costs a divergence pass, and a "
+        "reference forward where no term reads the reference); 1 = every step.",
+        default=10,
+    )
     lr: float = _doc("AdamW learning rate.", default=1e-5)
     weight_decay: float = _doc("AdamW weight decay.", default=0.0)
     max_grad_norm: float = _doc("Gradient clipping norm (0 disables).", default=1.0)
-    max_skipped_steps: int = _doc("A step whose loss or gradient is non-finite (inf, NaN) is skipped: "
-                                  "no optimizer step; its metrics row has skipped_step 1 and a "
-                                  "skip_reason naming the part (pg_loss, a term's loss, a token weight, "
-                                  "or the gradient). This many consecutive skipped steps stop the run "
-                                  "(NonFiniteError); its checkpoints keep the good weights.", default=5)
-    micro_batch_size: int = _doc("Sequences per forward/backward chunk (memory bound); whole groups, "
-                                 "so at least group_size.", default=16)
-    device: str = _doc("'auto' (the first CUDA device when there is one, else the CPU), 'cpu', 'cuda' "
-                       "or 'cuda:N': where every model and the objective run.", default="auto")
-    dtype: str = _doc("'auto' (bf16 autocast where a forward of the model measured at least 10% faster "
-                      "with it on this machine, else fp32; measured once per machine and model, cached "
-                      "in $DIVRL_CACHE/precision.json), 'float32' or 'bfloat16'.", default="auto")
+    max_skipped_steps: int = _doc(
+        "A step whose loss or gradient is non-finite (inf, NaN) is skipped: "
+        "no optimizer step; its metrics row has skipped_step 1 and a "
+        "skip_reason naming the part (pg_loss, a term's loss, a token weight, "
+        "or the gradient). This many consecutive skipped steps stop the run "
+        "(NonFiniteError); its checkpoints keep the good weights.",
+        default=5,
+    )
+    micro_batch_size: int = _doc(
+        "Sequences per forward/backward chunk (memory bound); whole groups, so at least group_size.", default=16
+    )
+    device: str = _doc(
+        "'auto' (the first CUDA device when there is one, else the CPU), 'cpu', 'cuda' "
+        "or 'cuda:N': where every model and the objective run.",
+        default="auto",
+    )
+    dtype: str = _doc(
+        "'auto' (bf16 autocast where a forward of the model measured at least 10% faster "
+        "with it on this machine, else fp32; measured once per machine and model, cached "
+        "in $DIVRL_CACHE/precision.json), 'float32' or 'bfloat16'.",
+        default="auto",
+    )
     # Evaluation and outputs.
-    eval_samples: int = _doc("Samples per held-out prompt (n); pass@k is reported for k = n.",
-                             default=4)
+    eval_samples: int = _doc("Samples per held-out prompt (n); pass@k is reported for k = n.", default=4)
     eval_temperature: float = _doc("Sampling temperature of evaluation.", default=0.7)
     eval_every: int = _doc("Evaluate every this many steps (0: only before and after).", default=10)
-    inspect_every: int = _doc("Record the completions of every this many steps, with each token's "
-                              "entropy, advantage and exact reverse KL to the reference (else the "
-                              "teacher), in inspect/step-N.json for `divrl inspect` (0: never).",
-                              default=10)
-    checkpoint_every: int = _doc("Save a checkpoint every this many steps (and at the end).",
-                                 default=10)
+    inspect_every: int = _doc(
+        "Record the completions of every this many steps, with each token's "
+        "entropy, advantage and exact reverse KL to the reference (else the "
+        "teacher), in inspect/step-N.json for `divrl inspect` (0: never).",
+        default=10,
+    )
+    checkpoint_every: int = _doc("Save a checkpoint every this many steps (and at the end).", default=10)
     keep_checkpoints: int = _doc("How many recent checkpoints to keep.", default=2)
-    output_dir: str | None = _doc("Run directory; one that holds a run is refused unless resuming. "
-                                  "null: `divrl train` makes a fresh runs/<config>-<YYYYmmdd-HHMMSS>/ "
-                                  "per run, runs/latest pointing to it (divrl.run_dirs).", default=None)
-    resume: bool = _doc("Continue from the latest checkpoint in output_dir (output_dir null: in the "
-                        "newest runs/<config>-<date-time>/).", default=False)
+    output_dir: str | None = _doc(
+        "Run directory; one that holds a run is refused unless resuming. "
+        "null: `divrl train` makes a fresh runs/<config>-<YYYYmmdd-HHMMSS>/ "
+        "per run, runs/latest pointing to it (divrl.run_dirs).",
+        default=None,
+    )
+    resume: bool = _doc(
+        "Continue from the latest checkpoint in output_dir (output_dir null: in the "
+        "newest runs/<config>-<date-time>/).",
+        default=False,
+    )
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -297,21 +409,43 @@ def _check(cfg: TrainConfig) -> None:
         need(not isinstance(value, float) or math.isfinite(value), key, "must be a finite number")
     for key in ("seed", "eval_seed"):  # torch wraps a negative seed; seed + small offsets must fit
         need(0 <= getattr(cfg, key) < SEED_LIMIT, key, "must be in [0, 2**32)")
-    for key in ("steps", "prompts_per_step", "group_size", "max_new_tokens", "train_size",
-                "eval_size", "eval_samples", "micro_batch_size", "inner_iterations",
-                "keep_checkpoints", "checkpoint_every", "stored_prompts", "stored_samples",
-                "stored_per_step", "max_skipped_steps"):
+    for key in (
+        "steps",
+        "prompts_per_step",
+        "group_size",
+        "max_new_tokens",
+        "train_size",
+        "eval_size",
+        "eval_samples",
+        "micro_batch_size",
+        "inner_iterations",
+        "keep_checkpoints",
+        "checkpoint_every",
+        "stored_prompts",
+        "stored_samples",
+        "stored_per_step",
+        "max_skipped_steps",
+    ):
         need(getattr(cfg, key) >= 1, key, "must be ≥ 1")
     need(cfg.eval_every >= 0, "eval_every", "must be ≥ 0")
-    need(cfg.reward_timeout is None or cfg.reward_timeout > 0, "reward_timeout",
-         "must be > 0 seconds, or null for no limit")
+    need(
+        cfg.reward_timeout is None or cfg.reward_timeout > 0,
+        "reward_timeout",
+        "must be > 0 seconds, or null for no limit",
+    )
     need(cfg.reward_workers >= 0, "reward_workers", "must be ≥ 0 (0 = call the verifier in the trainer's process)")
     need(cfg.inspect_every >= 0, "inspect_every", "must be ≥ 0")
     need(cfg.monitor_kl_every >= 1, "monitor_kl_every", "must be ≥ 1")
-    need(re.fullmatch(r"auto|cpu|cuda(:\d+)?", cfg.device) is not None, "device",
-         f"must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {cfg.device!r}")
-    need(not cfg.device.startswith("cuda") or torch.cuda.is_available(), "device",
-         f"{cfg.device!r} asks for CUDA, which this machine does not have (use 'auto' or 'cpu')")
+    need(
+        re.fullmatch(r"auto|cpu|cuda(:\d+)?", cfg.device) is not None,
+        "device",
+        f"must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {cfg.device!r}",
+    )
+    need(
+        not cfg.device.startswith("cuda") or torch.cuda.is_available(),
+        "device",
+        f"{cfg.device!r} asks for CUDA, which this machine does not have (use 'auto' or 'cpu')",
+    )
     try:
         calibration.CalibrationSpec.parse(cfg.reward_calibration)
     except ValueError as err:
@@ -331,13 +465,19 @@ def _check(cfg: TrainConfig) -> None:
         need(not cfg.teacher, "teacher", "must be null with stage1: the first stage's model is the teacher")
         stage1_config(cfg)
     need(cfg.reference_refresh_every >= 0, "reference_refresh_every", "must be ≥ 0 (0 = never)")
-    need(not cfg.reference_refresh_every or cfg.checkpoint_every % cfg.reference_refresh_every == 0,
-         "checkpoint_every", f"must be a multiple of reference_refresh_every ({cfg.reference_refresh_every}), "
-         f"so a resumed run's reference (the policy at the last refresh) is its checkpoint's weights")
+    need(
+        not cfg.reference_refresh_every or cfg.checkpoint_every % cfg.reference_refresh_every == 0,
+        "checkpoint_every",
+        f"must be a multiple of reference_refresh_every ({cfg.reference_refresh_every}), "
+        f"so a resumed run's reference (the policy at the last refresh) is its checkpoint's weights",
+    )
     need(cfg.behaviour_cloning_steps >= 0, "behaviour_cloning_steps", "must be ≥ 0 (0 = off)")
     need(cfg.behaviour_cloning_lr > 0, "behaviour_cloning_lr", "must be > 0")
-    need(not cfg.behaviour_cloning_steps or cfg.reference is None, "reference", "must be null with "
-         "behaviour_cloning_steps: the behaviour-cloned model is the reference")
+    need(
+        not cfg.behaviour_cloning_steps or cfg.reference is None,
+        "reference",
+        "must be null with behaviour_cloning_steps: the behaviour-cloned model is the reference",
+    )
     need(cfg.offline_keep >= 0, "offline_keep", "must be ≥ 0 (0 keeps every informative prompt)")
     need(0 < cfg.offline_shortest <= 1, "offline_shortest", "must be in (0, 1]")
     need(cfg.offline_data in ("stored", "demonstrations"), "offline_data", "must be 'stored' or 'demonstrations'")
@@ -347,14 +487,26 @@ def _check(cfg: TrainConfig) -> None:
             demos.read(cfg.demonstrations)
         except demos.DemoError as err:
             raise ConfigError(f"config key 'demonstrations': {err}") from None
-    need(cfg.demonstrations_from != "teacher" or cfg.demonstrations is not None or bool(cfg.teacher)
-         or not uses_demonstrations(cfg), "demonstrations_from", "is 'teacher' but no 'teacher' is set")
+    need(
+        cfg.demonstrations_from != "teacher"
+        or cfg.demonstrations is not None
+        or bool(cfg.teacher)
+        or not uses_demonstrations(cfg),
+        "demonstrations_from",
+        "is 'teacher' but no 'teacher' is set",
+    )
     if cfg.offline and cfg.offline_data == "stored":
         kept = stored.kept_per_prompt(cfg.stored_samples, cfg.offline_shortest)
-        need(kept >= 2, "offline_shortest", f"keeps {kept} of {cfg.stored_samples} responses per "
-             f"prompt; advantages need ≥ 2")
-        need(cfg.micro_batch_size >= kept, "micro_batch_size", f"must be ≥ the {kept} responses "
-             f"kept per offline prompt (a micro-batch holds whole groups)")
+        need(
+            kept >= 2,
+            "offline_shortest",
+            f"keeps {kept} of {cfg.stored_samples} responses per prompt; advantages need ≥ 2",
+        )
+        need(
+            cfg.micro_batch_size >= kept,
+            "micro_batch_size",
+            f"must be ≥ the {kept} responses kept per offline prompt (a micro-batch holds whole groups)",
+        )
     try:
         prompts.parse_sampler(cfg.prompt_sampler)
     except ValueError as err:
@@ -367,39 +519,70 @@ def _check(cfg: TrainConfig) -> None:
     need(cfg.clip_low < 1, "clip_low", "must be < 1")
     need(cfg.kl_estimator in ESTIMATORS, "kl_estimator", f"must be one of {ESTIMATORS}")
     need(cfg.dtype in DTYPES, "dtype", f"must be one of {DTYPES}")
-    need(cfg.micro_batch_size >= cfg.group_size, "micro_batch_size",
-         f"must be ≥ group_size ({cfg.group_size}): a micro-batch holds whole groups (a prompt's "
-         f"KV is computed once for its G completions)")
+    need(
+        cfg.micro_batch_size >= cfg.group_size,
+        "micro_batch_size",
+        f"must be ≥ group_size ({cfg.group_size}): a micro-batch holds whole groups (a prompt's "
+        f"KV is computed once for its G completions)",
+    )
     try:
         spec = cfg.objective
     except SpecError as err:
         raise ConfigError(f"config key {err}") from None
-    need(not (cfg.offline and cfg.offline_data == "demonstrations" and spec.policy_gradient)
-         or spec.advantage == "signed", "advantage",
-         "must be 'signed' to train on demonstrations (each is a passing sample: A = +1, the "
-         "cross-entropy −log πθ with pg_loss reinforce)")
-    need(not (cfg.offline and spec.stored_terms), "offline", "trains on the stored responses "
-         "with the whole objective; stored-estimator terms (DPH-RL's split) need online rollouts")
-    need(cfg.reference is None or not spec.stored_terms, "reference", "must be null with stored "
-         "terms: their log-probs are the initial policy's, stored when the run starts")
-    need(cfg.diversity_bonus is not None or not spec.uses_weight("diversity_allocation"), "diversity_bonus",
-         "must be set for the weight diversity_allocation (it reads the diversity the bonus computes)")
-    need(not (cfg.offline and cfg.dynamic_sampling), "dynamic_sampling", "has nothing to refill "
-         "offline (the offline set keeps only prompts whose rewards differ)")
-    need(cfg.group_size >= 2 or spec.advantage == "none", "group_size",
-         "must be ≥ 2 (advantages compare samples of a group; 1 only with advantage: none)")
+    need(
+        not (cfg.offline and cfg.offline_data == "demonstrations" and spec.policy_gradient)
+        or spec.advantage == "signed",
+        "advantage",
+        "must be 'signed' to train on demonstrations (each is a passing sample: A = +1, the "
+        "cross-entropy −log πθ with pg_loss reinforce)",
+    )
+    need(
+        not (cfg.offline and spec.stored_terms),
+        "offline",
+        "trains on the stored responses "
+        "with the whole objective; stored-estimator terms (DPH-RL's split) need online rollouts",
+    )
+    need(
+        cfg.reference is None or not spec.stored_terms,
+        "reference",
+        "must be null with stored terms: their log-probs are the initial policy's, stored when the run starts",
+    )
+    need(
+        cfg.diversity_bonus is not None or not spec.uses_weight("diversity_allocation"),
+        "diversity_bonus",
+        "must be set for the weight diversity_allocation (it reads the diversity the bonus computes)",
+    )
+    need(
+        not (cfg.offline and cfg.dynamic_sampling),
+        "dynamic_sampling",
+        "has nothing to refill offline (the offline set keeps only prompts whose rewards differ)",
+    )
+    need(
+        cfg.group_size >= 2 or spec.advantage == "none",
+        "group_size",
+        "must be ≥ 2 (advantages compare samples of a group; 1 only with advantage: none)",
+    )
     sampled = [t.name for t in spec.terms if t.estimator != "exact"]
-    need(cfg.top_p == 1.0 or not sampled, "top_p",
-         f"< 1 samples from the renormalized nucleus, not πθ, so the sampled estimators of "
-         f"{', '.join(sampled)} would estimate the wrong KL; use estimator: exact or top_p: 1")
+    need(
+        cfg.top_p == 1.0 or not sampled,
+        "top_p",
+        f"< 1 samples from the renormalized nucleus, not πθ, so the sampled estimators of "
+        f"{', '.join(sampled)} would estimate the wrong KL; use estimator: exact or top_p: 1",
+    )
     sequence = [t.name for t in spec.terms if t.estimator == "sequence"]
-    need(cfg.inner_iterations == 1 or not sequence, "inner_iterations",
-         f"must be 1 with the sequence estimator of {', '.join(sequence)} (it needs samples of the "
-         f"current policy, not of an older one)")
+    need(
+        cfg.inner_iterations == 1 or not sequence,
+        "inner_iterations",
+        f"must be 1 with the sequence estimator of {', '.join(sequence)} (it needs samples of the "
+        f"current policy, not of an older one)",
+    )
     _check_something_trains(spec)
     need(cfg.eval_seed != cfg.seed, "eval_seed", "must differ from seed (held-out split)")
-    need(cfg.output_dir is None or bool(cfg.output_dir), "output_dir",
-         "must be a path, or null for a fresh runs/<config>-<date-time>/")
+    need(
+        cfg.output_dir is None or bool(cfg.output_dir),
+        "output_dir",
+        "must be a path, or null for a fresh runs/<config>-<date-time>/",
+    )
 
 
 def _check_something_trains(spec: ObjectiveSpec) -> None:
@@ -409,18 +592,23 @@ def _check_something_trains(spec: ObjectiveSpec) -> None:
     if spec.policy_gradient:
         return
     if spec.reward_terms:
-        raise ConfigError(f"config key 'policy_gradient' is false, so the reward-placed terms "
-                          f"{', '.join(t.name for t in spec.reward_terms)} (subtracted from the return "
-                          f"the policy gradient trains on) would train nothing; set policy_gradient: "
-                          f"true or placement: loss")
+        raise ConfigError(
+            f"config key 'policy_gradient' is false, so the reward-placed terms "
+            f"{', '.join(t.name for t in spec.reward_terms)} (subtracted from the return "
+            f"the policy gradient trains on) would train nothing; set policy_gradient: "
+            f"true or placement: loss"
+        )
     pulling = [t for t in spec.terms if t.placement == "loss" and (t.coef > 0 or (t.anneal and t.anneal[0] > 0))]
     anchored = spec.entropy_anchor is not None and spec.entropy_anchor.coef > 0
     if not pulling and not anchored:
         zero = [f"{t.name} coef {t.coef:g}" for t in spec.terms] + (
-            [f"entropy_anchor coef {spec.entropy_anchor.coef:g}"] if spec.entropy_anchor else [])
-        raise ConfigError(f"config key 'terms': with policy_gradient false every loss term's "
-                          f"coefficient is 0 ({', '.join(zero)}), so nothing would train; give one a "
-                          f"coef > 0 or set policy_gradient: true")
+            [f"entropy_anchor coef {spec.entropy_anchor.coef:g}"] if spec.entropy_anchor else []
+        )
+        raise ConfigError(
+            f"config key 'terms': with policy_gradient false every loss term's "
+            f"coefficient is 0 ({', '.join(zero)}), so nothing would train; give one a "
+            f"coef > 0 or set policy_gradient: true"
+        )
 
 
 def parse_override(text: str) -> tuple[str, Any]:
@@ -508,8 +696,7 @@ def stage1_config(cfg: TrainConfig) -> TrainConfig:
     return stage
 
 
-def build_config(path: str | Path | None = None, overrides: list[str] = (),
-                 recipe: str | None = None) -> TrainConfig:
+def build_config(path: str | Path | None = None, overrides: list[str] = (), recipe: str | None = None) -> TrainConfig:
     """The recipe's keys (if any), then the YAML file's, then the overrides (later wins), every
     key validated; raises ConfigError naming the key."""
     values: dict[str, Any] = {}

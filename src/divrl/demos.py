@@ -39,8 +39,9 @@ def read(path: str | Path) -> list[Demo]:
         raise DemoError(f"demonstrations file '{path}' does not exist")
     demos = []
     for where, row in jsonl_rows(path, DemoError):
-        if not isinstance(row, dict) or not all(isinstance(row.get(k), str) and row[k].strip()
-                                                for k in ("prompt", "completion")):
+        if not isinstance(row, dict) or not all(
+            isinstance(row.get(k), str) and row[k].strip() for k in ("prompt", "completion")
+        ):
             raise DemoError(f"{where}: a row needs non-empty string 'prompt' and 'completion' fields")
         demos.append(Demo(row["prompt"], row["completion"]))
     return demos

@@ -63,7 +63,7 @@ from __future__ import annotations
 import functools
 import inspect
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
@@ -208,9 +208,12 @@ def alpha(policy_logprobs: Tensor, target_logprobs: Tensor, alpha: float = 0.5) 
         p_term = _weighted_by_first(policy_logprobs, target_logprobs, _times_log_ratio, math.inf)
     else:
         c = alpha - 1.0  # p·expm1(c·d)/c → p·(−1/c) as d → +∞ for c < 0, +∞ for c > 0
-        p_term = _weighted_by_first(policy_logprobs, target_logprobs,
-                                    lambda log_p, d: _times_expm1_power(log_p, c * d, 1) / c,
-                                    math.inf if c > 0 else -1.0 / c)
+        p_term = _weighted_by_first(
+            policy_logprobs,
+            target_logprobs,
+            lambda log_p, d: _times_expm1_power(log_p, c * d, 1) / c,
+            math.inf if c > 0 else -1.0 / c,
+        )
     return (p_term - policy_logprobs.exp() + target_logprobs.exp()) / alpha
 
 
@@ -294,7 +297,10 @@ def _entropic_ot(
     if iterations < 1:
         raise ValueError(f"sinkhorn: iterations must be >= 1, got {iterations}")
     no_mass = ((policy_logprobs == _NEG_INF).all(-1) | (target_logprobs == _NEG_INF).all(-1)).unsqueeze(-1)
-    policy_logprobs, target_logprobs = policy_logprobs.masked_fill(no_mass, 0.0), target_logprobs.masked_fill(no_mass, 0.0)
+    policy_logprobs, target_logprobs = (
+        policy_logprobs.masked_fill(no_mass, 0.0),
+        target_logprobs.masked_fill(no_mass, 0.0),
+    )
     cost = cost.to(policy_logprobs.dtype)
     cost_scale = cost.max().item() if cost.numel() else 0.0
     with torch.no_grad():
@@ -463,9 +469,7 @@ def straight_through(value_fn: Callable[[Tensor, Tensor], Tensor]) -> Callable[[
     def estimator(policy_logprobs: Tensor, target_logprobs: Tensor) -> Tensor:
         gradient_carrier = k2(policy_logprobs, target_logprobs)
         value = value_fn(policy_logprobs, target_logprobs)
-        gradient_only = torch.where(
-            gradient_carrier.isfinite(), gradient_carrier - gradient_carrier.detach(), 0.0
-        )
+        gradient_only = torch.where(gradient_carrier.isfinite(), gradient_carrier - gradient_carrier.detach(), 0.0)
         return value.detach() + gradient_only
 
     estimator.__name__ = f"{value_fn.__name__}_st"

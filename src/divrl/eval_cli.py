@@ -28,26 +28,44 @@ def _ints(text: str) -> list[int]:
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    parser = subparsers.add_parser("eval", help="pass@k to large k, diversity, KL and best-of-N on held-out prompts",
-                                   description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = subparsers.add_parser(
+        "eval",
+        help="pass@k to large k, diversity, KL and best-of-N on held-out prompts",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--model", help="model directory, 'default', 'tiny', or a run directory (its latest checkpoint)")
-    source.add_argument("--samples", metavar="FILE_OR_DIR",
-                        help="recompute the statistics of an earlier eval's samples.jsonl without sampling")
+    source.add_argument(
+        "--model", help="model directory, 'default', 'tiny', or a run directory (its latest checkpoint)"
+    )
+    source.add_argument(
+        "--samples",
+        metavar="FILE_OR_DIR",
+        help="recompute the statistics of an earlier eval's samples.jsonl without sampling",
+    )
     parser.add_argument("--config", help="a divrl train config whose task and sampling keys to use")
     parser.add_argument("--task", help="reasoning-gym dataset name or .jsonl file (config key task)")
     parser.add_argument("--task-params", metavar="YAML", help="task_params as a YAML/JSON mapping")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="any other config key, e.g. eval_size=128 or max_new_tokens=64")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="any other config key, e.g. eval_size=128 or max_new_tokens=64",
+    )
     parser.add_argument("--n", type=int, default=64, help="samples per held-out prompt (default 64)")
     parser.add_argument("--k", type=_ints, metavar="K,K,…", help="the k of pass@k and maj@k (default 1,2,4,…,n)")
     parser.add_argument("--temperature", type=float, help="sampling temperature (default: config eval_temperature)")
     parser.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
     parser.add_argument("--reference", help="model (or run directory) for the exact per-token KL(πθ ‖ π_ref)")
     parser.add_argument("--best-of", type=_ints, metavar="N,N,…", help="best-of-N accuracy and KL for these N")
-    parser.add_argument("--select", default="mean_logprob", metavar="mean_logprob|verifier|MODULE:FUNCTION",
-                        help="best-of-N picks the sample with the highest mean token log-prob "
-                             "(default), verifier reward, or user reward f(prompt, completion) -> float")
+    parser.add_argument(
+        "--select",
+        default="mean_logprob",
+        metavar="mean_logprob|verifier|MODULE:FUNCTION",
+        help="best-of-N picks the sample with the highest mean token log-prob "
+        "(default), verifier reward, or user reward f(prompt, completion) -> float",
+    )
     parser.add_argument("--out", help="output directory (default: RUN/eval for a run, else ./eval)")
     parser.set_defaults(func=run)
     return parser
@@ -93,16 +111,38 @@ def _sampled(args: argparse.Namespace) -> tuple[dict, list[dict]]:
         reference, _ = load_model(resolve_model(args.reference), seed=cfg.seed, device=device)
         reference.eval().requires_grad_(False)
     temperature = cfg.eval_temperature if args.temperature is None else args.temperature
-    print(f"evaluating {source} on {task.name}: {len(task.eval)} distinct held-out prompts × {args.n} "
-          f"samples, T = {temperature}", flush=True)
-    rows = evaluation.sample_eval(model, tokenizer, task, n=args.n, temperature=temperature, top_p=cfg.top_p,
-                                  max_new_tokens=cfg.max_new_tokens, seed=args.seed,
-                                  system_prompt=cfg.system_prompt, reference=reference,
-                                  autocast=autocast_for(precision.resolve(cfg.dtype, model, print), device),
-                                  verifier=GuardedVerifier.from_config(task, cfg))
-    header = {"model": source, "task": task.name, "task_params": cfg.task_params, "eval_seed": cfg.eval_seed,
-              "n": args.n, "temperature": temperature, "top_p": cfg.top_p, "max_new_tokens": cfg.max_new_tokens,
-              "seed": args.seed, "reference": args.reference, "prompts": len(task.eval)}
+    print(
+        f"evaluating {source} on {task.name}: {len(task.eval)} distinct held-out prompts × {args.n} "
+        f"samples, T = {temperature}",
+        flush=True,
+    )
+    rows = evaluation.sample_eval(
+        model,
+        tokenizer,
+        task,
+        n=args.n,
+        temperature=temperature,
+        top_p=cfg.top_p,
+        max_new_tokens=cfg.max_new_tokens,
+        seed=args.seed,
+        system_prompt=cfg.system_prompt,
+        reference=reference,
+        autocast=autocast_for(precision.resolve(cfg.dtype, model, print), device),
+        verifier=GuardedVerifier.from_config(task, cfg),
+    )
+    header = {
+        "model": source,
+        "task": task.name,
+        "task_params": cfg.task_params,
+        "eval_seed": cfg.eval_seed,
+        "n": args.n,
+        "temperature": temperature,
+        "top_p": cfg.top_p,
+        "max_new_tokens": cfg.max_new_tokens,
+        "seed": args.seed,
+        "reference": args.reference,
+        "prompts": len(task.eval),
+    }
     return header, rows
 
 
@@ -122,13 +162,17 @@ def _print_summary(result: dict) -> None:
         low, high = result[f"pass@{k}_ci"]
         print(f"  pass@{k:<4} {result[f'pass@{k}']:.3f}  [{low:.3f}, {high:.3f}]   maj@{k:<4} {result[f'maj@{k}']:.3f}")
     kl = "—" if result["kl"] is None else f"{result['kl']:.4f}"
-    print(f"  mean@n {result['mean@n']:.3f}  coverage {result['coverage']:.3f}  distinct-2 {result['distinct_2']:.3f}  "
-          f"distinct correct answers {result['distinct_correct_answers']:.2f}  entropy {result['entropy']:.3f}  "
-          f"KL {kl}  length {result['length']:.1f}")
+    print(
+        f"  mean@n {result['mean@n']:.3f}  coverage {result['coverage']:.3f}  distinct-2 {result['distinct_2']:.3f}  "
+        f"distinct correct answers {result['distinct_correct_answers']:.2f}  entropy {result['entropy']:.3f}  "
+        f"KL {kl}  length {result['length']:.1f}"
+    )
     for size, bon in result.get("best_of", {}).items():
         if size != "selection":
-            print(f"  best-of-{size} ({result['best_of']['selection']}): accuracy {bon['accuracy']:.3f}, "
-                  f"KL to sampler {bon['kl']:.3f} (bound log N − (N−1)/N = {bon['kl_bound']:.3f})")
+            print(
+                f"  best-of-{size} ({result['best_of']['selection']}): accuracy {bon['accuracy']:.3f}, "
+                f"KL to sampler {bon['kl']:.3f} (bound log N − (N−1)/N = {bon['kl_bound']:.3f})"
+            )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -141,8 +185,9 @@ def run(args: argparse.Namespace) -> int:
         if args.samples is not None:
             header, rows = evaluation.read_samples(Path(args.samples))
             if args.task is not None and Path(args.task).stem != header["task"] and args.task != header["task"]:
-                raise evaluation.EvalError(f"{args.samples} holds samples of task '{header['task']}', "
-                                           f"not '{args.task}'")
+                raise evaluation.EvalError(
+                    f"{args.samples} holds samples of task '{header['task']}', not '{args.task}'"
+                )
         else:
             header, rows = _sampled(args)
         result = evaluation.summarize(header, rows, args.k, args.best_of or (), args.select, seed=args.seed)
@@ -154,8 +199,11 @@ def run(args: argparse.Namespace) -> int:
     if args.samples is None or evaluation.samples_path(args.samples).resolve() != (out / "samples.jsonl").resolve():
         evaluation.write_samples(out / "samples.jsonl", header, rows)
     (out / "eval.json").write_text(json.dumps(result, indent=1))
-    evaluation.plot_pass_at_k([(Path(str(header["model"])).name or str(header["model"]), result)],
-                              out / "pass_at_k.png", title=f"{header['task']}: n = {result['n']}, T = {header['temperature']}")
+    evaluation.plot_pass_at_k(
+        [(Path(str(header["model"])).name or str(header["model"]), result)],
+        out / "pass_at_k.png",
+        title=f"{header['task']}: n = {result['n']}, T = {header['temperature']}",
+    )
     _print_summary(result)
     print(f"wrote {out / 'eval.json'}, {out / 'samples.jsonl'} and {out / 'pass_at_k.png'}")
     return 0

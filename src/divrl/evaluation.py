@@ -35,11 +35,11 @@ import torch
 from tqdm.auto import tqdm
 
 from divrl import chunked, metrics
+from divrl.guarded_verifier import GuardedVerifier
 from divrl.hidden import completion_hidden
 from divrl.models import output_head, stop_token_ids
 from divrl.objectives import PASS_THRESHOLD
 from divrl.rollout import sample
-from divrl.guarded_verifier import GuardedVerifier
 from divrl.tasks import Example, Task, TaskError, encode_prompt, load_function
 
 FORMAT = "divrl-eval-samples/1"
@@ -56,8 +56,9 @@ def default_ks(n: int) -> list[int]:
     return ks if ks[-1] == n else [*ks, n]
 
 
-def score_completions(verifier: GuardedVerifier, texts: Sequence[str], examples: Sequence[Example],
-                      group: int) -> tuple[list[float], Counter[str]]:
+def score_completions(
+    verifier: GuardedVerifier, texts: Sequence[str], examples: Sequence[Example], group: int
+) -> tuple[list[float], Counter[str]]:
     """Rewards of group-major completions (`group` per example) and the failed verifier calls by
     kind (`error`, `timeout`, `crash`; each scored 0, `divrl.guarded_verifier`). A partial-credit
     reward (reasoning-gym's) is kept as it is; passing is decided elsewhere (full score only)."""
@@ -66,22 +67,43 @@ def score_completions(verifier: GuardedVerifier, texts: Sequence[str], examples:
 
 
 @torch.no_grad()
-def reference_kl(model, reference, prompts: list[list[int]], completions: list[list[int]], pad_token_id: int,
-                 temperature: float) -> list[float]:
+def reference_kl(
+    model, reference, prompts: list[list[int]], completions: list[list[int]], pad_token_id: int, temperature: float
+) -> list[float]:
     """Per completion Σ_t KL(π ‖ π_ref)(s_t), exact over the vocabulary at `temperature`, teacher-
     forced (group-major completions, `completion_hidden`)."""
     policy = completion_hidden(model, prompts, completions, pad_token_id)
     target = completion_hidden(reference, prompts, completions, pad_token_id)
-    kl = chunked.divergence("reverse_kl", policy.hidden, output_head(model).at_temperature(temperature),
-                            target.hidden, output_head(reference).at_temperature(temperature))
-    return torch.zeros(len(completions), dtype=torch.float64, device=kl.device).index_add_(
-        0, policy.rows, kl.double()).tolist()
+    kl = chunked.divergence(
+        "reverse_kl",
+        policy.hidden,
+        output_head(model).at_temperature(temperature),
+        target.hidden,
+        output_head(reference).at_temperature(temperature),
+    )
+    return (
+        torch.zeros(len(completions), dtype=torch.float64, device=kl.device)
+        .index_add_(0, policy.rows, kl.double())
+        .tolist()
+    )
 
 
-def sample_eval(model, tokenizer, task: Task, *, n: int, temperature: float, top_p: float,
-                max_new_tokens: int, seed: int, system_prompt: str | None = None, reference=None,
-                rows_per_batch: int = 256, autocast: Callable = nullcontext,
-                verifier: GuardedVerifier | None = None) -> list[dict]:
+def sample_eval(
+    model,
+    tokenizer,
+    task: Task,
+    *,
+    n: int,
+    temperature: float,
+    top_p: float,
+    max_new_tokens: int,
+    seed: int,
+    system_prompt: str | None = None,
+    reference=None,
+    rows_per_batch: int = 256,
+    autocast: Callable = nullcontext,
+    verifier: GuardedVerifier | None = None,
+) -> list[dict]:
     """n samples of every held-out prompt of `task`, scored and measured: one dict per completion
     (the JSONL rows). Prompts go in batches of about `rows_per_batch` completions; one seeded
     generator, so a run is reproducible. `verifier` scores them (default: the task's, in this
@@ -97,30 +119,54 @@ def sample_eval(model, tokenizer, task: Task, *, n: int, temperature: float, top
     rows = []
     bar = tqdm(total=len(task.eval) * n, desc="eval", unit="sample", dynamic_ncols=True)
     for first in range(0, len(task.eval), per_batch):
-        examples = task.eval[first:first + per_batch]
+        examples = task.eval[first : first + per_batch]
         prompt_ids = [encode_prompt(tokenizer, e.prompt, system_prompt) for e in examples]
         with autocast():
-            rollout = sample(model, prompt_ids, group_size=n, max_new_tokens=max_new_tokens,
-                             stop_token_ids=stops, pad_token_id=pad, temperature=temperature,
-                             top_p=top_p, generator=generator, with_entropy=True)
-            kl = None if reference is None else reference_kl(model, reference, prompt_ids, rollout.completion_ids,
-                                                             pad, temperature or 1.0)
+            rollout = sample(
+                model,
+                prompt_ids,
+                group_size=n,
+                max_new_tokens=max_new_tokens,
+                stop_token_ids=stops,
+                pad_token_id=pad,
+                temperature=temperature,
+                top_p=top_p,
+                generator=generator,
+                with_entropy=True,
+            )
+            kl = (
+                None
+                if reference is None
+                else reference_kl(model, reference, prompt_ids, rollout.completion_ids, pad, temperature or 1.0)
+            )
         texts = tokenizer.batch_decode(rollout.completion_ids, skip_special_tokens=True)
         rewards, _ = score_completions(verifier, texts, examples, n)
         for i, (ids, text) in enumerate(zip(rollout.completion_ids, texts)):
             example = examples[i // n]
-            rows.append({"prompt_id": first + i // n, "prompt": example.prompt, "answer": example.answer,
-                         "completion": text, "completion_ids": ids, "reward": rewards[i],
-                         "passed": rewards[i] >= PASS_THRESHOLD, "final_answer": task.final_answer(text),
-                         "finished": rollout.finished[i], "length": len(ids),
-                         "logprob_sum": sum(rollout.logprobs[i]), "entropy_sum": sum(rollout.entropies[i]),
-                         "kl_sum": None if kl is None else kl[i]})
+            rows.append(
+                {
+                    "prompt_id": first + i // n,
+                    "prompt": example.prompt,
+                    "answer": example.answer,
+                    "completion": text,
+                    "completion_ids": ids,
+                    "reward": rewards[i],
+                    "passed": rewards[i] >= PASS_THRESHOLD,
+                    "final_answer": task.final_answer(text),
+                    "finished": rollout.finished[i],
+                    "length": len(ids),
+                    "logprob_sum": sum(rollout.logprobs[i]),
+                    "entropy_sum": sum(rollout.entropies[i]),
+                    "kl_sum": None if kl is None else kl[i],
+                }
+            )
         bar.update(len(rollout.completion_ids))
     bar.close()
     return rows
 
 
 # ----- samples file ---------------------------------------------------------------------------
+
 
 def write_samples(path: Path, header: dict, rows: list[dict]) -> None:
     with path.open("w", encoding="utf-8") as handle:
@@ -147,14 +193,14 @@ def read_samples(path: str | Path) -> tuple[dict, list[dict]]:
     except (IndexError, json.JSONDecodeError) as err:
         raise EvalError(f"{path}: not a divrl eval samples file ({err})") from None
     if not isinstance(header, dict) or header.get("format") != FORMAT:
-        raise EvalError(f"{path}: not a divrl eval samples file (its first line has no "
-                        f"\"format\": \"{FORMAT}\")")
+        raise EvalError(f'{path}: not a divrl eval samples file (its first line has no "format": "{FORMAT}")')
     if not rows:
         raise EvalError(f"{path}: holds no samples")
     return header, rows
 
 
 # ----- statistics -----------------------------------------------------------------------------
+
 
 def by_prompt(rows: list[dict]) -> list[list[dict]]:
     """The samples grouped by prompt, in prompt order."""
@@ -182,8 +228,14 @@ def _selection_scores(prompt: list[dict], selection: str) -> list[float]:
     return [float(reward(r["prompt"], r["completion"])) for r in prompt]
 
 
-def summarize(header: dict, rows: list[dict], ks: Sequence[int] | None = None,
-              best_of: Sequence[int] = (), selection: str = "mean_logprob", seed: int = 0) -> dict:
+def summarize(
+    header: dict,
+    rows: list[dict],
+    ks: Sequence[int] | None = None,
+    best_of: Sequence[int] = (),
+    selection: str = "mean_logprob",
+    seed: int = 0,
+) -> dict:
     """Every statistic of the module docstring, as eval.json holds it: `pass@k` (+ `pass@k_ci`, a
     95% bootstrap interval over prompts) for each k, `maj@k`, `mean@n`, `coverage`, the diversity,
     entropy, KL and length means, `best_of_N` results, the header as `meta`, and per prompt the
@@ -205,8 +257,9 @@ def summarize(header: dict, rows: list[dict], ks: Sequence[int] | None = None,
         out[f"pass@{k}"] = sum(values) / len(values)
         out[f"pass@{k}_ci"] = _interval(values, seed)
     for k in ks:
-        out[f"maj@{k}"] = sum(metrics.majority_at_k([r["final_answer"] for r in p], v, k, seed=seed)
-                              for p, v in zip(prompts, passed)) / len(prompts)
+        out[f"maj@{k}"] = sum(
+            metrics.majority_at_k([r["final_answer"] for r in p], v, k, seed=seed) for p, v in zip(prompts, passed)
+        ) / len(prompts)
     mean_reward = [sum(r["reward"] for r in p) / n for p in prompts]
     out["mean@n"] = sum(mean_reward) / len(prompts)
     out["mean@n_ci"] = _interval(mean_reward, seed)
@@ -214,16 +267,18 @@ def summarize(header: dict, rows: list[dict], ks: Sequence[int] | None = None,
     out["coverage"] = sum(solved) / len(solved)
     out["coverage_ci"] = _interval(solved, seed)
     for g in (1, 2, 3):
-        out[f"distinct_{g}"] = sum(metrics.distinct_n([r["completion_ids"] for r in p], g)
-                                   for p in prompts) / len(prompts)
-    out["distinct_correct_answers"] = sum(len({r["final_answer"] for r in p if r["passed"]})
-                                          for p in prompts) / len(prompts)
-    out["distinct_correct_completions"] = sum(len({r["completion"] for r in p if r["passed"]})
-                                              for p in prompts) / len(prompts)
+        out[f"distinct_{g}"] = sum(metrics.distinct_n([r["completion_ids"] for r in p], g) for p in prompts) / len(
+            prompts
+        )
+    out["distinct_correct_answers"] = sum(len({r["final_answer"] for r in p if r["passed"]}) for p in prompts) / len(
+        prompts
+    )
+    out["distinct_correct_completions"] = sum(len({r["completion"] for r in p if r["passed"]}) for p in prompts) / len(
+        prompts
+    )
     tokens = sum(r["length"] for r in rows)
     out["entropy"] = sum(r["entropy_sum"] for r in rows) / max(tokens, 1)
-    out["kl"] = (None if any(r["kl_sum"] is None for r in rows)
-                 else sum(r["kl_sum"] for r in rows) / max(tokens, 1))
+    out["kl"] = None if any(r["kl_sum"] is None for r in rows) else sum(r["kl_sum"] for r in rows) / max(tokens, 1)
     out["length"] = tokens / len(rows)
     out["truncated_fraction"] = sum(not r["finished"] for r in rows) / len(rows)
     if best_of:
@@ -233,24 +288,29 @@ def summarize(header: dict, rows: list[dict], ks: Sequence[int] | None = None,
     return out
 
 
-def _best_of(prompts: list[list[dict]], passed: list[list[float]], sizes: Sequence[int], selection: str,
-             n: int) -> dict:
+def _best_of(
+    prompts: list[list[dict]], passed: list[list[float]], sizes: Sequence[int], selection: str, n: int
+) -> dict:
     if selection not in SELECTIONS and ":" not in selection:
-        raise EvalError(f"best-of-N selection must be one of {', '.join(SELECTIONS)} or module:function; "
-                        f"got '{selection}'")
+        raise EvalError(
+            f"best-of-N selection must be one of {', '.join(SELECTIONS)} or module:function; got '{selection}'"
+        )
     bad = [size for size in sizes if not 1 <= size <= n]
     if bad:
         raise EvalError(f"best-of-N needs 1 ≤ N ≤ n = {n}; got N = {bad}")
     result = {"selection": selection}
     for size in sorted(set(sizes)):
         pairs = [metrics.best_of_n(_selection_scores(p, selection), v, size) for p, v in zip(prompts, passed)]
-        result[str(size)] = {"accuracy": sum(a for a, _ in pairs) / len(pairs),
-                             "kl": sum(kl for _, kl in pairs) / len(pairs),
-                             "kl_bound": math.log(size) - (size - 1) / size}
+        result[str(size)] = {
+            "accuracy": sum(a for a, _ in pairs) / len(pairs),
+            "kl": sum(kl for _, kl in pairs) / len(pairs),
+            "kl_bound": math.log(size) - (size - 1) / size,
+        }
     return result
 
 
 # ----- figure ---------------------------------------------------------------------------------
+
 
 def plot_pass_at_k(evals: Sequence[tuple[str, dict]], path: Path, title: str | None = None) -> None:
     """pass@k against k (log scale) with 95% bootstrap bands, one curve per (label, eval.json)."""
@@ -264,7 +324,7 @@ def plot_pass_at_k(evals: Sequence[tuple[str, dict]], path: Path, title: str | N
         ks = result["ks"]
         values = [result[f"pass@{k}"] for k in ks]
         low, high = zip(*(result[f"pass@{k}_ci"] for k in ks))
-        line, = ax.plot(ks, values, marker="o", label=label)
+        (line,) = ax.plot(ks, values, marker="o", label=label)
         ax.fill_between(ks, low, high, color=line.get_color(), alpha=0.18)
     ax.set_xscale("log", base=2)
     ax.set_xlabel("k (samples per prompt)")

@@ -70,9 +70,11 @@ def time_limit(seconds: float | None) -> Iterator[None]:
         yield
         return
     if not hasattr(signal, "setitimer") or threading.current_thread() is not threading.main_thread():
-        warnings.warn("reward_timeout cannot interrupt a verifier here (SIGALRM needs POSIX and the main "
-                      "thread): calls run without a time limit; set reward_workers ≥ 1 to enforce it",
-                      RuntimeWarning)
+        warnings.warn(
+            "reward_timeout cannot interrupt a verifier here (SIGALRM needs POSIX and the main "
+            "thread): calls run without a time limit; set reward_workers ≥ 1 to enforce it",
+            RuntimeWarning,
+        )
         yield
         return
     previous = signal.signal(signal.SIGALRM, _expire)
@@ -118,9 +120,11 @@ class GuardedVerifier:
 
 # Run by each worker's fresh interpreter: take the trainer's sys.path first, so that `divrl` and the
 # verifier's module import as they do in the trainer.
-_BOOTSTRAP = ("import sys\nfrom multiprocessing.connection import Connection\n"
-              "conn = Connection(int(sys.argv[1]))\nsys.path[:] = conn.recv()\n"
-              "from divrl.guarded_verifier import serve\nserve(conn)\n")
+_BOOTSTRAP = (
+    "import sys\nfrom multiprocessing.connection import Connection\n"
+    "conn = Connection(int(sys.argv[1]))\nsys.path[:] = conn.recv()\n"
+    "from divrl.guarded_verifier import serve\nserve(conn)\n"
+)
 
 
 def serve(conn: Connection) -> None:
@@ -129,7 +133,7 @@ def serve(conn: Connection) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the trainer's to handle
     try:
         task = pickle.loads(conn.recv_bytes())
-    except Exception:  # noqa: BLE001 - any failure to load is reported to the trainer
+    except Exception:
         conn.send(traceback.format_exc(limit=4))
         return
     conn.send(None)
@@ -146,8 +150,9 @@ class _Worker:
 
     def __init__(self, payload: bytes):
         self.conn, child = Pipe()
-        self.process = subprocess.Popen([sys.executable, "-c", _BOOTSTRAP, str(child.fileno())],
-                                        pass_fds=[child.fileno()], stdin=subprocess.DEVNULL)
+        self.process = subprocess.Popen(
+            [sys.executable, "-c", _BOOTSTRAP, str(child.fileno())], pass_fds=[child.fileno()], stdin=subprocess.DEVNULL
+        )
         child.close()
         self.conn.send(sys.path)
         self.conn.send_bytes(payload)
@@ -185,10 +190,12 @@ class WorkerPool:
         scorer.train, scorer.eval = [], []
         try:
             self.payload = pickle.dumps(scorer)
-        except Exception as err:  # noqa: BLE001 - pickle raises many kinds
-            raise TaskError(f"config key 'reward_workers': task '{task.name}' cannot be sent to a worker "
-                            f"process ({err}); define its verifier as a module-level function of an "
-                            f"importable module, or set reward_workers=0") from None
+        except Exception as err:
+            raise TaskError(
+                f"config key 'reward_workers': task '{task.name}' cannot be sent to a worker "
+                f"process ({err}); define its verifier as a module-level function of an "
+                f"importable module, or set reward_workers=0"
+            ) from None
         self.timeout = timeout
         self.workers = [_Worker(self.payload) for _ in range(size)]
         self._finalizer = weakref.finalize(self, _stop_all, self.workers)
@@ -236,21 +243,28 @@ class WorkerPool:
 
     def _loaded(self, worker: _Worker, error: str | None) -> None:
         if error is not None:
-            raise TaskError(f"config key 'reward_workers': a worker process cannot load the task's "
-                            f"verifier; make its module importable from the trainer's sys.path, or set "
-                            f"reward_workers=0:\n{error}")
+            raise TaskError(
+                f"config key 'reward_workers': a worker process cannot load the task's "
+                f"verifier; make its module importable from the trainer's sys.path, or set "
+                f"reward_workers=0:\n{error}"
+            )
         worker.ready, worker.deadline = True, None
 
     def _replace(self, worker: _Worker, outcomes: list, kind: str) -> None:
         """Kill `worker` (its call, if any, scores 0 as `kind`) and start another in its place."""
         if not worker.ready:
             worker.stop()
-            why = (f"not done after {STARTUP_SECONDS:.0f} s" if kind == TIMEOUT
-                   else f"it exited with code {worker.process.returncode}")
+            why = (
+                f"not done after {STARTUP_SECONDS:.0f} s"
+                if kind == TIMEOUT
+                else f"it exited with code {worker.process.returncode}"
+            )
             self.workers.remove(worker)
-            raise TaskError(f"config key 'reward_workers': a worker process could not load the task's "
-                            f"verifier ({why}); check that its module imports cleanly, or set "
-                            f"reward_workers=0")
+            raise TaskError(
+                f"config key 'reward_workers': a worker process could not load the task's "
+                f"verifier ({why}); check that its module imports cleanly, or set "
+                f"reward_workers=0"
+            )
         if worker.index is not None:
             outcomes[worker.index] = (0.0, kind)
         worker.stop()

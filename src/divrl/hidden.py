@@ -17,7 +17,7 @@ class TokenBatch:
     hidden: torch.Tensor  # (n, H)
     tokens: torch.Tensor  # (n,)
     rows: torch.Tensor  # (n,) index into the completions given
-    prompt: "TokenBatch | None" = None  # with_prompt: the positions predicting prompt tokens 2..L
+    prompt: TokenBatch | None = None  # with_prompt: the positions predicting prompt tokens 2..L
 
 
 # What one more forward costs, in padded tokens. On the 2-core AVX2 EPYC, 128 and 256 (fewer,
@@ -40,7 +40,7 @@ def length_buckets(lengths: list[int], overhead: int = BUCKET_OVERHEAD_TOKENS) -
                 best[end], cut[end] = cost, first
     buckets, end = [], n
     while end:
-        buckets.append(order[cut[end]:end])
+        buckets.append(order[cut[end] : end])
         end = cut[end]
     return buckets[::-1]
 
@@ -60,14 +60,19 @@ def left_pad(prompt_ids: list[list[int]], pad_token_id: int) -> tuple[torch.Tens
     ids = torch.full((len(prompt_ids), width), pad_token_id, dtype=torch.long)
     mask = torch.zeros((len(prompt_ids), width), dtype=torch.long)
     for row, prompt in enumerate(prompt_ids):
-        ids[row, width - len(prompt):] = torch.tensor(prompt, dtype=torch.long)
-        mask[row, width - len(prompt):] = 1
+        ids[row, width - len(prompt) :] = torch.tensor(prompt, dtype=torch.long)
+        mask[row, width - len(prompt) :] = 1
     return ids, mask
 
 
-def completion_hidden(model, prompts: list[list[int]], completions: list[list[int]],
-                      pad_token_id: int, with_prompt: bool = False,
-                      bucket_overhead: int = BUCKET_OVERHEAD_TOKENS) -> TokenBatch:
+def completion_hidden(
+    model,
+    prompts: list[list[int]],
+    completions: list[list[int]],
+    pad_token_id: int,
+    with_prompt: bool = False,
+    bucket_overhead: int = BUCKET_OVERHEAD_TOKENS,
+) -> TokenBatch:
     """Hidden states that predict each completion token, computing every prompt once.
 
     `completions` are group-major: G = len(completions) / len(prompts) per prompt. The prompts
@@ -90,13 +95,17 @@ def completion_hidden(model, prompts: list[list[int]], completions: list[list[in
     flat = torch.tensor([t for ids in inputs for t in ids], dtype=torch.long, device=device)
     body = model.base_model
     embedded = body.get_input_embeddings()(torch.cat([prompt_ids.flatten(), flat]))
-    prompt_embeds = embedded[:prompt_ids.numel()].view(*prompt_ids.shape, -1)
-    comp_embeds = torch.cat([embedded[prompt_ids.numel():], embedded.new_zeros(1, embedded.shape[-1])])
+    prompt_embeds = embedded[: prompt_ids.numel()].view(*prompt_ids.shape, -1)
+    comp_embeds = torch.cat([embedded[prompt_ids.numel() :], embedded.new_zeros(1, embedded.shape[-1])])
     input_starts = torch.tensor([0, *(len(ids) for ids in inputs)]).cumsum(0)[:-1].to(device)
     cache = DynamicCache(config=model.config)
-    prompt_states = body(inputs_embeds=prompt_embeds, attention_mask=prompt_mask,
-                         position_ids=(prompt_mask.cumsum(1) - 1).clamp(min=0), cache=cache,
-                         use_cache=True).last_hidden_state
+    prompt_states = body(
+        inputs_embeds=prompt_embeds,
+        attention_mask=prompt_mask,
+        position_ids=(prompt_mask.cumsum(1) - 1).clamp(min=0),
+        cache=cache,
+        use_cache=True,
+    ).last_hidden_state
     prompt_lens = prompt_mask.sum(1)
 
     # Token j of a completion is predicted by the hidden state before it: the prompt's last one
@@ -116,18 +125,24 @@ def completion_hidden(model, prompts: list[list[int]], completions: list[list[in
         lens = torch.tensor([len(inputs[r]) for r in bucket], device=device)
         columns = torch.arange(comp_width, device=device)
         comp_mask = (columns[None, :] < lens[:, None]).long()
-        gather = torch.where(comp_mask.bool(), input_starts.index_select(0, members)[:, None] + columns[None, :],
-                             len(comp_embeds) - 1)
+        gather = torch.where(
+            comp_mask.bool(), input_starts.index_select(0, members)[:, None] + columns[None, :], len(comp_embeds) - 1
+        )
         bucket_cache = _prompt_cache_rows(model, cache, prompt_of)
-        hidden = body(inputs_embeds=comp_embeds[gather],
-                      attention_mask=torch.cat([prompt_mask.index_select(0, prompt_of), comp_mask], 1),
-                      position_ids=prompt_lens.index_select(0, prompt_of)[:, None] + columns[None, :],
-                      cache=bucket_cache, use_cache=True).last_hidden_state
+        hidden = body(
+            inputs_embeds=comp_embeds[gather],
+            attention_mask=torch.cat([prompt_mask.index_select(0, prompt_of), comp_mask], 1),
+            position_ids=prompt_lens.index_select(0, prompt_of)[:, None] + columns[None, :],
+            cache=bucket_cache,
+            use_cache=True,
+        ).last_hidden_state
         if bucket_cache.get_seq_length() != width + comp_width:  # e.g. gradient checkpointing in train mode
-            raise RuntimeError(f"the KV cache holds {bucket_cache.get_seq_length()} positions after the "
-                               f"completions, not prompt + completion = {width + comp_width}: the model "
-                               f"dropped its cache (transformers does under gradient checkpointing in "
-                               f"train mode), so completions would not see their prompts")
+            raise RuntimeError(
+                f"the KV cache holds {bucket_cache.get_seq_length()} positions after the "
+                f"completions, not prompt + completion = {width + comp_width}: the model "
+                f"dropped its cache (transformers does under gradient checkpointing in "
+                f"train mode), so completions would not see their prompts"
+            )
         real = comp_mask.bool()
         values.append(hidden[real])
         places.append((starts.index_select(0, members)[:, None] + 1 + columns[None, :])[real])

@@ -26,8 +26,12 @@ from divrl.runlog import read_metrics
 
 _STEP_FILE = re.compile(r"step-(\d+)\.json")
 # End colours of the ramps (white → colour); mid-tones so that black text stays readable on them.
-COLOURS = {"divergence": (247, 103, 7), "entropy": (151, 117, 250),
-           "positive": (51, 154, 240), "negative": (255, 107, 107)}
+COLOURS = {
+    "divergence": (247, 103, 7),
+    "entropy": (151, 117, 250),
+    "positive": (51, 154, 240),
+    "negative": (255, 107, 107),
+}
 _PERCENTILE = 0.99  # divergence/entropy saturate at this percentile of the page's positive values
 _MIN_FOR_PERCENTILE = 100  # fewer values than this: saturate at the maximum
 _MAX_CURVE_POINTS = 1500
@@ -38,6 +42,7 @@ class InspectError(ValueError):
 
 
 # ----------------------------------------------------------------------------------- reading ----
+
 
 def recorded_steps(run_dir: Path) -> dict[int, Path]:
     """{step: path} of RUN/inspect/step-N.json, by step."""
@@ -94,9 +99,13 @@ def _sample(raw, has_divergence: bool) -> dict:
     entropy = _per_token(raw.get("entropy"), "entropy", len(tokens))
     div, ent = _finite(divergence), _finite(entropy)
     return {
-        "prompt": prompt, "completion": "".join(tokens) if completion is None else completion,
-        "tokens": tokens, "divergence": divergence, "entropy": entropy,
-        "reward": _number(raw.get("reward"), "'reward'"), "passed": passed,
+        "prompt": prompt,
+        "completion": "".join(tokens) if completion is None else completion,
+        "tokens": tokens,
+        "divergence": divergence,
+        "entropy": entropy,
+        "reward": _number(raw.get("reward"), "'reward'"),
+        "passed": passed,
         "advantage": _number(raw.get("advantage"), "'advantage'"),
         "divergence_total": sum(div) if div else None,
         "divergence_mean": sum(div) / len(div) if div else None,
@@ -147,6 +156,7 @@ def _metrics(run_dir: Path) -> list[dict] | None:
 
 # ----------------------------------------------------------------------------------- curves -----
 
+
 def _nice_ticks(lo: float, hi: float, count: int, integer: bool = False):
     """(axis low, axis high, ticks): round-numbered ticks covering [lo, hi]."""
     if not hi > lo:
@@ -189,38 +199,47 @@ def _panel(title: str, series: list, step: int) -> str:
     def py(y):
         return top + (y1 - y) / (y1 - y0) * (height - top - bottom)
 
-    out = [f'<svg class="curve" width="{width}" height="{height}" viewBox="0 0 {width} {height}" '
-           f'role="img" aria-label="{html.escape(title)} against step">',
-           f'<text x="{left}" y="15" class="ct">{html.escape(title)}</text>']
+    out = [
+        f'<svg class="curve" width="{width}" height="{height}" viewBox="0 0 {width} {height}" '
+        f'role="img" aria-label="{html.escape(title)} against step">',
+        f'<text x="{left}" y="15" class="ct">{html.escape(title)}</text>',
+    ]
     for y in yticks:
-        out.append(f'<line x1="{left}" x2="{width - right}" y1="{py(y):.1f}" y2="{py(y):.1f}" class="grid"/>'
-                   f'<text x="{left - 4}" y="{py(y) + 4:.1f}" text-anchor="end">'
-                   f'{_tick_label(y, yticks)}</text>')
+        out.append(
+            f'<line x1="{left}" x2="{width - right}" y1="{py(y):.1f}" y2="{py(y):.1f}" class="grid"/>'
+            f'<text x="{left - 4}" y="{py(y) + 4:.1f}" text-anchor="end">'
+            f"{_tick_label(y, yticks)}</text>"
+        )
     for x in xticks:
-        out.append(f'<text x="{px(x):.1f}" y="{height - bottom + 14}" text-anchor="middle">'
-                   f'{_tick_label(x, xticks)}</text>')
+        out.append(
+            f'<text x="{px(x):.1f}" y="{height - bottom + 14}" text-anchor="middle">{_tick_label(x, xticks)}</text>'
+        )
     out.append(f'<text x="{width - right}" y="{height - 3}" text-anchor="end">step</text>')
-    out.append(f'<rect x="{left}" y="{top}" width="{width - left - right}" '
-               f'height="{height - top - bottom}" class="frame"/>')
-    out.append(f'<line x1="{px(step):.1f}" x2="{px(step):.1f}" y1="{top}" y2="{height - bottom}" '
-               f'class="here"><title>inspected step {step}</title></line>')
+    out.append(
+        f'<rect x="{left}" y="{top}" width="{width - left - right}" height="{height - top - bottom}" class="frame"/>'
+    )
+    out.append(
+        f'<line x1="{px(step):.1f}" x2="{px(step):.1f}" y1="{top}" y2="{height - bottom}" '
+        f'class="here"><title>inspected step {step}</title></line>'
+    )
     for k, (name, colour, points, at) in enumerate(series):
         if len(points) == 1:
-            (x, y), = points
+            ((x, y),) = points
             out.append(f'<circle cx="{px(x):.1f}" cy="{py(y):.1f}" r="3" fill="{colour}"/>')
         else:
             coords = " ".join(f"{px(x):.1f},{py(y):.1f}" for x, y in points)
             out.append(f'<polyline points="{coords}" fill="none" stroke="{colour}" stroke-width="1.5"/>')
         label = name if at is None else f"{name} = {_fmt(at)} at step {step}"
-        out.append(f'<text x="{left}" y="{29 + 13 * k}" fill="{colour}" class="cl">'
-                   f'{html.escape(label)}</text>')
+        out.append(f'<text x="{left}" y="{29 + 13 * k}" fill="{colour}" class="cl">{html.escape(label)}</text>')
     out.append("</svg>")
     return "".join(out)
 
 
-_CURVES = [("reward", [("reward", "#1971c2"), ("eval_pass@1", "#2f9e44")]),
-           ("KL", [("kl", "#e8590c")]),
-           ("entropy", [("entropy", "#7048e8")])]
+_CURVES = [
+    ("reward", [("reward", "#1971c2"), ("eval_pass@1", "#2f9e44")]),
+    ("KL", [("kl", "#e8590c")]),
+    ("entropy", [("entropy", "#7048e8")]),
+]
 
 
 def curves_html(metrics: list[dict] | None, step: int) -> str:
@@ -231,8 +250,11 @@ def curves_html(metrics: list[dict] | None, step: int) -> str:
     for title, keys in _CURVES:
         series = []
         for key, colour in keys:
-            points = [(float(row["step"]), float(row[key])) for row in metrics
-                      if _is_number(row.get(key)) and math.isfinite(row[key])]
+            points = [
+                (float(row["step"]), float(row[key]))
+                for row in metrics
+                if _is_number(row.get(key)) and math.isfinite(row[key])
+            ]
             points.sort()
             at = next((y for x, y in points if x == step), None)
             if len(points) > _MAX_CURVE_POINTS:
@@ -248,6 +270,7 @@ def curves_html(metrics: list[dict] | None, step: int) -> str:
 
 
 # ------------------------------------------------------------------------------------- page -----
+
 
 def _scale(values: list[float]) -> tuple[float, float | None]:
     """(saturation value, max) of the positive finite values: the max, or a high percentile."""
@@ -276,16 +299,17 @@ def _ramp_legend(view: str, label: str, scale: float, vmax: float | None, negati
     if vmax is None:
         saturate = "no positive values"
     elif vmax > scale:
-        saturate = (f"full colour at ≥ {_fmt(scale, 3)} nats ({round(_PERCENTILE * 100)}th percentile"
-                    f" of the page; max {_fmt(vmax, 3)})")
+        saturate = (
+            f"full colour at ≥ {_fmt(scale, 3)} nats ({round(_PERCENTILE * 100)}th percentile"
+            f" of the page; max {_fmt(vmax, 3)})"
+        )
     else:
         saturate = f"full colour at the page's max {_fmt(scale, 3)} nats"
     note = "; values ≤ 0 white" if negative else ""
     return _legend(view, f"{html.escape(label)}: 0 {bar} {saturate}{note}; grey: n/a")
 
 
-def render_page(run_dir: Path, record: dict, metrics: list[dict] | None,
-                steps: list[int] | None = None) -> str:
+def render_page(run_dir: Path, record: dict, metrics: list[dict] | None, steps: list[int] | None = None) -> str:
     """The HTML page of `record` (load_step's) of the run in `run_dir`."""
     step, label, samples = record["step"], record["divergence"], record["samples"]
     has_div = label is not None
@@ -293,27 +317,40 @@ def render_page(run_dir: Path, record: dict, metrics: list[dict] | None,
     ent_values = [v for s in samples for v in s["entropy"] or ()]
     div_scale, div_max = _scale(div_values)
     ent_scale, ent_max = _scale(ent_values)
-    advantages = [abs(s["advantage"]) for s in samples
-                  if s["advantage"] is not None and math.isfinite(s["advantage"])]
+    advantages = [abs(s["advantage"]) for s in samples if s["advantage"] is not None and math.isfinite(s["advantage"])]
     adv_scale = max(advantages, default=0.0) or 1.0
     data = {
-        "step": step, "label": label, "hasDiv": has_div,
+        "step": step,
+        "label": label,
+        "hasDiv": has_div,
         "scales": {"divergence": div_scale, "entropy": ent_scale, "advantage": adv_scale},
         "colours": {name: list(colour) for name, colour in COLOURS.items()},
-        "samples": [{
-            "p": s["prompt"], "t": s["tokens"],
-            "c": s["completion"] if not s["tokens"] else None,
-            "d": [_compact(v) for v in s["divergence"]] if s["divergence"] is not None else None,
-            "e": [_compact(v) for v in s["entropy"]] if s["entropy"] is not None else None,
-            "r": _compact(s["reward"]), "ok": s["passed"], "a": _compact(s["advantage"]),
-            "dt": _compact(s["divergence_total"]), "dm": _compact(s["divergence_mean"]),
-            "em": _compact(s["entropy_mean"]), "n": len(s["tokens"]),
-        } for s in samples],
+        "samples": [
+            {
+                "p": s["prompt"],
+                "t": s["tokens"],
+                "c": s["completion"] if not s["tokens"] else None,
+                "d": [_compact(v) for v in s["divergence"]] if s["divergence"] is not None else None,
+                "e": [_compact(v) for v in s["entropy"]] if s["entropy"] is not None else None,
+                "r": _compact(s["reward"]),
+                "ok": s["passed"],
+                "a": _compact(s["advantage"]),
+                "dt": _compact(s["divergence_total"]),
+                "dm": _compact(s["divergence_mean"]),
+                "em": _compact(s["entropy_mean"]),
+                "n": len(s["tokens"]),
+            }
+            for s in samples
+        ],
     }
     # Inside <script type="application/json"> only "</script" and "<!--" could end or derail it:
     # escaping <, > and & (legal only inside JSON strings) rules both out.
-    payload = (json.dumps(data, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
-               .replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026"))
+    payload = (
+        json.dumps(data, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+        .replace("<", "\\u003c")
+        .replace(">", "\\u003e")
+        .replace("&", "\\u0026")
+    )
 
     rewards = [s["reward"] for s in samples if s["reward"] is not None]
     verdicts = [s["passed"] for s in samples if s["passed"] is not None]
@@ -329,52 +366,70 @@ def render_page(run_dir: Path, record: dict, metrics: list[dict] | None,
     if has_div:
         divergence_line = f'divergence: <b id="label">{html.escape(label)}</b> (per token, nats)'
     else:
-        divergence_line = ('<span class="note" id="no-divergence">this run has no reference or teacher: '
-                           'no per-token divergence was recorded, so the divergence view and sort are '
-                           'unavailable.</span>')
+        divergence_line = (
+            '<span class="note" id="no-divergence">this run has no reference or teacher: '
+            "no per-token divergence was recorded, so the divergence view and sort are "
+            "unavailable.</span>"
+        )
     shown_steps = ""
     if steps:
         listed = ", ".join(map(str, steps[:60])) + (", …" if len(steps) > 60 else "")
         shown_steps = f'<p class="meta">recorded steps: {listed}</p>'
     disabled = "" if has_div else " disabled"
-    view_options = (f'<option value="divergence"{disabled}{" selected" if has_div else ""}>'
-                    'divergence</option>'
-                    f'<option value="entropy"{"" if has_div else " selected"}>entropy</option>'
-                    '<option value="advantage">advantage</option>')
-    sort_options = ('<option value="reward" selected>reward</option>'
-                    f'<option value="divergence"{disabled}>total divergence</option>'
-                    '<option value="entropy">mean entropy</option>'
-                    '<option value="advantage">advantage</option>'
-                    '<option value="length">length</option>'
-                    '<option value="recorded">recorded order</option>')
+    view_options = (
+        f'<option value="divergence"{disabled}{" selected" if has_div else ""}>'
+        "divergence</option>"
+        f'<option value="entropy"{"" if has_div else " selected"}>entropy</option>'
+        '<option value="advantage">advantage</option>'
+    )
+    sort_options = (
+        '<option value="reward" selected>reward</option>'
+        f'<option value="divergence"{disabled}>total divergence</option>'
+        '<option value="entropy">mean entropy</option>'
+        '<option value="advantage">advantage</option>'
+        '<option value="length">length</option>'
+        '<option value="recorded">recorded order</option>'
+    )
     legends = ""
     if has_div:
-        legends += _ramp_legend("divergence", label, div_scale, div_max,
-                                any(math.isfinite(v) and v < 0 for v in div_values))
+        legends += _ramp_legend(
+            "divergence", label, div_scale, div_max, any(math.isfinite(v) and v < 0 for v in div_values)
+        )
     legends += _ramp_legend("entropy", "entropy", ent_scale, ent_max, False)
-    adv_bar = (f'<span class="bar" style="background:linear-gradient(to right,{_rgb(COLOURS["negative"])},'
-               f'#fff,{_rgb(COLOURS["positive"])})"></span>')
-    legends += _legend("advantage", f"advantage (per sample): −{_fmt(adv_scale, 3)} {adv_bar} "
-                                    f"+{_fmt(adv_scale, 3)}; grey: n/a")
+    adv_bar = (
+        f'<span class="bar" style="background:linear-gradient(to right,{_rgb(COLOURS["negative"])},'
+        f'#fff,{_rgb(COLOURS["positive"])})"></span>'
+    )
+    legends += _legend(
+        "advantage", f"advantage (per sample): −{_fmt(adv_scale, 3)} {adv_bar} +{_fmt(adv_scale, 3)}; grey: n/a"
+    )
     title = html.escape(f"divrl inspect: {run_name}, step {step}")
-    return "".join([
-        '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">',
-        '<meta name="viewport" content="width=device-width,initial-scale=1">',
-        f"<title>{title}</title><style>{_CSS}</style></head>\n",
-        f'<body data-view="{"divergence" if has_div else "entropy"}">',
-        f'<header><h1>divrl inspect: <span id="run">{html.escape(run_name)}</span>, '
-        f'step <span id="step">{step}</span></h1>',
-        f'<p class="meta">{divergence_line}</p>',
-        f'<p class="meta">{"; ".join(facts)}</p>{shown_steps}</header>\n',
-        f'<section id="curves">{curves_html(metrics, step)}</section>\n',
-        '<div id="controls"><label>shade tokens by <select id="view">', view_options, "</select></label>",
-        '<label>sort by <select id="sort">', sort_options, "</select></label>",
-        '<label><input type="checkbox" id="ascending"> ascending</label>', legends, "</div>\n",
-        '<noscript><p class="note">this page builds the samples with JavaScript.</p></noscript>',
-        '<main id="samples"></main>\n',
-        f'<script type="application/json" id="data">{payload}</script>\n',
-        f"<script>{_JS}</script>\n</body></html>\n",
-    ])
+    return "".join(
+        [
+            '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">',
+            '<meta name="viewport" content="width=device-width,initial-scale=1">',
+            f"<title>{title}</title><style>{_CSS}</style></head>\n",
+            f'<body data-view="{"divergence" if has_div else "entropy"}">',
+            f'<header><h1>divrl inspect: <span id="run">{html.escape(run_name)}</span>, '
+            f'step <span id="step">{step}</span></h1>',
+            f'<p class="meta">{divergence_line}</p>',
+            f'<p class="meta">{"; ".join(facts)}</p>{shown_steps}</header>\n',
+            f'<section id="curves">{curves_html(metrics, step)}</section>\n',
+            '<div id="controls"><label>shade tokens by <select id="view">',
+            view_options,
+            "</select></label>",
+            '<label>sort by <select id="sort">',
+            sort_options,
+            "</select></label>",
+            '<label><input type="checkbox" id="ascending"> ascending</label>',
+            legends,
+            "</div>\n",
+            '<noscript><p class="note">this page builds the samples with JavaScript.</p></noscript>',
+            '<main id="samples"></main>\n',
+            f'<script type="application/json" id="data">{payload}</script>\n',
+            f"<script>{_JS}</script>\n</body></html>\n",
+        ]
+    )
 
 
 def write_page(run_dir: Path, step: int | None = None, out_dir: Path | None = None) -> Path:
@@ -384,13 +439,14 @@ def write_page(run_dir: Path, step: int | None = None, out_dir: Path | None = No
         raise InspectError(f"{run_dir}: no such run directory")
     steps = recorded_steps(run_dir)
     if not steps:
-        raise InspectError(f"{run_dir} has no inspect records ({run_dir / 'inspect'}/step-N.json); "
-                           "was the run trained with inspect_every = 0?")
+        raise InspectError(
+            f"{run_dir} has no inspect records ({run_dir / 'inspect'}/step-N.json); "
+            "was the run trained with inspect_every = 0?"
+        )
     if step is None:
         step = max(steps)
     elif step not in steps:
-        raise InspectError(f"step {step} was not recorded in {run_dir}; recorded steps: "
-                           + ", ".join(map(str, steps)))
+        raise InspectError(f"step {step} was not recorded in {run_dir}; recorded steps: " + ", ".join(map(str, steps)))
     record = load_step(steps[step], step)
     page = render_page(run_dir, record, _metrics(run_dir), list(steps))
     out_dir = Path(out_dir) if out_dir is not None else run_dir / "inspect"
@@ -405,6 +461,7 @@ def write_page(run_dir: Path, step: int | None = None, out_dir: Path | None = No
 
 # -------------------------------------------------------------------------------------- CLI -----
 
+
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Register the `inspect` subcommand on an argparse subparsers object; its handler is `run`."""
     parser = subparsers.add_parser(
@@ -414,10 +471,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("run", metavar="RUN", help="run directory (holds metrics.jsonl and inspect/)")
-    parser.add_argument("--step", type=int, metavar="N",
-                        help="the recorded step to show (default: the latest)")
-    parser.add_argument("--out", metavar="DIR",
-                        help="directory of inspect-step-N.html (default: RUN/inspect)")
+    parser.add_argument("--step", type=int, metavar="N", help="the recorded step to show (default: the latest)")
+    parser.add_argument("--out", metavar="DIR", help="directory of inspect-step-N.html (default: RUN/inspect)")
     parser.set_defaults(func=run)
     return parser
 
@@ -435,6 +490,7 @@ def run(args: argparse.Namespace) -> int:
 
 # ------------------------------------------------------------------------------- screenshot -----
 
+
 def headless_chromium(binary: str | None = None, driver_path: str | None = None):
     """A selenium driver of headless Chromium (browser console logged). Without `binary` or
     `driver_path`, the first chromium/chrome and chromedriver on PATH; failing those, selenium's
@@ -443,24 +499,44 @@ def headless_chromium(binary: str | None = None, driver_path: str | None = None)
         from selenium import webdriver
         from selenium.webdriver.chrome.service import Service
     except ImportError as err:
-        raise RuntimeError("screenshots of the inspect page need selenium (pip install selenium) "
-                           "and Chromium with chromedriver") from err
-    binary = binary or next(filter(None, map(shutil.which, (
-        "chromium", "chromium-browser", "google-chrome", "google-chrome-stable", "chrome"))), None)
+        raise RuntimeError(
+            "screenshots of the inspect page need selenium (pip install selenium) and Chromium with chromedriver"
+        ) from err
+    binary = binary or next(
+        filter(
+            None, map(shutil.which, ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable", "chrome"))
+        ),
+        None,
+    )
     driver_path = driver_path or shutil.which("chromedriver")
     options = webdriver.ChromeOptions()
     if binary:
         options.binary_location = binary
-    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-                "--hide-scrollbars", "--force-device-scale-factor=1", "--window-size=1280,900"):
+    for arg in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-dev-shm-usage",
+        "--hide-scrollbars",
+        "--force-device-scale-factor=1",
+        "--window-size=1280,900",
+    ):
         options.add_argument(arg)
     options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
     service = Service(executable_path=driver_path) if driver_path else Service()
     return webdriver.Chrome(options=options, service=service)
 
 
-def screenshot(html_path, png_path, *, width: int = 1280, max_height: int = 2400,
-               view: str | None = None, sort: str | None = None, driver=None) -> Path:
+def screenshot(
+    html_path,
+    png_path,
+    *,
+    width: int = 1280,
+    max_height: int = 2400,
+    view: str | None = None,
+    sort: str | None = None,
+    driver=None,
+) -> Path:
     """Render the page at `html_path` to `png_path`: `width` CSS pixels wide, as tall as the page
     up to `max_height`; `view`/`sort` set the selectors first. Starts (and quits) a headless
     Chromium unless a selenium `driver` of Chromium is given."""
@@ -475,7 +551,10 @@ def screenshot(html_path, png_path, *, width: int = 1280, max_height: int = 2400
             if value is not None:
                 driver.execute_script(
                     "const s = document.getElementById(arguments[0]); s.value = arguments[1];"
-                    "s.dispatchEvent(new Event('change'));", element, value)
+                    "s.dispatchEvent(new Event('change'));",
+                    element,
+                    value,
+                )
         height = driver.execute_script("return Math.ceil(document.documentElement.scrollHeight)")
         metrics["height"] = max(1, min(int(height), max_height))
         driver.execute_cdp_cmd("Emulation.setDeviceMetricsOverride", metrics)

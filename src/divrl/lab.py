@@ -55,9 +55,7 @@ def regularized_value(
     return expected_reward(logprobs, reward) - beta * d(logprobs, ref_logprobs)
 
 
-def tilted(
-    ref_logprobs: torch.Tensor, reward: torch.Tensor, beta: float | torch.Tensor
-) -> torch.Tensor:
+def tilted(ref_logprobs: torch.Tensor, reward: torch.Tensor, beta: float | torch.Tensor) -> torch.Tensor:
     """C1: argmax_p Σ p r − β KL(p‖q) = q·exp(r/β)/Z, as log-probs; support = supp(q).
 
     Also the posterior π* of the Bayesian-inference view (Korbak et al. 2022), and C7's
@@ -84,18 +82,16 @@ def _bisect_decreasing(
         lo, hi = torch.where(above, mid, lo), torch.where(above, hi, mid)
 
 
-def tilted_at_kl(
-    ref_logprobs: torch.Tensor, reward: torch.Tensor, kl: float
-) -> tuple[torch.Tensor, torch.Tensor]:
+def tilted_at_kl(ref_logprobs: torch.Tensor, reward: torch.Tensor, kl: float) -> tuple[torch.Tensor, torch.Tensor]:
     """The C1 tilt whose KL(p‖q) equals `kl`, and its β (shape (..., 1)): KL(tilted_β‖q) falls
     monotonically from −log q(argmax r) (β → 0) to 0 (β → ∞), so bisect on log β within
     spread(r)·e^{±40} (Yang et al., "Asymptotics of language model alignment"); budgets outside
     the range give its ends. The tilt is the most rewarding policy within that KL budget."""
     reward = reward.expand_as(ref_logprobs)
     on = ref_logprobs > -math.inf
-    spread = reward.masked_fill(~on, -math.inf).amax(-1, keepdim=True) - reward.masked_fill(
-        ~on, math.inf
-    ).amin(-1, keepdim=True)
+    spread = reward.masked_fill(~on, -math.inf).amax(-1, keepdim=True) - reward.masked_fill(~on, math.inf).amin(
+        -1, keepdim=True
+    )
     scale = spread.clamp_min(torch.finfo(reward.dtype).tiny).log()
 
     def kl_of_tilt(log_beta: torch.Tensor) -> torch.Tensor:
@@ -106,9 +102,7 @@ def tilted_at_kl(
     return tilted(ref_logprobs, reward, log_beta.exp()), log_beta.exp()
 
 
-def forward_kl_optimum(
-    ref_logprobs: torch.Tensor, reward: torch.Tensor, beta: float | torch.Tensor
-) -> torch.Tensor:
+def forward_kl_optimum(ref_logprobs: torch.Tensor, reward: torch.Tensor, beta: float | torch.Tensor) -> torch.Tensor:
     """C3: argmax_p Σ p r − β KL(q‖p), as log-probs.
 
     Stationarity r_i + β q_i/p_i = λ gives the hyperbolic tilt p_i = β q_i/(λ − r_i) on supp(q),
@@ -137,9 +131,7 @@ def forward_kl_optimum(
     return (p / p.sum(-1, keepdim=True)).log()
 
 
-def chi2_optimum(
-    ref_logprobs: torch.Tensor, reward: torch.Tensor, beta: float | torch.Tensor
-) -> torch.Tensor:
+def chi2_optimum(ref_logprobs: torch.Tensor, reward: torch.Tensor, beta: float | torch.Tensor) -> torch.Tensor:
     """C4: argmax_p Σ p r − β χ²(p‖q), χ² = Σ (p − q)²/q, as log-probs.
 
     With p ≥ 0, stationarity gives p_i = q_i·max(0, 1 + (r_i − λ)/(2β)), λ the root of
@@ -202,8 +194,14 @@ def regularized_optimum(
 
     if method == "lbfgs":
         opt = torch.optim.LBFGS(
-            [theta], lr=lr or 1.0, max_iter=steps, max_eval=2 * steps, history_size=50,
-            tolerance_grad=1e-13, tolerance_change=1e-16, line_search_fn="strong_wolfe",
+            [theta],
+            lr=lr or 1.0,
+            max_iter=steps,
+            max_eval=2 * steps,
+            history_size=50,
+            tolerance_grad=1e-13,
+            tolerance_change=1e-16,
+            line_search_fn="strong_wolfe",
         )
 
         def closure() -> torch.Tensor:
@@ -244,9 +242,7 @@ def best_of_n_kl(n: int) -> float:
     return math.log(n) - (n - 1) / n
 
 
-def divergence_gradient(
-    logits: torch.Tensor, ref_logprobs: torch.Tensor, divergence: str | Divergence
-) -> torch.Tensor:
+def divergence_gradient(logits: torch.Tensor, ref_logprobs: torch.Tensor, divergence: str | Divergence) -> torch.Tensor:
     """Exact ∇_θ Σ_contexts D(log_softmax(θ), q) by autograd."""
     d = divergences.get(divergence) if isinstance(divergence, str) else divergence
     theta = logits.detach().requires_grad_()
@@ -283,9 +279,7 @@ def joint_logprobs(conditionals: list[torch.Tensor]) -> torch.Tensor:
     return sum(c.reshape(c.shape + (1,) * (length - 1 - t)) for t, c in enumerate(conditionals))
 
 
-def soft_bellman(
-    ref_conditionals: list[torch.Tensor], reward: torch.Tensor, beta: float
-) -> list[torch.Tensor]:
+def soft_bellman(ref_conditionals: list[torch.Tensor], reward: torch.Tensor, beta: float) -> list[torch.Tensor]:
     """Token-level optimum of sequence-level KL-RL with reward r(y_1..y_T) (shape (V,)*T), by the
     soft Bellman backup V_T = r, π(y_t|y_<t) ∝ π_ref(y_t|y_<t)·exp(V_{t+1}(y_≤t)/β),
     V_t = β log Σ π_ref e^{V_{t+1}/β}. Its joint is C1 applied to whole sequences; with T = 1 it is
@@ -297,17 +291,32 @@ def soft_bellman(
     return policy
 
 
-def _bandit_step(spec: ObjectiveSpec, theta: torch.Tensor, contexts: torch.Tensor, tokens: torch.Tensor,
-                 advantages: torch.Tensor, rewards: torch.Tensor, token_scale: torch.Tensor,
-                 group_pass_rate: torch.Tensor, models: dict[str, torch.Tensor], lr: float) -> None:
+def _bandit_step(
+    spec: ObjectiveSpec,
+    theta: torch.Tensor,
+    contexts: torch.Tensor,
+    tokens: torch.Tensor,
+    advantages: torch.Tensor,
+    rewards: torch.Tensor,
+    token_scale: torch.Tensor,
+    group_pass_rate: torch.Tensor,
+    models: dict[str, torch.Tensor],
+    lr: float,
+) -> None:
     """One gradient step of `objective_loss` on θ (C, V), each row a one-token completion of
     context ``contexts[row]``: hidden state onehot(context), output weight θᵀ."""
     hidden = torch.eye(theta.shape[0], dtype=theta.dtype)[contexts]
     frozen = {name: ModelOutputs(hidden, Head(table.T)) for name, table in models.items()}
     inputs = ObjectiveInputs(
-        policy=ModelOutputs(hidden, Head(theta.T)), tokens=tokens, rows=torch.arange(len(tokens)),
-        advantages=advantages, rewards=rewards, group_pass_rate=group_pass_rate,
-        token_scale=token_scale, models=frozen)
+        policy=ModelOutputs(hidden, Head(theta.T)),
+        tokens=tokens,
+        rows=torch.arange(len(tokens)),
+        advantages=advantages,
+        rewards=rewards,
+        group_pass_rate=group_pass_rate,
+        token_scale=token_scale,
+        models=frozen,
+    )
     (grad,) = torch.autograd.grad(objective_loss(spec, inputs).loss, theta)
     with torch.no_grad():
         theta -= lr * grad
@@ -346,8 +355,18 @@ def objective_fixed_point(
             advantage = expected_advantages(spec, reward, probs)
             pass_rate = objectives.passed(reward).to(probs.dtype)
             pass_rate = (probs * pass_rate).sum(-1, keepdim=True).expand_as(probs)
-        _bandit_step(spec, theta, rows, tokens, advantage.reshape(-1), reward.reshape(-1),
-                     probs.reshape(-1), pass_rate.reshape(-1), models, lr)
+        _bandit_step(
+            spec,
+            theta,
+            rows,
+            tokens,
+            advantage.reshape(-1),
+            reward.reshape(-1),
+            probs.reshape(-1),
+            pass_rate.reshape(-1),
+            models,
+            lr,
+        )
     return theta.detach().log_softmax(-1)
 
 
@@ -371,8 +390,7 @@ def objective_sampled_steps(
     rows = torch.arange(contexts).repeat_interleave(group_size)
     for _ in range(steps):
         with torch.no_grad():
-            tokens = torch.multinomial(theta.softmax(-1), group_size, replacement=True,
-                                       generator=generator).reshape(-1)
+            tokens = torch.multinomial(theta.softmax(-1), group_size, replacement=True, generator=generator).reshape(-1)
             rewards = reward[rows, tokens]
             advantage = objectives.advantages(spec, rewards, None, group_size)
             pass_rate = objectives.group_pass_rate(objectives.passed(rewards), group_size)

@@ -28,19 +28,37 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--vocab", type=int, default=8,
-                        help="vocabulary size of a random problem (default 8)")
+    parser.add_argument("--vocab", type=int, default=8, help="vocabulary size of a random problem (default 8)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random problem")
-    parser.add_argument("--rewards", type=float, nargs="+", metavar="R",
-                        help="per-token rewards of a given problem (instead of a random one)")
-    parser.add_argument("--ref", type=float, nargs="+", metavar="Q",
-                        help="reference weights, one per reward, normalized here; 0 = off-support "
-                             "(default uniform)")
-    parser.add_argument("--betas", type=float, nargs="+", default=[0.05, 0.2, 1.0], metavar="BETA",
-                        help="regularization strengths of the table (default 0.05 0.2 1.0)")
-    parser.add_argument("--divergences", nargs="+", default=DEFAULT_DIVERGENCES, metavar="NAME",
-                        help="divrl.divergences names for the table (default: "
-                             + " ".join(DEFAULT_DIVERGENCES) + ")")
+    parser.add_argument(
+        "--rewards",
+        type=float,
+        nargs="+",
+        metavar="R",
+        help="per-token rewards of a given problem (instead of a random one)",
+    )
+    parser.add_argument(
+        "--ref",
+        type=float,
+        nargs="+",
+        metavar="Q",
+        help="reference weights, one per reward, normalized here; 0 = off-support (default uniform)",
+    )
+    parser.add_argument(
+        "--betas",
+        type=float,
+        nargs="+",
+        default=[0.05, 0.2, 1.0],
+        metavar="BETA",
+        help="regularization strengths of the table (default 0.05 0.2 1.0)",
+    )
+    parser.add_argument(
+        "--divergences",
+        nargs="+",
+        default=DEFAULT_DIVERGENCES,
+        metavar="NAME",
+        help="divrl.divergences names for the table (default: " + " ".join(DEFAULT_DIVERGENCES) + ")",
+    )
     parser.add_argument("--max-n", type=int, default=32, help="largest best-of-n (default 32)")
     parser.add_argument("--out", default="lab_frontier.png", help="PNG path of the frontier plot")
     parser.set_defaults(func=run)
@@ -89,8 +107,9 @@ def _print_fixed_points(args, ref_logprobs, reward) -> None:
         for name in args.divergences:
             policy, solver = _fixed_point(name, ref_logprobs, reward, beta)
             value, kl = _summary(policy, ref_logprobs, reward)
-            print(f"{beta:>8.4g}  {name:<15} {solver:<11} {value.item():>8.4f} {kl.item():>10.4f}  "
-                  f"{_row(policy.exp())}")
+            print(
+                f"{beta:>8.4g}  {name:<15} {solver:<11} {value.item():>8.4f} {kl.item():>10.4f}  {_row(policy.exp())}"
+            )
 
 
 def _best_of_n_curve(ref_logprobs, reward, max_n):
@@ -107,8 +126,10 @@ def _print_best_of_n(ref_logprobs, reward, curve) -> None:
     for n in sorted({2**k for k in range(max_n.bit_length())} | {max_n}):
         kl = max(kls[n - 1].item(), 0.0)  # n = 1 gives ±1e-17
         frontier = lab.tilted_at_kl(ref_logprobs, reward, kl)[0]
-        print(f"{n:>5} {values[n - 1].item():>9.4f} {kl:>12.4f} {lab.best_of_n_kl(n):>14.4f} "
-              f"{lab.expected_reward(frontier, reward).item():>11.4f}")
+        print(
+            f"{n:>5} {values[n - 1].item():>9.4f} {kl:>12.4f} {lab.best_of_n_kl(n):>14.4f} "
+            f"{lab.expected_reward(frontier, reward).item():>11.4f}"
+        )
 
 
 def _plot_frontier(path, title, ref_logprobs, reward, curve) -> None:
@@ -119,9 +140,11 @@ def _plot_frontier(path, title, ref_logprobs, reward, curve) -> None:
     betas = spread * torch.logspace(-2.5, 2.5, 200, dtype=reward.dtype).unsqueeze(-1)
     fig = Figure(figsize=(7.5, 5), layout="constrained")
     ax = fig.add_subplot()
-    styles = {"reverse_kl": ("KL-RL (reverse KL, C1)", "-", 2.5),
-              "forward_kl": ("forward-KL-RL (C3)", "--", 1.5),
-              "chi2": ("$\\chi^2$-RL (C4)", ":", 1.8)}
+    styles = {
+        "reverse_kl": ("KL-RL (reverse KL, C1)", "-", 2.5),
+        "forward_kl": ("forward-KL-RL (C3)", "--", 1.5),
+        "chi2": ("$\\chi^2$-RL (C4)", ":", 1.8),
+    }
     for name, (label, style, width) in styles.items():
         policies = lab.CLOSED_FORMS[name](ref_logprobs, reward, betas)
         values, kls = _summary(policies, ref_logprobs, reward)
@@ -132,12 +155,25 @@ def _plot_frontier(path, title, ref_logprobs, reward, curve) -> None:
     values, kls = curve
     ns = range(1, len(values) + 1)
     ax.plot(kls, values, "o", ms=4, color="black", label="best-of-n, exact KL")
-    ax.plot([lab.best_of_n_kl(n) for n in ns], values, "o", ms=4, mfc="none", color="tab:red",
-            label="best-of-n placed at log n − (n−1)/n")
+    ax.plot(
+        [lab.best_of_n_kl(n) for n in ns],
+        values,
+        "o",
+        ms=4,
+        mfc="none",
+        color="tab:red",
+        label="best-of-n placed at log n − (n−1)/n",
+    )
     for n in ns:
         if n > 1 and n & (n - 1) == 0:
-            ax.annotate(f"n={n}", (kls[n - 1], values[n - 1]), textcoords="offset points",
-                        xytext=(-6, 6), ha="right", fontsize=8)
+            ax.annotate(
+                f"n={n}",
+                (kls[n - 1], values[n - 1]),
+                textcoords="offset points",
+                xytext=(-6, 6),
+                ha="right",
+                fontsize=8,
+            )
     ax.set_xlabel("$\\mathrm{KL}(\\pi\\,\\|\\,\\pi_{\\mathrm{ref}})$  [nats]")
     ax.set_ylabel("expected reward  $\\mathbb{E}_\\pi[r]$")
     ax.set_title(f"Reward–KL frontier, {title}")

@@ -43,8 +43,9 @@ def pass_at_k_over_prompts(correct_counts: Sequence[int], n: int, k: int) -> tup
     return mean_and_stderr([pass_at_k(n, c, k) for c in correct_counts])
 
 
-def bootstrap_ci(values: Sequence[float], level: float = 0.95, resamples: int = 2000,
-                 seed: int = 0) -> tuple[float, float]:
+def bootstrap_ci(
+    values: Sequence[float], level: float = 0.95, resamples: int = 2000, seed: int = 0
+) -> tuple[float, float]:
     """Percentile bootstrap interval of the mean of per-prompt values, prompts resampled with
     replacement (Efron & Tibshirani 1993, ch. 13)."""
     data = np.asarray(values, dtype=np.float64)
@@ -55,8 +56,7 @@ def bootstrap_ci(values: Sequence[float], level: float = 0.95, resamples: int = 
     return float(low), float(high)
 
 
-def majority_at_k(answers: Sequence[str], correct: Sequence[float], k: int, draws: int = 256,
-                  seed: int = 0) -> float:
+def majority_at_k(answers: Sequence[str], correct: Sequence[float], k: int, draws: int = 256, seed: int = 0) -> float:
     """maj@k of one prompt: the expected correctness of the most frequent final answer among k of
     its n samples drawn without replacement (a tie counts the mean of the tied answers: a uniform
     tie-break in expectation), estimated from `draws` random k-subsets (exact for k = 1 and k = n). An answer's correctness is the
@@ -84,7 +84,7 @@ def majority_at_k(answers: Sequence[str], correct: Sequence[float], k: int, draw
 
 def distinct_n(sequences: Sequence[Sequence], n: int) -> float:
     """distinct-n (Li et al. 2016): distinct n-grams / all n-grams over the sequences (0 if none)."""
-    grams = [tuple(s[i:i + n]) for s in sequences for i in range(len(s) - n + 1)]
+    grams = [tuple(s[i : i + n]) for s in sequences for i in range(len(s) - n + 1)]
     return len(set(grams)) / len(grams) if grams else 0.0
 
 
@@ -115,21 +115,22 @@ def best_of_n(scores: Sequence[float], correct: Sequence[float], n: int) -> tupl
     return accuracy, kl
 
 
-def bootstrap_difference_ci(a: Sequence[float], b: Sequence[float], paired: bool, level: float = 0.95,
-                            resamples: int = 2000, seed: int = 0) -> tuple[float, float]:
+def bootstrap_difference_ci(
+    a: Sequence[float], b: Sequence[float], paired: bool, level: float = 0.95, resamples: int = 2000, seed: int = 0
+) -> tuple[float, float]:
     """Percentile bootstrap interval of mean(a) − mean(b) over prompts: paired (the same prompts,
     resampled together: the interval of the mean per-prompt difference) or, for different prompt
     sets, each side resampled independently."""
     if paired:
         if len(a) != len(b):
             raise ValueError(f"paired values need equal lengths, got {len(a)} and {len(b)}")
-        return bootstrap_ci(np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64), level,
-                            resamples, seed)
+        return bootstrap_ci(np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64), level, resamples, seed)
     rng = np.random.default_rng(seed)
     x, y = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
     if len(x) == 0 or len(y) == 0:
         raise ValueError("bootstrap_difference_ci needs values on both sides")
-    diffs = (x[rng.integers(0, len(x), (resamples, len(x)))].mean(1)
-             - y[rng.integers(0, len(y), (resamples, len(y)))].mean(1))
+    diffs = x[rng.integers(0, len(x), (resamples, len(x)))].mean(1) - y[
+        rng.integers(0, len(y), (resamples, len(y)))
+    ].mean(1)
     low, high = np.quantile(diffs, [(1 - level) / 2, (1 + level) / 2])
     return float(low), float(high)

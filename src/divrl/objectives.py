@@ -32,8 +32,9 @@ from divrl.rowwise import ModelOutputs
 from divrl.spec import EntropyAnchorSpec, ObjectiveSpec, TermSpec
 
 
-def group_advantages(rewards: torch.Tensor, group_size: int, normalize: bool = True,
-                     eps: float = 1e-6, population_std: bool = False) -> torch.Tensor:
+def group_advantages(
+    rewards: torch.Tensor, group_size: int, normalize: bool = True, eps: float = 1e-6, population_std: bool = False
+) -> torch.Tensor:
     """Advantages of rewards laid out group-major (P·G,): r − mean_group, divided by the group's
     std when `normalize`: the sample std (unbiased, as GRPO) or, with `population_std`, the
     population std (ReasonMaxxer's code). A group with equal rewards gets zeros."""
@@ -70,8 +71,13 @@ def overlong_penalty(spec: ObjectiveSpec, lengths: torch.Tensor) -> torch.Tensor
     return -spec.overlong_penalty * excess.clamp(0.0, 1.0)
 
 
-def advantages(spec: ObjectiveSpec, rewards: torch.Tensor, penalties: torch.Tensor | None,
-               group_size: int, verdict: torch.Tensor | None = None) -> torch.Tensor:
+def advantages(
+    spec: ObjectiveSpec,
+    rewards: torch.Tensor,
+    penalties: torch.Tensor | None,
+    group_size: int,
+    verdict: torch.Tensor | None = None,
+) -> torch.Tensor:
     """A_i = adv(r)_i − (P_i − mean_group P): the task reward's advantage (`group_norm`,
     `mean_only` or `signed`) minus the group-centred penalty P_i = Σ_k c_k Σ_t k(y_t) of the
     reward terms; `advantage_std` picks the std of `group_norm`, and a nonzero `advantage_clip`
@@ -87,8 +93,12 @@ def advantages(spec: ObjectiveSpec, rewards: torch.Tensor, penalties: torch.Tens
     elif spec.advantage == "none":  # no task-reward term (e.g. OPD's dense reward alone)
         adv = torch.zeros_like(rewards, dtype=torch.promote_types(rewards.dtype, torch.float32))
     else:
-        adv = group_advantages(rewards, group_size, normalize=spec.advantage == "group_norm",
-                               population_std=spec.advantage_std == "population")
+        adv = group_advantages(
+            rewards,
+            group_size,
+            normalize=spec.advantage == "group_norm",
+            population_std=spec.advantage_std == "population",
+        )
     if penalties is not None:
         adv = adv - group_advantages(penalties, group_size, normalize=False)
     return _clip_advantages(spec, adv)
@@ -98,8 +108,9 @@ def _clip_advantages(spec: ObjectiveSpec, adv: torch.Tensor) -> torch.Tensor:
     return adv.clamp(-spec.advantage_clip, spec.advantage_clip) if spec.advantage_clip else adv
 
 
-def expected_advantages(spec: ObjectiveSpec, rewards: torch.Tensor, probs: torch.Tensor,
-                        eps: float = 1e-6) -> torch.Tensor:
+def expected_advantages(
+    spec: ObjectiveSpec, rewards: torch.Tensor, probs: torch.Tensor, eps: float = 1e-6
+) -> torch.Tensor:
     """The advantage of each outcome of a bandit (…, V) with an infinite group drawn from probs:
     `mean_only` r − E r, `group_norm` (r − E r)/(std r + eps), `signed` ±1 (for `divrl.lab`);
     clipped as `advantages` clips."""
@@ -120,10 +131,12 @@ def token_scale(spec: ObjectiveSpec, lengths: list[int]) -> torch.Tensor:
     seq_mean_token_sum_norm 1/(B·C), C = loss_normalizer (Dr. GRPO: the generation budget).
     """
     n_seq, lengths_t = len(lengths), torch.tensor(lengths, dtype=torch.float32)
-    per_seq = {"token_mean": torch.full((n_seq,), 1.0 / max(1, sum(lengths))),
-               "seq_mean_token_mean": 1.0 / (n_seq * lengths_t.clamp(min=1)),
-               "seq_mean_token_sum": torch.full((n_seq,), 1.0 / n_seq),
-               "seq_mean_token_sum_norm": torch.full((n_seq,), 1.0 / (n_seq * spec.normalizer))}
+    per_seq = {
+        "token_mean": torch.full((n_seq,), 1.0 / max(1, sum(lengths))),
+        "seq_mean_token_mean": 1.0 / (n_seq * lengths_t.clamp(min=1)),
+        "seq_mean_token_sum": torch.full((n_seq,), 1.0 / n_seq),
+        "seq_mean_token_sum_norm": torch.full((n_seq,), 1.0 / (n_seq * spec.normalizer)),
+    }
     return per_seq[spec.aggregation].repeat_interleave(lengths_t.long())
 
 
@@ -199,8 +212,9 @@ def _model_logprobs(model: ModelOutputs, tokens: torch.Tensor) -> torch.Tensor:
 def _sampled_target_logprobs(term: TermSpec, inputs: ObjectiveInputs, models) -> torch.Tensor:
     if term.target.is_model:
         return _model_logprobs(models[term.target.op], inputs.tokens)
-    return rowwise.target_logprob_at(term.target, inputs.policy, models, inputs.tokens,
-                                     inputs.advantages[inputs.rows], inputs.rewards[inputs.rows])
+    return rowwise.target_logprob_at(
+        term.target, inputs.policy, models, inputs.tokens, inputs.advantages[inputs.rows], inputs.rewards[inputs.rows]
+    )
 
 
 def _params(term: TermSpec, policy: ModelOutputs) -> dict:
@@ -210,21 +224,33 @@ def _params(term: TermSpec, policy: ModelOutputs) -> dict:
     return params
 
 
-def _exact(term: TermSpec, inputs: ObjectiveInputs, models, token_weights: torch.Tensor | None
-           ) -> torch.Tensor:
+def _exact(term: TermSpec, inputs: ObjectiveInputs, models, token_weights: torch.Tensor | None) -> torch.Tensor:
     """Exact D(πθ, q) per token: fused tiles for a model target, row chunks for the rest."""
     policy = inputs.policy
     if term.target.is_model and divergences.is_pointwise(term.divergence):
         target = models[term.target.op]
-        return chunked.divergence(term.divergence, policy.hidden, policy.head, target.hidden, target.head,
-                                  token_weights=token_weights, **term.kwargs)
-    return rowwise.divergence_to_target(divergences.get(term.divergence), term.target, policy, models,
-                                        inputs.tokens, inputs.advantages[inputs.rows], inputs.rewards[inputs.rows],
-                                        **_params(term, policy))
+        return chunked.divergence(
+            term.divergence,
+            policy.hidden,
+            policy.head,
+            target.hidden,
+            target.head,
+            token_weights=token_weights,
+            **term.kwargs,
+        )
+    return rowwise.divergence_to_target(
+        divergences.get(term.divergence),
+        term.target,
+        policy,
+        models,
+        inputs.tokens,
+        inputs.advantages[inputs.rows],
+        inputs.rewards[inputs.rows],
+        **_params(term, policy),
+    )
 
 
-def stored_estimate(name: str, params: dict, logprobs: torch.Tensor, stored_logprobs: torch.Tensor
-                    ) -> torch.Tensor:
+def stored_estimate(name: str, params: dict, logprobs: torch.Tensor, stored_logprobs: torch.Tensor) -> torch.Tensor:
     """D(πθ‖q) = Σ_v q_v f(p_v/q_v) per token from a token y sampled from q, with log q(y) stored
     (DPH-RL, Huang et al.; official code seamoke/DPH-RL): f(u) − f′(1)(u − 1), u = πθ(y)/q(y).
     f(u) = term(log p, log q)/q for the divergence's pointwise term; the control variate
@@ -240,8 +266,9 @@ def stored_estimate(name: str, params: dict, logprobs: torch.Tensor, stored_logp
     return f_of_u - f_prime_one * torch.expm1(logprobs - stored_logprobs)
 
 
-def sequence_chi2(logprobs: torch.Tensor, target_logprobs: torch.Tensor, rows: torch.Tensor,
-                  n_completions: int) -> torch.Tensor:
+def sequence_chi2(
+    logprobs: torch.Tensor, target_logprobs: torch.Tensor, rows: torch.Tensor, n_completions: int
+) -> torch.Tensor:
     """Pearson χ²(πθ‖q) between whole completions, per token of completion i: the value w_i − 1
     with w_i = exp Σ_{t∈i}(log πθ(y_t) − log q(y_t)), unbiased for χ² = E_πθ[w] − 1 on samples of
     πθ; the gradient 2(w_i − 1)∇log πθ(y_t), whose expectation is ∇χ² (the baseline −1 keeps it 0
@@ -249,7 +276,8 @@ def sequence_chi2(logprobs: torch.Tensor, target_logprobs: torch.Tensor, rows: t
     unbiased estimate of c·∇χ² over sequences (ORPO, Laidlaw et al., arXiv 2403.03185, regularizes
     the χ² of occupancy measures; this is its sequence-level Monte-Carlo form)."""
     log_w = torch.zeros(n_completions, dtype=logprobs.dtype, device=logprobs.device).index_add(
-        0, rows, (logprobs - target_logprobs).detach())
+        0, rows, (logprobs - target_logprobs).detach()
+    )
     excess = torch.expm1(log_w)[rows]
     return excess + 2 * excess * (logprobs - logprobs.detach())
 
@@ -293,18 +321,34 @@ def _stats(spec: ObjectiveSpec, inputs: ObjectiveInputs, logprobs, entropy, old)
     if spec.uses_weight("reference_kl_quantile"):
         reference = inputs.models["reference"]
         with torch.no_grad():
-            ref_kl = chunked.divergence("reverse_kl", inputs.policy.hidden.detach(), inputs.policy.head.detach(),
-                                        reference.hidden, reference.head)
-    return weights.TokenStats(rows=inputs.rows, advantages=inputs.advantages, rewards=inputs.rewards,
-                              group_pass_rate=inputs.group_pass_rate, batch_pass_rate=inputs.batch_pass_rate,
-                              passed=inputs.passed_completions(), groups=inputs.groups,
-                              entropy=entropy.detach(), logprobs=logprobs.detach(), old_logprobs=old,
-                              ref_logprobs=ref_logprobs, reference_entropy=ref_entropy, diversity=inputs.diversity,
-                              reference_kl=ref_kl)
+            ref_kl = chunked.divergence(
+                "reverse_kl",
+                inputs.policy.hidden.detach(),
+                inputs.policy.head.detach(),
+                reference.hidden,
+                reference.head,
+            )
+    return weights.TokenStats(
+        rows=inputs.rows,
+        advantages=inputs.advantages,
+        rewards=inputs.rewards,
+        group_pass_rate=inputs.group_pass_rate,
+        batch_pass_rate=inputs.batch_pass_rate,
+        passed=inputs.passed_completions(),
+        groups=inputs.groups,
+        entropy=entropy.detach(),
+        logprobs=logprobs.detach(),
+        old_logprobs=old,
+        ref_logprobs=ref_logprobs,
+        reference_entropy=ref_entropy,
+        diversity=inputs.diversity,
+        reference_kl=ref_kl,
+    )
 
 
-def _mask_and_weight(name: str, mask, weight, stats, sums: dict, scale: torch.Tensor,
-                     mask_mean: bool = False, unmasked: float = 0.0) -> tuple[torch.Tensor | None, float]:
+def _mask_and_weight(
+    name: str, mask, weight, stats, sums: dict, scale: torch.Tensor, mask_mean: bool = False, unmasked: float = 0.0
+) -> tuple[torch.Tensor | None, float]:
     """(m·w·f per token (None when the term has neither), f); logs masked fraction and mean weight.
 
     f = 1, or with `mask_mean` Σ_t a_t / (Σ_t a_t m_t + unmasked) (a_t = `scale`; `unmasked` the
@@ -338,8 +382,15 @@ def _prompt_weights(term: TermSpec, inputs: ObjectiveInputs, scale: torch.Tensor
 def _at_prompt(term: TermSpec, prompt: PromptPositions, token_weights: torch.Tensor) -> torch.Tensor:
     """Σ_t a_t D(πθ, q)(s_t) over the prompt's positions (exact, q a model)."""
     target = prompt.models[term.target.op]
-    value = chunked.divergence(term.divergence, prompt.policy.hidden, prompt.policy.head, target.hidden,
-                               target.head, token_weights=token_weights.detach(), **term.kwargs)
+    value = chunked.divergence(
+        term.divergence,
+        prompt.policy.hidden,
+        prompt.policy.head,
+        target.hidden,
+        target.head,
+        token_weights=token_weights.detach(),
+        **term.kwargs,
+    )
     return (token_weights * _wide(value)).sum()
 
 
@@ -353,16 +404,26 @@ def objective_loss(spec: ObjectiveSpec, inputs: ObjectiveInputs) -> ObjectiveOut
     sums: dict[str, float] = defaultdict(float)
     parts: dict[str, torch.Tensor] = {}
     sums["entropy"] = float(entropy.detach().sum())
-    sampled = {t.name: _sampled_target_logprobs(t, inputs, models)  # log q(y_t), once per term
-               for t in spec.terms if t.estimator not in ("exact", "stored")}
+    sampled = {
+        t.name: _sampled_target_logprobs(t, inputs, models)  # log q(y_t), once per term
+        for t in spec.terms
+        if t.estimator not in ("exact", "stored")
+    }
 
     if spec.policy_gradient:
         token_advantages = inputs.advantages[inputs.rows] + token_reward(spec, sampled, old)
-        teacher = (_model_logprobs(models["teacher"], inputs.tokens)
-                   if spec.pg_loss in surrogates.READS_TEACHER else None)
-        tokens = surrogates.PolicyTokens(_wide(logprobs), _wide(old), token_advantages,
-                                         inputs.passed_completions()[inputs.rows],
-                                         inputs.group_pass_rate[inputs.rows], inputs.rows, teacher)
+        teacher = (
+            _model_logprobs(models["teacher"], inputs.tokens) if spec.pg_loss in surrogates.READS_TEACHER else None
+        )
+        tokens = surrogates.PolicyTokens(
+            _wide(logprobs),
+            _wide(old),
+            token_advantages,
+            inputs.passed_completions()[inputs.rows],
+            inputs.group_pass_rate[inputs.rows],
+            inputs.rows,
+            teacher,
+        )
         pg, clipped = surrogates.get(spec.pg_loss)(tokens, **dict(spec.pg_loss_params))
         mw, _ = _mask_and_weight("pg", spec.pg_mask, spec.pg_weight, stats, sums, scale, spec.pg_mask_mean)
         parts["pg"] = (scale * pg if mw is None else scale * mw * pg).sum()
@@ -372,8 +433,16 @@ def objective_loss(spec: ObjectiveSpec, inputs: ObjectiveInputs) -> ObjectiveOut
         target_logprobs = inputs.stored_logprobs if term.estimator == "stored" else sampled.get(term.name)
         term_stats = dataclasses.replace(stats, target_logprobs=target_logprobs)
         prompt_weights = _prompt_weights(term, inputs, scale)
-        mw, factor = _mask_and_weight(term.name, term.mask, term.weight, term_stats, sums, scale, term.mask_mean,
-                                      0.0 if prompt_weights is None else float(prompt_weights.sum()))
+        mw, factor = _mask_and_weight(
+            term.name,
+            term.mask,
+            term.weight,
+            term_stats,
+            sums,
+            scale,
+            term.mask_mean,
+            0.0 if prompt_weights is None else float(prompt_weights.sum()),
+        )
         token_weights = scale if mw is None else scale * mw
         if term.placement != "loss":  # in the return or the token advantages: logged here, no gradient
             value = divergences.get_estimator(term.estimator)(logprobs.detach(), target_logprobs)
@@ -392,7 +461,9 @@ def objective_loss(spec: ObjectiveSpec, inputs: ObjectiveInputs) -> ObjectiveOut
         if term.placement == "loss" and term.coef:
             parts[term.name] = term.coef * (token_weights * _wide(value)).sum()
             if prompt_weights is not None:  # the prompt's positions: never masked, same factor
-                parts[term.name] = parts[term.name] + term.coef * _at_prompt(term, inputs.prompt, prompt_weights * factor)
+                parts[term.name] = parts[term.name] + term.coef * _at_prompt(
+                    term, inputs.prompt, prompt_weights * factor
+                )
 
     if spec.entropy_anchor is not None:
         part, mean_entropy, kept = entropy_anchor(spec.entropy_anchor, inputs)
@@ -401,14 +472,18 @@ def objective_loss(spec: ObjectiveSpec, inputs: ObjectiveInputs) -> ObjectiveOut
         sums["entropy_anchor_kept_fraction"] += kept * len(inputs.tokens)
 
     if "reference" in inputs.models and not any(
-            t.divergence == "reverse_kl" and t.target.op == "reference" for t in spec.terms):
+        t.divergence == "reverse_kl" and t.target.op == "reference" for t in spec.terms
+    ):
         if stats.reference_kl is not None:  # the `kl` metric: computed already for a mask
             sums["reverse_kl_to_reference"] += float(stats.reference_kl.sum())
         elif inputs.monitor_kl:
             with torch.no_grad():  # the `kl` metric: exact reverse KL to the reference, no graph
                 ref = inputs.models["reference"]
-                sums["reverse_kl_to_reference"] += float(chunked.divergence(
-                    "reverse_kl", policy.hidden.detach(), policy.head.detach(), ref.hidden, ref.head).sum())
+                sums["reverse_kl_to_reference"] += float(
+                    chunked.divergence(
+                        "reverse_kl", policy.hidden.detach(), policy.head.detach(), ref.hidden, ref.head
+                    ).sum()
+                )
     loss = sum(parts.values()) if parts else logprobs.sum() * 0.0
     loss_parts = {k: float(v.detach()) for k, v in parts.items()}
     _raise_on_nan(loss_parts, sums, logprobs)
@@ -428,16 +503,22 @@ def _raise_on_nan(loss_parts: dict[str, float], sums: dict[str, float], logprobs
     if not nan:
         return
     tokens = torch.nonzero(logprobs.detach().isnan()).flatten().tolist()
-    where = (f"the policy's log-prob is NaN at tokens {tokens[:10]}" if tokens
-             else "the policy's log-probs are not: a reference, teacher, old or stored input is")
-    raise NaNObjectiveError(f"objective: NaN in {', '.join(nan)} ({where}); the inputs hold NaN (hidden states, a head's "
-                     f"weights, old or stored log-probs): check the models for an overflow (e.g. float16 logits) "
-                     f"or a diverged update")
+    where = (
+        f"the policy's log-prob is NaN at tokens {tokens[:10]}"
+        if tokens
+        else "the policy's log-probs are not: a reference, teacher, old or stored input is"
+    )
+    raise NaNObjectiveError(
+        f"objective: NaN in {', '.join(nan)} ({where}); the inputs hold NaN (hidden states, a head's "
+        f"weights, old or stored log-probs): check the models for an overflow (e.g. float16 logits) "
+        f"or a diverged update"
+    )
 
 
 @torch.no_grad()
-def token_reward(spec: ObjectiveSpec, target_logprobs: dict[str, torch.Tensor], behaviour: torch.Tensor
-                 ) -> torch.Tensor | float:
+def token_reward(
+    spec: ObjectiveSpec, target_logprobs: dict[str, torch.Tensor], behaviour: torch.Tensor
+) -> torch.Tensor | float:
     """−Σ_k c_k·k1(y_t) (N,) of the token_reward terms at the behaviour policy, from each term's
     log q(y_t) (`target_logprobs` by term name): a dense per-token reward added to token t's
     advantage alone — no baseline, no return-to-go (discount 0), as in on-policy distillation with
@@ -463,8 +544,7 @@ def reward_penalty(spec: ObjectiveSpec, inputs: ObjectiveInputs) -> torch.Tensor
     if behaviour is None:
         behaviour = _model_logprobs(inputs.policy, inputs.tokens)
     for term in spec.reward_terms:
-        value = divergences.get_estimator(term.estimator)(
-            behaviour, _sampled_target_logprobs(term, inputs, models))
+        value = divergences.get_estimator(term.estimator)(behaviour, _sampled_target_logprobs(term, inputs, models))
         penalty.index_add_(0, inputs.rows, term.coef * value.to(penalty.dtype))
     return penalty
 
@@ -473,10 +553,11 @@ def models_read_at_tokens(spec: ObjectiveSpec) -> frozenset[str]:
     """The models whose log-probs of the sampled tokens sampled-estimator terms read, and the
     reference when a mask or weight reads it: a trainer computes them once per batch
     (`ModelOutputs.token_logprobs`, `token_entropy`), not once per loss evaluation."""
-    return frozenset(t.target.op for t in spec.terms
-                     if t.estimator not in ("exact", "stored") and t.target.is_model) | (
-        {"reference"} if spec.reads_reference else set()) | (
-        {"teacher"} if spec.policy_gradient and spec.pg_loss in surrogates.READS_TEACHER else set())
+    return (
+        frozenset(t.target.op for t in spec.terms if t.estimator not in ("exact", "stored") and t.target.is_model)
+        | ({"reference"} if spec.reads_reference else set())
+        | ({"teacher"} if spec.policy_gradient and spec.pg_loss in surrogates.READS_TEACHER else set())
+    )
 
 
 def online_and_stored(spec: ObjectiveSpec) -> tuple[ObjectiveSpec, ObjectiveSpec | None]:
@@ -485,12 +566,12 @@ def online_and_stored(spec: ObjectiveSpec) -> tuple[ObjectiveSpec, ObjectiveSpec
     online = dataclasses.replace(spec, terms=tuple(t for t in spec.terms if t.estimator != "stored"))
     if not spec.stored_terms:
         return online, None
-    return online, dataclasses.replace(spec, policy_gradient=False, terms=spec.stored_terms, entropy_anchor=None,
-                                       pg_mask=(), pg_weight=())
+    return online, dataclasses.replace(
+        spec, policy_gradient=False, terms=spec.stored_terms, entropy_anchor=None, pg_mask=(), pg_weight=()
+    )
 
 
-def summarize(sources: list[tuple[dict[str, float], dict[str, float], int]], passes: int = 1
-              ) -> dict[str, float]:
+def summarize(sources: list[tuple[dict[str, float], dict[str, float], int]], passes: int = 1) -> dict[str, float]:
     """Metrics of one update from (token sums, loss parts, token count) per batch it trained on
     (the online batch, and the stored responses if any), summed over `passes` inner iterations.
 

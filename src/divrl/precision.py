@@ -57,8 +57,11 @@ def model_key(model) -> str:
     """The model's architecture and size: its config without names and versions, nor what
     `save_pretrained` fills in (`architectures`: the class name stands for it; `dtype`: the
     measurement times both precisions itself)."""
-    config = {k: v for k, v in model.config.to_dict().items()
-              if not k.startswith("_") and k not in ("transformers_version", "name_or_path", "architectures", "dtype")}
+    config = {
+        k: v
+        for k, v in model.config.to_dict().items()
+        if not k.startswith("_") and k not in ("transformers_version", "name_or_path", "architectures", "dtype")
+    }
     digest = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:16]
     return f"{type(model).__name__}-{digest}"
 
@@ -109,6 +112,8 @@ def resolve(dtype: str, model, log=None) -> str:
     entry = known[key]
     if log is not None:
         s = entry["seconds"]
-        log(f"dtype auto: {entry['precision']} (a forward of {ROWS}×{TOKENS} tokens took {s['fp32']:.3g} s at "
-            f"fp32, {s['bf16']:.3g} s at bf16 autocast on this machine; cached in {path})")
+        log(
+            f"dtype auto: {entry['precision']} (a forward of {ROWS}×{TOKENS} tokens took {s['fp32']:.3g} s at "
+            f"fp32, {s['bf16']:.3g} s at bf16 autocast on this machine; cached in {path})"
+        )
     return entry["precision"]

@@ -83,8 +83,9 @@ class GaussianCurriculum(PromptSource):
 
     def _draw(self, key: str, size: int) -> list[Example]:
         generator = torch.Generator().manual_seed(random.Random(key).getrandbits(63))
-        chosen = torch.multinomial(self.weights(), min(size, len(self.examples)), replacement=False,
-                                   generator=generator)
+        chosen = torch.multinomial(
+            self.weights(), min(size, len(self.examples)), replacement=False, generator=generator
+        )
         return [self.examples[i] for i in chosen.tolist()]
 
     def batch(self, step: int, size: int) -> list[Example]:
@@ -110,7 +111,7 @@ SAMPLERS: dict[str, type[PromptSource]] = {"sequential": PromptSource, "gaussian
 
 def parse_sampler(value: Any) -> tuple[str, dict[str, Any]]:
     """`prompt_sampler`: a name or {name: {params}}; raises ValueError naming the bad part."""
-    (name, params), = named_choices(value, "", "prompt sampler", list(SAMPLERS), single=True)
+    ((name, params),) = named_choices(value, "", "prompt sampler", list(SAMPLERS), single=True)
     check = getattr(SAMPLERS[name], "check", None)
     if check is None and params:
         raise ValueError(f"{name} takes no parameters, got {params!r}")
@@ -147,6 +148,14 @@ class Group:
 def split_groups(examples: list[Example], rollout, rewards: list[float]) -> list[Group]:
     """The groups of a group-major rollout of `examples` with its rewards."""
     g = rollout.group_size
-    return [Group(example, rollout.prompt_ids[i], rollout.completion_ids[i * g:(i + 1) * g],
-                  rollout.logprobs[i * g:(i + 1) * g], rollout.finished[i * g:(i + 1) * g],
-                  rewards[i * g:(i + 1) * g]) for i, example in enumerate(examples)]
+    return [
+        Group(
+            example,
+            rollout.prompt_ids[i],
+            rollout.completion_ids[i * g : (i + 1) * g],
+            rollout.logprobs[i * g : (i + 1) * g],
+            rollout.finished[i * g : (i + 1) * g],
+            rewards[i * g : (i + 1) * g],
+        )
+        for i, example in enumerate(examples)
+    ]

@@ -14,8 +14,12 @@ def plot_curves(rows: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    panels = [("reward", "train reward (mean)"), ("eval_pass@1", "held-out pass@1"),
-              ("kl", "KL(πθ ‖ π_ref) per token"), ("entropy", "entropy per token (nats)")]
+    panels = [
+        ("reward", "train reward (mean)"),
+        ("eval_pass@1", "held-out pass@1"),
+        ("kl", "KL(πθ ‖ π_ref) per token"),
+        ("entropy", "entropy per token (nats)"),
+    ]
     fig, axes = plt.subplots(2, 2, figsize=(10, 7), constrained_layout=True)
     for ax, (key, title) in zip(axes.flat, panels):
         points = [(r["step"], r[key], r.get(f"{key}_se")) for r in rows if key in r]
@@ -37,8 +41,10 @@ def _eval_table(before: dict, after: dict) -> list[str]:
     lines = ["| metric | before | after | change |", "|---|---|---|---|"]
     for key in ("eval_pass@1", f"eval_pass@{n}"):
         b, a = before[key], after[key]
-        lines.append(f"| {key.removeprefix('eval_')} | {b:.3f} ± {before[key + '_se']:.3f} | "
-                     f"{a:.3f} ± {after[key + '_se']:.3f} | {a - b:+.3f} |")
+        lines.append(
+            f"| {key.removeprefix('eval_')} | {b:.3f} ± {before[key + '_se']:.3f} | "
+            f"{a:.3f} ± {after[key + '_se']:.3f} | {a - b:+.3f} |"
+        )
     return lines
 
 
@@ -49,16 +55,23 @@ def write_report(run_dir: Path, cfg, summary: dict) -> None:
     train_rows = [r for r in rows if "reward" in r]
     step_times = [r["time_step"] for r in train_rows]
     lines = [
-        f"# divrl run: {cfg.model} on {cfg.task}", "",
+        f"# divrl run: {cfg.model} on {cfg.task}",
+        "",
         f"{cfg.steps} steps × {cfg.prompts_per_step} prompts × {cfg.group_size} samples, "
-        f"≤ {cfg.max_new_tokens} new tokens, T = {cfg.temperature}, lr {cfg.lr}.", "",
-        f"Objective: {cfg.objective.describe()}.", "",
-        f"## Held-out evaluation", "",
+        f"≤ {cfg.max_new_tokens} new tokens, T = {cfg.temperature}, lr {cfg.lr}.",
+        "",
+        f"Objective: {cfg.objective.describe()}.",
+        "",
+        "## Held-out evaluation",
+        "",
         f"{before['eval_prompts']} held-out prompts × {before['eval_samples']} samples each at "
         f"T = {cfg.eval_temperature}; ± is the standard error over prompts; pass@k is the unbiased "
-        f"estimator 1 − C(n−c,k)/C(n,k).", "",
-        *_eval_table(before, after), "",
-        "## Training", "",
+        f"estimator 1 − C(n−c,k)/C(n,k).",
+        "",
+        *_eval_table(before, after),
+        "",
+        "## Training",
+        "",
         f"- wall time (evaluations included): {summary['train_seconds'] / 60:.1f} min",
     ]
     if step_times:
@@ -66,8 +79,7 @@ def write_report(run_dir: Path, cfg, summary: dict) -> None:
         span = min(5, len(train_rows))
         first = sum(r["reward"] for r in train_rows[:span]) / span
         last = sum(r["reward"] for r in train_rows[-span:]) / span
-        lines.append(f"- mean train reward: {first:.3f} (first {span} steps) → {last:.3f} "
-                     f"(last {span} steps)")
+        lines.append(f"- mean train reward: {first:.3f} (first {span} steps) → {last:.3f} (last {span} steps)")
         lines.append(f"- verifier failures scored 0: {train_rows[-1]['reward_errors_total']}")
     lines += ["", "![curves](curves.png)", ""]
     (run_dir / "report.md").write_text("\n".join(lines))

@@ -58,8 +58,13 @@ def _draw(weights: torch.Tensor, generator: torch.Generator | None) -> torch.Ten
     """Index i of each row with probability weights[i] / Σ weights, by inverse CDF (one uniform a row)."""
     cdf = weights.cumsum(dim=-1, dtype=torch.float64)
     # drawn on the generator's device (the CPU's, for the trainer): the same draws on any device
-    u = torch.rand(len(weights), 1, generator=generator, dtype=torch.float64,
-                   device=None if generator is None else generator.device).to(weights.device)
+    u = torch.rand(
+        len(weights),
+        1,
+        generator=generator,
+        dtype=torch.float64,
+        device=None if generator is None else generator.device,
+    ).to(weights.device)
     return torch.searchsorted(cdf, u * cdf[:, -1:], right=True).clamp_(max=weights.shape[-1] - 1).squeeze(1)
 
 
@@ -197,8 +202,12 @@ def packed_linears(model):
     float32 rounding, faster at decode's few rows. Nothing changes off CPU, under autocast, or
     without oneDNN."""
     linears = [m for m in model.modules() if type(m) is torch.nn.Linear and m.weight.dtype == torch.float32]
-    usable = (model.device.type == "cpu" and torch.backends.mkldnn.is_available()
-              and not torch.is_autocast_enabled("cpu") and not torch.is_grad_enabled())
+    usable = (
+        model.device.type == "cpu"
+        and torch.backends.mkldnn.is_available()
+        and not torch.is_autocast_enabled("cpu")
+        and not torch.is_grad_enabled()
+    )
     if not usable or not linears:
         yield
         return
@@ -248,8 +257,16 @@ def sample(
     try:
         with packed_linears(model):
             completions, logprobs, finished, entropies = _decode(
-                model, prompt_ids, group_size, max_new_tokens, stop_token_ids, pad_token_id,
-                temperature, top_p, generator, with_entropy,
+                model,
+                prompt_ids,
+                group_size,
+                max_new_tokens,
+                stop_token_ids,
+                pad_token_id,
+                temperature,
+                top_p,
+                generator,
+                with_entropy,
             )
     finally:
         model.train(was_training)
@@ -264,7 +281,15 @@ def sample(
 
 
 def _decode(
-    model, prompt_ids, group_size, max_new_tokens, stop_token_ids, pad_token_id, temperature, top_p, generator,
+    model,
+    prompt_ids,
+    group_size,
+    max_new_tokens,
+    stop_token_ids,
+    pad_token_id,
+    temperature,
+    top_p,
+    generator,
     with_entropy=False,
 ):
     """(completions, logprobs, finished, entropies or None) of `sample`: prefill the P prompts, copy

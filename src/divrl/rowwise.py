@@ -32,14 +32,20 @@ class ModelOutputs:
     token_logprobs: torch.Tensor | None = None  # (N,) log-probs of the batch's tokens, if precomputed
     token_entropy: torch.Tensor | None = None  # (N,) entropy at each token's position, if precomputed
 
-    def detach(self) -> "ModelOutputs":
+    def detach(self) -> ModelOutputs:
         return ModelOutputs(self.hidden.detach(), self.head.detach())
 
 
-def _policy_and_target(target: Target, policy: ModelOutputs, hidden: torch.Tensor,
-                       models: Mapping[str, ModelOutputs], rows: slice, tokens: torch.Tensor,
-                       advantages: torch.Tensor | None, rewards: torch.Tensor | None = None
-                       ) -> tuple[torch.Tensor, torch.Tensor]:
+def _policy_and_target(
+    target: Target,
+    policy: ModelOutputs,
+    hidden: torch.Tensor,
+    models: Mapping[str, ModelOutputs],
+    rows: slice,
+    tokens: torch.Tensor,
+    advantages: torch.Tensor | None,
+    rewards: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(log πθ (chunk, V) from the policy's ``hidden`` rows, log q (chunk, V) without gradient;
     ``self`` is the policy's own log-probs, detached). The supplied arguments are built only for a
     target that reads them."""
@@ -52,7 +58,8 @@ def _policy_and_target(target: Target, policy: ModelOutputs, hidden: torch.Tenso
         advantage = reward = token = None
         if "advantage" in target.supplied and advantages is not None:  # on the sampled token, 0 elsewhere
             advantage = torch.zeros_like(policy_logprobs).scatter_(
-                -1, tokens[rows, None], advantages[rows, None].to(policy_logprobs.dtype))
+                -1, tokens[rows, None], advantages[rows, None].to(policy_logprobs.dtype)
+            )
         if "reward" in target.supplied and rewards is not None:
             reward = rewards[rows, None].to(policy_logprobs.dtype)
         if "token" in target.supplied:
@@ -61,10 +68,18 @@ def _policy_and_target(target: Target, policy: ModelOutputs, hidden: torch.Tenso
         return policy_logprobs, logq.to(policy_logprobs.dtype)
 
 
-def divergence_to_target(divergence: Callable[..., torch.Tensor], target: Target, policy: ModelOutputs,
-                         models: Mapping[str, ModelOutputs], tokens: torch.Tensor,
-                         advantages: torch.Tensor | None = None, rewards: torch.Tensor | None = None, *,
-                         chunk_rows: int = DEFAULT_CHUNK_ROWS, **params) -> torch.Tensor:
+def divergence_to_target(
+    divergence: Callable[..., torch.Tensor],
+    target: Target,
+    policy: ModelOutputs,
+    models: Mapping[str, ModelOutputs],
+    tokens: torch.Tensor,
+    advantages: torch.Tensor | None = None,
+    rewards: torch.Tensor | None = None,
+    *,
+    chunk_rows: int = DEFAULT_CHUNK_ROWS,
+    **params,
+) -> torch.Tensor:
     """D(πθ, q) per token (N,), exact over the vocabulary, differentiable w.r.t. the policy.
 
     ``divergence(log p, log q, **params)`` reduces the last dim (a `divrl.divergences` function);
@@ -73,14 +88,16 @@ def divergence_to_target(divergence: Callable[..., torch.Tensor], target: Target
     """
 
     def chunk_value(rows: slice, hidden: torch.Tensor) -> torch.Tensor:
-        return divergence(*_policy_and_target(target, policy, hidden, models, rows, tokens, advantages,
-                                              rewards), **params)
+        return divergence(
+            *_policy_and_target(target, policy, hidden, models, rows, tokens, advantages, rewards), **params
+        )
 
     return _by_row_chunks(chunk_value, policy, chunk_rows)
 
 
-def _by_row_chunks(fn: Callable[[slice, torch.Tensor], torch.Tensor], policy: ModelOutputs,
-                   chunk_rows: int) -> torch.Tensor:
+def _by_row_chunks(
+    fn: Callable[[slice, torch.Tensor], torch.Tensor], policy: ModelOutputs, chunk_rows: int
+) -> torch.Tensor:
     """cat over row chunks of fn(rows, policy.hidden[rows]) (chunk,); each chunk checkpointed when
     it carries gradient, so only one chunk's (chunk × V) tensors are alive, forward or backward."""
     n = policy.hidden.shape[0]
@@ -94,9 +111,16 @@ def _by_row_chunks(fn: Callable[[slice, torch.Tensor], torch.Tensor], policy: Mo
 
 
 @torch.no_grad()
-def target_logprob_at(target: Target, policy: ModelOutputs, models: Mapping[str, ModelOutputs],
-                      tokens: torch.Tensor, advantages: torch.Tensor | None = None,
-                      rewards: torch.Tensor | None = None, *, chunk_rows: int = DEFAULT_CHUNK_ROWS) -> torch.Tensor:
+def target_logprob_at(
+    target: Target,
+    policy: ModelOutputs,
+    models: Mapping[str, ModelOutputs],
+    tokens: torch.Tensor,
+    advantages: torch.Tensor | None = None,
+    rewards: torch.Tensor | None = None,
+    *,
+    chunk_rows: int = DEFAULT_CHUNK_ROWS,
+) -> torch.Tensor:
     """log q(y_t) (N,) of the sampled tokens under any target (for the sampled estimators)."""
 
     def chunk_value(rows: slice, hidden: torch.Tensor) -> torch.Tensor:
@@ -118,8 +142,9 @@ def _top_p_entropy_of_logits(logits: torch.Tensor, top_p: float, top_k: int) -> 
     return -(q * torch.where(kept, q, 1.0).log()).sum(-1)
 
 
-def top_p_entropy(policy: ModelOutputs, top_p: float, top_k: int, *,
-                  chunk_rows: int = DEFAULT_CHUNK_ROWS) -> torch.Tensor:
+def top_p_entropy(
+    policy: ModelOutputs, top_p: float, top_k: int, *, chunk_rows: int = DEFAULT_CHUNK_ROWS
+) -> torch.Tensor:
     """SIREN's top-p entropy H̃_t (N,) of the policy at each token, differentiable, a checkpointed
     row chunk at a time (only chunk × V alive). As the official code (Linn3a/siren,
     ``efficient_top_p_sampling``): probabilities of the full softmax, the top_k most probable

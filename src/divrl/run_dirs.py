@@ -45,8 +45,11 @@ def fresh_run_dir(name: str, root: Path = RUNS, now: datetime | None = None) -> 
 def newest_run(name: str, root: Path = RUNS) -> Path | None:
     """The newest `root/<name>-<date-time>[-n]` directory, or None."""
     pattern = re.compile(rf"{re.escape(name)}-(\d{{8}}-\d{{6}})(?:-(\d+))?")
-    found = [(m[1], int(m[2] or 1), path) for path in (root.iterdir() if root.is_dir() else ())
-             if path.is_dir() and not path.is_symlink() and (m := pattern.fullmatch(path.name))]
+    found = [
+        (m[1], int(m[2] or 1), path)
+        for path in (root.iterdir() if root.is_dir() else ())
+        if path.is_dir() and not path.is_symlink() and (m := pattern.fullmatch(path.name))
+    ]
     return max(found)[2] if found else None
 
 
@@ -72,8 +75,10 @@ def resolve_output_dir(cfg: TrainConfig, name: str, root: Path = RUNS) -> tuple[
     if cfg.resume:
         run = newest_run(name, root)
         if run is None:
-            raise ConfigError(f"config key 'resume': true without an output_dir continues the newest "
-                              f"{root / name}-<date-time>/, and there is none; set output_dir")
+            raise ConfigError(
+                f"config key 'resume': true without an output_dir continues the newest "
+                f"{root / name}-<date-time>/, and there is none; set output_dir"
+            )
         return dataclasses.replace(cfg, output_dir=str(run)), None
     fresh = fresh_run_dir(name, root)
     return dataclasses.replace(cfg, output_dir=str(fresh)), fresh

@@ -45,12 +45,13 @@ detached ratio πθ(y)/πold(y), which keeps the gradients above for samples of 
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import inspect
 import math
-import dataclasses
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 
@@ -74,8 +75,19 @@ PLACEMENTS = ("loss", "reward", "token_reward")
 ADVANTAGES = ("group_norm", "mean_only", "signed", "none")
 ADVANTAGE_STDS = ("sample", "population")
 AGGREGATIONS = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum", "seq_mean_token_sum_norm")
-TERM_KEYS = ("divergence", "params", "target", "coef", "estimator", "placement", "mask", "weight",
-             "mask_mean", "prompt_positions", "anneal")
+TERM_KEYS = (
+    "divergence",
+    "params",
+    "target",
+    "coef",
+    "estimator",
+    "placement",
+    "mask",
+    "weight",
+    "mask_mean",
+    "prompt_positions",
+    "anneal",
+)
 
 
 class SpecError(ValueError):
@@ -120,14 +132,20 @@ class Target:
             return frozenset({self.op})
         return frozenset().union(*(v.models() for _, v in self.args if isinstance(v, Target)))
 
-    def evaluate(self, logprobs: Mapping[str, torch.Tensor], advantage: torch.Tensor | None = None,
-                 reward: torch.Tensor | None = None, token: torch.Tensor | None = None) -> torch.Tensor:
+    def evaluate(
+        self,
+        logprobs: Mapping[str, torch.Tensor],
+        advantage: torch.Tensor | None = None,
+        reward: torch.Tensor | None = None,
+        token: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """log q from the models' normalized log-probs (…, V); ``advantage`` (…, V) feeds `tilt`,
         ``reward`` (…, 1) `reward_power`, ``token`` (…, V) bool `sampled_token`."""
         if self.is_model:
             return logprobs[self.op]
-        kwargs = {k: v.evaluate(logprobs, advantage, reward, token) if isinstance(v, Target) else v
-                  for k, v in self.args}
+        kwargs = {
+            k: v.evaluate(logprobs, advantage, reward, token) if isinstance(v, Target) else v for k, v in self.args
+        }
         supplied = {"advantage": advantage, "reward": reward, "token": token}
         kwargs.update((name, supplied[name]) for name in SUPPLIED_ARGUMENTS.get(self.op, ()))
         return getattr(targets, self.op)(**kwargs)
@@ -136,14 +154,16 @@ class Target:
     def supplied(self) -> frozenset[str]:
         """The supplied arguments (advantage, reward, token) some function of the target reads."""
         return frozenset(SUPPLIED_ARGUMENTS.get(self.op, ())).union(
-            *(v.supplied for _, v in self.args if isinstance(v, Target)))
+            *(v.supplied for _, v in self.args if isinstance(v, Target))
+        )
 
     @property
     def is_normalized(self) -> bool:
         """False when some function is asked for unnormalized log-values (extrapolate's
         ``normalized: false``)."""
         return all(v is not False for k, v in self.args if k == "normalized") and all(
-            v.is_normalized for _, v in self.args if isinstance(v, Target))
+            v.is_normalized for _, v in self.args if isinstance(v, Target)
+        )
 
     def describe(self) -> str:
         if self.is_model:
@@ -159,10 +179,12 @@ def parse_target(value: Any, path: str) -> Target:
             raise _unknown(path, "target", value, TARGET_MODELS + tuple(TARGET_FUNCTIONS))
         return Target(value)
     if not isinstance(value, Mapping) or len(value) != 1:
-        raise SpecError(f"{path}: a target is a model name ({', '.join(TARGET_MODELS)}) or one "
-                        f"function applied to targets, e.g. {{filter: {{p: self, min_p: 0.02}}}}; "
-                        f"got {value!r}")
-    (op, args), = value.items()
+        raise SpecError(
+            f"{path}: a target is a model name ({', '.join(TARGET_MODELS)}) or one "
+            f"function applied to targets, e.g. {{filter: {{p: self, min_p: 0.02}}}}; "
+            f"got {value!r}"
+        )
+    ((op, args),) = value.items()
     if op not in TARGET_FUNCTIONS:
         raise _unknown(path, "target function", op, TARGET_FUNCTIONS)
     if not isinstance(args, Mapping):
@@ -187,8 +209,10 @@ def parse_target(value: Any, path: str) -> Target:
         else:
             parsed.append((key, _number(where, args[key])))
     target = Target(op, tuple(parsed))
-    _try_on_a_toy(lambda: target.evaluate(_TOY_LOGPROBS, torch.zeros(3), torch.ones(1),
-                                          torch.tensor([True, False, False])), f"{path}.{op}")
+    _try_on_a_toy(
+        lambda: target.evaluate(_TOY_LOGPROBS, torch.zeros(3), torch.ones(1), torch.tensor([True, False, False])),
+        f"{path}.{op}",
+    )
     return _endpoint(target)
 
 
@@ -217,8 +241,9 @@ def _try_on_a_toy(fn, path: str) -> None:
         raise SpecError(f"{path}: {err}") from None
 
 
-def named_choices(value: Any, path: str, what: str, valid: list[str] | None = None,
-                  single: bool = False) -> list[tuple[str, dict]]:
+def named_choices(
+    value: Any, path: str, what: str, valid: list[str] | None = None, single: bool = False
+) -> list[tuple[str, dict]]:
     """A config value that names registered things — ``name`` or ``{name: {params}, ...}`` — as
     [(name, params)]; `single` allows one name only; names outside `valid` (when given) are refused
     with a suggestion. Errors start with `path` (when not empty)."""
@@ -315,16 +340,21 @@ def parse_term(value: Any, path: str, teacher: bool) -> TermSpec:
     if not isinstance(params, Mapping):
         raise SpecError(f"{path}.params: must be a mapping, got {params!r}")
     if "cost" in params and not (params["cost"] == "embedding" or isinstance(params["cost"], torch.Tensor)):
-        raise SpecError(f"{path}.params.cost: from a config the only ground cost is 'embedding' "
-                        f"(cosine distance of the policy's output embeddings; the Python API also "
-                        f"takes a (V, V) tensor), got {params['cost']!r}")
+        raise SpecError(
+            f"{path}.params.cost: from a config the only ground cost is 'embedding' "
+            f"(cosine distance of the policy's output embeddings; the Python API also "
+            f"takes a (V, V) tensor), got {params['cost']!r}"
+        )
     toy_params = {**params, "cost": torch.ones(3, 3) - torch.eye(3)} if "cost" in params else params
-    _try_on_a_toy(lambda: divergences.get(name)(_TOY_LOGPROBS["self"], _TOY_LOGPROBS["reference"],
-                                                 **toy_params), f"{path}.params")
+    _try_on_a_toy(
+        lambda: divergences.get(name)(_TOY_LOGPROBS["self"], _TOY_LOGPROBS["reference"], **toy_params), f"{path}.params"
+    )
     target = parse_target(value["target"], f"{path}.target")
     if "teacher" in target.models() and not teacher:
-        raise SpecError(f"{path}.target: {target.describe()} needs a teacher model; set 'teacher' "
-                        f"(default, tiny, a local model directory or a hub id)")
+        raise SpecError(
+            f"{path}.target: {target.describe()} needs a teacher model; set 'teacher' "
+            f"(default, tiny, a local model directory or a hub id)"
+        )
     coef = _number(f"{path}.coef", value.get("coef", 1.0))
     if not coef >= 0 or math.isinf(coef):
         raise SpecError(f"{path}.coef: must be a finite number ≥ 0, got {value.get('coef')!r}")
@@ -336,25 +366,40 @@ def parse_term(value: Any, path: str, teacher: bool) -> TermSpec:
         raise _unknown(f"{path}.placement", "placement", placement, PLACEMENTS)
     _check_estimator(path, name, estimator, placement)
     if not target.is_normalized and not (estimator == "k1" and placement in ("reward", "token_reward")):
-        raise SpecError(f"{path}.target: an unnormalized target (normalized: false) is only a log-ratio "
-                        f"reward, for estimator k1 with placement reward or token_reward; got "
-                        f"{estimator} in the {placement}")
+        raise SpecError(
+            f"{path}.target: an unnormalized target (normalized: false) is only a log-ratio "
+            f"reward, for estimator k1 with placement reward or token_reward; got "
+            f"{estimator} in the {placement}"
+        )
     if estimator == "stored" and target.op != "reference":
-        raise SpecError(f"{path}.target: the stored estimator reads responses sampled once from the "
-                        f"initial policy with their log-probs, so its target is reference, got "
-                        f"{target.describe()}")
+        raise SpecError(
+            f"{path}.target: the stored estimator reads responses sampled once from the "
+            f"initial policy with their log-probs, so its target is reference, got "
+            f"{target.describe()}"
+        )
     mask = _named_weights(value.get("mask"), f"{path}.mask")
     prompt_positions = value.get("prompt_positions", False)
     if not isinstance(prompt_positions, bool):
         raise SpecError(f"{path}.prompt_positions: must be true or false, got {prompt_positions!r}")
     if prompt_positions and not (estimator == "exact" and target.op in ("reference", "teacher")):
-        raise SpecError(f"{path}.prompt_positions: the prompt's positions have no sampled token of the "
-                        f"policy, so they take an exact divergence to a model (reference or teacher), got "
-                        f"estimator {estimator} and target {target.describe()}")
-    return TermSpec(name, tuple(params.items()), target, coef, estimator, placement, mask,
-                    _named_weights(value.get("weight"), f"{path}.weight"),
-                    _mask_mean(value.get("mask_mean", False), f"{path}.mask_mean", mask), prompt_positions,
-                    _anneal(value.get("anneal"), f"{path}.anneal"))
+        raise SpecError(
+            f"{path}.prompt_positions: the prompt's positions have no sampled token of the "
+            f"policy, so they take an exact divergence to a model (reference or teacher), got "
+            f"estimator {estimator} and target {target.describe()}"
+        )
+    return TermSpec(
+        name,
+        tuple(params.items()),
+        target,
+        coef,
+        estimator,
+        placement,
+        mask,
+        _named_weights(value.get("weight"), f"{path}.weight"),
+        _mask_mean(value.get("mask_mean", False), f"{path}.mask_mean", mask),
+        prompt_positions,
+        _anneal(value.get("anneal"), f"{path}.anneal"),
+    )
 
 
 def _anneal(value: Any, path: str) -> tuple[float, int, int] | None:
@@ -362,8 +407,10 @@ def _anneal(value: Any, path: str) -> tuple[float, int, int] | None:
     if value is None:
         return None
     if not isinstance(value, Mapping) or not {"to", "steps"} <= set(value) <= {"to", "steps", "start"}:
-        raise SpecError(f"{path}: must be {{to: <coef at the end>, steps: <steps to get there>, start: "
-                        f"<step the change begins, default 0>}}, got {value!r}")
+        raise SpecError(
+            f"{path}: must be {{to: <coef at the end>, steps: <steps to get there>, start: "
+            f"<step the change begins, default 0>}}, got {value!r}"
+        )
     to, steps = _number(f"{path}.to", value["to"]), _number(f"{path}.steps", value["steps"])
     start = _number(f"{path}.start", value.get("start", 0))
     if not 0 <= to < math.inf:
@@ -378,35 +425,49 @@ def _check_estimator(path: str, name: str, estimator: str, placement: str) -> No
     rewardlike = placement in ("reward", "token_reward")
     if estimator == "exact":
         if rewardlike:
-            raise SpecError(f"{path}.placement: the exact divergence is a loss term; in the reward use "
-                            f"the sampled estimator k1 (whose score-function gradient is ∇KL(p‖q))")
+            raise SpecError(
+                f"{path}.placement: the exact divergence is a loss term; in the reward use "
+                f"the sampled estimator k1 (whose score-function gradient is ∇KL(p‖q))"
+            )
         return
     if estimator == "stored":
         if not divergences.is_pointwise(name) or placement != "loss":
-            raise SpecError(f"{path}.estimator: the stored estimator needs a divergence that is a sum "
-                            f"over the vocabulary and placement: loss, got {name} in the {placement}")
+            raise SpecError(
+                f"{path}.estimator: the stored estimator needs a divergence that is a sum "
+                f"over the vocabulary and placement: loss, got {name} in the {placement}"
+            )
         return
     if estimator == "sequence":
         if name != "chi2" or placement != "loss":
-            raise SpecError(f"{path}.estimator: the sequence estimator is the χ² of whole completions "
-                            f"(divergence: chi2, placement: loss), got {name} in the {placement}")
+            raise SpecError(
+                f"{path}.estimator: the sequence estimator is the χ² of whole completions "
+                f"(divergence: chi2, placement: loss), got {name} in the {placement}"
+            )
         return
     if name != "reverse_kl":
-        raise SpecError(f"{path}.estimator: sampled estimators ({estimator}) estimate KL(πθ‖q) from "
-                        f"the sampled token and exist for reverse_kl only; use estimator: exact for "
-                        f"{name}")
+        raise SpecError(
+            f"{path}.estimator: sampled estimators ({estimator}) estimate KL(πθ‖q) from "
+            f"the sampled token and exist for reverse_kl only; use estimator: exact for "
+            f"{name}"
+        )
     if placement == "loss" and estimator == "k1":
-        raise SpecError(f"{path}.estimator: k1 as a loss has zero expected gradient (∇k1 = ∇log "
-                        f"πθ(y)); use k2, k1_st or k3_st in the loss, or k1 with placement: reward")
+        raise SpecError(
+            f"{path}.estimator: k1 as a loss has zero expected gradient (∇k1 = ∇log "
+            f"πθ(y)); use k2, k1_st or k3_st in the loss, or k1 with placement: reward"
+        )
     if rewardlike and estimator != "k1":
-        raise SpecError(f"{path}.estimator: in the reward only k1 gives ∇KL(p‖q) (score function); "
-                        f"{estimator} does not. Use k1 there, or put {estimator} in the loss")
+        raise SpecError(
+            f"{path}.estimator: in the reward only k1 gives ∇KL(p‖q) (score function); "
+            f"{estimator} does not. Use k1 there, or put {estimator} in the loss"
+        )
 
 
 def term_warnings(term: TermSpec) -> list[str]:
     if term.estimator == "k3" and term.placement == "loss":
-        return [f"{term.name}: k3 in the loss descends KL(q‖πθ) (forward KL) in expectation, not the "
-                f"reverse KL its value estimates (methods.md C6); use k2 or k3_st for ∇KL(πθ‖q)"]
+        return [
+            f"{term.name}: k3 in the loss descends KL(q‖πθ) (forward KL) in expectation, not the "
+            f"reverse KL its value estimates (methods.md C6); use k2 or k3_st for ∇KL(πθ‖q)"
+        ]
     return []
 
 
@@ -430,10 +491,12 @@ def _parse_entropy_anchor(value: Any) -> EntropyAnchorSpec | None:
         if key not in fields:
             raise _unknown("entropy_anchor", "key", key, fields)
     spec = EntropyAnchorSpec(**{k: _number(f"entropy_anchor.{k}", v) for k, v in value.items()})
-    checks = (("coef", spec.coef >= 0 and math.isfinite(spec.coef), "a finite number ≥ 0"),
-              ("top_p", 0 < spec.top_p <= 1, "in (0, 1]"),
-              ("top_k", spec.top_k >= 1 and float(spec.top_k).is_integer(), "an integer ≥ 1"),
-              ("quantile", 0 <= spec.quantile < 1, "in [0, 1)"))
+    checks = (
+        ("coef", spec.coef >= 0 and math.isfinite(spec.coef), "a finite number ≥ 0"),
+        ("top_p", 0 < spec.top_p <= 1, "in (0, 1]"),
+        ("top_k", spec.top_k >= 1 and float(spec.top_k).is_integer(), "an integer ≥ 1"),
+        ("quantile", 0 <= spec.quantile < 1, "in [0, 1)"),
+    )
     for key, ok, allowed in checks:
         if not ok:
             raise SpecError(f"entropy_anchor.{key}: must be {allowed}, got {getattr(spec, key)!r}")
@@ -479,8 +542,11 @@ class ObjectiveSpec:
 
     def uses_weight(self, name: str) -> bool:
         """Whether some mask or weight of the objective is the registered weight `name`."""
-        return any(n == name for choices in (self.pg_mask, self.pg_weight, *(c for t in self.terms for c in (t.mask, t.weight)))
-                   for n, _ in choices)
+        return any(
+            n == name
+            for choices in (self.pg_mask, self.pg_weight, *(c for t in self.terms for c in (t.mask, t.weight)))
+            for n, _ in choices
+        )
 
     @property
     def stored_terms(self) -> tuple[TermSpec, ...]:
@@ -489,20 +555,28 @@ class ObjectiveSpec:
     def describe(self) -> str:
         """One line, e.g. 'clipped PG (group_norm, ε 0.2/0.28) + 0.001·reverse_kl(πθ, reference)
         [exact, loss], aggregated token_mean'."""
-        surrogate = (f"clipped PG ({self.advantage}, ε {self.clip_low:g}/{self.clip_high:g})"
-                     if self.pg_loss == "clipped" else
-                     f"{self.pg_loss} PG ({', '.join([self.advantage, *(f'{k}={v:g}' for k, v in self.pg_loss_params)])})")
+        surrogate = (
+            f"clipped PG ({self.advantage}, ε {self.clip_low:g}/{self.clip_high:g})"
+            if self.pg_loss == "clipped"
+            else f"{self.pg_loss} PG ({', '.join([self.advantage, *(f'{k}={v:g}' for k, v in self.pg_loss_params)])})"
+        )
         parts = [surrogate] if self.policy_gradient else []
         for t in self.terms:
             params = "".join(f", {k}={v}" for k, v in t.params if not isinstance(v, torch.Tensor))
-            coef = f"{t.coef:g}" if t.anneal is None else f"({t.coef:g} → {t.anneal[0]:g} by step {t.anneal[2] + t.anneal[1]})"
-            parts.append(f"{coef}·{t.divergence}(πθ, {t.target.describe()}{params}) "
-                         f"[{t.estimator}, {t.placement}]")
+            coef = (
+                f"{t.coef:g}"
+                if t.anneal is None
+                else f"({t.coef:g} → {t.anneal[0]:g} by step {t.anneal[2] + t.anneal[1]})"
+            )
+            parts.append(f"{coef}·{t.divergence}(πθ, {t.target.describe()}{params}) [{t.estimator}, {t.placement}]")
         if self.entropy_anchor:
             a = self.entropy_anchor
             parts.append(f"{a.coef:g}·(H̄_top-p{a.top_p:g} − H₀)²")
-        shaping = (f", overlong penalty ≤ {self.overlong_penalty:g} in the last {self.overlong_buffer:g} "
-                   f"of the length budget" if self.overlong_buffer else "")
+        shaping = (
+            f", overlong penalty ≤ {self.overlong_penalty:g} in the last {self.overlong_buffer:g} of the length budget"
+            if self.overlong_buffer
+            else ""
+        )
         return f"{' + '.join(parts)}, aggregated {self.aggregation}{shaping}"
 
     @property
@@ -518,23 +592,34 @@ class ObjectiveSpec:
     def token_reward_terms(self) -> tuple[TermSpec, ...]:
         return tuple(t for t in self.terms if t.placement == "token_reward")
 
-    def at_step(self, step: int) -> "ObjectiveSpec":
+    def at_step(self, step: int) -> ObjectiveSpec:
         """This objective with each annealed term's coefficient at training step `step` (0-based)."""
         if not any(t.anneal for t in self.terms):
             return self
-        return dataclasses.replace(self, terms=tuple(dataclasses.replace(t, coef=t.coef_at(step), anneal=None)
-                                                     if t.anneal else t for t in self.terms))
+        return dataclasses.replace(
+            self,
+            terms=tuple(
+                dataclasses.replace(t, coef=t.coef_at(step), anneal=None) if t.anneal else t for t in self.terms
+            ),
+        )
 
 
 def _parse_pg_loss(value: Any, clip_low: float, clip_high: float) -> tuple[str, tuple]:
     """`pg_loss`: a surrogate name or {name: {params}}; `clipped` takes clip_low/clip_high."""
-    (name, params), = named_choices(value, "pg_loss", "pg_loss", surrogates.names(), single=True)
+    ((name, params),) = named_choices(value, "pg_loss", "pg_loss", surrogates.names(), single=True)
     if name == "clipped":
         if params:
             raise SpecError("pg_loss.clipped: set clip_low and clip_high instead of parameters")
         params = {"clip_low": clip_low, "clip_high": clip_high}
-    toy = surrogates.PolicyTokens(torch.zeros(2), torch.zeros(2), torch.ones(2), torch.tensor([True, False]),
-                                  torch.full((2,), 0.5), torch.arange(2), torch.zeros(2))
+    toy = surrogates.PolicyTokens(
+        torch.zeros(2),
+        torch.zeros(2),
+        torch.ones(2),
+        torch.tensor([True, False]),
+        torch.full((2,), 0.5),
+        torch.arange(2),
+        torch.zeros(2),
+    )
     _try_on_a_toy(lambda: surrogates.get(name)(toy, **params), f"pg_loss.{name}")
     return name, tuple(params.items())
 
@@ -543,8 +628,13 @@ def shorthand_term(kl_coef: float, kl_estimator: str, kl_in_reward: bool) -> dic
     """`kl_coef`/`kl_estimator`/`kl_in_reward`: one reverse-KL-to-reference term (None if β = 0)."""
     if not kl_coef:
         return None
-    return {"divergence": "reverse_kl", "target": "reference", "coef": kl_coef,
-            "estimator": kl_estimator, "placement": "reward" if kl_in_reward else "loss"}
+    return {
+        "divergence": "reverse_kl",
+        "target": "reference",
+        "coef": kl_coef,
+        "estimator": kl_estimator,
+        "placement": "reward" if kl_in_reward else "loss",
+    }
 
 
 def parse_objective(config: Mapping[str, Any]) -> ObjectiveSpec:
@@ -582,13 +672,16 @@ def parse_objective(config: Mapping[str, Any]) -> ObjectiveSpec:
         try:
             terms.append(parse_term(shorthand, "kl_coef", teacher))
         except SpecError as err:  # name the shorthand keys, not an invisible term
-            raise SpecError(str(err).replace("kl_coef.estimator", "kl_estimator")
-                            .replace("kl_coef.placement", "kl_in_reward")) from None
+            raise SpecError(
+                str(err).replace("kl_coef.estimator", "kl_estimator").replace("kl_coef.placement", "kl_in_reward")
+            ) from None
     names = [t.name for t in terms]
     duplicates = sorted({n for n in names if names.count(n) > 1})
     if duplicates:
-        raise SpecError(f"terms: two terms share the name {duplicates[0]} (same divergence and "
-                        f"target); merge them into one term with the summed coef")
+        raise SpecError(
+            f"terms: two terms share the name {duplicates[0]} (same divergence and "
+            f"target); merge them into one term with the summed coef"
+        )
     overlong_buffer = _number("overlong_buffer", get("overlong_buffer", 0.0))
     if not 0.0 <= overlong_buffer <= 1.0:
         raise SpecError(f"overlong_buffer: must lie in [0, 1] (a fraction of max_new_tokens), got {overlong_buffer!r}")
@@ -597,23 +690,39 @@ def parse_objective(config: Mapping[str, Any]) -> ObjectiveSpec:
         raise SpecError(f"overlong_penalty: must be a finite number ≥ 0, got {overlong_penalty!r}")
     policy_gradient = get("policy_gradient", True)
     if not policy_gradient and any(t.placement == "token_reward" for t in terms):
-        raise SpecError("policy_gradient: false drops the per-token advantage that token_reward terms "
-                        "enter; set policy_gradient: true")
+        raise SpecError(
+            "policy_gradient: false drops the per-token advantage that token_reward terms "
+            "enter; set policy_gradient: true"
+        )
     if not policy_gradient and not any(t.placement == "loss" for t in terms) and not get("entropy_anchor"):
         raise SpecError("policy_gradient: false leaves no loss term; add a term with placement: loss")
-    pg_loss, pg_loss_params = _parse_pg_loss(get("pg_loss", "clipped"), float(get("clip_low", 0.2)),
-                                             float(get("clip_high", 0.28)))
+    pg_loss, pg_loss_params = _parse_pg_loss(
+        get("pg_loss", "clipped"), float(get("clip_low", 0.2)), float(get("clip_high", 0.28))
+    )
     if pg_loss in surrogates.READS_TEACHER and not teacher:
-        raise SpecError(f"pg_loss.{pg_loss}: reads the teacher's log-probs of the sampled tokens; set "
-                        f"'teacher' (default, tiny, a local model directory or a hub id)")
+        raise SpecError(
+            f"pg_loss.{pg_loss}: reads the teacher's log-probs of the sampled tokens; set "
+            f"'teacher' (default, tiny, a local model directory or a hub id)"
+        )
     pg_mask = _named_weights(get("pg_mask"), "pg_mask")
     return ObjectiveSpec(
-        policy_gradient=bool(policy_gradient), pg_loss=pg_loss, pg_loss_params=pg_loss_params,
-        advantage=advantage, advantage_std=advantage_std, advantage_clip=advantage_clip,
-        clip_low=float(get("clip_low", 0.2)), clip_high=float(get("clip_high", 0.28)),
-        aggregation=aggregation, normalizer=normalizer,
-        pg_mask=pg_mask, pg_weight=_named_weights(get("pg_weight"), "pg_weight"),
+        policy_gradient=bool(policy_gradient),
+        pg_loss=pg_loss,
+        pg_loss_params=pg_loss_params,
+        advantage=advantage,
+        advantage_std=advantage_std,
+        advantage_clip=advantage_clip,
+        clip_low=float(get("clip_low", 0.2)),
+        clip_high=float(get("clip_high", 0.28)),
+        aggregation=aggregation,
+        normalizer=normalizer,
+        pg_mask=pg_mask,
+        pg_weight=_named_weights(get("pg_weight"), "pg_weight"),
         pg_mask_mean=_mask_mean(get("pg_mask_mean", False), "pg_mask_mean", pg_mask),
-        terms=tuple(terms), overlong_buffer=overlong_buffer, overlong_penalty=overlong_penalty,
-        max_length=int(get("max_new_tokens", 1)), entropy_anchor=_parse_entropy_anchor(get("entropy_anchor")),
-        warnings=tuple(w for t in terms for w in term_warnings(t)))
+        terms=tuple(terms),
+        overlong_buffer=overlong_buffer,
+        overlong_penalty=overlong_penalty,
+        max_length=int(get("max_new_tokens", 1)),
+        entropy_anchor=_parse_entropy_anchor(get("entropy_anchor")),
+        warnings=tuple(w for t in terms for w in term_warnings(t)),
+    )

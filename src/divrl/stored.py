@@ -63,19 +63,24 @@ def kept_per_prompt(samples: int, shortest: float) -> int:
     return max(1, int(shortest * samples + 0.5))
 
 
-def select_offline(groups: list[StoredGroup], keep: int, shortest: float, pass_threshold: float
-                   ) -> list[StoredGroup]:
+def select_offline(groups: list[StoredGroup], keep: int, shortest: float, pass_threshold: float) -> list[StoredGroup]:
     """ReasonMaxxer's training set (arXiv 2605.06241, authors' code; methods notes): the prompts
     with 1 ≤ #passes ≤ G − 1; of those the `keep` whose pass rate is closest to 0.5 (0: all; ties
     by prompt order); of each, its `kept_per_prompt` shortest responses (ties by sample order),
     kept in sample order. Per prompt, so every kept group has the same size."""
     informative = [g for g in groups if 0 < g.pass_rate(pass_threshold) < 1]
     informative.sort(key=lambda g: abs(g.pass_rate(pass_threshold) - 0.5))
-    chosen = sorted(informative[:keep or len(informative)], key=lambda g: g.index)
+    chosen = sorted(informative[: keep or len(informative)], key=lambda g: g.index)
     n = kept_per_prompt(len(groups[0].completions), shortest) if groups else 0
     out = []
     for g in chosen:
         rows = sorted(sorted(range(len(g.completions)), key=lambda i: len(g.completions[i]))[:n])
-        out.append(replace(g, completions=[g.completions[i] for i in rows],
-                           logprobs=[g.logprobs[i] for i in rows], rewards=[g.rewards[i] for i in rows]))
+        out.append(
+            replace(
+                g,
+                completions=[g.completions[i] for i in rows],
+                logprobs=[g.logprobs[i] for i in rows],
+                rewards=[g.rewards[i] for i in rows],
+            )
+        )
     return out

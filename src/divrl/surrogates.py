@@ -32,8 +32,8 @@ group-mean baseline on 0/1 rewards, i.e. Dr. GRPO's gradient (tested).
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 from torch import Tensor
@@ -92,12 +92,14 @@ def _clamp_min_straight_through(x: Tensor, low: float) -> Tensor:
 
 
 @register_surrogate("nft")
-def nft(tokens: PolicyTokens, epsilon: float = 1.0, clamp: float = 0.02,
-        negative_weight: float = 1.0) -> tuple[Tensor, Tensor]:
+def nft(
+    tokens: PolicyTokens, epsilon: float = 1.0, clamp: float = 0.02, negative_weight: float = 1.0
+) -> tuple[Tensor, Tensor]:
     """Negative-aware fine-tuning's per-token loss (module docstring), and where ε clamped."""
     if not (epsilon > 0 and 0 < clamp < 0.5 and negative_weight >= 0):
-        raise ValueError(f"nft: need epsilon > 0, 0 < clamp < 0.5 and negative_weight ≥ 0, got "
-                         f"{epsilon}, {clamp}, {negative_weight}")
+        raise ValueError(
+            f"nft: need epsilon > 0, 0 < clamp < 0.5 and negative_weight ≥ 0, got {epsilon}, {clamp}, {negative_weight}"
+        )
     rate = tokens.group_pass_rate.clamp(clamp, 1 - clamp).to(tokens.logprobs.dtype)
     log_ratio = (tokens.logprobs - tokens.old_logprobs).clamp(max=10.0)
     implicit_negative = (1 - rate * log_ratio.exp()) / (1 - rate)
@@ -116,8 +118,9 @@ def reinforce(tokens: PolicyTokens) -> tuple[Tensor, Tensor]:
 
 
 @register_surrogate("trrd", reads_teacher=True)
-def trrd(tokens: PolicyTokens, alpha: float = 0.5, clip_low: float = 0.2, clip_high: float = 0.28,
-         teacher_clamp: float = 1.0) -> tuple[Tensor, Tensor]:
+def trrd(
+    tokens: PolicyTokens, alpha: float = 0.5, clip_low: float = 0.2, clip_high: float = 0.28, teacher_clamp: float = 1.0
+) -> tuple[Tensor, Tensor]:
     """TRRD's clipped surrogate (RLAD, "Reinforcement-aware Knowledge Distillation for LLM
     Reasoning", arXiv 2602.22495 v2, Eqs. 3–4 and App. A–C; methods notes): the PPO ratio with the
     geometric anchor πold^α·π_T^{1−α} of the sampled token as denominator,
@@ -125,11 +128,15 @@ def trrd(tokens: PolicyTokens, alpha: float = 0.5, clip_low: float = 0.2, clip_h
     (App. B), and −min(r·A, clip(r, 1 − ε_low, 1 + ε_high)·A). α = 1 is GRPO's ratio exactly;
     α → 0 anchors on the teacher. Paper: α = 0.5, ε = 0.20/0.28."""
     if not (0 <= alpha <= 1 and 0 <= clip_low < 1 and clip_high >= 0 and teacher_clamp > 0):
-        raise ValueError(f"trrd: need 0 ≤ alpha ≤ 1, 0 ≤ clip_low < 1, clip_high ≥ 0 and teacher_clamp > 0, "
-                         f"got {alpha}, {clip_low}, {clip_high}, {teacher_clamp}")
+        raise ValueError(
+            f"trrd: need 0 ≤ alpha ≤ 1, 0 ≤ clip_low < 1, clip_high ≥ 0 and teacher_clamp > 0, "
+            f"got {alpha}, {clip_low}, {clip_high}, {teacher_clamp}"
+        )
     if tokens.teacher_logprobs is None:
         raise ValueError("trrd: needs the teacher's log-probs of the sampled tokens (set 'teacher')")
-    teacher_term = (tokens.logprobs - tokens.teacher_logprobs.to(tokens.logprobs.dtype)).clamp(-teacher_clamp, teacher_clamp)
+    teacher_term = (tokens.logprobs - tokens.teacher_logprobs.to(tokens.logprobs.dtype)).clamp(
+        -teacher_clamp, teacher_clamp
+    )
     log_ratio = alpha * (tokens.logprobs - tokens.old_logprobs) + (1 - alpha) * teacher_term
     ratio = torch.exp(log_ratio)
     unclipped = ratio * tokens.advantages
@@ -151,9 +158,15 @@ def gdsd(tokens: PolicyTokens, psi: float = 10.0, epsilon: float = 0.2) -> tuple
     if tokens.rows is None:
         raise ValueError("gdsd: needs the tokens' completions (rows)")
     n = int(tokens.rows.max()) + 1 if len(tokens.rows) else 0
-    log_ratio = torch.zeros(n, dtype=tokens.logprobs.dtype, device=tokens.rows.device).index_add(0, tokens.rows, tokens.logprobs - tokens.old_logprobs)
-    length = torch.zeros(n, dtype=tokens.logprobs.dtype, device=tokens.rows.device).index_add(0, tokens.rows, torch.ones_like(tokens.logprobs))
+    log_ratio = torch.zeros(n, dtype=tokens.logprobs.dtype, device=tokens.rows.device).index_add(
+        0, tokens.rows, tokens.logprobs - tokens.old_logprobs
+    )
+    length = torch.zeros(n, dtype=tokens.logprobs.dtype, device=tokens.rows.device).index_add(
+        0, tokens.rows, torch.ones_like(tokens.logprobs)
+    )
     bounded = log_ratio.clamp(math.log(1 - epsilon), math.log(1 + epsilon))
-    advantage = torch.zeros(n, dtype=tokens.advantages.dtype, device=tokens.rows.device).index_add(0, tokens.rows, tokens.advantages)
+    advantage = torch.zeros(n, dtype=tokens.advantages.dtype, device=tokens.rows.device).index_add(
+        0, tokens.rows, tokens.advantages
+    )
     loss = (bounded / length.clamp(min=1) - psi * advantage / length.clamp(min=1)) ** 2  # A_i: its tokens' mean
     return loss[tokens.rows], (bounded != log_ratio).detach()[tokens.rows]

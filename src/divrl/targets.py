@@ -77,8 +77,9 @@ def extrapolate(ref: Tensor, teacher: Tensor, lam: float, normalized: bool = Tru
     −inf, with zero gradient.
     """
     if not (math.isfinite(lam) and lam >= 0):
-        raise ValueError(f"extrapolate: lam must be a finite number ≥ 0 (0: ref, 1: teacher, > 1: past "
-                         f"the teacher), got {lam}")
+        raise ValueError(
+            f"extrapolate: lam must be a finite number ≥ 0 (0: ref, 1: teacher, > 1: past the teacher), got {lam}"
+        )
     if lam == 0.0:
         return ref
     if lam == 1.0:
@@ -108,7 +109,7 @@ def mix(a: Tensor, b: Tensor, alpha: float) -> Tensor:
     return mixture.masked_fill(both_zero, _NEG_INF)
 
 
-def filter(p: Tensor, min_p: float, relative: bool = False) -> Tensor:  # noqa: A001 (public name)
+def filter(p: Tensor, min_p: float, relative: bool = False) -> Tensor:
     """p without its tokens of probability < min_p (< min_p·max p if ``relative``), renormalized.
 
     q_i = p_i·1[p_i ≥ τ]/Z with τ = min_p or min_p·max_j p_j, compared in log space; the most
@@ -167,5 +168,6 @@ def uniform(p: Tensor) -> Tensor:
 def sampled_token(token: Tensor) -> Tensor:
     """log q = 0 at the position's token, −inf elsewhere: its one-hot. ``token`` (..., V) bool is
     supplied by the objective. KL(q‖πθ) = −log πθ(y_t), the cross-entropy of the demonstration."""
-    return torch.zeros(token.shape, dtype=torch.float64 if token.dtype == torch.bool else token.dtype,
-                       device=token.device).masked_fill(~token.bool(), _NEG_INF)
+    return torch.zeros(
+        token.shape, dtype=torch.float64 if token.dtype == torch.bool else token.dtype, device=token.device
+    ).masked_fill(~token.bool(), _NEG_INF)

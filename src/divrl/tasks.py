@@ -107,14 +107,15 @@ class Task:
 
 
 class ReasoningGymTask(Task):
-    def __init__(self, name: str, params: dict, train_size: int, eval_size: int, seed: int,
-                 eval_seed: int):
+    def __init__(self, name: str, params: dict, train_size: int, eval_size: int, seed: int, eval_seed: int):
         import reasoning_gym
         from reasoning_gym.factory import DATASETS
 
         if name not in DATASETS:
-            raise TaskError(f"unknown task '{name}': not a .jsonl file and not a reasoning-gym "
-                            f"dataset. Valid reasoning-gym names: {', '.join(sorted(DATASETS))}")
+            raise TaskError(
+                f"unknown task '{name}': not a .jsonl file and not a reasoning-gym "
+                f"dataset. Valid reasoning-gym names: {', '.join(sorted(DATASETS))}"
+            )
         try:
             self._train_ds = reasoning_gym.create_dataset(name, size=train_size, seed=seed, **params)
             train_entries = list(self._train_ds)
@@ -127,8 +128,10 @@ class ReasoningGymTask(Task):
         held_out = {e["question"] for e in eval_entries}
         self.train = [self._example(e) for e in train_entries if e["question"] not in held_out]
         if not self.train:
-            raise TaskError(f"task '{name}' with {params}: every training prompt is also a "
-                            f"held-out prompt; raise train_size or lower eval_size")
+            raise TaskError(
+                f"task '{name}' with {params}: every training prompt is also a "
+                f"held-out prompt; raise train_size or lower eval_size"
+            )
 
     def score(self, completion: str, example: Example) -> float:
         return self._train_ds.score_answer(self.final_answer(completion), example.entry)
@@ -158,8 +161,11 @@ def load_function(spec: str, what: str = "verifier") -> Callable[[str, str], flo
     """The callable `module:function` names; TaskError names `what` it was for and the problem."""
     module_name, _, attr = spec.partition(":")
     if not module_name or not attr:
-        raise TaskError(f"{what} '{spec}' must be 'exact' or 'module:function'" if what == "verifier"
-                        else f"{what} '{spec}' must be 'module:function'")
+        raise TaskError(
+            f"{what} '{spec}' must be 'exact' or 'module:function'"
+            if what == "verifier"
+            else f"{what} '{spec}' must be 'module:function'"
+        )
     try:
         fn = getattr(importlib.import_module(module_name), attr)
     except (ImportError, AttributeError) as err:
@@ -179,9 +185,11 @@ def jsonl_rows(path: Path, error: type[Exception]) -> list[tuple[str, Any]]:
             try:
                 line = raw.decode("utf-8-sig" if number == 1 else "utf-8")
             except UnicodeDecodeError as err:
-                raise error(f"{path}:{number}: not UTF-8 (byte 0x{raw[err.start]:02x} at byte "
-                            f"{err.start} of the line); re-encode the file as UTF-8, e.g. "
-                            f"iconv -f latin1 -t utf-8") from None
+                raise error(
+                    f"{path}:{number}: not UTF-8 (byte 0x{raw[err.start]:02x} at byte "
+                    f"{err.start} of the line); re-encode the file as UTF-8, e.g. "
+                    f"iconv -f latin1 -t utf-8"
+                ) from None
             if line.strip():
                 try:
                     rows.append((f"{path}:{number}", json.loads(line)))
@@ -238,15 +246,14 @@ def build_task(cfg) -> Task:
         if not path.is_file():
             raise TaskError(f"task file '{cfg.task}' does not exist")
         return JsonlTask(path, cfg.verifier, cfg.train_size, cfg.eval_size, cfg.seed)
-    return ReasoningGymTask(cfg.task, cfg.task_params, cfg.train_size, cfg.eval_size, cfg.seed,
-                            cfg.eval_seed)
+    return ReasoningGymTask(cfg.task, cfg.task_params, cfg.train_size, cfg.eval_size, cfg.seed, cfg.eval_seed)
 
 
 def safe_score(task: Task, completion: str, example: Example) -> tuple[float, bool]:
     """(reward, ok): a verifier that raises or returns a non-number (or NaN/inf) scores 0, ok=False."""
     try:
         value = task.score(completion, example)
-    except Exception:  # noqa: BLE001 - a user verifier may fail in any way; training goes on
+    except Exception:
         return 0.0, False
     if isinstance(value, numbers.Real) and math.isfinite(value):
         return float(value), True
@@ -264,8 +271,11 @@ def encode_prompt(tokenizer, prompt: str, system_prompt: str | None) -> list[int
     if tokenizer.chat_template is None:
         if tokenizer.name_or_path not in _PLAIN_TEXT_TOKENIZERS:
             _PLAIN_TEXT_TOKENIZERS.add(tokenizer.name_or_path)
-            logger.warning("tokenizer '%s' has no chat template: prompts are sent as plain text "
-                           "(system_prompt, a blank line, the prompt)", tokenizer.name_or_path)
+            logger.warning(
+                "tokenizer '%s' has no chat template: prompts are sent as plain text "
+                "(system_prompt, a blank line, the prompt)",
+                tokenizer.name_or_path,
+            )
         return tokenizer(f"{system_prompt}\n\n{prompt}" if system_prompt else prompt)["input_ids"]
     messages = [{"role": "system", "content": system_prompt}] if system_prompt else []
     messages.append({"role": "user", "content": prompt})
@@ -282,9 +292,11 @@ def truncate_prompt(tokenizer, prompt: str, system_prompt: str | None, limit: in
     while (excess := len(encode_prompt(tokenizer, text, system_prompt)) - limit) > 0:
         keep -= excess
         if keep <= 0:
-            raise TaskError(f"config key 'overlong_prompts': even an empty prompt takes more than the "
-                            f"{limit} tokens the context leaves (chat template and system_prompt); "
-                            f"lower max_new_tokens or shorten system_prompt")
+            raise TaskError(
+                f"config key 'overlong_prompts': even an empty prompt takes more than the "
+                f"{limit} tokens the context leaves (chat template and system_prompt); "
+                f"lower max_new_tokens or shorten system_prompt"
+            )
         text = tokenizer.decode(ids[-keep:])
     return text
 
@@ -298,32 +310,43 @@ def fit_to_context(task: Task, tokenizer, cfg, context: int | None, log=print) -
         return 0
     limit = context - cfg.max_new_tokens
     splits = {"training": task.train, "held-out": task.eval}
-    long = {split: [i for i, e in enumerate(examples)
-                    if len(encode_prompt(tokenizer, e.prompt, cfg.system_prompt)) > limit]
-            for split, examples in splits.items()}
+    long = {
+        split: [i for i, e in enumerate(examples) if len(encode_prompt(tokenizer, e.prompt, cfg.system_prompt)) > limit]
+        for split, examples in splits.items()
+    }
     count = sum(map(len, long.values()))
     if not count:
         return 0
-    where = (f"{len(long['training'])} of {len(task.train)} training and {len(long['held-out'])} of "
-             f"{len(task.eval)} held-out prompts are longer than the {limit} tokens the context leaves "
-             f"(max_position_embeddings {context} − max_new_tokens {cfg.max_new_tokens})")
+    where = (
+        f"{len(long['training'])} of {len(task.train)} training and {len(long['held-out'])} of "
+        f"{len(task.eval)} held-out prompts are longer than the {limit} tokens the context leaves "
+        f"(max_position_embeddings {context} − max_new_tokens {cfg.max_new_tokens})"
+    )
     if cfg.overlong_prompts == "reject":
         split = "training" if long["training"] else "held-out"
         first = splits[split][long[split][0]]
         length = len(encode_prompt(tokenizer, first.prompt, cfg.system_prompt))
-        raise TaskError(f"{where}; the first, {split} prompt {long[split][0]} ({length} tokens), "
-                        f"begins {first.prompt[:60]!r}. Set overlong_prompts to 'truncate' or 'skip', "
-                        f"or lower max_new_tokens")
+        raise TaskError(
+            f"{where}; the first, {split} prompt {long[split][0]} ({length} tokens), "
+            f"begins {first.prompt[:60]!r}. Set overlong_prompts to 'truncate' or 'skip', "
+            f"or lower max_new_tokens"
+        )
     for split, examples in splits.items():
         over = set(long[split])
         if cfg.overlong_prompts == "skip":
             examples[:] = [e for i, e in enumerate(examples) if i not in over]
         else:  # two held-out prompts may now share their tail: keep held-out prompts distinct
-            examples[:] = [Example(truncate_prompt(tokenizer, e.prompt, cfg.system_prompt, limit),
-                                   e.answer, e.entry) if i in over else e for i, e in enumerate(examples)]
+            examples[:] = [
+                Example(truncate_prompt(tokenizer, e.prompt, cfg.system_prompt, limit), e.answer, e.entry)
+                if i in over
+                else e
+                for i, e in enumerate(examples)
+            ]
             examples[:] = distinct(examples) if split == "held-out" else examples
         if not examples:
-            raise TaskError(f"{where}: skipping them leaves no {split} prompt; set overlong_prompts "
-                            f"to 'truncate', or lower max_new_tokens")
+            raise TaskError(
+                f"{where}: skipping them leaves no {split} prompt; set overlong_prompts "
+                f"to 'truncate', or lower max_new_tokens"
+            )
     log(f"overlong prompts: {where}; {'skipped' if cfg.overlong_prompts == 'skip' else 'truncated to their tail'}")
     return count

@@ -34,22 +34,28 @@ from tqdm.auto import tqdm
 from divrl import chunked, demos, diversity, objectives, precision, stored
 from divrl.atomic import write_text_atomically
 from divrl.calibration import CalibrationSpec, transformed
+from divrl.checkpoint import checkpoint_dirs, latest_checkpoint, load_checkpoint, remove_partial_writes, save_checkpoint
 from divrl.chunked import Head
+from divrl.config import ConfigError, TrainConfig, save_config, stage1_config, uses_demonstrations
 from divrl.evaluation import score_completions
 from divrl.guarded_verifier import CRASH, TIMEOUT, GuardedVerifier
 from divrl.hidden import TokenBatch, completion_hidden
-from divrl.checkpoint import (checkpoint_dirs, latest_checkpoint, load_checkpoint, remove_partial_writes,
-                              save_checkpoint)
-from divrl.config import ConfigError, TrainConfig, save_config, stage1_config, uses_demonstrations
-from divrl.spec import ObjectiveSpec, parse_objective
 from divrl.metrics import pass_at_k_over_prompts
-from divrl.models import (ModelLoadError, autocast_for, context_length, load_model, resolve_device, output_head,
-                           stop_token_ids)
-from divrl.report import write_report
+from divrl.models import (
+    ModelLoadError,
+    autocast_for,
+    context_length,
+    load_model,
+    output_head,
+    resolve_device,
+    stop_token_ids,
+)
 from divrl.prompts import Group, build_source, split_groups
+from divrl.report import write_report
 from divrl.rollout import sample
 from divrl.rowwise import ModelOutputs
 from divrl.runlog import MetricsLog
+from divrl.spec import ObjectiveSpec, parse_objective
 from divrl.tasks import Example, Task, build_task, encode_prompt, fit_to_context
 
 
@@ -61,13 +67,17 @@ def check_output_dir(cfg: TrainConfig) -> Path:
     """The run directory; refuses to overwrite an earlier run unless resuming it, and a null
     output_dir (`divrl train` resolves it first: `divrl.run_dirs.resolve_output_dir`)."""
     if cfg.output_dir is None:
-        raise ConfigError("config key 'output_dir' is null: a Trainer needs a directory; "
-                          "divrl.run_dirs.resolve_output_dir makes a fresh one, as `divrl train` does")
+        raise ConfigError(
+            "config key 'output_dir' is null: a Trainer needs a directory; "
+            "divrl.run_dirs.resolve_output_dir makes a fresh one, as `divrl train` does"
+        )
     run_dir = Path(cfg.output_dir)
     has_run = (run_dir / "metrics.jsonl").exists() or checkpoint_dirs(run_dir)
     if has_run and not cfg.resume:
-        raise ConfigError(f"config key 'output_dir': '{run_dir}' already holds a run; set "
-                          f"resume=true to continue it, or choose another output_dir")
+        raise ConfigError(
+            f"config key 'output_dir': '{run_dir}' already holds a run; set "
+            f"resume=true to continue it, or choose another output_dir"
+        )
     if cfg.resume and not checkpoint_dirs(run_dir) and not (cfg.stage1 and (run_dir / "stage1").is_dir()):
         raise ConfigError(f"config key 'resume': '{run_dir}' has no checkpoint to resume from")
     return run_dir
@@ -77,8 +87,7 @@ class NonFiniteError(RuntimeError):
     """`max_skipped_steps` consecutive steps were skipped for a non-finite loss or gradient."""
 
 
-def nonfinite_reason(outputs: list[tuple[ObjectiveSpec, objectives.ObjectiveOutput]], grad_norm: float
-                     ) -> str | None:
+def nonfinite_reason(outputs: list[tuple[ObjectiveSpec, objectives.ObjectiveOutput]], grad_norm: float) -> str | None:
     """Why an optimizer step must be skipped, from one pass's micro-batch outputs and global
     gradient norm; None when every value is finite.
 
@@ -89,8 +98,11 @@ def nonfinite_reason(outputs: list[tuple[ObjectiveSpec, objectives.ObjectiveOutp
     found = []
     for spec, out in outputs:
         weighted = {"pg": spec.pg_weight, **{t.name: t.weight for t in spec.terms}}
-        found += [f"{part} weight {'·'.join(name for name, _ in choices)}" for part, choices in weighted.items()
-                  if not math.isfinite(out.token_sums.get(f"{part}_mean_weight", 0.0))]
+        found += [
+            f"{part} weight {'·'.join(name for name, _ in choices)}"
+            for part, choices in weighted.items()
+            if not math.isfinite(out.token_sums.get(f"{part}_mean_weight", 0.0))
+        ]
         found += [f"{part}_loss" for part, value in out.loss_parts.items() if not math.isfinite(value)]
     if found:
         return "non-finite " + ", ".join(dict.fromkeys(found))
@@ -131,17 +143,23 @@ class Trainer:
         self.reference_rewards: dict[str, list[float]] = {}  # calibration: sorted, per prompt text
         self.reference = None
         if "reference" in needs or cfg.monitor_kl or self.calibration is not None:
-            self.reference = (copy.deepcopy(self.model).requires_grad_(False) if cfg.reference is None
-                              else self._load_frozen("reference", cfg.reference, cfg.seed + 2))
+            self.reference = (
+                copy.deepcopy(self.model).requires_grad_(False)
+                if cfg.reference is None
+                else self._load_frozen("reference", cfg.reference, cfg.seed + 2)
+            )
         teacher_spec = self._run_stage1() if cfg.stage1 else cfg.teacher
-        demos_from_teacher = (uses_demonstrations(cfg) and cfg.demonstrations is None
-                              and cfg.demonstrations_from == "teacher")
-        self.teacher = (self._load_frozen("teacher", teacher_spec, cfg.seed + 1)
-                        if "teacher" in needs or demos_from_teacher else None)
+        demos_from_teacher = (
+            uses_demonstrations(cfg) and cfg.demonstrations is None and cfg.demonstrations_from == "teacher"
+        )
+        self.teacher = (
+            self._load_frozen("teacher", teacher_spec, cfg.seed + 1)
+            if "teacher" in needs or demos_from_teacher
+            else None
+        )
         self.diversity_bonus = diversity.parse_bonus(cfg.diversity_bonus)
         self.encoder = None if self.diversity_bonus is None else diversity.load_encoder(self.diversity_bonus.encoder)
-        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr,
-                                           weight_decay=cfg.weight_decay)
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.generator = torch.Generator().manual_seed(cfg.seed)
         self.precision = precision.resolve(cfg.dtype, self.model, log)
         self.autocast = autocast_for(self.precision, self.device)
@@ -157,13 +175,17 @@ class Trainer:
             self.stored_groups, solved = self._stored_responses()
             online_examples = [e for i, e in enumerate(self.task.train) if i not in solved]
             if not online_examples:
-                raise ConfigError(f"config key 'stored_prompts': the initial policy solves all "
-                                  f"{len(solved)} training prompts it answered, so none is left for "
-                                  f"the policy gradient; raise train_size above stored_prompts or "
-                                  f"stored_solved")
-            log(f"stored responses: {len(self.stored_groups)} of {cfg.stored_prompts} prompts solved by the "
+                raise ConfigError(
+                    f"config key 'stored_prompts': the initial policy solves all "
+                    f"{len(solved)} training prompts it answered, so none is left for "
+                    f"the policy gradient; raise train_size above stored_prompts or "
+                    f"stored_solved"
+                )
+            log(
+                f"stored responses: {len(self.stored_groups)} of {cfg.stored_prompts} prompts solved by the "
                 f"initial policy feed {', '.join(t.name for t in self.stored_spec.terms)}; "
-                f"{len(online_examples)} prompts left for the policy gradient")
+                f"{len(online_examples)} prompts left for the policy gradient"
+            )
         self.prompts = build_source(cfg.prompt_sampler, online_examples, cfg.seed)
         self.entropy_anchor: float | None = None  # SIREN's H₀, set by the first update
         self.step = 0
@@ -196,23 +218,37 @@ class Trainer:
             return
         demonstrations = self._demonstrations()
         sft = parse_objective({"advantage": "signed", "pg_loss": "reinforce"})
-        optimizer, self.optimizer = self.optimizer, torch.optim.AdamW(self.model.parameters(), lr=cfg.behaviour_cloning_lr)
+        optimizer, self.optimizer = (
+            self.optimizer,
+            torch.optim.AdamW(self.model.parameters(), lr=cfg.behaviour_cloning_lr),
+        )
         reference, self.reference = self.reference, None
-        bar = tqdm(range(cfg.behaviour_cloning_steps), desc="behaviour cloning", unit="step", file=sys.stderr,
-                   dynamic_ncols=True)
+        bar = tqdm(
+            range(cfg.behaviour_cloning_steps),
+            desc="behaviour cloning",
+            unit="step",
+            file=sys.stderr,
+            dynamic_ncols=True,
+        )
         for step in bar:
             chosen = stored.batch(demonstrations, step, cfg.prompts_per_step)
-            stats = self._update([self._prompt_ids(Example(g.prompt, "")) for g in chosen],
-                                 [g.completions[0] for g in chosen], [1.0] * len(chosen),
-                                 [g.logprobs[0] for g in chosen], objective=sft)
+            stats = self._update(
+                [self._prompt_ids(Example(g.prompt, "")) for g in chosen],
+                [g.completions[0] for g in chosen],
+                [1.0] * len(chosen),
+                [g.logprobs[0] for g in chosen],
+                objective=sft,
+            )
             bar.set_postfix(nll=f"{stats['pg_loss']:.3f}")
         self.optimizer = optimizer
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.model.save_pretrained(path)
         self.tokenizer.save_pretrained(path)
         self.reference = None if reference is None else copy.deepcopy(self.model).requires_grad_(False)
-        self.log(f"behaviour cloning: {cfg.behaviour_cloning_steps} steps on {len(demonstrations)} "
-                 f"demonstrations, final NLL {stats['pg_loss']:.3f}; saved to {path}; it is the reference")
+        self.log(
+            f"behaviour cloning: {cfg.behaviour_cloning_steps} steps on {len(demonstrations)} "
+            f"demonstrations, final NLL {stats['pg_loss']:.3f}; saved to {path}; it is the reference"
+        )
 
     def _offline_set(self) -> list[stored.StoredGroup]:
         """The offline training set: the stored responses, selected (`stored.select_offline`), or
@@ -220,16 +256,21 @@ class Trainer:
         cfg = self.cfg
         if cfg.offline_data == "demonstrations":
             return self._demonstrations()
-        groups = stored.select_offline(self._sampled_once(), cfg.offline_keep, cfg.offline_shortest,
-                                       objectives.PASS_THRESHOLD)
+        groups = stored.select_offline(
+            self._sampled_once(), cfg.offline_keep, cfg.offline_shortest, objectives.PASS_THRESHOLD
+        )
         if not groups:
-            raise ConfigError(f"config key 'offline': none of the {cfg.stored_prompts} stored prompts "
-                              f"has responses that both pass and fail ({cfg.stored_samples} each), so "
-                              f"there is nothing to learn from offline; raise stored_prompts or "
-                              f"stored_samples, or use a task the model sometimes solves")
-        self.log(f"offline set: {len(groups)} of {cfg.stored_prompts} prompts kept, "
-                 f"{len(groups[0].completions)} of {cfg.stored_samples} responses each; no "
-                 f"generation during training")
+            raise ConfigError(
+                f"config key 'offline': none of the {cfg.stored_prompts} stored prompts "
+                f"has responses that both pass and fail ({cfg.stored_samples} each), so "
+                f"there is nothing to learn from offline; raise stored_prompts or "
+                f"stored_samples, or use a task the model sometimes solves"
+            )
+        self.log(
+            f"offline set: {len(groups)} of {cfg.stored_prompts} prompts kept, "
+            f"{len(groups[0].completions)} of {cfg.stored_samples} responses each; no "
+            f"generation during training"
+        )
         return groups
 
     def _demonstrations(self) -> list[stored.StoredGroup]:
@@ -247,7 +288,9 @@ class Trainer:
         eos = self.tokenizer.eos_token_id
         groups = []
         for i, demo in enumerate(rows):
-            ids = self.tokenizer(demo.completion, add_special_tokens=False)["input_ids"][:cfg.max_new_tokens - 1] + [eos]
+            ids = self.tokenizer(demo.completion, add_special_tokens=False)["input_ids"][: cfg.max_new_tokens - 1] + [
+                eos
+            ]
             # a demonstration has no sampler: placeholder log-probs, never read (on policy instead)
             groups.append(stored.StoredGroup(i, [ids], [[0.0] * len(ids)], [1.0], demo.prompt))
         self.log(f"demonstrations: {len(groups)} from {source}")
@@ -257,8 +300,14 @@ class Trainer:
         """The teacher's first passing sample of `stored_samples` for each of the first
         `stored_prompts` training prompts (rejection sampling)."""
         cfg, out = self.cfg, []
-        groups = self._answer_once(self.task.train[:cfg.stored_prompts], cfg.temperature, cfg.top_p,
-                                   torch.Generator().manual_seed(cfg.seed + 11), self.teacher, "teacher")
+        groups = self._answer_once(
+            self.task.train[: cfg.stored_prompts],
+            cfg.temperature,
+            cfg.top_p,
+            torch.Generator().manual_seed(cfg.seed + 11),
+            self.teacher,
+            "teacher",
+        )
         for g in groups:
             first = next((c for c, r in zip(g.completions, g.rewards) if passes(r)), None)
             if first is not None:
@@ -275,23 +324,42 @@ class Trainer:
         cfg = self.cfg
         groups = stored.load(self.run_dir) if cfg.resume else None
         if groups is None:
-            answered = self._answer_once(self.task.train[:cfg.stored_prompts], cfg.stored_temperature or cfg.temperature,
-                                         cfg.stored_top_p or cfg.top_p, torch.Generator().manual_seed(cfg.seed + 7),
-                                         self.model, "initial policy")
+            answered = self._answer_once(
+                self.task.train[: cfg.stored_prompts],
+                cfg.stored_temperature or cfg.temperature,
+                cfg.stored_top_p or cfg.top_p,
+                torch.Generator().manual_seed(cfg.seed + 7),
+                self.model,
+                "initial policy",
+            )
             groups = [stored.StoredGroup(i, g.completions, g.logprobs, g.rewards) for i, g in enumerate(answered)]
             self.run_dir.mkdir(parents=True, exist_ok=True)
             stored.save(groups, self.run_dir)
         return groups
 
-    def _answer_once(self, examples: list[Example], temperature: float, top_p: float,
-                     generator: torch.Generator, model, who: str, chunk: int = 16) -> list[Group]:
+    def _answer_once(
+        self,
+        examples: list[Example],
+        temperature: float,
+        top_p: float,
+        generator: torch.Generator,
+        model,
+        who: str,
+        chunk: int = 16,
+    ) -> list[Group]:
         """`stored_samples` scored answers of `model` to each example, `chunk` prompts at a time,
         with a progress bar (minutes on the default model)."""
         n, groups = self.cfg.stored_samples, []
         starts = range(0, len(examples), chunk)
-        for start in tqdm(starts, desc=f"{who}: {n} answers × {len(examples)} prompts", unit="chunk",
-                          file=sys.stderr, dynamic_ncols=True, disable=len(starts) < 2):
-            part = examples[start:start + chunk]
+        for start in tqdm(
+            starts,
+            desc=f"{who}: {n} answers × {len(examples)} prompts",
+            unit="chunk",
+            file=sys.stderr,
+            dynamic_ncols=True,
+            disable=len(starts) < 2,
+        ):
+            part = examples[start : start + chunk]
             rollout = self._sample(part, n, temperature, generator, top_p, model)
             rewards, _ = self._score(part, rollout.completion_ids, n)
             groups += split_groups(part, rollout, rewards)
@@ -307,29 +375,44 @@ class Trainer:
         model.eval().requires_grad_(False)
         vocab, other = output_head(self.model).vocab_size, output_head(model).vocab_size
         if vocab != other:
-            raise ConfigError(f"config key '{key}': '{spec}' has a vocabulary of {other} tokens, the "
-                              f"policy '{self.cfg.model}' {vocab}; a per-token divergence needs the "
-                              f"same vocabulary")
+            raise ConfigError(
+                f"config key '{key}': '{spec}' has a vocabulary of {other} tokens, the "
+                f"policy '{self.cfg.model}' {vocab}; a per-token divergence needs the "
+                f"same vocabulary"
+            )
         return model
 
     # ----- data -------------------------------------------------------------------------------
     def _prompt_ids(self, example: Example) -> list[int]:
         if example.prompt not in self._prompt_cache:
-            self._prompt_cache[example.prompt] = encode_prompt(self.tokenizer, example.prompt,
-                                                               self.cfg.system_prompt)
+            self._prompt_cache[example.prompt] = encode_prompt(self.tokenizer, example.prompt, self.cfg.system_prompt)
         return self._prompt_cache[example.prompt]
 
-    def _sample(self, examples: list[Example], group_size: int, temperature: float,
-                generator: torch.Generator, top_p: float | None = None, model=None):
+    def _sample(
+        self,
+        examples: list[Example],
+        group_size: int,
+        temperature: float,
+        generator: torch.Generator,
+        top_p: float | None = None,
+        model=None,
+    ):
         with self.autocast():
-            return sample(self.model if model is None else model, [self._prompt_ids(e) for e in examples],
-                          group_size=group_size, max_new_tokens=self.cfg.max_new_tokens,
-                          stop_token_ids=self.stop_ids, pad_token_id=self.tokenizer.pad_token_id,
-                          temperature=temperature, top_p=self.cfg.top_p if top_p is None else top_p,
-                          generator=generator)
+            return sample(
+                self.model if model is None else model,
+                [self._prompt_ids(e) for e in examples],
+                group_size=group_size,
+                max_new_tokens=self.cfg.max_new_tokens,
+                stop_token_ids=self.stop_ids,
+                pad_token_id=self.tokenizer.pad_token_id,
+                temperature=temperature,
+                top_p=self.cfg.top_p if top_p is None else top_p,
+                generator=generator,
+            )
 
-    def _score(self, examples: list[Example], completions: list[list[int]], group_size: int
-               ) -> tuple[list[float], Counter[str]]:
+    def _score(
+        self, examples: list[Example], completions: list[list[int]], group_size: int
+    ) -> tuple[list[float], Counter[str]]:
         texts = self.tokenizer.batch_decode(completions, skip_special_tokens=True)
         return score_completions(self.verifier, texts, examples, group_size)
 
@@ -339,8 +422,9 @@ class Trainer:
         objective is the temperature-T one the samples were drawn from, as TRL does)."""
         return output_head(model).at_temperature(self.cfg.temperature)
 
-    def _frozen_inputs(self, prompts, completions, behaviour_logprobs, old_head, spec, monitor_kl: bool
-                       ) -> FrozenInputs:
+    def _frozen_inputs(
+        self, prompts, completions, behaviour_logprobs, old_head, spec, monitor_kl: bool
+    ) -> FrozenInputs:
         """Outputs of the models that carry no gradient, computed once per rollout batch: those
         `spec` reads, and the reference for the `kl` metric when `monitor_kl`."""
         cfg, pad = self.cfg, self.tokenizer.pad_token_id
@@ -351,8 +435,11 @@ class Trainer:
             for name, model in (("reference", self.reference), ("teacher", self.teacher)):
                 if model is not None and (name in spec.models() or (name == "reference" and monitor_kl)):
                     out, head = completion_hidden(model, prompts, completions, pad, with_prompt), self._head(model)
-                    at_tokens = (chunked.logprob_entropy(out.hidden, head, out.tokens)
-                                 if name in read_at_tokens else (None, None))
+                    at_tokens = (
+                        chunked.logprob_entropy(out.hidden, head, out.tokens)
+                        if name in read_at_tokens
+                        else (None, None)
+                    )
                     models[name] = ModelOutputs(out.hidden, head, *at_tokens)
                     if with_prompt:
                         prompt_models[name] = ModelOutputs(out.prompt.hidden, head)
@@ -375,24 +462,36 @@ class Trainer:
         scale = objectives.token_scale(spec, lengths)
         out, first_token = [], 0
         for start in range(0, len(groups), per_micro):
-            chunk = groups[start:start + per_micro]
+            chunk = groups[start : start + per_micro]
             completions = [c for g in chunk for c in g.completions]
             n_tokens = sum(len(c) for c in completions)
             rewards = torch.tensor([r for g in chunk for r in g.rewards])
             passed = objectives.passed(rewards)
-            fields = dict(advantages=torch.zeros(len(completions)), rewards=rewards, passed=passed,
-                          group_pass_rate=objectives.group_pass_rate(passed, cfg.stored_samples),
-                          token_scale=scale[first_token:first_token + n_tokens],
-                          stored_logprobs=torch.tensor([lp for g in chunk for row in g.logprobs for lp in row]))
+            fields = dict(
+                advantages=torch.zeros(len(completions)),
+                rewards=rewards,
+                passed=passed,
+                group_pass_rate=objectives.group_pass_rate(passed, cfg.stored_samples),
+                token_scale=scale[first_token : first_token + n_tokens],
+                stored_logprobs=torch.tensor([lp for g in chunk for row in g.logprobs for lp in row]),
+            )
             fields = {key: value.to(self.device) for key, value in fields.items()}
             out.append(([self._prompt_ids(self.task.train[g.index]) for g in chunk], completions, fields))
             first_token += n_tokens
         return out
 
-    def _update(self, prompts: list[list[int]], completions: list[list[int]],
-                rewards: list[float], behaviour_logprobs: list[list[float]],
-                stored_groups: list[stored.StoredGroup] = (), step: int = 0, objective=None,
-                record: list[str] | None = None, reference_rewards: list[list[float]] | None = None) -> dict:
+    def _update(
+        self,
+        prompts: list[list[int]],
+        completions: list[list[int]],
+        rewards: list[float],
+        behaviour_logprobs: list[list[float]],
+        stored_groups: list[stored.StoredGroup] = (),
+        step: int = 0,
+        objective=None,
+        record: list[str] | None = None,
+        reference_rewards: list[list[float]] | None = None,
+    ) -> dict:
         """`inner_iterations` optimizer steps on the objective of one rollout batch (and of this
         step's stored responses, for stored terms), with annealed coefficients at `step`; another
         `objective` (behaviour cloning's) replaces the run's online one. `record` (the prompts'
@@ -426,39 +525,68 @@ class Trainer:
         for first in range(0, len(prompts), per_micro):
             prompt_range = range(first, min(first + per_micro, len(prompts)))
             rows = torch.arange(prompt_range.start * group, prompt_range.stop * group)
-            micro.append(([prompts[i] for i in prompt_range], [completions[r] for r in rows], rows,
-                          slice(starts[rows[0]], starts[rows[-1] + 1])))
+            micro.append(
+                (
+                    [prompts[i] for i in prompt_range],
+                    [completions[r] for r in rows],
+                    rows,
+                    slice(starts[rows[0]], starts[rows[-1] + 1]),
+                )
+            )
         # The behaviour policy as a distribution, when a target names it and the weights move
         # between inner iterations: a snapshot of the head (hidden states are cached below).
         old_head = None
         if "old" in spec.models() and cfg.inner_iterations > 1:
             head = self._head(self.model)
-            old_head = dataclasses.replace(head, weight=head.weight.detach().clone(), bias=None
-                                           if head.bias is None else head.bias.detach().clone())
+            old_head = dataclasses.replace(
+                head,
+                weight=head.weight.detach().clone(),
+                bias=None if head.bias is None else head.bias.detach().clone(),
+            )
         monitor_kl = step == 0 or (step + 1) % cfg.monitor_kl_every == 0  # `kl` when no term computes it
         clock = time.perf_counter()
-        frozen = [self._frozen_inputs(ps, cs, [behaviour_logprobs[r] for r in rows], old_head, spec, monitor_kl)
-                  for ps, cs, rows, _ in micro]
+        frozen = [
+            self._frozen_inputs(ps, cs, [behaviour_logprobs[r] for r in rows], old_head, spec, monitor_kl)
+            for ps, cs, rows, _ in micro
+        ]
 
-        def inputs(m, hidden, tokens, token_rows, advantages, prompt: TokenBatch | None = None
-                   ) -> objectives.ObjectiveInputs:
+        def inputs(
+            m, hidden, tokens, token_rows, advantages, prompt: TokenBatch | None = None
+        ) -> objectives.ObjectiveInputs:
             _, _, rows, tokens_slice = micro[m]
             device = hidden.device  # the per-completion bookkeeping lives on the CPU
 
             def of_rows(values: torch.Tensor) -> torch.Tensor:
                 return values[rows].to(device)
 
-            at_prompt = None if prompt is None else objectives.PromptPositions(
-                ModelOutputs(prompt.hidden, self._head(self.model)), frozen[m].prompt_models,
-                torch.full((len(prompt.tokens),), group, device=device))
+            at_prompt = (
+                None
+                if prompt is None
+                else objectives.PromptPositions(
+                    ModelOutputs(prompt.hidden, self._head(self.model)),
+                    frozen[m].prompt_models,
+                    torch.full((len(prompt.tokens),), group, device=device),
+                )
+            )
             return objectives.ObjectiveInputs(
-                policy=ModelOutputs(hidden, self._head(self.model)), tokens=tokens, rows=token_rows,
-                advantages=of_rows(advantages), rewards=of_rows(reward_t), group_pass_rate=of_rows(pass_rate),
-                token_scale=scale[tokens_slice].to(device), old_logprobs=frozen[m].old_logprobs,
-                models=frozen[m].models, batch_pass_rate=batch_pass_rate, passed=of_rows(passed),
-                groups=(rows // group).to(device), entropy_anchor=self.entropy_anchor,
-                batch_fraction=len(rows) / len(completions), diversity=None if spread is None else of_rows(spread),
-                prompt=at_prompt, monitor_kl=monitor_kl)
+                policy=ModelOutputs(hidden, self._head(self.model)),
+                tokens=tokens,
+                rows=token_rows,
+                advantages=of_rows(advantages),
+                rewards=of_rows(reward_t),
+                group_pass_rate=of_rows(pass_rate),
+                token_scale=scale[tokens_slice].to(device),
+                old_logprobs=frozen[m].old_logprobs,
+                models=frozen[m].models,
+                batch_pass_rate=batch_pass_rate,
+                passed=of_rows(passed),
+                groups=(rows // group).to(device),
+                entropy_anchor=self.entropy_anchor,
+                batch_fraction=len(rows) / len(completions),
+                diversity=None if spread is None else of_rows(spread),
+                prompt=at_prompt,
+                monitor_kl=monitor_kl,
+            )
 
         penalty = None
         if spec.reward_terms:  # returns minus the reward-placed terms, at the behaviour policy
@@ -468,7 +596,8 @@ class Trainer:
                 cur = frozen[m].current
                 with self.autocast():
                     penalty[rows] = objectives.reward_penalty(
-                        spec, inputs(m, cur.hidden, cur.tokens, cur.rows, zero)).cpu()
+                        spec, inputs(m, cur.hidden, cur.tokens, cur.rows, zero)
+                    ).cpu()
         advantages = objectives.advantages(spec, reward_t, penalty, group, verdict=passed)
         if record is not None:
             self._record_tokens(step + 1, record, prompts, completions, reward_t, advantages, passed)
@@ -491,8 +620,9 @@ class Trainer:
                 for m, (ps, cs, _, _) in enumerate(micro):
                     with self.autocast():
                         cur = completion_hidden(self.model, ps, cs, pad, spec.reads_prompt_positions)
-                        out = objectives.objective_loss(spec, inputs(m, cur.hidden, cur.tokens, cur.rows,
-                                                                     advantages, cur.prompt))
+                        out = objectives.objective_loss(
+                            spec, inputs(m, cur.hidden, cur.tokens, cur.rows, advantages, cur.prompt)
+                        )
                     out.loss.backward()
                     accumulate(sources[0], out)
                     outputs.append((spec, out))
@@ -501,9 +631,15 @@ class Trainer:
                 for ps, cs, fields in stored_micro:
                     with self.autocast():
                         cur = completion_hidden(self.model, ps, cs, pad)
-                        out = objectives.objective_loss(stored_spec, objectives.ObjectiveInputs(
-                            policy=ModelOutputs(cur.hidden, self._head(self.model)), tokens=cur.tokens,
-                            rows=cur.rows, **fields))
+                        out = objectives.objective_loss(
+                            stored_spec,
+                            objectives.ObjectiveInputs(
+                                policy=ModelOutputs(cur.hidden, self._head(self.model)),
+                                tokens=cur.tokens,
+                                rows=cur.rows,
+                                **fields,
+                            ),
+                        )
                     out.loss.backward()
                     accumulate(sources[1], out)
                     outputs.append((stored_spec, out))
@@ -512,8 +648,7 @@ class Trainer:
             seconds["time_forward_backward"] += time.perf_counter() - clock
             clock = time.perf_counter()
             if reason is None:
-                norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(),
-                                                      cfg.max_grad_norm or float("inf"))
+                norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.max_grad_norm or float("inf"))
                 grad_norms.append(norm.item())
                 reason = nonfinite_reason(outputs, grad_norms[-1])
             if reason is None:
@@ -552,19 +687,31 @@ class Trainer:
             rollout = self._sample(fresh, k, self.cfg.temperature, self.generator, model=self.reference)
             rewards, _ = self._score(fresh, rollout.completion_ids, k)
             for i, e in enumerate(fresh):
-                self.reference_rewards[e.prompt] = sorted(rewards[i * k:(i + 1) * k])
+                self.reference_rewards[e.prompt] = sorted(rewards[i * k : (i + 1) * k])
         return [self.reference_rewards[e.prompt] for e in examples]
 
     @torch.no_grad()
-    def _record_tokens(self, step: int, prompt_texts: list[str], prompts: list[list[int]],
-                       completions: list[list[int]], rewards: torch.Tensor, advantages: torch.Tensor,
-                       passed: torch.Tensor) -> None:
+    def _record_tokens(
+        self,
+        step: int,
+        prompt_texts: list[str],
+        prompts: list[list[int]],
+        completions: list[list[int]],
+        rewards: torch.Tensor,
+        advantages: torch.Tensor,
+        passed: torch.Tensor,
+    ) -> None:
         """inspect/step-N.json: each completion of the batch with, per token, its text, the entropy
         of the sampling distribution and the exact KL(πθ ‖ π_ref) (π_T without a reference), at
         the temperature-T distributions of the objective, by the policy that sampled it."""
         pad, group = self.tokenizer.pad_token_id, len(completions) // len(prompts)
-        other, label = ((self.reference, "KL(πθ ‖ π_ref)") if self.reference is not None
-                        else (self.teacher, "KL(πθ ‖ π_T)") if self.teacher is not None else (None, None))
+        other, label = (
+            (self.reference, "KL(πθ ‖ π_ref)")
+            if self.reference is not None
+            else (self.teacher, "KL(πθ ‖ π_T)")
+            if self.teacher is not None
+            else (None, None)
+        )
         with self.autocast():
             policy = completion_hidden(self.model, prompts, completions, pad)
             head = self._head(self.model)
@@ -574,22 +721,35 @@ class Trainer:
                 target = completion_hidden(other, prompts, completions, pad)
                 divergence = chunked.divergence("reverse_kl", policy.hidden, head, target.hidden, self._head(other))
         starts = [0, *itertools.accumulate(len(c) for c in completions)]
-        per_row = lambda values, r: [round(float(v), 5) for v in values[starts[r]:starts[r + 1]]]  # noqa: E731
-        samples = [{"prompt": prompt_texts[r // group],
-                    "completion": self.tokenizer.decode(c, skip_special_tokens=True),
-                    "reward": float(rewards[r]), "passed": bool(passed[r]), "advantage": float(advantages[r]),
-                    "tokens": [self.tokenizer.decode([t]) for t in c], "entropy": per_row(entropy, r),
-                    "divergence": None if divergence is None else per_row(divergence, r)}
-                   for r, c in enumerate(completions)]
-        write_text_atomically(self.run_dir / "inspect" / f"step-{step}.json",
-                              json.dumps({"step": step, "divergence": label, "samples": samples}))
+        per_row = lambda values, r: [round(float(v), 5) for v in values[starts[r] : starts[r + 1]]]  # noqa: E731
+        samples = [
+            {
+                "prompt": prompt_texts[r // group],
+                "completion": self.tokenizer.decode(c, skip_special_tokens=True),
+                "reward": float(rewards[r]),
+                "passed": bool(passed[r]),
+                "advantage": float(advantages[r]),
+                "tokens": [self.tokenizer.decode([t]) for t in c],
+                "entropy": per_row(entropy, r),
+                "divergence": None if divergence is None else per_row(divergence, r),
+            }
+            for r, c in enumerate(completions)
+        ]
+        write_text_atomically(
+            self.run_dir / "inspect" / f"step-{step}.json",
+            json.dumps({"step": step, "divergence": label, "samples": samples}),
+        )
 
     def _diversity(self, completions: list[list[int]], group: int) -> torch.Tensor:
         """DSDR's global diversity d (B,) of each completion within its group (`divrl.diversity`)."""
         texts = self.tokenizer.batch_decode(completions, skip_special_tokens=True)
         embeddings = self.encoder.embed(texts)
-        return torch.cat([diversity.diversity_scores(texts[i:i + group], embeddings[i:i + group])
-                          for i in range(0, len(texts), group)]).float()
+        return torch.cat(
+            [
+                diversity.diversity_scores(texts[i : i + group], embeddings[i : i + group])
+                for i in range(0, len(texts), group)
+            ]
+        ).float()
 
     # ----- evaluation -------------------------------------------------------------------------
     def evaluate(self, chunk: int = 16) -> dict:
@@ -599,14 +759,20 @@ class Trainer:
         generator = torch.Generator().manual_seed(cfg.eval_seed)
         counts = []
         for start in range(0, len(self.task.eval), chunk):
-            examples = self.task.eval[start:start + chunk]
+            examples = self.task.eval[start : start + chunk]
             rollout = self._sample(examples, n, cfg.eval_temperature, generator)
             rewards, _ = self._score(examples, rollout.completion_ids, n)
-            counts += [sum(passes(r) for r in rewards[i * n:(i + 1) * n]) for i in range(len(examples))]
+            counts += [sum(passes(r) for r in rewards[i * n : (i + 1) * n]) for i in range(len(examples))]
         p1, p1_se = pass_at_k_over_prompts(counts, n, 1)
         pk, pk_se = pass_at_k_over_prompts(counts, n, n)
-        return {"eval_pass@1": p1, "eval_pass@1_se": p1_se, f"eval_pass@{n}": pk,
-                f"eval_pass@{n}_se": pk_se, "eval_prompts": len(counts), "eval_samples": n}
+        return {
+            "eval_pass@1": p1,
+            "eval_pass@1_se": p1_se,
+            f"eval_pass@{n}": pk,
+            f"eval_pass@{n}_se": pk_se,
+            "eval_prompts": len(counts),
+            "eval_samples": n,
+        }
 
     # ----- the loop ---------------------------------------------------------------------------
     def _unsolved_greedily(self, examples: list[Example]) -> list[Example]:
@@ -642,16 +808,22 @@ class Trainer:
             refills += 1
             offered = self.prompts.refill(step, refills, cfg.prompts_per_step - len(kept))
             examples, n_offered = self._unsolved_greedily(offered), n_offered + len(offered)
-        self.prompts.observe([g.example for g in sampled],
-                             [sum(passes(r) for r in g.rewards) / len(g.rewards) for g in sampled])
+        self.prompts.observe(
+            [g.example for g in sampled], [sum(passes(r) for r in g.rewards) / len(g.rewards) for g in sampled]
+        )
         rewards = [r for g in sampled for r in g.rewards]
         lengths = [len(c) for g in sampled for c in g.completions]
         finished = [f for g in sampled for f in g.finished]
         mean = (lambda xs: sum(xs) / len(xs)) if rewards else (lambda xs: math.nan)
-        stats = {"reward": mean(rewards), "pass_rate": mean([float(passes(r)) for r in rewards]),
-                 "completion_length": mean(lengths), "truncated_fraction": 1 - mean(finished),
-                 "reward_errors": errors.total(), "reward_timeouts": errors[TIMEOUT],
-                 "reward_crashes": errors[CRASH]}
+        stats = {
+            "reward": mean(rewards),
+            "pass_rate": mean([float(passes(r)) for r in rewards]),
+            "completion_length": mean(lengths),
+            "truncated_fraction": 1 - mean(finished),
+            "reward_errors": errors.total(),
+            "reward_timeouts": errors[TIMEOUT],
+            "reward_crashes": errors[CRASH],
+        }
         if cfg.dynamic_sampling:  # refills ask for the missing count only: kept ≤ prompts_per_step
             stats.update(refills=refills, dropped_groups=len(sampled) - len(kept), trained_groups=len(kept))
         if cfg.prompt_filter != "none":
@@ -662,13 +834,25 @@ class Trainer:
         """Step `step`'s stored groups (offline: in turn, no generation)."""
         chosen = stored.batch(self.offline_groups, step, self.cfg.prompts_per_step)
         examples = [self.task.train[g.index] if g.prompt is None else Example(g.prompt, "") for g in chosen]
-        groups = [Group(example=e, prompt_ids=self._prompt_ids(e), completions=g.completions, logprobs=g.logprobs,
-                        finished=[], rewards=g.rewards) for e, g in zip(examples, chosen)]
+        groups = [
+            Group(
+                example=e,
+                prompt_ids=self._prompt_ids(e),
+                completions=g.completions,
+                logprobs=g.logprobs,
+                finished=[],
+                rewards=g.rewards,
+            )
+            for e, g in zip(examples, chosen)
+        ]
         rewards = [r for g in chosen for r in g.rewards]
         lengths = [len(c) for g in chosen for c in g.completions]
-        return groups, {"reward": sum(rewards) / len(rewards),
-                        "pass_rate": sum(passes(r) for r in rewards) / len(rewards),
-                        "completion_length": sum(lengths) / len(lengths), "reward_errors": 0}
+        return groups, {
+            "reward": sum(rewards) / len(rewards),
+            "pass_rate": sum(passes(r) for r in rewards) / len(rewards),
+            "completion_length": sum(lengths) / len(lengths),
+            "reward_errors": 0,
+        }
 
     def train_step(self, step: int) -> dict:
         """One step; `reward`, `pass_rate` and lengths describe every sampled completion (with
@@ -681,18 +865,33 @@ class Trainer:
             every = self.cfg.inspect_every
             record = [g.example.prompt for g in groups] if every and (step + 1) % every == 0 else None
             calibration = None if self.calibration is None else self._reference_rewards([g.example for g in groups])
-            stats.update(self._update([g.prompt_ids for g in groups], [c for g in groups for c in g.completions],
-                                      [r for g in groups for r in g.rewards], [lp for g in groups for lp in g.logprobs],
-                                      stored.batch(self.stored_groups, step, self.cfg.stored_per_step), step,
-                                      record=record, reference_rewards=calibration))
+            stats.update(
+                self._update(
+                    [g.prompt_ids for g in groups],
+                    [c for g in groups for c in g.completions],
+                    [r for g in groups for r in g.rewards],
+                    [lp for g in groups for lp in g.logprobs],
+                    stored.batch(self.stored_groups, step, self.cfg.stored_per_step),
+                    step,
+                    record=record,
+                    reference_rewards=calibration,
+                )
+            )
             self._count_skipped(step, stats)
         else:  # nothing to learn from: every prompt filtered out, or equal rewards after the refills
-            self.log(f"step {step + 1}: no prompt left to train on ({', '.join(f'{k} {stats[k]}' for k in ('refills', 'filtered_prompts') if k in stats)}); update skipped")
+            self.log(
+                f"step {step + 1}: no prompt left to train on ({', '.join(f'{k} {stats[k]}' for k in ('refills', 'filtered_prompts') if k in stats)}); update skipped"
+            )
         t2 = time.perf_counter()
         if self.stage is not None:
             stats["stage"] = self.stage
-        return {**stats, "reward_errors_total": self.reward_errors,
-                "time_rollout": t1 - t0, "time_update": t2 - t1, "time_step": t2 - t0}
+        return {
+            **stats,
+            "reward_errors_total": self.reward_errors,
+            "time_rollout": t1 - t0,
+            "time_update": t2 - t1,
+            "time_step": t2 - t0,
+        }
 
     def _resume(self) -> tuple[int, dict | None]:
         """Restore the newest intact checkpoint (`divrl.checkpoint.latest_checkpoint`: newer broken
@@ -705,17 +904,21 @@ class Trainer:
         found = latest_checkpoint(run_dir, warn=lambda message: self.log(f"warning: {message}"))
         if found is None:
             if checkpoint_dirs(run_dir):
-                raise ConfigError(f"config key 'resume': no checkpoint in {run_dir / 'checkpoints'} is intact "
-                                  f"(each skipped above); choose another output_dir to start over")
+                raise ConfigError(
+                    f"config key 'resume': no checkpoint in {run_dir / 'checkpoints'} is intact "
+                    f"(each skipped above); choose another output_dir to start over"
+                )
             return 0, None
         _, path = found
         state = load_checkpoint(path, self.model, self.optimizer, self.generator)
         self.step = state["step"]
         if cfg.reference_refresh_every:
             if self.step % cfg.reference_refresh_every:
-                raise ConfigError(f"config key 'reference_refresh_every': the checkpoint {path} (step "
-                                  f"{self.step}) is not at a refresh of the reference (every "
-                                  f"{cfg.reference_refresh_every} steps); resume from one that is")
+                raise ConfigError(
+                    f"config key 'reference_refresh_every': the checkpoint {path} (step "
+                    f"{self.step}) is not at a refresh of the reference (every "
+                    f"{cfg.reference_refresh_every} steps); resume from one that is"
+                )
             self.reference.load_state_dict(self.model.state_dict())
         self.prompts.load_state_dict(state["prompt_source"])
         self.entropy_anchor = state["entropy_anchor"]
@@ -728,9 +931,14 @@ class Trainer:
     def _trainer_state(self, before: dict) -> dict:
         """What a checkpoint holds beyond weights, optimizer and RNGs (JSON-able): everything else
         the next steps' metrics depend on, so a resumed run repeats an uninterrupted one."""
-        return {"prompt_source": self.prompts.state_dict(), "entropy_anchor": self.entropy_anchor,
-                "reference_rewards": self.reference_rewards, "reward_errors": self.reward_errors,
-                "skipped_steps": self.skipped_steps, "before": before}
+        return {
+            "prompt_source": self.prompts.state_dict(),
+            "entropy_anchor": self.entropy_anchor,
+            "reference_rewards": self.reference_rewards,
+            "reward_errors": self.reward_errors,
+            "skipped_steps": self.skipped_steps,
+            "before": before,
+        }
 
     def _count_skipped(self, step: int, stats: dict) -> None:
         """Log a skipped update (`_update`) and raise NonFiniteError at `max_skipped_steps` in a row;
@@ -742,18 +950,25 @@ class Trainer:
             return
         self.skipped_steps.append((step + 1, stats["skip_reason"]))
         limit = self.cfg.max_skipped_steps
-        self.log(f"step {step + 1}: optimizer step skipped, {stats['skip_reason']}; it changed no weight "
-                 f"or optimizer state ({len(self.skipped_steps)} in a row; max_skipped_steps {limit})")
+        self.log(
+            f"step {step + 1}: optimizer step skipped, {stats['skip_reason']}; it changed no weight "
+            f"or optimizer state ({len(self.skipped_steps)} in a row; max_skipped_steps {limit})"
+        )
         if len(self.skipped_steps) < limit:
             return
         found = checkpoint_dirs(self.run_dir)
-        where = (f"the last checkpoint, {found[-1][1]}, is intact and holds the weights of finite updates "
-                 f"only (a skipped step changes none)" if found else "no checkpoint was written yet")
+        where = (
+            f"the last checkpoint, {found[-1][1]}, is intact and holds the weights of finite updates "
+            f"only (a skipped step changes none)"
+            if found
+            else "no checkpoint was written yet"
+        )
         raise NonFiniteError(
             f"{limit} consecutive steps (max_skipped_steps) had a non-finite loss or gradient and were "
             f"skipped: {'; '.join(f'step {s}: {r}' for s, r in self.skipped_steps)}. Training stopped; "
             f"{where}. Fix the named part (its target, weight or coef; or lower lr), then continue "
-            f"with --set resume=true")
+            f"with --set resume=true"
+        )
 
     def run(self) -> dict:
         cfg, run_dir = self.cfg, self.run_dir
@@ -768,8 +983,15 @@ class Trainer:
                 before = self.evaluate()
                 log.log(0, {**before, "overlong_prompts": self.overlong_prompts})
                 self.log(_fmt_eval("before", before))
-            bar = tqdm(range(start_step, cfg.steps), initial=start_step, total=cfg.steps,
-                       desc="train", unit="step", file=sys.stderr, dynamic_ncols=True)
+            bar = tqdm(
+                range(start_step, cfg.steps),
+                initial=start_step,
+                total=cfg.steps,
+                desc="train",
+                unit="step",
+                file=sys.stderr,
+                dynamic_ncols=True,
+            )
             for step in bar:
                 metrics = self.train_step(step)
                 self.step = step + 1
@@ -778,11 +1000,23 @@ class Trainer:
                 if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < cfg.steps:
                     metrics.update(self.evaluate())
                 log.log(self.step, metrics)
-                bar.set_postfix(reward=f"{metrics['reward']:.3f}", kl=f"{metrics.get('kl', math.nan):.4f}",
-                                ent=f"{metrics.get('entropy', math.nan):.3f}", s=f"{metrics['time_step']:.1f}")
+                bar.set_postfix(
+                    reward=f"{metrics['reward']:.3f}",
+                    kl=f"{metrics.get('kl', math.nan):.4f}",
+                    ent=f"{metrics.get('entropy', math.nan):.3f}",
+                    s=f"{metrics['time_step']:.1f}",
+                )
                 if self.step % cfg.checkpoint_every == 0 or self.step == cfg.steps:
-                    save_checkpoint(run_dir, self.step, self.model, self.tokenizer, self.optimizer,
-                                    self.generator, cfg.keep_checkpoints, self._trainer_state(before))
+                    save_checkpoint(
+                        run_dir,
+                        self.step,
+                        self.model,
+                        self.tokenizer,
+                        self.optimizer,
+                        self.generator,
+                        cfg.keep_checkpoints,
+                        self._trainer_state(before),
+                    )
             bar.close()
             after = self.evaluate()
             log.log(cfg.steps, after)
@@ -790,8 +1024,7 @@ class Trainer:
         except KeyboardInterrupt:
             done = checkpoint_dirs(run_dir)
             where = f"the last checkpoint is {done[-1][1]}" if done else "no checkpoint was written yet"
-            self.log(f"\ninterrupted at step {self.step}; {where}; continue with "
-                     f"--set resume=true")
+            self.log(f"\ninterrupted at step {self.step}; {where}; continue with --set resume=true")
             raise
         finally:
             log.close()
@@ -804,6 +1037,8 @@ class Trainer:
 
 def _fmt_eval(label: str, ev: dict) -> str:
     n = ev["eval_samples"]
-    return (f"{label}: held-out pass@1 = {ev['eval_pass@1']:.3f} ± {ev['eval_pass@1_se']:.3f}, "
-            f"pass@{n} = {ev[f'eval_pass@{n}']:.3f} ± {ev[f'eval_pass@{n}_se']:.3f} "
-            f"({ev['eval_prompts']} prompts × {n} samples, ± = standard error)")
+    return (
+        f"{label}: held-out pass@1 = {ev['eval_pass@1']:.3f} ± {ev['eval_pass@1_se']:.3f}, "
+        f"pass@{n} = {ev[f'eval_pass@{n}']:.3f} ± {ev[f'eval_pass@{n}_se']:.3f} "
+        f"({ev['eval_prompts']} prompts × {n} samples, ± = standard error)"
+    )

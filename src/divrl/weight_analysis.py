@@ -88,8 +88,13 @@ def unchanged_mask(base: Tensor, new: Tensor, rtol: float, atol: float) -> Tenso
     return (w_new - w).abs() <= (rtol * torch.minimum(w.abs(), w_new.abs())).clamp(min=atol)
 
 
-def tensor_sparsity(base: Tensor, new: Tensor, rtol: float | None = None, atol: float | None = None,
-                    compare_dtype: torch.dtype | None = None) -> tuple[Sparsity, float, float]:
+def tensor_sparsity(
+    base: Tensor,
+    new: Tensor,
+    rtol: float | None = None,
+    atol: float | None = None,
+    compare_dtype: torch.dtype | None = None,
+) -> tuple[Sparsity, float, float]:
     """(Sparsity, rtol, atol used) of base → new; with `compare_dtype` both are rounded to it first.
     rtol / atol None: `default_tolerance` of base's, new's (and compare_dtype's) dtypes."""
     if base.shape != new.shape:
@@ -130,8 +135,7 @@ def top_svd(matrix: Tensor, k: int, method: str) -> tuple[Tensor, Tensor, Tensor
         raise ValueError(f"unknown SVD method '{method}' (full, randomized)")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)  # the same sketch for W and W'
-        u, s, v = torch.svd_lowrank(matrix, q=min(k + max(k, 10), *matrix.shape),
-                                    niter=RANDOMIZED_POWER_ITERATIONS)
+        u, s, v = torch.svd_lowrank(matrix, q=min(k + max(k, 10), *matrix.shape), niter=RANDOMIZED_POWER_ITERATIONS)
     return u[:, :k], s[:k], v[:, :k]
 
 
@@ -170,11 +174,17 @@ def spectral_drift(base: Tensor, new: Tensor, top_k: int, method: str = "auto") 
     delta_norm = torch.linalg.matrix_norm(delta).item()
     alignment = (torch.linalg.matrix_norm(u.mT @ delta @ v).item() / delta_norm) if delta_norm > 0 else None
     rank = numerical_rank(new.float() - base.float())
-    return {"method": method, "k": k, "sigma_rel_change": rel.tolist(),
-            "sigma_rel_change_max": defined.max().item() if len(defined) else None,
-            "rotation_left_deg": largest_principal_angle(u, u_new),
-            "rotation_right_deg": largest_principal_angle(v, v_new),
-            "alignment": alignment, "delta_rank": rank, "delta_rank_fraction": rank / min(base.shape)}
+    return {
+        "method": method,
+        "k": k,
+        "sigma_rel_change": rel.tolist(),
+        "sigma_rel_change_max": defined.max().item() if len(defined) else None,
+        "rotation_left_deg": largest_principal_angle(u, u_new),
+        "rotation_right_deg": largest_principal_angle(v, v_new),
+        "alignment": alignment,
+        "delta_rank": rank,
+        "delta_rank_fraction": rank / min(base.shape),
+    }
 
 
 @dataclass(frozen=True)
@@ -228,8 +238,9 @@ def rank1_trajectory(deltas: Tensor) -> Rank1Trajectory:
     evals, evecs = torch.linalg.eigh(deltas @ deltas.mT)
     total = (deltas**2).sum().item()
     if evals[-1] <= 0 or total == 0:
-        return Rank1Trajectory(torch.zeros(deltas.shape[1], dtype=torch.float64),
-                               torch.zeros(deltas.shape[0], dtype=torch.float64), total)
+        return Rank1Trajectory(
+            torch.zeros(deltas.shape[1], dtype=torch.float64), torch.zeros(deltas.shape[0], dtype=torch.float64), total
+        )
     sigma = evals[-1].sqrt()
     v = evecs[:, -1] * (1.0 if evecs[-1, -1] >= 0 else -1.0)
     return Rank1Trajectory(deltas.mT @ v / sigma, sigma * v, total)
@@ -248,8 +259,7 @@ class RelexFit:
         return base.to(torch.float64) + self.line(step) * self.trajectory.direction.view(base.shape)
 
 
-def relex_fit(base: Tensor, checkpoints: Sequence[Tensor], steps: Sequence[int],
-              window: int | None = None) -> RelexFit:
+def relex_fit(base: Tensor, checkpoints: Sequence[Tensor], steps: Sequence[int], window: int | None = None) -> RelexFit:
     """RELEX for one tensor: u from all `checkpoints` (steps increasing), the line a(t) on the
     last `window` of them (default all)."""
     if len(checkpoints) != len(steps):

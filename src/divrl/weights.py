@@ -47,8 +47,9 @@ import difflib
 import inspect
 import math
 import typing
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Annotated, Callable, Mapping, Sequence
+from typing import Annotated
 
 import torch
 from torch import Tensor
@@ -299,8 +300,12 @@ def stcr(stats: TokenStats) -> Tensor:
     length = torch.zeros(n, dtype=torch.float64, device=stats.rows.device).index_add_(0, stats.rows, ones)
     _, group_index = torch.unique(groups, return_inverse=True)
     n_groups = int(group_index.max()) + 1 if n else 0
-    pass_len = torch.zeros(n_groups, dtype=torch.float64, device=stats.rows.device).index_add_(0, group_index, length * passed)
-    pass_count = torch.zeros(n_groups, dtype=torch.float64, device=stats.rows.device).index_add_(0, group_index, passed.double())
+    pass_len = torch.zeros(n_groups, dtype=torch.float64, device=stats.rows.device).index_add_(
+        0, group_index, length * passed
+    )
+    pass_count = torch.zeros(n_groups, dtype=torch.float64, device=stats.rows.device).index_add_(
+        0, group_index, passed.double()
+    )
     excess = length - pass_len[group_index] / pass_count[group_index].clamp(min=1)
     applies = ~passed & (excess > 0) & (pass_count[group_index] > 0)
     per_completion = torch.where(applies, 2.0 - 1.00001 ** (-excess), 1.0)
@@ -309,8 +314,9 @@ def stcr(stats: TokenStats) -> Tensor:
 
 # Weights that read the reference model (`TokenStats.reference_entropy`, `ref_logprobs`): an
 # objective using one needs the reference.
-READ_REFERENCE = frozenset({"reference_entropy_above", "reference_entropy_at_most", "confidence_shift",
-                            "reference_kl_quantile"})
+READ_REFERENCE = frozenset(
+    {"reference_entropy_above", "reference_entropy_at_most", "confidence_shift", "reference_kl_quantile"}
+)
 
 
 @register_weight("reference_entropy_above")
@@ -342,7 +348,9 @@ def confidence_shift(stats: TokenStats, alpha: NonNegative = 1.0, length_normali
     old = _required(stats, "old_logprobs", "confidence_shift")
     ref = _required(stats, "ref_logprobs", "confidence_shift")
     n = len(stats.advantages)
-    shift = torch.zeros(n, dtype=torch.float64, device=stats.rows.device).index_add_(0, stats.rows, (old - ref).double())
+    shift = torch.zeros(n, dtype=torch.float64, device=stats.rows.device).index_add_(
+        0, stats.rows, (old - ref).double()
+    )
     if length_normalized:
         ones = torch.ones(len(stats.rows), dtype=torch.float64, device=stats.rows.device)
         count = torch.zeros(n, dtype=torch.float64, device=stats.rows.device).index_add_(0, stats.rows, ones)
@@ -365,11 +373,15 @@ def diversity_allocation(stats: TokenStats, tau: NonNegative = 5.0) -> Tensor:
     _, group = torch.unique(groups, return_inverse=True)
     n_groups = int(group.max()) + 1 if len(group) else 0
     logits = torch.where(passed, tau * diversity.double(), -math.inf)
-    top = torch.full((n_groups,), -math.inf, dtype=torch.float64, device=stats.rows.device).scatter_reduce(0, group, logits, "amax")
+    top = torch.full((n_groups,), -math.inf, dtype=torch.float64, device=stats.rows.device).scatter_reduce(
+        0, group, logits, "amax"
+    )
     top = torch.where(torch.isfinite(top), top, 0.0)
     mass = torch.where(passed, torch.exp(logits - top[group]), 0.0)
     total = torch.zeros(n_groups, dtype=torch.float64, device=stats.rows.device).index_add_(0, group, mass)
-    size = torch.zeros(n_groups, dtype=torch.float64, device=stats.rows.device).index_add_(0, group, torch.ones_like(mass))
+    size = torch.zeros(n_groups, dtype=torch.float64, device=stats.rows.device).index_add_(
+        0, group, torch.ones_like(mass)
+    )
     weight = torch.where(passed, mass / total[group].clamp(min=1e-300) * size[group], 0.0)
     return weight[stats.rows].to(stats.advantages.dtype)
 

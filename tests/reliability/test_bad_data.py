@@ -27,6 +27,7 @@ def _jsonl(tmp_path, *lines: bytes) -> str:
 
 # ----- malformed JSONL ------------------------------------------------------------------------
 
+
 def test_non_utf8_line_is_refused_naming_file_line_and_byte(tmp_path):
     path = _jsonl(tmp_path, GOOD, GOOD, b'{"prompt": "caf\xe9", "answer": "1"}')
     with pytest.raises(TaskError, match=r"bad.jsonl:3: not UTF-8 \(byte 0xe9 at byte 15 of the line\)"):
@@ -40,10 +41,16 @@ def test_utf8_byte_order_mark_is_accepted(tmp_path):
     assert [e.prompt for e in tasks.read_jsonl(path)] == ["What is 1+1?"] * 2
 
 
-@pytest.mark.parametrize("row", [
-    {"prompt": "p", "answer": ""}, {"prompt": "p", "answer": "  "}, {"prompt": "p", "answer": None},
-    {"prompt": "p", "answer": True}, {"prompt": "p", "answer": ["1"]},
-])
+@pytest.mark.parametrize(
+    "row",
+    [
+        {"prompt": "p", "answer": ""},
+        {"prompt": "p", "answer": "  "},
+        {"prompt": "p", "answer": None},
+        {"prompt": "p", "answer": True},
+        {"prompt": "p", "answer": ["1"]},
+    ],
+)
 def test_empty_or_non_scalar_answer_is_refused_naming_file_and_line(tmp_path, row):
     path = _jsonl(tmp_path, GOOD, GOOD, json.dumps(row).encode())
     with pytest.raises(TaskError, match="bad.jsonl:3: 'answer' must be a non-empty string or a number"):
@@ -62,10 +69,12 @@ LONG = "word " * 300  # ~300 tokens: over a 128-token context less 16 new tokens
 
 
 def _long_task(tmp_path, policy: str):
-    rows = [json.dumps({"prompt": f"Q{i}: {LONG if i == 3 else ''}say {i}", "answer": str(i)}).encode()
-            for i in range(6)]
-    cfg = build_config(None, [f"task={_jsonl(tmp_path, *rows)}", "eval_size=2", "max_new_tokens=16",
-                              f"overlong_prompts={policy}"])
+    rows = [
+        json.dumps({"prompt": f"Q{i}: {LONG if i == 3 else ''}say {i}", "answer": str(i)}).encode() for i in range(6)
+    ]
+    cfg = build_config(
+        None, [f"task={_jsonl(tmp_path, *rows)}", "eval_size=2", "max_new_tokens=16", f"overlong_prompts={policy}"]
+    )
     return build_task(cfg), cfg
 
 
@@ -76,10 +85,17 @@ def tokenizer():
 
 def test_overlong_prompt_rejected_naming_it_and_the_lengths(tmp_path, tokenizer):
     task, cfg = _long_task(tmp_path, "reject")
-    (split, index), = [(split, i) for split, examples in (("training", task.train), ("held-out", task.eval))
-                       for i, e in enumerate(examples) if LONG in e.prompt]
-    with pytest.raises(TaskError, match=rf"longer than the 112 tokens the context leaves \(max_position_embeddings "
-                                        rf"128 − max_new_tokens 16\); the first, {split} prompt {index} \(\d+ tokens\)"):
+    ((split, index),) = [
+        (split, i)
+        for split, examples in (("training", task.train), ("held-out", task.eval))
+        for i, e in enumerate(examples)
+        if LONG in e.prompt
+    ]
+    with pytest.raises(
+        TaskError,
+        match=rf"longer than the 112 tokens the context leaves \(max_position_embeddings "
+        rf"128 − max_new_tokens 16\); the first, {split} prompt {index} \(\d+ tokens\)",
+    ):
         fit_to_context(task, tokenizer, cfg, 128)
 
 
@@ -102,19 +118,31 @@ def test_overlong_prompt_truncated_to_its_tail_and_counted(tmp_path, tokenizer):
 def test_trainer_counts_overlong_prompts_in_its_log_and_metrics(tmp_path, say_task, one_thread):
     """The tiny model's 512 positions less 8 new tokens: one 1000-word prompt is truncated."""
     overrides = say_task(["x " * 1000] + list(range(5)), "always")
-    common = ["model=tiny", "steps=1", "prompts_per_step=1", "group_size=2", "micro_batch_size=2",
-              "max_new_tokens=8", "eval_size=2", "eval_samples=1", "monitor_kl=false", "checkpoint_every=1",
-              *overrides]
+    common = [
+        "model=tiny",
+        "steps=1",
+        "prompts_per_step=1",
+        "group_size=2",
+        "micro_batch_size=2",
+        "max_new_tokens=8",
+        "eval_size=2",
+        "eval_samples=1",
+        "monitor_kl=false",
+        "checkpoint_every=1",
+        *overrides,
+    ]
     with pytest.raises(TaskError, match="Set overlong_prompts to 'truncate' or 'skip'"):
         Trainer(build_config(None, [*common, f"output_dir={tmp_path / 'rejected'}"]), log=lambda _: None)
     logged = []
-    Trainer(build_config(None, [*common, "overlong_prompts=truncate", f"output_dir={tmp_path / 'run'}"]),
-            log=logged.append).run()
+    Trainer(
+        build_config(None, [*common, "overlong_prompts=truncate", f"output_dir={tmp_path / 'run'}"]), log=logged.append
+    ).run()
     assert any(line.startswith("overlong prompts: ") and "truncated" in line for line in logged)
     assert read_metrics(tmp_path / "run" / "metrics.jsonl")[0]["overlong_prompts"] == 1
 
 
 # ----- a tokenizer without a chat template ----------------------------------------------------
+
 
 def test_plain_text_fallback_is_documented_format_and_warned_once(monkeypatch, caplog):
     plain = load_tokenizer(default_tokenizer_dir())
@@ -126,10 +154,12 @@ def test_plain_text_fallback_is_documented_format_and_warned_once(monkeypatch, c
     assert ids == plain("Be brief.\n\nWhat is 2+2?")["input_ids"]
     assert [r.getMessage() for r in caplog.records if "no chat template" in r.getMessage()] == [
         f"tokenizer '{plain.name_or_path}' has no chat template: prompts are sent as plain text "
-        f"(system_prompt, a blank line, the prompt)"]
+        f"(system_prompt, a blank line, the prompt)"
+    ]
 
 
 # ----- stop tokens ----------------------------------------------------------------------------
+
 
 def test_chat_turn_end_stops_even_when_eos_differs():
     tok = load_tokenizer(default_tokenizer_dir())
@@ -142,8 +172,15 @@ def test_generation_config_eos_stops_sampling(tiny, monkeypatch, one_thread):
     sampling (the evaluation's, as the trainer's) stops there instead of running to max_new_tokens."""
     model, tok = tiny
     prompt = encode_prompt(tok, "Say hi", None)
-    greedy = sample(model, [prompt], group_size=1, max_new_tokens=6, stop_token_ids=stop_token_ids(tok),
-                    pad_token_id=tok.pad_token_id, temperature=0).completion_ids[0]
+    greedy = sample(
+        model,
+        [prompt],
+        group_size=1,
+        max_new_tokens=6,
+        stop_token_ids=stop_token_ids(tok),
+        pad_token_id=tok.pad_token_id,
+        temperature=0,
+    ).completion_ids[0]
     assert len(greedy) == 6 and greedy[0] not in stop_token_ids(tok)
     monkeypatch.setattr(model.generation_config, "eos_token_id", [tok.eos_token_id, greedy[0]])
     assert greedy[0] in stop_token_ids(tok, model)
@@ -161,9 +198,16 @@ def test_generation_config_eos_stops_sampling(tiny, monkeypatch, one_thread):
 # ----- per-task answer extraction -------------------------------------------------------------
 
 FAMILIES = {  # reasoning-gym name: numeric answers
-    "chain_sum": True, "basic_arithmetic": True, "letter_counting": True, "leg_counting": True,
-    "number_sorting": False, "word_sorting": False, "spell_backward": False, "word_ladder": False,
-    "sentence_reordering": False, "caesar_cipher": False,
+    "chain_sum": True,
+    "basic_arithmetic": True,
+    "letter_counting": True,
+    "leg_counting": True,
+    "number_sorting": False,
+    "word_sorting": False,
+    "spell_backward": False,
+    "word_ladder": False,
+    "sentence_reordering": False,
+    "caesar_cipher": False,
 }
 
 

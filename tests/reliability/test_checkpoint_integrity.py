@@ -18,17 +18,37 @@ from pathlib import Path
 import pytest
 import torch
 
-from divrl.checkpoint import (MANIFEST, CheckpointWriteError, checkpoint_problem, latest_checkpoint,
-                              resolve_model, save_checkpoint)
+from divrl.checkpoint import (
+    MANIFEST,
+    CheckpointWriteError,
+    checkpoint_problem,
+    latest_checkpoint,
+    resolve_model,
+    save_checkpoint,
+)
 from divrl.config import ConfigError, build_config
 from divrl.runlog import read_metrics
 from divrl.trainer import Trainer
 
 
 def overrides(run_dir: Path, *extra: str) -> list[str]:
-    return ["model=tiny", "device=cpu", "dtype=float32", f"output_dir={run_dir}", "steps=2",
-            "checkpoint_every=1", "prompts_per_step=2", "group_size=2", "max_new_tokens=6", "eval_size=4",
-            "eval_samples=2", "eval_every=0", "train_size=50", "lr=1e-3", *extra]
+    return [
+        "model=tiny",
+        "device=cpu",
+        "dtype=float32",
+        f"output_dir={run_dir}",
+        "steps=2",
+        "checkpoint_every=1",
+        "prompts_per_step=2",
+        "group_size=2",
+        "max_new_tokens=6",
+        "eval_size=4",
+        "eval_samples=2",
+        "eval_every=0",
+        "train_size=50",
+        "lr=1e-3",
+        *extra,
+    ]
 
 
 def train(run_dir: Path, *extra: str) -> list[str]:
@@ -43,8 +63,9 @@ def train(run_dir: Path, *extra: str) -> list[str]:
 
 
 def comparable(run_dir: Path) -> list[dict]:
-    return [{k: v for k, v in row.items() if not k.startswith("time_")}
-            for row in read_metrics(run_dir / "metrics.jsonl")]
+    return [
+        {k: v for k, v in row.items() if not k.startswith("time_")} for row in read_metrics(run_dir / "metrics.jsonl")
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -62,16 +83,17 @@ def flip_a_byte(path: Path) -> None:
 
 
 def truncate(path: Path) -> None:
-    path.write_bytes(path.read_bytes()[:path.stat().st_size // 2])
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
 
 
 FAULTS = {  # how the newest checkpoint is damaged → what the warning must say
-    "flipped byte": (lambda step: flip_a_byte(step / "model.safetensors"),
-                     "model.safetensors does not match its sha256 in manifest.json (corrupted)"),
+    "flipped byte": (
+        lambda step: flip_a_byte(step / "model.safetensors"),
+        "model.safetensors does not match its sha256 in manifest.json (corrupted)",
+    ),
     "truncated file": (lambda step: truncate(step / "optimizer.pt"), "optimizer.pt has"),
     "no manifest": (lambda step: (step / MANIFEST).unlink(), "it has no manifest.json"),
-    "unreadable manifest": (lambda step: (step / MANIFEST).write_text('{"files": '),
-                            "its manifest.json is unreadable"),
+    "unreadable manifest": (lambda step: (step / MANIFEST).write_text('{"files": '), "its manifest.json is unreadable"),
 }
 
 
@@ -101,8 +123,10 @@ def test_a_run_without_an_intact_checkpoint_is_not_resumed(tmp_path, finished):
     shutil.copytree(finished, run_dir)
     for step in ("step-1", "step-2"):
         flip_a_byte(run_dir / "checkpoints" / step / "model.safetensors")
-    with pytest.raises(FileNotFoundError, match=re.escape(f"run directory '{run_dir}' has no complete checkpoint")), \
-            pytest.warns(UserWarning, match="skipped"):
+    with (
+        pytest.raises(FileNotFoundError, match=re.escape(f"run directory '{run_dir}' has no complete checkpoint")),
+        pytest.warns(UserWarning, match="skipped"),
+    ):
         resolve_model(str(run_dir))
     with pytest.raises(ConfigError, match=re.escape(f"no checkpoint in {run_dir / 'checkpoints'} is intact")):
         train(run_dir, "resume=true")
@@ -116,7 +140,7 @@ def no_space_left(monkeypatch):
     def save(obj, path, *args, **kwargs):
         buffer = io.BytesIO()
         real_save(obj, buffer, *args, **kwargs)
-        Path(path).write_bytes(buffer.getvalue()[:len(buffer.getvalue()) // 2])
+        Path(path).write_bytes(buffer.getvalue()[: len(buffer.getvalue()) // 2])
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
 
     with monkeypatch.context() as patch:
@@ -159,5 +183,9 @@ def test_a_failed_write_leaves_the_previous_checkpoint_intact(tmp_path, tiny, mo
     # Once a write succeeds, keep=1 prunes the older one — only then.
     assert save_checkpoint(tmp_path, 2, model, tokenizer, optimizer, generator, keep=1) == target
     assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["step-2"]
-    assert json.loads((target / MANIFEST).read_text())["files"].keys() >= {"model.safetensors", "optimizer.pt",
-                                                                          "rng.pt", "trainer_state.json"}
+    assert json.loads((target / MANIFEST).read_text())["files"].keys() >= {
+        "model.safetensors",
+        "optimizer.pt",
+        "rng.pt",
+        "trainer_state.json",
+    }

@@ -44,8 +44,9 @@ def logprob_rows(draw, dtype, batch=None, vocab=None):
     count = math.prod(batch) * vocab
     logits = torch.tensor(draw(st.lists(LOGITS, min_size=count, max_size=count)), dtype=F64)
     logits = logits.reshape(*batch, vocab)
-    keep = torch.tensor(draw(st.lists(st.integers(0, vocab - 1), min_size=math.prod(batch),
-                                      max_size=math.prod(batch)))).reshape(*batch, 1)
+    keep = torch.tensor(
+        draw(st.lists(st.integers(0, vocab - 1), min_size=math.prod(batch), max_size=math.prod(batch)))
+    ).reshape(*batch, 1)
     logits = logits.scatter(-1, keep, torch.tensor(draw(st.floats(-8, 8)), dtype=F64).expand(*batch, 1))
     return logits.to(dtype).log_softmax(-1)
 
@@ -202,7 +203,7 @@ def test_sampled_estimators_on_extreme_log_ratios(pair, name):
     policy = policy.clone().requires_grad_()
     value = D.get_estimator(name)(policy, target)
     assert not value.isnan().any(), name
-    r = (target.double() - policy.detach().double())
+    r = target.double() - policy.detach().double()
     r = torch.where(policy.detach().isinf() & target.isinf(), 0.0, r)
     expected = {"k1": -r, "k2": 0.5 * r**2, "k3": torch.expm1(r) - r}[name[:2]]
     finite = expected.abs() <= torch.finfo(policy.dtype).max
@@ -257,8 +258,10 @@ def line_cost(vocab):
 @example((torch.zeros(0, 1, dtype=F64), torch.zeros(0, 1, dtype=F64)))  # an empty batch raised in max()
 def test_sinkhorn_is_finite_with_finite_gradients_on_extreme_inputs(pair):
     vocab = pair[0].shape[-1]
-    for divergence in (lambda p, q: D.sinkhorn(p, q, line_cost(vocab), epsilon=0.1, iterations=50),
-                       lambda p, q: D.sinkhorn_topk(p, q, line_cost(vocab), k=2, epsilon=0.1, iterations=50)):
+    for divergence in (
+        lambda p, q: D.sinkhorn(p, q, line_cost(vocab), epsilon=0.1, iterations=50),
+        lambda p, q: D.sinkhorn_topk(p, q, line_cost(vocab), k=2, epsilon=0.1, iterations=50),
+    ):
         policy = pair[0].clone().requires_grad_()
         value = divergence(policy, pair[1])
         assert value.shape == policy.shape[:-1] and value.isfinite().all() and (value >= -1e-9).all()
@@ -349,11 +352,22 @@ def token_stats(draw):
     vector = lambda size: torch.tensor(draw(st.lists(floats, min_size=size, max_size=size)), dtype=F64)  # noqa: E731
     logprobs = -vector(n).abs()
     return W.TokenStats(
-        rows=rows, advantages=vector(b), rewards=passed.double(), group_pass_rate=rate,
-        entropy=vector(n).abs(), logprobs=logprobs, old_logprobs=logprobs, ref_logprobs=-vector(n).abs(),
-        target_logprobs=-vector(n).abs(), batch_pass_rate=float(passed.double().mean()) if b else 0.0,
-        passed=passed, groups=groups, reference_entropy=vector(n).abs(), reference_kl=vector(n).abs(),
-        diversity=vector(b).clamp(0, 1))
+        rows=rows,
+        advantages=vector(b),
+        rewards=passed.double(),
+        group_pass_rate=rate,
+        entropy=vector(n).abs(),
+        logprobs=logprobs,
+        old_logprobs=logprobs,
+        ref_logprobs=-vector(n).abs(),
+        target_logprobs=-vector(n).abs(),
+        batch_pass_rate=float(passed.double().mean()) if b else 0.0,
+        passed=passed,
+        groups=groups,
+        reference_entropy=vector(n).abs(),
+        reference_kl=vector(n).abs(),
+        diversity=vector(b).clamp(0, 1),
+    )
 
 
 @FUZZ
@@ -369,14 +383,23 @@ def test_every_weight_is_finite_and_nonnegative_on_edge_case_groups(stats):
 
 OBJECTIVES = {
     "grpo_with_reverse_kl": {"terms": [{"divergence": "reverse_kl", "target": "reference", "coef": 0.1}]},
-    "k3_in_the_loss": {"terms": [{"divergence": "reverse_kl", "target": "reference", "estimator": "k3",
-                                  "coef": 0.1}]},
-    "jsd_to_a_mixture_masked": {"pg_mask": {"entropy_quantile": {"top": 0.5}},
-                                "terms": [{"divergence": "jsd", "params": {"beta": 0.5},
-                                           "target": {"mix": {"a": "reference", "b": "self", "alpha": 0.5}},
-                                           "coef": 0.1, "weight": {"pass_rate": {}}}]},
-    "distillation_only": {"policy_gradient": False,
-                          "terms": [{"divergence": "forward_kl", "target": "reference", "coef": 1.0}]},
+    "k3_in_the_loss": {"terms": [{"divergence": "reverse_kl", "target": "reference", "estimator": "k3", "coef": 0.1}]},
+    "jsd_to_a_mixture_masked": {
+        "pg_mask": {"entropy_quantile": {"top": 0.5}},
+        "terms": [
+            {
+                "divergence": "jsd",
+                "params": {"beta": 0.5},
+                "target": {"mix": {"a": "reference", "b": "self", "alpha": 0.5}},
+                "coef": 0.1,
+                "weight": {"pass_rate": {}},
+            }
+        ],
+    },
+    "distillation_only": {
+        "policy_gradient": False,
+        "terms": [{"divergence": "forward_kl", "target": "reference", "coef": 1.0}],
+    },
 }
 
 
@@ -386,14 +409,20 @@ def objective_inputs(lengths, vocab, bias=None, seed=0):
     n, h, b = sum(lengths), 3, len(lengths)
     hidden = torch.randn(n, h, generator=gen, dtype=F64).requires_grad_()
     head = Head(torch.randn(vocab, h, generator=gen, dtype=F64), bias)
-    ref = ModelOutputs(torch.randn(n, h, generator=gen, dtype=F64), Head(torch.randn(vocab, h, generator=gen, dtype=F64)))
+    ref = ModelOutputs(
+        torch.randn(n, h, generator=gen, dtype=F64), Head(torch.randn(vocab, h, generator=gen, dtype=F64))
+    )
     rewards = torch.tensor([float(i % 2) for i in range(b)], dtype=F64)
     return objectives.ObjectiveInputs(
-        policy=ModelOutputs(hidden, head), tokens=torch.randint(0, vocab, (n,), generator=gen),
+        policy=ModelOutputs(hidden, head),
+        tokens=torch.randint(0, vocab, (n,), generator=gen),
         rows=torch.repeat_interleave(torch.arange(b), torch.tensor(lengths, dtype=torch.long)),
-        advantages=rewards - rewards.mean() if b else rewards, rewards=rewards,
+        advantages=rewards - rewards.mean() if b else rewards,
+        rewards=rewards,
         group_pass_rate=torch.full((b,), float(rewards.mean()) if b else 0.0, dtype=F64),
-        token_scale=torch.full((n,), 1.0 / max(n, 1), dtype=F64), models={"reference": ref})
+        token_scale=torch.full((n,), 1.0 / max(n, 1), dtype=F64),
+        models={"reference": ref},
+    )
 
 
 @settings(max_examples=25, deadline=None, derandomize=True)

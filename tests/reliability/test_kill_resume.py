@@ -68,10 +68,12 @@ elif point == "checkpoint":  # while checkpoint step-<at_step> is written: after
 trainer.run()
 '''
 
-VERIFIER = ("def parity(completion, answer):\n"
-            "    if len(completion) % 3 == 0:\n"
-            "        raise ValueError('a verifier bug, counted in reward_errors')\n"
-            "    return float(len(completion) % 2)\n")
+VERIFIER = (
+    "def parity(completion, answer):\n"
+    "    if len(completion) % 3 == 0:\n"
+    "        raise ValueError('a verifier bug, counted in reward_errors')\n"
+    "    return float(len(completion) % 2)\n"
+)
 
 
 @pytest.fixture(scope="module")
@@ -80,8 +82,9 @@ def task_dir(tmp_path_factory):
     on a third of the lengths) gives the untrained tiny model mixed rewards, so groups differ,
     dynamic sampling both keeps and drops, and reward errors are counted; on sys.path."""
     folder = tmp_path_factory.mktemp("task")
-    (folder / "say.jsonl").write_text("".join(json.dumps({"prompt": f"Say {a}", "answer": str(a)}) + "\n"
-                                              for a in range(10)))
+    (folder / "say.jsonl").write_text(
+        "".join(json.dumps({"prompt": f"Say {a}", "answer": str(a)}) + "\n" for a in range(10))
+    )
     (folder / "parity_verifier.py").write_text(VERIFIER)
     (folder / "child.py").write_text(CHILD)
     with pytest.MonkeyPatch.context() as patch:
@@ -92,12 +95,29 @@ def task_dir(tmp_path_factory):
 def overrides(run_dir: Path, task_dir: Path) -> list[str]:
     """The run: its curriculum reacts at once (α 0, σ 0.1), so a resume that lost the EMA would
     draw other prompts; the entropy anchor and the calibration set would be recomputed."""
-    return ["model=tiny", "device=cpu", "dtype=float32", f"output_dir={run_dir}", "steps=4",
-            "checkpoint_every=1", "prompts_per_step=2", "group_size=2", "max_new_tokens=6", "eval_size=4",
-            "eval_samples=2", "eval_every=2", "lr=1e-3", f"task={task_dir / 'say.jsonl'}",
-            "verifier=parity_verifier:parity", "prompt_sampler={gaussian_curriculum: {alpha: 0, sigma: 0.1}}",
-            "entropy_anchor={coef: 0.01}", "dynamic_sampling=true", "max_refills=1", "kl_coef=0.1",
-            "reward_calibration={samples: 2, t: 1.0}"]
+    return [
+        "model=tiny",
+        "device=cpu",
+        "dtype=float32",
+        f"output_dir={run_dir}",
+        "steps=4",
+        "checkpoint_every=1",
+        "prompts_per_step=2",
+        "group_size=2",
+        "max_new_tokens=6",
+        "eval_size=4",
+        "eval_samples=2",
+        "eval_every=2",
+        "lr=1e-3",
+        f"task={task_dir / 'say.jsonl'}",
+        "verifier=parity_verifier:parity",
+        "prompt_sampler={gaussian_curriculum: {alpha: 0, sigma: 0.1}}",
+        "entropy_anchor={coef: 0.01}",
+        "dynamic_sampling=true",
+        "max_refills=1",
+        "kl_coef=0.1",
+        "reward_calibration={samples: 2, t: 1.0}",
+    ]
 
 
 def train(run_dir: Path, task_dir: Path, *extra: str) -> list[str]:
@@ -113,8 +133,9 @@ def train(run_dir: Path, task_dir: Path, *extra: str) -> list[str]:
 
 def comparable(run_dir: Path) -> list[dict]:
     """metrics.jsonl without its wall-clock fields."""
-    return [{k: v for k, v in row.items() if not k.startswith("time_")}
-            for row in read_metrics(run_dir / "metrics.jsonl")]
+    return [
+        {k: v for k, v in row.items() if not k.startswith("time_")} for row in read_metrics(run_dir / "metrics.jsonl")
+    ]
 
 
 def final_weights_sha256(run_dir: Path) -> str:
@@ -132,30 +153,49 @@ def uninterrupted(tmp_path_factory, task_dir):
 def kill_at(run_dir: Path, task_dir: Path, point: str, at_step: int) -> None:
     """Start the run in a subprocess, SIGKILL it when it reaches `point` after `at_step` steps."""
     marker, errors = run_dir.parent / "reached", run_dir.parent / "child.stderr"
-    env = {**os.environ, "OMP_NUM_THREADS": "1",
-           "PYTHONPATH": os.pathsep.join(filter(None, [str(task_dir), os.environ.get("PYTHONPATH")]))}
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(task_dir), os.environ.get("PYTHONPATH")])),
+    }
     with errors.open("w") as stderr:
-        child = subprocess.Popen([sys.executable, str(task_dir / "child.py"), point, str(at_step), str(marker),
-                                  *overrides(run_dir, task_dir)], env=env, stdout=subprocess.DEVNULL, stderr=stderr)
+        child = subprocess.Popen(
+            [
+                sys.executable,
+                str(task_dir / "child.py"),
+                point,
+                str(at_step),
+                str(marker),
+                *overrides(run_dir, task_dir),
+            ],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=stderr,
+        )
     deadline = time.monotonic() + 300
     while not marker.exists() and child.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)
     if not marker.exists():
         child.kill()
         child.wait()
-        pytest.fail(f"the run never reached {point} at step {at_step} (exit {child.returncode}):\n"
-                    f"{errors.read_text()[-3000:]}")
+        pytest.fail(
+            f"the run never reached {point} at step {at_step} (exit {child.returncode}):\n{errors.read_text()[-3000:]}"
+        )
     os.kill(child.pid, signal.SIGKILL)
     assert child.wait(timeout=60) == -signal.SIGKILL
 
 
-@pytest.mark.parametrize(("point", "at_step", "resumed_from"), [
-    ("generation", 1, 1),  # step 2's rollout: step-1 is the last checkpoint
-    ("optimizer", 2, 2),  # step 3's AdamW step
-    ("checkpoint", 3, 2),  # writing step-3: its half-written directory must not count
-])
-def test_kill_9_then_resume_repeats_the_uninterrupted_run(tmp_path, task_dir, uninterrupted, point, at_step,
-                                                          resumed_from):
+@pytest.mark.parametrize(
+    ("point", "at_step", "resumed_from"),
+    [
+        ("generation", 1, 1),  # step 2's rollout: step-1 is the last checkpoint
+        ("optimizer", 2, 2),  # step 3's AdamW step
+        ("checkpoint", 3, 2),  # writing step-3: its half-written directory must not count
+    ],
+)
+def test_kill_9_then_resume_repeats_the_uninterrupted_run(
+    tmp_path, task_dir, uninterrupted, point, at_step, resumed_from
+):
     run_dir = tmp_path / "run"
     kill_at(run_dir, task_dir, point, at_step)
     checkpoints = run_dir / "checkpoints"
@@ -166,8 +206,9 @@ def test_kill_9_then_resume_repeats_the_uninterrupted_run(tmp_path, task_dir, un
     lines = train(run_dir, task_dir, "resume=true")
 
     assert f"resumed from {checkpoints / f'step-{resumed_from}'} (step {resumed_from})" in lines
-    assert [f"removed {p}: an interrupted checkpoint write (never loaded)" for p in partial] == \
-        [line for line in lines if line.startswith("removed")]
+    assert [f"removed {p}: an interrupted checkpoint write (never loaded)" for p in partial] == [
+        line for line in lines if line.startswith("removed")
+    ]
     assert not [p for p in checkpoints.iterdir() if p.name.startswith(".")]
     rows, weights = uninterrupted
     assert [r["step"] for r in comparable(run_dir)] == [r["step"] for r in rows] == [0, 1, 2, 3, 4, 4]

@@ -19,10 +19,26 @@ from divrl.trainer import NonFiniteError, Trainer
 def tiny_cfg(tmp_path, *extra):
     """A tiny run the untrained model never solves: with `signed` advantages every completion has
     A = −1, so the policy gradient is never zero."""
-    return build_config(None, ["model=tiny", "steps=2", f"output_dir={tmp_path / 'run'}", "prompts_per_step=2",
-                               "group_size=2", "max_new_tokens=4", "eval_size=2", "eval_samples=1",
-                               "train_size=20", "lr=1e-3", "checkpoint_every=1", "eval_every=0",
-                               "inspect_every=0", "advantage=signed", *extra])
+    return build_config(
+        None,
+        [
+            "model=tiny",
+            "steps=2",
+            f"output_dir={tmp_path / 'run'}",
+            "prompts_per_step=2",
+            "group_size=2",
+            "max_new_tokens=4",
+            "eval_size=2",
+            "eval_samples=1",
+            "train_size=20",
+            "lr=1e-3",
+            "checkpoint_every=1",
+            "eval_every=0",
+            "inspect_every=0",
+            "advantage=signed",
+            *extra,
+        ],
+    )
 
 
 def weights_of(model) -> dict[str, torch.Tensor]:
@@ -33,8 +49,10 @@ def unchanged(model, before: dict[str, torch.Tensor]) -> bool:
     return all(torch.equal(p, before[name]) for name, p in model.named_parameters())
 
 
-ZERO_MASS_TARGET = ("terms=[{divergence: reverse_kl, estimator: k3, coef: 0.1, target: "
-                    "{filter: {p: reference, min_p: 0.5, relative: true}}}]")  # q(y) = 0 at most sampled y
+ZERO_MASS_TARGET = (
+    "terms=[{divergence: reverse_kl, estimator: k3, coef: 0.1, target: "
+    "{filter: {p: reference, min_p: 0.5, relative: true}}}]"
+)  # q(y) = 0 at most sampled y
 
 
 def test_a_non_finite_term_skips_the_step_and_a_finite_step_then_proceeds(tmp_path, one_thread):
@@ -60,8 +78,11 @@ def test_a_non_finite_term_skips_the_step_and_a_finite_step_then_proceeds(tmp_pa
 def test_a_non_finite_token_weight_is_named(tmp_path, monkeypatch, one_thread):
     """The policy gradient's weight `asymmetric`, made +inf on every token, is named first."""
     registered = weights._WEIGHTS["asymmetric"]
-    monkeypatch.setitem(weights._WEIGHTS, "asymmetric", dataclasses.replace(
-        registered, fn=lambda stats, **params: registered.fn(stats, **params) * math.inf))
+    monkeypatch.setitem(
+        weights._WEIGHTS,
+        "asymmetric",
+        dataclasses.replace(registered, fn=lambda stats, **params: registered.fn(stats, **params) * math.inf),
+    )
     trainer = Trainer(tiny_cfg(tmp_path, "pg_weight=asymmetric"), log=lambda *_: None)
     before = weights_of(trainer.model)
     metrics = trainer.train_step(0)

@@ -14,9 +14,26 @@ from divrl.cli import main
 from divrl.config import ConfigError, build_config
 from divrl.models import ModelLoadError
 
-TINY = ["--set", "steps=1", "--set", "prompts_per_step=2", "--set", "group_size=2",
-        "--set", "max_new_tokens=4", "--set", "eval_size=2", "--set", "eval_samples=2",
-        "--set", "train_size=20", "--set", "eval_every=0", "--set", "inspect_every=0"]
+TINY = [
+    "--set",
+    "steps=1",
+    "--set",
+    "prompts_per_step=2",
+    "--set",
+    "group_size=2",
+    "--set",
+    "max_new_tokens=4",
+    "--set",
+    "eval_size=2",
+    "--set",
+    "eval_samples=2",
+    "--set",
+    "train_size=20",
+    "--set",
+    "eval_every=0",
+    "--set",
+    "inspect_every=0",
+]
 
 
 @pytest.fixture
@@ -83,8 +100,9 @@ def test_a_run_that_fails_to_start_leaves_no_directory_and_no_latest(main_config
 
 def test_make_run_passes_args_to_divrl_train():
     root = Path(__file__).resolve().parents[2]
-    dry = subprocess.run(["make", "-n", "-C", str(root), "run", "ARGS=--set steps=10"],
-                         capture_output=True, text=True, timeout=60)
+    dry = subprocess.run(
+        ["make", "-n", "-C", str(root), "run", "ARGS=--set steps=10"], capture_output=True, text=True, timeout=60
+    )
     assert dry.returncode == 0
     assert "divrl train configs/default.yaml --set steps=10" in dry.stdout
 
@@ -92,19 +110,54 @@ def test_make_run_passes_args_to_divrl_train():
 # One row per key that has a range: (key, a value outside it). Keys parsed by the objective
 # (divrl.spec) name themselves without quotes.
 OUT_OF_RANGE = [
-    ("steps", 0), ("prompts_per_step", 0), ("group_size", 0), ("max_new_tokens", 0),
-    ("train_size", 0), ("eval_size", 0), ("eval_samples", 0), ("micro_batch_size", 0),
-    ("inner_iterations", 0), ("keep_checkpoints", 0), ("checkpoint_every", 0),
-    ("stored_prompts", 0), ("stored_samples", 0), ("stored_per_step", 0),
-    ("eval_every", -1), ("inspect_every", -1), ("monitor_kl_every", 0), ("max_refills", -1),
-    ("seed", -1), ("seed", 2**32), ("eval_seed", -1),
-    ("temperature", 0), ("temperature", ".inf"), ("eval_temperature", 0), ("top_p", 0), ("top_p", 1.5),
-    ("lr", 0), ("lr", ".nan"), ("weight_decay", -0.1), ("max_grad_norm", -1),
-    ("clip_low", -0.1), ("clip_low", 1), ("clip_high", -0.1), ("kl_coef", -1),
-    ("advantage_clip", -1), ("loss_normalizer", 0), ("overlong_buffer", 1.5), ("overlong_penalty", -1),
-    ("stored_solved", 0), ("stored_solved", 1.5), ("stored_temperature", 0), ("stored_top_p", 1.5),
-    ("behaviour_cloning_steps", -1), ("behaviour_cloning_lr", 0), ("reference_refresh_every", -1),
-    ("offline_keep", -1), ("offline_shortest", 0), ("offline_shortest", 1.5),
+    ("steps", 0),
+    ("prompts_per_step", 0),
+    ("group_size", 0),
+    ("max_new_tokens", 0),
+    ("train_size", 0),
+    ("eval_size", 0),
+    ("eval_samples", 0),
+    ("micro_batch_size", 0),
+    ("inner_iterations", 0),
+    ("keep_checkpoints", 0),
+    ("checkpoint_every", 0),
+    ("stored_prompts", 0),
+    ("stored_samples", 0),
+    ("stored_per_step", 0),
+    ("eval_every", -1),
+    ("inspect_every", -1),
+    ("monitor_kl_every", 0),
+    ("max_refills", -1),
+    ("seed", -1),
+    ("seed", 2**32),
+    ("eval_seed", -1),
+    ("temperature", 0),
+    ("temperature", ".inf"),
+    ("eval_temperature", 0),
+    ("top_p", 0),
+    ("top_p", 1.5),
+    ("lr", 0),
+    ("lr", ".nan"),
+    ("weight_decay", -0.1),
+    ("max_grad_norm", -1),
+    ("clip_low", -0.1),
+    ("clip_low", 1),
+    ("clip_high", -0.1),
+    ("kl_coef", -1),
+    ("advantage_clip", -1),
+    ("loss_normalizer", 0),
+    ("overlong_buffer", 1.5),
+    ("overlong_penalty", -1),
+    ("stored_solved", 0),
+    ("stored_solved", 1.5),
+    ("stored_temperature", 0),
+    ("stored_top_p", 1.5),
+    ("behaviour_cloning_steps", -1),
+    ("behaviour_cloning_lr", 0),
+    ("reference_refresh_every", -1),
+    ("offline_keep", -1),
+    ("offline_shortest", 0),
+    ("offline_shortest", 1.5),
 ]
 
 
@@ -116,17 +169,31 @@ def test_a_value_out_of_range_names_the_key_and_the_value(key, value):
     assert f"got {parsed!r}" in str(caught.value) or f"got {float(parsed)!r}" in str(caught.value)
 
 
-@pytest.mark.parametrize("overrides, message", [
-    (["policy_gradient=false", "terms=[{divergence: forward_kl, target: reference, coef: 0}]"],
-     "with policy_gradient false every loss term's coefficient is 0 (forward_kl_to_reference coef 0)"),
-    (["policy_gradient=false", "entropy_anchor={coef: 0}"],
-     "every loss term's coefficient is 0 (entropy_anchor coef 0)"),
-    (["policy_gradient=false", "kl_coef=0.1", "kl_estimator=k1", "kl_in_reward=true",
-      "terms=[{divergence: forward_kl, target: reference}]"],
-     "'policy_gradient' is false, so the reward-placed terms reverse_kl_to_reference"),
-    (["kl_coef=0.1", "kl_estimator=k3", "top_p=0.9"], "'top_p' < 1 samples from the renormalized nucleus"),
-    (["eval_seed=0"], "'eval_seed' must differ from seed"),
-])
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (
+            ["policy_gradient=false", "terms=[{divergence: forward_kl, target: reference, coef: 0}]"],
+            "with policy_gradient false every loss term's coefficient is 0 (forward_kl_to_reference coef 0)",
+        ),
+        (
+            ["policy_gradient=false", "entropy_anchor={coef: 0}"],
+            "every loss term's coefficient is 0 (entropy_anchor coef 0)",
+        ),
+        (
+            [
+                "policy_gradient=false",
+                "kl_coef=0.1",
+                "kl_estimator=k1",
+                "kl_in_reward=true",
+                "terms=[{divergence: forward_kl, target: reference}]",
+            ],
+            "'policy_gradient' is false, so the reward-placed terms reverse_kl_to_reference",
+        ),
+        (["kl_coef=0.1", "kl_estimator=k3", "top_p=0.9"], "'top_p' < 1 samples from the renormalized nucleus"),
+        (["eval_seed=0"], "'eval_seed' must differ from seed"),
+    ],
+)
 def test_conflicting_options_are_refused_with_the_reason(overrides, message):
     with pytest.raises(ConfigError, match="^config key") as caught:
         build_config(None, overrides)
@@ -134,8 +201,13 @@ def test_conflicting_options_are_refused_with_the_reason(overrides, message):
 
 
 def test_an_annealed_coefficient_that_becomes_positive_trains():
-    cfg = build_config(None, ["policy_gradient=false", "terms=[{divergence: forward_kl, target: reference, "
-                                                       "coef: 0, anneal: {to: 0.1, steps: 5}}]"])
+    cfg = build_config(
+        None,
+        [
+            "policy_gradient=false",
+            "terms=[{divergence: forward_kl, target: reference, coef: 0, anneal: {to: 0.1, steps: 5}}]",
+        ],
+    )
     assert not cfg.objective.policy_gradient
 
 
@@ -153,8 +225,7 @@ def loads(monkeypatch):
     return calls
 
 
-@pytest.mark.parametrize("override", ["lr=0", "seed=-1", "top_p=1.5", "kl_coef=.inf",
-                                      "policy_gradient=false"])
+@pytest.mark.parametrize("override", ["lr=0", "seed=-1", "top_p=1.5", "kl_coef=.inf", "policy_gradient=false"])
 def test_validation_happens_before_any_model_loads(main_config, capsys, loads, override):
     assert main(["train", main_config, *TINY, "--set", override]) == 2
     assert "divrl: error: config key" in capsys.readouterr().err

@@ -56,20 +56,39 @@ def test_in_process_hangs_time_out_and_failures_score_zero(say_task):
     start = time.monotonic()
     outcomes = verifier.score(_calls("3", "hang", "stubborn", "raise", "nan", "string", "7"))
     assert time.monotonic() - start < 2 * TIMEOUT_S + 1  # two hangs, each cut at the limit
-    assert outcomes == [(0.3, None), (0.0, TIMEOUT), (0.0, TIMEOUT), (0.0, ERROR), (0.0, ERROR),
-                        (0.0, ERROR), (0.7, None)]
+    assert outcomes == [
+        (0.3, None),
+        (0.0, TIMEOUT),
+        (0.0, TIMEOUT),
+        (0.0, ERROR),
+        (0.0, ERROR),
+        (0.0, ERROR),
+        (0.7, None),
+    ]
 
 
 def test_workers_survive_segfault_exit_and_hang_and_recover(say_task):
-    verifier = GuardedVerifier(_task(say_task, "by_answer_pool", BY_ANSWER.replace("by_answer", "by_answer_pool")),
-                               timeout=TIMEOUT_S, workers=2)
+    verifier = GuardedVerifier(
+        _task(say_task, "by_answer_pool", BY_ANSWER.replace("by_answer", "by_answer_pool")),
+        timeout=TIMEOUT_S,
+        workers=2,
+    )
     try:
         first = [w.process for w in verifier.pool.workers]
         start = time.monotonic()
         outcomes = verifier.score(_calls("1", "segfault", "2", "exit", "hang", "raise", "nan", "string", "3"))
         assert time.monotonic() - start < TIMEOUT_S + 5
-        assert outcomes == [(0.1, None), (0.0, CRASH), (0.2, None), (0.0, CRASH), (0.0, TIMEOUT),
-                            (0.0, ERROR), (0.0, ERROR), (0.0, ERROR), (0.3, None)]
+        assert outcomes == [
+            (0.1, None),
+            (0.0, CRASH),
+            (0.2, None),
+            (0.0, CRASH),
+            (0.0, TIMEOUT),
+            (0.0, ERROR),
+            (0.0, ERROR),
+            (0.0, ERROR),
+            (0.3, None),
+        ]
         assert all(p.poll() is not None for p in first)  # both were killed and replaced
         now = [w.process for w in verifier.pool.workers]
         assert verifier.score(_calls("4", "5", "torch?")) == [(0.4, None), (0.5, None), (0.0, None)]
@@ -88,8 +107,9 @@ def test_worker_rewards_follow_their_calls_not_the_order_they_finish_in(say_task
         pooled.close()
 
 
-@pytest.mark.parametrize("function, why", [("lam", "cannot be sent to a worker process"),
-                                           ("score", "cannot load the task's verifier")])
+@pytest.mark.parametrize(
+    "function, why", [("lam", "cannot be sent to a worker process"), ("score", "cannot load the task's verifier")]
+)
 def test_a_verifier_workers_cannot_load_is_refused_naming_the_key(say_task, monkeypatch, function, why):
     ghost = types.ModuleType("ghost_verifier")  # importable in this process only, like a notebook's
     exec("def score(completion, answer):\n    return 1.0\nlam = lambda completion, answer: 1.0\n", ghost.__dict__)
@@ -126,9 +146,20 @@ def {name}(completion, answer):
 def test_training_goes_on_through_faulty_verifier_calls(say_task, tmp_path, one_thread, workers, faults):
     name = f"once_{workers}"
     source = ONCE.format(marks=str(tmp_path), name=name, faults=faults)
-    cfg = build_config(None, [*say_task(range(12), name, source), "model=tiny", f"output_dir={tmp_path / 'run'}",
-                              "prompts_per_step=2", "group_size=4", "max_new_tokens=4", "eval_size=2",
-                              f"reward_timeout={TIMEOUT_S}", f"reward_workers={workers}"])
+    cfg = build_config(
+        None,
+        [
+            *say_task(range(12), name, source),
+            "model=tiny",
+            f"output_dir={tmp_path / 'run'}",
+            "prompts_per_step=2",
+            "group_size=4",
+            "max_new_tokens=4",
+            "eval_size=2",
+            f"reward_timeout={TIMEOUT_S}",
+            f"reward_workers={workers}",
+        ],
+    )
     trainer = Trainer(cfg, log=lambda *_: None)
     try:
         faulty, clean = trainer.train_step(0), trainer.train_step(1)
@@ -141,8 +172,9 @@ def test_training_goes_on_through_faulty_verifier_calls(say_task, tmp_path, one_
     assert "grad_norm" in faulty and "grad_norm" in clean  # both steps updated the model
 
 
-@pytest.mark.parametrize("override, why", [("reward_timeout=0", "must be > 0 seconds"),
-                                           ("reward_workers=-1", "must be ≥ 0")])
+@pytest.mark.parametrize(
+    "override, why", [("reward_timeout=0", "must be > 0 seconds"), ("reward_workers=-1", "must be ≥ 0")]
+)
 def test_bad_limits_are_refused_naming_the_key(override, why):
     with pytest.raises(ConfigError, match=f"'{override.split('=')[0]}' {why}"):
         build_config(None, [override])
