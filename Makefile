@@ -24,5 +24,9 @@ run: $(STAMP)
 	$(VENV)/bin/divrl train configs/default.yaml $(ARGS)
 
 # pytest exits 5 when it collects no test; that alone is not a failure. Every other code is kept.
+# Lint, format and types first (seconds), then the tests.
 test: $(STAMP)
+	$(VENV)/bin/ruff check src tests benchmarks
+	$(VENV)/bin/ruff format --check src tests benchmarks
+	$(VENV)/bin/mypy
 	$(PY) -m pytest -q -p no:cacheprovider tests; rc=$$?; if [ $$rc -eq 5 ]; then exit 0; else exit $$rc; fi

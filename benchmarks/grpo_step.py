@@ -387,7 +387,7 @@ def main() -> None:
             limit_hit = False
         except subprocess.TimeoutExpired:
             exit_code, limit_hit = None, True
-        rows = [json.loads(l) for l in rows_path.read_text().splitlines()] if rows_path.exists() else []
+        rows = [json.loads(line) for line in rows_path.read_text().splitlines()] if rows_path.exists() else []
         results.append(
             summarize(side, rows, limit_hit, time.perf_counter() - start, peaks, prompt_tokens)
             | ({"exit_code": exit_code} if exit_code else {})

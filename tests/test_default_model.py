@@ -32,7 +32,7 @@ def test_one_step_on_the_default_model(tmp_path):
         ],
     )
     summary = Trainer(cfg, log=lambda *_: None).run()
-    row = [r for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if "reward" in r][0]
+    row = next(r for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if "reward" in r)
     assert row["kl"] == pytest.approx(0.0, abs=1e-5) and row["entropy"] > 0
     assert 0.0 <= summary["after"]["eval_pass@1"] <= 1.0
     assert (tmp_path / "run" / "checkpoints" / "step-1" / "model.safetensors").is_file()

@@ -114,7 +114,7 @@ def test_demo_rl_clones_a_reference_from_demonstrations_then_regularizes_toward_
 def test_ps_kd_is_the_cross_entropy_to_the_demonstration_mixed_with_the_previous_model():
     spec = _spec("ps-kd")
     assert [round(t.coef_at(10), 6) for t in spec.terms] == [0.6, 0.4]  # α_10 = 0.8·10/20
-    inputs, logp = _toy(spec, [1.0, 1.0, 1.0, 1.0])
+    inputs, _logp = _toy(spec, [1.0, 1.0, 1.0, 1.0])
     out = objectives.objective_loss(spec.at_step(10), inputs)
     ref = inputs.models["reference"]
     lr = ref.head.logits(ref.hidden).log_softmax(-1)
@@ -139,3 +139,13 @@ def test_the_reference_is_refreshed_from_the_policy_and_resumes_only_at_a_refres
         build_config(None, [*args, "checkpoint_every=3"], recipe="ps-kd")
     with pytest.raises(Exception, match="not at a refresh of the reference"):
         Trainer(build_config(None, [*args, "steps=4", "resume=true"], recipe="ps-kd"), log=lambda *_: None).run()
+
+
+def test_a_reference_refresh_is_a_no_op_when_no_reference_is_loaded(tmp_path):
+    # nothing reads a reference here (no KL term, no kl metric), so none is loaded; a refresh
+    # used to call load_state_dict on None
+    args = _run_args(tmp_path, "kl_coef=0.0", "monitor_kl=false", "reference_refresh_every=1", "checkpoint_every=1")
+    trainer = Trainer(build_config(None, [*args, "eval_every=0", "steps=1"], recipe="grpo"), log=lambda *_: None)
+    assert trainer.reference is None
+    trainer.run()
+    assert trainer.step == 1

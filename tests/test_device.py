@@ -22,7 +22,7 @@ def test_a_bad_device_is_refused_by_name(bad):
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
 def test_cuda_without_cuda_is_refused_up_front():
-    with pytest.raises(ConfigError, match="'device'.*does not have"):
+    with pytest.raises(ConfigError, match=r"'device'.*does not have"):
         build_config(None, ["device=cuda"])
 
 

@@ -228,11 +228,11 @@ def test_erpd_trains_stage_one_then_distils_it_as_the_teacher(tmp_path, say_task
     (row,) = [r for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if "reward" in r]
     assert row["reverse_kl_to_teacher"] != 0 and "kl" in row and row["stage"] == 2
     assert {r["stage"] for r in read_metrics(tmp_path / "run" / "stage1" / "metrics.jsonl") if "reward" in r} == {1}
-    with pytest.raises(Exception, match="config key 'stage1.stepz'"):
+    with pytest.raises(Exception, match=r"config key 'stage1\.stepz'"):
         build_config(None, [*args, "stage1.stepz=3"], recipe="erpd")
     with pytest.raises(Exception, match="'teacher' must be null with stage1"):
         build_config(None, [*args, "teacher=tiny"], recipe="erpd")
-    with pytest.raises(Exception, match="config key 'stage1.offline_shortest' must be in"):
+    with pytest.raises(Exception, match=r"config key 'stage1\.offline_shortest' must be in"):
         build_config(None, [*args, "stage1.offline_shortest=0"], recipe="erpd")
 
 
@@ -244,7 +244,7 @@ def test_distillation_bad_input_is_refused_before_any_model_loads():
     for recipe in ("opd", "sinkd", "kdrl", "paced-distill", "g-opd"):
         with pytest.raises(Exception, match="needs a teacher model; set 'teacher'"):
             build_config(None, [], recipe=recipe)
-    with pytest.raises(Exception, match="pg_loss.trrd: reads the teacher's log-probs"):
+    with pytest.raises(Exception, match=r"pg_loss\.trrd: reads the teacher's log-probs"):
         build_config(None, [], recipe="trrd")
 
 

@@ -84,9 +84,9 @@ def random_logprobs(*shape, generator_seed=0, dtype=F64):
 
 
 def test_get_and_get_estimator_reject_unknown_names_listing_valid_ones():
-    with pytest.raises(ValueError, match="reverse_kl.*"):
+    with pytest.raises(ValueError, match="reverse_kl"):
         D.get("kl")
-    with pytest.raises(ValueError, match="k1.*k3_st"):
+    with pytest.raises(ValueError, match=r"k1.*k3_st"):
         D.get_estimator("k4")
 
 
@@ -149,7 +149,9 @@ def test_f_divergence_with_the_generator_equals_each_closed_form(pair):
         f, f_prime_inf = generator(name, params)
         closed = D.get(name)(policy, target, **params)
         f_form = D.f_divergence(policy, target, f=f, f_prime_inf=f_prime_inf)
-        torch.testing.assert_close(f_form, closed, rtol=1e-9, atol=1e-12, msg=lambda m: f"{name} {params}: {m}")
+        torch.testing.assert_close(
+            f_form, closed, rtol=1e-9, atol=1e-12, msg=lambda m, name=name, params=params: f"{name} {params}: {m}"
+        )
 
 
 @settings(max_examples=100, deadline=None)
@@ -421,7 +423,7 @@ def test_estimator_gradients_as_on_policy_losses(seed):
     expected = {"k1": torch.zeros(5, dtype=F64), "k2": reverse_grad, "k3": forward_grad}
     expected |= {"k1_st": reverse_grad, "k3_st": reverse_grad}
     for name, want in expected.items():
-        got = grad_of(lambda lp: exact_expectation(D.get_estimator(name), lp, target))
+        got = grad_of(lambda lp, name=name: exact_expectation(D.get_estimator(name), lp, target))
         torch.testing.assert_close(got, want, atol=1e-12, rtol=1e-10, msg=name)
 
 

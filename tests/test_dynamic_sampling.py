@@ -37,8 +37,8 @@ def _cfg(tmp_path, say_task, verifier, *extra):
             "eval_samples=1",
             *say_task(range(40), verifier, VERIFIER),
             "eval_every=0",
-        ]
-        + list(extra),
+            *extra,
+        ],
         recipe="dapo",
     )
 

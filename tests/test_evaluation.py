@@ -63,7 +63,7 @@ def test_distinct_n_by_hand():
 
 def test_best_of_n_kl_without_ties_tends_to_log_n_minus_n_minus_1_over_n():
     for n in (1, 2, 4, 16):
-        accuracy, kl = metrics.best_of_n(list(range(20000)), [0.0] * 20000, n)
+        _accuracy, kl = metrics.best_of_n(list(range(20000)), [0.0] * 20000, n)
         assert kl == pytest.approx(math.log(n) - (n - 1) / n, abs=2e-3)
 
 
@@ -122,10 +122,10 @@ def test_summarize_on_hand_made_samples():
 
 def test_summarize_refuses_k_above_n_and_unequal_groups():
     rows = _rows([("p0", [("3", True, [1]), ("4", False, [1])])])
-    with pytest.raises(evaluation.EvalError, match="k must lie in 1..n = 2"):
+    with pytest.raises(evaluation.EvalError, match=r"k must lie in 1\.\.n = 2"):
         evaluation.summarize({}, rows, ks=[1, 4])
     with pytest.raises(evaluation.EvalError, match="same number of samples"):
-        evaluation.summarize({}, rows + [{**rows[0], "prompt_id": 1}])
+        evaluation.summarize({}, [*rows, {**rows[0], "prompt_id": 1}])
 
 
 # ----- the commands on the tiny model ----------------------------------------------------------

@@ -150,7 +150,7 @@ def test_masks_and_weights_apply_per_term_and_are_logged():
     out = objectives.objective_loss(spec, inputs)
     assert out.token_sums["pg_masked_fraction"] == 3  # 2 of 5 tokens kept
     assert out.token_sums["forward_kl_to_reference_mean_weight"] == 2  # only completion 0 (A > 0)
-    lp, entropy = (
+    _lp, entropy = (
         t.detach() for t in objectives.chunked.logprob_entropy(inputs.policy.hidden, inputs.policy.head, inputs.tokens)
     )
     keep = (entropy >= entropy.topk(2).values[-1]).double()

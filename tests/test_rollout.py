@@ -177,7 +177,7 @@ def test_second_token_distribution_uses_the_expanded_cache(model):
         first = torch.tensor([r[0] for r in rows])
         common = torch.bincount(first).argmax().item()
         second = torch.tensor([r[1] for r in rows if r[0] == common])
-        probs = reference_distribution(model, prompt + [common], 1.0, 1.0)
+        probs = reference_distribution(model, [*prompt, common], 1.0, 1.0)
         assert_matches(torch.bincount(second, minlength=VOCAB).double(), probs.double())
 
 
@@ -363,5 +363,8 @@ def test_packed_linears_give_the_plain_numbers(tiny, monkeypatch):
     slow = draw()
     assert fast.completion_ids == slow.completion_ids
     torch.testing.assert_close(
-        torch.tensor(sum(fast.logprobs, [])), torch.tensor(sum(slow.logprobs, [])), rtol=1e-5, atol=1e-5
+        torch.tensor([x for row in fast.logprobs for x in row]),
+        torch.tensor([x for row in slow.logprobs for x in row]),
+        rtol=1e-5,
+        atol=1e-5,
     )

@@ -171,9 +171,9 @@ def test_recipes_are_listed_loaded_and_overridden(tmp_path, capsys):
 def test_bad_recipes_name_the_valid_ones_and_the_key():
     with pytest.raises(ConfigError, match="unknown recipe 'gpro'; did you mean 'grpo'"):
         build_config(None, [], recipe="gpro")
-    with pytest.raises(ConfigError, match="terms\\[0\\].target: teacher needs a teacher model"):
+    with pytest.raises(ConfigError, match=r"terms\[0\]\.target: teacher needs a teacher model"):
         build_config(None, [], recipe="opd")
-    with pytest.raises(ConfigError, match="terms\\[0\\].divergence: unknown divergence 'kl'"):
+    with pytest.raises(ConfigError, match=r"terms\[0\]\.divergence: unknown divergence 'kl'"):
         build_config(None, ["teacher=tiny", "terms[0].divergence=kl"], recipe="opd")
 
 
@@ -192,7 +192,7 @@ def test_prompt_positions_take_an_exact_divergence_to_a_model():
 
     ok = parse_objective({"terms": [{"divergence": "forward_kl", "target": "reference", "prompt_positions": True}]})
     assert ok.reads_prompt_positions
-    with pytest.raises(SpecError, match="terms\\[0\\].prompt_positions: .*exact divergence to a model"):
+    with pytest.raises(SpecError, match=r"terms\[0\]\.prompt_positions: .*exact divergence to a model"):
         parse_objective(
             {
                 "terms": [
@@ -200,7 +200,7 @@ def test_prompt_positions_take_an_exact_divergence_to_a_model():
                 ]
             }
         )
-    with pytest.raises(SpecError, match="terms\\[0\\].prompt_positions: .*target self"):
+    with pytest.raises(SpecError, match=r"terms\[0\]\.prompt_positions: .*target self"):
         parse_objective({"terms": [{"divergence": "reverse_kl", "target": "self", "prompt_positions": True}]})
-    with pytest.raises(SpecError, match="terms\\[0\\].mask_mean: averages over the tokens a mask keeps"):
+    with pytest.raises(SpecError, match=r"terms\[0\]\.mask_mean: averages over the tokens a mask keeps"):
         parse_objective({"terms": [{"divergence": "reverse_kl", "target": "reference", "mask_mean": True}]})

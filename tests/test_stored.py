@@ -147,5 +147,31 @@ def test_offline_keys_are_validated():
         build_config(None, ["micro_batch_size=8"], recipe="reasonmaxxer")
     with pytest.raises(Exception, match="'dynamic_sampling' has nothing to refill offline"):
         build_config(None, ["dynamic_sampling=true"], recipe="reasonmaxxer")
-    with pytest.raises(Exception, match="reference_entropy_above: .*threshold must lie in"):
+    with pytest.raises(Exception, match=r"reference_entropy_above: .*threshold must lie in"):
         build_config(None, ["pg_mask={reference_entropy_above: {threshold: -1}}"], recipe="reasonmaxxer")
+
+
+def test_an_offline_run_with_a_reward_placed_term_computes_the_policy_for_it(tmp_path, say_task):
+    # the stored sampler's log-probs are πold, but the reward-placed KL is still evaluated on a
+    # forward of the policy (it used to be skipped, and the penalty read None)
+    args = [
+        "model=tiny",
+        *say_task(range(30), "parity"),
+        "prompts_per_step=2",
+        "max_new_tokens=6",
+        "eval_size=2",
+        "eval_samples=1",
+        "stored_prompts=6",
+        "stored_samples=5",
+        "offline_keep=3",
+        "offline=true",
+        "offline_data=stored",
+        "kl_in_reward=true",
+        "kl_estimator=k1",
+        "kl_coef=0.05",
+        f"output_dir={tmp_path / 'run'}",
+        "steps=1",
+    ]
+    trainer = Trainer(build_config(None, args, recipe="grpo"), log=lambda *_: None)
+    row = trainer.train_step(0)
+    assert torch.isfinite(torch.tensor(row["loss"])) and row["reverse_kl_to_reference"] == pytest.approx(0.0, abs=1e-6)

@@ -24,7 +24,7 @@ def test_reasoning_gym_task_scores_with_its_own_verifier_and_holds_out():
 
 
 def test_unknown_task_lists_valid_names():
-    with pytest.raises(TaskError, match="unknown task 'chain_summ'.*chain_sum"):
+    with pytest.raises(TaskError, match=r"unknown task 'chain_summ'.*chain_sum"):
         build_task(build_config(None, ["task=chain_summ"]))
 
 

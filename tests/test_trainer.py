@@ -99,7 +99,7 @@ def test_length_buckets_minimize_padded_tokens_plus_overhead():
     for lengths, overhead in (([5, 1, 9, 9, 2, 7, 3], 4), ([3, 3, 3], 1), ([8, 1, 1, 1, 1], 2), ([4], 0)):
         ordered = sorted(lengths, reverse=True)
 
-        def cost(parts):
+        def cost(parts, overhead=overhead):
             return sum(overhead + len(p) * max(p) for p in parts)
 
         best = min(
@@ -192,7 +192,7 @@ def test_failing_verifier_scores_zero_and_is_counted(tmp_path, monkeypatch):
     monkeypatch.syspath_prepend(str(tmp_path))
     cfg = tiny_cfg(tmp_path, f"task={data}", "verifier=flaky_verifier:score", "steps=1")
     Trainer(cfg, log=lambda *_: None).run()
-    row = [r for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if "reward" in r][0]
+    row = next(r for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if "reward" in r)
     assert row["reward_errors"] == 8 and row["reward"] == 0.0
 
 

@@ -3,6 +3,7 @@
 
 import argparse
 import copy
+import itertools
 import json
 import math
 
@@ -174,7 +175,7 @@ def test_relex_extrapolation_error_shrinks_with_the_noise():
         theta0, u, rate, checkpoints = planted_trajectory(noise, steps)
         fit = wa.relex_fit(theta0, checkpoints, steps)
         errors.append((fit.at(theta0, 200) - (theta0 + rate * 200 * u)).norm().item())
-    assert all(later < earlier / 5 for earlier, later in zip(errors, errors[1:])), errors
+    assert all(later < earlier / 5 for earlier, later in itertools.pairwise(errors)), errors
 
 
 def test_relex_of_an_unchanged_tensor_stays_at_the_base_and_bad_windows_are_refused():

@@ -125,14 +125,14 @@ def test_check_unknown_name_suggests_and_lists():
         "accuracy_tanh, asymmetric, confidence_shift, dads, diversity_allocation, entropy_quantile, failed, group_unsolved, low_probability_negatives, pass_rate, reference_entropy_above, reference_entropy_at_most, reference_kl_quantile, stcr"
         in str(error.value)
     )
-    with pytest.raises(ValueError, match="unknown weight .zzz.; valid: accuracy_tanh, asymmetric"):
+    with pytest.raises(ValueError, match="unknown weight 'zzz'; valid: accuracy_tanh, asymmetric"):
         W.check("zzz", {})
 
 
 def test_check_unknown_parameter():
     with pytest.raises(ValueError, match=r"no parameter 'tp' \(did you mean 'top'\?\); parameters: top"):
         W.check("entropy_quantile", {"tp": 0.2})
-    with pytest.raises(ValueError, match="no parameter 'c'.*parameters: a, b"):
+    with pytest.raises(ValueError, match=r"no parameter 'c'.*parameters: a, b"):
         W.check("pass_rate", {"c": 1.0})
 
 
@@ -172,7 +172,7 @@ def test_a_new_weight_is_one_registered_function(monkeypatch):
 
     assert "every_kth" in W.names()
     assert_weights(W.compute([("every_kth", {"k": 3}), ("pass_rate", {"a": 0})], stats()), 0.5, 0, 0, 0.75, 0, 0, 0)
-    with pytest.raises(ValueError, match="k must be of type int, got 1.5"):
+    with pytest.raises(ValueError, match=r"k must be of type int, got 1\.5"):
         W.check("every_kth", {"k": 1.5})
     W.check("every_kth", {"k": 2, "scale": -4.0})  # no Interval declared: any float
     with pytest.raises(ValueError, match="needs the parameters k"):

@@ -170,12 +170,13 @@ def _window(paths: list[Path]) -> tuple[list[Path], list[int | None]]:
             f"cannot tell the training step of {', '.join(missing)}: give it a trainer_state.json "
             f'with {{"step": N}} or name its directory step-N'
         )
-    order = sorted(range(len(paths)), key=lambda i: steps[i])
-    paths, steps = [paths[i] for i in order], [steps[i] for i in order]
-    repeated = sorted({s for s in steps if steps.count(s) > 1})
+    known = [s for s in steps if s is not None]  # all of them: none is missing
+    order = sorted(range(len(paths)), key=lambda i: known[i])
+    paths, known = [paths[i] for i in order], [known[i] for i in order]
+    repeated = sorted({s for s in known if known.count(s) > 1})
     if repeated:
         raise ValueError(f"several checkpoints have step {repeated[0]}")
-    return paths, steps
+    return paths, [*known]
 
 
 def _tied(model_dir: Path) -> bool:
@@ -230,6 +231,7 @@ def _analyze(
 
     compare = _COMPARE_DTYPES.get(args.compare_dtype)
     relex = len(window) >= 2
+    relex_steps = [s for s in steps if s is not None]  # all of them with 2 or more checkpoints (_window)
     sparsity, spectra, trajectories, extrapolated = {}, {}, {}, {}
     for name in tqdm(names, desc="analyze", unit="tensor", file=sys.stderr):
         w0, w1 = base[name], window[-1][name]
@@ -242,7 +244,7 @@ def _analyze(
                 **wa.spectral_drift(w0, w1, args.top_k, args.svd),
             }
         if relex:
-            fit = wa.relex_fit(w0, [w[name] for w in window], steps, fit_window)
+            fit = wa.relex_fit(w0, [w[name] for w in window], relex_steps, fit_window)
             trajectories[name] = {
                 "energy_rank1": fit.trajectory.energy,
                 "delta_energy": fit.trajectory.delta_energy,
@@ -266,7 +268,7 @@ def _analyze(
         "spectral": {"top_k": args.top_k, "full_svd_max_work": wa.FULL_SVD_MAX_WORK, "matrices": spectra},
     }
     if relex:
-        analysis["relex"] = _relex_summary(args.extrapolate_to, steps, steps[-fit_window:], trajectories)
+        analysis["relex"] = _relex_summary(args.extrapolate_to, relex_steps, relex_steps[-fit_window:], trajectories)
     return analysis, extrapolated
 
 
@@ -376,9 +378,10 @@ def _plot_relex(path: Path, relex: dict) -> None:
     ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
     ax = fig.add_subplot(1, 2, 2)
-    ax.scatter(
-        *[[math.nan if e[key] is None else e[key] for e in per_tensor.values()] for key in ("energy_rank1", "r2")], s=8
+    energy, r2 = (
+        [math.nan if e[key] is None else e[key] for e in per_tensor.values()] for key in ("energy_rank1", "r2")
     )
+    ax.scatter(energy, r2, s=8)
     ax.set_xlabel("energy fraction of the rank-1 direction $\\sigma_1^2 / \\|D\\|_F^2$")
     ax.set_ylabel("$R^2$ of the linear fit")
     ax.ticklabel_format(useOffset=False)
@@ -401,7 +404,7 @@ def _summary(args, analysis: dict, base: Path, latest: Path, step: int | None, w
     ]
     if per_layer:
         fractions = {layer: e["fraction_unchanged"] for layer, e in per_layer.items()}
-        low, high = min(fractions, key=fractions.get), max(fractions, key=fractions.get)
+        low, high = min(fractions, key=fractions.__getitem__), max(fractions, key=fractions.__getitem__)
         lines.append(f"  per layer {fractions[low]:.2%} (layer {low}) to {fractions[high]:.2%} (layer {high})")
     matrices = list(analysis["spectral"]["matrices"].values())
     if matrices:

@@ -29,7 +29,7 @@ def fsync_tree(root: Path) -> None:
         fsync_path(Path(directory))
 
 
-def save_atomically(target: Path, save: Callable[[Path], None]) -> None:
+def save_atomically(target: Path, save: Callable[[Path], object]) -> None:
     """Run `save(tmp)` into a temporary sibling directory `.<name>.*`, fsync it, then rename it to
     `target` (and fsync the parent, so the rename itself is durable). On any failure the temporary
     directory is removed and `target` is left as it was; a process killed mid-write leaves only

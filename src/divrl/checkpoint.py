@@ -1,5 +1,6 @@
-"""Checkpoints `checkpoints/step-N/`: HF `from_pretrained`-loadable weights and tokenizer, the
-optimizer state, the RNG states and the trainer's state, written atomically (`divrl.atomic`) so
+"""Checkpoints `checkpoints/step-N/`: HF `from_pretrained`-loadable weights (of a LoRA run: the
+adapter as peft writes it, and with `lora.save_merged` the merged model in `merged/`:
+`divrl.lora`) and tokenizer, the optimizer state, the RNG states and the trainer's state, written atomically (`divrl.atomic`) so
 that an interruption — Ctrl-C, `kill -9`, a full disk — never leaves a half-written checkpoint
 where a complete one is expected.
 
@@ -19,11 +20,12 @@ import json
 import re
 import shutil
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
 
+from divrl import lora
 from divrl.atomic import save_atomically
 
 MANIFEST = "manifest.json"
@@ -125,19 +127,28 @@ def save_checkpoint(
     generator: torch.Generator,
     keep: int,
     state: dict | None = None,
+    rank_generators: Sequence[torch.Tensor] = (),
 ) -> Path:
     """Write `checkpoints/step-N/`; `state` (JSON-able: e.g. the prompt sampler's) goes into
-    trainer_state.json beside the step. The `keep` newest complete checkpoints are kept, older
+    trainer_state.json beside the step; `rank_generators` (a data-parallel run's ranks 1, 2, …:
+    `divrl.distributed`) go into rng-rank-R.pt. The `keep` newest complete checkpoints are kept, older
     ones deleted only once the new one is complete. A failed write raises CheckpointWriteError
     naming the checkpoint, the cause and the previous checkpoint, which it leaves intact."""
     target = run_dir / "checkpoints" / f"step-{step}"
 
     def save(tmp: Path) -> None:
-        model.save_pretrained(tmp)
+        if lora.info(model) is None:
+            model.save_pretrained(tmp)
+        else:  # the adapter (peft's files), its base's spec, and merged/ with lora.save_merged
+            lora.save(model, tmp)
         tokenizer.save_pretrained(tmp)
+        if (tmp / lora.MERGED_DIR).is_dir():  # a complete from_pretrained directory, tokenizer included
+            tokenizer.save_pretrained(tmp / lora.MERGED_DIR)
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else []
         torch.save({"sampling": generator.get_state(), "torch": torch.get_rng_state(), "cuda": cuda}, tmp / "rng.pt")
+        for rank, rank_state in enumerate(rank_generators, start=1):
+            torch.save(rank_state, tmp / f"rng-rank-{rank}.pt")
         (tmp / "trainer_state.json").write_text(json.dumps({"step": step, **(state or {})}))
         write_manifest(tmp)  # last: it vouches for every file above
 
@@ -163,13 +174,26 @@ def load_checkpoint(path: Path, model, optimizer, generator: torch.Generator) ->
     "step" and whatever `save_checkpoint` was given)."""
     from safetensors.torch import load_file
 
-    state = {}
-    for shard in sorted(path.glob("*.safetensors")):
-        state.update(load_file(shard))
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    tied = {"lm_head.weight"} if getattr(model.config, "tie_word_embeddings", False) else set()
-    if set(missing) - tied or unexpected:
-        raise RuntimeError(f"checkpoint {path} does not match the model: missing {missing}, unexpected {unexpected}")
+    if lora.is_adapter_dir(path) != (lora.info(model) is not None):
+        raise RuntimeError(
+            f"checkpoint {path} "
+            + ("holds a LoRA adapter" if lora.is_adapter_dir(path) else "holds full weights")
+            + ", the model "
+            + ("has LoRA adapters" if lora.info(model) is not None else "has none")
+            + ": resume with the config key 'lora' the run was trained with"
+        )
+    if lora.is_adapter_dir(path):
+        lora.load(model, path)
+    else:
+        state = {}
+        for shard in sorted(path.glob("*.safetensors")):
+            state.update(load_file(shard))
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        tied = {"lm_head.weight"} if getattr(model.config, "tie_word_embeddings", False) else set()
+        if set(missing) - tied or unexpected:
+            raise RuntimeError(
+                f"checkpoint {path} does not match the model: missing {missing}, unexpected {unexpected}"
+            )
     optimizer.load_state_dict(
         torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True)
     )  # to the params' device

@@ -36,7 +36,9 @@ logits and again the same as bfloat16 full logits. float64 matches the full comp
 """
 
 import dataclasses
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -62,7 +64,7 @@ class Head:
     softcap: float | None = None
     temperature: float = 1.0
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         if self.weight.dim() != 2 or (self.bias is not None and self.bias.shape != self.weight.shape[:1]):
             bias = None if self.bias is None else tuple(self.bias.shape)
             raise ValueError(
@@ -126,7 +128,7 @@ def _in_compute_dtype(hidden: Tensor, head: Head) -> tuple[Tensor, Head]:
     return hidden.to(dtype), dataclasses.replace(head, weight=head.weight.to(dtype), bias=bias)
 
 
-def _autocast_off(device: torch.device):
+def _autocast_off(device: torch.device) -> torch.autocast:
     """Tiles compute in the dtype they are given, on whichever thread runs them (autocast is
     per thread: worker threads never have it)."""
     return torch.autocast(device.type, enabled=False)
@@ -189,7 +191,7 @@ def _accumulating_workers(workers: int, weight: Tensor, dtype: torch.dtype) -> i
     return max(1, min(workers, ACCUMULATOR_BUDGET_BYTES // per_worker))
 
 
-def _in_parallel(task, items, workers: int) -> None:
+def _in_parallel(task: Callable[[int, Any], object], items: Sequence[Any], workers: int) -> None:
     """task(worker, item) for every item: worker k takes items k, k + workers, … in order.
 
     Each worker is a Python thread whose ops are single-threaded (torch releases the GIL inside
@@ -202,7 +204,7 @@ def _in_parallel(task, items, workers: int) -> None:
             task(0, item)
         return
 
-    def run(worker):
+    def run(worker: int) -> None:
         torch.set_num_threads(1)  # this thread's intra-op pool (restored globally below)
         with torch.no_grad():  # grad mode is per thread: tiles never build graphs by accident
             for item in items[worker::workers]:
@@ -232,7 +234,10 @@ def _sum_into_first(tensors: list[Tensor]) -> Tensor:
 
 
 def _cast(grad: Tensor | None, like: Tensor | None) -> Tensor | None:
-    return None if grad is None else grad.to(like.dtype)
+    if grad is None:
+        return None
+    assert like is not None  # autograd asks no gradient of an absent input (a None bias)
+    return grad.to(like.dtype)
 
 
 def _backprop_tiles(ctx, hidden, head, tile_grad, chunk_tokens, chunk_vocab):
@@ -281,7 +286,7 @@ def _merge_entropies(lse_a, entropy_a, lse_b, entropy_b):
     return lse, wa * (entropy_a - log_wa) + wb * (entropy_b - log_wb)
 
 
-def _chunk_lse_entropy(z: Tensor):
+def _chunk_lse_entropy(z: Tensor) -> tuple[Tensor, Tensor]:
     """log Σ e^z and the entropy of softmax(z) along the last dim, one pass over the tile."""
     shift = z.amax(-1, keepdim=True)
     y = z - shift
@@ -385,7 +390,9 @@ def logprob_entropy(
     return (sampled - lse) + (differentiable - differentiable.detach()), entropy
 
 
-def _term_and_grad(term, logp, logq, need_grad: bool):
+def _term_and_grad(
+    term: Callable[[Tensor, Tensor], Tensor], logp: Tensor, logq: Tensor, need_grad: bool
+) -> tuple[Tensor, Tensor | None]:
     """term(log p, log q) elementwise and, when asked, g = ∂term/∂log p (autograd on the tile)."""
     if not need_grad:
         return term(logp, logq), None
@@ -526,7 +533,7 @@ def divergence(
     token_weights: Tensor | None = None,
     chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
     chunk_vocab: int = DEFAULT_CHUNK_VOCAB,
-    **params,
+    **params: Any,
 ) -> Tensor:
     """Exact D(πθ‖q) per token, πθ = softmax(head.logits(hidden)), q = softmax(target_head.logits(
     target_hidden)), for any closed-form divergence of ``divrl.divergences`` (``name``, ``params``

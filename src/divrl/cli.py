@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 
 import yaml
@@ -15,27 +16,56 @@ from divrl.inspect_page import add_parser as add_inspect
 from divrl.lab_cli import add_parser as add_lab
 
 
+def _resolve_output_dir(cfg, name: str):
+    """`divrl.run_dirs.resolve_output_dir`; in a data-parallel launch (`divrl.distributed`) rank 0
+    resolves it (a fresh directory is made once) and every rank gets its answer."""
+    from divrl import distributed
+    from divrl.config import ConfigError
+    from divrl.run_dirs import resolve_output_dir
+
+    here = distributed.world()
+    if not here.parallel:
+        return resolve_output_dir(cfg, name)
+    distributed.check_config(cfg, here)  # before any collective: every rank refuses alike
+    distributed.init(cfg.device)
+    outcome: tuple = ("error", "rank 0 did not resolve output_dir")
+    if here.main:
+        try:
+            resolved, fresh = resolve_output_dir(cfg, name)
+            outcome = ("ok", resolved.output_dir, fresh)
+        except ConfigError as err:
+            outcome = ("error", str(err))
+    outcome = distributed.broadcast_object(outcome)
+    if outcome[0] == "error":
+        raise ConfigError(outcome[1])
+    return dataclasses.replace(cfg, output_dir=outcome[1]), outcome[2] if here.main else None
+
+
 def _train(args: argparse.Namespace) -> int:
+    from divrl import distributed
     from divrl.config import ConfigError, build_config, describe
     from divrl.models import ModelLoadError
-    from divrl.run_dirs import config_name, point_latest, resolve_output_dir
+    from divrl.run_dirs import config_name, point_latest
     from divrl.tasks import TaskError
 
     if args.help_config:
         print(describe())
         return 0
+    here = distributed.launched()
+    error = "divrl: error:" if here.main else f"divrl (rank {here.rank}): error:"
     fresh = None
     try:
         cfg = build_config(args.config, args.set or [], recipe=args.recipe)
-        cfg, fresh = resolve_output_dir(cfg, config_name(args.config, args.recipe))
-        print("resolved config:\n" + yaml.safe_dump(cfg.to_dict(), sort_keys=False), flush=True)
+        cfg, fresh = _resolve_output_dir(cfg, config_name(args.config, args.recipe))
+        if here.main:
+            print("resolved config:\n" + yaml.safe_dump(cfg.to_dict(), sort_keys=False), flush=True)
         from divrl.trainer import NonFiniteError, Trainer
 
         trainer = Trainer(cfg)
     except (ConfigError, TaskError, ModelLoadError) as err:
         if fresh is not None and not any(fresh.iterdir()):
             fresh.rmdir()  # a run that never started leaves no directory behind
-        print(f"divrl: error: {err}", file=sys.stderr)
+        print(f"{error} {err}", file=sys.stderr)
         return 2
     if fresh is not None:
         point_latest(fresh)
@@ -46,9 +76,12 @@ def _train(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         return 130
     except (ConfigError, CheckpointWriteError, NonFiniteError) as err:  # the message says what to do
-        print(f"divrl: error: {err}", file=sys.stderr)
+        print(f"{error} {err}", file=sys.stderr)
         return 1
-    print(f"report: {trainer.run_dir / 'report.md'}")
+    finally:
+        distributed.shutdown()
+    if here.main:
+        print(f"report: {trainer.run_dir / 'report.md'}")
     return 0
 
 

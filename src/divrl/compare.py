@@ -42,6 +42,8 @@ class Entry:
     rows: list[dict] = field(default_factory=list)  # metrics.jsonl of a run
 
     def per_prompt_pass(self, k: int) -> list[float]:
+        if self.eval is None:
+            raise CompareError(f"'{self.path}' has no eval.json")
         n = self.eval["n"]
         return [metrics.pass_at_k(n, c, k) for c in self.eval["per_prompt"]["correct"]]
 
@@ -93,10 +95,10 @@ def difference(entry: Entry, base: Entry, k: int) -> tuple[float, tuple[float, f
         low, high = metrics.bootstrap_difference_ci(a, b, paired)
         return sum(a) / len(a) - sum(b) / len(b), (low, high), "paired bootstrap" if paired else "bootstrap"
     if k == 1 and entry.eval is None and base.eval is None:
-        last = [next((r for r in reversed(e.rows) if "eval_pass@1" in r), None) for e in (entry, base)]
-        if None not in last:
-            d = last[0]["eval_pass@1"] - last[1]["eval_pass@1"]
-            half = 1.96 * math.hypot(last[0]["eval_pass@1_se"], last[1]["eval_pass@1_se"])
+        last_a, last_b = (next((r for r in reversed(e.rows) if "eval_pass@1" in r), None) for e in (entry, base))
+        if last_a is not None and last_b is not None:
+            d = last_a["eval_pass@1"] - last_b["eval_pass@1"]
+            half = 1.96 * math.hypot(last_a["eval_pass@1_se"], last_b["eval_pass@1_se"])
             return d, (d - half, d + half), "normal (training-time eval)"
     return None
 
@@ -135,7 +137,7 @@ def table(entries: list[Entry]) -> str:
                 _cell(ev["length"], 1),
             ]
         else:
-            last = next((r for r in reversed(e.rows) if "eval_pass@1" in r), {})
+            last: dict = next((r for r in reversed(e.rows) if "eval_pass@1" in r), {})
             p1 = f"{last['eval_pass@1']:.3f} ± {last['eval_pass@1_se']:.3f}" if last else "—"
             row = [
                 f"{last.get('eval_prompts', '—')} × {last.get('eval_samples', '—')}",

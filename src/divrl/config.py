@@ -15,6 +15,7 @@ import math
 import re
 import types
 import typing
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,7 +23,7 @@ from typing import Any
 import torch
 import yaml
 
-from divrl import calibration, demos, diversity, guarded_verifier, prompts, recipes, stored
+from divrl import calibration, demos, diversity, guarded_verifier, lora, prompts, recipes, stored
 from divrl.spec import ESTIMATORS, ObjectiveSpec, SpecError, parse_objective
 from divrl.tasks import OVERLONG_POLICIES
 
@@ -96,6 +97,14 @@ class TrainConfig:
         "Reference model π_ref of targets that name 'reference': null = a "
         "frozen copy of the policy's initial weights; or any form `model` "
         "takes (e.g. a teacher's pre-RL base, G-OPD's reward correction).",
+        default=None,
+    )
+    lora: dict | None = _doc(
+        "Train LoRA adapters (peft) instead of all weights: {r (16), alpha (32), dropout (0; "
+        "must be 0), target_modules ('all-linear': every linear layer but the output head), "
+        "save_merged (false: also write each checkpoint's merged model to merged/)}. The "
+        "default reference is then the policy with its adapters disabled (no second copy). "
+        "null = full fine-tuning.",
         default=None,
     )
     # The step.
@@ -360,7 +369,10 @@ def describe() -> str:
     """One line per key: name, default and meaning (for `divrl train --help-config`)."""
     lines = []
     for f in FIELDS.values():
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        default = f.default
+        if default is dataclasses.MISSING:
+            assert callable(f.default_factory)  # every key has a default or a default_factory
+            default = f.default_factory()
         lines.append(f"  {f.name} (default {default!r}): {f.metadata['doc']}")
     return "\n".join(lines)
 
@@ -446,6 +458,10 @@ def _check(cfg: TrainConfig) -> None:
         "device",
         f"{cfg.device!r} asks for CUDA, which this machine does not have (use 'auto' or 'cpu')",
     )
+    try:
+        lora.LoraSpec.parse(cfg.lora)
+    except ValueError as err:
+        raise ConfigError(f"config key {err}") from None
     try:
         calibration.CalibrationSpec.parse(cfg.reward_calibration)
     except ValueError as err:
@@ -680,6 +696,7 @@ def _read_yaml_mapping(path: Path, what: str) -> dict[str, Any]:
 def stage1_config(cfg: TrainConfig) -> TrainConfig:
     """The first stage's config: this one with `stage1`'s keys over it, in <output_dir>/stage1;
     errors name the key as stage1.<key>."""
+    assert cfg.stage1 is not None  # only a two-stage config has a first stage
     output_dir = None if cfg.output_dir is None else str(Path(cfg.output_dir) / "stage1")
     values = {**cfg.to_dict(), "stage1": None, "output_dir": output_dir}
     for key, value in cfg.stage1.items():
@@ -696,7 +713,9 @@ def stage1_config(cfg: TrainConfig) -> TrainConfig:
     return stage
 
 
-def build_config(path: str | Path | None = None, overrides: list[str] = (), recipe: str | None = None) -> TrainConfig:
+def build_config(
+    path: str | Path | None = None, overrides: Sequence[str] = (), recipe: str | None = None
+) -> TrainConfig:
     """The recipe's keys (if any), then the YAML file's, then the overrides (later wins), every
     key validated; raises ConfigError naming the key."""
     values: dict[str, Any] = {}

@@ -64,6 +64,7 @@ import functools
 import inspect
 import math
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -82,7 +83,7 @@ def _summed_over_vocabulary(name: str) -> Callable[[Divergence], Divergence]:
 
     def register(term: Divergence) -> Divergence:
         @functools.wraps(term)
-        def divergence(policy_logprobs: Tensor, target_logprobs: Tensor, **params) -> Tensor:
+        def divergence(policy_logprobs: Tensor, target_logprobs: Tensor, **params: Any) -> Tensor:
             return term(policy_logprobs, target_logprobs, **params).sum(-1)
 
         _TERMS[name] = term
@@ -397,7 +398,7 @@ def get(name: str) -> Divergence:
     return _DIVERGENCES[name]
 
 
-def pointwise(name: str, **params) -> Term:
+def pointwise(name: str, **params: Any) -> Term:
     """The elementwise term of divergence ``name``: ``get(name)(lp, lq, **params)`` is its sum over dim −1.
 
     The term has the shape of its inputs, is differentiable and −inf-safe like the divergence.

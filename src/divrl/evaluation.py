@@ -33,6 +33,7 @@ from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from divrl import chunked, metrics
 from divrl.guarded_verifier import GuardedVerifier
@@ -68,7 +69,12 @@ def score_completions(
 
 @torch.no_grad()
 def reference_kl(
-    model, reference, prompts: list[list[int]], completions: list[list[int]], pad_token_id: int, temperature: float
+    model: PreTrainedModel,
+    reference: PreTrainedModel,
+    prompts: list[list[int]],
+    completions: list[list[int]],
+    pad_token_id: int,
+    temperature: float,
 ) -> list[float]:
     """Per completion Σ_t KL(π ‖ π_ref)(s_t), exact over the vocabulary at `temperature`, teacher-
     forced (group-major completions, `completion_hidden`)."""
@@ -89,8 +95,8 @@ def reference_kl(
 
 
 def sample_eval(
-    model,
-    tokenizer,
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
     task: Task,
     *,
     n: int,
@@ -99,7 +105,7 @@ def sample_eval(
     max_new_tokens: int,
     seed: int,
     system_prompt: str | None = None,
-    reference=None,
+    reference: PreTrainedModel | None = None,
     rows_per_batch: int = 256,
     autocast: Callable = nullcontext,
     verifier: GuardedVerifier | None = None,
@@ -139,6 +145,7 @@ def sample_eval(
                 if reference is None
                 else reference_kl(model, reference, prompt_ids, rollout.completion_ids, pad, temperature or 1.0)
             )
+        assert rollout.entropies is not None  # sampled with_entropy=True
         texts = tokenizer.batch_decode(rollout.completion_ids, skip_special_tokens=True)
         rewards, _ = score_completions(verifier, texts, examples, n)
         for i, (ids, text) in enumerate(zip(rollout.completion_ids, texts)):
@@ -298,7 +305,7 @@ def _best_of(
     bad = [size for size in sizes if not 1 <= size <= n]
     if bad:
         raise EvalError(f"best-of-N needs 1 ≤ N ≤ n = {n}; got N = {bad}")
-    result = {"selection": selection}
+    result: dict[str, str | dict[str, float]] = {"selection": selection}
     for size in sorted(set(sizes)):
         pairs = [metrics.best_of_n(_selection_scores(p, selection), v, size) for p, v in zip(prompts, passed)]
         result[str(size)] = {

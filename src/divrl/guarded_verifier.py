@@ -43,6 +43,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from multiprocessing import Pipe
 from multiprocessing.connection import Connection, wait
+from typing import cast
 
 from divrl.tasks import Example, Task, TaskError, safe_score
 
@@ -74,6 +75,7 @@ def time_limit(seconds: float | None) -> Iterator[None]:
             "reward_timeout cannot interrupt a verifier here (SIGALRM needs POSIX and the main "
             "thread): calls run without a time limit; set reward_workers ≥ 1 to enforce it",
             RuntimeWarning,
+            stacklevel=3,
         )
         yield
         return
@@ -215,7 +217,9 @@ class WorkerPool:
                     if not worker.start_call(index, calls[index], self.timeout):
                         self._replace(worker, outcomes, CRASH)
             self._receive(outcomes)
-        return outcomes
+        # the loop ends only once no call is queued or in flight: every call has its outcome
+        assert None not in outcomes
+        return cast("list[Outcome]", outcomes)
 
     def _receive(self, outcomes: list) -> None:
         """Wait for answers until the nearest deadline; take them, and replace the workers that
@@ -223,7 +227,8 @@ class WorkerPool:
         deadlines = [w.deadline for w in self.workers if w.deadline is not None]
         conns = {w.conn: w for w in self.workers if not w.ready or w.index is not None}
         timeout = max(0.0, min(deadlines) - time.monotonic()) if deadlines else None
-        for conn in wait(list(conns), timeout=timeout):
+        # wait returns the objects it was given, here Connections
+        for conn in cast("list[Connection]", wait(list(conns), timeout=timeout)):
             worker = conns[conn]
             try:
                 message = conn.recv()
@@ -234,6 +239,7 @@ class WorkerPool:
                 self._loaded(worker, message)
             else:
                 reward, ok = message
+                assert worker.index is not None  # a ready worker is waited on only mid-call
                 outcomes[worker.index] = (reward, None if ok else ERROR)
                 worker.index = worker.deadline = None
         now = time.monotonic()

@@ -4,9 +4,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import cast
 
 import torch
-from transformers import DynamicCache
+from transformers import DynamicCache, PreTrainedModel
 
 
 @dataclass
@@ -45,12 +46,15 @@ def length_buckets(lengths: list[int], overhead: int = BUCKET_OVERHEAD_TOKENS) -
     return buckets[::-1]
 
 
-def _prompt_cache_rows(model, cache: DynamicCache, prompt_of: torch.Tensor) -> DynamicCache:
+def _prompt_cache_rows(model: PreTrainedModel, cache: DynamicCache, prompt_of: torch.Tensor) -> DynamicCache:
     """A new cache holding, for each given row, its prompt's KV (differentiable selection)."""
     rows = DynamicCache(config=model.config)
     for index, layer in enumerate(cache.layers):
-        if layer.keys is not None and layer.keys.numel():  # a layer reusing another's KV has none
-            rows.update(layer.keys.index_select(0, prompt_of), layer.values.index_select(0, prompt_of), index)
+        # transformers types a layer as possibly linear-attention (no KV; hybrid models, unsupported here)
+        keys, values = layer.keys, layer.values  # type: ignore[union-attr]
+        if keys is not None and keys.numel():  # a layer reusing another's KV has none
+            assert values is not None  # set together with the keys
+            rows.update(keys.index_select(0, prompt_of), values.index_select(0, prompt_of), index)
     return rows
 
 
@@ -66,7 +70,7 @@ def left_pad(prompt_ids: list[list[int]], pad_token_id: int) -> tuple[torch.Tens
 
 
 def completion_hidden(
-    model,
+    model: PreTrainedModel,
     prompts: list[list[int]],
     completions: list[list[int]],
     pad_token_id: int,
@@ -93,7 +97,7 @@ def completion_hidden(
     # not one per forward; the buckets gather their rows from it (a zero row for padding).
     inputs = [c[:-1] for c in completions]  # the last token predicts nothing
     flat = torch.tensor([t for ids in inputs for t in ids], dtype=torch.long, device=device)
-    body = model.base_model
+    body = cast(PreTrainedModel, model.base_model)  # typed nn.Module: the PreTrainedModel body (or the model)
     embedded = body.get_input_embeddings()(torch.cat([prompt_ids.flatten(), flat]))
     prompt_embeds = embedded[: prompt_ids.numel()].view(*prompt_ids.shape, -1)
     comp_embeds = torch.cat([embedded[prompt_ids.numel() :], embedded.new_zeros(1, embedded.shape[-1])])

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import cast
 
 import torch
 
@@ -212,11 +213,11 @@ def regularized_optimum(
 
         opt.step(closure)
     elif method == "adam":
-        opt = torch.optim.Adam([theta], lr=lr or 0.05)
+        adam = torch.optim.Adam([theta], lr=lr or 0.05)
         for _ in range(steps):
-            opt.zero_grad()
+            adam.zero_grad()
             loss().backward()
-            opt.step()
+            adam.step()
     else:
         raise ValueError(f"method must be 'lbfgs' or 'adam', got {method!r}")
     return policy().detach()
@@ -276,7 +277,8 @@ def joint_logprobs(conditionals: list[torch.Tensor]) -> torch.Tensor:
     """log P(y_1..y_T) = Σ_t log π(y_t | y_<t) over all V^T sequences, shape (V,)*T, from
     per-prefix tables conditionals[t] of shape (V,)*t + (V,)."""
     length = len(conditionals)
-    return sum(c.reshape(c.shape + (1,) * (length - 1 - t)) for t, c in enumerate(conditionals))
+    # sum() starts from the int 0, so its type is Tensor | int; a non-empty list gives a Tensor
+    return cast(torch.Tensor, sum(c.reshape(c.shape + (1,) * (length - 1 - t)) for t, c in enumerate(conditionals)))
 
 
 def soft_bellman(ref_conditionals: list[torch.Tensor], reward: torch.Tensor, beta: float) -> list[torch.Tensor]:
@@ -284,7 +286,8 @@ def soft_bellman(ref_conditionals: list[torch.Tensor], reward: torch.Tensor, bet
     soft Bellman backup V_T = r, π(y_t|y_<t) ∝ π_ref(y_t|y_<t)·exp(V_{t+1}(y_≤t)/β),
     V_t = β log Σ π_ref e^{V_{t+1}/β}. Its joint is C1 applied to whole sequences; with T = 1 it is
     C1 itself (demonstration-regularized RL, H = 1)."""
-    value, policy = reward, []
+    value = reward
+    policy: list[torch.Tensor] = []
     for ref in reversed(ref_conditionals):
         policy.insert(0, tilted(ref, value, beta))
         value = soft_value(ref, value, beta)
@@ -385,7 +388,7 @@ def objective_sampled_steps(
     step and context, ``group_size`` answers are drawn from πθ, scored, given the spec's
     advantages (`objectives.advantages`, group by group) and aggregated by its `token_scale`,
     then θ takes one gradient step of `objective_loss`. Returns the policy's log-probs (C, V)."""
-    contexts, vocab = reward.shape
+    contexts, _vocab = reward.shape
     theta = init.detach().clone().requires_grad_()
     rows = torch.arange(contexts).repeat_interleave(group_size)
     for _ in range(steps):

@@ -44,7 +44,7 @@ def pass_at_k_over_prompts(correct_counts: Sequence[int], n: int, k: int) -> tup
 
 
 def bootstrap_ci(
-    values: Sequence[float], level: float = 0.95, resamples: int = 2000, seed: int = 0
+    values: Sequence[float] | np.ndarray, level: float = 0.95, resamples: int = 2000, seed: int = 0
 ) -> tuple[float, float]:
     """Percentile bootstrap interval of the mean of per-prompt values, prompts resampled with
     replacement (Efron & Tibshirani 1993, ch. 13)."""

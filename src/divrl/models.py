@@ -16,7 +16,7 @@ from contextlib import nullcontext
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedModel
 
 from divrl import chunked
 from divrl.atomic import save_atomically
@@ -54,7 +54,7 @@ def default_model_dir() -> Path:
         source = _gguf_dir()
         tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=GGUF_FILE)
         model = AutoModelForCausalLM.from_pretrained(source, gguf_file=GGUF_FILE, dtype=torch.float32)
-        model.hf_quantizer = None
+        model.hf_quantizer = None  # type: ignore[assignment]  # typed by nn.Module.__getattr__ (Tensor | Module)
         if hasattr(model.config, "quantization_config"):
             del model.config.quantization_config
         model.save_pretrained(tmp)
@@ -235,7 +235,9 @@ def context_length(model) -> int | None:
 
 def load_model(spec: str, seed: int = 0, device: torch.device | str = "cpu"):
     """(model, tokenizer) in float32 on `device` for `spec` ∈ {'default', 'tiny', local dir, hub id},
-    its output head checked by ``verify_head``."""
+    its output head checked by ``verify_head``. A LoRA run's checkpoint directory (a peft adapter)
+    loads as its base with the adapter merged in (`divrl.lora.load_adapter_dir`)."""
+    model: PreTrainedModel
     if spec == "default":
         path = default_model_dir()
         tokenizer = load_tokenizer(path)
@@ -244,6 +246,13 @@ def load_model(spec: str, seed: int = 0, device: torch.device | str = "cpu"):
         tokenizer = load_tokenizer(default_tokenizer_dir())
         torch.manual_seed(seed)
         model = LlamaForCausalLM(tiny_config(len(tokenizer)))
+    elif (Path(spec).expanduser() / "adapter_config.json").is_file():  # a LoRA run's checkpoint
+        from divrl import lora
+
+        try:
+            model, tokenizer = lora.load_adapter_dir(Path(spec).expanduser(), device)
+        except ImportError as err:
+            raise ModelLoadError(f"'{spec}' is a LoRA adapter: {err}") from None
     else:
         source = _resolve(spec)
         try:
@@ -258,6 +267,6 @@ def load_model(spec: str, seed: int = 0, device: torch.device | str = "cpu"):
                 f"local model directory, 'default' or 'tiny'."
             ) from None
     model.generation_config.pad_token_id = tokenizer.pad_token_id
-    model.to(device)
+    model.to(device)  # type: ignore[arg-type]  # transformers wraps `to` with functools.wraps: mypy loses `self`
     verify_head(model)
     return model, tokenizer

@@ -24,6 +24,7 @@ import dataclasses
 import math
 from collections import defaultdict
 from dataclasses import dataclass, field
+from typing import cast
 
 import torch
 
@@ -379,6 +380,13 @@ def _prompt_weights(term: TermSpec, inputs: ObjectiveInputs, scale: torch.Tensor
     return inputs.prompt.multiplicity.to(scale.dtype) * scale.mean()
 
 
+def _read(term: TermSpec, target_logprobs: torch.Tensor | None) -> torch.Tensor:
+    """The target's log-probs of the tokens, which every estimator but `exact` reads."""
+    if target_logprobs is None:  # only a stored term can lack them: ObjectiveInputs.stored_logprobs unset
+        raise ValueError(f"term {term.name!r} ({term.estimator}) needs ObjectiveInputs.stored_logprobs")
+    return target_logprobs
+
+
 def _at_prompt(term: TermSpec, prompt: PromptPositions, token_weights: torch.Tensor) -> torch.Tensor:
     """Σ_t a_t D(πθ, q)(s_t) over the prompt's positions (exact, q a model)."""
     target = prompt.models[term.target.op]
@@ -445,22 +453,23 @@ def objective_loss(spec: ObjectiveSpec, inputs: ObjectiveInputs) -> ObjectiveOut
         )
         token_weights = scale if mw is None else scale * mw
         if term.placement != "loss":  # in the return or the token advantages: logged here, no gradient
-            value = divergences.get_estimator(term.estimator)(logprobs.detach(), target_logprobs)
+            value = divergences.get_estimator(term.estimator)(logprobs.detach(), _read(term, target_logprobs))
         elif term.estimator == "exact":
             value = _exact(term, inputs, models, token_weights.detach())
         elif term.estimator == "stored":
-            value = stored_estimate(term.divergence, term.kwargs, logprobs, inputs.stored_logprobs)
+            value = stored_estimate(term.divergence, term.kwargs, logprobs, _read(term, target_logprobs))
         elif term.estimator == "sequence":
-            value = sequence_chi2(logprobs, target_logprobs, inputs.rows, len(inputs.advantages))
+            value = sequence_chi2(logprobs, _read(term, target_logprobs), inputs.rows, len(inputs.advantages))
         else:  # a sampled estimator, importance-weighted by the detached πθ/πold
             ratio = torch.exp(logprobs.detach() - old)
-            value = ratio * divergences.get_estimator(term.estimator)(logprobs, target_logprobs)
+            value = ratio * divergences.get_estimator(term.estimator)(logprobs, _read(term, target_logprobs))
         if mw is not None:  # a token weighted 0 contributes 0, even where D is +inf (disjoint support)
             value = torch.where(mw > 0, value, 0.0)
         sums[term.name] += float(value.detach().sum())
         if term.placement == "loss" and term.coef:
             parts[term.name] = term.coef * (token_weights * _wide(value)).sum()
             if prompt_weights is not None:  # the prompt's positions: never masked, same factor
+                assert inputs.prompt is not None  # _prompt_weights is None without it
                 parts[term.name] = parts[term.name] + term.coef * _at_prompt(
                     term, inputs.prompt, prompt_weights * factor
                 )
@@ -484,7 +493,8 @@ def objective_loss(spec: ObjectiveSpec, inputs: ObjectiveInputs) -> ObjectiveOut
                         "reverse_kl", policy.hidden.detach(), policy.head.detach(), ref.hidden, ref.head
                     ).sum()
                 )
-    loss = sum(parts.values()) if parts else logprobs.sum() * 0.0
+    # sum() starts from the int 0, so its type is Tensor | int; with parts it is a Tensor
+    loss = cast(torch.Tensor, sum(parts.values())) if parts else logprobs.sum() * 0.0
     loss_parts = {k: float(v.detach()) for k, v in parts.items()}
     _raise_on_nan(loss_parts, sums, logprobs)
     return ObjectiveOutput(loss, dict(sums), loss_parts, logprobs.detach())

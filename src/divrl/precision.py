@@ -16,9 +16,11 @@ import hashlib
 import json
 import platform
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from transformers import PreTrainedModel
 
 from divrl.atomic import write_text_atomically
 from divrl.models import cache_dir
@@ -38,8 +40,8 @@ def cpu_info() -> tuple[str, set[str]]:
         info = Path("/proc/cpuinfo").read_text().splitlines()
     except OSError:
         info = []
-    name = next((l.split(":", 1)[1].strip() for l in info if l.startswith("model name")), platform.processor())
-    flags = next((l.split(":", 1)[1].split() for l in info if l.startswith("flags")), [])
+    name = next((line.split(":", 1)[1].strip() for line in info if line.startswith("model name")), platform.processor())
+    flags = next((line.split(":", 1)[1].split() for line in info if line.startswith("flags")), [])
     return name or "unknown", set(flags)
 
 
@@ -53,7 +55,7 @@ def machine_key(device: torch.device) -> str:
     return f"{device.type}: {hardware}; {torch.get_num_threads()} threads; torch {torch.__version__}"
 
 
-def model_key(model) -> str:
+def model_key(model: PreTrainedModel) -> str:
     """The model's architecture and size: its config without names and versions, nor what
     `save_pretrained` fills in (`architectures`: the class name stands for it; `dtype`: the
     measurement times both precisions itself)."""
@@ -66,7 +68,7 @@ def model_key(model) -> str:
     return f"{type(model).__name__}-{digest}"
 
 
-def _forward_seconds(model, ids: torch.Tensor, precision: str) -> float:
+def _forward_seconds(model: PreTrainedModel, ids: torch.Tensor, precision: str) -> float:
     autocast = torch.autocast(ids.device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
     start = time.perf_counter()
     with torch.no_grad(), autocast:
@@ -76,7 +78,7 @@ def _forward_seconds(model, ids: torch.Tensor, precision: str) -> float:
     return time.perf_counter() - start
 
 
-def measure(model) -> dict[str, float]:
+def measure(model: PreTrainedModel) -> dict[str, float]:
     """Seconds of one forward pass of ROWS × TOKENS random tokens at each precision (best of two
     after a warm-up; on a CPU, bf16 stops after its warm-up when that took GIVE_UP × float32's best;
     on a GPU its warm-up is mostly one-time library set-up, so it always goes on)."""
@@ -94,7 +96,7 @@ def faster(seconds: dict[str, float]) -> str:
     return "bf16" if seconds["bf16"] <= BF16_GAIN * seconds["fp32"] else "fp32"
 
 
-def resolve(dtype: str, model, log=None) -> str:
+def resolve(dtype: str, model: PreTrainedModel, log: Callable[[str], object] | None = None) -> str:
     """'bf16' or 'fp32' for config key `dtype`: 'bfloat16' and 'float32' as named; 'auto' the
     faster of the two for this model on this machine (cached; measured on first use)."""
     if dtype != "auto":

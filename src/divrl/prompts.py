@@ -15,7 +15,6 @@ extra sampling rounds were spent.
 
 from __future__ import annotations
 
-import functools
 import math
 import random
 from collections.abc import Mapping
@@ -31,6 +30,7 @@ from divrl.tasks import Example
 class PromptSource:
     def __init__(self, examples: list[Example], seed: int):
         self.examples, self.seed = examples, seed
+        self._orders: dict[int, list[int]] = {}  # the last 2 epochs' shuffles, per instance
 
     def batch(self, step: int, size: int) -> list[Example]:
         """Prompts of `step` (0-based): items step·size … of the concatenated epoch shuffles."""
@@ -51,10 +51,14 @@ class PromptSource:
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore what `state_dict` returned."""
 
-    @functools.lru_cache(maxsize=2)
     def _epoch_order(self, epoch: int) -> list[int]:
-        order = list(range(len(self.examples)))
-        random.Random(self.seed * 100_003 + epoch).shuffle(order)
+        order = self._orders.get(epoch)
+        if order is None:
+            order = list(range(len(self.examples)))
+            random.Random(self.seed * 100_003 + epoch).shuffle(order)
+            if len(self._orders) >= 2:
+                del self._orders[next(iter(self._orders))]
+            self._orders[epoch] = order
         return order
 
 

@@ -26,13 +26,14 @@ the first batch shrink, and no faster once compiled on this CPU.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
+from typing import Any
 
 import torch
-from transformers import DynamicCache
+from transformers import DynamicCache, PreTrainedModel
 from transformers.cache_utils import DynamicLayer
 
 from divrl.hidden import left_pad
@@ -156,7 +157,9 @@ class _BufferLayer(DynamicLayer):
         self.values = self.value_buffer[:, :, : self.length]
         return self.keys, self.values
 
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         end = self.length + key_states.shape[-2]
@@ -183,7 +186,7 @@ class _BufferLayer(DynamicLayer):
         self._expose()
 
 
-def _rollout_cache(model, capacity: int) -> DynamicCache:
+def _rollout_cache(model: PreTrainedModel, capacity: int) -> DynamicCache:
     """The model's own DynamicCache, its plain full-attention layers swapped for `_BufferLayer`s
     (sliding-window and other special layers are kept as they are)."""
     cache = DynamicCache(config=model.config)
@@ -196,7 +199,7 @@ def _packed_forward(packed: torch.Tensor, bias: torch.Tensor | None, x: torch.Te
 
 
 @contextmanager
-def packed_linears(model):
+def packed_linears(model: PreTrainedModel) -> Iterator[None]:
     """Inside, the model's float32 ``nn.Linear`` layers (no gradient) compute on oneDNN with their
     weights reordered once, here, into its blocked layout: the same products as ``F.linear`` to
     float32 rounding, faster at decode's few rows. Nothing changes off CPU, under autocast, or
@@ -215,7 +218,7 @@ def packed_linears(model):
     for m in linears:
         packed = torch.ops.mkldnn._reorder_linear_weight(m.weight.detach(), None)
         bias = None if m.bias is None else m.bias.detach()
-        m.forward = partial(_packed_forward, packed, bias)
+        m.forward = partial(_packed_forward, packed, bias)  # type: ignore[method-assign]  # set on the instance, on purpose
     try:
         yield
     finally:
@@ -223,12 +226,12 @@ def packed_linears(model):
             if forward is None:
                 del m.forward
             else:
-                m.forward = forward
+                m.forward = forward  # type: ignore[method-assign]  # the instance's own forward, restored
 
 
 @torch.no_grad()
 def sample(
-    model,
+    model: PreTrainedModel,
     prompt_ids: list[list[int]],
     *,
     group_size: int,
@@ -281,17 +284,17 @@ def sample(
 
 
 def _decode(
-    model,
-    prompt_ids,
-    group_size,
-    max_new_tokens,
-    stop_token_ids,
-    pad_token_id,
-    temperature,
-    top_p,
-    generator,
-    with_entropy=False,
-):
+    model: PreTrainedModel,
+    prompt_ids: list[list[int]],
+    group_size: int,
+    max_new_tokens: int,
+    stop_token_ids: Sequence[int],
+    pad_token_id: int,
+    temperature: float,
+    top_p: float,
+    generator: torch.Generator | None,
+    with_entropy: bool = False,
+) -> tuple[list[list[int]], list[list[float]], list[bool], list[list[float]] | None]:
     """(completions, logprobs, finished, entropies or None) of `sample`: prefill the P prompts, copy
     their cache G times, decode."""
     device = model.device

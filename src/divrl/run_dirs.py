@@ -9,7 +9,6 @@ newest run of the same config (the one `runs/latest` points to, unless another c
 from __future__ import annotations
 
 import dataclasses
-import itertools
 import os
 import re
 from datetime import datetime
@@ -33,11 +32,13 @@ def fresh_run_dir(name: str, root: Path = RUNS, now: datetime | None = None) -> 
     another process: mkdir is atomic) gets `-2`, `-3`, …"""
     root.mkdir(parents=True, exist_ok=True)
     stem = f"{name}-{(now or datetime.now()).strftime(STAMP)}"
-    for n in itertools.count(1):
+    n = 1
+    while True:
         path = root / (stem if n == 1 else f"{stem}-{n}")
         try:
             path.mkdir()
         except FileExistsError:
+            n += 1
             continue
         return path
 

@@ -35,5 +35,15 @@ class MetricsLog:
         self._tb.close()
 
 
+class NullLog:
+    """A MetricsLog that writes nothing (the ranks ≥ 1 of a data-parallel run)."""
+
+    def log(self, step: int, values: dict) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
 def read_metrics(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

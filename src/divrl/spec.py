@@ -194,7 +194,7 @@ def parse_target(value: Any, path: str) -> Target:
     for key in args:
         if key not in accepted:
             raise _unknown(f"{path}.{op}", "argument", key, accepted)
-    parsed = []
+    parsed: list[tuple[str, Target | bool | float]] = []
     for key in accepted:
         where = f"{path}.{op}.{key}"
         required = signature.parameters[key].default is inspect.Parameter.empty
@@ -490,17 +490,20 @@ def _parse_entropy_anchor(value: Any) -> EntropyAnchorSpec | None:
     for key in value:
         if key not in fields:
             raise _unknown("entropy_anchor", "key", key, fields)
-    spec = EntropyAnchorSpec(**{k: _number(f"entropy_anchor.{k}", v) for k, v in value.items()})
+    defaults = EntropyAnchorSpec()
+    numbers = {k: float(getattr(defaults, k)) for k in fields}
+    numbers.update((k, _number(f"entropy_anchor.{k}", v)) for k, v in value.items())
+    coef, top_p, top_k, quantile = (numbers[k] for k in fields)
     checks = (
-        ("coef", spec.coef >= 0 and math.isfinite(spec.coef), "a finite number ≥ 0"),
-        ("top_p", 0 < spec.top_p <= 1, "in (0, 1]"),
-        ("top_k", spec.top_k >= 1 and float(spec.top_k).is_integer(), "an integer ≥ 1"),
-        ("quantile", 0 <= spec.quantile < 1, "in [0, 1)"),
+        ("coef", coef >= 0 and math.isfinite(coef), "a finite number ≥ 0"),
+        ("top_p", 0 < top_p <= 1, "in (0, 1]"),
+        ("top_k", top_k >= 1 and float(top_k).is_integer(), "an integer ≥ 1"),
+        ("quantile", 0 <= quantile < 1, "in [0, 1)"),
     )
     for key, ok, allowed in checks:
         if not ok:
-            raise SpecError(f"entropy_anchor.{key}: must be {allowed}, got {getattr(spec, key)!r}")
-    return EntropyAnchorSpec(spec.coef, spec.top_p, int(spec.top_k), spec.quantile)
+            raise SpecError(f"entropy_anchor.{key}: must be {allowed}, got {numbers[key]!r}")
+    return EntropyAnchorSpec(coef, top_p, int(top_k), quantile)
 
 
 @dataclass(frozen=True)

@@ -119,7 +119,7 @@ def filter(p: Tensor, min_p: float, relative: bool = False) -> Tensor:
     """
     if not 0.0 <= min_p < 1.0:
         raise ValueError(f"filter: min_p must lie in [0, 1), got {min_p}")
-    log_threshold = math.log(min_p) if min_p > 0.0 else _NEG_INF
+    log_threshold: float | Tensor = math.log(min_p) if min_p > 0.0 else _NEG_INF
     max_logprob = p.amax(dim=-1, keepdim=True)
     if relative:
         log_threshold = log_threshold + max_logprob
@@ -151,6 +151,7 @@ def reward_power(p: Tensor, reward: Tensor | float, floor: float = 0.5) -> Tenso
     """
     if not 0.0 <= floor <= 1.0:
         raise ValueError(f"reward_power: floor must lie in [0, 1], got {floor}")
+    exponent: Tensor | float
     if isinstance(reward, Tensor):
         reward = reward.to(p.dtype)
         exponent = floor + (1.0 - floor) * reward.clamp(0.0, 1.0)

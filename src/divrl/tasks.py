@@ -71,7 +71,13 @@ def distinct(examples: list, prompt: Callable[[Any], str] = lambda e: e.prompt) 
     first occurrence of each prompt only (a repeated held-out prompt would count twice in a
     standard error over prompts)."""
     seen: set[str] = set()
-    return [e for e in examples if not (prompt(e) in seen or seen.add(prompt(e)))]
+    kept = []
+    for e in examples:
+        key = prompt(e)
+        if key not in seen:
+            seen.add(key)
+            kept.append(e)
+    return kept
 
 
 def extract_answer(completion: str, numeric: bool = True) -> str:

@@ -25,13 +25,15 @@ import math
 import sys
 import time
 from collections import Counter, defaultdict
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from tqdm.auto import tqdm
 
-from divrl import chunked, demos, diversity, objectives, precision, stored
+from divrl import chunked, demos, distributed, diversity, lora, objectives, precision, stored
 from divrl.atomic import write_text_atomically
 from divrl.calibration import CalibrationSpec, transformed
 from divrl.checkpoint import checkpoint_dirs, latest_checkpoint, load_checkpoint, remove_partial_writes, save_checkpoint
@@ -54,7 +56,7 @@ from divrl.prompts import Group, build_source, split_groups
 from divrl.report import write_report
 from divrl.rollout import sample
 from divrl.rowwise import ModelOutputs
-from divrl.runlog import MetricsLog
+from divrl.runlog import MetricsLog, NullLog
 from divrl.spec import ObjectiveSpec, parse_objective
 from divrl.tasks import Example, Task, build_task, encode_prompt, fit_to_context
 
@@ -125,13 +127,28 @@ class FrozenInputs:
 class Trainer:
     def __init__(self, cfg: TrainConfig, log=print, stage: int | None = None):
         self.cfg = cfg
-        self.log = log
+        # Data-parallel (`divrl.distributed`): W = 1 unless launched by torchrun / accelerate.
+        distributed.check_config(cfg, distributed.world())
+        self.world = distributed.init(cfg.device)
+        self.log = log if self.world.main else (lambda *_, **__: None)  # rank 0 alone speaks
         self.stage = 2 if cfg.stage1 else stage  # logged as `stage` in a two-stage run
         self.run_dir = check_output_dir(cfg)
+        if self.world.parallel:  # every rank checked output_dir before rank 0 may write to it
+            distributed.barrier()
         self.task: Task = build_task(cfg)
         self.verifier = GuardedVerifier.from_config(self.task, cfg)
-        self.device = resolve_device(cfg.device)
+        self.device = (
+            distributed.device_for(cfg.device, self.world) if self.world.parallel else resolve_device(cfg.device)
+        )
         self.model, self.tokenizer = load_model(cfg.model, seed=cfg.seed, device=self.device)
+        self.lora = lora.LoraSpec.parse(cfg.lora)
+        if self.lora is not None:  # adapters injected in place; every other weight frozen
+            try:
+                lora.apply(self.model, self.lora, cfg.model, cfg.seed)
+            except ImportError as err:
+                raise ConfigError(str(err)) from None
+            except ValueError as err:
+                raise ConfigError(f"config key {err}") from None
         self.overlong_prompts = fit_to_context(self.task, self.tokenizer, cfg, context_length(self.model), log)
         self.model.eval()  # no dropout; gradients still flow
         self.objective = cfg.objective
@@ -143,24 +160,28 @@ class Trainer:
         self.reference_rewards: dict[str, list[float]] = {}  # calibration: sorted, per prompt text
         self.reference = None
         if "reference" in needs or cfg.monitor_kl or self.calibration is not None:
-            self.reference = (
-                copy.deepcopy(self.model).requires_grad_(False)
-                if cfg.reference is None
-                else self._load_frozen("reference", cfg.reference, cfg.seed + 2)
-            )
+            if cfg.reference is not None:
+                self.reference = self._load_frozen("reference", cfg.reference, cfg.seed + 2)
+            elif self.lora is not None and not cfg.reference_refresh_every:  # the initial weights, shared
+                self.reference = lora.AdaptersOff(self.model)
+            else:  # a refreshed reference is a past policy, adapters included: a copy
+                self.reference = copy.deepcopy(self.model).requires_grad_(False)
         teacher_spec = self._run_stage1() if cfg.stage1 else cfg.teacher
         demos_from_teacher = (
             uses_demonstrations(cfg) and cfg.demonstrations is None and cfg.demonstrations_from == "teacher"
         )
-        self.teacher = (
-            self._load_frozen("teacher", teacher_spec, cfg.seed + 1)
-            if "teacher" in needs or demos_from_teacher
-            else None
-        )
+        self.teacher = None
+        if "teacher" in needs or demos_from_teacher:
+            assert teacher_spec is not None  # the config check requires a teacher where one is read
+            self.teacher = self._load_frozen("teacher", teacher_spec, cfg.seed + 1)
         self.diversity_bonus = diversity.parse_bonus(cfg.diversity_bonus)
         self.encoder = None if self.diversity_bonus is None else diversity.load_encoder(self.diversity_bonus.encoder)
-        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-        self.generator = torch.Generator().manual_seed(cfg.seed)
+        self.optimizer = torch.optim.AdamW(
+            self.model.parameters() if self.lora is None else lora.trainable(self.model),
+            lr=cfg.lr,
+            weight_decay=cfg.weight_decay,
+        )
+        self.generator = torch.Generator().manual_seed(distributed.rank_seed(cfg.seed, self.world.rank))
         self.precision = precision.resolve(cfg.dtype, self.model, log)
         self.autocast = autocast_for(self.precision, self.device)
         self.stop_ids = stop_token_ids(self.tokenizer, self.model)
@@ -198,8 +219,9 @@ class Trainer:
         """Train the first stage (`stage1`'s keys over this config) in <output_dir>/stage1, or
         finish it on resume; its final checkpoint (kept) is this stage's teacher."""
         stage = stage1_config(self.cfg)
+        assert stage.output_dir is not None  # this stage's is set (check_output_dir), so stage 1's is
         final = Path(stage.output_dir) / "checkpoints" / f"step-{stage.steps}"
-        if not (final / "config.json").is_file():
+        if not ((final / "config.json").is_file() or lora.is_adapter_dir(final)):
             resume = bool(checkpoint_dirs(Path(stage.output_dir)))
             self.log(f"stage 1: {stage.steps} steps in {stage.output_dir}" + (" (resumed)" if resume else ""))
             Trainer(dataclasses.replace(stage, resume=resume), log=self.log, stage=1).run()
@@ -232,8 +254,12 @@ class Trainer:
         )
         for step in bar:
             chosen = stored.batch(demonstrations, step, cfg.prompts_per_step)
+            prompt_ids = []
+            for g in chosen:
+                assert g.prompt is not None  # a demonstration carries its prompt's text (_demonstrations)
+                prompt_ids.append(self._prompt_ids(Example(g.prompt, "")))
             stats = self._update(
-                [self._prompt_ids(Example(g.prompt, "")) for g in chosen],
+                prompt_ids,
                 [g.completions[0] for g in chosen],
                 [1.0] * len(chosen),
                 [g.logprobs[0] for g in chosen],
@@ -242,7 +268,10 @@ class Trainer:
             bar.set_postfix(nll=f"{stats['pg_loss']:.3f}")
         self.optimizer = optimizer
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        self.model.save_pretrained(path)
+        if self.lora is None:
+            self.model.save_pretrained(path)
+        else:  # π_BC = base + adapters, merged: the reference read back on resume
+            lora.save_merged(self.model, path)
         self.tokenizer.save_pretrained(path)
         self.reference = None if reference is None else copy.deepcopy(self.model).requires_grad_(False)
         self.log(
@@ -288,8 +317,9 @@ class Trainer:
         eos = self.tokenizer.eos_token_id
         groups = []
         for i, demo in enumerate(rows):
-            ids = self.tokenizer(demo.completion, add_special_tokens=False)["input_ids"][: cfg.max_new_tokens - 1] + [
-                eos
+            ids = [
+                *self.tokenizer(demo.completion, add_special_tokens=False)["input_ids"][: cfg.max_new_tokens - 1],
+                eos,
             ]
             # a demonstration has no sampler: placeholder log-probs, never read (on policy instead)
             groups.append(stored.StoredGroup(i, [ids], [[0.0] * len(ids)], [1.0], demo.prompt))
@@ -434,7 +464,8 @@ class Trainer:
         with torch.no_grad(), self.autocast():
             for name, model in (("reference", self.reference), ("teacher", self.teacher)):
                 if model is not None and (name in spec.models() or (name == "reference" and monitor_kl)):
-                    out, head = completion_hidden(model, prompts, completions, pad, with_prompt), self._head(model)
+                    with lora.forward_of(model) as net:  # a LoRA policy's reference: its adapters off
+                        out, head = completion_hidden(net, prompts, completions, pad, with_prompt), self._head(net)
                     at_tokens = (
                         chunked.logprob_entropy(out.hidden, head, out.tokens)
                         if name in read_at_tokens
@@ -442,12 +473,14 @@ class Trainer:
                     )
                     models[name] = ModelOutputs(out.hidden, head, *at_tokens)
                     if with_prompt:
+                        assert out.prompt is not None  # computed with_prompt
                         prompt_models[name] = ModelOutputs(out.prompt.hidden, head)
             if cfg.top_p < 1.0 or (cfg.offline and cfg.offline_data == "stored"):  # the sampler's log-probs
                 old_logprobs = torch.tensor([lp for row in behaviour_logprobs for lp in row], device=self.device)
             # Without the sampler's log-probs, πold of inner iterations 2.. is the first iteration's
             # πθ, kept by `_update`; a forward here only when the targets or rewards need πold now.
-            if old_head is not None or (old_logprobs is None and spec.reward_terms):
+            # (reward terms always: they are evaluated on this forward, even with the sampler's log-probs)
+            if old_head is not None or spec.reward_terms:
                 cur = completion_hidden(self.model, prompts, completions, pad)
                 if old_logprobs is None:
                     old_logprobs = chunked.logprob_entropy(cur.hidden, self._head(self.model), cur.tokens)[0]
@@ -486,7 +519,7 @@ class Trainer:
         completions: list[list[int]],
         rewards: list[float],
         behaviour_logprobs: list[list[float]],
-        stored_groups: list[stored.StoredGroup] = (),
+        stored_groups: Sequence[stored.StoredGroup] = (),
         step: int = 0,
         objective=None,
         record: list[str] | None = None,
@@ -510,9 +543,21 @@ class Trainer:
         passed = objectives.passed(torch.tensor(rewards))  # the task's verdict, before any shaping
         pass_rate = objectives.group_pass_rate(passed, group)
         batch_pass_rate = float(passed.float().mean())
+        n_batch, n_tokens_all = len(completions), sum(lengths)  # the whole batch's (all ranks')
+        if self.world.parallel:  # data-parallel: normalizers and batch statistics over every rank's share
+            everyone = distributed.all_gather_object((lengths, rewards))
+            all_lengths = [n for ls, _ in everyone for n in ls]
+            earlier = sum(len(ls) for ls, _ in everyone[: self.world.rank])  # completions of ranks < this one
+            first_token = sum(all_lengths[:earlier])
+            scale = objectives.token_scale(spec, all_lengths)[first_token : first_token + sum(lengths)]
+            batch_pass_rate = float(
+                objectives.passed(torch.tensor([r for _, rs in everyone for r in rs])).float().mean()
+            )
+            n_batch, n_tokens_all = len(all_lengths), sum(all_lengths)
         shaping = objectives.overlong_penalty(spec, torch.tensor(lengths))
         task_reward = torch.tensor(rewards)
         if reference_rewards is not None:  # InfAlign-CTRL: exp(t · calibrated reward)
+            assert self.calibration is not None  # reference rewards are sampled for a calibration only
             task_reward = transformed(task_reward, reference_rewards, self.calibration.t)
         reward_t = task_reward + shaping  # the return: task reward + overlong shaping (0 when off)
         spread = None
@@ -582,7 +627,7 @@ class Trainer:
                 passed=of_rows(passed),
                 groups=(rows // group).to(device),
                 entropy_anchor=self.entropy_anchor,
-                batch_fraction=len(rows) / len(completions),
+                batch_fraction=len(rows) / n_batch,
                 diversity=None if spread is None else of_rows(spread),
                 prompt=at_prompt,
                 monitor_kl=monitor_kl,
@@ -594,6 +639,7 @@ class Trainer:
             zero = torch.zeros(len(completions))
             for m, (_, _, rows, _) in enumerate(micro):
                 cur = frozen[m].current
+                assert cur is not None  # _frozen_inputs computes it for reward terms
                 with self.autocast():
                     penalty[rows] = objectives.reward_penalty(
                         spec, inputs(m, cur.hidden, cur.tokens, cur.rows, zero)
@@ -603,7 +649,9 @@ class Trainer:
             self._record_tokens(step + 1, record, prompts, completions, reward_t, advantages, passed)
 
         stored_micro = self._stored_inputs(list(stored_groups), stored_spec) if stored_groups else []
-        sources = [(defaultdict(float), defaultdict(float)) for _ in range(2)]  # online, stored
+        sources: list[tuple[defaultdict[str, float], defaultdict[str, float]]] = [
+            (defaultdict(float), defaultdict(float)) for _ in range(2)
+        ]  # online, stored
         grad_norms = []
         seconds = {"time_frozen": time.perf_counter() - clock, "time_forward_backward": 0.0, "time_optimizer": 0.0}
 
@@ -629,6 +677,7 @@ class Trainer:
                     if frozen[m].old_logprobs is None and cfg.inner_iterations > 1:  # πold: πθ before the update
                         frozen[m].old_logprobs = out.logprobs
                 for ps, cs, fields in stored_micro:
+                    assert stored_spec is not None  # stored groups exist only with stored terms
                     with self.autocast():
                         cur = completion_hidden(self.model, ps, cs, pad)
                         out = objectives.objective_loss(
@@ -647,25 +696,45 @@ class Trainer:
                 reason = str(err)
             seconds["time_forward_backward"] += time.perf_counter() - clock
             clock = time.perf_counter()
+            if self.world.parallel:  # every rank skips, or none does; then the gradients are summed
+                reason = distributed.agree(reason)
+                if reason is None:
+                    distributed.all_reduce_grads(self.model)
             if reason is None:
                 norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.max_grad_norm or float("inf"))
                 grad_norms.append(norm.item())
                 reason = nonfinite_reason(outputs, grad_norms[-1])
+                if self.world.parallel:
+                    reason = distributed.agree(reason)
             if reason is None:
                 self.optimizer.step()
             else:  # no step (weights and optimizer state stay as they were), and no later pass
                 self.optimizer.zero_grad(set_to_none=True)
             seconds["time_optimizer"] += time.perf_counter() - clock
         n_stored = sum(len(c) for _, cs, _ in stored_micro for c in cs)
-        stats = objectives.summarize([(*sources[0], sum(lengths)), (*sources[1], n_stored)], passes)
+        online: tuple[dict[str, float], dict[str, float], int] = (sources[0][0], sources[0][1], sum(lengths))
+        if self.world.parallel:  # the objective's sums over every rank's tokens
+            shares = distributed.all_gather_object((dict(sources[0][0]), dict(sources[0][1])))
+            online = (
+                distributed.sum_dicts([token_sums for token_sums, _ in shares]),
+                distributed.sum_dicts([loss_parts for _, loss_parts in shares]),
+                n_tokens_all,
+            )
+        stats: dict[str, Any] = objectives.summarize([online, (*sources[1], n_stored)], passes)
         stats["skipped_step"] = int(reason is not None)
         if reason is not None:
             stats["skip_reason"] = reason
         if spec.overlong_buffer:
             stats["overlong_penalty"] = float(shaping.mean())
+            if self.world.parallel:
+                stats["overlong_penalty"] = float(objectives.overlong_penalty(spec, torch.tensor(all_lengths)).mean())
         if reference_rewards is not None:
             stats["transformed_reward"] = float(task_reward.mean())
         if spread is not None:
+            if self.world.parallel:
+                spreads = distributed.all_gather_object((spread.tolist(), passed.tolist()))
+                spread = torch.tensor([d for ds, _ in spreads for d in ds])
+                passed = torch.tensor([p for _, ps in spreads for p in ps])
             stats["diversity"] = float(spread.mean())
             stats["diversity_of_passes"] = float(spread[passed].mean()) if passed.any() else math.nan
         stats["grad_norm"] = sum(grad_norms) / len(grad_norms) if grad_norms else math.nan
@@ -683,8 +752,10 @@ class Trainer:
         new = [e for e in dict.fromkeys(e.prompt for e in examples) if e not in self.reference_rewards]
         if new:
             fresh = [next(e for e in examples if e.prompt == p) for p in new]
+            assert self.calibration is not None  # called for a reward calibration only
             k = self.calibration.samples
-            rollout = self._sample(fresh, k, self.cfg.temperature, self.generator, model=self.reference)
+            with lora.forward_of(self.reference) as reference:
+                rollout = self._sample(fresh, k, self.cfg.temperature, self.generator, model=reference)
             rewards, _ = self._score(fresh, rollout.completion_ids, k)
             for i, e in enumerate(fresh):
                 self.reference_rewards[e.prompt] = sorted(rewards[i * k : (i + 1) * k])
@@ -718,8 +789,9 @@ class Trainer:
             _, entropy = chunked.logprob_entropy(policy.hidden, head, policy.tokens)
             divergence = None
             if other is not None:
-                target = completion_hidden(other, prompts, completions, pad)
-                divergence = chunked.divergence("reverse_kl", policy.hidden, head, target.hidden, self._head(other))
+                with lora.forward_of(other) as net:
+                    target = completion_hidden(net, prompts, completions, pad)
+                    divergence = chunked.divergence("reverse_kl", policy.hidden, head, target.hidden, self._head(net))
         starts = [0, *itertools.accumulate(len(c) for c in completions)]
         per_row = lambda values, r: [round(float(v), 5) for v in values[starts[r] : starts[r + 1]]]  # noqa: E731
         samples = [
@@ -743,6 +815,7 @@ class Trainer:
     def _diversity(self, completions: list[list[int]], group: int) -> torch.Tensor:
         """DSDR's global diversity d (B,) of each completion within its group (`divrl.diversity`)."""
         texts = self.tokenizer.batch_decode(completions, skip_special_tokens=True)
+        assert self.encoder is not None  # loaded with the diversity bonus, which alone calls this
         embeddings = self.encoder.embed(texts)
         return torch.cat(
             [
@@ -793,8 +866,11 @@ class Trainer:
         `max_refills` extra rounds)."""
         cfg = self.cfg
         offered = self.prompts.batch(step, cfg.prompts_per_step)
+        if self.world.parallel:
+            return self._collect_shard(offered)
         examples = self._unsolved_greedily(offered)
-        kept, sampled, errors, refills, n_offered = [], [], Counter(), 0, len(offered)
+        kept, sampled, refills, n_offered = [], [], 0, len(offered)
+        errors: Counter[str] = Counter()
         while True:
             if examples:
                 rollout = self._sample(examples, cfg.group_size, cfg.temperature, self.generator)
@@ -811,24 +887,30 @@ class Trainer:
         self.prompts.observe(
             [g.example for g in sampled], [sum(passes(r) for r in g.rewards) / len(g.rewards) for g in sampled]
         )
-        rewards = [r for g in sampled for r in g.rewards]
-        lengths = [len(c) for g in sampled for c in g.completions]
-        finished = [f for g in sampled for f in g.finished]
-        mean = (lambda xs: sum(xs) / len(xs)) if rewards else (lambda xs: math.nan)
-        stats = {
-            "reward": mean(rewards),
-            "pass_rate": mean([float(passes(r)) for r in rewards]),
-            "completion_length": mean(lengths),
-            "truncated_fraction": 1 - mean(finished),
-            "reward_errors": errors.total(),
-            "reward_timeouts": errors[TIMEOUT],
-            "reward_crashes": errors[CRASH],
-        }
+        stats = _rollout_stats(sampled, errors)
         if cfg.dynamic_sampling:  # refills ask for the missing count only: kept ≤ prompts_per_step
             stats.update(refills=refills, dropped_groups=len(sampled) - len(kept), trained_groups=len(kept))
         if cfg.prompt_filter != "none":
             stats.update(filtered_prompts=n_offered - len(sampled), trained_prompts=len(kept))
         return kept, stats
+
+    def _collect_shard(self, offered: list[Example]) -> tuple[list[Group], dict]:
+        """Data-parallel `_collect` (`divrl.distributed`): this rank samples and scores its
+        contiguous block of the step's prompts; the prompt source observes every group's pass rate
+        and the statistics describe the whole batch (gathered from all ranks, in batch order)."""
+        cfg = self.cfg
+        examples = distributed.shard(offered, self.world)
+        rollout = self._sample(examples, cfg.group_size, cfg.temperature, self.generator)
+        rewards, errors = self._score(examples, rollout.completion_ids, cfg.group_size)
+        groups = split_groups(examples, rollout, rewards)
+        mine = [(g.rewards, [len(c) for c in g.completions], g.finished) for g in groups]
+        gathered = distributed.all_gather_object((mine, dict(errors)))
+        everyone = [
+            Group(e, [], [[0] * n for n in lengths], [], finished, rewards)
+            for e, (rewards, lengths, finished) in zip(offered, (g for part, _ in gathered for g in part))
+        ]
+        self.prompts.observe(offered, [sum(passes(r) for r in g.rewards) / len(g.rewards) for g in everyone])
+        return groups, _rollout_stats(everyone, sum((Counter(e) for _, e in gathered), Counter()))
 
     def _offline_batch(self, step: int) -> tuple[list[Group], dict]:
         """Step `step`'s stored groups (offline: in turn, no generation)."""
@@ -864,6 +946,7 @@ class Trainer:
         if groups:
             every = self.cfg.inspect_every
             record = [g.example.prompt for g in groups] if every and (step + 1) % every == 0 else None
+            record = record if self.world.main else None  # data-parallel: rank 0's share is recorded
             calibration = None if self.calibration is None else self._reference_rewards([g.example for g in groups])
             stats.update(
                 self._update(
@@ -899,19 +982,31 @@ class Trainer:
         returns its step and the before-training evaluation, or (0, None) where the run has no
         checkpoint yet (a two-stage run may stop in its first stage)."""
         cfg, run_dir = self.cfg, self.run_dir
-        for partial in remove_partial_writes(run_dir):
-            self.log(f"removed {partial}: an interrupted checkpoint write (never loaded)")
-        found = latest_checkpoint(run_dir, warn=lambda message: self.log(f"warning: {message}"))
-        if found is None:
-            if checkpoint_dirs(run_dir):
-                raise ConfigError(
+        found, problem = None, None
+        if self.world.main:  # data-parallel: rank 0 cleans up and chooses; every rank loads its choice
+            for partial in remove_partial_writes(run_dir):
+                self.log(f"removed {partial}: an interrupted checkpoint write (never loaded)")
+            found = latest_checkpoint(run_dir, warn=lambda message: self.log(f"warning: {message}"))
+            if found is None and checkpoint_dirs(run_dir):
+                problem = (
                     f"config key 'resume': no checkpoint in {run_dir / 'checkpoints'} is intact "
                     f"(each skipped above); choose another output_dir to start over"
                 )
+        if self.world.parallel:
+            found, problem = distributed.broadcast_object((found, problem))
+        if problem is not None:
+            raise ConfigError(problem)
+        if found is None:
             return 0, None
         _, path = found
         state = load_checkpoint(path, self.model, self.optimizer, self.generator)
         self.step = state["step"]
+        if not self.world.main:  # rank R's own sampling stream, else a fresh one (another world size)
+            rank_rng = path / f"rng-rank-{self.world.rank}.pt"
+            if rank_rng.is_file():
+                self.generator.set_state(torch.load(rank_rng, weights_only=True))
+            else:
+                self.generator.manual_seed(distributed.rank_seed(cfg.seed, self.world.rank, self.step))
         if cfg.reference_refresh_every:
             if self.step % cfg.reference_refresh_every:
                 raise ConfigError(
@@ -919,7 +1014,8 @@ class Trainer:
                     f"{self.step}) is not at a refresh of the reference (every "
                     f"{cfg.reference_refresh_every} steps); resume from one that is"
                 )
-            self.reference.load_state_dict(self.model.state_dict())
+            if self.reference is not None:  # none is loaded when nothing reads it
+                self.reference.load_state_dict(self.model.state_dict())
         self.prompts.load_state_dict(state["prompt_source"])
         self.entropy_anchor = state["entropy_anchor"]
         self.reference_rewards = state["reference_rewards"]
@@ -971,18 +1067,23 @@ class Trainer:
         )
 
     def run(self) -> dict:
-        cfg, run_dir = self.cfg, self.run_dir
-        run_dir.mkdir(parents=True, exist_ok=True)
+        cfg, run_dir, main = self.cfg, self.run_dir, self.world.main
+        if main:  # data-parallel: rank 0 alone writes to output_dir (`divrl.distributed`)
+            run_dir.mkdir(parents=True, exist_ok=True)
         start_step, before = self._resume() if cfg.resume else (0, None)
-        save_config(cfg, run_dir / "config.yaml")
-        log = MetricsLog(run_dir, resume_step=start_step if cfg.resume else None)
+        if main:
+            save_config(cfg, run_dir / "config.yaml")
+        log = MetricsLog(run_dir, resume_step=start_step if cfg.resume else None) if main else NullLog()
         wall0 = time.perf_counter()
         try:
             if before is None:
-                self.log(f"evaluating before training on {len(self.task.eval)} held-out prompts …")
-                before = self.evaluate()
-                log.log(0, {**before, "overlong_prompts": self.overlong_prompts})
-                self.log(_fmt_eval("before", before))
+                if main:  # data-parallel: evaluations run on rank 0, the others wait
+                    self.log(f"evaluating before training on {len(self.task.eval)} held-out prompts …")
+                    before = self.evaluate()
+                    log.log(0, {**before, "overlong_prompts": self.overlong_prompts})
+                    self.log(_fmt_eval("before", before))
+                if self.world.parallel:
+                    before = distributed.broadcast_object(before)
             bar = tqdm(
                 range(start_step, cfg.steps),
                 initial=start_step,
@@ -991,13 +1092,15 @@ class Trainer:
                 unit="step",
                 file=sys.stderr,
                 dynamic_ncols=True,
+                disable=not main,
             )
             for step in bar:
                 metrics = self.train_step(step)
                 self.step = step + 1
-                if cfg.reference_refresh_every and self.step % cfg.reference_refresh_every == 0:
+                refresh = cfg.reference_refresh_every and self.step % cfg.reference_refresh_every == 0
+                if refresh and self.reference is not None:  # none is loaded when nothing reads it
                     self.reference.load_state_dict(self.model.state_dict())  # the "previous epoch"
-                if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < cfg.steps:
+                if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < cfg.steps and main:
                     metrics.update(self.evaluate())
                 log.log(self.step, metrics)
                 bar.set_postfix(
@@ -1007,18 +1110,27 @@ class Trainer:
                     s=f"{metrics['time_step']:.1f}",
                 )
                 if self.step % cfg.checkpoint_every == 0 or self.step == cfg.steps:
-                    save_checkpoint(
-                        run_dir,
-                        self.step,
-                        self.model,
-                        self.tokenizer,
-                        self.optimizer,
-                        self.generator,
-                        cfg.keep_checkpoints,
-                        self._trainer_state(before),
+                    # data-parallel: written once, by rank 0, with every rank's sampling generator
+                    rank_generators = (
+                        distributed.all_gather_object(self.generator.get_state())[1:] if self.world.parallel else []
                     )
+                    if main:
+                        assert before is not None  # rank 0 evaluated (or resumed) it above
+                        save_checkpoint(
+                            run_dir,
+                            self.step,
+                            self.model,
+                            self.tokenizer,
+                            self.optimizer,
+                            self.generator,
+                            cfg.keep_checkpoints,
+                            self._trainer_state(before),
+                            rank_generators=rank_generators,
+                        )
             bar.close()
-            after = self.evaluate()
+            after = self.evaluate() if main else {}
+            if self.world.parallel:
+                after = distributed.broadcast_object(after)
             log.log(cfg.steps, after)
             self.log(_fmt_eval("after", after))
         except KeyboardInterrupt:
@@ -1030,9 +1142,28 @@ class Trainer:
             log.close()
             self.verifier.close()  # its worker processes, if any
         summary = {"before": before, "after": after, "train_seconds": time.perf_counter() - wall0}
-        write_report(run_dir, cfg, summary)
-        self.log(f"wrote {run_dir / 'report.md'} and {run_dir / 'curves.png'}")
+        if main:
+            write_report(run_dir, cfg, summary)
+            self.log(f"wrote {run_dir / 'report.md'} and {run_dir / 'curves.png'}")
         return summary
+
+
+def _rollout_stats(sampled: list[Group], errors: Counter[str]) -> dict:
+    """Reward, pass rate, completion length, truncated fraction and verifier failures of a step's
+    sampled groups."""
+    rewards = [r for g in sampled for r in g.rewards]
+    lengths = [len(c) for g in sampled for c in g.completions]
+    finished = [f for g in sampled for f in g.finished]
+    mean = (lambda xs: sum(xs) / len(xs)) if rewards else (lambda xs: math.nan)
+    return {
+        "reward": mean(rewards),
+        "pass_rate": mean([float(passes(r)) for r in rewards]),
+        "completion_length": mean(lengths),
+        "truncated_fraction": 1 - mean(finished),
+        "reward_errors": errors.total(),
+        "reward_timeouts": errors[TIMEOUT],
+        "reward_crashes": errors[CRASH],
+    }
 
 
 def _fmt_eval(label: str, ev: dict) -> str:

@@ -40,6 +40,7 @@ evenly spaced checkpoints, and right for uneven ones.
 
 from __future__ import annotations
 
+import itertools
 import math
 import re
 from collections.abc import Mapping, Sequence
@@ -112,7 +113,8 @@ def tensor_sparsity(
 def group_by_layer(per_tensor: Mapping[str, Sparsity]) -> tuple[Sparsity, dict[int, Sparsity]]:
     """(overall, per layer) sums of per-tensor counts: parameter-weighted, not a mean of tensor
     fractions (the paper's script averages the fractions); tensors outside layers count overall."""
-    overall, layers = Sparsity(0, 0), {}
+    overall = Sparsity(0, 0)
+    layers: dict[int, Sparsity] = {}
     for name, counts in per_tensor.items():
         overall += counts
         if (layer := layer_of(name)) is not None:
@@ -266,7 +268,7 @@ def relex_fit(base: Tensor, checkpoints: Sequence[Tensor], steps: Sequence[int],
         raise ValueError(f"{len(checkpoints)} checkpoints but {len(steps)} steps")
     if len(checkpoints) < 2:
         raise ValueError(f"RELEX needs at least 2 checkpoints, got {len(checkpoints)}")
-    if any(b <= a for a, b in zip(steps, steps[1:])):
+    if any(b <= a for a, b in itertools.pairwise(steps)):
         raise ValueError(f"checkpoint steps must increase, got {list(steps)}")
     window = len(steps) if window is None else window
     if window < 2:

@@ -86,7 +86,9 @@ class Interval:
     high: float = math.inf
     open_low: bool = False
 
-    def __contains__(self, value: float) -> bool:
+    def __contains__(self, value: object) -> bool:
+        if not isinstance(value, (int, float)):
+            return False  # a set of numbers
         above = self.low < value if self.open_low else self.low <= value
         return math.isfinite(value) and above and value <= self.high
 
@@ -123,7 +125,8 @@ def register_weight(name: str) -> Callable[[WeightFn], WeightFn]:
             raise ValueError(f"weight {name!r} is already registered")
         params = list(inspect.signature(fn).parameters.values())[1:]
         hints = typing.get_type_hints(fn, include_extras=True)
-        types, ranges = {}, {}
+        types: dict[str, type] = {}
+        ranges: dict[str, Interval] = {}
         for param in params:
             hint = hints[param.name]
             if typing.get_origin(hint) is Annotated:

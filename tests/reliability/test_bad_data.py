@@ -32,7 +32,7 @@ def test_non_utf8_line_is_refused_naming_file_line_and_byte(tmp_path):
     path = _jsonl(tmp_path, GOOD, GOOD, b'{"prompt": "caf\xe9", "answer": "1"}')
     with pytest.raises(TaskError, match=r"bad.jsonl:3: not UTF-8 \(byte 0xe9 at byte 15 of the line\)"):
         build_task(build_config(None, [f"task={path}"]))
-    with pytest.raises(demos.DemoError, match="bad.jsonl:3: not UTF-8"):  # the same reader
+    with pytest.raises(demos.DemoError, match=r"bad\.jsonl:3: not UTF-8"):  # the same reader
         demos.read(path)
 
 
@@ -53,13 +53,13 @@ def test_utf8_byte_order_mark_is_accepted(tmp_path):
 )
 def test_empty_or_non_scalar_answer_is_refused_naming_file_and_line(tmp_path, row):
     path = _jsonl(tmp_path, GOOD, GOOD, json.dumps(row).encode())
-    with pytest.raises(TaskError, match="bad.jsonl:3: 'answer' must be a non-empty string or a number"):
+    with pytest.raises(TaskError, match=r"bad\.jsonl:3: 'answer' must be a non-empty string or a number"):
         build_task(build_config(None, [f"task={path}"]))
 
 
 def test_empty_prompt_is_refused_naming_file_and_line(tmp_path):
     path = _jsonl(tmp_path, GOOD, json.dumps({"prompt": " ", "answer": "1"}).encode())
-    with pytest.raises(TaskError, match="bad.jsonl:2: 'prompt' must be a non-empty string"):
+    with pytest.raises(TaskError, match=r"bad\.jsonl:2: 'prompt' must be a non-empty string"):
         build_task(build_config(None, [f"task={path}"]))
 
 
@@ -117,7 +117,7 @@ def test_overlong_prompt_truncated_to_its_tail_and_counted(tmp_path, tokenizer):
 
 def test_trainer_counts_overlong_prompts_in_its_log_and_metrics(tmp_path, say_task, one_thread):
     """The tiny model's 512 positions less 8 new tokens: one 1000-word prompt is truncated."""
-    overrides = say_task(["x " * 1000] + list(range(5)), "always")
+    overrides = say_task(["x " * 1000, *range(5)], "always")
     common = [
         "model=tiny",
         "steps=1",

@@ -195,7 +195,7 @@ def test_a_value_out_of_range_names_the_key_and_the_value(key, value):
     ],
 )
 def test_conflicting_options_are_refused_with_the_reason(overrides, message):
-    with pytest.raises(ConfigError, match="^config key") as caught:
+    with pytest.raises(ConfigError, match=r"^config key") as caught:
         build_config(None, overrides)
     assert message in str(caught.value)
 

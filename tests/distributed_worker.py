@@ -1,0 +1,71 @@
+"""Worker of tests/test_distributed.py: 2 training steps of a tiny model on a batch that does not
+depend on how it is split, in one process (`python tests/distributed_worker.py OUT`) or as one
+rank of a data-parallel launch (`torchrun --nproc_per_node 2 tests/distributed_worker.py OUT`).
+
+Each prompt's completions are sampled with a generator seeded by the prompt's text and cut to
+lengths that differ from prompt to prompt, so every rank builds exactly its block of the batch
+one process builds, with unequal token counts per rank (a per-rank token-mean normalizer would
+give another update). Writes OUT/rank-R.pt: the weights and the logged metrics after each step."""
+
+import sys
+import zlib
+from pathlib import Path
+
+import torch
+
+from divrl.config import build_config
+from divrl.rollout import Rollout
+from divrl.trainer import Trainer
+
+OVERRIDES = [
+    "model=tiny",
+    "steps=2",
+    "prompts_per_step=4",
+    "group_size=2",
+    "max_new_tokens=6",
+    "eval_size=2",
+    "eval_samples=1",
+    "train_size=20",
+    "lr=1e-3",
+    "kl_coef=0.1",
+    "eval_every=0",
+]
+
+
+def per_prompt_sampling(trainer: Trainer) -> None:
+    """Replace the trainer's sampler by one whose draws depend on each prompt alone."""
+    real = trainer._sample
+
+    def sample(examples, group_size, temperature, generator, top_p=None, model=None):
+        rows = []
+        for e in examples:
+            seed = zlib.crc32(e.prompt.encode())
+            one = real([e], group_size, temperature, torch.Generator().manual_seed(seed), top_p, model)
+            for j in range(group_size):
+                keep = 1 + (seed + 3 * j) % max(1, len(one.completion_ids[j]))  # 1 … its length
+                rows.append((one.completion_ids[j][:keep], one.logprobs[j][:keep], False))
+        return Rollout(
+            prompt_ids=[trainer._prompt_ids(e) for e in examples],
+            completion_ids=[r[0] for r in rows],
+            logprobs=[r[1] for r in rows],
+            finished=[r[2] for r in rows],
+            group_size=group_size,
+        )
+
+    trainer._sample = sample
+
+
+def main(out: Path, *extra: str) -> None:
+    cfg = build_config(None, [*OVERRIDES, f"output_dir={out / 'run'}", *extra])
+    trainer = Trainer(cfg, log=lambda *_: None)
+    per_prompt_sampling(trainer)
+    record = []
+    for step in range(cfg.steps):
+        metrics = trainer.train_step(step)
+        weights = {k: v.detach().clone() for k, v in trainer.model.state_dict().items()}
+        record.append({"weights": weights, "metrics": metrics})
+    torch.save(record, out / f"rank-{trainer.world.rank}.pt")
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1]), *sys.argv[2:])

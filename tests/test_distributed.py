@@ -1,0 +1,123 @@
+"""Data-parallel training (`divrl.distributed`) on the CPU with gloo and 2 processes.
+
+- The update of 2 ranks equals that of one process on the same global batch: 2 steps, weights
+  compared after each (tests/distributed_worker.py makes the batch independent of the split).
+- `torchrun … -m divrl train …` runs end to end: only rank 0 writes, the checkpoint holds every
+  rank's sampling state and resumes in one process (another world size).
+- A world size that does not divide prompts_per_step, and the options that cannot be sharded, are
+  refused naming the key and the world size."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import distributed_worker
+from divrl import distributed
+from divrl.config import ConfigError, build_config
+from divrl.runlog import read_metrics
+
+HERE = Path(__file__).parent
+WORKER = HERE / "distributed_worker.py"
+
+
+def _env():
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)
+    return env
+
+
+def _torchrun(*args: str, cwd: Path, env: dict | None = None) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *args]
+    done = subprocess.run(command, cwd=cwd, env=env or _env(), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
+    return done
+
+
+def test_two_ranks_update_as_one_process_on_the_same_global_batch(tmp_path, say_task):
+    """A reward that varies within groups (the parity of the completion's length), so the
+    policy gradient carries the update (with rewards all equal, the first step's gradient would be
+    float noise, which Adam scales up to lr-sized steps)."""
+    task = say_task(range(20), "parity")
+    single, parallel = tmp_path / "single", tmp_path / "parallel"
+    single.mkdir(), parallel.mkdir()
+    env = {**_env(), "PYTHONPATH": os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])}
+    distributed_worker.main(single, *task)  # one process: this one
+    _torchrun(str(WORKER), str(parallel), *task, cwd=tmp_path, env=env)
+    one = torch.load(single / "rank-0.pt", weights_only=False)
+    ranks = [torch.load(parallel / f"rank-{r}.pt", weights_only=False) for r in range(2)]
+    for step in range(2):
+        expected = one[step]["weights"]
+        for rank in ranks:
+            got = rank[step]["weights"]
+            for name, value in expected.items():
+                torch.testing.assert_close(got[name], value, rtol=1e-5, atol=5e-6, msg=f"step {step + 1} {name}")
+        for key in ("reward", "pass_rate", "completion_length", "loss", "pg_loss", "kl", "entropy", "grad_norm"):
+            assert ranks[0][step]["metrics"][key] == pytest.approx(one[step]["metrics"][key], rel=1e-5, abs=1e-6), key
+            assert ranks[1][step]["metrics"][key] == ranks[0][step]["metrics"][key], key
+    assert {one[step]["metrics"]["reward"] for step in range(2)} - {0.0, 1.0}, "rewards all equal: no signal"
+
+
+def test_torchrun_cli_writes_once_and_resumes_in_one_process(tmp_path):
+    run = tmp_path / "run"
+    sets = [
+        "model=tiny",
+        "steps=2",
+        "prompts_per_step=2",
+        "group_size=2",
+        "max_new_tokens=6",
+        "eval_size=2",
+        "eval_samples=1",
+        "train_size=20",
+        "checkpoint_every=1",
+        "eval_every=0",
+        f"output_dir={run}",
+    ]
+    done = _torchrun("-m", "divrl", "train", *(arg for s in sets for arg in ("--set", s)), cwd=tmp_path)
+    assert done.stdout.count("resolved config:") == 1 and done.stdout.count("report: ") == 1
+    rows = read_metrics(run / "metrics.jsonl")
+    assert [r["step"] for r in rows if "reward" in r] == [1, 2]  # once each: rank 1 wrote no row
+    assert [r["step"] for r in rows if "eval_pass@1" in r] == [0, 2]
+    step2 = run / "checkpoints" / "step-2"
+    assert (step2 / "rng-rank-1.pt").is_file() and not (step2 / "rng-rank-2.pt").exists()
+    assert "rng-rank-1.pt" in json.loads((step2 / "manifest.json").read_text())["files"]
+    assert json.loads((step2 / "trainer_state.json").read_text())["step"] == 2
+    assert (run / "report.md").is_file()
+
+    from divrl.trainer import Trainer  # resume at world size 1: step 3 from the 2-rank checkpoint
+
+    cfg = build_config(None, [*(s for s in sets if not s.startswith("steps=")), "steps=3", "resume=true"])
+    trainer = Trainer(cfg, log=lambda *_: None)
+    trainer.run()
+    assert trainer.step == 3
+    assert [r["step"] for r in read_metrics(run / "metrics.jsonl") if "reward" in r] == [1, 2, 3]
+
+
+def _cfg(tmp_path, *extra):
+    return build_config(None, ["model=tiny", "prompts_per_step=4", f"output_dir={tmp_path / 'run'}", *extra])
+
+
+def test_a_world_size_that_does_not_divide_the_prompts_is_refused(tmp_path):
+    with pytest.raises(ConfigError, match=r"'prompts_per_step': 4 prompts .* 3 ranks"):
+        distributed.check_config(_cfg(tmp_path), distributed.World(0, 3, 0))
+    distributed.check_config(_cfg(tmp_path), distributed.World(1, 2, 1))  # 2 per rank: fine
+    distributed.check_config(_cfg(tmp_path, "prompts_per_step=3"), distributed.World())  # one process
+
+
+@pytest.mark.parametrize("key", ["dynamic_sampling=true", "prompt_filter=greedy_unsolved"])
+def test_options_decided_per_rank_are_refused(tmp_path, key):
+    with pytest.raises(ConfigError, match=rf"'{key.split('=')[0]}': not supported with data-parallel .*2 ranks"):
+        distributed.check_config(_cfg(tmp_path, key), distributed.World(0, 2, 0))
+
+
+def test_shards_are_contiguous_blocks_in_rank_order():
+    items = list(range(6))
+    blocks = [distributed.shard(items, distributed.World(r, 3, r)) for r in range(3)]
+    assert blocks == [[0, 1], [2, 3], [4, 5]]
+    assert distributed.rank_seed(7, 0) == 7  # rank 0 samples as one process does
+    assert len({distributed.rank_seed(7, r) for r in range(4)}) == 4
