@@ -41,7 +41,9 @@ def test_names():
         "reference_entropy_above",
         "reference_entropy_at_most",
         "reference_kl_quantile",
+        "resrl",
         "stcr",
+        "success_adaptive",
     ]
 
 
@@ -122,7 +124,7 @@ def test_check_unknown_name_suggests_and_lists():
     with pytest.raises(ValueError, match="did you mean 'pass_rate'") as error:
         W.check("pass_rat", {})
     assert (
-        "accuracy_tanh, asymmetric, confidence_shift, dads, diversity_allocation, entropy_quantile, failed, group_unsolved, low_probability_negatives, pass_rate, reference_entropy_above, reference_entropy_at_most, reference_kl_quantile, stcr"
+        "accuracy_tanh, asymmetric, confidence_shift, dads, diversity_allocation, entropy_quantile, failed, group_unsolved, low_probability_negatives, pass_rate, reference_entropy_above, reference_entropy_at_most, reference_kl_quantile, resrl, stcr, success_adaptive"
         in str(error.value)
     )
     with pytest.raises(ValueError, match="unknown weight 'zzz'; valid: accuracy_tanh, asymmetric"):

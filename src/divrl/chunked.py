@@ -377,6 +377,32 @@ def logprob_entropy(
     tile's rounding — in bfloat16 up to half a step, log p up to +0.1 at logits of 30. Its gradient
     is that of the product hidden · weight[y] (+ bias[y]), the same function.
     """
+    sampled, correction, lse, entropy = _streamed(hidden, head, tokens, temperature, chunk_tokens, chunk_vocab)
+    return (sampled - lse) + correction, entropy
+
+
+def logit_lse_entropy(
+    hidden: Tensor,
+    head: Head | Tensor,
+    tokens: Tensor,
+    *,
+    temperature: float = 1.0,
+    chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
+    chunk_vocab: int = DEFAULT_CHUNK_VOCAB,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(z_y, logsumexp(z), H(p)) per row, each (N,) and differentiable w.r.t. hidden, weight and
+    bias, from the same single streamed pass as ``logprob_entropy`` (arguments as there): the
+    sampled token's logit, the log-normalizer and the entropy. z_y − lse is exactly
+    ``logprob_entropy``'s log-prob (same value, same gradient); soft-Q readings of the logits
+    (Q(s, y) = z_y, V(s) = lse) take the two apart. The (N, V) logits are never built."""
+    sampled, correction, lse, entropy = _streamed(hidden, head, tokens, temperature, chunk_tokens, chunk_vocab)
+    return sampled + correction, lse, entropy
+
+
+def _streamed(
+    hidden: Tensor, head: Head | Tensor, tokens: Tensor, temperature: float, chunk_tokens: int, chunk_vocab: int
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(z_y as the tile holds it, no gradient; a zero-valued term carrying z_y's gradient; lse; H)."""
     hidden, head = _in_compute_dtype(hidden, _as_head(head, temperature))
     acc = _accumulation_dtype(hidden.dtype)
     with _autocast_off(hidden.device):
@@ -387,7 +413,7 @@ def logprob_entropy(
             hidden, head.weight, head.bias, tokens, _constants(head), chunk_tokens, chunk_vocab
         )
     differentiable = _activate(sampled_lin, head)
-    return (sampled - lse) + (differentiable - differentiable.detach()), entropy
+    return sampled, differentiable - differentiable.detach(), lse, entropy
 
 
 def _term_and_grad(

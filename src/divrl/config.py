@@ -182,6 +182,13 @@ class TrainConfig:
         "first step's value, saved in checkpoints.",
         default=None,
     )
+    td_regularizer: dict | None = _doc(
+        "IRL imitation's temporal-difference regularizer (recipe irl-sft): "
+        "{coef: λ, gamma: γ} adds λ·(z_y − γ·logsumexp z′)² per token, z the "
+        "logits at the token's position and z′ at the next one (0 after the "
+        "completion's last token); logged as td_loss.",
+        default=None,
+    )
     stored_prompts: int = _doc(
         "For stored-estimator terms (DPH-RL): how many training prompts the "
         "initial policy answers once, before training.",
@@ -615,7 +622,9 @@ def _check_something_trains(spec: ObjectiveSpec) -> None:
             f"true or placement: loss"
         )
     pulling = [t for t in spec.terms if t.placement == "loss" and (t.coef > 0 or (t.anneal and t.anneal[0] > 0))]
-    anchored = spec.entropy_anchor is not None and spec.entropy_anchor.coef > 0
+    anchored = (spec.entropy_anchor is not None and spec.entropy_anchor.coef > 0) or (
+        spec.td_regularizer is not None and spec.td_regularizer.coef > 0
+    )
     if not pulling and not anchored:
         zero = [f"{t.name} coef {t.coef:g}" for t in spec.terms] + (
             [f"entropy_anchor coef {spec.entropy_anchor.coef:g}"] if spec.entropy_anchor else []

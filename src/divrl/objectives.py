@@ -307,6 +307,20 @@ def entropy_anchor(spec: EntropyAnchorSpec, inputs: ObjectiveInputs) -> tuple[to
     return loss, float(mean_entropy.detach()), float(kept.float().mean()) if len(kept) else 0.0
 
 
+def td_residual(sampled_logits: torch.Tensor, lse: torch.Tensor, rows: torch.Tensor, gamma: float) -> torch.Tensor:
+    """r_t = Q(s_t, y_t) − γ·V(s_{t+1}) per flat token (N,), reading the logits as soft Q-values
+    (IRL imitation, Wulfmeier et al. 2024, arXiv 2409.01369; IQLearn, Garg et al. 2021):
+    Q(s_t, y_t) = z_{y_t} (`sampled_logits`), V(s) = logsumexp z = `lse`, so that
+    Q − V = log π. s_{t+1} is the next token's position of the same completion (`rows`: the
+    tokens of a completion are contiguous and in order, as `ObjectiveInputs` lays them out);
+    after a completion's last token the state is terminal, V = 0 (IQLearn's (1 − done) mask).
+    r_t is the reward the soft-Q function implies; differentiable through both Q and V."""
+    same = rows[1:] == rows[:-1]
+    zero = lse.new_zeros(1)
+    next_value = torch.cat([torch.where(same, lse[1:], 0.0), zero])
+    return sampled_logits - gamma * next_value
+
+
 def _reference_at_tokens(inputs: ObjectiveInputs) -> tuple[torch.Tensor, torch.Tensor]:
     """(log π_ref(y_t), H(π_ref)(s_t)) per token: precomputed by the trainer, or computed here."""
     reference = inputs.models["reference"]
@@ -344,6 +358,7 @@ def _stats(spec: ObjectiveSpec, inputs: ObjectiveInputs, logprobs, entropy, old)
         reference_entropy=ref_entropy,
         diversity=inputs.diversity,
         reference_kl=ref_kl,
+        hidden=inputs.policy.hidden.detach(),
     )
 
 
@@ -365,6 +380,11 @@ def _mask_and_weight(
         sums[f"{name}_masked_fraction"] += float((m == 0).sum())
     if weight:
         sums[f"{name}_mean_weight"] += float(w.sum())
+        if any(n == "resrl" for n, _ in weight):  # ResRL's metric: the mean weight of failed tokens
+            assert stats.passed is not None  # `_stats` always sets it
+            failing = ~stats.passed[stats.rows]
+            sums[f"{name}_failed_weight_sum"] += float(w[failing].sum())
+            sums[f"{name}_failed_tokens"] += float(failing.sum())
     factor = 1.0
     if mask_mean:
         kept = float((scale * m).sum()) + unmasked
@@ -405,7 +425,11 @@ def _at_prompt(term: TermSpec, prompt: PromptPositions, token_weights: torch.Ten
 def objective_loss(spec: ObjectiveSpec, inputs: ObjectiveInputs) -> ObjectiveOutput:
     """The loss of one (micro-)batch and its metric sums; see the module docstring."""
     policy, models = inputs.policy, _models(inputs)
-    logprobs, entropy = chunked.logprob_entropy(policy.hidden, policy.head, inputs.tokens)
+    if spec.td_regularizer is None:
+        logprobs, entropy = chunked.logprob_entropy(policy.hidden, policy.head, inputs.tokens)
+    else:  # the same pass, with Q(s, y) = z_y and V(s) = lse apart: log p = z_y − lse exactly
+        sampled_logits, lse, entropy = chunked.logit_lse_entropy(policy.hidden, policy.head, inputs.tokens)
+        logprobs = sampled_logits - lse
     old = logprobs.detach() if inputs.old_logprobs is None else inputs.old_logprobs
     stats = _stats(spec, inputs, logprobs, entropy, old)
     scale = inputs.token_scale
@@ -473,6 +497,16 @@ def objective_loss(spec: ObjectiveSpec, inputs: ObjectiveInputs) -> ObjectiveOut
                 parts[term.name] = parts[term.name] + term.coef * _at_prompt(
                     term, inputs.prompt, prompt_weights * factor
                 )
+
+    if spec.td_regularizer is not None:  # IRL imitation: λ·Σ_t a_t (z_y − γ·V(s_{t+1}))²
+        td = spec.td_regularizer
+        residual = td_residual(_wide(sampled_logits), _wide(lse), inputs.rows, td.gamma)
+        squared = residual.square()
+        sums["td_squared"] += float(squared.detach().sum())  # mean (Q − γV′)²
+        sums["td_reward"] += float(residual.detach().sum())  # mean implied reward Q − γV′
+        sums["soft_value"] += float(lse.detach().sum())  # mean V(s) = logsumexp of the logits
+        if td.coef:
+            parts["td"] = td.coef * (scale * squared).sum()
 
     if spec.entropy_anchor is not None:
         part, mean_entropy, kept = entropy_anchor(spec.entropy_anchor, inputs)
@@ -597,6 +631,10 @@ def summarize(sources: list[tuple[dict[str, float], dict[str, float], int]], pas
         parts.update({k: v / passes for k, v in loss_parts.items()})
     if "reverse_kl_to_reference" in metrics:
         metrics["kl"] = metrics["reverse_kl_to_reference"]
+    for key in [k for k in metrics if k.endswith("_failed_weight_sum")]:  # ResRL: mean over failed tokens
+        name = key.removesuffix("_failed_weight_sum")
+        total, count = metrics.pop(key), metrics.pop(f"{name}_failed_tokens")
+        metrics[f"{name}_failed_mean_weight"] = total / count if count else math.nan
     total_abs = sum(abs(v) for v in parts.values())
     for name, value in parts.items():
         metrics[f"{name}_loss"] = value

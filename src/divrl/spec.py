@@ -507,6 +507,34 @@ def _parse_entropy_anchor(value: Any) -> EntropyAnchorSpec | None:
 
 
 @dataclass(frozen=True)
+class TDRegularizerSpec:
+    """IRL imitation's temporal-difference regularizer λ·(z_{y_t} − γ·V(s_{t+1}))², V = logsumexp
+    of the logits, V = 0 after a completion's last token (`divrl.objectives.td_residual`)."""
+
+    coef: float = 0.01
+    gamma: float = 0.99
+
+
+def _parse_td_regularizer(value: Any) -> TDRegularizerSpec | None:
+    if value is None:
+        return None
+    if not isinstance(value, Mapping):
+        raise SpecError(f"td_regularizer: a mapping {{coef, gamma}} or null, got {value!r}")
+    fields = ("coef", "gamma")
+    for key in value:
+        if key not in fields:
+            raise _unknown("td_regularizer", "key", key, fields)
+    defaults = TDRegularizerSpec()
+    numbers = {k: float(getattr(defaults, k)) for k in fields}
+    numbers.update((k, _number(f"td_regularizer.{k}", v)) for k, v in value.items())
+    if not (numbers["coef"] >= 0 and math.isfinite(numbers["coef"])):
+        raise SpecError(f"td_regularizer.coef: must be a finite number ≥ 0, got {numbers['coef']!r}")
+    if not 0 <= numbers["gamma"] <= 1:
+        raise SpecError(f"td_regularizer.gamma: must be in [0, 1], got {numbers['gamma']!r}")
+    return TDRegularizerSpec(numbers["coef"], numbers["gamma"])
+
+
+@dataclass(frozen=True)
 class ObjectiveSpec:
     """Everything that decides the loss; built by `parse_objective`."""
 
@@ -528,6 +556,7 @@ class ObjectiveSpec:
     overlong_penalty: float = 1.0
     max_length: int = 1
     entropy_anchor: EntropyAnchorSpec | None = None
+    td_regularizer: TDRegularizerSpec | None = None
     warnings: tuple[str, ...] = field(default=(), compare=False)
 
     def models(self) -> frozenset[str]:
@@ -575,6 +604,9 @@ class ObjectiveSpec:
         if self.entropy_anchor:
             a = self.entropy_anchor
             parts.append(f"{a.coef:g}·(H̄_top-p{a.top_p:g} − H₀)²")
+        if self.td_regularizer:
+            td = self.td_regularizer
+            parts.append(f"{td.coef:g}·(z_y − {td.gamma:g}·lse′)²")
         shaping = (
             f", overlong penalty ≤ {self.overlong_penalty:g} in the last {self.overlong_buffer:g} of the length budget"
             if self.overlong_buffer
@@ -645,7 +677,7 @@ def parse_objective(config: Mapping[str, Any]) -> ObjectiveSpec:
 
     Keys read: policy_gradient, pg_loss, advantage, advantage_std, advantage_clip, clip_low, clip_high, loss_aggregation, loss_normalizer
     (default: max_new_tokens), pg_mask, pg_weight, pg_mask_mean, terms, teacher, overlong_buffer,
-    overlong_penalty, max_new_tokens, entropy_anchor, and the shorthand kl_coef, kl_estimator, kl_in_reward
+    overlong_penalty, max_new_tokens, entropy_anchor, td_regularizer, and the shorthand kl_coef, kl_estimator, kl_in_reward
     (appended as the last term).
     """
     get = config.get
@@ -697,7 +729,12 @@ def parse_objective(config: Mapping[str, Any]) -> ObjectiveSpec:
             "policy_gradient: false drops the per-token advantage that token_reward terms "
             "enter; set policy_gradient: true"
         )
-    if not policy_gradient and not any(t.placement == "loss" for t in terms) and not get("entropy_anchor"):
+    if (
+        not policy_gradient
+        and not any(t.placement == "loss" for t in terms)
+        and not get("entropy_anchor")
+        and not get("td_regularizer")
+    ):
         raise SpecError("policy_gradient: false leaves no loss term; add a term with placement: loss")
     pg_loss, pg_loss_params = _parse_pg_loss(
         get("pg_loss", "clipped"), float(get("clip_low", 0.2)), float(get("clip_high", 0.28))
@@ -727,5 +764,6 @@ def parse_objective(config: Mapping[str, Any]) -> ObjectiveSpec:
         overlong_penalty=overlong_penalty,
         max_length=int(get("max_new_tokens", 1)),
         entropy_anchor=_parse_entropy_anchor(get("entropy_anchor")),
+        td_regularizer=_parse_td_regularizer(get("td_regularizer")),
         warnings=tuple(w for t in terms for w in term_warnings(t)),
     )

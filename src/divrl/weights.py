@@ -38,6 +38,13 @@ complement)                                (the reverse with complement; EKSFT's
 ``confidence_shift`` (alpha,               on failed completions 1 + α·softplus(c_i), c_i the mean
 length_normalized)                         (or sum) over the completion of log πold − log π_ref;
                                            else 1 (ACE's negative-advantage scale)
+``resrl`` (rank, min_weight, positive,     ``positive`` (λ) on passing completions; on failed ones
+quantile_low, quantile_high,               min_weight + (1 − min_weight)·clip((d_t − lo)/(hi − lo),
+max_positive_tokens)                       0, 1), d_t the residual of LN(h_t) off the group's
+                                           positive PCA subspace (ResRL, Lin et al. 2026)
+``success_adaptive`` (base=0.5, coef=1.5)  on negative-advantage completions clamp(base +
+                                           coef·r̄_g, 0, 1), r̄_g the group's mean reward; else 1
+                                           (GUI-Libra's success-adaptive negative scaling)
 =========================================  ======================================================
 """
 
@@ -76,6 +83,7 @@ class TokenStats:
     reference_entropy: Tensor | None = None  # (N,) reference model's entropy at the token's position
     reference_kl: Tensor | None = None  # (N,) exact KL(πθ‖π_ref) at the token's position
     diversity: Tensor | None = None  # (B,) DSDR's clipped global diversity d̄ of each completion
+    hidden: Tensor | None = None  # (N, H) the policy's hidden states that feed its head (ResRL)
 
 
 @dataclass(frozen=True)
@@ -416,3 +424,95 @@ def reference_kl_quantile(stats: TokenStats, top: Fraction = 0.2, complement: bo
     if kl.numel():
         mask[kl.topk(max(1, math.ceil(top * kl.numel() - 1e-9 * kl.numel()))).indices] = True
     return (~mask if complement else mask).to(kl.dtype)
+
+
+@register_weight("success_adaptive")
+def success_adaptive(
+    stats: TokenStats, base: Annotated[float, Interval()] = 0.5, coef: Annotated[float, Interval()] = 1.5
+) -> Tensor:
+    """GUI-Libra's success-adaptive negative scaling (arXiv 2602.22190; EasyR1 ``core_algos.py``,
+    estimator ``grpo_weighted_positive_negative``, ``weighted_posneg_base``/``_coef``): on
+    completions with a negative advantage w_i = clamp(base + coef·r̄_g, 0, 1), r̄_g the mean reward
+    of the completion's group (the pass rate p̂ for a 0/1 verifier); 1 on the others. Defaults
+    base λ0 = 0.5, coef κ = 1.5: negatives of groups with r̄_g ≥ 1/3 keep their full weight (plain
+    GRPO there), those of a group with one pass in eight get 0.6875. Meant for pg_weight. The
+    mean is over the completions given (a micro-batch holds whole groups in the trainer)."""
+    groups = _required(stats, "groups", "success_adaptive")
+    rewards = stats.rewards.double()
+    _, group = torch.unique(groups, return_inverse=True)
+    n_groups = int(group.max()) + 1 if len(group) else 0
+    total = torch.zeros(n_groups, dtype=torch.float64, device=rewards.device).index_add_(0, group, rewards)
+    count = torch.zeros(n_groups, dtype=torch.float64, device=rewards.device).index_add_(
+        0, group, torch.ones_like(rewards)
+    )
+    scale = (base + coef * total / count.clamp(min=1)).clamp(0.0, 1.0)
+    per_completion = torch.where(stats.advantages < 0, scale[group], 1.0)
+    return per_completion[stats.rows].to(stats.advantages.dtype)
+
+
+Probability = Annotated[float, Interval(0.0, 1.0)]
+
+
+@register_weight("resrl")
+def resrl(
+    stats: TokenStats,
+    rank: Annotated[int, Interval(1)] = 64,
+    min_weight: Probability = 0.1,
+    positive: NonNegative = 0.1,
+    quantile_low: Probability = 0.2,
+    quantile_high: Probability = 0.8,
+    max_positive_tokens: Annotated[int, Interval(4)] = 4096,
+) -> Tensor:
+    """ResRL's token weight (Lin et al. 2026, "ResRL: Boosting LLM Reasoning via Negative Sample
+    Projection Residual Reinforcement Learning", ICML; code 1229095296/ResRL, ``dp_actor.py``
+    ``_compute_svd_token_weights``), meant for pg_weight (it scales A_i per token).
+
+    Passing completions get ``positive`` (λ). In each group with both passing and failing
+    completions: X = LN(h) of the passing completions' tokens (LN without affine, eps 1e-5; at most
+    ``max_positive_tokens`` drawn uniformly without replacement), μ its mean, V_k the top
+    k = min(rank, M − 1, H) right singular vectors of X − μ; a failing token gets
+    d_t = ‖(I − V_kV_kᵀ)(LN(h_t) − μ)‖²/H and, with lo, hi the ``quantile_low``/``quantile_high``
+    quantiles (linear interpolation) of d over the group's failing tokens,
+    w_t = min_weight + (1 − min_weight)·clip((d_t − lo)/(hi − lo), 0, 1), or (min_weight + 1)/2 on
+    all of them when hi − lo < 1e-5. Failing tokens keep 1 in groups without a pass, or with fewer
+    than 4 passing tokens (the code's skips). Deviations from the code: PCA is an exact SVD (the
+    code's ``torch.pca_lowrank`` is randomized, 4 power iterations); the cap's draw is seeded by M
+    (no global RNG); "passing" is the task verdict (the code: sequence score > 0); h are the hidden
+    states that feed the head (after the final norm; the code reads the penultimate layer).
+    """
+    hidden = _required(stats, "hidden", "resrl")
+    passed = _required(stats, "passed", "resrl")
+    groups = _required(stats, "groups", "resrl")
+    dtype = stats.advantages.dtype
+    token_passed, token_group = passed[stats.rows], groups[stats.rows]
+    weight = torch.ones(stats.rows.shape, dtype=dtype, device=stats.rows.device).masked_fill(token_passed, positive)
+    work = torch.promote_types(hidden.dtype, torch.float32)
+    width = hidden.shape[-1]
+    with torch.autocast(hidden.device.type, enabled=False), torch.no_grad():
+        for group in torch.unique(groups[passed]).tolist():
+            in_group = token_group == group
+            pos, neg = in_group & token_passed, in_group & ~token_passed
+            count = int(pos.sum())
+            if count < 4 or not neg.any():
+                continue
+            x = hidden[pos].to(work)
+            if count > max_positive_tokens:
+                draw = torch.Generator(device=hidden.device).manual_seed(count)
+                x = x[torch.randperm(count, generator=draw, device=hidden.device)[:max_positive_tokens]]
+            x = torch.nn.functional.layer_norm(x, (width,))
+            if not x.isfinite().all():  # no SVD of inf/NaN (it raises): the loss is non-finite anyway
+                continue
+            mu = x.mean(0)
+            k = min(rank, x.shape[0] - 1, width)
+            basis = torch.linalg.svd(x - mu, full_matrices=False).Vh[:k].T  # (H, k)
+            centred = torch.nn.functional.layer_norm(hidden[neg].to(work), (width,)) - mu
+            residual = centred - (centred @ basis) @ basis.T
+            distance = residual.pow(2).sum(-1) / width
+            lo, hi = torch.quantile(distance, quantile_low), torch.quantile(distance, quantile_high)
+            spread = (hi - lo).clamp(min=1e-6)
+            if spread < 1e-5:
+                scaled = torch.full_like(distance, (min_weight + 1.0) / 2.0)
+            else:
+                scaled = min_weight + (1.0 - min_weight) * ((distance - lo) / spread).clamp(0.0, 1.0)
+            weight[neg] = scaled.clamp(min_weight, 1.0).to(dtype)
+    return weight

@@ -367,6 +367,7 @@ def token_stats(draw):
         reference_entropy=vector(n).abs(),
         reference_kl=vector(n).abs(),
         diversity=vector(b).clamp(0, 1),
+        hidden=torch.stack([vector(3) for _ in range(n)]) if n else torch.zeros(0, 3, dtype=F64),
     )
 
 
