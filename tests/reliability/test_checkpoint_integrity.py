@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from run_helpers import comparable, train_on_one_thread
 
 from divrl.checkpoint import (
     MANIFEST,
@@ -26,9 +27,7 @@ from divrl.checkpoint import (
     resolve_model,
     save_checkpoint,
 )
-from divrl.config import ConfigError, build_config
-from divrl.runlog import read_metrics
-from divrl.trainer import Trainer
+from divrl.config import ConfigError
 
 
 def overrides(run_dir: Path, *extra: str) -> list[str]:
@@ -53,19 +52,7 @@ def overrides(run_dir: Path, *extra: str) -> list[str]:
 
 def train(run_dir: Path, *extra: str) -> list[str]:
     """Run (or resume) on one thread; returns the log lines."""
-    threads, lines = torch.get_num_threads(), []
-    torch.set_num_threads(1)
-    try:
-        Trainer(build_config(None, overrides(run_dir, *extra)), log=lines.append).run()
-    finally:
-        torch.set_num_threads(threads)
-    return lines
-
-
-def comparable(run_dir: Path) -> list[dict]:
-    return [
-        {k: v for k, v in row.items() if not k.startswith("time_")} for row in read_metrics(run_dir / "metrics.jsonl")
-    ]
+    return train_on_one_thread(overrides(run_dir, *extra))
 
 
 @pytest.fixture(scope="module")

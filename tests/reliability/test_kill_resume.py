@@ -18,12 +18,10 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
+from run_helpers import comparable, train_on_one_thread
 
 from divrl.checkpoint import MANIFEST
-from divrl.config import build_config
 from divrl.runlog import MetricsLog, read_metrics
-from divrl.trainer import Trainer
 
 CHILD = '''
 import sys, time
@@ -122,20 +120,7 @@ def overrides(run_dir: Path, task_dir: Path) -> list[str]:
 
 def train(run_dir: Path, task_dir: Path, *extra: str) -> list[str]:
     """Run (or resume) in this process on one thread, as the child does; returns the log lines."""
-    threads, lines = torch.get_num_threads(), []
-    torch.set_num_threads(1)
-    try:
-        Trainer(build_config(None, [*overrides(run_dir, task_dir), *extra]), log=lines.append).run()
-    finally:
-        torch.set_num_threads(threads)
-    return lines
-
-
-def comparable(run_dir: Path) -> list[dict]:
-    """metrics.jsonl without its wall-clock fields."""
-    return [
-        {k: v for k, v in row.items() if not k.startswith("time_")} for row in read_metrics(run_dir / "metrics.jsonl")
-    ]
+    return train_on_one_thread([*overrides(run_dir, task_dir), *extra])
 
 
 def final_weights_sha256(run_dir: Path) -> str:
