@@ -56,15 +56,23 @@ def per_prompt_sampling(trainer: Trainer) -> None:
 
 
 def main(out: Path, *extra: str) -> None:
-    cfg = build_config(None, [*OVERRIDES, f"output_dir={out / 'run'}", *extra])
-    trainer = Trainer(cfg, log=lambda *_: None)
-    per_prompt_sampling(trainer)
-    record = []
-    for step in range(cfg.steps):
-        metrics = trainer.train_step(step)
-        weights = {k: v.detach().clone() for k, v in trainer.model.state_dict().items()}
-        record.append({"weights": weights, "metrics": metrics})
-    torch.save(record, out / f"rank-{trainer.world.rank}.pt")
+    """One thread, as each torchrun rank has (OMP_NUM_THREADS=1): with more, `divrl.chunked` sums
+    its vocabulary chunks over a thread pool in a scheduling-dependent order, and AdamW's first
+    step turns that rounding noise into ±lr on coordinates whose gradient is about zero."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        cfg = build_config(None, [*OVERRIDES, f"output_dir={out / 'run'}", *extra])
+        trainer = Trainer(cfg, log=lambda *_: None)
+        per_prompt_sampling(trainer)
+        record = []
+        for step in range(cfg.steps):
+            metrics = trainer.train_step(step)
+            weights = {k: v.detach().clone() for k, v in trainer.model.state_dict().items()}
+            record.append({"weights": weights, "metrics": metrics})
+        torch.save(record, out / f"rank-{trainer.world.rank}.pt")
+    finally:
+        torch.set_num_threads(threads)
 
 
 if __name__ == "__main__":
