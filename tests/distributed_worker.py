@@ -5,7 +5,8 @@ rank of a data-parallel launch (`torchrun --nproc_per_node 2 tests/distributed_w
 Each prompt's completions are sampled with a generator seeded by the prompt's text and cut to
 lengths that differ from prompt to prompt, so every rank builds exactly its block of the batch
 one process builds, with unequal token counts per rank (a per-rank token-mean normalizer would
-give another update). Writes OUT/rank-R.pt: the weights and the logged metrics after each step."""
+give another update). Writes OUT/rank-R.pt: the weights, the step's (summed) gradients and the
+logged metrics after each step."""
 
 import sys
 import zlib
@@ -68,8 +69,10 @@ def main(out: Path, *extra: str) -> None:
         record = []
         for step in range(cfg.steps):
             metrics = trainer.train_step(step)
-            weights = {k: v.detach().clone() for k, v in trainer.model.state_dict().items()}
-            record.append({"weights": weights, "metrics": metrics})
+            params = dict(trainer.model.named_parameters())
+            weights = {k: v.detach().clone() for k, v in params.items()}
+            grads = {k: v.grad.detach().clone() for k, v in params.items() if v.grad is not None}  # the step's
+            record.append({"weights": weights, "grads": grads, "metrics": metrics})
         torch.save(record, out / f"rank-{trainer.world.rank}.pt")
     finally:
         torch.set_num_threads(threads)

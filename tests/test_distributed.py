@@ -16,7 +16,6 @@ from pathlib import Path
 import pytest
 import torch
 
-import distributed_worker
 from divrl import distributed
 from divrl.config import ConfigError, build_config
 from divrl.runlog import read_metrics
@@ -47,7 +46,16 @@ def test_two_ranks_update_as_one_process_on_the_same_global_batch(tmp_path, say_
     single, parallel = tmp_path / "single", tmp_path / "parallel"
     single.mkdir(), parallel.mkdir()
     env = {**_env(), "PYTHONPATH": os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])}
-    distributed_worker.main(single, *task)  # one process: this one
+    # one process, fresh like each rank (not this one, whose earlier tests leave global state behind)
+    done = subprocess.run(
+        [sys.executable, str(WORKER), str(single), *task],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
     _torchrun(str(WORKER), str(parallel), *task, cwd=tmp_path, env=env)
     one = torch.load(single / "rank-0.pt", weights_only=False)
     ranks = [torch.load(parallel / f"rank-{r}.pt", weights_only=False) for r in range(2)]
@@ -57,6 +65,8 @@ def test_two_ranks_update_as_one_process_on_the_same_global_batch(tmp_path, say_
             got = rank[step]["weights"]
             for name, value in expected.items():
                 torch.testing.assert_close(got[name], value, rtol=1e-5, atol=5e-6, msg=f"step {step + 1} {name}")
+            for name, grad in one[step]["grads"].items():  # the summed gradient of the step
+                torch.testing.assert_close(rank[step]["grads"][name], grad, rtol=1e-4, atol=1e-7)
         for key in ("reward", "pass_rate", "completion_length", "loss", "pg_loss", "kl", "entropy", "grad_norm"):
             assert ranks[0][step]["metrics"][key] == pytest.approx(one[step]["metrics"][key], rel=1e-5, abs=1e-6), key
             assert ranks[1][step]["metrics"][key] == ranks[0][step]["metrics"][key], key
