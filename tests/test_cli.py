@@ -5,26 +5,10 @@ import sys
 
 import pytest
 
+from cli_args import ONE_TINY_STEP, as_sets
 from divrl.cli import main
 
-TINY = [
-    "--set",
-    "model=tiny",
-    "--set",
-    "steps=1",
-    "--set",
-    "prompts_per_step=2",
-    "--set",
-    "group_size=2",
-    "--set",
-    "max_new_tokens=4",
-    "--set",
-    "eval_size=2",
-    "--set",
-    "eval_samples=2",
-    "--set",
-    "train_size=20",
-]
+TINY = as_sets("model=tiny", *ONE_TINY_STEP)
 
 
 def test_train_happy_path_from_a_config_file(tmp_path, capsys):

@@ -9,31 +9,13 @@ from pathlib import Path
 import pytest
 import yaml
 
+from cli_args import ONE_TINY_STEP, as_sets
 from divrl import run_dirs
 from divrl.cli import main
 from divrl.config import ConfigError, build_config
 from divrl.models import ModelLoadError
 
-TINY = [
-    "--set",
-    "steps=1",
-    "--set",
-    "prompts_per_step=2",
-    "--set",
-    "group_size=2",
-    "--set",
-    "max_new_tokens=4",
-    "--set",
-    "eval_size=2",
-    "--set",
-    "eval_samples=2",
-    "--set",
-    "train_size=20",
-    "--set",
-    "eval_every=0",
-    "--set",
-    "inspect_every=0",
-]
+TINY = as_sets(*ONE_TINY_STEP, "eval_every=0", "inspect_every=0")
 
 
 @pytest.fixture

@@ -1,0 +1,16 @@
+"""`divrl train` arguments of a one-step run of the tiny model, shared by the CLI tests."""
+
+ONE_TINY_STEP = [
+    "steps=1",
+    "prompts_per_step=2",
+    "group_size=2",
+    "max_new_tokens=4",
+    "eval_size=2",
+    "eval_samples=2",
+    "train_size=20",
+]
+
+
+def as_sets(*overrides: str) -> list[str]:
+    """`--set key=value` arguments, one pair per override."""
+    return [arg for override in overrides for arg in ("--set", override)]
