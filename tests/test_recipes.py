@@ -159,6 +159,7 @@ def test_every_recipe_parses_and_documents_its_paper():
 # Offline recipes need prompts whose stored responses both pass and fail: the untrained tiny model
 # solves nothing, so a JSONL task's responses are scored by the parity of their length.
 OFFLINE_ARGS = ["stored_prompts=4", "stored_samples=4", "offline_keep=2"]
+PREFERENCE_ARGS = ["preference.prompts=4", "preference.samples=4", "preference.pairs_per_step=2"]
 
 
 @pytest.mark.parametrize("name", recipes.names())
@@ -186,6 +187,9 @@ def test_divrl_train_recipe_smoke_run_on_the_tiny_model(tmp_path, name, say_task
         ]
     if config.get("offline") or (config.get("stage1") or {}).get("offline"):
         overrides += [*OFFLINE_ARGS, *say_task(range(24), "parity")]
+    if config.get("preference"):  # pairs need passing and failing samples, as offline sets do
+        overrides += [*PREFERENCE_ARGS, *say_task(range(24), "parity")]
+        overrides += ["preference.round_steps=1"] if config["preference"].get("round_steps") else []
     args = ["train", "--recipe", name, *(a for o in overrides for a in ("--set", o))]
     assert main(args) == 0
     assert (tmp_path / "run" / "checkpoints" / "step-1").is_dir()

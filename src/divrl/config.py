@@ -23,7 +23,7 @@ from typing import Any
 import torch
 import yaml
 
-from divrl import calibration, demos, diversity, guarded_verifier, lora, prompts, recipes, stored
+from divrl import calibration, demos, diversity, guarded_verifier, lora, preferences, prompts, recipes, stored
 from divrl.spec import ESTIMATORS, ObjectiveSpec, SpecError, parse_objective
 from divrl.tasks import OVERLONG_POLICIES
 
@@ -292,6 +292,17 @@ class TrainConfig:
         "Place that term in the reward (subtracted from the return; needs kl_estimator k1) instead of the loss.",
         default=False,
     )
+    preference: dict | None = _doc(
+        "A pairwise preference loss (divrl.preferences): {loss: dpo|ipo|inpo, "
+        "beta (0.1; DPO's β, IPO's τ), eta (7.5e-3) and tau (2.5e-3) (INPO), "
+        "coef (1.0), pairs_per_step (8), data (JSONL of prompt/chosen/rejected; "
+        "null: pairs built from the task's samples), prompts (32) and samples "
+        "(8) per prompt for those, round_steps (0: pairs sampled once from the "
+        "initial policy; N: re-sampled from the current policy every N steps)}. "
+        "Added to the online objective; alone (no policy gradient or loss term) "
+        "a step trains on pairs only, without rollouts. null: off.",
+        default=None,
+    )
     reward_calibration: dict | None = _doc(
         "InfAlign's calibrate-and-transform reward "
         "(divrl.calibration): {samples: K, t: T} trains on "
@@ -470,6 +481,10 @@ def _check(cfg: TrainConfig) -> None:
     except ValueError as err:
         raise ConfigError(f"config key {err}") from None
     try:
+        preference = preferences.PreferenceSpec.parse(cfg.preference)
+    except ValueError as err:
+        raise ConfigError(f"config key 'preference': {err}") from None
+    try:
         calibration.CalibrationSpec.parse(cfg.reward_calibration)
     except ValueError as err:
         raise ConfigError(f"config key 'reward_calibration': {err}") from None
@@ -599,7 +614,13 @@ def _check(cfg: TrainConfig) -> None:
         f"must be 1 with the sequence estimator of {', '.join(sequence)} (it needs samples of the "
         f"current policy, not of an older one)",
     )
-    _check_something_trains(spec)
+    _check_something_trains(spec, preference is not None)
+    need(
+        preference is None or not cfg.offline,
+        "offline",
+        "excludes preference (without a policy gradient or a loss term a preference run "
+        "already trains on its pairs alone, with no rollouts)",
+    )
     need(cfg.eval_seed != cfg.seed, "eval_seed", "must differ from seed (held-out split)")
     need(
         cfg.output_dir is None or bool(cfg.output_dir),
@@ -608,10 +629,22 @@ def _check(cfg: TrainConfig) -> None:
     )
 
 
-def _check_something_trains(spec: ObjectiveSpec) -> None:
+def online_trains(spec: ObjectiveSpec) -> bool:
+    """Whether the online objective trains anything: the policy gradient, a loss term with a
+    coefficient > 0 (at some step), or an anchored regularizer. A preference run without one
+    trains on its pairs alone, with no rollouts."""
+    pulling = [t for t in spec.terms if t.placement == "loss" and (t.coef > 0 or (t.anneal and t.anneal[0] > 0))]
+    anchored = (spec.entropy_anchor is not None and spec.entropy_anchor.coef > 0) or (
+        spec.td_regularizer is not None and spec.td_regularizer.coef > 0
+    )
+    return spec.policy_gradient or bool(pulling) or anchored
+
+
+def _check_something_trains(spec: ObjectiveSpec, preference: bool) -> None:
     """Without the policy gradient, only loss terms train: refuse reward-placed terms (they only
-    shift the return the policy gradient would train on) and an objective whose loss terms all
-    have coefficient 0 (a penalty-only recipe with β = 0 would run every step and change nothing)."""
+    shift the return the policy gradient would train on) and, without a preference loss, an
+    objective whose loss terms all have coefficient 0 (a penalty-only recipe with β = 0 would run
+    every step and change nothing)."""
     if spec.policy_gradient:
         return
     if spec.reward_terms:
@@ -621,11 +654,7 @@ def _check_something_trains(spec: ObjectiveSpec) -> None:
             f"the policy gradient trains on) would train nothing; set policy_gradient: "
             f"true or placement: loss"
         )
-    pulling = [t for t in spec.terms if t.placement == "loss" and (t.coef > 0 or (t.anneal and t.anneal[0] > 0))]
-    anchored = (spec.entropy_anchor is not None and spec.entropy_anchor.coef > 0) or (
-        spec.td_regularizer is not None and spec.td_regularizer.coef > 0
-    )
-    if not pulling and not anchored:
+    if not online_trains(spec) and not preference:
         zero = [f"{t.name} coef {t.coef:g}" for t in spec.terms] + (
             [f"entropy_anchor coef {spec.entropy_anchor.coef:g}"] if spec.entropy_anchor else []
         )

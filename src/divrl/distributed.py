@@ -138,6 +138,7 @@ UNSUPPORTED = {  # config key → what makes it a per-rank decision (refused wit
     "behaviour_cloning_steps": "behaviour cloning writes behaviour_cloned/ from every rank",
     "stage1": "the first stage would be trained by every rank",
     "reward_calibration": "each rank would sample its own calibration set",
+    "preference": "preference pairs are not sharded",
 }
 
 

@@ -243,6 +243,17 @@ def best_of_n_kl(n: int) -> float:
     return math.log(n) - (n - 1) / n
 
 
+def inpo_step(
+    logprobs: torch.Tensor, ref_logprobs: torch.Tensor, preference: torch.Tensor, eta: float, tau: float
+) -> torch.Tensor:
+    """INPO's round (Zhang et al. 2024, arXiv 2407.00617; `divrl.preferences`): the minimizer of
+    its pairwise loss on pairs from π_t, log π_{t+1} = (1 − τ/η)·log π_t + (τ/η)·log π_ref +
+    P(y ≻ π_t)/η − log Z, with P(y ≻ π_t) = Σ_y′ π_t(y′)·P[y, y′] for a preference matrix
+    P[y, y′] = P(y ≻ y′) (P + Pᵀ = 1). Its fixed point is π* ∝ π_ref·exp(P(y ≻ π*)/τ)."""
+    win_rate = preference @ logprobs.exp()
+    return ((1 - tau / eta) * logprobs + (tau / eta) * ref_logprobs + win_rate / eta).log_softmax(-1)
+
+
 def divergence_gradient(logits: torch.Tensor, ref_logprobs: torch.Tensor, divergence: str | Divergence) -> torch.Tensor:
     """Exact ∇_θ Σ_contexts D(log_softmax(θ), q) by autograd."""
     d = divergences.get(divergence) if isinstance(divergence, str) else divergence

@@ -677,7 +677,7 @@ def parse_objective(config: Mapping[str, Any]) -> ObjectiveSpec:
 
     Keys read: policy_gradient, pg_loss, advantage, advantage_std, advantage_clip, clip_low, clip_high, loss_aggregation, loss_normalizer
     (default: max_new_tokens), pg_mask, pg_weight, pg_mask_mean, terms, teacher, overlong_buffer,
-    overlong_penalty, max_new_tokens, entropy_anchor, td_regularizer, and the shorthand kl_coef, kl_estimator, kl_in_reward
+    overlong_penalty, max_new_tokens, entropy_anchor, td_regularizer, preference (only whether it is set), and the shorthand kl_coef, kl_estimator, kl_in_reward
     (appended as the last term).
     """
     get = config.get
@@ -734,8 +734,11 @@ def parse_objective(config: Mapping[str, Any]) -> ObjectiveSpec:
         and not any(t.placement == "loss" for t in terms)
         and not get("entropy_anchor")
         and not get("td_regularizer")
+        and not get("preference")  # a preference run on its pairs alone
     ):
-        raise SpecError("policy_gradient: false leaves no loss term; add a term with placement: loss")
+        raise SpecError(
+            "policy_gradient: false leaves no loss term; add a term with placement: loss (or a preference loss)"
+        )
     pg_loss, pg_loss_params = _parse_pg_loss(
         get("pg_loss", "clipped"), float(get("clip_low", 0.2)), float(get("clip_high", 0.28))
     )

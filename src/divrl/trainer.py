@@ -33,12 +33,12 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from divrl import chunked, demos, distributed, diversity, lora, objectives, precision, stored
+from divrl import chunked, demos, distributed, diversity, lora, objectives, precision, preferences, stored
 from divrl.atomic import write_text_atomically
 from divrl.calibration import CalibrationSpec, transformed
 from divrl.checkpoint import checkpoint_dirs, latest_checkpoint, load_checkpoint, remove_partial_writes, save_checkpoint
 from divrl.chunked import Head
-from divrl.config import ConfigError, TrainConfig, save_config, stage1_config, uses_demonstrations
+from divrl.config import ConfigError, TrainConfig, online_trains, save_config, stage1_config, uses_demonstrations
 from divrl.evaluation import score_completions
 from divrl.guarded_verifier import CRASH, TIMEOUT, GuardedVerifier
 from divrl.hidden import TokenBatch, completion_hidden
@@ -158,8 +158,15 @@ class Trainer:
         needs = self.objective.models()
         self.calibration = CalibrationSpec.parse(cfg.reward_calibration)
         self.reference_rewards: dict[str, list[float]] = {}  # calibration: sorted, per prompt text
+        self.preference = preferences.PreferenceSpec.parse(cfg.preference)
+        # pairs read a loaded reference; without one, their reference log-probs are the initial weights'
+        pairs_read_reference = self.preference is not None and (
+            self.preference.round_steps > 0 or cfg.reference is not None
+        )
+        self.online = online_trains(self.objective)  # False: a preference run on its pairs alone
+        monitor_kl = cfg.monitor_kl and self.online  # the `kl` metric of rollouts, when there are some
         self.reference = None
-        if "reference" in needs or cfg.monitor_kl or self.calibration is not None:
+        if "reference" in needs or monitor_kl or self.calibration is not None or pairs_read_reference:
             if cfg.reference is not None:
                 self.reference = self._load_frozen("reference", cfg.reference, cfg.seed + 2)
             elif self.lora is not None and not cfg.reference_refresh_every:  # the initial weights, shared
@@ -212,8 +219,12 @@ class Trainer:
         self.step = 0
         self.reward_errors = 0
         self.skipped_steps: list[tuple[int, str]] = []  # (step, reason) of the consecutive skipped updates
+        self.pairs: list[preferences.Pair] = []
+        self.pairs_round: int | None = None  # the round whose pairs `self.pairs` holds
         if cfg.behaviour_cloning_steps:
             self._behaviour_clone()
+        if self.preference is not None and not self.preference.round_steps:
+            self._preference_round(0)
 
     def _run_stage1(self) -> str:
         """Train the first stage (`stage1`'s keys over this config) in <output_dir>/stage1, or
@@ -314,17 +325,18 @@ class Trainer:
             rows, source = self._teacher_demonstrations(), "the teacher's passing samples"
         if not rows:
             raise ConfigError(f"config key 'demonstrations_from': {source} gave no demonstration")
-        eos = self.tokenizer.eos_token_id
         groups = []
         for i, demo in enumerate(rows):
-            ids = [
-                *self.tokenizer(demo.completion, add_special_tokens=False)["input_ids"][: cfg.max_new_tokens - 1],
-                eos,
-            ]
+            ids = self._completion_ids(demo.completion)
             # a demonstration has no sampler: placeholder log-probs, never read (on policy instead)
             groups.append(stored.StoredGroup(i, [ids], [[0.0] * len(ids)], [1.0], demo.prompt))
         self.log(f"demonstrations: {len(groups)} from {source}")
         return groups
+
+    def _completion_ids(self, text: str) -> list[int]:
+        """A given completion's token ids as a sample would end: at most max_new_tokens − 1 tokens, then EOS."""
+        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"][: self.cfg.max_new_tokens - 1]
+        return [*ids, self.tokenizer.eos_token_id]
 
     def _teacher_demonstrations(self) -> list[demos.Demo]:
         """The teacher's first passing sample of `stored_samples` for each of the first
@@ -343,6 +355,123 @@ class Trainer:
             if first is not None:
                 out.append(demos.Demo(g.example.prompt, self.tokenizer.decode(first, skip_special_tokens=True)))
         return out
+
+    # ----- preference pairs -------------------------------------------------------------------
+    def _preference_round(self, round_: int) -> None:
+        """Round `round_`'s pairs (`divrl.preferences`): read back on resume, else made — from the
+        file, or sampled from the policy (in round 0 the initial weights) on the round's prompts —
+        with their summed reference log-probs (and INPO's π_t ones) computed once and saved."""
+        spec, cfg = self.preference, self.cfg
+        assert spec is not None  # called for a preference run only
+        pairs = preferences.load(self.run_dir, round_) if cfg.resume else None
+        if pairs is None:
+            if spec.data is not None:
+                pairs = [
+                    preferences.Pair(p.prompt, self._completion_ids(p.chosen), self._completion_ids(p.rejected))
+                    for p in preferences.read(spec.data)
+                ]
+                source = f"file {spec.data}"
+            else:
+                train = self.task.train
+                examples = [
+                    train[(round_ * spec.prompts + i) % len(train)] for i in range(min(spec.prompts, len(train)))
+                ]
+                generator = torch.Generator().manual_seed(cfg.seed + 13 + round_)
+                who = f"policy of round {round_}" if round_ else "initial policy"
+                groups = self._answer_once(
+                    examples, cfg.temperature, cfg.top_p, generator, self.model, who, samples=spec.samples
+                )
+                pairs = preferences.pairs_from_samples(
+                    [g.example.prompt for g in groups],
+                    [g.completions for g in groups],
+                    [g.rewards for g in groups],
+                    objectives.PASS_THRESHOLD,
+                )
+                source = f"{len(examples)} prompts × {spec.samples} samples of the {who}"
+            if not pairs and not spec.round_steps:
+                raise ConfigError(
+                    f"config key 'preference.prompts': no prompt of {source} had both a passing and a "
+                    f"failing sample, so there is no pair to train on; raise preference.prompts or "
+                    f"preference.samples, or give preference.data"
+                )
+            reference = self.reference if self.reference is not None else self.model  # the initial weights
+            with lora.forward_of(reference) as net:
+                at_reference = self._pair_logprobs(net, pairs)
+            at_anchor = self._pair_logprobs(self.model, pairs) if spec.loss == "inpo" else None
+            for i, pair in enumerate(pairs):
+                pair.reference = at_reference[i].tolist()
+                pair.anchor = None if at_anchor is None else at_anchor[i].tolist()
+            preferences.save(pairs, self.run_dir, round_)
+            self.log(f"preference pairs, round {round_}: {len(pairs)} from {source}")
+        self.pairs, self.pairs_round = pairs, round_
+
+    def _pair_chunks(self, pairs: list[preferences.Pair]) -> list[list[preferences.Pair]]:
+        """Micro-batches of pairs: micro_batch_size completions (two per pair) each."""
+        size = max(1, self.cfg.micro_batch_size // 2)
+        return [pairs[i : i + size] for i in range(0, len(pairs), size)]
+
+    def _sequence_logprobs(self, model, pairs: list[preferences.Pair]) -> torch.Tensor:
+        """(P, 2) summed log-probs at temperature 1 of each pair's chosen and rejected completion."""
+        prompts = [self._prompt_ids(Example(p.prompt, "")) for p in pairs]
+        completions = [c for p in pairs for c in (p.chosen, p.rejected)]
+        out = completion_hidden(model, prompts, completions, self.tokenizer.pad_token_id)
+        logprobs = chunked.logprob_entropy(out.hidden, output_head(model), out.tokens)[0]
+        sums = torch.zeros(len(completions), dtype=torch.float32, device=logprobs.device)
+        return sums.index_add(0, out.rows, logprobs.float()).view(-1, 2)
+
+    @torch.no_grad()
+    def _pair_logprobs(self, model, pairs: list[preferences.Pair]) -> torch.Tensor:
+        """`_sequence_logprobs` of every pair, without gradient, on the CPU."""
+        with self.autocast():
+            parts = [self._sequence_logprobs(model, chunk).cpu() for chunk in self._pair_chunks(pairs)]
+        return torch.cat(parts) if parts else torch.zeros(0, 2)
+
+    def _preference_backward(self, step: int) -> dict[str, float]:
+        """Backpropagate coef × the mean pairwise loss over step `step`'s pairs (cycling through
+        the round's set); its metrics: `preference_loss` (the mean, before coef),
+        `preference_accuracy` (share of pairs with log πθ/π_ref higher on the chosen completion),
+        `chosen_logratio`, `rejected_logratio` (mean summed log πθ/π_ref), `preference_pairs`."""
+        spec = self.preference
+        assert spec is not None  # called for a preference run only
+        pairs = preferences.batch(self.pairs, step, spec.pairs_per_step)
+        sums: defaultdict[str, float] = defaultdict(float)
+        for chunk in self._pair_chunks(pairs):
+            with self.autocast():
+                policy = self._sequence_logprobs(self.model, chunk)
+            device = policy.device
+            reference = torch.tensor([p.reference for p in chunk], device=device)
+            anchor = torch.tensor([p.anchor for p in chunk], device=device) if spec.loss == "inpo" else None
+            lengths = torch.tensor([[len(p.chosen), len(p.rejected)] for p in chunk], device=device)
+            losses = preferences.pair_loss(spec, policy, reference, anchor, lengths)
+            (spec.coef * losses.sum() / len(pairs)).backward()
+            ratio = policy.detach() - reference
+            sums["preference_loss"] += float(losses.detach().sum())
+            sums["preference_accuracy"] += float((ratio[:, 0] > ratio[:, 1]).sum())
+            sums["chosen_logratio"] += float(ratio[:, 0].sum())
+            sums["rejected_logratio"] += float(ratio[:, 1].sum())
+        return {**{k: v / len(pairs) for k, v in sums.items()}, "preference_pairs": len(self.pairs)}
+
+    def _preference_update(self, step: int) -> dict:
+        """A step on the pairs alone (no online objective trains: no rollouts)."""
+        assert self.preference is not None  # called for a preference run only
+        clock = time.perf_counter()
+        self.optimizer.zero_grad(set_to_none=True)
+        stats: dict[str, Any] = self._preference_backward(step)
+        reason = None if math.isfinite(stats["preference_loss"]) else "non-finite preference_loss"
+        seconds = time.perf_counter() - clock
+        clock = time.perf_counter()
+        reason, norm = self._optimizer_step(reason, [])
+        stats.update(
+            loss=self.preference.coef * stats["preference_loss"],
+            grad_norm=math.nan if norm is None else norm,
+            skipped_step=int(reason is not None),
+            time_forward_backward=seconds,
+            time_optimizer=time.perf_counter() - clock,
+            reward_errors=0,
+        )
+        if reason is not None:
+            stats["skip_reason"] = reason
+        return stats
 
     def _stored_responses(self) -> tuple[list[stored.StoredGroup], set[int]]:
         """The stored responses split by pass rate (DPH-RL)."""
@@ -376,10 +505,11 @@ class Trainer:
         model,
         who: str,
         chunk: int = 16,
+        samples: int | None = None,
     ) -> list[Group]:
-        """`stored_samples` scored answers of `model` to each example, `chunk` prompts at a time,
-        with a progress bar (minutes on the default model)."""
-        n, groups = self.cfg.stored_samples, []
+        """`samples` (default stored_samples) scored answers of `model` to each example, `chunk`
+        prompts at a time, with a progress bar (minutes on the default model)."""
+        n, groups = samples or self.cfg.stored_samples, []
         starts = range(0, len(examples), chunk)
         for start in tqdm(
             starts,
@@ -660,7 +790,7 @@ class Trainer:
                 for key, value in new.items():
                     sums[key] += value
 
-        reason, passes = None, 0
+        reason, passes, preference_stats = None, 0, {}
         while reason is None and passes < cfg.inner_iterations:
             clock, passes, outputs = time.perf_counter(), passes + 1, []
             self.optimizer.zero_grad(set_to_none=True)
@@ -692,24 +822,17 @@ class Trainer:
                     out.loss.backward()
                     accumulate(sources[1], out)
                     outputs.append((stored_spec, out))
+                if self.pairs:  # a preference loss beside the online objective (HyPO)
+                    preference_stats = self._preference_backward(step)
+                    if not math.isfinite(preference_stats["preference_loss"]):
+                        reason = "non-finite preference_loss"
             except objectives.NaNObjectiveError as err:  # NaN inputs: skipped like a +inf loss
                 reason = str(err)
             seconds["time_forward_backward"] += time.perf_counter() - clock
             clock = time.perf_counter()
-            if self.world.parallel:  # every rank skips, or none does; then the gradients are summed
-                reason = distributed.agree(reason)
-                if reason is None:
-                    distributed.all_reduce_grads(self.model)
-            if reason is None:
-                norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.max_grad_norm or float("inf"))
-                grad_norms.append(norm.item())
-                reason = nonfinite_reason(outputs, grad_norms[-1])
-                if self.world.parallel:
-                    reason = distributed.agree(reason)
-            if reason is None:
-                self.optimizer.step()
-            else:  # no step (weights and optimizer state stay as they were), and no later pass
-                self.optimizer.zero_grad(set_to_none=True)
+            reason, norm = self._optimizer_step(reason, outputs)
+            if norm is not None:
+                grad_norms.append(norm)
             seconds["time_optimizer"] += time.perf_counter() - clock
         n_stored = sum(len(c) for _, cs, _ in stored_micro for c in cs)
         online: tuple[dict[str, float], dict[str, float], int] = (sources[0][0], sources[0][1], sum(lengths))
@@ -721,6 +844,10 @@ class Trainer:
                 n_tokens_all,
             )
         stats: dict[str, Any] = objectives.summarize([online, (*sources[1], n_stored)], passes)
+        if preference_stats:
+            assert self.preference is not None  # pairs exist in a preference run only
+            stats.update(preference_stats)
+            stats["loss"] = stats.get("loss", 0.0) + self.preference.coef * preference_stats["preference_loss"]
         stats["skipped_step"] = int(reason is not None)
         if reason is not None:
             stats["skip_reason"] = reason
@@ -745,6 +872,30 @@ class Trainer:
                 self.entropy_anchor = stats["top_p_entropy"]
             stats["entropy_anchor_h0"] = self.entropy_anchor
         return stats
+
+    def _optimizer_step(
+        self, reason: str | None, outputs: list[tuple[ObjectiveSpec, objectives.ObjectiveOutput]]
+    ) -> tuple[str | None, float | None]:
+        """Clip and apply the accumulated gradients, or skip the step: `reason` (a non-finite loss
+        found already), or one `nonfinite_reason` finds; returns (reason, gradient norm if computed).
+        Data-parallel: every rank skips, or none does; the gradients are summed first."""
+        if self.world.parallel:
+            reason = distributed.agree(reason)
+            if reason is None:
+                distributed.all_reduce_grads(self.model)
+        norm = None
+        if reason is None:
+            norm = torch.nn.utils.clip_grad_norm_(
+                self.model.parameters(), self.cfg.max_grad_norm or float("inf")
+            ).item()
+            reason = nonfinite_reason(outputs, norm)
+            if self.world.parallel:
+                reason = distributed.agree(reason)
+        if reason is None:
+            self.optimizer.step()
+        else:  # no step (weights and optimizer state stay as they were), and no later pass
+            self.optimizer.zero_grad(set_to_none=True)
+        return reason, norm
 
     def _reference_rewards(self, examples: list[Example]) -> list[list[float]]:
         """Each prompt's K reference rewards, sorted (InfAlign's calibration set): sampled from the
@@ -940,10 +1091,22 @@ class Trainer:
         """One step; `reward`, `pass_rate` and lengths describe every sampled completion (with
         dynamic sampling, the dropped groups too)."""
         t0 = time.perf_counter()
-        groups, stats = self._offline_batch(step) if self.cfg.offline else self._collect(step)
+        spec = self.preference
+        if spec is not None and spec.round_steps and self.pairs_round != step // spec.round_steps:
+            self._preference_round(step // spec.round_steps)  # INPO: the round's pairs, from π_t
+        groups: list[Group] = []
+        if spec is not None and not self.online:  # pairs only: no rollouts
+            stats = {"reward_errors": 0}
+        else:
+            groups, stats = self._offline_batch(step) if self.cfg.offline else self._collect(step)
         self.reward_errors += stats["reward_errors"]
         t1 = time.perf_counter()
-        if groups:
+        if spec is not None and not self.online and self.pairs:
+            stats.update(self._preference_update(step))
+            self._count_skipped(step, stats)
+        elif spec is not None and not self.online:
+            self.log(f"step {step + 1}: round {self.pairs_round} has no preference pair; update skipped")
+        elif groups:
             every = self.cfg.inspect_every
             record = [g.example.prompt for g in groups] if every and (step + 1) % every == 0 else None
             record = record if self.world.main else None  # data-parallel: rank 0's share is recorded
@@ -1104,7 +1267,7 @@ class Trainer:
                     metrics.update(self.evaluate())
                 log.log(self.step, metrics)
                 bar.set_postfix(
-                    reward=f"{metrics['reward']:.3f}",
+                    reward=f"{metrics.get('reward', math.nan):.3f}",
                     kl=f"{metrics.get('kl', math.nan):.4f}",
                     ent=f"{metrics.get('entropy', math.nan):.3f}",
                     s=f"{metrics['time_step']:.1f}",
