@@ -6,6 +6,7 @@ import pytest
 from divrl.config import ConfigError, build_config
 from divrl.mixture import MixtureSource, MixtureTask, allocate
 from divrl.prompts import PromptSource
+from divrl.report import _eval_table
 from divrl.tasks import Example, build_task
 from divrl.trainer import Trainer
 
@@ -74,6 +75,8 @@ def test_members_are_scored_by_their_own_verifier_and_reported_per_task(tmp_path
     assert not any(key.startswith("recap_weight/") for key in stats)
     evaluation = trainer.evaluate()
     assert evaluation["eval_pass@1/say"] == 1.0 and evaluation["eval_pass@1/chain_sum"] == 0.0
+    assert evaluation["eval_pass@1_se/say"] == 0.0 and evaluation["eval_pass@1"] == 0.5
+    assert "| pass@1/say | 1.000 ± 0.000 | 1.000 ± 0.000 | +0.000 |" in _eval_table(evaluation, evaluation)
 
 
 @pytest.mark.parametrize(

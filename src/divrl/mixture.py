@@ -11,7 +11,7 @@ gets ⌊w_k·P⌋ or ⌈w_k·P⌉ prompts (w normalized to sum 1), the rounding 
 (seed, step), so the expected share is exactly w_k·P and a run is reproducible. A member's prompts
 come from its own prompt source (`prompt_sampler`), whose stream advances by the member's share
 (`MixtureSource`). Metrics: reward/<name> and pass_rate/<name> per step (of the member's sampled
-completions), eval_pass@1/<name> per evaluation.
+completions), eval_pass@1/<name> (and its standard error eval_pass@1_se/<name>) per evaluation.
 """
 
 from __future__ import annotations

@@ -841,7 +841,7 @@ class Trainer:
     # ----- evaluation -------------------------------------------------------------------------
     def evaluate(self, chunk: int = 16) -> dict:
         """Held-out pass@1 and pass@n (n = eval_samples) with standard errors over prompts, and a
-        mixture's pass@1 per task (eval_pass@1/<task>). The same sampling seed each time, so
+        mixture's pass@1 per task (eval_pass@1/<task>, eval_pass@1_se/<task>). The same sampling seed each time, so
         before/after differences are not sampling noise."""
         cfg, n = self.cfg, self.cfg.eval_samples
         generator = torch.Generator().manual_seed(cfg.eval_seed)
@@ -864,7 +864,13 @@ class Trainer:
             f"eval_pass@{n}_se": pk_se,
             "eval_prompts": len(counts),
             "eval_samples": n,
-            **{f"eval_pass@1/{name}": pass_at_k_over_prompts(c, n, 1)[0] for name, c in members.items()},
+            **{
+                key: value
+                for name, c in members.items()
+                for key, value in zip(
+                    (f"eval_pass@1/{name}", f"eval_pass@1_se/{name}"), pass_at_k_over_prompts(c, n, 1)
+                )
+            },
         }
 
     # ----- the loop ---------------------------------------------------------------------------
