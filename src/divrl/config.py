@@ -23,7 +23,19 @@ from typing import Any
 import torch
 import yaml
 
-from divrl import calibration, demos, diversity, guarded_verifier, lora, preferences, prompts, recipes, stored
+from divrl import (
+    calibration,
+    demos,
+    diversity,
+    guarded_verifier,
+    lora,
+    mixture,
+    preferences,
+    prompts,
+    recap,
+    recipes,
+    stored,
+)
 from divrl.spec import ESTIMATORS, ObjectiveSpec, SpecError, parse_objective
 from divrl.tasks import OVERLONG_POLICIES
 
@@ -50,7 +62,8 @@ class TrainConfig:
         default="default",
     )
     task: str = _doc(
-        "A reasoning-gym dataset name (e.g. chain_sum) or a path to a .jsonl file with 'prompt' and 'answer' fields.",
+        "A reasoning-gym dataset name (e.g. chain_sum), a path to a .jsonl file with 'prompt' and "
+        "'answer' fields, or 'mixture' (the tasks `mixture` lists).",
         default="chain_sum",
     )
     task_params: dict = _doc(
@@ -67,6 +80,21 @@ class TrainConfig:
         "For JSONL tasks: 'exact' (extracted answer == answer) or 'module:function' "
         "called as f(completion, answer) -> float.",
         default="exact",
+    )
+    mixture: list | None = _doc(
+        "With task: mixture, the tasks of one run (divrl.mixture): a list of {task (a reasoning-gym "
+        "name or a .jsonl path), weight (1; its share of each step's prompts), params (its "
+        "task_params), verifier (for JSONL), name (its metrics' suffix; default the task's name)}. "
+        "Each member has train_size/eval_size prompts and its own verifier; metrics reward/<name>, "
+        "pass_rate/<name>, eval_pass@1/<name>. null: one task.",
+        default=None,
+    )
+    mixture_reweighting: dict | None = _doc(
+        "RECAP's online reweighting of a mixture's tasks (divrl.recap): {window: 10, temperature: "
+        "5.0, eps: 0.05} scales each member's advantages by λ_k = K·softmax((c_k + i_k)/T), c and i "
+        "the convergence rate and instability of its reward shortfall over two windows of W steps "
+        "(λ = 1 until 2W steps); logged as recap_weight/<name>. null: off.",
+        default=None,
     )
     reward_timeout: float | None = _doc(
         "Seconds a verifier call may take; a longer one scores 0 and is "
@@ -488,6 +516,7 @@ def _check(cfg: TrainConfig) -> None:
         calibration.CalibrationSpec.parse(cfg.reward_calibration)
     except ValueError as err:
         raise ConfigError(f"config key 'reward_calibration': {err}") from None
+    _check_mixture(cfg)
     need(cfg.max_refills >= 0, "max_refills", "must be ≥ 0")
     need(cfg.prompt_filter in PROMPT_FILTERS, "prompt_filter", f"must be one of {PROMPT_FILTERS}")
     need(cfg.overlong_prompts in OVERLONG_POLICIES, "overlong_prompts", f"must be one of {OVERLONG_POLICIES}")
@@ -638,6 +667,32 @@ def online_trains(spec: ObjectiveSpec) -> bool:
         spec.td_regularizer is not None and spec.td_regularizer.coef > 0
     )
     return spec.policy_gradient or bool(pulling) or anchored
+
+
+def _check_mixture(cfg: TrainConfig) -> None:
+    """The mixture's members and RECAP's reweighting, which needs a mixture of ≥ 2 tasks, online
+    rollouts (each member's reward series) and the policy gradient (it scales advantages)."""
+    try:
+        members = mixture.parse_mixture(cfg.task, cfg.mixture)
+    except ValueError as err:
+        raise ConfigError(f"config key {err}") from None
+    try:
+        spec = recap.ReweightingSpec.parse(cfg.mixture_reweighting)
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"config key 'mixture_reweighting': {err}") from None
+    if spec is None:
+        return
+    problem = (
+        "needs task: mixture with at least 2 tasks (it weighs one task against the others)"
+        if len(members) < 2
+        else "needs online rollouts (each task's reward series); offline runs have none"
+        if cfg.offline
+        else "scales the policy-gradient term's advantages; policy_gradient is false"
+        if not cfg.policy_gradient
+        else None
+    )
+    if problem is not None:
+        raise ConfigError(f"config key 'mixture_reweighting' {problem}")
 
 
 def _check_something_trains(spec: ObjectiveSpec, preference: bool) -> None:

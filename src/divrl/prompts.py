@@ -34,8 +34,13 @@ class PromptSource:
 
     def batch(self, step: int, size: int) -> list[Example]:
         """Prompts of `step` (0-based): items step·size … of the concatenated epoch shuffles."""
+        return self.draw(step, step * size, size)
+
+    def draw(self, step: int, start: int, size: int) -> list[Example]:
+        """`size` prompts for `step`, items start … of the concatenated epoch shuffles (a mixture
+        member's stream advances by its own share of each step: `divrl.mixture`)."""
         n = len(self.examples)
-        return [self.examples[self._epoch_order(i // n)[i % n]] for i in range(step * size, (step + 1) * size)]
+        return [self.examples[self._epoch_order(i // n)[i % n]] for i in range(start, start + size)]
 
     def refill(self, step: int, attempt: int, size: int) -> list[Example]:
         """`size` prompts to refill step `step`'s batch on its `attempt`-th extra round (≥ 1)."""
@@ -92,7 +97,7 @@ class GaussianCurriculum(PromptSource):
         )
         return [self.examples[i] for i in chosen.tolist()]
 
-    def batch(self, step: int, size: int) -> list[Example]:
+    def draw(self, step: int, start: int, size: int) -> list[Example]:
         return self._draw(f"{self.seed}:curriculum:{step}", size)
 
     def refill(self, step: int, attempt: int, size: int) -> list[Example]:

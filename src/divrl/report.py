@@ -1,5 +1,6 @@
 """End-of-run outputs: `curves.png` (reward, held-out pass@1, KL to reference, entropy vs step) and
-`report.md` (held-out pass@1 and pass@k before vs after, with n and standard errors)."""
+`report.md` (held-out pass@1 and pass@k before vs after, with n and standard errors; a mixture's
+pass@1 per task too)."""
 
 from __future__ import annotations
 
@@ -39,11 +40,14 @@ def plot_curves(rows: list[dict], path: Path) -> None:
 def _eval_table(before: dict, after: dict) -> list[str]:
     n = before["eval_samples"]
     lines = ["| metric | before | after | change |", "|---|---|---|---|"]
-    for key in ("eval_pass@1", f"eval_pass@{n}"):
+    for key, se in [
+        ("eval_pass@1", "eval_pass@1_se"),
+        (f"eval_pass@{n}", f"eval_pass@{n}_se"),
+        *((k, k.replace("@1/", "@1_se/")) for k in before if k.startswith("eval_pass@1/")),  # a mixture's tasks
+    ]:
         b, a = before[key], after[key]
         lines.append(
-            f"| {key.removeprefix('eval_')} | {b:.3f} ± {before[key + '_se']:.3f} | "
-            f"{a:.3f} ± {after[key + '_se']:.3f} | {a - b:+.3f} |"
+            f"| {key.removeprefix('eval_')} | {b:.3f} ± {before[se]:.3f} | {a:.3f} ± {after[se]:.3f} | {a - b:+.3f} |"
         )
     return lines
 

@@ -31,6 +31,7 @@ prompt space holds that many), so standard errors over prompts count each prompt
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import json
 import logging
@@ -53,6 +54,7 @@ class Example:
     prompt: str
     answer: str
     entry: dict[str, Any] = field(default_factory=dict)
+    task: str | None = None  # the mixture member it came from (`divrl.mixture`); None in a one-task run
 
 
 _NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
@@ -246,7 +248,12 @@ class JsonlTask(Task):
 
 
 def build_task(cfg) -> Task:
-    """The task named by `cfg.task` (a .jsonl path or a reasoning-gym dataset name)."""
+    """The task named by `cfg.task` (a .jsonl path, a reasoning-gym dataset name, or 'mixture':
+    the tasks `cfg.mixture` lists, `divrl.mixture`)."""
+    if cfg.task == "mixture":
+        from divrl.mixture import MixtureTask, parse_mixture
+
+        return MixtureTask(parse_mixture(cfg.task, cfg.mixture), cfg)
     if cfg.task.endswith(".jsonl"):
         path = Path(cfg.task)
         if not path.is_file():
@@ -343,7 +350,7 @@ def fit_to_context(task: Task, tokenizer, cfg, context: int | None, log=print) -
             examples[:] = [e for i, e in enumerate(examples) if i not in over]
         else:  # two held-out prompts may now share their tail: keep held-out prompts distinct
             examples[:] = [
-                Example(truncate_prompt(tokenizer, e.prompt, cfg.system_prompt, limit), e.answer, e.entry)
+                dataclasses.replace(e, prompt=truncate_prompt(tokenizer, e.prompt, cfg.system_prompt, limit))
                 if i in over
                 else e
                 for i, e in enumerate(examples)

@@ -43,6 +43,7 @@ from divrl.evaluation import score_completions
 from divrl.guarded_verifier import CRASH, TIMEOUT, GuardedVerifier
 from divrl.hidden import TokenBatch, completion_hidden
 from divrl.metrics import pass_at_k_over_prompts
+from divrl.mixture import MixtureTask, build_mixture_source
 from divrl.models import (
     ModelLoadError,
     autocast_for,
@@ -53,6 +54,7 @@ from divrl.models import (
     stop_token_ids,
 )
 from divrl.prompts import Group, build_source, split_groups
+from divrl.recap import Reweighting, ReweightingSpec
 from divrl.report import write_report
 from divrl.rollout import sample
 from divrl.rowwise import ModelOutputs
@@ -214,7 +216,15 @@ class Trainer:
                 f"initial policy feed {', '.join(t.name for t in self.stored_spec.terms)}; "
                 f"{len(online_examples)} prompts left for the policy gradient"
             )
-        self.prompts = build_source(cfg.prompt_sampler, online_examples, cfg.seed)
+        self.prompts = (
+            build_mixture_source(cfg.prompt_sampler, online_examples, self.task, cfg.seed)
+            if isinstance(self.task, MixtureTask)
+            else build_source(cfg.prompt_sampler, online_examples, cfg.seed)
+        )
+        reweighting, self.reweighting = ReweightingSpec.parse(cfg.mixture_reweighting), None
+        if reweighting is not None:  # RECAP
+            assert isinstance(self.task, MixtureTask)  # the config check requires a mixture with it
+            self.reweighting = Reweighting(reweighting, list(self.task.weights))
         self.entropy_anchor: float | None = None  # SIREN's H₀, set by the first update
         self.step = 0
         self.reward_errors = 0
@@ -654,12 +664,14 @@ class Trainer:
         objective=None,
         record: list[str] | None = None,
         reference_rewards: list[list[float]] | None = None,
+        advantage_scale: list[float] | None = None,
     ) -> dict:
         """`inner_iterations` optimizer steps on the objective of one rollout batch (and of this
         step's stored responses, for stored terms), with annealed coefficients at `step`; another
         `objective` (behaviour cloning's) replaces the run's online one. `record` (the prompts'
         texts) writes the batch's per-token record for `divrl inspect` before the update;
-        `reference_rewards` (sorted, per prompt) calibrates and transforms the task reward.
+        `reference_rewards` (sorted, per prompt) calibrates and transforms the task reward;
+        `advantage_scale` (per completion: RECAP's weight of its task) multiplies the advantages.
 
         A pass whose loss or gradient is non-finite takes no optimizer step, and the batch's later
         passes are dropped: `skipped_step` is 1 and `skip_reason` says what (`nonfinite_reason`)."""
@@ -775,6 +787,8 @@ class Trainer:
                         spec, inputs(m, cur.hidden, cur.tokens, cur.rows, zero)
                     ).cpu()
         advantages = objectives.advantages(spec, reward_t, penalty, group, verdict=passed)
+        if advantage_scale is not None:
+            advantages = advantages * torch.tensor(advantage_scale, dtype=advantages.dtype)
         if record is not None:
             self._record_tokens(step + 1, record, prompts, completions, reward_t, advantages, passed)
 
@@ -977,8 +991,9 @@ class Trainer:
 
     # ----- evaluation -------------------------------------------------------------------------
     def evaluate(self, chunk: int = 16) -> dict:
-        """Held-out pass@1 and pass@n (n = eval_samples) with standard errors over prompts. The
-        same sampling seed each time, so before/after differences are not sampling noise."""
+        """Held-out pass@1 and pass@n (n = eval_samples) with standard errors over prompts, and a
+        mixture's pass@1 per task (eval_pass@1/<task>, eval_pass@1_se/<task>). The same sampling seed each time, so
+        before/after differences are not sampling noise."""
         cfg, n = self.cfg, self.cfg.eval_samples
         generator = torch.Generator().manual_seed(cfg.eval_seed)
         counts = []
@@ -989,6 +1004,10 @@ class Trainer:
             counts += [sum(passes(r) for r in rewards[i * n : (i + 1) * n]) for i in range(len(examples))]
         p1, p1_se = pass_at_k_over_prompts(counts, n, 1)
         pk, pk_se = pass_at_k_over_prompts(counts, n, n)
+        members: dict[str, list[int]] = defaultdict(list)  # a mixture's pass counts per task
+        for example, count in zip(self.task.eval, counts):
+            if example.task is not None:
+                members[example.task].append(count)
         return {
             "eval_pass@1": p1,
             "eval_pass@1_se": p1_se,
@@ -996,6 +1015,13 @@ class Trainer:
             f"eval_pass@{n}_se": pk_se,
             "eval_prompts": len(counts),
             "eval_samples": n,
+            **{
+                key: value
+                for name, c in members.items()
+                for key, value in zip(
+                    (f"eval_pass@1/{name}", f"eval_pass@1_se/{name}"), pass_at_k_over_prompts(c, n, 1)
+                )
+            },
         }
 
     # ----- the loop ---------------------------------------------------------------------------
@@ -1095,11 +1121,16 @@ class Trainer:
         if spec is not None and spec.round_steps and self.pairs_round != step // spec.round_steps:
             self._preference_round(step // spec.round_steps)  # INPO: the round's pairs, from π_t
         groups: list[Group] = []
-        if spec is not None and not self.online:  # pairs only: no rollouts
-            stats = {"reward_errors": 0}
-        else:
+        stats: dict[str, Any] = {"reward_errors": 0}  # pairs only (no online objective): no rollouts
+        if spec is None or self.online:
             groups, stats = self._offline_batch(step) if self.cfg.offline else self._collect(step)
         self.reward_errors += stats["reward_errors"]
+        scale = None
+        if self.reweighting is not None:  # RECAP: this step's rewards in the series, then λ
+            names = [n for n in self.reweighting.series if f"reward/{n}" in stats]
+            weights = self.reweighting.observe({n: stats[f"reward/{n}"] for n in names})
+            stats.update((f"recap_weight/{n}", w) for n, w in weights.items())
+            scale = [weights[str(g.example.task)] for g in groups for _ in g.completions]
         t1 = time.perf_counter()
         if spec is not None and not self.online and self.pairs:
             stats.update(self._preference_update(step))
@@ -1121,6 +1152,7 @@ class Trainer:
                     step,
                     record=record,
                     reference_rewards=calibration,
+                    advantage_scale=scale,
                 )
             )
             self._count_skipped(step, stats)
@@ -1184,6 +1216,8 @@ class Trainer:
         self.reference_rewards = state["reference_rewards"]
         self.reward_errors = state["reward_errors"]
         self.skipped_steps = [(step, reason) for step, reason in state["skipped_steps"]]
+        if self.reweighting is not None and state.get("reweighting"):  # absent: a run without it
+            self.reweighting.load_state_dict(state["reweighting"])
         self.log(f"resumed from {path} (step {self.step})")
         return self.step, state["before"]
 
@@ -1196,6 +1230,7 @@ class Trainer:
             "reference_rewards": self.reference_rewards,
             "reward_errors": self.reward_errors,
             "skipped_steps": self.skipped_steps,
+            "reweighting": None if self.reweighting is None else self.reweighting.state_dict(),
             "before": before,
         }
 
@@ -1313,12 +1348,12 @@ class Trainer:
 
 def _rollout_stats(sampled: list[Group], errors: Counter[str]) -> dict:
     """Reward, pass rate, completion length, truncated fraction and verifier failures of a step's
-    sampled groups."""
+    sampled groups; in a mixture also reward/<task> and pass_rate/<task> of each member sampled."""
     rewards = [r for g in sampled for r in g.rewards]
     lengths = [len(c) for g in sampled for c in g.completions]
     finished = [f for g in sampled for f in g.finished]
     mean = (lambda xs: sum(xs) / len(xs)) if rewards else (lambda xs: math.nan)
-    return {
+    stats = {
         "reward": mean(rewards),
         "pass_rate": mean([float(passes(r)) for r in rewards]),
         "completion_length": mean(lengths),
@@ -1327,6 +1362,11 @@ def _rollout_stats(sampled: list[Group], errors: Counter[str]) -> dict:
         "reward_timeouts": errors[TIMEOUT],
         "reward_crashes": errors[CRASH],
     }
+    for name in dict.fromkeys(g.example.task for g in sampled if g.example.task is not None):
+        mine = [r for g in sampled if g.example.task == name for r in g.rewards]
+        stats[f"reward/{name}"] = sum(mine) / len(mine)
+        stats[f"pass_rate/{name}"] = sum(map(passes, mine)) / len(mine)
+    return stats
 
 
 def _fmt_eval(label: str, ev: dict) -> str:
