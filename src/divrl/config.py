@@ -23,7 +23,7 @@ from typing import Any
 import torch
 import yaml
 
-from divrl import calibration, demos, diversity, guarded_verifier, lora, prompts, recipes, stored
+from divrl import calibration, demos, diversity, guarded_verifier, lora, prefix_replay, prompts, recipes, stored
 from divrl.spec import ESTIMATORS, ObjectiveSpec, SpecError, parse_objective
 from divrl.tasks import OVERLONG_POLICIES
 
@@ -280,6 +280,17 @@ class TrainConfig:
         "Most extra sampling rounds per step for dynamic sampling (then the step trains on the groups it has).",
         default=10,
     )
+    prefix_replay: dict | None = _doc(
+        "PrefixRL (divrl.prefix_replay): {probability: 0.5, min_fraction: 0.2, "
+        "max_fraction: 0.8, per_prompt: 4, seed_prompts: 0} — a prompt with a correct "
+        "trace in the replay buffer is, with that probability, sampled after the first "
+        "h = ⌊f·|trace|⌋ tokens of one, f ~ U[min_fraction, max_fraction]; the verifier "
+        "scores prefix + continuation, the loss sees the continuation only. The buffer keeps "
+        "per_prompt passing completions of unprefixed rollouts per prompt, seeded by "
+        "rejection sampling of the initial policy on the first seed_prompts training prompts "
+        "(stored_samples answers each). null = off.",
+        default=None,
+    )
     kl_coef: float = _doc(
         "Shorthand for one term: β of a reverse-KL penalty to the reference model (0: none).", default=0.0
     )
@@ -475,6 +486,15 @@ def _check(cfg: TrainConfig) -> None:
         raise ConfigError(f"config key 'reward_calibration': {err}") from None
     need(cfg.max_refills >= 0, "max_refills", "must be ≥ 0")
     need(cfg.prompt_filter in PROMPT_FILTERS, "prompt_filter", f"must be one of {PROMPT_FILTERS}")
+    try:
+        prefix_replay.PrefixSpec.parse(cfg.prefix_replay)
+    except ValueError as err:
+        raise ConfigError(f"config key 'prefix_replay': {err}") from None
+    need(
+        not (cfg.offline and cfg.prefix_replay is not None),
+        "prefix_replay",
+        "needs online rollouts to condition on a prefix (offline trains on stored responses)",
+    )
     need(cfg.overlong_prompts in OVERLONG_POLICIES, "overlong_prompts", f"must be one of {OVERLONG_POLICIES}")
     try:
         diversity.parse_bonus(cfg.diversity_bonus)

@@ -52,6 +52,7 @@ from divrl.models import (
     resolve_device,
     stop_token_ids,
 )
+from divrl.prefix_replay import PrefixSpec, TraceBuffer, choose_prefixes
 from divrl.prompts import Group, build_source, split_groups
 from divrl.report import write_report
 from divrl.rollout import sample
@@ -208,6 +209,10 @@ class Trainer:
                 f"{len(online_examples)} prompts left for the policy gradient"
             )
         self.prompts = build_source(cfg.prompt_sampler, online_examples, cfg.seed)
+        self.prefix_spec = PrefixSpec.parse(cfg.prefix_replay)
+        self.prefix_buffer = None if self.prefix_spec is None else TraceBuffer(self.prefix_spec.per_prompt)
+        if self.prefix_spec is not None and self.prefix_spec.seed_prompts and not cfg.resume:
+            self._seed_traces(self.prefix_spec.seed_prompts)
         self.entropy_anchor: float | None = None  # SIREN's H₀, set by the first update
         self.step = 0
         self.reward_errors = 0
@@ -344,6 +349,29 @@ class Trainer:
                 out.append(demos.Demo(g.example.prompt, self.tokenizer.decode(first, skip_special_tokens=True)))
         return out
 
+    def _seed_traces(self, n: int) -> None:
+        """PrefixRL's off-policy traces: the initial policy's passing answers (`stored_samples` each) to
+        the first `n` training prompts, rejection-sampled once at the start (a resumed run reads the
+        buffer from its checkpoint)."""
+        cfg, buffer = self.cfg, self.prefix_buffer
+        assert buffer is not None  # seeded with prefix_replay only
+        examples = self.task.train[:n]
+        generator = torch.Generator().manual_seed(cfg.seed + 13)
+        self._remember_traces(self._answer_once(examples, cfg.temperature, cfg.top_p, generator, self.model, "traces"))
+        self.log(
+            f"prefix replay: {len(buffer)} correct traces of {len(buffer.traces)} prompts from "
+            f"{len(examples)} prompts × {cfg.stored_samples} answers of the initial policy"
+        )
+
+    def _remember_traces(self, groups: list[Group]) -> None:
+        """The passing completions of the unprefixed groups join the PrefixRL buffer."""
+        assert self.prefix_buffer is not None
+        for g in groups:
+            if not g.prefix:
+                for completion, reward in zip(g.completions, g.rewards):
+                    if passes(reward):
+                        self.prefix_buffer.add(g.example.prompt, completion)
+
     def _stored_responses(self) -> tuple[list[stored.StoredGroup], set[int]]:
         """The stored responses split by pass rate (DPH-RL)."""
         return stored.split(self._sampled_once(), self.cfg.stored_solved, objectives.PASS_THRESHOLD)
@@ -426,11 +454,16 @@ class Trainer:
         generator: torch.Generator,
         top_p: float | None = None,
         model=None,
+        prefixes: list[list[int]] | None = None,
     ):
+        """G completions of each example; after its prompt's `prefixes` tokens (PrefixRL) if given."""
+        prompts = [self._prompt_ids(e) for e in examples]
+        if prefixes is not None:
+            prompts = [p + prefix for p, prefix in zip(prompts, prefixes)]
         with self.autocast():
             return sample(
                 self.model if model is None else model,
-                [self._prompt_ids(e) for e in examples],
+                prompts,
                 group_size=group_size,
                 max_new_tokens=self.cfg.max_new_tokens,
                 stop_token_ids=self.stop_ids,
@@ -873,10 +906,8 @@ class Trainer:
         errors: Counter[str] = Counter()
         while True:
             if examples:
-                rollout = self._sample(examples, cfg.group_size, cfg.temperature, self.generator)
-                rewards, round_errors = self._score(examples, rollout.completion_ids, cfg.group_size)
+                groups, round_errors = self._rollout_groups(examples, f"{cfg.seed}:{step}:{refills}")
                 errors += round_errors
-                groups = split_groups(examples, rollout, rewards)
                 sampled += groups
                 kept += [g for g in groups if g.informative or not cfg.dynamic_sampling]
             if len(kept) >= cfg.prompts_per_step or not cfg.dynamic_sampling or refills == cfg.max_refills:
@@ -888,11 +919,31 @@ class Trainer:
             [g.example for g in sampled], [sum(passes(r) for r in g.rewards) / len(g.rewards) for g in sampled]
         )
         stats = _rollout_stats(sampled, errors)
+        if self.prefix_buffer is not None:
+            stats.update(_prefix_stats(sampled, self.prefix_buffer))
         if cfg.dynamic_sampling:  # refills ask for the missing count only: kept ≤ prompts_per_step
             stats.update(refills=refills, dropped_groups=len(sampled) - len(kept), trained_groups=len(kept))
         if cfg.prompt_filter != "none":
             stats.update(filtered_prompts=n_offered - len(sampled), trained_prompts=len(kept))
         return kept, stats
+
+    def _rollout_groups(self, examples: list[Example], key: str) -> tuple[list[Group], Counter[str]]:
+        """G scored completions of each example. PrefixRL: some continue an off-policy prefix of a
+        correct trace (drawn from the stream seeded by `key`) and are scored as prefix +
+        continuation; the unprefixed groups' passing completions then join the buffer."""
+        cfg, g = self.cfg, self.cfg.group_size
+        prefixes = (
+            [[] for _ in examples]
+            if self.prefix_spec is None or self.prefix_buffer is None
+            else choose_prefixes(self.prefix_spec, self.prefix_buffer, [e.prompt for e in examples], f"{key}:prefix")
+        )
+        rollout = self._sample(examples, g, cfg.temperature, self.generator, prefixes=prefixes)
+        answers = [prefixes[i // g] + c for i, c in enumerate(rollout.completion_ids)]
+        rewards, errors = self._score(examples, answers, g)
+        groups = split_groups(examples, rollout, rewards, prefixes)
+        if self.prefix_buffer is not None:
+            self._remember_traces(groups)
+        return groups, errors
 
     def _collect_shard(self, offered: list[Example]) -> tuple[list[Group], dict]:
         """Data-parallel `_collect` (`divrl.distributed`): this rank samples and scores its
@@ -1021,6 +1072,8 @@ class Trainer:
         self.reference_rewards = state["reference_rewards"]
         self.reward_errors = state["reward_errors"]
         self.skipped_steps = [(step, reason) for step, reason in state["skipped_steps"]]
+        if self.prefix_buffer is not None:  # absent from a checkpoint of a run without PrefixRL
+            self.prefix_buffer.load_state_dict(state.get("prefix_buffer") or {})
         self.log(f"resumed from {path} (step {self.step})")
         return self.step, state["before"]
 
@@ -1033,6 +1086,7 @@ class Trainer:
             "reference_rewards": self.reference_rewards,
             "reward_errors": self.reward_errors,
             "skipped_steps": self.skipped_steps,
+            "prefix_buffer": None if self.prefix_buffer is None else self.prefix_buffer.state_dict(),
             "before": before,
         }
 
@@ -1163,6 +1217,24 @@ def _rollout_stats(sampled: list[Group], errors: Counter[str]) -> dict:
         "reward_errors": errors.total(),
         "reward_timeouts": errors[TIMEOUT],
         "reward_crashes": errors[CRASH],
+    }
+
+
+def _prefix_stats(sampled: list[Group], buffer: TraceBuffer) -> dict:
+    """PrefixRL's moving parts over a step's sampled groups: the share prefixed, the prefix's mean
+    length (tokens) and share of the scored answer (prefix + continuation), the pass rates with and
+    without a prefix, and the buffer's size after the step."""
+    prefixed = [g for g in sampled if g.prefix]
+    mean = lambda xs: sum(xs) / len(xs) if xs else math.nan  # noqa: E731
+    rate = lambda groups: mean([float(passes(r)) for g in groups for r in g.rewards])  # noqa: E731
+    return {
+        "prefixed_groups": mean([float(bool(g.prefix)) for g in sampled]),
+        "prefix_length": mean([len(g.prefix) for g in prefixed]),
+        "prefix_fraction": mean([len(g.prefix) / (len(g.prefix) + len(c)) for g in prefixed for c in g.completions]),
+        "pass_rate_prefixed": rate(prefixed),
+        "pass_rate_unprefixed": rate([g for g in sampled if not g.prefix]),
+        "prefix_buffer_traces": len(buffer),
+        "prefix_buffer_prompts": len(buffer.traces),
     }
 
 
