@@ -23,7 +23,18 @@ from typing import Any
 import torch
 import yaml
 
-from divrl import calibration, demos, diversity, guarded_verifier, lora, prefix_replay, prompts, recipes, stored
+from divrl import (
+    calibration,
+    demos,
+    diversity,
+    guarded_verifier,
+    hints,
+    lora,
+    prefix_replay,
+    prompts,
+    recipes,
+    stored,
+)
 from divrl.spec import ESTIMATORS, ObjectiveSpec, SpecError, parse_objective
 from divrl.tasks import OVERLONG_POLICIES
 
@@ -291,6 +302,15 @@ class TrainConfig:
         "(stored_samples answers each). null = off.",
         default=None,
     )
+    knowledge_hints: dict | None = _doc(
+        "KnowRL (divrl.hints): {joint_evaluations: 8} — each prompt's knowledge points (a "
+        "JSONL row's 'hints' list; chain_sum: its partial sums but the last) are searched "
+        "once, when the prompt is first drawn, for a minimal sufficient subset: none if a "
+        "group passes without hints, else the full set pruned of the KPs whose removal keeps "
+        "the pass rate, removals checked jointly (at most joint_evaluations sets); the prompt "
+        "is then trained with that subset in a '## Hint' section. null = off.",
+        default=None,
+    )
     kl_coef: float = _doc(
         "Shorthand for one term: β of a reverse-KL penalty to the reference model (0: none).", default=0.0
     )
@@ -494,6 +514,20 @@ def _check(cfg: TrainConfig) -> None:
         not (cfg.offline and cfg.prefix_replay is not None),
         "prefix_replay",
         "needs online rollouts to condition on a prefix (offline trains on stored responses)",
+    )
+    try:
+        hints.HintSpec.parse(cfg.knowledge_hints)
+    except ValueError as err:
+        raise ConfigError(f"config key 'knowledge_hints': {err}") from None
+    need(
+        not (cfg.offline and cfg.knowledge_hints is not None),
+        "knowledge_hints",
+        "needs online rollouts to search hint subsets (offline trains on stored responses)",
+    )
+    need(
+        cfg.knowledge_hints is None or cfg.prefix_replay is None,
+        "knowledge_hints",
+        "cannot be combined with prefix_replay (choose one way to make hard prompts easier)",
     )
     need(cfg.overlong_prompts in OVERLONG_POLICIES, "overlong_prompts", f"must be one of {OVERLONG_POLICIES}")
     try:

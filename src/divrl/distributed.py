@@ -135,6 +135,7 @@ UNSUPPORTED = {  # config key → what makes it a per-rank decision (refused wit
     "dynamic_sampling": "each rank would drop and refill its own groups",
     "prompt_filter": "each rank would filter its own prompts",
     "prefix_replay": "each rank would keep its own buffer of correct traces",
+    "knowledge_hints": "each rank would search hint subsets for its own prompts",
     "offline": "offline batches are not sharded",
     "behaviour_cloning_steps": "behaviour cloning writes behaviour_cloned/ from every rank",
     "stage1": "the first stage would be trained by every rank",

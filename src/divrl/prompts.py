@@ -136,7 +136,8 @@ def build_source(value: Any, examples: list[Example], seed: int) -> PromptSource
 class Group:
     """One prompt's G scored completions. `prompt_ids` end with `prefix`, the off-policy tokens the
     completions continue (PrefixRL, `divrl.prefix_replay`; empty without): scored with the
-    completions, never trained on."""
+    completions, never trained on. `hints`: the indices of the knowledge points written into the
+    prompt (KnowRL, `divrl.hints`; empty without)."""
 
     example: Example
     prompt_ids: list[int]
@@ -145,6 +146,7 @@ class Group:
     finished: list[bool]
     rewards: list[float]
     prefix: list[int] = field(default_factory=list)
+    hints: tuple[int, ...] = ()
 
     @property
     def informative(self) -> bool:
