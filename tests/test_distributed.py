@@ -119,7 +119,10 @@ def test_a_world_size_that_does_not_divide_the_prompts_is_refused(tmp_path):
     distributed.check_config(_cfg(tmp_path, "prompts_per_step=3"), distributed.World())  # one process
 
 
-@pytest.mark.parametrize("key", ["dynamic_sampling=true", "prompt_filter=greedy_unsolved"])
+@pytest.mark.parametrize(
+    "key",  # a mapping key is on with {} (its defaults)
+    ["dynamic_sampling=true", "prompt_filter=greedy_unsolved", "prefix_replay={}", "knowledge_hints={}"],
+)
 def test_options_decided_per_rank_are_refused(tmp_path, key):
     with pytest.raises(ConfigError, match=rf"'{key.split('=')[0]}': not supported with data-parallel .*2 ranks"):
         distributed.check_config(_cfg(tmp_path, key), distributed.World(0, 2, 0))

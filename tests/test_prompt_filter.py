@@ -25,7 +25,9 @@ def test_greedy_unsolved_trains_only_the_prompts_the_greedy_answer_gets_wrong(tm
     calls = []
     sample = trainer._sample
     monkeypatch.setattr(
-        trainer, "_sample", lambda ex, g, t, gen, *a: calls.append((len(ex), g, t)) or sample(ex, g, t, gen, *a)
+        trainer,
+        "_sample",
+        lambda ex, g, t, gen, *a, **k: calls.append((len(ex), g, t)) or sample(ex, g, t, gen, *a, **k),
     )
     offered = trainer.prompts.batch(0, 4)
     groups, stats = trainer._collect(0)

@@ -28,9 +28,11 @@ from divrl import (
     demos,
     diversity,
     guarded_verifier,
+    hints,
     lora,
     mixture,
     preferences,
+    prefix_replay,
     prompts,
     recap,
     recipes,
@@ -308,6 +310,26 @@ class TrainConfig:
         "Most extra sampling rounds per step for dynamic sampling (then the step trains on the groups it has).",
         default=10,
     )
+    prefix_replay: dict | None = _doc(
+        "PrefixRL (divrl.prefix_replay): {probability: 0.5, min_fraction: 0.2, "
+        "max_fraction: 0.8, per_prompt: 4, seed_prompts: 0} — a prompt with a correct "
+        "trace in the replay buffer is, with that probability, sampled after the first "
+        "h = ⌊f·|trace|⌋ tokens of one, f ~ U[min_fraction, max_fraction]; the verifier "
+        "scores prefix + continuation, the loss sees the continuation only. The buffer keeps "
+        "per_prompt passing completions of unprefixed rollouts per prompt, seeded by "
+        "rejection sampling of the initial policy on the first seed_prompts training prompts "
+        "(stored_samples answers each). null = off.",
+        default=None,
+    )
+    knowledge_hints: dict | None = _doc(
+        "KnowRL (divrl.hints): {joint_evaluations: 8} — each prompt's knowledge points (a "
+        "JSONL row's 'hints' list; chain_sum: its partial sums but the last) are searched "
+        "once, when the prompt is first drawn, for a minimal sufficient subset: none if a "
+        "group passes without hints, else the full set pruned of the KPs whose removal keeps "
+        "the pass rate, removals checked jointly (at most joint_evaluations sets); the prompt "
+        "is then trained with that subset in a '## Hint' section. null = off.",
+        default=None,
+    )
     kl_coef: float = _doc(
         "Shorthand for one term: β of a reverse-KL penalty to the reference model (0: none).", default=0.0
     )
@@ -519,6 +541,29 @@ def _check(cfg: TrainConfig) -> None:
     _check_mixture(cfg)
     need(cfg.max_refills >= 0, "max_refills", "must be ≥ 0")
     need(cfg.prompt_filter in PROMPT_FILTERS, "prompt_filter", f"must be one of {PROMPT_FILTERS}")
+    try:
+        prefix_replay.PrefixSpec.parse(cfg.prefix_replay)
+    except ValueError as err:
+        raise ConfigError(f"config key 'prefix_replay': {err}") from None
+    need(
+        not (cfg.offline and cfg.prefix_replay is not None),
+        "prefix_replay",
+        "needs online rollouts to condition on a prefix (offline trains on stored responses)",
+    )
+    try:
+        hints.HintSpec.parse(cfg.knowledge_hints)
+    except ValueError as err:
+        raise ConfigError(f"config key 'knowledge_hints': {err}") from None
+    need(
+        not (cfg.offline and cfg.knowledge_hints is not None),
+        "knowledge_hints",
+        "needs online rollouts to search hint subsets (offline trains on stored responses)",
+    )
+    need(
+        cfg.knowledge_hints is None or cfg.prefix_replay is None,
+        "knowledge_hints",
+        "cannot be combined with prefix_replay (choose one way to make hard prompts easier)",
+    )
     need(cfg.overlong_prompts in OVERLONG_POLICIES, "overlong_prompts", f"must be one of {OVERLONG_POLICIES}")
     try:
         diversity.parse_bonus(cfg.diversity_bonus)

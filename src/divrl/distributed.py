@@ -134,6 +134,8 @@ def device_for(spec: str, here: World) -> torch.device:
 UNSUPPORTED = {  # config key → what makes it a per-rank decision (refused with W > 1)
     "dynamic_sampling": "each rank would drop and refill its own groups",
     "prompt_filter": "each rank would filter its own prompts",
+    "prefix_replay": "each rank would keep its own buffer of correct traces",
+    "knowledge_hints": "each rank would search hint subsets for its own prompts",
     "offline": "offline batches are not sharded",
     "behaviour_cloning_steps": "behaviour cloning writes behaviour_cloned/ from every rank",
     "stage1": "the first stage would be trained by every rank",
@@ -156,7 +158,7 @@ def check_config(cfg: Any, here: World) -> None:
         )
     for key, why in UNSUPPORTED.items():
         value = getattr(cfg, key, None)
-        if value and value != "none":
+        if value not in (None, False, 0, "none"):  # {} is on: a mapping key's defaults
             raise ConfigError(
                 f"config key '{key}': not supported with data-parallel training ({here.size} ranks): {why}; "
                 f"run it in one process"

@@ -18,7 +18,7 @@ from __future__ import annotations
 import math
 import random
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -139,7 +139,10 @@ def build_source(value: Any, examples: list[Example], seed: int) -> PromptSource
 
 @dataclass
 class Group:
-    """One prompt's G scored completions."""
+    """One prompt's G scored completions. `prompt_ids` end with `prefix`, the off-policy tokens the
+    completions continue (PrefixRL, `divrl.prefix_replay`; empty without): scored with the
+    completions, never trained on. `hints`: the indices of the knowledge points written into the
+    prompt (KnowRL, `divrl.hints`; empty without)."""
 
     example: Example
     prompt_ids: list[int]
@@ -147,6 +150,8 @@ class Group:
     logprobs: list[list[float]]
     finished: list[bool]
     rewards: list[float]
+    prefix: list[int] = field(default_factory=list)
+    hints: tuple[int, ...] = ()
 
     @property
     def informative(self) -> bool:
@@ -154,8 +159,10 @@ class Group:
         return max(self.rewards) > min(self.rewards)
 
 
-def split_groups(examples: list[Example], rollout, rewards: list[float]) -> list[Group]:
-    """The groups of a group-major rollout of `examples` with its rewards."""
+def split_groups(
+    examples: list[Example], rollout, rewards: list[float], prefixes: list[list[int]] | None = None
+) -> list[Group]:
+    """The groups of a group-major rollout of `examples` with its rewards (and each prompt's prefix)."""
     g = rollout.group_size
     return [
         Group(
@@ -165,6 +172,7 @@ def split_groups(examples: list[Example], rollout, rewards: list[float]) -> list
             rollout.logprobs[i * g : (i + 1) * g],
             rollout.finished[i * g : (i + 1) * g],
             rewards[i * g : (i + 1) * g],
+            [] if prefixes is None else prefixes[i],
         )
         for i, example in enumerate(examples)
     ]

@@ -42,6 +42,7 @@ from divrl.config import ConfigError, TrainConfig, online_trains, save_config, s
 from divrl.evaluation import score_completions
 from divrl.guarded_verifier import CRASH, TIMEOUT, GuardedVerifier
 from divrl.hidden import TokenBatch, completion_hidden
+from divrl.hints import HintSpec, Search, Subset, hinted_prompt, knowledge_points, subset_search
 from divrl.metrics import pass_at_k_over_prompts
 from divrl.mixture import MixtureTask, build_mixture_source
 from divrl.models import (
@@ -53,6 +54,7 @@ from divrl.models import (
     resolve_device,
     stop_token_ids,
 )
+from divrl.prefix_replay import PrefixSpec, TraceBuffer, choose_prefixes
 from divrl.prompts import Group, build_source, split_groups
 from divrl.recap import Reweighting, ReweightingSpec
 from divrl.report import write_report
@@ -225,6 +227,15 @@ class Trainer:
         if reweighting is not None:  # RECAP
             assert isinstance(self.task, MixtureTask)  # the config check requires a mixture with it
             self.reweighting = Reweighting(reweighting, list(self.task.weights))
+        self.prefix_spec = PrefixSpec.parse(cfg.prefix_replay)
+        self.prefix_buffer = None if self.prefix_spec is None else TraceBuffer(self.prefix_spec.per_prompt)
+        if self.prefix_spec is not None and self.prefix_spec.seed_prompts and not cfg.resume:
+            self._seed_traces(self.prefix_spec.seed_prompts)
+        self.hint_spec = HintSpec.parse(cfg.knowledge_hints)
+        self.knowledge: dict[str, list[str]] = {}  # KnowRL: each training prompt's knowledge points
+        self.hint_choice: dict[str, Subset] = {}  # … and the subset its search selected
+        if self.hint_spec is not None:
+            self.knowledge = self._knowledge_points(online_examples)
         self.entropy_anchor: float | None = None  # SIREN's H₀, set by the first update
         self.step = 0
         self.reward_errors = 0
@@ -366,6 +377,47 @@ class Trainer:
                 out.append(demos.Demo(g.example.prompt, self.tokenizer.decode(first, skip_special_tokens=True)))
         return out
 
+    def _seed_traces(self, n: int) -> None:
+        """PrefixRL's off-policy traces: the initial policy's passing answers (`stored_samples` each) to
+        the first `n` training prompts, rejection-sampled once at the start (a resumed run reads the
+        buffer from its checkpoint)."""
+        cfg, buffer = self.cfg, self.prefix_buffer
+        assert buffer is not None  # seeded with prefix_replay only
+        examples = self.task.train[:n]
+        generator = torch.Generator().manual_seed(cfg.seed + 13)
+        self._remember_traces(self._answer_once(examples, cfg.temperature, cfg.top_p, generator, self.model, "traces"))
+        self.log(
+            f"prefix replay: {len(buffer)} correct traces of {len(buffer.traces)} prompts from "
+            f"{len(examples)} prompts × {cfg.stored_samples} answers of the initial policy"
+        )
+
+    def _knowledge_points(self, examples: list[Example]) -> dict[str, list[str]]:
+        """KnowRL's knowledge points of each training prompt (`divrl.hints.knowledge_points`),
+        refused up front if a row's `hints` is malformed."""
+        found = {}
+        for e in examples:
+            try:
+                found[e.prompt] = knowledge_points(e)
+            except ValueError as err:
+                raise ConfigError(
+                    f"config key 'knowledge_hints': the training prompt {e.prompt[:60]!r}: {err}"
+                ) from None
+        with_kps = [kps for kps in found.values() if kps]
+        self.log(
+            f"knowledge hints: {len(with_kps)} of {len(found)} training prompts have knowledge points "
+            f"({sum(map(len, with_kps))} in all)"
+        )
+        return found
+
+    def _remember_traces(self, groups: list[Group]) -> None:
+        """The passing completions of the unprefixed groups join the PrefixRL buffer."""
+        assert self.prefix_buffer is not None
+        for g in groups:
+            if not g.prefix:
+                for completion, reward in zip(g.completions, g.rewards):
+                    if passes(reward):
+                        self.prefix_buffer.add(g.example.prompt, completion)
+
     # ----- preference pairs -------------------------------------------------------------------
     def _preference_round(self, round_: int) -> None:
         """Round `round_`'s pairs (`divrl.preferences`): read back on resume, else made — from the
@@ -386,7 +438,7 @@ class Trainer:
                 examples = [
                     train[(round_ * spec.prompts + i) % len(train)] for i in range(min(spec.prompts, len(train)))
                 ]
-                generator = torch.Generator().manual_seed(cfg.seed + 13 + round_)
+                generator = torch.Generator().manual_seed(cfg.seed + 17 + round_)
                 who = f"policy of round {round_}" if round_ else "initial policy"
                 groups = self._answer_once(
                     examples, cfg.temperature, cfg.top_p, generator, self.model, who, samples=spec.samples
@@ -566,11 +618,16 @@ class Trainer:
         generator: torch.Generator,
         top_p: float | None = None,
         model=None,
+        prefixes: list[list[int]] | None = None,
     ):
+        """G completions of each example; after its prompt's `prefixes` tokens (PrefixRL) if given."""
+        prompts = [self._prompt_ids(e) for e in examples]
+        if prefixes is not None:
+            prompts = [p + prefix for p, prefix in zip(prompts, prefixes)]
         with self.autocast():
             return sample(
                 self.model if model is None else model,
-                [self._prompt_ids(e) for e in examples],
+                prompts,
                 group_size=group_size,
                 max_new_tokens=self.cfg.max_new_tokens,
                 stop_token_ids=self.stop_ids,
@@ -1038,23 +1095,23 @@ class Trainer:
         return [e for e, r in zip(examples, rewards) if not passes(r)]
 
     def _collect(self, step: int) -> tuple[list[Group], dict]:
-        """Sample and score the step's prompts (those `prompt_filter` keeps); with dynamic
-        sampling, drop the groups with equal rewards and refill with fresh prompts (at most
-        `max_refills` extra rounds)."""
+        """Sample and score the step's prompts (those `prompt_filter` keeps; after an off-policy
+        prefix or with hints, `_rollout_groups`); with dynamic sampling, drop the groups with equal
+        rewards and refill with fresh prompts (at most `max_refills` extra rounds). A KnowRL search's
+        groups other than the selected subset's are left out of `reward` and `pass_rate`."""
         cfg = self.cfg
         offered = self.prompts.batch(step, cfg.prompts_per_step)
         if self.world.parallel:
             return self._collect_shard(offered)
         examples = self._unsolved_greedily(offered)
-        kept, sampled, refills, n_offered = [], [], 0, len(offered)
+        kept, sampled, every, refills, n_offered = [], [], [], 0, len(offered)
         errors: Counter[str] = Counter()
         while True:
             if examples:
-                rollout = self._sample(examples, cfg.group_size, cfg.temperature, self.generator)
-                rewards, round_errors = self._score(examples, rollout.completion_ids, cfg.group_size)
+                groups, searched, round_errors = self._rollout_groups(examples, f"{cfg.seed}:{step}:{refills}")
                 errors += round_errors
-                groups = split_groups(examples, rollout, rewards)
                 sampled += groups
+                every += searched
                 kept += [g for g in groups if g.informative or not cfg.dynamic_sampling]
             if len(kept) >= cfg.prompts_per_step or not cfg.dynamic_sampling or refills == cfg.max_refills:
                 break
@@ -1065,11 +1122,84 @@ class Trainer:
             [g.example for g in sampled], [sum(passes(r) for r in g.rewards) / len(g.rewards) for g in sampled]
         )
         stats = _rollout_stats(sampled, errors)
+        if self.prefix_buffer is not None:
+            stats.update(_prefix_stats(sampled, self.prefix_buffer))
+        if self.hint_spec is not None:
+            stats.update(_hint_stats(sampled, every, self.knowledge, self.hint_choice))
         if cfg.dynamic_sampling:  # refills ask for the missing count only: kept ≤ prompts_per_step
             stats.update(refills=refills, dropped_groups=len(sampled) - len(kept), trained_groups=len(kept))
         if cfg.prompt_filter != "none":
             stats.update(filtered_prompts=n_offered - len(sampled), trained_prompts=len(kept))
         return kept, stats
+
+    def _rollout_groups(self, examples: list[Example], key: str) -> tuple[list[Group], list[Group], Counter[str]]:
+        """(a group of G scored completions for each example, every group sampled, the verifier's
+        failures). PrefixRL: some continue an off-policy prefix of a correct trace (drawn from the
+        stream seeded by `key`) and are scored as prefix + continuation; the unprefixed groups'
+        passing completions then join the buffer. KnowRL: `_hinted_groups`."""
+        if self.hint_spec is not None:
+            return self._hinted_groups(examples)
+        cfg, g = self.cfg, self.cfg.group_size
+        prefixes = (
+            [[] for _ in examples]
+            if self.prefix_spec is None or self.prefix_buffer is None
+            else choose_prefixes(self.prefix_spec, self.prefix_buffer, [e.prompt for e in examples], f"{key}:prefix")
+        )
+        rollout = self._sample(examples, g, cfg.temperature, self.generator, prefixes=prefixes)
+        answers = [prefixes[i // g] + c for i, c in enumerate(rollout.completion_ids)]
+        rewards, errors = self._score(examples, answers, g)
+        groups = split_groups(examples, rollout, rewards, prefixes)
+        if self.prefix_buffer is not None:
+            self._remember_traces(groups)
+        return groups, groups, errors
+
+    def _hinted_groups(self, examples: list[Example]) -> tuple[list[Group], list[Group], Counter[str]]:
+        """KnowRL: each example sampled with its selected knowledge points. A prompt drawn for the
+        first time is searched (`divrl.hints.subset_search`; every prompt's requests of a round are
+        sampled in one batch) and its group of the selected subset is the one returned; the search's
+        other groups are returned as sampled only."""
+        assert self.hint_spec is not None
+        cfg, g = self.cfg, self.cfg.group_size
+        searches: dict[int, Search] = {}
+        requests: dict[int, list[Subset]] = {}
+        selected: dict[int, Subset] = {}
+        for i, e in enumerate(examples):
+            if e.prompt in self.hint_choice:
+                selected[i] = self.hint_choice[e.prompt]
+                requests[i] = [selected[i]]
+            else:
+                searches[i] = subset_search(len(self.knowledge[e.prompt]), self.hint_spec.joint_evaluations)
+                requests[i] = next(searches[i])
+        latest: dict[tuple[int, Subset], Group] = {}
+        sampled: list[Group] = []
+        errors: Counter[str] = Counter()
+        while requests:
+            pairs = [(i, subset) for i, subsets in requests.items() for subset in subsets]
+            hinted = [
+                dataclasses.replace(
+                    examples[i],
+                    prompt=hinted_prompt(examples[i].prompt, [self.knowledge[examples[i].prompt][k] for k in subset]),
+                )
+                for i, subset in pairs
+            ]
+            rollout = self._sample(hinted, g, cfg.temperature, self.generator)
+            rewards, round_errors = self._score(hinted, rollout.completion_ids, g)
+            errors += round_errors
+            rates: defaultdict[int, list[float]] = defaultdict(list)
+            for (i, subset), group in zip(pairs, split_groups([examples[i] for i, _ in pairs], rollout, rewards)):
+                group.hints = subset
+                latest[i, subset] = group
+                sampled.append(group)
+                rates[i].append(_pass_rate([group]))
+            pending = {}
+            for i in requests:
+                if i in searches:
+                    try:
+                        pending[i] = searches[i].send(rates[i])
+                    except StopIteration as done:
+                        selected[i] = self.hint_choice[examples[i].prompt] = done.value
+            requests = pending
+        return [latest[i, selected[i]] for i in range(len(examples))], sampled, errors
 
     def _collect_shard(self, offered: list[Example]) -> tuple[list[Group], dict]:
         """Data-parallel `_collect` (`divrl.distributed`): this rank samples and scores its
@@ -1120,9 +1250,10 @@ class Trainer:
         spec = self.preference
         if spec is not None and spec.round_steps and self.pairs_round != step // spec.round_steps:
             self._preference_round(step // spec.round_steps)  # INPO: the round's pairs, from π_t
+        pairs_only = spec is not None and not self.online  # no online objective: no rollouts
         groups: list[Group] = []
-        stats: dict[str, Any] = {"reward_errors": 0}  # pairs only (no online objective): no rollouts
-        if spec is None or self.online:
+        stats: dict[str, Any] = {"reward_errors": 0}
+        if not pairs_only:
             groups, stats = self._offline_batch(step) if self.cfg.offline else self._collect(step)
         self.reward_errors += stats["reward_errors"]
         scale = None
@@ -1132,10 +1263,10 @@ class Trainer:
             stats.update((f"recap_weight/{n}", w) for n, w in weights.items())
             scale = [weights[str(g.example.task)] for g in groups for _ in g.completions]
         t1 = time.perf_counter()
-        if spec is not None and not self.online and self.pairs:
+        if pairs_only and self.pairs:
             stats.update(self._preference_update(step))
             self._count_skipped(step, stats)
-        elif spec is not None and not self.online:
+        elif pairs_only:
             self.log(f"step {step + 1}: round {self.pairs_round} has no preference pair; update skipped")
         elif groups:
             every = self.cfg.inspect_every
@@ -1218,6 +1349,9 @@ class Trainer:
         self.skipped_steps = [(step, reason) for step, reason in state["skipped_steps"]]
         if self.reweighting is not None and state.get("reweighting"):  # absent: a run without it
             self.reweighting.load_state_dict(state["reweighting"])
+        if self.prefix_buffer is not None:  # absent from a checkpoint of a run without PrefixRL
+            self.prefix_buffer.load_state_dict(state.get("prefix_buffer") or {})
+        self.hint_choice = {prompt: tuple(s) for prompt, s in (state.get("hint_selections") or {}).items()}
         self.log(f"resumed from {path} (step {self.step})")
         return self.step, state["before"]
 
@@ -1231,6 +1365,8 @@ class Trainer:
             "reward_errors": self.reward_errors,
             "skipped_steps": self.skipped_steps,
             "reweighting": None if self.reweighting is None else self.reweighting.state_dict(),
+            "prefix_buffer": None if self.prefix_buffer is None else self.prefix_buffer.state_dict(),
+            "hint_selections": {prompt: list(subset) for prompt, subset in self.hint_choice.items()},
             "before": before,
         }
 
@@ -1367,6 +1503,48 @@ def _rollout_stats(sampled: list[Group], errors: Counter[str]) -> dict:
         stats[f"reward/{name}"] = sum(mine) / len(mine)
         stats[f"pass_rate/{name}"] = sum(map(passes, mine)) / len(mine)
     return stats
+
+
+def _mean(values: Sequence[float]) -> float:
+    return sum(values) / len(values) if values else math.nan
+
+
+def _pass_rate(groups: list[Group]) -> float:
+    """The share of the groups' completions that pass (NaN for none)."""
+    return _mean([float(passes(r)) for g in groups for r in g.rewards])
+
+
+def _prefix_stats(sampled: list[Group], buffer: TraceBuffer) -> dict:
+    """PrefixRL's moving parts over a step's sampled groups: the share prefixed, the prefix's mean
+    length (tokens) and share of the scored answer (prefix + continuation), the pass rates with and
+    without a prefix, and the buffer's size after the step."""
+    prefixed = [g for g in sampled if g.prefix]
+    return {
+        "prefixed_groups": _mean([float(bool(g.prefix)) for g in sampled]),
+        "prefix_length": _mean([len(g.prefix) for g in prefixed]),
+        "prefix_fraction": _mean([len(g.prefix) / (len(g.prefix) + len(c)) for g in prefixed for c in g.completions]),
+        "pass_rate_prefixed": _pass_rate(prefixed),
+        "pass_rate_unprefixed": _pass_rate([g for g in sampled if not g.prefix]),
+        "prefix_buffer_traces": len(buffer),
+        "prefix_buffer_prompts": len(buffer.traces),
+    }
+
+
+def _hint_stats(
+    trained: list[Group], sampled: list[Group], knowledge: dict[str, list[str]], choices: dict[str, Subset]
+) -> dict:
+    """KnowRL's moving parts: KPs selected and available per trained prompt, the share of trained
+    groups with hints, the pass rates of every group sampled this step without and with hints
+    (searches included), the extra groups the searches sampled and the prompts selected so far."""
+    return {
+        "hints_per_prompt": _mean([len(g.hints) for g in trained]),
+        "knowledge_points": _mean([len(knowledge[g.example.prompt]) for g in trained]),
+        "hinted_groups": _mean([float(bool(g.hints)) for g in trained]),
+        "pass_rate_without_hints": _pass_rate([g for g in sampled if not g.hints]),
+        "pass_rate_with_hints": _pass_rate([g for g in sampled if g.hints]),
+        "hint_search_groups": len(sampled) - len(trained),
+        "hint_selections": len(choices),
+    }
 
 
 def _fmt_eval(label: str, ev: dict) -> str:
