@@ -37,7 +37,8 @@ def per_prompt_sampling(trainer: Trainer) -> None:
     """Replace the trainer's sampler by one whose draws depend on each prompt alone."""
     real = trainer._sample
 
-    def sample(examples, group_size, temperature, generator, top_p=None, model=None):
+    def sample(examples, group_size, temperature, generator, top_p=None, model=None, prefixes=None):
+        assert not any(prefixes or []), "no PrefixRL prefixes in these runs"
         rows = []
         for e in examples:
             seed = zlib.crc32(e.prompt.encode())

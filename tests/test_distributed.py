@@ -2,7 +2,8 @@
 
 - The update of 2 ranks equals that of one process on the same global batch: 2 steps, weights
   compared after each (tests/distributed_worker.py makes the batch independent of the split).
-- `torchrun … -m divrl train …` runs end to end: only rank 0 writes, the checkpoint holds every
+- `torchrun … -m divrl train …` and `accelerate launch --multi_gpu --num_processes 2 -m divrl train …`
+  run end to end: only rank 0 writes, the checkpoint holds every
   rank's sampling state and resumes in one process (another world size).
 - A world size that does not divide prompts_per_step, and the options that cannot be sharded, are
   refused naming the key and the world size."""
@@ -31,8 +32,21 @@ def _env():
     return env
 
 
-def _torchrun(*args: str, cwd: Path, env: dict | None = None) -> subprocess.CompletedProcess:
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *args]
+LAUNCHERS = {  # two ranks on this machine's CPU (gloo)
+    "torchrun": ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"],
+    # accelerate's multi-process launcher (torch's elastic launch underneath); --cpu would pick its
+    # single-process or MPI launcher instead, and the ranks choose the CPU themselves (device auto)
+    "accelerate": [
+        *("-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1"),
+        *("--mixed_precision", "no", "--dynamo_backend", "no"),
+    ],
+}
+
+
+def _torchrun(
+    *args: str, cwd: Path, env: dict | None = None, launcher: str = "torchrun"
+) -> subprocess.CompletedProcess:
+    command = [sys.executable, *LAUNCHERS[launcher], *args]
     done = subprocess.run(command, cwd=cwd, env=env or _env(), capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
     return done
@@ -73,7 +87,8 @@ def test_two_ranks_update_as_one_process_on_the_same_global_batch(tmp_path, say_
     assert {one[step]["metrics"]["reward"] for step in range(2)} - {0.0, 1.0}, "rewards all equal: no signal"
 
 
-def test_torchrun_cli_writes_once_and_resumes_in_one_process(tmp_path):
+@pytest.mark.parametrize("launcher", LAUNCHERS)
+def test_torchrun_and_accelerate_launch_write_once_and_resume_in_one_process(tmp_path, launcher):
     run = tmp_path / "run"
     sets = [
         "model=tiny",
@@ -88,8 +103,11 @@ def test_torchrun_cli_writes_once_and_resumes_in_one_process(tmp_path):
         "eval_every=0",
         f"output_dir={run}",
     ]
-    done = _torchrun("-m", "divrl", "train", *(arg for s in sets for arg in ("--set", s)), cwd=tmp_path)
+    done = _torchrun(
+        "-m", "divrl", "train", *(arg for s in sets for arg in ("--set", s)), cwd=tmp_path, launcher=launcher
+    )
     assert done.stdout.count("resolved config:") == 1 and done.stdout.count("report: ") == 1
+    assert done.stdout.count("dtype auto:") == 1 and done.stdout.count("objective: ") == 1  # rank 1 is silent
     rows = read_metrics(run / "metrics.jsonl")
     assert [r["step"] for r in rows if "reward" in r] == [1, 2]  # once each: rank 1 wrote no row
     assert [r["step"] for r in rows if "eval_pass@1" in r] == [0, 2]

@@ -153,12 +153,12 @@ class Trainer:
                 raise ConfigError(str(err)) from None
             except ValueError as err:
                 raise ConfigError(f"config key {err}") from None
-        self.overlong_prompts = fit_to_context(self.task, self.tokenizer, cfg, context_length(self.model), log)
+        self.overlong_prompts = fit_to_context(self.task, self.tokenizer, cfg, context_length(self.model), self.log)
         self.model.eval()  # no dropout; gradients still flow
         self.objective = cfg.objective
-        log(f"objective: {self.objective.describe()}")
+        self.log(f"objective: {self.objective.describe()}")
         for warning in self.objective.warnings:
-            log(f"warning: {warning}")
+            self.log(f"warning: {warning}")
         needs = self.objective.models()
         self.calibration = CalibrationSpec.parse(cfg.reward_calibration)
         self.reference_rewards: dict[str, list[float]] = {}  # calibration: sorted, per prompt text
@@ -193,7 +193,7 @@ class Trainer:
             weight_decay=cfg.weight_decay,
         )
         self.generator = torch.Generator().manual_seed(distributed.rank_seed(cfg.seed, self.world.rank))
-        self.precision = precision.resolve(cfg.dtype, self.model, log)
+        self.precision = precision.resolve(cfg.dtype, self.model, self.log)
         self.autocast = autocast_for(self.precision, self.device)
         self.stop_ids = stop_token_ids(self.tokenizer, self.model)
         self._prompt_cache: dict[str, list[int]] = {}
@@ -213,7 +213,7 @@ class Trainer:
                     f"the policy gradient; raise train_size above stored_prompts or "
                     f"stored_solved"
                 )
-            log(
+            self.log(
                 f"stored responses: {len(self.stored_groups)} of {cfg.stored_prompts} prompts solved by the "
                 f"initial policy feed {', '.join(t.name for t in self.stored_spec.terms)}; "
                 f"{len(online_examples)} prompts left for the policy gradient"
