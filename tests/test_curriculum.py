@@ -6,6 +6,7 @@ import math
 import pytest
 import torch
 
+from cli_args import TINY_RUN
 from divrl.config import ConfigError, build_config
 from divrl.prompts import GaussianCurriculum, build_source
 from divrl.tasks import Example
@@ -67,13 +68,8 @@ def test_the_curriculum_state_survives_a_resume(tmp_path):
     """2 steps, then a resumed 3rd, end with the EMA of an uninterrupted 3-step run (it would not
     if the state were lost: steps 1–2 moved it)."""
     args = [
-        "model=tiny",
+        *TINY_RUN,
         "prompts_per_step=2",
-        "group_size=2",
-        "max_new_tokens=4",
-        "eval_size=2",
-        "eval_samples=1",
-        "train_size=20",
         "checkpoint_every=1",
         "eval_every=0",
     ]

@@ -3,6 +3,7 @@ member's own verifier, per-task metrics, and the config errors naming the key.""
 
 import pytest
 
+from cli_args import TINY_RUN
 from divrl.config import ConfigError, build_config
 from divrl.mixture import MixtureSource, MixtureTask, allocate
 from divrl.prompts import PromptSource
@@ -51,15 +52,10 @@ def test_members_are_scored_by_their_own_verifier_and_reported_per_task(tmp_path
     cfg = build_config(
         None,
         [
-            "model=tiny",
+            *TINY_RUN,
             "task=mixture",
             f"mixture=[{{task: chain_sum, weight: 1}}, {{task: '{data}', verifier: 'always_verifier:always', weight: 1, name: say}}]",
             "prompts_per_step=4",
-            "group_size=2",
-            "max_new_tokens=4",
-            "eval_size=2",
-            "eval_samples=1",
-            "train_size=20",
             f"output_dir={tmp_path / 'run'}",
         ],
     )

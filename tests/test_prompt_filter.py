@@ -1,18 +1,15 @@
 """SELF's prompt filter: the current policy answers each prompt once greedily, and only the prompts
 it gets wrong are sampled and trained on; a step whose prompts are all solved is skipped."""
 
+from cli_args import TINY_RUN
 from divrl.config import build_config
 from divrl.trainer import Trainer
 
 
 def _trainer(tmp_path, say_task, answers, *overrides):
     args = [
-        "model=tiny",
+        *TINY_RUN,
         "prompts_per_step=4",
-        "group_size=2",
-        "max_new_tokens=4",
-        "eval_size=2",
-        "eval_samples=1",
         *say_task(answers, "even_solved"),
         f"output_dir={tmp_path / 'run'}",
         *overrides,

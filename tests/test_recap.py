@@ -7,6 +7,7 @@ import math
 
 import pytest
 
+from cli_args import TINY_RUN
 from divrl.config import ConfigError, build_config
 from divrl.recap import Reweighting, ReweightingSpec, recap_weights
 from divrl.trainer import Trainer
@@ -82,7 +83,7 @@ def test_the_loss_of_a_task_is_its_reward_shortfall_so_an_improving_task_gains_w
         ),
         (
             ["task=mixture", "mixture=[{task: chain_sum}, {task: letter_counting}]", "mixture_reweighting={windw: 3}"],
-            "unknown keys ['windw']",
+            "unknown field(s) ['windw']",
         ),
         (
             [
@@ -108,13 +109,8 @@ def test_the_reweighting_series_survives_a_resume(tmp_path, say_task):
     resumed 3rd, end with the series and weights of an uninterrupted 3-step run."""
     data = say_task(range(24), "parity")[0].removeprefix("task=")
     args = [
-        "model=tiny",
+        *TINY_RUN,
         "prompts_per_step=4",
-        "group_size=2",
-        "max_new_tokens=4",
-        "eval_size=2",
-        "eval_samples=1",
-        "train_size=20",
         "checkpoint_every=1",
         "eval_every=0",
         f"mixture=[{{task: chain_sum}}, {{task: '{data}', verifier: 'parity_verifier:parity', name: say}}]",

@@ -8,6 +8,7 @@ import math
 import pytest
 import torch
 
+from cli_args import TINY_RUN
 from divrl import lab, objectives, recipes
 from divrl.chunked import Head
 from divrl.cli import main
@@ -165,15 +166,10 @@ PREFERENCE_ARGS = ["preference.prompts=4", "preference.samples=4", "preference.p
 @pytest.mark.parametrize("name", recipes.names())
 def test_divrl_train_recipe_smoke_run_on_the_tiny_model(tmp_path, name, say_task):
     overrides = [
-        "model=tiny",
+        *TINY_RUN,
         "teacher=tiny",
         "steps=1",
         "prompts_per_step=2",
-        "group_size=2",
-        "max_new_tokens=4",
-        "eval_size=2",
-        "eval_samples=1",
-        "train_size=20",
         f"output_dir={tmp_path / 'run'}",
     ]
     config = recipes.load(name).config

@@ -541,24 +541,19 @@ def _check(cfg: TrainConfig) -> None:
     _check_mixture(cfg)
     need(cfg.max_refills >= 0, "max_refills", "must be ≥ 0")
     need(cfg.prompt_filter in PROMPT_FILTERS, "prompt_filter", f"must be one of {PROMPT_FILTERS}")
-    try:
-        prefix_replay.PrefixSpec.parse(cfg.prefix_replay)
-    except ValueError as err:
-        raise ConfigError(f"config key 'prefix_replay': {err}") from None
-    need(
-        not (cfg.offline and cfg.prefix_replay is not None),
-        "prefix_replay",
-        "needs online rollouts to condition on a prefix (offline trains on stored responses)",
-    )
-    try:
-        hints.HintSpec.parse(cfg.knowledge_hints)
-    except ValueError as err:
-        raise ConfigError(f"config key 'knowledge_hints': {err}") from None
-    need(
-        not (cfg.offline and cfg.knowledge_hints is not None),
-        "knowledge_hints",
-        "needs online rollouts to search hint subsets (offline trains on stored responses)",
-    )
+    for key, parse, purpose in (
+        ("prefix_replay", prefix_replay.PrefixSpec.parse, "to condition on a prefix"),
+        ("knowledge_hints", hints.HintSpec.parse, "to search hint subsets"),
+    ):
+        try:
+            parse(getattr(cfg, key))
+        except ValueError as err:
+            raise ConfigError(f"config key '{key}': {err}") from None
+        need(
+            not (cfg.offline and getattr(cfg, key) is not None),
+            key,
+            f"needs online rollouts {purpose} (offline trains on stored responses)",
+        )
     need(
         cfg.knowledge_hints is None or cfg.prefix_replay is None,
         "knowledge_hints",

@@ -26,10 +26,11 @@ The selection is kept for the rest of training (KnowRL trains on one fixed subse
 from __future__ import annotations
 
 from collections.abc import Generator, Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from itertools import combinations
 from typing import Any
 
+from divrl.mapping_spec import from_mapping
 from divrl.tasks import ANSWER_INSTRUCTION, Example
 
 Subset = tuple[int, ...]
@@ -45,15 +46,9 @@ class HintSpec:
     def parse(cls, value: Any) -> HintSpec | None:
         """From config key `knowledge_hints` (a mapping, {} for the defaults, or null); ValueError names
         the bad field."""
-        if value is None:
+        spec = from_mapping(cls, value)
+        if spec is None:
             return None
-        names = [f.name for f in fields(cls)]
-        if not isinstance(value, dict):
-            raise ValueError(f"must be a mapping of {', '.join(names)} (or {{}} for the defaults), got {value!r}")
-        unknown = sorted(set(value) - set(names))
-        if unknown:
-            raise ValueError(f"unknown field(s) {unknown}; it takes {', '.join(names)}")
-        spec = cls(**value)
         if isinstance(spec.joint_evaluations, bool) or not isinstance(spec.joint_evaluations, int):
             raise ValueError(f"joint_evaluations must be an integer ≥ 0, got {spec.joint_evaluations!r}")
         if spec.joint_evaluations < 0:

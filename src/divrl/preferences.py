@@ -30,13 +30,14 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
+from divrl.mapping_spec import from_mapping
 from divrl.tasks import jsonl_rows
 
 LOSSES = ("dpo", "ipo", "inpo")
@@ -65,15 +66,9 @@ class PreferenceSpec:
     @classmethod
     def parse(cls, value: dict | None) -> PreferenceSpec | None:
         """From config key `preference` (a mapping or null); ValueError names a bad field."""
-        if value is None:
+        spec = from_mapping(cls, value)
+        if spec is None:
             return None
-        if not isinstance(value, dict):
-            raise ValueError(f"must be a mapping such as {{loss: dpo, beta: 0.1}} or null, got {value!r}")
-        known = [f.name for f in fields(cls)]
-        unknown = sorted(set(value) - set(known))
-        if unknown:
-            raise ValueError(f"unknown field(s) {unknown}; it takes {', '.join(known)}")
-        spec = cls(**value)
         if spec.loss not in LOSSES:
             raise ValueError(f"loss must be one of {LOSSES}, got {spec.loss!r}")
         for name in ("beta", "eta", "coef"):

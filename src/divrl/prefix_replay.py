@@ -22,8 +22,10 @@ from __future__ import annotations
 import math
 import random
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Any
+
+from divrl.mapping_spec import from_mapping
 
 
 @dataclass(frozen=True)
@@ -38,15 +40,9 @@ class PrefixSpec:
     def parse(cls, value: Any) -> PrefixSpec | None:
         """From config key `prefix_replay` (a mapping, {} for the defaults, or null); ValueError names
         the bad field."""
-        if value is None:
+        spec = from_mapping(cls, value)
+        if spec is None:
             return None
-        names = [f.name for f in fields(cls)]
-        if not isinstance(value, dict):
-            raise ValueError(f"must be a mapping of {', '.join(names)} (or {{}} for the defaults), got {value!r}")
-        unknown = sorted(set(value) - set(names))
-        if unknown:
-            raise ValueError(f"unknown field(s) {unknown}; it takes {', '.join(names)}")
-        spec = cls(**value)
         number = lambda v: isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)  # noqa: E731
         count = lambda v: isinstance(v, int) and not isinstance(v, bool)  # noqa: E731
         for key, ok, allowed in (

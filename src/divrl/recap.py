@@ -30,6 +30,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from divrl.mapping_spec import from_mapping
+
 
 @dataclass(frozen=True)
 class ReweightingSpec:
@@ -40,14 +42,9 @@ class ReweightingSpec:
     @classmethod
     def parse(cls, value: Any) -> ReweightingSpec | None:
         """`mixture_reweighting`: null or {window, temperature, eps}; ValueError naming the part."""
-        if value is None:
+        spec = from_mapping(cls, value)
+        if spec is None:
             return None
-        if not isinstance(value, dict):
-            raise ValueError(f"must be a mapping {{window, temperature, eps}} or null, got {value!r}")
-        unknown = sorted(set(value) - {"window", "temperature", "eps"})
-        if unknown:
-            raise ValueError(f"unknown keys {unknown}; valid: window, temperature, eps")
-        spec = cls(**value)
         if isinstance(spec.window, bool) or not isinstance(spec.window, int) or spec.window < 1:
             raise ValueError(f"window: must be an integer ≥ 1, got {spec.window!r}")
         for key in ("temperature", "eps"):
