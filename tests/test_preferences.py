@@ -293,3 +293,25 @@ def test_a_resumed_preference_run_reads_its_pairs_back_and_repeats_the_uninterru
     assert rows(run) == rows(straight / "run")
     rounds = sorted(p.name for p in (run / "preference_pairs").iterdir())
     assert rounds == (["round-0.json", "round-1.json", "round-2.json"] if recipe == "inpo" else ["round-0.json"])
+
+
+@pytest.mark.parametrize("recipe", ["dpo", "inpo"])
+def test_preference_recipes_train_lora_adapters_only(tmp_path, say_task, recipe, one_thread):
+    """With LoRA the pairs' reference log-probs are the base model's (adapters off, or not yet
+    trained), and a step changes adapter weights only."""
+    from divrl import lora
+    from divrl.trainer import Trainer
+
+    extra = ["preference.round_steps=1"] if recipe == "inpo" else []
+    cfg = build_config(None, _overrides(tmp_path, say_task, "steps=1", "lora={r: 4}", *extra), recipe=recipe)
+    trainer = Trainer(cfg, log=lambda *_: None)
+    before = {name: p.detach().clone() for name, p in trainer.model.named_parameters()}
+    trainer.run()
+    changed = {name for name, p in trainer.model.named_parameters() if not torch.equal(p, before[name])}
+    assert changed and all("lora_" in name for name in changed)
+    assert (tmp_path / "run" / "checkpoints" / "step-1" / lora.ADAPTER_WEIGHTS).is_file()
+    with torch.no_grad(), lora.forward_of(lora.AdaptersOff(trainer.model)) as base:
+        pairs = preferences.load(trainer.run_dir, 0)
+        assert pairs
+        expected = _plain_logprob_sums(base, trainer.tokenizer, pairs)
+    torch.testing.assert_close(torch.tensor([p.reference for p in pairs]), expected, atol=1e-4, rtol=0)
