@@ -93,6 +93,16 @@ class PreferenceSpec:
         return spec
 
 
+def describe(spec: PreferenceSpec) -> str:
+    """One line, e.g. 'dpo on preference pairs (β 0.1), coef 1'."""
+    strength = (
+        f"η {spec.eta:g}, τ {spec.tau:g}, rounds of {spec.round_steps} steps"
+        if spec.loss == "inpo"
+        else f"β {spec.beta:g}"
+    )
+    return f"{spec.loss} on preference pairs ({strength}), coef {spec.coef:g}"
+
+
 @dataclass
 class Pair:
     prompt: str

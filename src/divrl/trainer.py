@@ -156,18 +156,21 @@ class Trainer:
         self.overlong_prompts = fit_to_context(self.task, self.tokenizer, cfg, context_length(self.model), self.log)
         self.model.eval()  # no dropout; gradients still flow
         self.objective = cfg.objective
-        self.log(f"objective: {self.objective.describe()}")
+        self.preference = preferences.PreferenceSpec.parse(cfg.preference)
+        self.online = online_trains(self.objective)  # False: a preference run on its pairs alone
+        described = ([self.objective.describe()] if self.online else []) + (
+            [preferences.describe(self.preference)] if self.preference is not None else []
+        )
+        self.log(f"objective: {' + '.join(described)}")
         for warning in self.objective.warnings:
             self.log(f"warning: {warning}")
         needs = self.objective.models()
         self.calibration = CalibrationSpec.parse(cfg.reward_calibration)
         self.reference_rewards: dict[str, list[float]] = {}  # calibration: sorted, per prompt text
-        self.preference = preferences.PreferenceSpec.parse(cfg.preference)
         # pairs read a loaded reference; without one, their reference log-probs are the initial weights'
         pairs_read_reference = self.preference is not None and (
             self.preference.round_steps > 0 or cfg.reference is not None
         )
-        self.online = online_trains(self.objective)  # False: a preference run on its pairs alone
         monitor_kl = cfg.monitor_kl and self.online  # the `kl` metric of rollouts, when there are some
         self.reference = None
         if "reference" in needs or monitor_kl or self.calibration is not None or pairs_read_reference:
