@@ -4,8 +4,8 @@ bf16 autocast pays only where the machine multiplies bf16 natively, and the CPU 
 whether it does: reported, one CPU (probably with AMX) ran bf16 matmuls ≈ 4× fp32, one with the
 AVX512-BF16 flag but no AMX 0.6×; measured, an AVX2-only one (1024² matmuls) 1/146×. So 'auto' times the model's own
 forward pass (no gradient) on a batch shaped like a training micro-batch (8 sequences × 64
-tokens) at float32 and at bf16 autocast, and takes bf16 when it is at least 10% faster. A bf16
-pass that already took 3× the float32 one is not repeated. The verdict is cached in
+tokens) at float32 and at bf16 autocast, in alternating rounds, and takes bf16 when it is at
+least 10% faster. A bf16 pass that already took 3× the float32 one is not repeated. The verdict is cached in
 ``$DIVRL_CACHE/precision.json`` under the machine (CPU model and flags, threads, torch version,
 device) and the model (its config), so a machine pays the few seconds once per model.
 """
@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import platform
 import time
 from collections.abc import Callable
@@ -28,6 +29,7 @@ from divrl.models import cache_dir
 BF16_GAIN = 0.9  # bf16 is chosen when its time ≤ this × float32's
 GIVE_UP = 3.0  # a bf16 warm-up this many times slower than float32 ends the measurement
 ROWS, TOKENS = 8, 64
+ROUNDS = 3  # alternating float32 / bf16 rounds after the warm-ups
 
 
 def cache_file() -> Path:
@@ -79,16 +81,24 @@ def _forward_seconds(model: PreTrainedModel, ids: torch.Tensor, precision: str) 
 
 
 def measure(model: PreTrainedModel) -> dict[str, float]:
-    """Seconds of one forward pass of ROWS × TOKENS random tokens at each precision (best of two
-    after a warm-up; on a CPU, bf16 stops after its warm-up when that took GIVE_UP × float32's best;
-    on a GPU its warm-up is mostly one-time library set-up, so it always goes on)."""
+    """Seconds of one forward pass of ROWS × TOKENS random tokens at each precision: after a
+    warm-up of each, the best of ROUNDS rounds that alternate float32 and bf16, so a burst of other
+    work on the machine slows one round of both rather than every run of one (measured: a float32
+    best-of-two taken while another training job ran read 0.34 s against the idle 0.02–0.04, and
+    picked bf16 for a model that runs 4× slower in it). On a CPU, bf16 stops after its warm-up when
+    that took GIVE_UP × float32's; on a GPU its warm-up is mostly one-time library set-up, so it
+    always goes on."""
     generator = torch.Generator().manual_seed(0)
     ids = torch.randint(model.config.vocab_size, (ROWS, TOKENS), generator=generator).to(model.device)
     _forward_seconds(model, ids, "fp32")
-    fp32 = min(_forward_seconds(model, ids, "fp32") for _ in range(2))
-    bf16 = _forward_seconds(model, ids, "bf16")
-    if bf16 < GIVE_UP * fp32 or ids.device.type == "cuda":
-        bf16 = min(_forward_seconds(model, ids, "bf16") for _ in range(2))
+    fp32 = _forward_seconds(model, ids, "fp32")
+    bf16 = _forward_seconds(model, ids, "bf16")  # its warm-up
+    if bf16 >= GIVE_UP * fp32 and ids.device.type != "cuda":
+        return {"fp32": fp32, "bf16": bf16}
+    bf16 = math.inf
+    for _ in range(ROUNDS):
+        fp32 = min(fp32, _forward_seconds(model, ids, "fp32"))
+        bf16 = min(bf16, _forward_seconds(model, ids, "bf16"))
     return {"fp32": fp32, "bf16": bf16}
 
 
