@@ -315,3 +315,21 @@ def test_preference_recipes_train_lora_adapters_only(tmp_path, say_task, recipe,
         assert pairs
         expected = _plain_logprob_sums(base, trainer.tokenizer, pairs)
     torch.testing.assert_close(torch.tensor([p.reference for p in pairs]), expected, atol=1e-4, rtol=0)
+
+
+def test_a_file_pair_whose_prompt_overflows_the_context_is_refused_naming_it(tmp_path, say_task):
+    from divrl.trainer import Trainer
+
+    path = _write(
+        tmp_path,
+        [
+            {"prompt": "Say 1", "chosen": "1", "rejected": "2"},
+            {"prompt": "word " * 600, "chosen": "1", "rejected": "2"},
+        ],
+    )
+    cfg = build_config(None, _overrides(tmp_path, say_task, f"preference.data={path}"), recipe="dpo")
+    with pytest.raises(
+        ConfigError,
+        match=r"'preference.data': pair 2 of .*pairs.jsonl has a prompt of \d+ tokens, over the model's context of 512",
+    ):
+        Trainer(cfg, log=lambda *_: None)

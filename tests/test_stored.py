@@ -112,8 +112,9 @@ def test_offline_selection_keeps_mixed_prompts_closest_to_half_and_their_shortes
     assert [g.index for g in stored.select_offline(groups, 0, 1.0, 1.0)] == [1, 2, 4]
 
 
-def test_an_offline_run_trains_on_the_stored_set_without_generating(tmp_path, say_task, monkeypatch):
-    args = [
+def _offline_args(tmp_path, say_task) -> list[str]:
+    """A tiny offline run's overrides: 6 stored prompts × 5 responses scored by length parity."""
+    return [
         "model=tiny",
         *say_task(range(30), "parity"),
         "prompts_per_step=2",
@@ -125,6 +126,10 @@ def test_an_offline_run_trains_on_the_stored_set_without_generating(tmp_path, sa
         "offline_keep=3",
         f"output_dir={tmp_path / 'run'}",
     ]
+
+
+def test_an_offline_run_trains_on_the_stored_set_without_generating(tmp_path, say_task, monkeypatch):
+    args = _offline_args(tmp_path, say_task)
     trainer = Trainer(build_config(None, [*args, "steps=2"], recipe="reasonmaxxer"), log=lambda *_: None)
     assert 1 <= len(trainer.offline_groups) <= 3
     assert all(len(g.completions) == 4 for g in trainer.offline_groups)  # the shortest 80% of 5
@@ -155,21 +160,12 @@ def test_an_offline_run_with_a_reward_placed_term_computes_the_policy_for_it(tmp
     # the stored sampler's log-probs are πold, but the reward-placed KL is still evaluated on a
     # forward of the policy (it used to be skipped, and the penalty read None)
     args = [
-        "model=tiny",
-        *say_task(range(30), "parity"),
-        "prompts_per_step=2",
-        "max_new_tokens=6",
-        "eval_size=2",
-        "eval_samples=1",
-        "stored_prompts=6",
-        "stored_samples=5",
-        "offline_keep=3",
+        *_offline_args(tmp_path, say_task),
         "offline=true",
         "offline_data=stored",
         "kl_in_reward=true",
         "kl_estimator=k1",
         "kl_coef=0.05",
-        f"output_dir={tmp_path / 'run'}",
         "steps=1",
     ]
     trainer = Trainer(build_config(None, args, recipe="grpo"), log=lambda *_: None)

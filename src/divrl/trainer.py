@@ -436,6 +436,7 @@ class Trainer:
                     for p in preferences.read(spec.data)
                 ]
                 source = f"file {spec.data}"
+                self._check_pair_prompts_fit(pairs, spec.data)
             else:
                 train = self.task.train
                 examples = [
@@ -469,6 +470,19 @@ class Trainer:
             preferences.save(pairs, self.run_dir, round_)
             self.log(f"preference pairs, round {round_}: {len(pairs)} from {source}")
         self.pairs, self.pairs_round = pairs, round_
+
+    def _check_pair_prompts_fit(self, pairs: list[preferences.Pair], path: str) -> None:
+        """Refuse, naming the pair, a file's prompt longer than the model's context less
+        max_new_tokens (the task's prompts are fitted by `overlong_prompts`; a file's are not)."""
+        context, budget = context_length(self.model), self.cfg.max_new_tokens
+        for number, pair in enumerate(pairs, 1):
+            length = len(self._prompt_ids(Example(pair.prompt, "")))
+            if context is not None and length + budget > context:
+                raise ConfigError(
+                    f"config key 'preference.data': pair {number} of {path} has a prompt of {length} "
+                    f"tokens, over the model's context of {context} less max_new_tokens {budget}; "
+                    f"shorten it or drop the pair"
+                )
 
     def _pair_chunks(self, pairs: list[preferences.Pair]) -> list[list[preferences.Pair]]:
         """Micro-batches of pairs: micro_batch_size completions (two per pair) each."""
