@@ -532,6 +532,8 @@ def _check(cfg: TrainConfig) -> None:
         raise ConfigError(f"config key {err}") from None
     try:
         preference = preferences.PreferenceSpec.parse(cfg.preference)
+        if preference is not None and preference.data is not None:
+            preferences.read(preference.data)  # a bad file fails here, naming its line
     except ValueError as err:
         raise ConfigError(f"config key 'preference': {err}") from None
     try:

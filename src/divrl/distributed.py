@@ -101,10 +101,6 @@ def world() -> World:
     return launched()
 
 
-def is_main() -> bool:
-    return world().main
-
-
 def init(device: str = "auto") -> World:
     """Start the process group when launched with WORLD_SIZE > 1 (gloo on the CPU, nccl on CUDA);
     a group already started is kept. Returns the world."""

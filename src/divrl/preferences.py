@@ -88,8 +88,6 @@ class PreferenceSpec:
             raise ValueError(
                 "data (a fixed file of pairs) and round_steps (pairs re-sampled each round) exclude each other"
             )
-        if spec.data is not None:
-            read(spec.data)
         return spec
 
 
