@@ -6,14 +6,16 @@ Each prompt's completions are sampled with a generator seeded by the prompt's te
 lengths that differ from prompt to prompt, so every rank builds exactly its block of the batch
 one process builds, with unequal token counts per rank (a per-rank token-mean normalizer would
 give another update). Writes OUT/rank-R.pt: the weights, the step's (summed) gradients and the
-logged metrics after each step."""
+logged metrics and the number of AdamW first-moment elements it holds after each step. Extra `--set`-style overrides follow OUT (e.g. fsdp=true)."""
 
 import sys
 import zlib
 from pathlib import Path
 
 import torch
+from torch.distributed.tensor import DTensor
 
+from divrl import sharding
 from divrl.config import build_config
 from divrl.rollout import Rollout
 from divrl.trainer import Trainer
@@ -70,10 +72,13 @@ def main(out: Path, *extra: str) -> None:
         record = []
         for step in range(cfg.steps):
             metrics = trainer.train_step(step)
-            params = dict(trainer.model.named_parameters())
+            params = dict(trainer.model.named_parameters())  # gathered in place, under FSDP
             weights = {k: v.detach().clone() for k, v in params.items()}
-            grads = {k: v.grad.detach().clone() for k, v in params.items() if v.grad is not None}  # the step's
-            record.append({"weights": weights, "grads": grads, "metrics": metrics})
+            stepped = trainer.optimizer.param_groups[0]["params"]  # FSDP: the shards, in the same order
+            grads = {k: sharding.full(p.grad).detach().clone() for k, p in zip(params, stepped) if p.grad is not None}
+            moments = [s["exp_avg"] for s in trainer.optimizer.state.values()]  # this rank's share of AdamW's
+            held = sum((m.to_local() if isinstance(m, DTensor) else m).numel() for m in moments)
+            record.append({"weights": weights, "grads": grads, "metrics": metrics, "moment_elements": held})
         torch.save(record, out / f"rank-{trainer.world.rank}.pt")
     finally:
         torch.set_num_threads(threads)

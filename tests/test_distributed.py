@@ -10,6 +10,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -53,16 +54,18 @@ def _torchrun(
 
 
 def test_two_ranks_update_as_one_process_on_the_same_global_batch(tmp_path, say_task):
-    """A reward that varies within groups (the parity of the completion's length), so the
+    """Plain data-parallel ranks and FSDP-sharded ones (`fsdp=true`, `divrl.sharding`) both.
+    A reward that varies within groups (the parity of the completion's length), so the
     policy gradient carries the update (with rewards all equal, the first step's gradient would be
     float noise, which Adam scales up to lr-sized steps)."""
     task = say_task(range(20), "parity")
-    single, parallel = tmp_path / "single", tmp_path / "parallel"
-    single.mkdir(), parallel.mkdir()
     env = {**_env(), "PYTHONPATH": os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])}
+    runs = {name: tmp_path / name for name in ("single", "parallel", "fsdp")}
+    for out in runs.values():
+        out.mkdir()
     # one process, fresh like each rank (not this one, whose earlier tests leave global state behind)
     done = subprocess.run(
-        [sys.executable, str(WORKER), str(single), *task],
+        [sys.executable, str(WORKER), str(runs["single"]), *task],
         cwd=tmp_path,
         env=env,
         capture_output=True,
@@ -70,27 +73,41 @@ def test_two_ranks_update_as_one_process_on_the_same_global_batch(tmp_path, say_
         timeout=300,
     )
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
-    _torchrun(str(WORKER), str(parallel), *task, cwd=tmp_path, env=env)
-    one = torch.load(single / "rank-0.pt", weights_only=False)
-    ranks = [torch.load(parallel / f"rank-{r}.pt", weights_only=False) for r in range(2)]
-    for step in range(2):
-        expected = one[step]["weights"]
-        for rank in ranks:
-            got = rank[step]["weights"]
-            for name, value in expected.items():
-                torch.testing.assert_close(got[name], value, rtol=1e-5, atol=5e-6, msg=f"step {step + 1} {name}")
-            for name, grad in one[step]["grads"].items():  # the summed gradient of the step
-                torch.testing.assert_close(rank[step]["grads"][name], grad, rtol=1e-4, atol=1e-7)
-        for key in ("reward", "pass_rate", "completion_length", "loss", "pg_loss", "kl", "entropy", "grad_norm"):
-            assert ranks[0][step]["metrics"][key] == pytest.approx(one[step]["metrics"][key], rel=1e-5, abs=1e-6), key
-            assert ranks[1][step]["metrics"][key] == ranks[0][step]["metrics"][key], key
+    _torchrun(str(WORKER), str(runs["parallel"]), *task, cwd=tmp_path, env=env)
+    _torchrun(str(WORKER), str(runs["fsdp"]), *task, "fsdp=true", cwd=tmp_path, env=env)
+    one = torch.load(runs["single"] / "rank-0.pt", weights_only=False)
+    for name in ("parallel", "fsdp"):
+        ranks = [torch.load(runs[name] / f"rank-{r}.pt", weights_only=False) for r in range(2)]
+        for step in range(2):
+            expected = one[step]["weights"]
+            for rank in ranks:
+                got = rank[step]["weights"]
+                assert got.keys() == expected.keys()
+                for key, value in expected.items():
+                    torch.testing.assert_close(got[key], value, rtol=1e-5, atol=5e-6, msg=f"{name} {step + 1} {key}")
+                whole = sum(v.numel() for v in one[step]["grads"].values())
+                held = {"parallel": whole, "fsdp": whole / 2}[name]  # FSDP: each rank keeps half of AdamW's state
+                assert rank[step]["moment_elements"] == pytest.approx(held, rel=0.01), name
+                assert rank[step]["grads"].keys() == one[step]["grads"].keys()
+                for key, grad in one[step]["grads"].items():  # the summed gradient of the step
+                    torch.testing.assert_close(rank[step]["grads"][key], grad, rtol=1e-4, atol=1e-7)
+            for key in ("reward", "pass_rate", "completion_length", "loss", "pg_loss", "kl", "entropy", "grad_norm"):
+                got, expected = ranks[0][step]["metrics"][key], one[step]["metrics"][key]
+                assert got == pytest.approx(expected, rel=1e-5, abs=1e-6), (name, key)
+                assert ranks[1][step]["metrics"][key] == ranks[0][step]["metrics"][key], (name, key)
     assert {one[step]["metrics"]["reward"] for step in range(2)} - {0.0, 1.0}, "rewards all equal: no signal"
 
 
-@pytest.mark.parametrize("launcher", LAUNCHERS)
-def test_torchrun_and_accelerate_launch_write_once_and_resume_in_one_process(tmp_path, launcher):
+@pytest.mark.parametrize("launcher, fsdp", [("torchrun", False), ("accelerate", False), ("torchrun", True)])
+def test_torchrun_and_accelerate_launch_write_once_and_resume_in_one_process(tmp_path, say_task, launcher, fsdp):
+    """With fsdp, also: the checkpoint (full tensors, gathered from the shards) loads with
+    from_pretrained, and a sharded resume from step 1 repeats step 2 exactly (a reward that
+    varies within groups and lr 1e-3: steps far above float noise, so a lost AdamW state shows)."""
     run = tmp_path / "run"
     sets = [
+        *(say_task(range(20), "parity") if fsdp else []),
+        f"fsdp={str(fsdp).lower()}",
+        "lr=1e-3",
         "model=tiny",
         "steps=2",
         "prompts_per_step=2",
@@ -116,6 +133,8 @@ def test_torchrun_and_accelerate_launch_write_once_and_resume_in_one_process(tmp
     assert "rng-rank-1.pt" in json.loads((step2 / "manifest.json").read_text())["files"]
     assert json.loads((step2 / "trainer_state.json").read_text())["step"] == 2
     assert (run / "report.md").is_file()
+    if fsdp:
+        _sharded_checkpoints_load_and_resume(run, sets, rows, launcher)
 
     from divrl.trainer import Trainer  # resume at world size 1: step 3 from the 2-rank checkpoint
 
@@ -124,6 +143,38 @@ def test_torchrun_and_accelerate_launch_write_once_and_resume_in_one_process(tmp
     trainer.run()
     assert trainer.step == 3
     assert [r["step"] for r in read_metrics(run / "metrics.jsonl") if "reward" in r] == [1, 2, 3]
+
+
+def _sharded_checkpoints_load_and_resume(run: Path, sets: list[str], rows: list[dict], launcher: str) -> None:
+    from transformers import AutoModelForCausalLM
+
+    step2 = run / "checkpoints" / "step-2"
+    assert json.loads((step2 / "config.json").read_text())["architectures"] == ["LlamaForCausalLM"]
+    loaded = AutoModelForCausalLM.from_pretrained(step2)
+    optimizer = torch.load(step2 / "optimizer.pt", weights_only=True)  # the one-process format, full tensors
+    for index, (name, p) in enumerate(loaded.named_parameters()):
+        assert optimizer["state"][index]["exp_avg"].shape == p.shape, name
+    # step 2 again, from the step-1 checkpoint loaded into shards (weights and AdamW state): the
+    # same metrics and the same weights after it
+    before = loaded.state_dict()
+    shutil.rmtree(step2)
+    (run / "report.md").unlink()
+    _torchrun(
+        "-m",
+        "divrl",
+        "train",
+        *(arg for s in [*sets, "resume=true"] for arg in ("--set", s)),
+        cwd=run.parent,
+        launcher=launcher,
+    )
+    again = read_metrics(run / "metrics.jsonl")
+    first, second = (next(r for r in rs if r["step"] == 2 and "reward" in r) for rs in (rows, again))
+    for key in ("reward", "completion_length", "loss", "entropy", "grad_norm"):
+        assert second[key] == pytest.approx(first[key], rel=1e-5, abs=1e-6), key
+    after = AutoModelForCausalLM.from_pretrained(step2).state_dict()
+    assert after.keys() == before.keys()
+    for name, value in before.items():
+        torch.testing.assert_close(after[name], value, rtol=1e-5, atol=1e-6, msg=name)
 
 
 def _cfg(tmp_path, *extra):
@@ -152,3 +203,15 @@ def test_shards_are_contiguous_blocks_in_rank_order():
     assert blocks == [[0, 1], [2, 3], [4, 5]]
     assert distributed.rank_seed(7, 0) == 7  # rank 0 samples as one process does
     assert len({distributed.rank_seed(7, r) for r in range(4)}) == 4
+
+
+def test_fsdp_is_refused_with_lora_and_ignored_in_one_process(tmp_path):
+    with pytest.raises(ConfigError, match=r"config key 'fsdp' cannot shard a LoRA run"):
+        _cfg(tmp_path, "fsdp=true", "lora={}")
+    from divrl.sharding import is_sharded
+    from divrl.trainer import Trainer
+
+    said: list[str] = []
+    trainer = Trainer(_cfg(tmp_path, "fsdp=true"), log=said.append)
+    assert not trainer.sharded and not is_sharded(trainer.model)
+    assert "fsdp: one process, nothing to shard; the model is trained whole" in said

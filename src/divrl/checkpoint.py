@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from divrl import lora
+from divrl import lora, sharding
 from divrl.atomic import save_atomically
 
 MANIFEST = "manifest.json"
@@ -128,23 +128,25 @@ def save_checkpoint(
     keep: int,
     state: dict | None = None,
     rank_generators: Sequence[torch.Tensor] = (),
+    full_state: tuple[dict, dict] | None = None,
 ) -> Path:
     """Write `checkpoints/step-N/`; `state` (JSON-able: e.g. the prompt sampler's) goes into
     trainer_state.json beside the step; `rank_generators` (a data-parallel run's ranks 1, 2, …:
-    `divrl.distributed`) go into rng-rank-R.pt. The `keep` newest complete checkpoints are kept, older
+    `divrl.distributed`) go into rng-rank-R.pt; `full_state` (weights, optimizer state) is what a
+    sharded model's ranks gathered (`divrl.sharding`), written in place of the model's own. The `keep` newest complete checkpoints are kept, older
     ones deleted only once the new one is complete. A failed write raises CheckpointWriteError
     naming the checkpoint, the cause and the previous checkpoint, which it leaves intact."""
     target = run_dir / "checkpoints" / f"step-{step}"
 
     def save(tmp: Path) -> None:
         if lora.info(model) is None:
-            model.save_pretrained(tmp)
+            model.save_pretrained(tmp, state_dict=None if full_state is None else full_state[0])
         else:  # the adapter (peft's files), its base's spec, and merged/ with lora.save_merged
             lora.save(model, tmp)
         tokenizer.save_pretrained(tmp)
         if (tmp / lora.MERGED_DIR).is_dir():  # a complete from_pretrained directory, tokenizer included
             tokenizer.save_pretrained(tmp / lora.MERGED_DIR)
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        torch.save(optimizer.state_dict() if full_state is None else full_state[1], tmp / "optimizer.pt")
         cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else []
         torch.save({"sampling": generator.get_state(), "torch": torch.get_rng_state(), "cuda": cuda}, tmp / "rng.pt")
         for rank, rank_state in enumerate(rank_generators, start=1):
@@ -188,15 +190,20 @@ def load_checkpoint(path: Path, model, optimizer, generator: torch.Generator) ->
         state = {}
         for shard in sorted(path.glob("*.safetensors")):
             state.update(load_file(shard))
-        missing, unexpected = model.load_state_dict(state, strict=False)
+        if sharding.is_sharded(model):  # every rank copies its shards from the full tensors
+            missing, unexpected = sharding.load_weights(model, state)
+        else:
+            missing, unexpected = model.load_state_dict(state, strict=False)
         tied = {"lm_head.weight"} if getattr(model.config, "tie_word_embeddings", False) else set()
         if set(missing) - tied or unexpected:
             raise RuntimeError(
                 f"checkpoint {path} does not match the model: missing {missing}, unexpected {unexpected}"
             )
-    optimizer.load_state_dict(
-        torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True)
-    )  # to the params' device
+    optimizer_state = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True)
+    if sharding.is_sharded(model):
+        sharding.load_optimizer_state(optimizer, optimizer_state)
+    else:
+        optimizer.load_state_dict(optimizer_state)  # to the params' device
     rng = torch.load(path / "rng.pt", weights_only=True)
     generator.set_state(rng["sampling"])
     torch.set_rng_state(rng["torch"])

@@ -137,6 +137,13 @@ class TrainConfig:
         "null = full fine-tuning.",
         default=None,
     )
+    fsdp: bool = _doc(
+        "Data-parallel runs (torchrun / accelerate launch): shard the policy's weights, gradients "
+        "and AdamW state over the ranks with PyTorch's FSDP2 (divrl.sharding: full weights are "
+        "gathered once per optimizer step, for the step's work). Ignored in one process; not "
+        "with lora.",
+        default=False,
+    )
     # The step.
     steps: int = _doc("Number of optimizer steps.", default=30)
     prompts_per_step: int = _doc("Prompts per step (P).", default=8)
@@ -530,6 +537,11 @@ def _check(cfg: TrainConfig) -> None:
         lora.LoraSpec.parse(cfg.lora)
     except ValueError as err:
         raise ConfigError(f"config key {err}") from None
+    need(
+        not (cfg.fsdp and cfg.lora is not None),
+        "fsdp",
+        "cannot shard a LoRA run (its trained adapters are small; every rank keeps them whole): drop fsdp or lora",
+    )
     try:
         preference = preferences.PreferenceSpec.parse(cfg.preference)
         if preference is not None and preference.data is not None:

@@ -33,7 +33,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from divrl import chunked, demos, distributed, diversity, lora, objectives, precision, preferences, stored
+from divrl import chunked, demos, distributed, diversity, lora, objectives, precision, preferences, sharding, stored
 from divrl.atomic import write_text_atomically
 from divrl.calibration import CalibrationSpec, transformed
 from divrl.checkpoint import checkpoint_dirs, latest_checkpoint, load_checkpoint, remove_partial_writes, save_checkpoint
@@ -190,11 +190,18 @@ class Trainer:
             self.teacher = self._load_frozen("teacher", teacher_spec, cfg.seed + 1)
         self.diversity_bonus = diversity.parse_bonus(cfg.diversity_bonus)
         self.encoder = None if self.diversity_bonus is None else diversity.load_encoder(self.diversity_bonus.encoder)
+        self.sharded = cfg.fsdp and self.world.parallel  # FSDP (`divrl.sharding`): the optimizer steps shards
+        if cfg.fsdp and not self.world.parallel:
+            self.log("fsdp: one process, nothing to shard; the model is trained whole")
+        if self.sharded:
+            sharding.shard(self.model, self.world.size)
         self.optimizer = torch.optim.AdamW(
             self.model.parameters() if self.lora is None else lora.trainable(self.model),
             lr=cfg.lr,
             weight_decay=cfg.weight_decay,
         )
+        if self.sharded:
+            sharding.gather(self.model)
         self.generator = torch.Generator().manual_seed(distributed.rank_seed(cfg.seed, self.world.rank))
         self.precision = precision.resolve(cfg.dtype, self.model, self.log)
         self.autocast = autocast_for(self.precision, self.device)
@@ -661,6 +668,14 @@ class Trainer:
         return score_completions(self.verifier, texts, examples, group_size)
 
     # ----- the update -------------------------------------------------------------------------
+    def _policy_weights(self) -> dict[str, torch.Tensor]:
+        """The policy's state dict, full (a collective under FSDP: call on every rank)."""
+        if not self.sharded:
+            return self.model.state_dict()
+        weights = sharding.full_weights(self.model)
+        sharding.gather(self.model)
+        return weights
+
     def _head(self, model) -> Head:
         """The model's output head at the sampling temperature (every distribution of the
         objective is the temperature-T one the samples were drawn from, as TRL does)."""
@@ -969,7 +984,9 @@ class Trainer:
         Data-parallel: every rank skips, or none does; the gradients are summed first."""
         if self.world.parallel:
             reason = distributed.agree(reason)
-            if reason is None:
+            if self.sharded:  # always: it also clears the gradients a skipped step leaves behind
+                sharding.reduce_gradients(self.model)
+            elif reason is None:
                 distributed.all_reduce_grads(self.model)
         norm = None
         if reason is None:
@@ -983,6 +1000,8 @@ class Trainer:
             self.optimizer.step()
         else:  # no step (weights and optimizer state stay as they were), and no later pass
             self.optimizer.zero_grad(set_to_none=True)
+        if self.sharded:
+            sharding.gather(self.model)
         return reason, norm
 
     def _reference_rewards(self, examples: list[Example]) -> list[list[float]]:
@@ -1343,6 +1362,8 @@ class Trainer:
             return 0, None
         _, path = found
         state = load_checkpoint(path, self.model, self.optimizer, self.generator)
+        if self.sharded:
+            sharding.gather(self.model)
         self.step = state["step"]
         if not self.world.main:  # rank R's own sampling stream, else a fresh one (another world size)
             rank_rng = path / f"rng-rank-{self.world.rank}.pt"
@@ -1358,7 +1379,7 @@ class Trainer:
                     f"{cfg.reference_refresh_every} steps); resume from one that is"
                 )
             if self.reference is not None:  # none is loaded when nothing reads it
-                self.reference.load_state_dict(self.model.state_dict())
+                self.reference.load_state_dict(self._policy_weights())
         self.prompts.load_state_dict(state["prompt_source"])
         self.entropy_anchor = state["entropy_anchor"]
         self.reference_rewards = state["reference_rewards"]
@@ -1450,7 +1471,7 @@ class Trainer:
                 self.step = step + 1
                 refresh = cfg.reference_refresh_every and self.step % cfg.reference_refresh_every == 0
                 if refresh and self.reference is not None:  # none is loaded when nothing reads it
-                    self.reference.load_state_dict(self.model.state_dict())  # the "previous epoch"
+                    self.reference.load_state_dict(self._policy_weights())  # the "previous epoch"
                 if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < cfg.steps and main:
                     metrics.update(self.evaluate())
                 log.log(self.step, metrics)
@@ -1465,6 +1486,13 @@ class Trainer:
                     rank_generators = (
                         distributed.all_gather_object(self.generator.get_state())[1:] if self.world.parallel else []
                     )
+                    full_state = None
+                    if self.sharded:  # FSDP: every rank gathers the full tensors, rank 0 writes them
+                        full_state = (
+                            sharding.full_weights(self.model),
+                            sharding.full_optimizer_state(self.optimizer),
+                        )
+                        sharding.gather(self.model)
                     if main:
                         assert before is not None  # rank 0 evaluated (or resumed) it above
                         save_checkpoint(
@@ -1477,6 +1505,7 @@ class Trainer:
                             cfg.keep_checkpoints,
                             self._trainer_state(before),
                             rank_generators=rank_generators,
+                            full_state=full_state,
                         )
             bar.close()
             after = self.evaluate() if main else {}
