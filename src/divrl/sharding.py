@@ -24,11 +24,11 @@ How it meets divrl's step (`divrl.distributed` for the data-parallel rules it ke
   `full_optimizer_state`: collectives on every rank, rank 0 writes), so they load in one process
   or at another world size (`load_weights`, `load_optimizer_state`).
 
-What this buys: AdamW's two moments and the sharded weights and gradients are 1/W per rank
-(≈ 12 of a float32 model's 16 bytes per parameter at rest); during the step each rank holds a full
-float32 copy of the weights and of the gradients being accumulated. The reference and the teacher
-are frozen full copies (not sharded). Per-layer resharding during the forward (ZeRO-3's peak) is
-not done, for the reason above.
+What this buys: between steps a rank holds 4 + 16/W bytes per float32 parameter (the gathered
+weights, and its shards of the weights, the gradients and AdamW's two moments) against plain
+data-parallel's 16; during the update it also holds the full gradients it accumulates. The
+reference and the teacher are frozen full copies (not sharded). Per-layer resharding during the
+forward (ZeRO-3's peak) is not done, for the reason above. Measured: `benchmarks/fsdp_memory.py`.
 """
 
 from __future__ import annotations
