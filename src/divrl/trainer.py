@@ -63,6 +63,7 @@ from divrl.rowwise import ModelOutputs
 from divrl.runlog import MetricsLog, NullLog
 from divrl.spec import ObjectiveSpec, parse_objective
 from divrl.tasks import Example, Task, build_task, encode_prompt, fit_to_context
+from divrl.vllm_rollout import VllmSampler
 
 
 def passes(reward: float) -> bool:
@@ -205,6 +206,10 @@ class Trainer:
         self.generator = torch.Generator().manual_seed(distributed.rank_seed(cfg.seed, self.world.rank))
         self.precision = precision.resolve(cfg.dtype, self.model, self.log)
         self.autocast = autocast_for(self.precision, self.device)
+        self.vllm = None  # rollout_backend vllm: the colocated engine the policy samples with
+        if cfg.rollout_backend == "vllm":
+            self.vllm = VllmSampler(self.model, context_length(self.model), cfg.seed, self.precision == "bf16")
+            self.log("rollout backend: vLLM, colocated (weights pushed after every optimizer step)")
         self.stop_ids = stop_token_ids(self.tokenizer, self.model)
         self._prompt_cache: dict[str, list[int]] = {}
         self.online_spec, self.stored_spec = objectives.online_and_stored(self.objective)
@@ -648,6 +653,17 @@ class Trainer:
         prompts = [self._prompt_ids(e) for e in examples]
         if prefixes is not None:
             prompts = [p + prefix for p, prefix in zip(prompts, prefixes)]
+        top_p = self.cfg.top_p if top_p is None else top_p
+        if self.vllm is not None and model is None:  # the policy's samples, from its vLLM engine
+            return self.vllm.sample(
+                prompts,
+                group_size=group_size,
+                max_new_tokens=self.cfg.max_new_tokens,
+                stop_token_ids=self.stop_ids,
+                temperature=temperature,
+                top_p=top_p,
+                generator=generator,
+            )
         with self.autocast():
             return sample(
                 self.model if model is None else model,
@@ -657,7 +673,7 @@ class Trainer:
                 stop_token_ids=self.stop_ids,
                 pad_token_id=self.tokenizer.pad_token_id,
                 temperature=temperature,
-                top_p=self.cfg.top_p if top_p is None else top_p,
+                top_p=top_p,
                 generator=generator,
             )
 
@@ -998,6 +1014,8 @@ class Trainer:
                 reason = distributed.agree(reason)
         if reason is None:
             self.optimizer.step()
+            if self.vllm is not None:
+                self.vllm.stale = True
         else:  # no step (weights and optimizer state stay as they were), and no later pass
             self.optimizer.zero_grad(set_to_none=True)
         if self.sharded:
@@ -1364,6 +1382,8 @@ class Trainer:
         state = load_checkpoint(path, self.model, self.optimizer, self.generator)
         if self.sharded:
             sharding.gather(self.model)
+        if self.vllm is not None:
+            self.vllm.stale = True
         self.step = state["step"]
         if not self.world.main:  # rank R's own sampling stream, else a fresh one (another world size)
             rank_rng = path / f"rng-rank-{self.world.rank}.pt"
