@@ -132,7 +132,7 @@ def test_training_with_the_vllm_backend_runs_and_its_logprobs_are_the_objectives
     assert [r["step"] for r in rows if "reward" in r] == [1, 2]
 
 
-def test_the_vllm_backend_is_refused_where_it_cannot_run(tmp_path):
+def test_the_vllm_backend_is_refused_where_it_cannot_run(tmp_path, monkeypatch):
     base = ["model=tiny", "prompts_per_step=4", f"output_dir={tmp_path / 'run'}"]
     with pytest.raises(ConfigError, match=r"'rollout_backend' must be 'builtin' or 'vllm'"):
         build_config(None, [*base, "rollout_backend=sglang"])
@@ -147,3 +147,8 @@ def test_the_vllm_backend_is_refused_where_it_cannot_run(tmp_path):
         cfg = build_config(None, [*base, "rollout_backend=vllm"])
         with pytest.raises(ConfigError, match=r"'rollout_backend': 'vllm' is not supported with data-parallel"):
             distributed.check_config(cfg, distributed.World(0, 2, 0))
+        from vllm.platforms import current_platform  # as vLLM's CUDA build sees a machine without a GPU
+
+        monkeypatch.setattr(type(current_platform), "is_unspecified", lambda self: True)
+        with pytest.raises(ConfigError, match=r"'rollout_backend' cannot be 'vllm' here: vLLM found no device"):
+            build_config(None, [*base, "rollout_backend=vllm"])

