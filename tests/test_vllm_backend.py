@@ -18,6 +18,7 @@ import pytest
 import torch
 from transformers import LlamaForCausalLM
 
+from cli_args import TINY_RUN
 from divrl import distributed
 from divrl.chunked import logprob_entropy
 from divrl.config import ConfigError, build_config
@@ -99,14 +100,10 @@ def test_training_with_the_vllm_backend_runs_and_its_logprobs_are_the_objectives
 
     directory = _wide_tiny(tmp_path / "model")
     sets = [
-        f"model={directory}",
+        *TINY_RUN,
+        f"model={directory}",  # over TINY_RUN's tiny model
         "steps=2",
         "prompts_per_step=2",
-        "group_size=2",
-        "max_new_tokens=6",
-        "eval_size=2",
-        "eval_samples=1",
-        "train_size=10",
         "eval_every=0",
         "lr=1e-3",
         "kl_coef=0.1",

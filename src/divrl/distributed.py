@@ -50,7 +50,8 @@ How a step is split, and why the result is the single-process update:
 
 Not supported with W > 1 (refused with a ConfigError naming the key): `dynamic_sampling` and
 `prompt_filter` (the kept groups would differ per rank), `offline`, `stored` terms,
-`behaviour_cloning_steps`, `stage1`, `reward_calibration` (per-rank caches and files). With
+`behaviour_cloning_steps`, `stage1`, `reward_calibration` (per-rank caches and files),
+`rollout_backend: vllm` (an engine per rank). With
 `fsdp: true` the policy's weights, gradients and optimizer state are sharded over the ranks
 (`divrl.sharding`); the rules above are unchanged, FSDP's reduce-scatter taking the place of
 `all_reduce_grads`.
