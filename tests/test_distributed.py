@@ -105,7 +105,8 @@ def test_torchrun_and_accelerate_launch_write_once_and_resume_in_one_process(tmp
     varies within groups and lr 1e-3: steps far above float noise, so a lost AdamW state shows)."""
     run = tmp_path / "run"
     sets = [
-        *(say_task(range(20), "parity") if fsdp else []),
+        # with fsdp also a reference refreshed from the sharded policy every step (and on resume)
+        *([*say_task(range(20), "parity"), "reference_refresh_every=1"] if fsdp else []),
         f"fsdp={str(fsdp).lower()}",
         "lr=1e-3",
         "model=tiny",

@@ -133,9 +133,10 @@ def save_checkpoint(
     """Write `checkpoints/step-N/`; `state` (JSON-able: e.g. the prompt sampler's) goes into
     trainer_state.json beside the step; `rank_generators` (a data-parallel run's ranks 1, 2, …:
     `divrl.distributed`) go into rng-rank-R.pt; `full_state` (weights, optimizer state) is what a
-    sharded model's ranks gathered (`divrl.sharding`), written in place of the model's own. The `keep` newest complete checkpoints are kept, older
-    ones deleted only once the new one is complete. A failed write raises CheckpointWriteError
-    naming the checkpoint, the cause and the previous checkpoint, which it leaves intact."""
+    sharded model's ranks gathered (`divrl.sharding`), written in place of the model's own. The
+    `keep` newest complete checkpoints are kept, older ones deleted only once the new one is
+    complete. A failed write raises CheckpointWriteError naming the checkpoint, the cause and the
+    previous checkpoint, which it leaves intact."""
     target = run_dir / "checkpoints" / f"step-{step}"
 
     def save(tmp: Path) -> None:
