@@ -216,3 +216,10 @@ def test_fsdp_is_refused_with_lora_and_ignored_in_one_process(tmp_path):
     trainer = Trainer(_cfg(tmp_path, "fsdp=true"), log=said.append)
     assert not trainer.sharded and not is_sharded(trainer.model)
     assert "fsdp: one process, nothing to shard; the model is trained whole" in said
+
+
+def test_a_model_without_transformer_block_classes_is_not_sharded():
+    from divrl import sharding
+
+    with pytest.raises(ValueError, match=r"Linear names no transformer block class \(_no_split_modules\)"):
+        sharding.shard(torch.nn.Linear(2, 2), 2)

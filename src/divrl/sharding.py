@@ -77,9 +77,14 @@ def shard(model: nn.Module, world_size: int) -> None:
     # FSDP takes the module whose forward runs first as its root: the whole model's, here (divrl
     # later runs the body and the blocks directly)
     with torch.no_grad():
-        model(input_ids=torch.zeros((1, 1), dtype=torch.long, device=device), use_cache=False)
-    for unit in units(model):
-        unit.reshard()
+        _one_token_logits(model)
+    _resharded(model)
+
+
+def _one_token_logits(model: nn.Module) -> torch.Tensor:
+    """The logits of a forward of the whole model (every unit) on one token."""
+    device = next(model.parameters()).device
+    return model(input_ids=torch.zeros((1, 1), dtype=torch.long, device=device), use_cache=False).logits
 
 
 def gather(model: nn.Module) -> None:
@@ -97,9 +102,7 @@ def reduce_gradients(model: nn.Module) -> None:
         unit.set_requires_gradient_sync(True, recurse=False)
         unit.set_reshard_after_backward(True, recurse=False)
     try:
-        device = next(model.parameters()).device
-        logits = model(input_ids=torch.zeros((1, 1), dtype=torch.long, device=device), use_cache=False).logits
-        (logits.float().sum() * 0.0).backward()
+        (_one_token_logits(model).float().sum() * 0.0).backward()
     finally:
         for unit in everything:
             unit.set_requires_gradient_sync(False, recurse=False)

@@ -195,7 +195,10 @@ class Trainer:
         if cfg.fsdp and not self.world.parallel:
             self.log("fsdp: one process, nothing to shard; the model is trained whole")
         if self.sharded:
-            sharding.shard(self.model, self.world.size)
+            try:
+                sharding.shard(self.model, self.world.size)
+            except ValueError as err:
+                raise ConfigError(f"config key 'fsdp': {err}") from None
         self.optimizer = torch.optim.AdamW(
             self.model.parameters() if self.lora is None else lora.trainable(self.model),
             lr=cfg.lr,
