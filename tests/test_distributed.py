@@ -8,6 +8,7 @@
 - A world size that does not divide prompts_per_step, and the options that cannot be sharded, are
   refused naming the key and the world size."""
 
+import dataclasses
 import json
 import os
 import shutil
@@ -223,3 +224,13 @@ def test_a_model_without_transformer_block_classes_is_not_sharded():
 
     with pytest.raises(ValueError, match=r"Linear names no transformer block class \(_no_split_modules\)"):
         sharding.shard(torch.nn.Linear(2, 2), 2)
+
+
+def test_the_vllm_backend_is_refused_with_ranks(tmp_path):
+    """Checked on a config built without the key (vLLM itself is absent from this environment)."""
+    cfg = dataclasses.replace(_cfg(tmp_path), rollout_backend="vllm")
+    with pytest.raises(
+        ConfigError, match=r"'rollout_backend': not supported with data-parallel .*2 ranks.*own vLLM engine"
+    ):
+        distributed.check_config(cfg, distributed.World(0, 2, 0))
+    distributed.check_config(_cfg(tmp_path), distributed.World(0, 2, 0))  # 'builtin': fine

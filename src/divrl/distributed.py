@@ -59,6 +59,7 @@ Not supported with W > 1 (refused with a ConfigError naming the key): `dynamic_s
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import os
 import random
@@ -140,6 +141,7 @@ UNSUPPORTED = {  # config key → what makes it a per-rank decision (refused wit
     "stage1": "the first stage would be trained by every rank",
     "reward_calibration": "each rank would sample its own calibration set",
     "preference": "preference pairs are not sharded",
+    "rollout_backend": "each rank would start its own vLLM engine",
 }
 
 
@@ -155,18 +157,13 @@ def check_config(cfg: Any, here: World) -> None:
             f"{here.size} ranks (WORLD_SIZE); each rank takes whole groups, so prompts_per_step must be a "
             f"multiple of the world size"
         )
+    defaults = {f.name: f.default for f in dataclasses.fields(cfg)}
     for key, why in UNSUPPORTED.items():
-        value = getattr(cfg, key, None)
-        if value not in (None, False, 0, "none"):  # {} is on: a mapping key's defaults
+        if getattr(cfg, key) != defaults[key]:  # on: {} too, a mapping key's defaults
             raise ConfigError(
                 f"config key '{key}': not supported with data-parallel training ({here.size} ranks): {why}; "
                 f"run it in one process"
             )
-    if cfg.rollout_backend != "builtin":
-        raise ConfigError(
-            f"config key 'rollout_backend': {cfg.rollout_backend!r} is not supported with data-parallel "
-            f"training ({here.size} ranks): each rank would start its own engine; use 'builtin'"
-        )
     if cfg.objective.stored_terms:
         raise ConfigError(
             f"config key 'terms': stored terms are not supported with data-parallel training ({here.size} "
