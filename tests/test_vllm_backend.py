@@ -115,6 +115,10 @@ def test_training_with_the_vllm_backend_runs_and_its_logprobs_are_the_objectives
     assert trainer.vllm is not None
     initial = {k: v.clone() for k, v in trainer.model.state_dict().items()}
     rollout = trainer._sample(trainer.task.train[:2], 2, 1.0, torch.Generator().manual_seed(3))
+    engine, served = trainer.vllm.sample, []  # the policy named explicitly is served by the engine too
+    trainer.vllm.sample = lambda *a, **k: served.append(1) or engine(*a, **k)  # type: ignore[method-assign]
+    trainer._sample(trainer.task.train[:1], 1, 1.0, torch.Generator().manual_seed(4), model=trainer.model)
+    assert served == [1]
     expected = _exact_logprobs(
         trainer.model, [p for p in rollout.prompt_ids for _ in range(2)], rollout.completion_ids, 1.0, 1.0
     )

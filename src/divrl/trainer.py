@@ -657,7 +657,7 @@ class Trainer:
         if prefixes is not None:
             prompts = [p + prefix for p, prefix in zip(prompts, prefixes)]
         top_p = self.cfg.top_p if top_p is None else top_p
-        if self.vllm is not None and model is None:  # the policy's samples, from its vLLM engine
+        if self.vllm is not None and (model is None or model is self.model):  # the policy's, from its engine
             return self.vllm.sample(
                 prompts,
                 group_size=group_size,
