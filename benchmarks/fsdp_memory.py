@@ -3,9 +3,10 @@
     python benchmarks/fsdp_memory.py [--ranks 2] [--steps 2] [--model default] [--out DIR]
 
 Runs the same training twice under `torchrun --standalone --nproc_per_node RANKS` (CPU: gloo, one
-thread per rank), plain data-parallel then FSDP-sharded (`divrl.sharding`), alternating nothing
-else on the machine: `prompts_per_step = RANKS` (one group per rank), `group_size` 4, ≤ 32 new
-tokens, dtype float32, `kl_coef` 0.001 with the exact KL (a frozen reference copy on every rank).
+thread per rank), plain data-parallel then FSDP-sharded (`divrl.sharding`), one after the other
+(run it with nothing else on the machine): `prompts_per_step = RANKS` (one group per rank),
+`group_size` 4, ≤ 32 new tokens, dtype float32, `kl_coef` 0.001 with the exact KL (a frozen
+reference copy on every rank).
 Each rank reports, after its last step:
 
 - the bytes of the parameters, gradients and AdamW state it holds, counted from the tensors
@@ -64,7 +65,7 @@ def rank_main(out: Path, sets: list[str]) -> None:
         seconds.append(time.perf_counter() - start)
     stepped = [p for group in trainer.optimizer.param_groups for p in group["params"]]
     held = {
-        "weights_gathered": _bytes(p for p in trainer.model.parameters() if p is not None),
+        "weights_gathered": _bytes(trainer.model.parameters()),
         "weights_sharded": _bytes(stepped) if trainer.sharded else 0,
         "gradients": _bytes(p.grad for p in stepped if p.grad is not None),
         "adamw_state": _bytes(v for s in trainer.optimizer.state.values() for v in s.values() if v.dim()),

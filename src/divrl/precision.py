@@ -5,8 +5,8 @@ whether it does: reported, one CPU (probably with AMX) ran bf16 matmuls ≈ 4× 
 AVX512-BF16 flag but no AMX 0.6×; measured, an AVX2-only one (1024² matmuls) 1/146×. So 'auto' times the model's own
 forward pass (no gradient) on a batch shaped like a training micro-batch (8 sequences × 64
 tokens) at float32 and at bf16 autocast, in alternating rounds, and takes bf16 when it is at
-least 10% faster. A bf16 pass that already took 3× the float32 one is not repeated. The verdict is cached in
-``$DIVRL_CACHE/precision.json`` under the machine (CPU model and flags, threads, torch version,
+least 10% faster. A bf16 pass that already took 3× the float32 one is not repeated. The verdict
+is cached in ``$DIVRL_CACHE/precision.json`` under the machine (CPU model and flags, threads, torch version,
 device) and the model (its config), so a machine pays the few seconds once per model.
 """
 
