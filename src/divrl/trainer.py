@@ -490,9 +490,11 @@ class Trainer:
         """Refuse, naming the pair, a file's prompt longer than the model's context less
         max_new_tokens (the task's prompts are fitted by `overlong_prompts`; a file's are not)."""
         context, budget = context_length(self.model), self.cfg.max_new_tokens
+        if context is None:  # the model names no limit
+            return
         for number, pair in enumerate(pairs, 1):
             length = len(self._prompt_ids(Example(pair.prompt, "")))
-            if context is not None and length + budget > context:
+            if length + budget > context:
                 raise ConfigError(
                     f"config key 'preference.data': pair {number} of {path} has a prompt of {length} "
                     f"tokens, over the model's context of {context} less max_new_tokens {budget}; "
