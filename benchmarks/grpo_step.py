@@ -17,7 +17,9 @@ Each side runs in its own subprocess (TRL fp32, divrl fp32, TRL bf16, divrl `dty
 that order), writing one JSON line per step as it goes, so a side stopped at --side-timeout still
 reports the steps it finished (and one that finished none reports a lower bound). Timings are the
 median of steps 2..N (step 1 warms up). Peak RSS is the process's ru_maxrss (model loading
-included, on both sides). Model FLOPs count each token's weight matmuls (2 × parameters per token
+included, on both sides). Its floor, reported per side, is the training state the side holds
+(weights of policy and reference, AdamW's moments, gradients the size of the trainable weights)
+plus the process's RSS before it loads a model: what no activation saving can go below. Model FLOPs count each token's weight matmuls (2 × parameters per token
 and pass, the output layer only at completion positions, attention scores left out): sampling
 one forward, the policy a forward and a backward (×3), the reference a forward; the machine's
 matmul peak is measured here at each precision. On a GPU (`--device auto` takes CUDA when there is
@@ -54,6 +56,31 @@ FLAGS = ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_vnni", "amx_tile", "am
 
 def peak_rss_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # KiB on Linux
+
+
+def current_rss_gb() -> float:
+    """This process's resident memory now (Linux's /proc; NaN elsewhere)."""
+    try:
+        pages = int(Path("/proc/self/statm").read_text().split()[1])
+    except OSError:
+        return math.nan
+    return pages * os.sysconf("SC_PAGE_SIZE") / 1e9
+
+
+def held_state_gb(models: list, optimizer: torch.optim.Optimizer) -> float:
+    """The training state a side must hold, in GB: the weights of its models (a tied tensor once),
+    the optimizer's state, and the gradients (counted as the trainable weights' size, since both
+    sides hold them through every backward and free them after the optimizer step)."""
+    tensors = {}
+    for model in models:
+        for p in model.parameters() if model is not None else ():
+            tensors[p.data_ptr()] = p.numel() * p.element_size()
+    for state in optimizer.state.values():
+        for value in state.values():
+            if torch.is_tensor(value):
+                tensors[value.data_ptr()] = value.numel() * value.element_size()
+    trainable = {p.data_ptr(): p.numel() * p.element_size() for p in models[0].parameters() if p.requires_grad}
+    return (sum(tensors.values()) + sum(trainable.values())) / 1e9
 
 
 def peak_memory(device: torch.device) -> dict:
@@ -94,6 +121,7 @@ def divrl_config(steps: int, dtype: str, output_dir: str, device: str = "cpu"):
 def run_divrl(steps: int, dtype: str, device: torch.device, emit) -> None:
     from divrl.trainer import Trainer
 
+    before_model = current_rss_gb()
     with tempfile.TemporaryDirectory() as tmp:
         trainer = Trainer(divrl_config(steps, dtype, tmp, str(device)), log=lambda *_: None)
         params = model_params(trainer.model)
@@ -107,6 +135,8 @@ def run_divrl(steps: int, dtype: str, device: torch.device, emit) -> None:
                     "completion_tokens": m["completion_length"] * PROMPTS * GROUP,
                     "phases": {k[len("time_") :]: m[k] for k in m if k.startswith("time_") and k != "time_step"},
                     "autocast": trainer.precision,
+                    "rss_before_model_gb": before_model,
+                    "state_gb": held_state_gb([trainer.model, trainer.reference], trainer.optimizer),
                     **params,
                 }
             )
@@ -120,29 +150,45 @@ def model_params(model) -> dict:
     return {"params_body": total - embedding - (0 if model.config.tie_word_embeddings else head), "params_head": head}
 
 
+def trl_task(steps: int):
+    """The task's training rows in TRL's conversational form (`index` names the example) and
+    TRL's reward function: the verifier divrl's trainer scores with, on the same examples."""
+    from divrl.evaluation import score_completions
+    from divrl.guarded_verifier import GuardedVerifier
+    from divrl.tasks import build_task
+
+    cfg = divrl_config(steps, "float32", "unused")
+    task = build_task(cfg)
+    verifier = GuardedVerifier.from_config(task, cfg)
+    rows = [{"prompt": [{"role": "user", "content": e.prompt}], "index": i} for i, e in enumerate(task.train)]
+
+    def reward(completions, index, **_):
+        texts = [c[-1]["content"] for c in completions]
+        return score_completions(verifier, texts, [task.train[i] for i in index], 1)[0]
+
+    return rows, reward
+
+
 def run_trl(steps: int, bf16: bool, device: torch.device, emit) -> None:
     from datasets import Dataset
     from transformers import TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
 
-    from divrl.evaluation import score_completions
     from divrl.models import load_model
-    from divrl.tasks import build_task
 
+    before_model = current_rss_gb()
     model, tokenizer = load_model("default")
-    task = build_task(divrl_config(steps, "float32", "unused"))
-    rows = [{"prompt": [{"role": "user", "content": e.prompt}], "index": i} for i, e in enumerate(task.train)]
-
-    def reward(completions, index, **_):
-        texts = [c[-1]["content"] for c in completions]
-        return score_completions(task, texts, [task.train[i] for i in index], 1)[0]
+    rows, reward = trl_task(steps)
 
     class Clock(TrainerCallback):
+        trainer: GRPOTrainer  # set once built: on_step_end reads its models and optimizer
+
         def on_step_begin(self, *_, **__):
             self.start = time.perf_counter()
 
         def on_step_end(self, *_, **__):
             self.seconds = time.perf_counter() - self.start
+            self.state_gb = held_state_gb([self.trainer.model, self.trainer.ref_model], self.trainer.optimizer)
 
         def on_log(self, args, state, control, logs=None, **_):
             if logs and "reward" in logs:
@@ -153,6 +199,8 @@ def run_trl(steps: int, bf16: bool, device: torch.device, emit) -> None:
                         "reward": logs["reward"],
                         "completion_tokens": logs["completions/mean_length"] * PROMPTS * GROUP,
                         "autocast": "bf16" if bf16 else "none",
+                        "rss_before_model_gb": before_model,
+                        "state_gb": self.state_gb,
                         **params,
                     }
                 )
@@ -184,14 +232,16 @@ def run_trl(steps: int, bf16: bool, device: torch.device, emit) -> None:
             dataloader_num_workers=0,
             disable_tqdm=True,
         )
-        GRPOTrainer(
+        clock = Clock()
+        clock.trainer = GRPOTrainer(
             model=model,
             reward_funcs=reward,
             args=args,
             train_dataset=Dataset.from_list(rows),
             processing_class=tokenizer,
-            callbacks=[Clock()],
-        ).train()
+            callbacks=[clock],
+        )
+        clock.trainer.train()
 
 
 def worker(side: str, steps: int, path: Path, device: torch.device) -> None:
@@ -253,6 +303,9 @@ def summarize(side: str, rows: list[dict], limit_hit: bool, timeout: float, peak
         "fraction_of_peak": flops / seconds / peaks[precision],
         "rewards": [r["reward"] for r in rows],
     }
+    if "state_gb" in rows[-1]:  # results from before these were recorded have none
+        out["state_gb"] = max(r["state_gb"] for r in rows)
+        out["rss_before_model_gb"] = rows[0]["rss_before_model_gb"]
     if "phases" in rows[-1]:
         out["phases"] = {k: statistics.median(r["phases"][k] for r in timed) for k in rows[-1]["phases"]}
     return out
@@ -447,6 +500,16 @@ def report(summary: dict, out: Path) -> None:
             for r in results
             if r["side"].startswith("trl") and not r["steps"]
         )
+        notes += [
+            f"- {r['side']} memory floor: {r['state_gb']:.2f} GB of weights, reference, gradients and "
+            f"AdamW state + {r['rss_before_model_gb']:.2f} GB of process before any model = "
+            f"{r['state_gb'] + r['rss_before_model_gb']:.2f} GB, "
+            f"{(r['state_gb'] + r['rss_before_model_gb']) / best_trl['peak_rss_gb']:.2f}× {best_trl['side']}'s "
+            f"peak RSS; the other {r['peak_rss_gb'] - r['state_gb'] - r['rss_before_model_gb']:.2f} GB "
+            f"of its peak are activations, temporaries and the allocator's free memory"
+            for r in (best, best_trl)
+            if "state_gb" in r
+        ]
         notes += [
             "",
             f"{best['side']} against {best_trl['side']}: {ratio:.2f}× the samples/s at "

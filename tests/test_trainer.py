@@ -41,6 +41,8 @@ def test_two_steps_change_the_weights_and_write_the_run(tmp_path):
     summary = trainer.run()
     changed = [k for k, v in trainer.model.named_parameters() if not torch.equal(v, before[k])]
     assert changed, "no parameter moved"
+    held = [k for k, v in trainer.model.named_parameters() if v.grad is not None]
+    assert not held, f"gradients kept after the optimizer step: {held[:3]}"
     run = tmp_path / "run"
     rows = read_metrics(run / "metrics.jsonl")
     steps = [r for r in rows if "reward" in r]

@@ -1021,8 +1021,9 @@ class Trainer:
             self.optimizer.step()
             if self.vllm is not None:
                 self.vllm.stale = True
-        else:  # no step (weights and optimizer state stay as they were), and no later pass
-            self.optimizer.zero_grad(set_to_none=True)
+        # The gradients are spent either way (a skipped step takes no later pass): freed, so the
+        # rollout and frozen passes before the next backward do not hold a model-sized buffer.
+        self.optimizer.zero_grad(set_to_none=True)
         if self.sharded:
             sharding.gather(self.model)
         return reason, norm
