@@ -19,13 +19,14 @@ reports the steps it finished (and one that finished none reports a lower bound)
 median of steps 2..N (step 1 warms up). Peak RSS is the process's ru_maxrss (model loading
 included, on both sides). Its floor, reported per side, is the training state the side holds
 (weights of policy and reference, AdamW's moments, gradients the size of the trainable weights)
-plus the process's RSS before it loads a model: what no activation saving can go below. Model FLOPs count each token's weight matmuls (2 × parameters per token
-and pass, the output layer only at completion positions, attention scores left out): sampling
-one forward, the policy a forward and a backward (×3), the reference a forward; the machine's
-matmul peak is measured here at each precision. On a GPU (`--device auto` takes CUDA when there is
-one) both sides train there, and each side's peak GPU memory (the allocator's) is reported beside
-its RSS. Prints a table, writes `results.json`,
-`reward.png` (reward per step of every side) and `summary.md` to --out, and ends with the line
+plus the process's RSS before it loads a model: what no activation saving can go below. Model
+FLOPs count each token's weight matmuls (2 × parameters per token and pass, the output layer
+only at completion positions, attention scores left out): sampling one forward, the policy a
+forward and a backward (×3), the reference a forward; the machine's matmul peak is measured
+here at each precision. On a GPU (`--device auto` takes CUDA when there is one) both sides train
+there, and each side's peak GPU memory (the allocator's) is reported beside its RSS. Prints a
+table, writes `results.json`, `reward.png` (reward per step of every side) and `summary.md` to
+--out, and ends with the line
 `ratio_samples_per_s_vs_trl=X ratio_peak_rss_vs_trl=Y` (divrl's faster setting against TRL's
 faster one).
 """
