@@ -5,8 +5,9 @@ rank of a data-parallel launch (`torchrun --nproc_per_node 2 tests/distributed_w
 Each prompt's completions are sampled with a generator seeded by the prompt's text and cut to
 lengths that differ from prompt to prompt, so every rank builds exactly its block of the batch
 one process builds, with unequal token counts per rank (a per-rank token-mean normalizer would
-give another update). Writes OUT/rank-R.pt: the weights, the step's (summed) gradients and the
-logged metrics and the number of AdamW first-moment elements it holds after each step. Extra `--set`-style overrides follow OUT (e.g. fsdp=true)."""
+give another update). Writes OUT/rank-R.pt: after each step, the weights, the (summed, clipped)
+gradients the step applied, the logged metrics and the number of AdamW first-moment elements the
+rank holds. Extra `--set`-style overrides follow OUT (e.g. fsdp=true)."""
 
 import sys
 import zlib
@@ -59,6 +60,23 @@ def per_prompt_sampling(trainer: Trainer) -> None:
     trainer._sample = sample
 
 
+def keep_gradients_of_each_step(trainer: Trainer) -> dict[str, torch.Tensor]:
+    """The (summed, clipped) gradients the optimizer steps with, by parameter name, refreshed at
+    each step: the trainer frees them right after."""
+    names = [name for name, _ in trainer.model.named_parameters()]
+    stepped = trainer.optimizer.param_groups[0]["params"]  # FSDP: the shards, in the same order
+    kept: dict[str, torch.Tensor] = {}
+    step = trainer.optimizer.step
+
+    def step_keeping_gradients(*args, **kwargs):
+        kept.clear()
+        kept.update({k: sharding.full(p.grad).detach().clone() for k, p in zip(names, stepped) if p.grad is not None})
+        return step(*args, **kwargs)
+
+    trainer.optimizer.step = step_keeping_gradients  # type: ignore[method-assign]
+    return kept
+
+
 def main(out: Path, *extra: str) -> None:
     """One thread, as each torchrun rank has (OMP_NUM_THREADS=1): with more, `divrl.chunked` sums
     its vocabulary chunks over a thread pool in a scheduling-dependent order, and AdamW's first
@@ -69,16 +87,15 @@ def main(out: Path, *extra: str) -> None:
         cfg = build_config(None, [*OVERRIDES, f"output_dir={out / 'run'}", *extra])
         trainer = Trainer(cfg, log=lambda *_: None)
         per_prompt_sampling(trainer)
+        grads = keep_gradients_of_each_step(trainer)
         record = []
         for step in range(cfg.steps):
+            grads.clear()  # a skipped step leaves none
             metrics = trainer.train_step(step)
-            params = dict(trainer.model.named_parameters())  # gathered in place, under FSDP
-            weights = {k: v.detach().clone() for k, v in params.items()}
-            stepped = trainer.optimizer.param_groups[0]["params"]  # FSDP: the shards, in the same order
-            grads = {k: sharding.full(p.grad).detach().clone() for k, p in zip(params, stepped) if p.grad is not None}
+            weights = {k: v.detach().clone() for k, v in trainer.model.named_parameters()}  # gathered, under FSDP
             moments = [s["exp_avg"] for s in trainer.optimizer.state.values()]  # this rank's share of AdamW's
             held = sum((m.to_local() if isinstance(m, DTensor) else m).numel() for m in moments)
-            record.append({"weights": weights, "grads": grads, "metrics": metrics, "moment_elements": held})
+            record.append({"weights": weights, "grads": dict(grads), "metrics": metrics, "moment_elements": held})
         torch.save(record, out / f"rank-{trainer.world.rank}.pt")
     finally:
         torch.set_num_threads(threads)
