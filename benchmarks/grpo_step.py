@@ -69,19 +69,14 @@ def current_rss_gb() -> float:
 
 
 def held_state_gb(models: list, optimizer: torch.optim.Optimizer) -> float:
-    """The training state a side must hold, in GB: the weights of its models (a tied tensor once),
-    the optimizer's state, and the gradients (counted as the trainable weights' size, since both
-    sides hold them through every backward and free them after the optimizer step)."""
-    tensors = {}
-    for model in models:
-        for p in model.parameters() if model is not None else ():
-            tensors[p.data_ptr()] = p.numel() * p.element_size()
-    for state in optimizer.state.values():
-        for value in state.values():
-            if torch.is_tensor(value):
-                tensors[value.data_ptr()] = value.numel() * value.element_size()
-    trainable = {p.data_ptr(): p.numel() * p.element_size() for p in models[0].parameters() if p.requires_grad}
-    return (sum(tensors.values()) + sum(trainable.values())) / 1e9
+    """The training state a side must hold, in GB: the weights of its models (None: absent; a tied
+    tensor once), the optimizer's state, and the gradients (the trainable weights of models[0] in
+    size: both sides hold them through every backward and free them after the optimizer step)."""
+    held = [p for model in models if model is not None for p in model.parameters()]
+    held += [v for state in optimizer.state.values() for v in state.values() if torch.is_tensor(v)]
+    distinct = {t.data_ptr(): t.numel() * t.element_size() for t in held}
+    gradients = sum(p.numel() * p.element_size() for p in models[0].parameters() if p.requires_grad)
+    return (sum(distinct.values()) + gradients) / 1e9
 
 
 def peak_memory(device: torch.device) -> dict:
