@@ -1,6 +1,7 @@
 """A GRPO step of divrl against TRL's GRPOTrainer, on the same configuration, on this machine.
 
     python benchmarks/grpo_step.py [--steps 4] [--sides trl-fp32,divrl-fp32,trl-bf16,divrl-auto]
+                                   [--sides …,divrl-fp32-recompute]
                                    [--side-timeout 3600] [--timeout trl-bf16=600] [--out DIR]
                                    [--device auto|cpu|cuda]
     python benchmarks/grpo_step.py --from-results DIR     # summary.md and reward.png again
@@ -14,7 +15,8 @@ normalized by the group's sample std, PPO clip 0.2 on both sides (one inner iter
 is 1), micro-batches of 16 sequences. TRL samples with transformers' `generate`.
 
 Each side runs in its own subprocess (TRL fp32, divrl fp32, TRL bf16, divrl `dtype: auto`, in
-that order), writing one JSON line per step as it goes, so a side stopped at --side-timeout still
+that order; on request also `divrl-fp32-recompute`, divrl fp32 with `gradient_checkpointing`, the
+activations recomputed in the backward as TRL's default does), writing one JSON line per step as it goes, so a side stopped at --side-timeout still
 reports the steps it finished (and one that finished none reports a lower bound). Timings are the
 median of steps 2..N (step 1 warms up). Peak RSS is the process's ru_maxrss (model loading
 included, on both sides). Its floor, reported per side, is the training state the side holds
@@ -51,7 +53,8 @@ import torch
 
 PROMPTS, GROUP, MAX_NEW, BETA, LR, TEMPERATURE, MICRO = 4, 8, 64, 0.04, 1e-6, 1.0, 16
 TASK_PARAMS = {"min_terms": 2, "max_terms": 2, "min_digits": 1, "max_digits": 1, "allow_negation": False}
-SIDES = ("trl-fp32", "divrl-fp32", "trl-bf16", "divrl-auto")
+DEFAULT_SIDES = ("trl-fp32", "divrl-fp32", "trl-bf16", "divrl-auto")
+SIDES = (*DEFAULT_SIDES, "divrl-fp32-recompute")
 FLAGS = ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_vnni", "amx_tile", "amx_bf16")
 
 
@@ -87,7 +90,7 @@ def peak_memory(device: torch.device) -> dict:
     return out
 
 
-def divrl_config(steps: int, dtype: str, output_dir: str, device: str = "cpu"):
+def divrl_config(steps: int, dtype: str, output_dir: str, device: str = "cpu", recompute: bool = False):
     from divrl.config import TrainConfig
 
     return TrainConfig(
@@ -111,15 +114,16 @@ def divrl_config(steps: int, dtype: str, output_dir: str, device: str = "cpu"):
         dtype=dtype,
         output_dir=output_dir,
         device=device,
+        gradient_checkpointing=recompute,
     )
 
 
-def run_divrl(steps: int, dtype: str, device: torch.device, emit) -> None:
+def run_divrl(steps: int, dtype: str, device: torch.device, emit, recompute: bool = False) -> None:
     from divrl.trainer import Trainer
 
     before_model = current_rss_gb()
     with tempfile.TemporaryDirectory() as tmp:
-        trainer = Trainer(divrl_config(steps, dtype, tmp, str(device)), log=lambda *_: None)
+        trainer = Trainer(divrl_config(steps, dtype, tmp, str(device), recompute), log=lambda *_: None)
         params = model_params(trainer.model)
         for step in range(steps):
             m = trainer.train_step(step)
@@ -249,7 +253,7 @@ def worker(side: str, steps: int, path: Path, device: torch.device) -> None:
     if side.startswith("trl"):
         run_trl(steps, side == "trl-bf16", device, emit)
     else:
-        run_divrl(steps, side.split("-")[1].replace("fp32", "float32"), device, emit)
+        run_divrl(steps, side.split("-")[1].replace("fp32", "float32"), device, emit, side.endswith("-recompute"))
 
 
 def matmul_peak(dtype: torch.dtype, device: torch.device, seconds: float = 1.5) -> float:
@@ -353,7 +357,7 @@ def table(results: list[dict]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=4)
-    parser.add_argument("--sides", default=",".join(SIDES))
+    parser.add_argument("--sides", default=",".join(DEFAULT_SIDES))
     parser.add_argument("--side-timeout", type=float, default=3600.0, help="seconds one side may run")
     parser.add_argument(
         "--timeout",
@@ -505,6 +509,13 @@ def report(summary: dict, out: Path) -> None:
             f"of its peak are activations, temporaries and the allocator's free memory"
             for r in (best, best_trl)
             if "state_gb" in r
+        ]
+        notes += [
+            f"- {r['side']} (activations recomputed, as TRL's are) against {best_trl['side']}: "
+            f"{r['samples_per_s'] / best_trl['samples_per_s']:.2f}× the samples/s at "
+            f"{r['peak_rss_gb'] / best_trl['peak_rss_gb']:.2f}× the peak RSS"
+            for r in ours
+            if r["side"].endswith("-recompute") and r is not best
         ]
         notes += [
             "",

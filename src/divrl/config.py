@@ -401,6 +401,13 @@ class TrainConfig:
     micro_batch_size: int = _doc(
         "Sequences per forward/backward chunk (memory bound); whole groups, so at least group_size.", default=16
     )
+    gradient_checkpointing: bool = _doc(
+        "Recompute each transformer block's activations in the backward instead of keeping them "
+        "(divrl.recompute; TRL's gradient_checkpointing): a micro-batch's update holds one "
+        "block's activations, for one more forward of the policy. Not for models with "
+        "sliding-window attention layers.",
+        default=False,
+    )
     device: str = _doc(
         "'auto' (the first CUDA device when there is one, else the CPU), 'cpu', 'cuda' "
         "or 'cuda:N': where every model and the objective run.",

@@ -3,11 +3,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import cast
+from typing import Any, cast
 
 import torch
 from transformers import DynamicCache, PreTrainedModel
+from transformers.cache_utils import CacheLayerMixin, DynamicLayer
 
 
 @dataclass
@@ -46,6 +48,40 @@ def length_buckets(lengths: list[int], overhead: int = BUCKET_OVERHEAD_TOKENS) -
     return buckets[::-1]
 
 
+def cache_with_layers(model: PreTrainedModel, make_layer: Callable[[], CacheLayerMixin]) -> DynamicCache:
+    """The model's own DynamicCache, its plain full-attention layers made by `make_layer` instead
+    (sliding-window and other special layers are kept as they are)."""
+    cache = DynamicCache(config=model.config)
+    cache.layers = [make_layer() if type(layer) is DynamicLayer else layer for layer in cache.layers]
+    return cache
+
+
+class PrefixedLayer(DynamicLayer):
+    """One full-attention layer's KV in `completion_hidden`: a fixed prefix (the row's prompt, or
+    nothing for the prompts' own forward) followed by the positions of the latest `update` only.
+    An update replaces the previous one instead of appending to it, so a block's forward run again
+    (activation checkpointing recomputes it in the backward, `divrl.recompute`) gets the KV of
+    its first run."""
+
+    def __init__(self, keys: torch.Tensor | None = None, values: torch.Tensor | None = None):
+        super().__init__()
+        self.prefix = (keys, values)
+        if keys is not None:
+            self.keys, self.values, self.device, self.is_initialized = keys, values, keys.device, True
+
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        keys, values = self.prefix
+        if keys is None:
+            self.keys, self.values = key_states, value_states
+        else:
+            assert values is not None  # set together with the keys
+            self.keys, self.values = torch.cat([keys, key_states], -2), torch.cat([values, value_states], -2)
+        self.device, self.is_initialized = key_states.device, True
+        return self.keys, self.values
+
+
 def _prompt_cache_rows(model: PreTrainedModel, cache: DynamicCache, prompt_of: torch.Tensor) -> DynamicCache:
     """A new cache holding, for each given row, its prompt's KV (differentiable selection)."""
     rows = DynamicCache(config=model.config)
@@ -54,7 +90,11 @@ def _prompt_cache_rows(model: PreTrainedModel, cache: DynamicCache, prompt_of: t
         keys, values = layer.keys, layer.values  # type: ignore[union-attr]
         if keys is not None and keys.numel():  # a layer reusing another's KV has none
             assert values is not None  # set together with the keys
-            rows.update(keys.index_select(0, prompt_of), values.index_select(0, prompt_of), index)
+            keys, values = keys.index_select(0, prompt_of), values.index_select(0, prompt_of)
+            if isinstance(layer, PrefixedLayer):
+                rows.layers[index] = PrefixedLayer(keys, values)
+            else:
+                rows.update(keys, values, index)
     return rows
 
 
@@ -102,7 +142,7 @@ def completion_hidden(
     prompt_embeds = embedded[: prompt_ids.numel()].view(*prompt_ids.shape, -1)
     comp_embeds = torch.cat([embedded[prompt_ids.numel() :], embedded.new_zeros(1, embedded.shape[-1])])
     input_starts = torch.tensor([0, *(len(ids) for ids in inputs)]).cumsum(0)[:-1].to(device)
-    cache = DynamicCache(config=model.config)
+    cache = cache_with_layers(model, PrefixedLayer)
     prompt_states = body(
         inputs_embeds=prompt_embeds,
         attention_mask=prompt_mask,

@@ -12,10 +12,13 @@ from __future__ import annotations
 import importlib.util
 import os
 import re
-from contextlib import nullcontext
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
+from typing import TypeVar
 
 import torch
+from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedModel
 
 from divrl import chunked
@@ -181,6 +184,28 @@ def autocast_for(precision: str, device: torch.device | str = "cpu"):
     if precision == "bf16":
         return lambda: torch.autocast(torch.device(device).type, dtype=torch.bfloat16)
     return nullcontext
+
+
+M = TypeVar("M", bound=nn.Module)
+
+
+@contextmanager
+def replaced_forwards(modules: Iterable[M], make_forward: Callable[[M], Callable]) -> Iterator[None]:
+    """Inside, each module's forward is `make_forward(module)`, set on the instance (all are made
+    before any is set, each from the forward in place then); on exit each gets its forward back,
+    its own instance forward (a hook's) if it had one."""
+    own = {m: m.__dict__.get("forward") for m in modules}
+    made = {m: make_forward(m) for m in own}
+    for m, new in made.items():
+        m.forward = new
+    try:
+        yield
+    finally:
+        for m, old in own.items():
+            if old is None:
+                del m.forward
+            else:
+                m.forward = old
 
 
 def resolve_device(spec: str) -> torch.device:

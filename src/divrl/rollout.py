@@ -33,10 +33,11 @@ from functools import partial
 from typing import Any
 
 import torch
-from transformers import DynamicCache, PreTrainedModel
+from transformers import PreTrainedModel
 from transformers.cache_utils import DynamicLayer
 
-from divrl.hidden import left_pad
+from divrl.hidden import cache_with_layers, left_pad
+from divrl.models import replaced_forwards
 
 
 @dataclass
@@ -186,16 +187,14 @@ class _BufferLayer(DynamicLayer):
         self._expose()
 
 
-def _rollout_cache(model: PreTrainedModel, capacity: int) -> DynamicCache:
-    """The model's own DynamicCache, its plain full-attention layers swapped for `_BufferLayer`s
-    (sliding-window and other special layers are kept as they are)."""
-    cache = DynamicCache(config=model.config)
-    cache.layers = [_BufferLayer(capacity) if type(layer) is DynamicLayer else layer for layer in cache.layers]
-    return cache
-
-
 def _packed_forward(packed: torch.Tensor, bias: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
     return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+
+
+def _packed(linear: torch.nn.Linear) -> partial:
+    """`linear`'s forward on oneDNN, its weight reordered once, now."""
+    packed = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach(), None)
+    return partial(_packed_forward, packed, None if linear.bias is None else linear.bias.detach())
 
 
 @contextmanager
@@ -214,19 +213,8 @@ def packed_linears(model: PreTrainedModel) -> Iterator[None]:
     if not usable or not linears:
         yield
         return
-    own = {m: m.__dict__.get("forward") for m in linears}  # a forward set on the instance (hooks)
-    for m in linears:
-        packed = torch.ops.mkldnn._reorder_linear_weight(m.weight.detach(), None)
-        bias = None if m.bias is None else m.bias.detach()
-        m.forward = partial(_packed_forward, packed, bias)  # type: ignore[method-assign]  # set on the instance, on purpose
-    try:
+    with replaced_forwards(linears, _packed):
         yield
-    finally:
-        for m, forward in own.items():
-            if forward is None:
-                del m.forward
-            else:
-                m.forward = forward  # type: ignore[method-assign]  # the instance's own forward, restored
 
 
 @torch.no_grad()
@@ -305,7 +293,7 @@ def _decode(
     ids, mask = ids.to(device), mask.to(device)
     positions = (mask[:, :width].cumsum(dim=1) - 1).clamp(min=0)
 
-    cache = _rollout_cache(model, width + max_new_tokens)
+    cache = cache_with_layers(model, partial(_BufferLayer, width + max_new_tokens))
     out = model(
         input_ids=ids,
         attention_mask=mask[:, :width],

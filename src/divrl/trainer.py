@@ -26,6 +26,7 @@ import sys
 import time
 from collections import Counter, defaultdict
 from collections.abc import Sequence
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,7 +34,19 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from divrl import chunked, demos, distributed, diversity, lora, objectives, precision, preferences, sharding, stored
+from divrl import (
+    chunked,
+    demos,
+    distributed,
+    diversity,
+    lora,
+    objectives,
+    precision,
+    preferences,
+    recompute,
+    sharding,
+    stored,
+)
 from divrl.atomic import write_text_atomically
 from divrl.calibration import CalibrationSpec, transformed
 from divrl.checkpoint import checkpoint_dirs, latest_checkpoint, load_checkpoint, remove_partial_writes, save_checkpoint
@@ -156,6 +169,8 @@ class Trainer:
                 raise ConfigError(f"config key {err}") from None
         self.overlong_prompts = fit_to_context(self.task, self.tokenizer, cfg, context_length(self.model), self.log)
         self.model.eval()  # no dropout; gradients still flow
+        if cfg.gradient_checkpointing and (why := recompute.refusal(self.model)):
+            raise ConfigError(f"config key 'gradient_checkpointing': {why}")
         self.objective = cfg.objective
         self.preference = preferences.PreferenceSpec.parse(cfg.preference)
         self.online = online_trains(self.objective)  # False: a preference run on its pairs alone
@@ -532,7 +547,7 @@ class Trainer:
         pairs = preferences.batch(self.pairs, step, spec.pairs_per_step)
         sums: defaultdict[str, float] = defaultdict(float)
         for chunk in self._pair_chunks(pairs):
-            with self.autocast():
+            with self._forward_with_grad():
                 policy = self._sequence_logprobs(self.model, chunk)
             device = policy.device
             reference = torch.tensor([p.reference for p in chunk], device=device)
@@ -696,6 +711,15 @@ class Trainer:
         weights = sharding.full_weights(self.model)
         sharding.gather(self.model)
         return weights
+
+    def _forward_with_grad(self) -> ExitStack:
+        """The context of a policy forward a backward follows: the precision's autocast and, with
+        `gradient_checkpointing`, the blocks' activations recomputed in the backward."""
+        stack = ExitStack()
+        stack.enter_context(self.autocast())
+        if self.cfg.gradient_checkpointing:
+            stack.enter_context(recompute.recomputed_activations(self.model))
+        return stack
 
     def _head(self, model) -> Head:
         """The model's output head at the sampling temperature (every distribution of the
@@ -920,7 +944,7 @@ class Trainer:
             self.optimizer.zero_grad(set_to_none=True)
             try:
                 for m, (ps, cs, _, _) in enumerate(micro):
-                    with self.autocast():
+                    with self._forward_with_grad():
                         cur = completion_hidden(self.model, ps, cs, pad, spec.reads_prompt_positions)
                         out = objectives.objective_loss(
                             spec, inputs(m, cur.hidden, cur.tokens, cur.rows, advantages, cur.prompt)
@@ -932,7 +956,7 @@ class Trainer:
                         frozen[m].old_logprobs = out.logprobs
                 for ps, cs, fields in stored_micro:
                     assert stored_spec is not None  # stored groups exist only with stored terms
-                    with self.autocast():
+                    with self._forward_with_grad():
                         cur = completion_hidden(self.model, ps, cs, pad)
                         out = objectives.objective_loss(
                             stored_spec,
