@@ -15,7 +15,7 @@ normalized by the group's sample std, PPO clip 0.2 on both sides (one inner iter
 is 1), micro-batches of 16 sequences. TRL samples with transformers' `generate`.
 
 Each side runs in its own subprocess (TRL fp32, divrl fp32, TRL bf16, divrl `dtype: auto`, in
-that order; on request also `divrl-fp32-recompute`, divrl fp32 with `gradient_checkpointing`, the
+that order; on request also `divrl-fp32-recompute`, divrl fp32 with `activation_checkpointing`, the
 activations recomputed in the backward as TRL's default does), writing one JSON line per step as it goes, so a side stopped at --side-timeout still
 reports the steps it finished (and one that finished none reports a lower bound). Timings are the
 median of steps 2..N (step 1 warms up). Peak RSS is the process's ru_maxrss (model loading
@@ -114,7 +114,7 @@ def divrl_config(steps: int, dtype: str, output_dir: str, device: str = "cpu", r
         dtype=dtype,
         output_dir=output_dir,
         device=device,
-        gradient_checkpointing=recompute,
+        activation_checkpointing=recompute,
     )
 
 

@@ -1,6 +1,6 @@
 """Where divrl's GRPO step holds its memory: RSS by phase, the training state, activations.
 
-    python benchmarks/grpo_step_memory.py [--steps 3] [--trim] [--gradient-checkpointing]
+    python benchmarks/grpo_step_memory.py [--steps 3] [--trim] [--activation-checkpointing]
     MALLOC_MMAP_THRESHOLD_=65536 python benchmarks/grpo_step_memory.py   # glibc settings, compared
 
 The configuration of `grpo_step.py` (divrl, fp32). A thread samples the process's RSS every 10 ms;
@@ -9,7 +9,7 @@ forward + backward, optimizer), the training state held (`grpo_step.held_state_g
 model body's forward of the largest update micro-batch saves for backward beyond the weights
 (its activations, by unique storage, through `torch.autograd.graph.saved_tensors_hooks`; the
 output layer's, streamed by `divrl.chunked`, are not in it). `--trim` calls glibc's `malloc_trim(0)` after every
-phase (and reports the seconds it took). `--gradient-checkpointing` sets the config key of that
+phase (and reports the seconds it took). `--activation-checkpointing` sets the config key of that
 name (`divrl.recompute`); the blocks' recomputed activations are then not in the saved figure,
 which counts what the update saves outside them. Ends with the process's ru_maxrss, the number
 `grpo_step.py` compares.
@@ -52,7 +52,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--trim", action="store_true", help="malloc_trim(0) after every phase")
-    parser.add_argument("--gradient-checkpointing", action="store_true", help="recompute the blocks' activations")
+    parser.add_argument("--activation-checkpointing", action="store_true", help="recompute the blocks' activations")
     args = parser.parse_args()
     trim = ctypes.CDLL("libc.so.6").malloc_trim if args.trim else None
     rss = RssSampler()
@@ -93,7 +93,7 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         cfg = grpo_step.divrl_config(args.steps, "float32", tmp)
-        cfg = dataclasses.replace(cfg, gradient_checkpointing=args.gradient_checkpointing)
+        cfg = dataclasses.replace(cfg, activation_checkpointing=args.activation_checkpointing)
         trainer = trainer_module.Trainer(cfg, log=lambda *_: None)
         weights = {p.untyped_storage().data_ptr() for p in trainer.model.parameters()}
         trainer._rollout_groups = timed("rollout", trainer._rollout_groups)  # type: ignore[method-assign]

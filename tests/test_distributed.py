@@ -55,7 +55,8 @@ def _torchrun(
 
 
 def test_two_ranks_update_as_one_process_on_the_same_global_batch(tmp_path, say_task):
-    """Plain data-parallel ranks and FSDP-sharded ones (`fsdp=true`, `divrl.sharding`) both.
+    """Plain data-parallel ranks and FSDP-sharded ones (`fsdp=true`, `divrl.sharding`) both; the
+    FSDP ranks also recompute their blocks' activations (`activation_checkpointing`, `divrl.recompute`).
     A reward that varies within groups (the parity of the completion's length), so the
     policy gradient carries the update (with rewards all equal, the first step's gradient would be
     float noise, which Adam scales up to lr-sized steps)."""
@@ -75,7 +76,9 @@ def test_two_ranks_update_as_one_process_on_the_same_global_batch(tmp_path, say_
     )
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
     _torchrun(str(WORKER), str(runs["parallel"]), *task, cwd=tmp_path, env=env)
-    _torchrun(str(WORKER), str(runs["fsdp"]), *task, "fsdp=true", cwd=tmp_path, env=env)
+    _torchrun(
+        str(WORKER), str(runs["fsdp"]), *task, "fsdp=true", "activation_checkpointing=true", cwd=tmp_path, env=env
+    )
     one = torch.load(runs["single"] / "rank-0.pt", weights_only=False)
     for name in ("parallel", "fsdp"):
         ranks = [torch.load(runs[name] / f"rank-{r}.pt", weights_only=False) for r in range(2)]

@@ -1,4 +1,4 @@
-"""Activation checkpointing (`divrl.recompute`, config key `gradient_checkpointing`): the same
+"""Activation checkpointing (`divrl.recompute`, config key `activation_checkpointing`): the same
 hidden states, gradients and trained weights as keeping the activations, far fewer tensors saved
 for the backward, and models whose cache cannot give a recomputed block its KV again refused."""
 
@@ -50,14 +50,14 @@ def test_recomputed_blocks_give_the_same_hidden_states_and_gradients(tiny):
 
 
 @pytest.mark.parametrize("make_cfg", [tiny_cfg, lora_cfg], ids=["full", "lora"])
-def test_a_training_step_is_the_same_with_gradient_checkpointing(tmp_path, say_task, make_cfg):
+def test_a_training_step_is_the_same_with_activation_checkpointing(tmp_path, say_task, make_cfg):
     """A reward that varies within groups (the parity of the completion's length), so the policy
     gradient moves the weights (LoRA's adapters start as a no-op, and its reference is the base)."""
     task = say_task(range(20), "parity")
     weights = {}
     for checkpointing in (False, True):
         cfg = make_cfg(
-            tmp_path / str(checkpointing), *task, "steps=1", "kl_coef=0.1", f"gradient_checkpointing={checkpointing}"
+            tmp_path / str(checkpointing), *task, "steps=1", "kl_coef=0.1", f"activation_checkpointing={checkpointing}"
         )
         trainer = Trainer(cfg, log=lambda *_: None)
         before = {k: v.detach().clone() for k, v in trainer.model.named_parameters() if v.requires_grad}
@@ -90,6 +90,6 @@ def test_a_model_with_sliding_window_layers_is_refused_naming_the_key(tmp_path, 
     assert "DynamicSlidingWindowLayer" in (refusal(model) or "")
     model.save_pretrained(tmp_path / "gemma2")
     tokenizer.save_pretrained(tmp_path / "gemma2")
-    cfg = tiny_cfg(tmp_path, f"model={tmp_path / 'gemma2'}", "gradient_checkpointing=true")
-    with pytest.raises(ConfigError, match="config key 'gradient_checkpointing': Gemma2ForCausalLM has attention"):
+    cfg = tiny_cfg(tmp_path, f"model={tmp_path / 'gemma2'}", "activation_checkpointing=true")
+    with pytest.raises(ConfigError, match="config key 'activation_checkpointing': Gemma2ForCausalLM has attention"):
         Trainer(cfg, log=lambda *_: None)

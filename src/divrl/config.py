@@ -401,7 +401,7 @@ class TrainConfig:
     micro_batch_size: int = _doc(
         "Sequences per forward/backward chunk (memory bound); whole groups, so at least group_size.", default=16
     )
-    gradient_checkpointing: bool = _doc(
+    activation_checkpointing: bool = _doc(
         "Recompute each transformer block's activations in the backward instead of keeping them "
         "(divrl.recompute; TRL's gradient_checkpointing): a micro-batch's update holds one "
         "block's activations, for one more forward of the policy. Not for models with "

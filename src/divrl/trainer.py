@@ -169,8 +169,8 @@ class Trainer:
                 raise ConfigError(f"config key {err}") from None
         self.overlong_prompts = fit_to_context(self.task, self.tokenizer, cfg, context_length(self.model), self.log)
         self.model.eval()  # no dropout; gradients still flow
-        if cfg.gradient_checkpointing and (why := recompute.refusal(self.model)):
-            raise ConfigError(f"config key 'gradient_checkpointing': {why}")
+        if cfg.activation_checkpointing and (why := recompute.refusal(self.model)):
+            raise ConfigError(f"config key 'activation_checkpointing': {why}")
         self.objective = cfg.objective
         self.preference = preferences.PreferenceSpec.parse(cfg.preference)
         self.online = online_trains(self.objective)  # False: a preference run on its pairs alone
@@ -714,10 +714,10 @@ class Trainer:
 
     def _forward_with_grad(self) -> ExitStack:
         """The context of a policy forward a backward follows: the precision's autocast and, with
-        `gradient_checkpointing`, the blocks' activations recomputed in the backward."""
+        `activation_checkpointing`, the blocks' activations recomputed in the backward."""
         stack = ExitStack()
         stack.enter_context(self.autocast())
-        if self.cfg.gradient_checkpointing:
+        if self.cfg.activation_checkpointing:
             stack.enter_context(recompute.recomputed_activations(self.model))
         return stack
 
