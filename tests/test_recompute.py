@@ -11,6 +11,7 @@ from divrl.hidden import completion_hidden
 from divrl.recompute import recomputed_activations, refusal
 from divrl.sharding import blocks
 from divrl.trainer import Trainer
+from test_head import COMMON
 from test_lora import tiny_cfg as lora_cfg
 from test_trainer import tiny_cfg
 
@@ -69,18 +70,9 @@ def test_a_training_step_is_the_same_with_activation_checkpointing(tmp_path, say
 
 
 def _tiny_gemma2(vocab_size: int) -> transformers.PreTrainedModel:
-    """A tiny Gemma 2: its layers alternate sliding-window and full attention."""
-    config = transformers.Gemma2Config(
-        vocab_size=vocab_size,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=8,
-    )
+    """A tiny Gemma 2 (test_head's sizes): its layers alternate sliding-window and full attention."""
     torch.manual_seed(0)
-    return transformers.Gemma2ForCausalLM(config)
+    return transformers.Gemma2ForCausalLM(transformers.Gemma2Config(**{**COMMON, "vocab_size": vocab_size}, head_dim=8))
 
 
 def test_a_model_with_sliding_window_layers_is_refused_naming_the_key(tmp_path, tiny):
