@@ -31,7 +31,8 @@ def test_cuda_without_cuda_is_refused_up_front():
 def test_training_runs_on_cuda_with_the_numbers_of_the_cpu(tmp_path):
     """A tiny step with an exact (forward) and a sampled (reverse, k3) KL term on CUDA: every model
     on the device, the same sampled completions as on the CPU (the sampler draws its uniforms on the
-    CPU generator), and metrics within float32 rounding of the CPU run's."""
+    CPU generator), and metrics within float32 rounding of the CPU run's. The CUDA run also
+    recomputes its activations (`activation_checkpointing`), which must not change them."""
     from divrl.trainer import Trainer
 
     rows = {}
@@ -51,6 +52,7 @@ def test_training_runs_on_cuda_with_the_numbers_of_the_cpu(tmp_path):
                 "lr=1e-3",
                 "eval_every=0",
                 f"device={device}",
+                f"activation_checkpointing={device == 'cuda'}",
                 "dtype=float32",
                 "terms=[{divergence: forward_kl, target: reference, coef: 0.1}, "
                 "{divergence: reverse_kl, target: reference, coef: 0.1, estimator: k3}]",
