@@ -19,9 +19,10 @@ that order; on request also `divrl-fp32-recompute`, divrl fp32 with `activation_
 the activations recomputed in the backward as TRL's default does), writing one JSON line per step
 as it goes, so a side stopped at --side-timeout still reports the steps it finished (and one that
 finished none reports a lower bound). Timings are the median of steps 2..N (step 1 warms up).
-Peak RSS is the process's ru_maxrss (model loading included, on both sides). Its floor, reported per side, is the training state the side holds
-(weights of policy and reference, AdamW's moments, gradients the size of the trainable weights)
-plus the process's RSS before it loads a model: what no activation saving can go below. Model
+Peak RSS is the process's ru_maxrss (model loading included, on both sides). Its floor, reported
+per side, is the training state the side holds (weights of policy and reference, AdamW's
+moments, gradients the size of the trainable weights) plus the process's RSS before it loads a
+model: what no activation saving can go below. Model
 FLOPs count each token's weight matmuls (2 × parameters per token and pass, the output layer
 only at completion positions, attention scores left out): sampling one forward, the policy a
 forward and a backward (×3), the reference a forward; the machine's matmul peak is measured

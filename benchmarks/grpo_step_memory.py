@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import ctypes
-import dataclasses
 import tempfile
 import threading
 import time
@@ -92,8 +91,7 @@ def main() -> None:
         return out
 
     with tempfile.TemporaryDirectory() as tmp:
-        cfg = grpo_step.divrl_config(args.steps, "float32", tmp)
-        cfg = dataclasses.replace(cfg, activation_checkpointing=args.activation_checkpointing)
+        cfg = grpo_step.divrl_config(args.steps, "float32", tmp, recompute=args.activation_checkpointing)
         trainer = trainer_module.Trainer(cfg, log=lambda *_: None)
         weights = {p.untyped_storage().data_ptr() for p in trainer.model.parameters()}
         trainer._rollout_groups = timed("rollout", trainer._rollout_groups)  # type: ignore[method-assign]

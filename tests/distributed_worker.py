@@ -61,15 +61,14 @@ def per_prompt_sampling(trainer: Trainer) -> None:
 
 
 def keep_gradients_of_each_step(trainer: Trainer) -> dict[str, torch.Tensor]:
-    """The (summed, clipped) gradients the optimizer steps with, by parameter name, refreshed at
-    each step: the trainer frees them right after."""
+    """The (summed, clipped) gradients the optimizer steps with, by parameter name, written at each
+    optimizer step (the trainer frees them right after); the caller clears it before each step."""
     names = [name for name, _ in trainer.model.named_parameters()]
     stepped = trainer.optimizer.param_groups[0]["params"]  # FSDP: the shards, in the same order
     kept: dict[str, torch.Tensor] = {}
     step = trainer.optimizer.step
 
     def step_keeping_gradients(*args, **kwargs):
-        kept.clear()
         kept.update({k: sharding.full(p.grad).detach().clone() for k, p in zip(names, stepped) if p.grad is not None})
         return step(*args, **kwargs)
 
