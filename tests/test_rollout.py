@@ -255,9 +255,10 @@ def test_nucleus_widens_until_it_holds_the_top_p_set():
         torch.testing.assert_close(kept / kept.sum(-1, keepdim=True), reference)
 
 
-@pytest.mark.parametrize("block", [7, 256])
+@pytest.mark.parametrize("block", [7, 20, 256])
 def test_draw_follows_the_weights(block):
-    """Block-wise inverse CDF, with a block size that does not divide the length (zero padding)."""
+    """Block-wise inverse CDF, with block sizes that do (20) and do not (zero padding) divide the
+    length."""
     weights = torch.rand(100) ** 3 * 5
     weights[[0, 13, 50, 99]] = 0.0
     n = 20000

@@ -78,7 +78,8 @@ def draw(weights: torch.Tensor, generator: torch.Generator | None, block: int = 
     (a full-vocabulary cumsum, or `torch.multinomial`'s one exponential per entry, costs far more).
     """
     rows, n = weights.shape
-    blocks = torch.nn.functional.pad(weights, (0, -n % block)).view(rows, -1, block)
+    padded = torch.nn.functional.pad(weights, (0, -n % block)) if n % block else weights  # pad copies
+    blocks = padded.reshape(rows, -1, block)
     chosen = _draw(blocks.sum(dim=-1), generator)
     within = _draw(blocks[torch.arange(rows, device=weights.device), chosen], generator)
     return (chosen * block + within).clamp_(max=n - 1)
