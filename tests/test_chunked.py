@@ -448,3 +448,42 @@ def test_weight_gradient_accumulators_are_bounded(inputs, target, monkeypatch):
     first, second = grads.values()
     for a, b in zip(first, second):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("n", [0, 3])
+def test_token_weights_without_mass_give_a_zero_gradient(inputs, target, n):
+    """An empty batch (N = 0) or all-zero token weights: Σ w² = 0 leaves no proportion c for the fast
+    path (0/0 = NaN times the precomputed gradient was the bug); the gradient is exactly 0."""
+    hidden, weight, _ = inputs
+    target_hidden, target_weight = target
+    token_weights = torch.zeros(n, dtype=torch.float64)
+    values = divergence(
+        "reverse_kl", hidden[:n], weight, target_hidden[:n], target_weight, token_weights=token_weights, **CHUNKS
+    )
+    grad_hidden, grad_weight = torch.autograd.grad((values * token_weights).sum(), (hidden, weight))
+    assert torch.equal(grad_hidden, torch.zeros_like(hidden)) and torch.equal(grad_weight, torch.zeros_like(weight))
+
+
+def test_logprob_entropy_with_minus_inf_logits_matches_the_unmasked_vocabulary(inputs):
+    """A bias of −inf masking the vocabulary from U on (tiles 20:30 partly, 30:37 wholly masked) is
+    the distribution over the first U tokens: values and gradients of the unmasked head, 0 beyond U."""
+    hidden, weight, tokens = inputs
+    unmasked = 25
+    tokens = tokens % unmasked
+    bias = torch.zeros(V, dtype=torch.float64)
+    bias[unmasked:] = -math.inf
+    bias.requires_grad_()
+    mix = torch.linspace(-1.0, 2.0, N, dtype=torch.float64)
+
+    def loss(logp, entropy):
+        return (logp * mix + entropy * mix.flip(0)).sum()
+
+    got = logprob_entropy(hidden, Head(weight, bias), tokens, **CHUNKS)
+    want = logprob_entropy_of(Head(weight[:unmasked], bias[:unmasked]).logits(hidden), tokens)
+    for got_value, want_value in zip(got, want):
+        torch.testing.assert_close(got_value, want_value, rtol=1e-12, atol=1e-12)
+    got_grads = torch.autograd.grad(loss(*got), (hidden, weight, bias))
+    want_grads = torch.autograd.grad(loss(*want), (hidden, weight, bias))
+    for got_grad, want_grad in zip(got_grads, want_grads):
+        torch.testing.assert_close(got_grad, want_grad, rtol=1e-10, atol=1e-12)
+    assert torch.equal(got_grads[1][unmasked:], torch.zeros(V - unmasked, H, dtype=torch.float64))

@@ -353,6 +353,45 @@ def test_sinkhorn_gradcheck_at_convergence():
     assert torch.autograd.gradcheck(value, (logits_p, logits_q))
 
 
+def entropic_ot_reference(p, q, cost, epsilon, iterations=5000):
+    """OT_ε(p, q) = ⟨P, C⟩ + ε·KL(P‖p⊗q) of the plan P = diag(p·a) K diag(q·b), K = e^{−C/ε} (0 where
+    C = +inf), from plain (not log-domain) Sinkhorn scalings a, b in float64."""
+    kernel = torch.exp(-cost / epsilon)
+    a, b = torch.ones_like(p), torch.ones_like(q)
+    for _ in range(iterations):
+        a = 1 / (kernel @ (q * b))
+        b = 1 / (kernel.T @ (p * a))
+    plan = (p * a)[:, None] * kernel * (q * b)[None, :]
+    moved = plan > 0
+    return (plan[moved] * (cost[moved] + epsilon * torch.log(plan[moved] / torch.outer(p, q)[moved]))).sum()
+
+
+def test_sinkhorn_with_forbidden_moves_matches_the_float64_reference():
+    """C_ij = +inf forbids a move (ε-scaling once started at max C = inf: NaN). With tokens 0 ↔ 2
+    forbidden, p = (½, ½, 0) and q = (0, ½, ½) have one coupling, ½ on 0→1 and ½ on 1→2: OT_ε = 1 +
+    ε log 2; p = (1, 0, 0), q = (0, 1, 0) have 1 on 0→1: OT_ε = 1 (token 2 of q unreachable from p's
+    support: its potential is +inf); random p, q against the plain float64 Sinkhorn reference."""
+    cost = 1 - torch.eye(3, dtype=F64)
+    cost[0, 2] = cost[2, 0] = INF
+    cases = [([0.5, 0.5, 0.0], [0.0, 0.5, 0.5], 1 + 0.05 * math.log(2)), ([1.0, 0.0, 0.0], [0.0, 1.0, 0.0], 1.0)]
+    for p, q, exact in cases:
+        logits_p = torch.tensor(p, dtype=F64).log().requires_grad_()
+        value = D.sinkhorn(logits_p, torch.tensor(q, dtype=F64).log(), cost, epsilon=0.05, iterations=200)
+        torch.testing.assert_close(value, torch.tensor(exact, dtype=F64), rtol=1e-9, atol=0)
+        assert torch.autograd.grad(value, logits_p)[0].isfinite().all()
+    gen = torch.Generator().manual_seed(0)
+    cost = torch.rand(5, 5, dtype=F64, generator=gen).masked_fill(torch.eye(5, dtype=torch.bool).roll(2, 1), INF)
+    logits_p = torch.randn(5, dtype=F64, generator=gen).requires_grad_()
+    logits_q = torch.randn(5, dtype=F64, generator=gen).requires_grad_()
+
+    def value(a, b):
+        return D.sinkhorn(a.log_softmax(-1), b.log_softmax(-1), cost, epsilon=0.3, iterations=300)
+
+    want = entropic_ot_reference(logits_p.softmax(-1), logits_q.softmax(-1), cost, 0.3)
+    torch.testing.assert_close(value(logits_p, logits_q), want, rtol=1e-9, atol=0)
+    assert torch.autograd.gradcheck(value, (logits_p, logits_q))
+
+
 def test_sinkhorn_accepts_a_token_cost_callable_and_topk_equals_it_when_the_support_fits():
     vocab, hidden = 40, 8
     embeddings = torch.randn(vocab, hidden, dtype=F64, generator=torch.Generator().manual_seed(0))
@@ -449,3 +488,25 @@ def test_estimators_handle_zero_probabilities_without_nan():
         assert not grad.isnan().any(), name
     assert D.k3(policy, target)[0] == INF and D.k3(policy, target)[1] == INF
     assert D.k1(policy, target)[0] == INF and D.k2(policy, target)[0] == INF
+
+
+def test_chi2_and_alpha_in_float16_match_float64_to_its_rounding():
+    """float16 chi2/alpha terms are computed in float32 and cast back: alpha(2) at p = 1, log q =
+    −11.5 is 49356.9 (an intermediate p/q = 98715 overflowed: inf), and chi2's gradient at log p =
+    −1.459, log q = −13.32 is 65873, beyond float16's 65504: +inf, not NaN."""
+    f16 = torch.float16
+    cases = [("alpha", {"alpha": 2.0}, 0.0, -11.5), ("alpha", {"alpha": -1.0}, -11.5, 0.0)]
+    cases += [("chi2", {}, -1.458984375, -13.3203125), ("chi2", {}, -1.458984375, -12.0)]
+    for name, params, log_p, log_q in cases:
+        policy = torch.tensor([log_p], dtype=f16, requires_grad=True)
+        policy64 = torch.tensor([log_p], dtype=F64, requires_grad=True)
+        term = D.pointwise(name, **params)(policy, torch.tensor([log_q], dtype=f16))
+        term64 = D.pointwise(name, **params)(policy64, torch.tensor([log_q], dtype=F64))
+        assert term.dtype == f16
+        torch.testing.assert_close(term.double(), term64, rtol=1e-3, atol=0)
+        (grad,) = torch.autograd.grad(term.sum(), policy)
+        (grad64,) = torch.autograd.grad(term64.sum(), policy64)
+        if grad64.abs() > torch.finfo(f16).max:
+            assert grad == math.copysign(INF, grad64.item())
+        else:
+            torch.testing.assert_close(grad.double(), grad64, rtol=2e-3, atol=0)

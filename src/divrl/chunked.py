@@ -275,25 +275,33 @@ def _backprop_tiles(ctx, hidden, head, tile_grad, chunk_tokens, chunk_vocab):
     return _cast(grad_hidden, hidden), _cast(grad_weight, weight), _cast(grad_bias, head.bias)
 
 
+# A log-probability floor below which exp is 0 in float32 and float64 (the tiles' dtypes): logits
+# of −inf (a bias masking padded vocabulary) are raised to it so that p·log p is 0·finite = 0.
+_LOG_ZERO = -1e4
+
+
 def _merge_entropies(lse_a, entropy_a, lse_b, entropy_b):
     """Log-normalizer and entropy of a distribution split over two disjoint vocabulary parts.
 
-    With mass w_k = exp(lse_k − lse) on part k: H = Σ_k w_k H_k − Σ_k w_k log w_k.
+    With mass w_k = exp(lse_k − lse) on part k: H = Σ_k w_k H_k − Σ_k w_k log w_k, a part with no
+    mass (all logits −inf) adding 0.
     """
     lse = torch.logaddexp(lse_a, lse_b)
     log_wa, log_wb = lse_a - lse, lse_b - lse
-    wa, wb = log_wa.exp(), log_wb.exp()
-    return lse, wa * (entropy_a - log_wa) + wb * (entropy_b - log_wb)
+    share_a = torch.where(log_wa > -torch.inf, log_wa.exp() * (entropy_a - log_wa), 0.0)
+    share_b = torch.where(log_wb > -torch.inf, log_wb.exp() * (entropy_b - log_wb), 0.0)
+    return lse, share_a + share_b
 
 
 def _chunk_lse_entropy(z: Tensor) -> tuple[Tensor, Tensor]:
-    """log Σ e^z and the entropy of softmax(z) along the last dim, one pass over the tile."""
-    shift = z.amax(-1, keepdim=True)
-    y = z - shift
+    """log Σ e^z and the entropy of softmax(z) along the last dim, one pass over the tile; −inf
+    logits count as mass 0 (a tile of only −inf: lse −inf, entropy NaN, which the merge drops)."""
+    shift = z.amax(-1, keepdim=True).clamp_(min=torch.finfo(z.dtype).min)
+    y = (z - shift).clamp_(min=_LOG_ZERO)
     e = y.exp()
     mass = e.sum(-1)
     log_mass = mass.log()
-    return shift.squeeze(-1) + log_mass, log_mass - (e * y).sum(-1) / mass
+    return shift.squeeze(-1) + log_mass, log_mass - e.mul_(y).sum(-1) / mass
 
 
 class _LseEntropy(torch.autograd.Function):
@@ -346,7 +354,7 @@ class _LseEntropy(torch.autograd.Function):
             if grad_entropy is None:
                 coefficient = grad_lse[rows, None]
             else:
-                coefficient = logp.add_(entropy[rows, None]).mul_(-grad_entropy[rows, None])
+                coefficient = logp.clamp_(min=_LOG_ZERO).add_(entropy[rows, None]).mul_(-grad_entropy[rows, None])
                 if grad_lse is not None:
                     coefficient += grad_lse[rows, None]
             return _times_(prob.mul_(coefficient), slope)
@@ -435,8 +443,12 @@ def _logit_grad(grad, logp, grad_sum, upstream):
 
 
 def _proportion(upstream: Tensor, token_weights: Tensor) -> Tensor | None:
-    """c with upstream = c · token_weights (to rounding), else None."""
-    scale = (upstream * token_weights).sum() / token_weights.square().sum()
+    """c with upstream = c · token_weights (to rounding), else None; None also where Σ w² = 0 (no
+    tokens, or all weights 0: the precomputed gradient says nothing about upstream)."""
+    squared_norm = token_weights.square().sum()
+    if squared_norm == 0:
+        return None
+    scale = (upstream * token_weights).sum() / squared_norm
     tolerance = 100 * torch.finfo(upstream.dtype).eps
     return scale if torch.allclose(upstream, scale * token_weights, rtol=tolerance, atol=0.0) else None
 

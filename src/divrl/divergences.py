@@ -114,6 +114,20 @@ def _times_expm1_power(log_a: Tensor, y: Tensor, power: int) -> Tensor:
     return torch.where(large, _exp_or_inf(log_value.masked_fill(~large, _NEG_INF)), direct)
 
 
+def _in_float32_for_half(term: Divergence) -> Divergence:
+    """``term`` computed in float32 for float16/bfloat16 inputs, cast back: e^{|log p − log q|} and
+    its gradient overflow half precision (float16 max 65504) before the term itself does."""
+
+    @functools.wraps(term)
+    def upcast(policy_logprobs: Tensor, target_logprobs: Tensor, **params: Any) -> Tensor:
+        dtype = torch.promote_types(policy_logprobs.dtype, target_logprobs.dtype)
+        if dtype not in (torch.float16, torch.bfloat16):
+            return term(policy_logprobs, target_logprobs, **params)
+        return term(policy_logprobs.float(), target_logprobs.float(), **params).to(dtype)
+
+    return upcast
+
+
 def _weighted_by_first(
     log_a: Tensor, log_b: Tensor, weighted: Callable[[Tensor, Tensor], Tensor], at_infinity: float
 ) -> Tensor:
@@ -180,6 +194,7 @@ def total_variation(policy_logprobs: Tensor, target_logprobs: Tensor) -> Tensor:
 
 
 @_summed_over_vocabulary("chi2")
+@_in_float32_for_half
 def chi2(policy_logprobs: Tensor, target_logprobs: Tensor) -> Tensor:
     """Pearson χ²(p‖q) = Σ_v (p_v − q_v)²/q_v; +inf where p_v > 0 = q_v."""
     unbounded = (target_logprobs == _NEG_INF) & (policy_logprobs > _NEG_INF)
@@ -195,6 +210,7 @@ def hellinger(policy_logprobs: Tensor, target_logprobs: Tensor) -> Tensor:
 
 
 @_summed_over_vocabulary("alpha")
+@_in_float32_for_half
 def alpha(policy_logprobs: Tensor, target_logprobs: Tensor, alpha: float = 0.5) -> Tensor:
     """Amari α-divergence Σ_v q f(p/q), f(t) = (t^α − α t − (1−α))/(α(α−1)).
 
@@ -285,13 +301,14 @@ def _entropic_ot(
     """OT_ε(p, q) = min_{P1=p, Pᵀ1=q} ⟨P, C⟩ + ε·KL(P‖p⊗q), by log-domain Sinkhorn.
 
     The potentials f, g are iterated without autograd: f_i = −ε LSE_j(log q_j + (g_j − C_ij)/ε),
-    g_j = −ε LSE_i(log p_i + (f_i − C_ij)/ε), with ε-scaling (ε starts at max C and halves every
-    step down to its target, so small ε converges in far fewer steps). The value is the dual
-    ⟨p, f⟩ + ⟨q, g⟩, whose gradient in (p, q) is (f, g) at convergence (envelope theorem), so memory
-    is one (..., V, V) buffer rather than one per iteration; the cost gets no gradient. A zero-mass
-    token drops out of the plan and its gradient p_i·f_i stays finite. A position where p or q has
-    no mass at all (an all −inf row) has no coupling: +inf there (the infimum over an empty set),
-    with zero gradient.
+    g_j = −ε LSE_i(log p_i + (f_i − C_ij)/ε), with ε-scaling (ε starts at the largest finite C and
+    halves every step down to its target, so small ε converges in far fewer steps); C_ij = +inf
+    forbids moving i to j. The value is the dual ⟨p, f⟩ + ⟨q, g⟩, whose gradient in (p, q) is (f, g)
+    at convergence (envelope theorem), so memory is one (..., V, V) buffer rather than one per
+    iteration; the cost gets no gradient. A zero-mass token drops out of the plan: its potential is
+    set to 0 (it is +inf where all its moves are forbidden), its gradient p_i·f_i is 0. A position
+    where p or q has no mass at all (an all −inf row) has no coupling: +inf there (the infimum over
+    an empty set), with zero gradient.
     """
     if epsilon <= 0.0:
         raise ValueError(f"sinkhorn: epsilon must be > 0, got {epsilon}")
@@ -303,14 +320,17 @@ def _entropic_ot(
         target_logprobs.masked_fill(no_mass, 0.0),
     )
     cost = cost.to(policy_logprobs.dtype)
-    cost_scale = cost.max().item() if cost.numel() else 0.0
+    finite_cost = cost[cost.isfinite()]  # +inf forbids a move; ε-scaling starts from the finite costs
+    cost_scale = finite_cost.max().item() if finite_cost.numel() else 0.0
     with torch.no_grad():
         log_p, log_q = policy_logprobs.detach(), target_logprobs.detach()
         g = torch.zeros_like(log_q)
         for step in range(iterations):
             eps = max(epsilon, cost_scale * 0.5**step)
             f = -eps * torch.logsumexp((log_q + g / eps).unsqueeze(-2) - cost / eps, dim=-1)
+            f = f.masked_fill(log_p == _NEG_INF, 0.0)
             g = -eps * torch.logsumexp((log_p + f / eps).unsqueeze(-1) - cost / eps, dim=-2)
+            g = g.masked_fill(log_q == _NEG_INF, 0.0)
     value = (policy_logprobs.exp() * f).sum(-1) + (target_logprobs.exp() * g).sum(-1)
     return value.masked_fill(no_mass.squeeze(-1), math.inf)
 
@@ -327,11 +347,12 @@ def sinkhorn(
     OT_ε(p, q) = min over couplings P of p and q of ⟨P, C⟩ + ε·KL(P‖p⊗q) ≥ 0, computed by
     ``iterations`` log-domain Sinkhorn steps. ``cost`` is the ground cost C between tokens: a
     (V, V) tensor, or a ``TokenCost`` callable (e.g. ``embedding_cost(E)``) that is called on
-    ``arange(V)`` twice. As ε → 0 it tends to the optimal transport cost W(p, q); with the 0/1 cost
-    C = 1 − I, W is the total variation. ε is in the units of C; smaller ε needs more iterations.
-    Unlike KL it stays finite, with finite gradients, on disjoint supports; it is not 0 at p = q
-    for ε > 0 (entropic blur). Cost: O(V²) memory and O(iterations·V²) time per position, so use it
-    for small vocabularies and ``sinkhorn_topk`` for real ones.
+    ``arange(V)`` twice; C_ij = +inf forbids moving mass from token i to j. As ε → 0 it tends to
+    the optimal transport cost W(p, q); with the 0/1 cost C = 1 − I, W is the total variation. ε is
+    in the units of C; smaller ε needs more iterations. Unlike KL it stays finite, with finite
+    gradients, on disjoint supports; it is not 0 at p = q for ε > 0 (entropic blur). Cost: O(V²)
+    memory and O(iterations·V²) time per position, so use it for small vocabularies and
+    ``sinkhorn_topk`` for real ones.
     """
     if not isinstance(cost, Tensor):
         ids = torch.arange(policy_logprobs.shape[-1], device=policy_logprobs.device)

@@ -133,7 +133,10 @@ def target_logprob_at(
 def _top_p_entropy_of_logits(logits: torch.Tensor, top_p: float, top_k: int) -> torch.Tensor:
     """Entropy of softmax(logits) restricted to its nucleus and renormalized (SIREN's top-p
     entropy): among the top_k most probable tokens, those whose cumulative probability (sorted,
-    under the full softmax) is still below top_p; 0 where none is (one token holds ≥ top_p)."""
+    under the full softmax) is still below top_p; 0 where none is (one token holds ≥ top_p).
+    top_p = 1 follows the official code's strict ``cumsum < top_p`` and so is not the plain entropy:
+    the token whose running sum reaches 1 is dropped (uniform over 4 tokens: log 3 = 1.0986, not
+    log 4 = 1.3863)."""
     probs = logits.softmax(-1)
     top = probs.topk(min(top_k, probs.shape[-1]), dim=-1).values
     kept = top.cumsum(-1) < top_p
