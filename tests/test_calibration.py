@@ -28,17 +28,27 @@ def test_calibrated_reward_is_uniform_under_the_reference_without_ties():
 
 
 def test_exponential_transform_by_hand():
-    rewards = torch.tensor([1.0, 0.0, 1.0, 1.0])  # two prompts × two samples
-    out = transformed(rewards, [[0.0, 1.0], [1.0, 1.0]], t=2.0)
-    c = torch.tensor([0.75, 0.25, 0.5, 0.5])
-    assert torch.allclose(out, torch.exp(2.0 * c))
-    assert torch.allclose(transformed(rewards, [[0.0, 1.0], [1.0, 1.0]], t=0.0), torch.ones(4))
+    rewards = torch.tensor([1.0, 0.0, 1.0, 1.0])  # two prompts × two samples; C = 0.75, 0.25, 0.5, 0.5
+    reference = [[0.0, 1.0], [1.0, 1.0]]
+    best = [math.exp(1.5), math.exp(0.5), math.exp(1.0), math.exp(1.0)]  # exp(2C)
+    assert transformed(rewards, reference, t=2.0).tolist() == pytest.approx(best)
+    worst = [-math.exp(-1.5), -math.exp(-0.5), -math.exp(-1.0), -math.exp(-1.0)]  # −exp(−2C)
+    assert transformed(rewards, reference, t=-2.0).tolist() == pytest.approx(worst)
+    assert transformed(rewards, reference, t=0.0).tolist() == [0.75, 0.25, 0.5, 0.5]  # C itself
+
+
+@pytest.mark.parametrize("t", [-3.0, 0.0, 3.0])
+def test_every_transform_ranks_a_better_reward_higher(t):
+    out = transformed(torch.tensor([0.0, 0.5, 1.0]), [[0.0, 0.5, 1.0]], t=t)
+    assert out[0] < out[1] < out[2]
 
 
 @pytest.mark.parametrize(
     "value, message",
     [
         ({"samples": 0}, "samples must be an integer ≥ 1"),
+        ({"samples": True}, "samples must be an integer ≥ 1, got True"),
+        ({"t": False}, "t must be a finite number, got False"),
         ({"t": math.inf}, "t must be a finite number"),
         ({"k": 3}, "unknown field(s) ['k']"),
         ([1], "must be a mapping"),

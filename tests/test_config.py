@@ -1,6 +1,9 @@
-import pytest
+import os
 
-from divrl.config import ConfigError, build_config, describe
+import pytest
+import yaml
+
+from divrl.config import ConfigError, build_config, describe, save_config
 
 
 def test_defaults_validate_and_overrides_apply(tmp_path):
@@ -46,3 +49,60 @@ def test_every_key_is_documented():
     text = describe()
     for key in ("model", "task", "steps", "output_dir", "kl_coef", "kl_estimator"):
         assert f"  {key} (default" in text
+
+
+@pytest.mark.parametrize(
+    "recipe, overrides, message",
+    [
+        (
+            "dph-rl",
+            ["stored_top_p=0.5"],
+            "config key 'stored_top_p' < 1 stores samples of the renormalized nucleus, not of π_ref",
+        ),
+        ("dph-rl", ["top_p=0.9"], "config key 'top_p' < 1 stores samples of the renormalized nucleus"),
+        (
+            "dph-rl",
+            ["stored_temperature=1.0"],
+            "config key 'stored_temperature' must equal temperature (0.7) with the stored estimators",
+        ),
+        (
+            "g-opd",
+            ["teacher=tiny", "terms[0].placement=reward"],
+            "config key 'group_size' must be ≥ 2 with the reward-placed terms reverse_kl_to_teacher",
+        ),
+        (
+            "w-reinforce",
+            ["overlong_buffer=0.5"],
+            "config key 'overlong_buffer' shapes the task reward, which advantage: signed does not read",
+        ),
+        ("w-reinforce", ["diversity_bonus={}"], "config key 'diversity_bonus' shapes the task reward"),
+        (
+            "g-opd",
+            ["teacher=tiny", "reward_calibration={}"],
+            "config key 'reward_calibration' shapes the task reward, which advantage: none does not read",
+        ),
+        (None, ["reward_calibration={samples: true}"], "config key 'reward_calibration': samples must be an integer"),
+    ],
+)
+def test_settings_that_would_train_wrongly_or_not_at_all_are_refused(recipe, overrides, message):
+    with pytest.raises(ConfigError) as err:
+        build_config(None, overrides, recipe=recipe)
+    assert message in str(err.value)
+
+
+def test_stored_terms_accept_the_online_nucleus_when_the_stored_one_is_full():
+    cfg = build_config(None, ["top_p=0.9", "stored_top_p=1.0", "stored_temperature=0.7"], recipe="dph-rl")
+    assert (cfg.top_p, cfg.stored_top_p, cfg.stored_temperature, cfg.temperature) == (0.9, 1.0, 0.7, 0.7)
+
+
+def test_save_config_leaves_the_old_file_whole_when_interrupted(tmp_path, monkeypatch):
+    path = tmp_path / "config.yaml"
+    save_config(build_config(None, ["steps=3"]), path)
+
+    def killed(*_):  # the process dies after writing, before the rename
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(os, "replace", killed)
+    with pytest.raises(KeyboardInterrupt):
+        save_config(build_config(None, ["steps=5"]), path)
+    assert yaml.safe_load(path.read_text())["steps"] == 3 and [p.name for p in tmp_path.iterdir()] == ["config.yaml"]

@@ -7,6 +7,7 @@ import torch
 from divrl import objectives
 from divrl.config import build_config
 from divrl.prompts import PromptSource
+from divrl.spec import parse_objective
 from divrl.tasks import Example
 from divrl.trainer import Trainer
 
@@ -103,8 +104,9 @@ def test_bad_dapo_settings_are_refused(override, message):
 
 
 def test_signed_advantages_read_the_verdict_not_the_shaped_reward():
-    """A passing completion that ran into the overlong zone keeps its +1 under PSR/NSR."""
-    spec = build_config(None, ["max_new_tokens=10", "overlong_buffer=0.2"], recipe="w-reinforce").objective
+    """A passing completion that ran into the overlong zone keeps its +1 under PSR/NSR (the config
+    refuses this pairing, since the shaping then does nothing; the spec below is built directly)."""
+    spec = parse_objective({"advantage": "signed", "max_new_tokens": 10, "overlong_buffer": 0.2})
     task = torch.tensor([1.0, 0.0])
     shaped = task + objectives.overlong_penalty(spec, torch.tensor([10, 3]))
     assert shaped[0] < 1.0

@@ -173,3 +173,48 @@ def test_masks_and_weights_apply_per_term_and_are_logged():
     assert metrics["loss"] == pytest.approx(out.loss.item())
     assert metrics["kl"] == metrics["reverse_kl_to_reference"] >= 0  # monitored, not in the loss
     assert not math.isnan(metrics["entropy"])
+
+
+def test_kl_metric_is_the_unmasked_mean_kl_when_the_kl_term_is_masked():
+    inputs = _inputs()
+    ref = inputs.models["reference"]
+    exact = objectives.chunked.divergence(
+        "reverse_kl", inputs.policy.hidden.detach(), inputs.policy.head, ref.hidden, ref.head
+    )
+    term = {"divergence": "reverse_kl", "target": "reference", "coef": 0.001, "mask": "failed"}
+    out = objectives.objective_loss(parse_objective({"terms": [term]}), inputs)
+    metrics = objectives.summarize([(out.token_sums, out.loss_parts, 5)])
+    assert metrics["kl"] == pytest.approx(float(exact.mean()), rel=1e-10)  # every token
+    assert metrics["reverse_kl_to_reference"] == pytest.approx(float(exact[2:].sum() / 5), rel=1e-10)  # failed only
+
+
+def test_summarize_keeps_the_online_metrics_and_names_the_stored_ones():
+    online = ({"entropy": 2.0 * 100, "clip_fraction": 3.0}, {"pg": 0.5}, 100)
+    stored = (
+        {"entropy": 0.5 * 40, "forward_kl_to_reference_stored": 4.0},
+        {"forward_kl_to_reference_stored": 0.01},
+        40,
+    )
+    metrics = objectives.summarize([online, stored])
+    assert (metrics["entropy"], metrics["entropy_stored"]) == (2.0, 0.5)
+    assert (metrics["clip_fraction"], metrics["forward_kl_to_reference_stored"]) == (0.03, 0.1)
+
+
+def test_the_stored_objective_is_its_terms_alone():
+    spec = parse_objective(
+        {
+            "td_regularizer": {"coef": 0.5, "gamma": 0.9},
+            "entropy_anchor": {},
+            "terms": [{"divergence": "forward_kl", "target": "reference", "estimator": "stored", "coef": 0.01}],
+        }
+    )
+    online, stored = objectives.online_and_stored(spec)
+    assert online.td_regularizer == spec.td_regularizer and online.terms == ()
+    assert stored is not None and (stored.td_regularizer, stored.entropy_anchor, stored.policy_gradient) == (
+        None,
+        None,
+        False,
+    )
+    inputs = _inputs(models={})
+    inputs.stored_logprobs = torch.full((5,), math.log(0.1), dtype=torch.float64)
+    assert set(objectives.objective_loss(stored, inputs).loss_parts) == {"forward_kl_to_reference_stored"}

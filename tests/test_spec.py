@@ -138,6 +138,44 @@ def test_aggregation_normalizer_defaults_to_the_generation_budget():
         (["loss_aggregation=seq_mean"], "loss_aggregation: unknown aggregation 'seq_mean'; did you mean"),
         (["advantage=mean"], "advantage: unknown advantage 'mean'; did you mean 'mean_only'?"),
         (["terms[1].coef=0.1"], "'terms' has no item 1"),
+        (
+            [
+                "terms=[{divergence: reverse_kl, target: reference, estimator: k1, placement: token_reward, "
+                "weight: {asymmetric: {positive: 0.0}}}]"
+            ],
+            "terms[0].weight: masks and weights scale a loss term per token; a term with placement token_reward",
+        ),
+        (
+            ["terms=[{divergence: reverse_kl, target: reference, estimator: k1, placement: reward, mask: failed}]"],
+            "terms[0].mask: masks and weights scale a loss term per token; a term with placement reward",
+        ),
+        (
+            ["terms=[{divergence: reverse_kl, target: reference, estimator: k1, placement: reward, mask_mean: true}]"],
+            "terms[0].mask_mean: masks and weights scale a loss term per token",
+        ),
+        (
+            ["pg_mask=low_probability_negatives"],
+            "pg_mask.low_probability_negatives: reads a divergence term's target log-prob at the sampled token",
+        ),
+        (
+            ["terms=[{divergence: reverse_kl, target: reference, mask: low_probability_negatives}]"],
+            "terms[0].mask.low_probability_negatives: reads the target's log-prob at the sampled token, which "
+            "only a sampled estimator's term has, not estimator exact",
+        ),
+        (
+            ["terms=[{divergence: alpha, params: {alpha: .nan}, target: reference}]"],
+            "terms[0].params.alpha: must be a finite number, got nan",
+        ),
+        (
+            ["terms=[{divergence: jsd, params: {beta: .inf}, target: reference}]"],
+            "terms[0].params.beta: must be a finite number, got inf",
+        ),
+        (["pg_loss={nft: {negative_weight: .inf}}"], "pg_loss.nft.negative_weight: must be a finite number, got inf"),
+        (["pg_mask={1: {}}"], "pg_mask: a name of divrl.weights must be a string, got 1"),
+        (
+            ["terms=[{divergence: reverse_kl, target: reference, weight: {2: {}}}]"],
+            "terms[0].weight: a name of divrl.weights must be a string, got 2",
+        ),
     ],
 )
 def test_bad_objective_is_refused_with_its_key_path(overrides, message):
@@ -204,3 +242,40 @@ def test_prompt_positions_take_an_exact_divergence_to_a_model():
         parse_objective({"terms": [{"divergence": "reverse_kl", "target": "self", "prompt_positions": True}]})
     with pytest.raises(SpecError, match=r"terms\[0\]\.mask_mean: averages over the tokens a mask keeps"):
         parse_objective({"terms": [{"divergence": "reverse_kl", "target": "reference", "mask_mean": True}]})
+    sinkhorn = {"divergence": "sinkhorn_topk", "params": {"cost": "embedding"}, "target": "teacher"}
+    with pytest.raises(SpecError, match=r"terms\[0\]\.prompt_positions: takes a divergence that is a sum over"):
+        parse_objective({"teacher": "tiny", "terms": [{**sinkhorn, "prompt_positions": True}]})
+
+
+@pytest.mark.parametrize(
+    "weight",
+    [
+        "accuracy_tanh",
+        "stcr",
+        "success_adaptive",
+        "resrl",
+        "confidence_shift",
+        "reference_entropy_above",
+        "reference_kl_quantile",
+    ],
+)
+def test_a_stored_term_refuses_weights_that_read_the_online_batch(weight):
+    with pytest.raises(ConfigError) as err:
+        build_config(None, [f"terms[0].weight={weight}"], recipe="dph-rl")
+    assert f"terms[0].weight.{weight}: reads the online batch's groups, pass rate, diversity or the reference" in str(
+        err.value
+    )
+
+
+def test_a_stored_term_takes_weights_of_its_own_responses_but_no_target_mask():
+    with pytest.raises(ConfigError, match=r"terms\[0\]\.mask\.low_probability_negatives: .*not estimator stored"):
+        build_config(None, ["terms[0].mask=low_probability_negatives"], recipe="dph-rl")
+    assert build_config(None, ["terms[0].weight=failed"], recipe="dph-rl").objective.terms[0].weight == (
+        ("failed", {}),
+    )
+
+
+@pytest.mark.parametrize("key", ["td_regularizer", "entropy_anchor"])
+def test_an_empty_regularizer_mapping_is_its_defaults_and_trains_alone(key):
+    spec = parse_objective({"policy_gradient": False, key: {}})
+    assert getattr(spec, key).coef == {"td_regularizer": 0.01, "entropy_anchor": 0.005}[key]

@@ -129,6 +129,8 @@ def test_check_unknown_name_suggests_and_lists():
     )
     with pytest.raises(ValueError, match="unknown weight 'zzz'; valid: accuracy_tanh, asymmetric"):
         W.check("zzz", {})
+    with pytest.raises(ValueError, match="unknown weight 1; valid: accuracy_tanh, asymmetric"):
+        W.check(1, {})  # a YAML key that is not a string
 
 
 def test_check_unknown_parameter():
@@ -259,3 +261,25 @@ def test_stcr_scales_long_failures_against_the_mean_passing_length():
     )
     per_completion = torch.tensor([1.0, 1.0, 1.0, 2 - 1.00001**-2, 1.0, 1.0])
     torch.testing.assert_close(W.compute([("stcr", {})], stats), per_completion[rows])
+
+
+@pytest.mark.parametrize("name", W.names())
+def test_a_weight_runs_without_the_online_batch_statistics_unless_it_declares_them(name):
+    """What a batch of stored responses has (no groups, batch pass rate, diversity, reference or
+    target log-probs): exactly the weights outside READ_BATCH, READ_REFERENCE, READ_TARGET run on it."""
+    stored = TokenStats(
+        rows=torch.tensor([0, 0, 1, 1, 1, 2, 3]),
+        advantages=torch.zeros(4, dtype=F64),
+        rewards=torch.tensor([1.0, 0.0, 0.0, 0.0], dtype=F64),
+        group_pass_rate=torch.tensor([0.5, 0.25, 0.0, 1.0], dtype=F64),
+        entropy=torch.linspace(0.1, 2.0, 7, dtype=F64),
+        logprobs=torch.linspace(-3.0, -0.1, 7, dtype=F64),
+        old_logprobs=torch.linspace(-3.0, -0.1, 7, dtype=F64),
+        passed=torch.tensor([True, False, False, False]),
+        hidden=torch.randn(7, 8, dtype=F64, generator=torch.Generator().manual_seed(0)),
+    )
+    if name in W.READ_BATCH | W.READ_REFERENCE | W.READ_TARGET:
+        with pytest.raises(ValueError, match="needs the statistic"):
+            W.compute([(name, {})], stored)
+    else:
+        assert W.compute([(name, {})], stored).shape == (7,)

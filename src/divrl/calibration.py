@@ -3,16 +3,19 @@ language model alignment", arXiv 2412.19792, ICML 2025), as a reward wrapper of 
 
 Calibration: C(x, y) = P_{z∼π_ref(·|x)}[r(x, z) < r(x, y)] + ½·P[r(x, z) = r(x, y)], estimated from
 K reference samples per prompt (mid-rank for ties, so C is Uniform-like under π_ref and a tie counts
-half a win). Transform: r̃ = Φ_t(C) = exp(t·C); t > 0 favours the upper quantiles — the
-best-of-N transform — and t < 0 the lower ones — worst-of-N (best-of-N jailbreaking); t = 0 trains
-on the calibrated reward itself (the paper reports calibration alone as a strong baseline for the
-standard win rate). The transformed reward then enters KL-regularized RL unchanged (C1).
+half a win). Transform (`transform`): the paper's exponential family, increasing in C for every t,
+r̃ = Φ_t(C) = exp(t·C) for t > 0 (best-of-N), −exp(−|t|·C) = −exp(t·C) for t < 0 (worst-of-N,
+best-of-N jailbreaking: the lower quantiles weigh most), and C itself at t = 0 (calibration alone,
+which the paper reports as a strong baseline for the standard win rate). The transformed reward
+then enters KL-regularized RL unchanged (C1).
 
 Confirmed from the paper's abstract and the authors' summary: the two steps, calibration against
-the base policy, the exponential family with a positive exponent for best-of-N and a negative one
-for worst-of-N. Not read (paper body unreachable here): the paper's table of t per N and its K;
-the mid-rank tie rule is ours (verifiable rewards tie often). The task's verdict (`passed`, pass
-rates, pass@k) stays the raw reward's; only the return of the policy gradient is transformed.
+the base policy, the exponential family with a positive exponent for best-of-N and a transform
+for best-of-N jailbreaking. Not read (the paper body, §4, was unreachable here): its exact
+worst-of-N formula (−exp(−t·C), t > 0, as recalled, here written with t < 0), its table of t
+per N and its K; the mid-rank tie rule and the t = 0 identity are ours. The task's verdict
+(`passed`, pass rates, pass@k) stays the raw reward's; only the return of the policy gradient is
+transformed.
 """
 
 from __future__ import annotations
@@ -41,9 +44,9 @@ class CalibrationSpec:
         if unknown:
             raise ValueError(f"unknown field(s) {sorted(unknown)}; it takes samples and t")
         spec = cls(**value)
-        if not isinstance(spec.samples, int) or spec.samples < 1:
+        if isinstance(spec.samples, bool) or not isinstance(spec.samples, int) or spec.samples < 1:
             raise ValueError(f"samples must be an integer ≥ 1, got {spec.samples!r}")
-        if not isinstance(spec.t, int | float) or not math.isfinite(spec.t):
+        if isinstance(spec.t, bool) or not isinstance(spec.t, int | float) or not math.isfinite(spec.t):
             raise ValueError(f"t must be a finite number, got {spec.t!r}")
         return spec
 
@@ -55,11 +58,18 @@ def calibrated(reward: float, reference_rewards: Sequence[float]) -> float:
     return (below + 0.5 * ties) / len(reference_rewards)
 
 
+def transform(c: torch.Tensor, t: float) -> torch.Tensor:
+    """Φ_t(C): exp(t·C) for t > 0, −exp(t·C) for t < 0 (both increasing in C), C for t = 0."""
+    if t == 0:
+        return c
+    return math.copysign(1.0, t) * torch.exp(t * c)
+
+
 def transformed(rewards: torch.Tensor, reference_rewards: Sequence[Sequence[float]], t: float) -> torch.Tensor:
-    """exp(t·C) of group-major rewards (len(rewards) / len(reference_rewards) per prompt), each
+    """Φ_t(C) of group-major rewards (len(rewards) / len(reference_rewards) per prompt), each
     calibrated against its prompt's sorted reference rewards."""
     group = len(rewards) // len(reference_rewards)
     c = torch.tensor(
         [calibrated(float(r), reference_rewards[i // group]) for i, r in enumerate(rewards)], dtype=rewards.dtype
     )
-    return torch.exp(t * c)
+    return transform(c, t)

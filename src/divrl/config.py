@@ -39,6 +39,7 @@ from divrl import (
     stored,
     vllm_rollout,
 )
+from divrl.atomic import write_text_atomically
 from divrl.spec import ESTIMATORS, ObjectiveSpec, SpecError, parse_objective
 from divrl.tasks import OVERLONG_POLICIES
 
@@ -266,7 +267,7 @@ class TrainConfig:
     )
     demonstrations_from: str = _doc(
         "Without a demonstrations file: 'answers' (\"The answer is "
-        "{answer}.\" from the task's reference answers) or 'teacher' "
+        "<answer>{answer}</answer>.\" from the task's reference answers) or 'teacher' "
         "(the teacher's first passing sample per prompt).",
         default="answers",
     )
@@ -371,9 +372,9 @@ class TrainConfig:
     reward_calibration: dict | None = _doc(
         "InfAlign's calibrate-and-transform reward "
         "(divrl.calibration): {samples: K, t: T} trains on "
-        "exp(T·C), C = the reward's mid-rank among K samples of the "
-        "reference for the same prompt (T > 0: for best-of-N "
-        "decoding; T = 0: the calibrated reward). null: off.",
+        "exp(T·C) for T > 0 (best-of-N decoding), −exp(T·C) for T < 0 "
+        "(worst-of-N), C itself for T = 0, C = the reward's mid-rank among "
+        "K samples of the reference for the same prompt. null: off.",
         default=None,
     )
     monitor_kl: bool = _doc(
@@ -704,13 +705,32 @@ def _check(cfg: TrainConfig) -> None:
         "group_size",
         "must be ≥ 2 (advantages compare samples of a group; 1 only with advantage: none)",
     )
-    sampled = [t.name for t in spec.terms if t.estimator != "exact"]
+    need(
+        cfg.group_size >= 2 or not spec.reward_terms,
+        "group_size",
+        f"must be ≥ 2 with the reward-placed terms {', '.join(t.name for t in spec.reward_terms)} "
+        f"(their penalty is centred within its group, so a group of 1 makes it 0)",
+    )
+    if spec.advantage in ("signed", "none"):
+        for key, shaping in (
+            ("overlong_buffer", cfg.overlong_buffer != 0),
+            ("diversity_bonus", cfg.diversity_bonus is not None),
+            ("reward_calibration", cfg.reward_calibration is not None),
+        ):
+            need(
+                not shaping,
+                key,
+                f"shapes the task reward, which advantage: {spec.advantage} does not read "
+                f"(signed reads the pass verdict, none no task reward); drop it",
+            )
+    sampled = [t.name for t in spec.terms if t.estimator not in ("exact", "stored")]
     need(
         cfg.top_p == 1.0 or not sampled,
         "top_p",
         f"< 1 samples from the renormalized nucleus, not πθ, so the sampled estimators of "
         f"{', '.join(sampled)} would estimate the wrong KL; use estimator: exact or top_p: 1",
     )
+    _check_stored_sampling(cfg, [t.name for t in spec.stored_terms])
     sequence = [t.name for t in spec.terms if t.estimator == "sequence"]
     need(
         cfg.inner_iterations == 1 or not sequence,
@@ -731,6 +751,26 @@ def _check(cfg: TrainConfig) -> None:
         "output_dir",
         "must be a path, or null for a fresh runs/<config>-<date-time>/",
     )
+
+
+def _check_stored_sampling(cfg: TrainConfig, stored_terms: list[str]) -> None:
+    """Stored terms estimate D(πθ‖π_ref) from responses of the initial policy: they must be samples
+    of π_ref itself (no nucleus) at the temperature πθ is trained at."""
+    if not stored_terms:
+        return
+    top_p, key = (cfg.stored_top_p, "stored_top_p") if cfg.stored_top_p is not None else (cfg.top_p, "top_p")
+    if top_p < 1:
+        raise ConfigError(
+            f"config key '{key}' < 1 stores samples of the renormalized nucleus, not of π_ref, so "
+            f"the stored estimators of {', '.join(stored_terms)} would estimate the wrong "
+            f"divergence; set {key}: 1, got {top_p!r}"
+        )
+    if cfg.stored_temperature is not None and cfg.stored_temperature != cfg.temperature:
+        raise ConfigError(
+            f"config key 'stored_temperature' must equal temperature ({cfg.temperature!r}) with "
+            f"the stored estimators of {', '.join(stored_terms)}: they compare πθ at the training "
+            f"temperature with π_ref at the stored one; got {cfg.stored_temperature!r}"
+        )
 
 
 def online_trains(spec: ObjectiveSpec) -> bool:
@@ -909,4 +949,5 @@ def build_config(
 
 
 def save_config(cfg: TrainConfig, path: Path) -> None:
-    path.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    """Write config.yaml atomically: a kill mid-write leaves the old file or the whole new one."""
+    write_text_atomically(path, yaml.safe_dump(cfg.to_dict(), sort_keys=False))

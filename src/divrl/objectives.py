@@ -514,15 +514,15 @@ def objective_loss(spec: ObjectiveSpec, inputs: ObjectiveInputs) -> ObjectiveOut
         sums["top_p_entropy"] += mean_entropy * len(inputs.tokens)  # per micro-batch, token-weighted
         sums["entropy_anchor_kept_fraction"] += kept * len(inputs.tokens)
 
-    if "reference" in inputs.models and not any(
-        t.divergence == "reverse_kl" and t.target.op == "reference" for t in spec.terms
-    ):
+    if "reference" in inputs.models and not any(_logs_kl(t) for t in spec.terms):
+        # a masked or weighted reverse-KL term logs its own masked value; the `kl` metric apart
+        key = "kl" if any(t.name == KL_TERM for t in spec.terms) else KL_TERM
         if stats.reference_kl is not None:  # the `kl` metric: computed already for a mask
-            sums["reverse_kl_to_reference"] += float(stats.reference_kl.sum())
+            sums[key] += float(stats.reference_kl.sum())
         elif inputs.monitor_kl:
             with torch.no_grad():  # the `kl` metric: exact reverse KL to the reference, no graph
                 ref = inputs.models["reference"]
-                sums["reverse_kl_to_reference"] += float(
+                sums[key] += float(
                     chunked.divergence(
                         "reverse_kl", policy.hidden.detach(), policy.head.detach(), ref.hidden, ref.head
                     ).sum()
@@ -532,6 +532,14 @@ def objective_loss(spec: ObjectiveSpec, inputs: ObjectiveInputs) -> ObjectiveOut
     loss_parts = {k: float(v.detach()) for k, v in parts.items()}
     _raise_on_nan(loss_parts, sums, logprobs)
     return ObjectiveOutput(loss, dict(sums), loss_parts, logprobs.detach())
+
+
+KL_TERM = "reverse_kl_to_reference"  # a reverse-KL-to-reference term's metric: the `kl` metric's source
+
+
+def _logs_kl(term: TermSpec) -> bool:
+    """Whether the term's metric is the mean reverse KL to the reference over all tokens (unmasked)."""
+    return term.name == KL_TERM and not term.mask and not term.weight
 
 
 class NaNObjectiveError(ValueError):
@@ -611,7 +619,13 @@ def online_and_stored(spec: ObjectiveSpec) -> tuple[ObjectiveSpec, ObjectiveSpec
     if not spec.stored_terms:
         return online, None
     return online, dataclasses.replace(
-        spec, policy_gradient=False, terms=spec.stored_terms, entropy_anchor=None, pg_mask=(), pg_weight=()
+        spec,
+        policy_gradient=False,
+        terms=spec.stored_terms,
+        entropy_anchor=None,
+        td_regularizer=None,
+        pg_mask=(),
+        pg_weight=(),
     )
 
 
@@ -620,17 +634,19 @@ def summarize(sources: list[tuple[dict[str, float], dict[str, float], int]], pas
     (the online batch, and the stored responses if any), summed over `passes` inner iterations.
 
     Per-token means of every quantity, each over its own batch's tokens (``<divergence>_to_<target>``
-    for each term, ``kl`` = the reverse KL to the reference, ``entropy``, ``clip_fraction``), each
-    loss part as ``<name>_loss`` (``pg_loss`` for the policy gradient) and its share
-    |part| / Σ|parts| as ``<name>_share``; ``loss`` is their sum.
+    for each term, ``kl`` = the reverse KL to the reference over all tokens, ``entropy``,
+    ``clip_fraction``; a stored batch's quantity named as an online one's gets ``_stored``, e.g.
+    ``entropy_stored``), each loss part as ``<name>_loss`` (``pg_loss`` for the policy gradient)
+    and its share |part| / Σ|parts| as ``<name>_share``; ``loss`` is their sum.
     """
     metrics: dict[str, float] = {}
     parts: dict[str, float] = {}
     for token_sums, loss_parts, n_tokens in sources:
-        metrics.update({k: v / (max(n_tokens, 1) * passes) for k, v in token_sums.items()})
+        for key, value in token_sums.items():  # a later batch's metric of the same name: <name>_stored
+            metrics[f"{key}_stored" if key in metrics else key] = value / (max(n_tokens, 1) * passes)
         parts.update({k: v / passes for k, v in loss_parts.items()})
-    if "reverse_kl_to_reference" in metrics:
-        metrics["kl"] = metrics["reverse_kl_to_reference"]
+    if KL_TERM in metrics and "kl" not in metrics:
+        metrics["kl"] = metrics[KL_TERM]
     for key in [k for k in metrics if k.endswith("_failed_weight_sum")]:  # ResRL: mean over failed tokens
         name = key.removesuffix("_failed_weight_sum")
         total, count = metrics.pop(key), metrics.pop(f"{name}_failed_tokens")

@@ -233,6 +233,13 @@ def _endpoint(target: Target) -> Target:
 _TOY_LOGPROBS = {name: torch.tensor([0.5, 0.3, 0.2]).log() for name in TARGET_MODELS}
 
 
+def _refuse_nonfinite(path: str, params: Mapping[str, Any]) -> None:
+    """SpecError naming a parameter that is .inf or .nan (every number must be finite)."""
+    for key, value in params.items():
+        if isinstance(value, float) and not math.isfinite(value):
+            raise SpecError(f"{path}.{key}: must be a finite number, got {value!r}")
+
+
 def _try_on_a_toy(fn, path: str) -> None:
     """Run fn on a 3-token toy so a function's own parameter checks speak before any model loads."""
     try:
@@ -255,6 +262,8 @@ def named_choices(
         raise SpecError(f"{where}must be {shape} of {what} or {{name: {{params}}}}, got {value!r}")
     choices = []
     for name, params in value.items():
+        if not isinstance(name, str):
+            raise SpecError(f"{where}a name of {what} must be a string, got {name!r}")
         if valid is not None and name not in valid:
             close = difflib.get_close_matches(str(name), valid, n=1)
             hint = f"; did you mean '{close[0]}'?" if close else ""
@@ -277,6 +286,14 @@ def _named_weights(value: Any, path: str) -> tuple[tuple[str, dict], ...]:
         except ValueError as err:
             raise SpecError(f"{path}.{name}: {err}") from None
     return tuple(choices)
+
+
+def _refuse_weights(path: str, choices: tuple, refused: frozenset[str], why: str) -> None:
+    """SpecError naming the first of `choices` among `refused` (a mask or weight whose input the
+    objective does not have: `why`)."""
+    for name, _ in choices:
+        if name in refused:
+            raise SpecError(f"{path}.{name}: {why}")
 
 
 def _mask_mean(value: Any, path: str, mask: tuple) -> bool:
@@ -339,6 +356,7 @@ def parse_term(value: Any, path: str, teacher: bool) -> TermSpec:
     params = value.get("params") or {}
     if not isinstance(params, Mapping):
         raise SpecError(f"{path}.params: must be a mapping, got {params!r}")
+    _refuse_nonfinite(f"{path}.params", params)
     if "cost" in params and not (params["cost"] == "embedding" or isinstance(params["cost"], torch.Tensor)):
         raise SpecError(
             f"{path}.params.cost: from a config the only ground cost is 'embedding' "
@@ -377,7 +395,32 @@ def parse_term(value: Any, path: str, teacher: bool) -> TermSpec:
             f"initial policy with their log-probs, so its target is reference, got "
             f"{target.describe()}"
         )
+    for key in ("mask", "weight", "mask_mean"):
+        if placement != "loss" and value.get(key):
+            raise SpecError(
+                f"{path}.{key}: masks and weights scale a loss term per token; a term with "
+                f"placement {placement} enters the return unscaled, so {key} would change only its "
+                f"metric; drop it or use placement: loss"
+            )
     mask = _named_weights(value.get("mask"), f"{path}.mask")
+    weight = _named_weights(value.get("weight"), f"{path}.weight")
+    for key, choices in (("mask", mask), ("weight", weight)):
+        if estimator in ("exact", "stored"):
+            _refuse_weights(
+                f"{path}.{key}",
+                choices,
+                weights.READ_TARGET,
+                f"reads the target's log-prob at the sampled token, which only a sampled "
+                f"estimator's term has, not estimator {estimator}",
+            )
+        if estimator == "stored":
+            _refuse_weights(
+                f"{path}.{key}",
+                choices,
+                weights.READ_BATCH | weights.READ_REFERENCE,
+                "reads the online batch's groups, pass rate, diversity or the reference model, "
+                "which the stored responses do not have",
+            )
     prompt_positions = value.get("prompt_positions", False)
     if not isinstance(prompt_positions, bool):
         raise SpecError(f"{path}.prompt_positions: must be true or false, got {prompt_positions!r}")
@@ -387,6 +430,11 @@ def parse_term(value: Any, path: str, teacher: bool) -> TermSpec:
             f"policy, so they take an exact divergence to a model (reference or teacher), got "
             f"estimator {estimator} and target {target.describe()}"
         )
+    if prompt_positions and not divergences.is_pointwise(name):
+        raise SpecError(
+            f"{path}.prompt_positions: takes a divergence that is a sum over the vocabulary of a "
+            f"pointwise term, got {name}"
+        )
     return TermSpec(
         name,
         tuple(params.items()),
@@ -395,7 +443,7 @@ def parse_term(value: Any, path: str, teacher: bool) -> TermSpec:
         estimator,
         placement,
         mask,
-        _named_weights(value.get("weight"), f"{path}.weight"),
+        weight,
         _mask_mean(value.get("mask_mean", False), f"{path}.mask_mean", mask),
         prompt_positions,
         _anneal(value.get("anneal"), f"{path}.anneal"),
@@ -646,6 +694,7 @@ def _parse_pg_loss(value: Any, clip_low: float, clip_high: float) -> tuple[str, 
         if params:
             raise SpecError("pg_loss.clipped: set clip_low and clip_high instead of parameters")
         params = {"clip_low": clip_low, "clip_high": clip_high}
+    _refuse_nonfinite(f"pg_loss.{name}", params)
     toy = surrogates.PolicyTokens(
         torch.zeros(2),
         torch.zeros(2),
@@ -732,8 +781,8 @@ def parse_objective(config: Mapping[str, Any]) -> ObjectiveSpec:
     if (
         not policy_gradient
         and not any(t.placement == "loss" for t in terms)
-        and not get("entropy_anchor")
-        and not get("td_regularizer")
+        and get("entropy_anchor") is None
+        and get("td_regularizer") is None
         and not get("preference")  # a preference run on its pairs alone
     ):
         raise SpecError(
@@ -748,6 +797,14 @@ def parse_objective(config: Mapping[str, Any]) -> ObjectiveSpec:
             f"'teacher' (default, tiny, a local model directory or a hub id)"
         )
     pg_mask = _named_weights(get("pg_mask"), "pg_mask")
+    pg_weight = _named_weights(get("pg_weight"), "pg_weight")
+    for key, choices in (("pg_mask", pg_mask), ("pg_weight", pg_weight)):
+        _refuse_weights(
+            key,
+            choices,
+            weights.READ_TARGET,
+            "reads a divergence term's target log-prob at the sampled token; the policy gradient has no target",
+        )
     return ObjectiveSpec(
         policy_gradient=bool(policy_gradient),
         pg_loss=pg_loss,
@@ -760,7 +817,7 @@ def parse_objective(config: Mapping[str, Any]) -> ObjectiveSpec:
         aggregation=aggregation,
         normalizer=normalizer,
         pg_mask=pg_mask,
-        pg_weight=_named_weights(get("pg_weight"), "pg_weight"),
+        pg_weight=pg_weight,
         pg_mask_mean=_mask_mean(get("pg_mask_mean", False), "pg_mask_mean", pg_mask),
         terms=tuple(terms),
         overlong_buffer=overlong_buffer,

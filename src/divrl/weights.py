@@ -164,7 +164,7 @@ def check(name: str, params: Mapping[str, object]) -> None:
     Needs no tensors: config validation calls it before any model loads.
     """
     if name not in _WEIGHTS:
-        suggestion = _did_you_mean(name, names())
+        suggestion = _did_you_mean(str(name), names())
         raise ValueError(f"unknown weight {name!r}{suggestion}; valid: {', '.join(names())}")
     registered = _WEIGHTS[name]
     for param, value in params.items():
@@ -328,6 +328,12 @@ def stcr(stats: TokenStats) -> Tensor:
 READ_REFERENCE = frozenset(
     {"reference_entropy_above", "reference_entropy_at_most", "confidence_shift", "reference_kl_quantile"}
 )
+# Weights that read the weighted term's target at the sampled token (`TokenStats.target_logprobs`):
+# only a term with a sampled estimator has it.
+READ_TARGET = frozenset({"low_probability_negatives"})
+# Weights that read statistics of the online batch (`groups`, `batch_pass_rate`, `diversity`),
+# which a batch of stored responses lacks.
+READ_BATCH = frozenset({"accuracy_tanh", "stcr", "diversity_allocation", "success_adaptive", "resrl"})
 
 
 @register_weight("reference_entropy_above")
