@@ -36,10 +36,10 @@ def _run_args(tmp_path, *extra):
 
 
 def test_sft_on_answer_demonstrations_trains_without_generating(tmp_path, monkeypatch):
-    trainer = Trainer(build_config(None, _run_args(tmp_path), recipe="eksft"), log=lambda *_: None)
+    trainer = Trainer(build_config(None, _run_args(tmp_path, "max_new_tokens=16"), recipe="eksft"), log=lambda *_: None)
     first = trainer.offline_groups[0]
     text = trainer.tokenizer.decode(first.completions[0], skip_special_tokens=True)
-    assert text == f"The answer is {trainer.task.train[0].answer}." and first.rewards == [1.0]
+    assert text == f"The answer is <answer>{trainer.task.train[0].answer}</answer>." and first.rewards == [1.0]
     assert first.completions[0][-1] == trainer.tokenizer.eos_token_id and first.prompt == trainer.task.train[0].prompt
     frozen = trainer._frozen_inputs(
         [trainer._prompt_ids(trainer.task.train[0])],

@@ -295,3 +295,99 @@ def test_best_of_n_by_a_user_reward(tmp_path, monkeypatch):
     assert out["best_of"]["3"]["accuracy"] == pytest.approx(1 - (2 / 3) ** 3)
     with pytest.raises(evaluation.EvalError, match="best-of-N reward 'nope:f' cannot be loaded"):
         evaluation.summarize({}, rows, ks=[1], best_of=[2], selection="nope:f")
+
+
+# ----- bad samples files, and inputs of compare (no model) --------------------------------------
+
+
+def _samples_file(path, header=None, rows=None):
+    """A samples file of two prompts × two samples, as `divrl eval` writes it."""
+    header = {"model": "tiny", "task": "t", "n": 2, "temperature": 1.0} if header is None else header
+    rows = (
+        _rows([("p0", [("3", True, [1]), ("4", False, [1])]), ("p1", [("5", False, [2])] * 2)])
+        if rows is None
+        else rows
+    )
+    evaluation.write_samples(path, header, rows)
+    return path
+
+
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (lambda lines: lines.insert(3, "{not json"), "s.jsonl:4: not valid JSON"),
+        (lambda lines: lines.__setitem__(4, "[1, 2]"), "s.jsonl:5: a sample must be a JSON object"),
+        (
+            lambda lines: lines.__setitem__(2, json.dumps({**json.loads(lines[2]), "passed": None})),
+            "s.jsonl:3: the sample's 'passed' must be true or false",
+        ),
+        (
+            lambda lines: lines.__setitem__(
+                2, json.dumps({k: v for k, v in json.loads(lines[2]).items() if k != "passed"})
+            ),
+            "s.jsonl:3: the sample lacks 'passed'",
+        ),
+        (
+            lambda lines: lines.__setitem__(0, json.dumps({"format": evaluation.FORMAT, "task": "t"})),
+            "s.jsonl:1: the header lacks model, temperature",
+        ),
+    ],
+)
+def test_a_bad_samples_file_is_refused_naming_file_and_line(tmp_path, capsys, edit, message):
+    path = _samples_file(tmp_path / "s.jsonl")
+    lines = path.read_text().splitlines()
+    edit(lines)
+    path.write_text("\n".join(lines) + "\n")
+    with pytest.raises(evaluation.EvalError, match=message):
+        evaluation.read_samples(path)
+    assert main(["eval", "--samples", str(path), "--out", str(tmp_path / "o")]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_recomputing_a_samples_file_never_overwrites_another_evals_samples(tmp_path, capsys):
+    theirs = _samples_file(tmp_path / "samples.jsonl")
+    before = theirs.read_bytes()
+    mine = _samples_file(tmp_path / "x.jsonl", rows=_rows([("q", [("1", True, [3])] * 2)]))
+    for _ in range(2):  # the default output is tmp_path/x, and recomputing again keeps its copy
+        assert main(["eval", "--samples", str(mine)]) == 0
+        assert evaluation.read_samples(tmp_path / "x") == evaluation.read_samples(mine)
+    assert theirs.read_bytes() == before and not (tmp_path / "eval.json").exists()
+    assert main(["eval", "--samples", str(mine), "--out", str(tmp_path)]) == 2
+    assert f"{theirs} holds other samples than {mine}; choose another --out" in capsys.readouterr().err
+    assert theirs.read_bytes() == before and not (tmp_path / "eval.json").exists()
+    assert main(["eval", "--samples", str(theirs)]) == 0  # an eval directory's own samples: recomputed there
+    assert theirs.read_bytes() == before and (tmp_path / "eval.json").exists()
+
+
+def _run(path, rows, text=None):
+    path.mkdir()
+    (path / "config.yaml").write_text("model: tiny\n")
+    (path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows) + (text or ""))
+    return path
+
+
+def _pass1(step, value):
+    return {"step": step, "eval_pass@1": value, "eval_pass@1_se": 0.05, "eval_prompts": 8, "eval_samples": 4}
+
+
+def test_compare_of_runs_only_shows_their_pass1_in_a_well_formed_table(tmp_path):
+    a = _run(tmp_path / "a", [{"step": 1, "reward": 0.3, "kl": 0.01, "entropy": 1.0}, _pass1(1, 0.3)])
+    b = _run(tmp_path / "b", [_pass1(1, 0.5)], text='{"step": 2, "reward": 0.')  # torn by a kill
+    assert main(["compare", str(a), str(b), "--out", str(tmp_path / "c")]) == 0
+    table = (tmp_path / "c" / "compare.md").read_text().split("\n\n")[0].splitlines()
+    cells = [line.strip("|").split("|") for line in table]
+    assert [c.strip() for c in cells[0][:3]] == ["input", "prompts × n", "pass@1"]
+    assert {len(c) for c in cells} == {10}
+    assert [c.strip() for c in cells[3][:3]] == ["b", "8 × 4", "0.500 ± 0.050"]
+
+
+def test_compare_refuses_a_bad_metrics_line_or_eval_json_naming_the_file(tmp_path, capsys):
+    a = _run(tmp_path / "a", [_pass1(1, 0.3)], text='{"step": 2}\n')
+    b = _run(tmp_path / "b", [_pass1(1, 0.5)], text="{torn\n" + json.dumps(_pass1(2, 0.5)) + "\n")
+    assert main(["compare", str(a), str(b), "--out", str(tmp_path / "c")]) == 2
+    assert f"{b / 'metrics.jsonl'}:2: not valid JSON" in capsys.readouterr().err
+    for bad in ("{bad", json.dumps({"ks": [1], "per_prompt": {}})):
+        (a / "eval").mkdir(exist_ok=True)
+        (a / "eval" / "eval.json").write_text(bad)
+        assert main(["compare", str(a), "--out", str(tmp_path / "c")]) == 2
+        assert f"{a / 'eval' / 'eval.json'}: not" in capsys.readouterr().err

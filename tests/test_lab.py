@@ -181,6 +181,17 @@ def test_kl_rl_is_the_reward_frontier():
         assert lab.expected_reward(frontier, reward) >= lab.expected_reward(best, reward)
 
 
+def test_a_constant_reward_tilts_nothing_and_nan_is_not_hidden():
+    """On supp(q) a constant reward (q = 0 entries may differ) makes every tilt the reference: β = ∞."""
+    ref_logprobs = torch.tensor([[0.2, 0.3, 0.5, 0.0], [0.2, 0.3, 0.5, 0.0]], dtype=DT).log()
+    reward = torch.tensor([[1.0, 1.0, 1.0, 5.0], [0.0, 1.0, 2.0, 0.0]], dtype=DT)
+    policy, beta = lab.tilted_at_kl(ref_logprobs, reward, 0.1)
+    assert torch.allclose(policy[0], ref_logprobs[0]) and beta[0].item() == math.inf
+    assert divergences.reverse_kl(policy[1], ref_logprobs[1]).item() == pytest.approx(0.1, rel=1e-9)
+    assert lab.expected_reward(policy, reward)[0].item() == pytest.approx(1.0)
+    assert math.isnan(lab.expected_reward(torch.tensor([math.nan, 0.0], dtype=DT), torch.ones(2, dtype=DT)).item())
+
+
 @pytest.fixture
 def estimator_problem():
     gen = torch.Generator().manual_seed(5)

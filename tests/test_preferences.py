@@ -89,6 +89,9 @@ def test_read_takes_strings_and_the_hugging_face_conversational_convention(tmp_p
             "same messages",
         ),
         ("not json", "pairs.jsonl:2"),
+        ('{"prompt": ["hi"], "chosen": "a", "rejected": "b"}', "must be one user message"),
+        ('{"prompt": [3], "chosen": "a", "rejected": "b"}', "must be one user message"),
+        ('{"chosen": ["x", "y"], "rejected": ["x", "z"]}', r"'chosen' must be a string or a list of \{role, content\}"),
     ],
 )
 def test_a_bad_line_is_refused_with_its_file_and_line(tmp_path, row, message):

@@ -66,6 +66,23 @@ def test_malformed_jsonl_line_reports_file_and_line(tmp_path, bad, why):
         build_task(build_config(None, [f"task={path}"]))
 
 
+def test_json_number_answers_read_as_a_model_writes_them(tmp_path):
+    rows = ['{"prompt": "a", "answer": 1e3}', '{"prompt": "b", "answer": 3.0}', '{"prompt": "c", "answer": 1e21}']
+    rows += ['{"prompt": "d", "answer": 2.50}', '{"prompt": "e", "answer": 1e-7}', '{"prompt": "f", "answer": 7}']
+    task = build_task(build_config(None, [f"task={_write(tmp_path / 'n.jsonl', rows)}", "eval_size=1"]))
+    answers = {e.prompt: e.answer for e in task.train + task.eval}
+    assert answers == {"a": "1000", "b": "3", "c": "1" + "0" * 21, "d": "2.5", "e": "0.0000001", "f": "7"}
+    assert task.numeric
+    ex = next(e for e in task.train + task.eval if e.prompt == "a")
+    assert task.score("10*100 = 1000", ex) == 1.0
+
+
+def test_non_finite_json_answer_is_refused(tmp_path):
+    path = _write(tmp_path / "inf.jsonl", ['{"prompt": "a", "answer": 1}', '{"prompt": "b", "answer": Infinity}'])
+    with pytest.raises(TaskError, match=r"inf\.jsonl:2: 'answer' must be a finite number"):
+        build_task(build_config(None, [f"task={path}"]))
+
+
 def test_missing_jsonl_file():
     with pytest.raises(TaskError, match="does not exist"):
         build_task(build_config(None, ["task=/no/such.jsonl"]))
@@ -76,7 +93,7 @@ class _Flaky:
         self.value = value
 
     def score(self, completion, example):
-        if isinstance(self.value, Exception):
+        if isinstance(self.value, BaseException):
             raise self.value
         return self.value
 
@@ -91,7 +108,24 @@ class _Flaky:
         ("1", (0.0, False)),
         (None, (0.0, False)),
         (float("nan"), (0.0, False)),
+        (10**400, (0.0, False)),  # too large for a float
+        (SystemExit(0), (0.0, False)),
     ],
 )
 def test_safe_score_turns_failures_into_zero(value, expected):
     assert safe_score(_Flaky(value), "text", None) == expected
+
+
+def test_a_demonstration_of_the_right_answer_passes_every_built_in_task(tmp_path):
+    from reasoning_gym.factory import DATASETS
+
+    from divrl.demos import from_answers
+    from divrl.tasks import ReasoningGymTask
+
+    rows = [json.dumps({"prompt": f"Spell {w} backward", "answer": w[::-1]}) for w in ("cat", "dog")]
+    tasks = [build_task(build_config(None, [f"task={_write(tmp_path / 'words.jsonl', rows)}", "eval_size=1"]))]
+    tasks += [ReasoningGymTask(name, {}, 2, 1, 0, 1) for name in sorted(DATASETS) if name != "composite"]
+    for task in tasks:
+        examples = [e for e in task.train + task.eval if e.entry.get("answer") is not None]  # None: open-ended
+        for demo, example in zip(from_answers(examples), examples):
+            assert task.score(demo.completion, example) == 1.0, (task.name, demo.completion)

@@ -21,7 +21,6 @@ from pathlib import Path
 
 from divrl import metrics
 from divrl.checkpoint import is_run_dir
-from divrl.runlog import read_metrics
 
 TRAJECTORIES = (
     ("reward", "train reward (mean)"),
@@ -53,25 +52,51 @@ class Entry:
         return sum(times) if times else None
 
 
+def metrics_rows(path: Path) -> list[dict]:
+    """The rows of a run's metrics.jsonl. A last line without its newline that is not JSON is a row
+    torn by a kill: skipped, as resuming the run drops it; any other bad line is a CompareError."""
+    lines = path.read_text(encoding="utf-8").split("\n")
+    rows = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            if number == len(lines):
+                break
+            raise CompareError(f"{path}:{number}: not valid JSON ({err.msg})") from None
+        if not isinstance(row, dict):
+            raise CompareError(f"{path}:{number}: a metrics row must be a JSON object")
+        rows.append(row)
+    return rows
+
+
+def read_eval(path: Path) -> dict:
+    """An eval.json written by `divrl eval`; CompareError names the file if it is not one."""
+    try:
+        result = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise CompareError(f"{path}: not JSON ({err})") from None
+    if not isinstance(result, dict) or not all(key in result for key in ("per_prompt", "ks", "meta")):
+        raise CompareError(f"{path}: not a divrl eval.json (no per_prompt, ks or meta)")
+    return result
+
+
 def load_entry(path: str | Path, label: str | None = None) -> Entry:
     path = Path(path)
     eval_file = path if path.is_file() else path / "eval.json"
     if is_run_dir(path):
         if not (path / "metrics.jsonl").is_file():
             raise CompareError(f"run directory '{path}' has no metrics.jsonl")
-        entry = Entry(label or path.name, path, rows=read_metrics(path / "metrics.jsonl"))
+        entry = Entry(label or path.name, path, rows=metrics_rows(path / "metrics.jsonl"))
         eval_file = path / "eval" / "eval.json"
         if eval_file.is_file():
-            entry.eval = json.loads(eval_file.read_text())
+            entry.eval = read_eval(eval_file)
         return entry
     if not eval_file.is_file():
         raise CompareError(f"'{path}' is neither a run directory nor an eval (no eval.json)")
-    try:
-        result = json.loads(eval_file.read_text())
-    except json.JSONDecodeError as err:
-        raise CompareError(f"{eval_file}: not JSON ({err})") from None
-    if "per_prompt" not in result or "ks" not in result:
-        raise CompareError(f"{eval_file}: not a divrl eval.json (no per_prompt/ks)")
+    result = read_eval(eval_file)
     folder = eval_file.parent
     default = folder.parent.name if folder.name == "eval" else folder.name  # runs/x/eval → x
     return Entry(label or default, path, eval=result)
@@ -110,7 +135,7 @@ def _cell(value, digits: int = 3) -> str:
 def table(entries: list[Entry]) -> str:
     """The Markdown table: per input its final numbers, then each input's difference from the first."""
     ks = sorted({k for e in entries if e.eval for k in e.eval["ks"]})
-    shown = [k for k in ks if k == 1 or k == ks[-1] or k in (8, 16)]
+    shown = [k for k in ks if k == 1 or k == ks[-1] or k in (8, 16)] or [1]  # runs only: their pass@1
     lines = [
         "| input | prompts × n | "
         + " | ".join(f"pass@{k}" for k in shown)
@@ -156,7 +181,7 @@ def table(entries: list[Entry]) -> str:
             "|---|---|---|---|---|",
         ]
         for e in entries[1:]:
-            for k in shown or [1]:
+            for k in shown:
                 found = difference(e, entries[0], k)
                 if found is not None:
                     d, (low, high), how = found

@@ -5,8 +5,9 @@ A demonstrations file is JSONL, one ``{"prompt": ..., "completion": ...}`` objec
 line is refused with its file:line. When a recipe needs demonstrations and no file is given they
 are built, and the log says which:
 
-- ``answers``: from the task's reference answers, the completion "The answer is {answer}." (what
-  the verifier's answer extraction reads);
+- ``answers``: from the task's reference answers, the completion
+  "The answer is <answer>{answer}</answer>." (the tags come first in every task's answer
+  extraction, `tasks.extract_answer`, numeric or not);
 - ``teacher``: from the teacher's own samples, the first of `stored_samples` that passes the
   verifier per training prompt (rejection sampling); prompts it never solves get none.
 """
@@ -48,5 +49,5 @@ def read(path: str | Path) -> list[Demo]:
 
 
 def from_answers(examples) -> list[Demo]:
-    """One demonstration per example: "The answer is {answer}."."""
-    return [Demo(e.prompt, f"The answer is {e.answer}.") for e in examples]
+    """One demonstration per example: "The answer is <answer>{answer}</answer>."."""
+    return [Demo(e.prompt, f"The answer is <answer>{e.answer}</answer>.") for e in examples]

@@ -5,6 +5,9 @@ The task and the sampling settings come from --config, else from the run's saved
 --model is a run directory (its latest checkpoint is evaluated); the flags override them; sampling
 uses eval_temperature, top_p, max_new_tokens, system_prompt and dtype of that config. Writes to
 --out: eval.json, samples.jsonl (recompute later with --samples, no sampling) and pass_at_k.png.
+With --samples the output goes next to the samples (DIR for DIR/samples.jsonl, DIR/x for a file
+DIR/x.jsonl), and samples.jsonl is copied there unless it is already: an --out holding other
+samples is refused, never overwritten.
 """
 
 from __future__ import annotations
@@ -66,7 +69,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         help="best-of-N picks the sample with the highest mean token log-prob "
         "(default), verifier reward, or user reward f(prompt, completion) -> float",
     )
-    parser.add_argument("--out", help="output directory (default: RUN/eval for a run, else ./eval)")
+    parser.add_argument(
+        "--out",
+        help="output directory (default: RUN/eval for a run, else ./eval; with --samples, the eval's "
+        "directory, or DIR/x for a file DIR/x.jsonl); --samples refuses an --out that holds other samples",
+    )
     parser.set_defaults(func=run)
     return parser
 
@@ -151,8 +158,28 @@ def _default_out(args: argparse.Namespace) -> Path:
         return Path(args.out)
     if args.samples is not None:
         samples = Path(args.samples)
-        return samples if samples.is_dir() else samples.parent
+        if samples.is_dir() or samples.name == "samples.jsonl":
+            return samples if samples.is_dir() else samples.parent
+        return samples.with_suffix("")  # DIR/x.jsonl → DIR/x: DIR/samples.jsonl is another eval's
     return Path(args.model) / "eval" if is_run_dir(args.model) else Path("eval")
+
+
+def _write_samples(args: argparse.Namespace, target: Path, header: dict, rows: list[dict]) -> bool:
+    """Whether to write the samples to `target`: always fresh ones; with --samples only where
+    `target` does not exist (it may be the input, or a copy of it). Other samples there are never
+    overwritten: EvalError."""
+    from divrl import evaluation
+
+    if args.samples is None or not target.exists():
+        return True
+    if target.resolve() != evaluation.samples_path(args.samples).resolve():
+        try:
+            same = evaluation.read_samples(target) == (header, rows)
+        except evaluation.EvalError:
+            same = False
+        if not same:
+            raise evaluation.EvalError(f"{target} holds other samples than {args.samples}; choose another --out")
+    return False
 
 
 def _print_summary(result: dict) -> None:
@@ -191,12 +218,13 @@ def run(args: argparse.Namespace) -> int:
         else:
             header, rows = _sampled(args)
         result = evaluation.summarize(header, rows, args.k, args.best_of or (), args.select, seed=args.seed)
+        out = _default_out(args)
+        write = _write_samples(args, out / "samples.jsonl", header, rows)
     except (evaluation.EvalError, ConfigError, TaskError, ModelLoadError, FileNotFoundError) as err:
         print(f"divrl: error: {err}", file=sys.stderr)
         return 2
-    out = _default_out(args)
     out.mkdir(parents=True, exist_ok=True)
-    if args.samples is None or evaluation.samples_path(args.samples).resolve() != (out / "samples.jsonl").resolve():
+    if write:
         evaluation.write_samples(out / "samples.jsonl", header, rows)
     (out / "eval.json").write_text(json.dumps(result, indent=1))
     evaluation.plot_pass_at_k(

@@ -41,7 +41,7 @@ from divrl.hidden import completion_hidden
 from divrl.models import output_head, stop_token_ids
 from divrl.objectives import PASS_THRESHOLD
 from divrl.rollout import sample
-from divrl.tasks import Example, Task, TaskError, encode_prompt, load_function
+from divrl.tasks import Example, Task, TaskError, encode_prompt, jsonl_rows, load_function
 
 FORMAT = "divrl-eval-samples/1"
 SELECTIONS = ("mean_logprob", "verifier")
@@ -188,22 +188,47 @@ def samples_path(path: str | Path) -> Path:
     return path / "samples.jsonl" if path.is_dir() else path
 
 
+HEADER_FIELDS = ("model", "task", "temperature")
+_TYPES = {int: "an integer", str: "a string", list: "a list", bool: "true or false", (int, float): "a number"}
+ROW_FIELDS: dict[str, type | tuple[type, ...] | None] = {  # what `summarize` reads of a sample: its type (None: any)
+    "prompt_id": int,
+    "prompt": str,
+    "completion": str,
+    "completion_ids": list,
+    "reward": (int, float),
+    "passed": bool,
+    "final_answer": None,
+    "finished": bool,
+    "length": int,
+    "logprob_sum": (int, float),
+    "entropy_sum": (int, float),
+    "kl_sum": None,
+}
+
+
 def read_samples(path: str | Path) -> tuple[dict, list[dict]]:
     """(header, rows) of a samples file written by `write_samples` (or of an eval directory);
-    EvalError names what is wrong."""
+    EvalError names what is wrong, and where (file:line)."""
     path = samples_path(path)
     if not path.is_file():
         raise EvalError(f"samples file '{path}' does not exist")
-    lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    try:
-        header, rows = json.loads(lines[0]), [json.loads(line) for line in lines[1:]]
-    except (IndexError, json.JSONDecodeError) as err:
-        raise EvalError(f"{path}: not a divrl eval samples file ({err})") from None
+    (where, header), *rows = jsonl_rows(path, EvalError)
     if not isinstance(header, dict) or header.get("format") != FORMAT:
-        raise EvalError(f'{path}: not a divrl eval samples file (its first line has no "format": "{FORMAT}")')
+        raise EvalError(f'{where}: not a divrl eval samples file (its first line has no "format": "{FORMAT}")')
+    missing = [key for key in HEADER_FIELDS if key not in header]
+    if missing:
+        raise EvalError(f"{where}: the header lacks {', '.join(missing)}")
     if not rows:
         raise EvalError(f"{path}: holds no samples")
-    return header, rows
+    for where, row in rows:
+        if not isinstance(row, dict):
+            raise EvalError(f"{where}: a sample must be a JSON object")
+        for key, kind in ROW_FIELDS.items():
+            if key not in row:
+                raise EvalError(f"{where}: the sample lacks '{key}'")
+            if kind is not None and not isinstance(row[key], kind):
+                raise EvalError(f"{where}: the sample's '{key}' must be {_TYPES[kind]}, got {row[key]!r}")
+    return header, [row for _, row in rows]
 
 
 # ----- statistics -----------------------------------------------------------------------------

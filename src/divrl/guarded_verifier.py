@@ -3,10 +3,10 @@ scored 0 and counted by kind, and optionally worker processes so that a crash ca
 trainer down.
 
 A verifier (a JSONL task's `module:function`, reasoning-gym's `score_answer`, a Task subclass) is
-user code: it may raise, return a non-number or NaN (kind `error`, `tasks.safe_score`), hang (kind
-`timeout`), or kill its process — a segfault in a C extension, `os._exit` (kind `crash`). Each call
-gives (reward, kind or None); the trainer logs the failures per step (`reward_errors`, of which
-`reward_timeouts` and `reward_crashes`) and goes on.
+user code: it may raise (`sys.exit` included), return a non-number or NaN (kind `error`,
+`tasks.safe_score`), hang (kind `timeout`), or kill its process — a segfault in a C extension,
+`os._exit` (kind `crash`). Each call gives (reward, kind or None); the trainer logs the failures per
+step (`reward_errors`, of which `reward_timeouts` and `reward_crashes`) and goes on.
 
 Two modes (config keys `reward_workers`, `reward_timeout`):
 - in the trainer's process (`reward_workers: 0`, the default). The limit is a SIGALRM timer, which
@@ -20,7 +20,9 @@ Two modes (config keys `reward_workers`, `reward_timeout`):
   tokenizer threads — each load the task once (a pickled copy without its example lists, unpickled
   after taking the trainer's `sys.path`, so a `module:function` importable in the trainer is
   importable there) and score one call at a time. A call that outlives the limit has its worker
-  killed; a worker that dies is replaced; either way the call scores 0. Workers import no torch.
+  killed, with the processes its verifier started (each worker leads its own process group; a
+  process that leaves the group, e.g. by `setsid`, is not tracked); a worker that dies is
+  replaced; either way the call scores 0. Workers import no torch.
 
 Rewards do not depend on scheduling: each outcome is mapped back to its call's index. This is fault
 isolation, not a security sandbox: workers run with the trainer's permissions.
@@ -29,6 +31,7 @@ isolation, not a security sandbox: workers run with the trainer's permissions.
 from __future__ import annotations
 
 import copy
+import os
 import pickle
 import signal
 import subprocess
@@ -56,17 +59,15 @@ Outcome = tuple[float, str | None]  # (reward, failure kind or None)
 
 class VerifierTimeout(BaseException):
     """Raised inside the verifier by the in-process timer; a BaseException, so a verifier's own
-    `except Exception` cannot swallow it."""
-
-
-def _expire(signum, frame):
-    raise VerifierTimeout
+    `except Exception` cannot swallow it (one that does, with a bare `except:`, is still timed out
+    once it returns, `time_limit`)."""
 
 
 @contextmanager
 def time_limit(seconds: float | None) -> Iterator[None]:
-    """Raise VerifierTimeout in the body after `seconds` (None: no limit); a no-op, with a warning,
-    where SIGALRM cannot be used (see the module docstring)."""
+    """Raise VerifierTimeout in the body after `seconds` (None: no limit), and again on leaving it
+    if the body swallowed it (a verifier's bare `except:`), so a late result never counts; a
+    no-op, with a warning, where SIGALRM cannot be used (see the module docstring)."""
     if seconds is None:
         yield
         return
@@ -79,13 +80,22 @@ def time_limit(seconds: float | None) -> Iterator[None]:
         )
         yield
         return
-    previous = signal.signal(signal.SIGALRM, _expire)
+    fired = False
+
+    def expire(signum, frame):
+        nonlocal fired
+        fired = True
+        raise VerifierTimeout
+
+    previous = signal.signal(signal.SIGALRM, expire)
     signal.setitimer(signal.ITIMER_REAL, seconds)
     try:
         yield
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, previous)
+    if fired:
+        raise VerifierTimeout
 
 
 class GuardedVerifier:
@@ -152,8 +162,11 @@ class _Worker:
 
     def __init__(self, payload: bytes):
         self.conn, child = Pipe()
-        self.process = subprocess.Popen(
-            [sys.executable, "-c", _BOOTSTRAP, str(child.fileno())], pass_fds=[child.fileno()], stdin=subprocess.DEVNULL
+        self.process = subprocess.Popen(  # its own process group: `stop` kills what the verifier started
+            [sys.executable, "-c", _BOOTSTRAP, str(child.fileno())],
+            pass_fds=[child.fileno()],
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
         )
         child.close()
         self.conn.send(sys.path)
@@ -172,8 +185,12 @@ class _Worker:
         return True
 
     def stop(self) -> None:
+        """Kill the worker and the processes its verifier started (those still in its group)."""
         self.conn.close()
-        self.process.kill()
+        try:  # the worker is not yet reaped, so its group id cannot have been reused
+            os.killpg(self.process.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
         self.process.wait()
 
 

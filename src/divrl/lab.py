@@ -39,8 +39,9 @@ def random_problem(
 
 
 def expected_reward(logprobs: torch.Tensor, reward: torch.Tensor) -> torch.Tensor:
-    """E_p[r] = Σ_i p_i r_i per context (zero-mass entries contribute exactly 0)."""
-    return torch.where(logprobs > -math.inf, logprobs.exp() * reward, 0).sum(-1)
+    """E_p[r] = Σ_i p_i r_i per context (zero-mass entries contribute exactly 0; NaN log-probs give
+    NaN)."""
+    return torch.where(logprobs == -math.inf, 0, logprobs.exp() * reward).sum(-1)
 
 
 def regularized_value(
@@ -87,20 +88,22 @@ def tilted_at_kl(ref_logprobs: torch.Tensor, reward: torch.Tensor, kl: float) ->
     """The C1 tilt whose KL(p‖q) equals `kl`, and its β (shape (..., 1)): KL(tilted_β‖q) falls
     monotonically from −log q(argmax r) (β → 0) to 0 (β → ∞), so bisect on log β within
     spread(r)·e^{±40} (Yang et al., "Asymptotics of language model alignment"); budgets outside
-    the range give its ends. The tilt is the most rewarding policy within that KL budget."""
+    the range give its ends. The tilt is the most rewarding policy within that KL budget. A reward
+    constant on supp(q) tilts nothing: the reference, with β = ∞."""
     reward = reward.expand_as(ref_logprobs)
     on = ref_logprobs > -math.inf
     spread = reward.masked_fill(~on, -math.inf).amax(-1, keepdim=True) - reward.masked_fill(~on, math.inf).amin(
         -1, keepdim=True
     )
-    scale = spread.clamp_min(torch.finfo(reward.dtype).tiny).log()
+    flat = spread == 0
+    scale = torch.where(flat, 0, spread.clamp_min(torch.finfo(reward.dtype).tiny).log())
 
     def kl_of_tilt(log_beta: torch.Tensor) -> torch.Tensor:
         lp = tilted(ref_logprobs, reward, log_beta.exp())
         return divergences.reverse_kl(lp, ref_logprobs).unsqueeze(-1)
 
-    log_beta = _bisect_decreasing(kl_of_tilt, kl, scale - 40, scale + 40)
-    return tilted(ref_logprobs, reward, log_beta.exp()), log_beta.exp()
+    beta = _bisect_decreasing(kl_of_tilt, kl, scale - 40, scale + 40).exp().masked_fill(flat, math.inf)
+    return tilted(ref_logprobs, reward, beta), beta
 
 
 def forward_kl_optimum(ref_logprobs: torch.Tensor, reward: torch.Tensor, beta: float | torch.Tensor) -> torch.Tensor:

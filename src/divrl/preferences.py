@@ -139,7 +139,9 @@ def _prompt(row: dict, where: str) -> str:
                 f"with the same messages before their last one"
             )
         prompt = before[0]
-    if isinstance(prompt, list) and not (len(prompt) == 1 and prompt[0].get("role") == "user"):
+    if isinstance(prompt, list) and not (
+        len(prompt) == 1 and isinstance(prompt[0], dict) and prompt[0].get("role") == "user"
+    ):
         raise PreferenceError(
             f"{where}: a conversational prompt must be one user message (multi-turn is not supported)"
         )
@@ -155,11 +157,8 @@ def read(path: str | Path) -> list[TextPair]:
     for where, row in jsonl_rows(path, PreferenceError):
         if not isinstance(row, dict) or "chosen" not in row or "rejected" not in row:
             raise PreferenceError(f"{where}: a row needs 'chosen' and 'rejected' fields (and 'prompt')")
-        pairs.append(
-            TextPair(
-                _prompt(row, where), _text(row["chosen"], where, "chosen"), _text(row["rejected"], where, "rejected")
-            )
-        )
+        chosen, rejected = _text(row["chosen"], where, "chosen"), _text(row["rejected"], where, "rejected")
+        pairs.append(TextPair(_prompt(row, where), chosen, rejected))
     if not pairs:
         raise PreferenceError(f"preference file '{path}' holds no pair")
     return pairs

@@ -41,6 +41,7 @@ import random
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -219,10 +220,19 @@ def read_jsonl(path: Path) -> list[Example]:
         if not isinstance(row["prompt"], str) or not row["prompt"].strip():
             raise TaskError(f"{where}: 'prompt' must be a non-empty string")
         answer = row["answer"]
+        if isinstance(answer, float) and not math.isfinite(answer):
+            raise TaskError(f"{where}: 'answer' must be a finite number, got {answer!r}")
         if isinstance(answer, bool) or not isinstance(answer, str | int | float) or not str(answer).strip():
             raise TaskError(f"{where}: 'answer' must be a non-empty string or a number, got {answer!r}")
-        examples.append(Example(row["prompt"], str(answer), row))
+        examples.append(Example(row["prompt"], number_text(answer) if isinstance(answer, float) else str(answer), row))
     return examples
+
+
+def number_text(value: float) -> str:
+    """A JSON number answer as a model would write it: 1e3 → "1000", 1e21 → 21 digits, 2.50 → "2.5"
+    (no exponent, no trailing ".0")."""
+    text = format(Decimal(repr(value)), "f")
+    return text.rstrip("0").rstrip(".") if "." in text else text
 
 
 class JsonlTask(Task):
@@ -263,14 +273,14 @@ def build_task(cfg) -> Task:
 
 
 def safe_score(task: Task, completion: str, example: Example) -> tuple[float, bool]:
-    """(reward, ok): a verifier that raises or returns a non-number (or NaN/inf) scores 0, ok=False."""
+    """(reward, ok): a verifier that raises (SystemExit included) or returns a non-number, NaN/inf
+    or an int too large for a float scores 0, ok=False."""
     try:
         value = task.score(completion, example)
-    except Exception:
+        reward = float(value) if isinstance(value, numbers.Real) else math.nan
+    except (Exception, SystemExit):
         return 0.0, False
-    if isinstance(value, numbers.Real) and math.isfinite(value):
-        return float(value), True
-    return 0.0, False
+    return (reward, True) if math.isfinite(reward) else (0.0, False)
 
 
 _PLAIN_TEXT_TOKENIZERS: set[str] = set()  # tokenizers already warned about, once per process

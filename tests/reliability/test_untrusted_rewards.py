@@ -1,9 +1,12 @@
 """Verifiers are untrusted code: real hangs, exceptions, bad returns, segfaults and `os._exit`
 score 0, are counted by kind, and neither stop nor hang training (`divrl.guarded_verifier`)."""
 
+import os
+import signal
 import sys
 import time
 import types
+from pathlib import Path
 
 import pytest
 
@@ -118,6 +121,69 @@ def test_a_verifier_workers_cannot_load_is_refused_naming_the_key(say_task, monk
     task = build_task(build_config(None, [task_file, f"verifier=ghost_verifier:{function}", "eval_size=1"]))
     with pytest.raises(TaskError, match=f"'reward_workers'.*{why}"):
         GuardedVerifier(task, workers=1)
+
+
+# Faults that pass for a result unless caught: an int too large for a float, sys.exit, a bare
+# `except:` that swallows the time limit and answers late, a child process left behind.
+SNEAKY = """import subprocess, sys, time
+
+def sneaky(completion, answer):
+    if answer == "huge":
+        return 10**400
+    if answer == "exits":
+        sys.exit(0)
+    if answer == "swallow":
+        end = time.monotonic() + 1.0  # twice the limit
+        while time.monotonic() < end:
+            try:
+                time.sleep(0.01)
+            except:  # noqa: E722
+                pass
+        return 1.0
+    if answer == "spawn":  # the child's pid goes to the file the completion names
+        with open(completion, "w") as handle:
+            handle.write(str(subprocess.Popen(["sleep", "300"]).pid))
+        time.sleep(3600)
+    return 1.0
+"""
+
+
+def _exited(pid: int) -> bool:
+    """Whether process `pid` has exited (a zombie awaiting its reaper counts)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return True
+    return stat.rpartition(")")[2].split()[0] in ("Z", "X")
+
+
+def test_in_process_huge_ints_exits_and_late_results_are_failures(say_task):
+    verifier = GuardedVerifier(_task(say_task, "sneaky", SNEAKY), timeout=TIMEOUT_S)
+    outcomes = verifier.score(_calls("huge", "exits", "swallow", "1"))
+    assert outcomes == [(0.0, ERROR), (0.0, ERROR), (0.0, TIMEOUT), (1.0, None)]
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").is_file(), reason="reads process states from /proc")
+def test_workers_score_huge_ints_and_exits_and_kill_what_a_timed_out_verifier_started(say_task, tmp_path):
+    pid_file = tmp_path / "child.pid"
+    verifier = GuardedVerifier(
+        _task(say_task, "sneaky_pool", SNEAKY.replace("sneaky", "sneaky_pool")), timeout=TIMEOUT_S, workers=1
+    )
+    try:
+        calls = [("", Example("Say it", "huge")), ("", Example("Say it", "exits"))]
+        outcomes = verifier.score([*calls, (str(pid_file), Example("Say it", "spawn"))])
+    finally:
+        verifier.close()
+    child = int(pid_file.read_text())
+    try:
+        deadline = time.monotonic() + 5
+        while not _exited(child) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert _exited(child)
+    finally:
+        if not _exited(child):
+            os.kill(child, signal.SIGKILL)
+    assert outcomes == [(0.0, ERROR), (0.0, ERROR), (0.0, TIMEOUT)]
 
 
 # Each fault once (across worker processes), then full marks: the step after the faults is clean.
