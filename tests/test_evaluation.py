@@ -231,6 +231,14 @@ def test_eval_bad_input(args, message, tmp_path, capsys):
     assert message in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("flag", ["--k", "--best-of"])
+def test_a_k_or_n_below_1_is_refused_before_any_sampling(flag, capsys, monkeypatch):
+    monkeypatch.setattr(evaluation, "sample_eval", lambda *a, **k: pytest.fail("sampled"))
+    with pytest.raises(SystemExit) as exit_info:
+        main(["eval", "--model", "tiny", "--n", "4", flag, "1,0"])
+    assert exit_info.value.code == 2 and "expected integers ≥ 1, got '1,0'" in capsys.readouterr().err
+
+
 def test_sample_eval_refuses_an_empty_split(tiny):
     class Empty:
         name, eval = "empty", []

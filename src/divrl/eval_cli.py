@@ -27,6 +27,8 @@ def _ints(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got '{text}'") from None
     if not values:
         raise argparse.ArgumentTypeError("expected at least one integer")
+    if min(values) < 1:  # refused here, before any sampling (k and N count samples)
+        raise argparse.ArgumentTypeError(f"expected integers ≥ 1, got '{text}'")
     return values
 
 
