@@ -8,6 +8,7 @@
 - A world size that does not divide prompts_per_step, and the options that cannot be sharded, are
   refused naming the key and the world size."""
 
+import copy
 import dataclasses
 import json
 import os
@@ -237,3 +238,36 @@ def test_the_vllm_backend_is_refused_with_ranks(tmp_path):
     ):
         distributed.check_config(cfg, distributed.World(0, 2, 0))
     distributed.check_config(_cfg(tmp_path), distributed.World(0, 2, 0))  # 'builtin': fine
+
+
+def test_sharded_blocks_are_found_and_recomputed(tmp_path, tiny, monkeypatch):
+    """FSDP2 renames each block's class (`FSDPLlamaDecoderLayer`): the blocks are still found, so
+    `activation_checkpointing` recomputes every one of them under FSDP (one process, gloo)."""
+    import torch.distributed as dist
+
+    from divrl import recompute, sharding
+    from divrl.hidden import completion_hidden
+
+    model, tokenizer = tiny
+    calls = []
+    real = recompute.checkpoint
+    monkeypatch.setattr(recompute, "checkpoint", lambda *a, **k: calls.append(1) or real(*a, **k))
+
+    def checkpointed_forwards(model) -> int:
+        calls.clear()
+        with recompute.recomputed_activations(model):
+            out = completion_hidden(model, [[5, 6, 7]], [[8, 9, 10], [11, 12]], tokenizer.pad_token_id)
+        out.hidden.sum().backward()
+        return len(calls)
+
+    whole = checkpointed_forwards(copy.deepcopy(model))  # copies: the session's model stays as it is
+    model = copy.deepcopy(model)
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        sharding.shard(model, 1)
+        sharding.gather(model)
+        assert len(sharding.blocks(model)) == 2
+        sharded = checkpointed_forwards(model)
+    finally:
+        dist.destroy_process_group()
+    assert sharded == whole == 4  # 2 blocks × (the prompt's forward, the completions')

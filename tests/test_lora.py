@@ -155,3 +155,20 @@ def test_a_full_weight_checkpoint_is_not_resumed_with_lora(tmp_path):
     Trainer(cfg, log=quiet).run()
     with pytest.raises(RuntimeError, match="resume with the config key 'lora'"):
         Trainer(tiny_cfg(tmp_path, "steps=2", "resume=true"), log=quiet).run()
+
+
+def test_a_behaviour_cloned_reference_is_the_merged_copy_fresh_and_resumed(tmp_path):
+    """Demo-RL with LoRA: the fresh run's reference is π_BC read back from behaviour_cloned/ (base +
+    adapters merged), as the resumed run's is, so both runs compute the same numbers."""
+    args = ("behaviour_cloning_steps=2", "demonstrations_from=answers", "group_size=2")
+    fresh = Trainer(tiny_cfg(tmp_path, *args, recipe="demo-rl"), log=quiet)
+    fresh.run()
+    resumed = Trainer(tiny_cfg(tmp_path, *args, "steps=2", "resume=true", recipe="demo-rl"), log=quiet)
+    want, got = fresh.reference.state_dict(), resumed.reference.state_dict()
+    assert got.keys() == want.keys() and not any("lora" in k for k in want)
+    for name, value in want.items():
+        assert torch.equal(got[name], value), name
+    ids = torch.tensor([[1, 5, 9, 200, 7, 3]])
+    with torch.no_grad():  # π_BC: the policy as cloned, before any RL step
+        initial, _ = load_model("tiny", seed=0)
+        assert not torch.equal(fresh.reference(ids).logits, initial(ids).logits)

@@ -1,5 +1,6 @@
 import json
 import math
+import time
 
 import pytest
 import torch
@@ -155,10 +156,18 @@ def test_checkpoint_round_trip_and_resume(tmp_path):
     with pytest.raises(ConfigError, match="already holds a run"):
         Trainer(tiny_cfg(tmp_path, "steps=3"), log=lambda *_: None)
     # … and resuming continues from step 2 to step 3.
+    _next_second()  # a later TensorBoard event file (named by the second)
     resumed = Trainer(tiny_cfg(tmp_path, "steps=3", "resume=true"), log=lambda *_: None)
     resumed.run()
-    steps = [r["step"] for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if "reward" in r]
-    assert steps == [1, 2, 3]
+    rows = read_metrics(tmp_path / "run" / "metrics.jsonl")
+    assert [r["step"] for r in rows if "reward" in r] == [1, 2, 3]
+    # TensorBoard keeps the checkpoint step's events (step 2: kept in metrics.jsonl, not re-logged)
+    events = _tensorboard(tmp_path / "run")
+    assert [(e.step, e.value) for e in events.Scalars("reward")] == [
+        (r["step"], r["reward"]) for r in rows if "reward" in r
+    ]
+    # the 2-step run's final evaluation (step 2) is gone from both, as from an uninterrupted 3-step run
+    assert [r["step"] for r in rows if "eval_pass@1" in r] == [e.step for e in events.Scalars("eval_pass@1")] == [0, 3]
 
 
 def test_interrupt_keeps_the_last_completed_checkpoint(tmp_path, monkeypatch):
@@ -177,6 +186,103 @@ def test_interrupt_keeps_the_last_completed_checkpoint(tmp_path, monkeypatch):
     assert step == 2
     AutoModelForCausalLM.from_pretrained(path)  # loadable
     assert not [p for p in (tmp_path / "run" / "checkpoints").iterdir() if p.name.startswith(".")]
+
+
+def _next_second() -> None:
+    time.sleep(1 - time.time() % 1 + 0.01)
+
+
+def _tensorboard(run):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run / "tensorboard"))
+    events.Reload()
+    return events
+
+
+def test_a_run_interrupted_in_its_final_evaluation_resumes_and_logs_it_once(tmp_path, monkeypatch):
+    """The final checkpoint (step 3) is no refresh of the reference (every 2): a finished run reads
+    no reference, so it resumes; resuming it again changes no row."""
+    args = ("steps=3", "checkpoint_every=2", "reference_refresh_every=2", "kl_coef=0.1")
+    real = Trainer.evaluate
+
+    def evaluate(self):
+        if self.step == 3:
+            raise KeyboardInterrupt  # Ctrl-C during the final held-out evaluation
+        return real(self)
+
+    monkeypatch.setattr(Trainer, "evaluate", evaluate)
+    said: list[str] = []
+    with pytest.raises(KeyboardInterrupt):
+        Trainer(tiny_cfg(tmp_path, *args), log=said.append).run()
+    assert said[-1].endswith("step-3; continue with --set resume=true")
+    monkeypatch.setattr(Trainer, "evaluate", real)
+    run = tmp_path / "run"
+    _next_second()
+    summary = Trainer(tiny_cfg(tmp_path, *args, "resume=true"), log=lambda *_: None).run()
+    rows = read_metrics(run / "metrics.jsonl")
+    assert [(r["step"], "eval_pass@1" in r) for r in rows] == [(0, True), (1, False), (2, False), (3, False), (3, True)]
+    assert rows[-1]["eval_pass@1"] == summary["after"]["eval_pass@1"]
+    _next_second()
+    Trainer(tiny_cfg(tmp_path, *args, "resume=true"), log=lambda *_: None).run()
+    assert read_metrics(run / "metrics.jsonl") == rows
+    events = _tensorboard(run)
+    assert [e.step for e in events.Scalars("eval_pass@1")] == [0, 3]
+    assert [e.step for e in events.Scalars("reward")] == [1, 2, 3]
+
+
+def test_a_two_stage_run_interrupted_before_its_checkpoints_resumes(tmp_path, monkeypatch, say_task):
+    """Stopped in stage 1 before its first checkpoint, then in stage 2 before its first: each
+    `resume=true` starts that stage over, and each stage's metrics hold every row once, the
+    same numbers as the first attempt's."""
+    args = [
+        "model=tiny",
+        *say_task(range(24), "parity"),
+        "max_new_tokens=6",
+        "eval_size=2",
+        "eval_samples=1",
+        "prompts_per_step=2",
+        "steps=1",
+        f"output_dir={tmp_path / 'run'}",
+        "stage1.steps=2",
+        "stage1.checkpoint_every=2",
+        "stage1.stored_prompts=4",
+        "stage1.stored_samples=4",
+        "stage1.prompts_per_step=2",
+    ]
+    real = Trainer.train_step
+    stop_at: tuple[int, int] | None = (1, 1)  # (stage, step)
+
+    def train_step(self, step):
+        if (self.stage, step) == stop_at:
+            raise KeyboardInterrupt
+        return real(self, step)
+
+    monkeypatch.setattr(Trainer, "train_step", train_step)
+    stage1, stage2 = tmp_path / "run" / "stage1", tmp_path / "run"
+    with pytest.raises(KeyboardInterrupt):
+        Trainer(build_config(None, args, recipe="erpd"), log=lambda *_: None)
+    first = read_metrics(stage1 / "metrics.jsonl")
+    assert [r["step"] for r in first] == [0, 1] and not checkpoint_dirs(stage1)
+    with pytest.raises(ConfigError, match="already holds a run"):
+        Trainer(build_config(None, args, recipe="erpd"), log=lambda *_: None)
+    stop_at = (2, 0)
+    trainer = Trainer(build_config(None, [*args, "resume=true"], recipe="erpd"), log=lambda *_: None)
+    with pytest.raises(KeyboardInterrupt):
+        trainer.run()
+    rows = read_metrics(stage1 / "metrics.jsonl")
+    assert [r["step"] for r in rows] == [0, 1, 2, 2]
+    assert [_no_times(r) for r in rows[:2]] == [_no_times(r) for r in first]  # started over: the same numbers
+    assert [r["step"] for r in read_metrics(stage2 / "metrics.jsonl")] == [0]
+    stop_at = None
+    Trainer(build_config(None, [*args, "resume=true"], recipe="erpd"), log=lambda *_: None).run()
+    rows2 = read_metrics(stage2 / "metrics.jsonl")
+    assert [(r["step"], "reward" in r) for r in rows2] == [(0, False), (1, True), (1, False)]
+    assert [_no_times(r) for r in read_metrics(stage1 / "metrics.jsonl")] == [_no_times(r) for r in rows]
+
+
+def _no_times(row: dict) -> dict:
+    return {k: v for k, v in row.items() if not k.startswith("time_")}
 
 
 def test_failing_verifier_scores_zero_and_is_counted(tmp_path, monkeypatch):
@@ -299,6 +405,16 @@ def test_top_p_below_one_trains_against_the_samplers_own_logprobs(tmp_path):
     torch.testing.assert_close(frozen.old_logprobs, expected)
     metrics = trainer.train_step(0)
     assert math.isfinite(metrics["loss"])
+
+
+def test_demonstrations_are_trained_on_policy_with_top_p_below_one(tmp_path):
+    """Demonstrations have no sampler: their placeholder log-probs are never πold, so the PPO ratio
+    is 1 (with πold = 0.0 it was ~e^-11 and the update nothing)."""
+    offline = ("offline=true", "offline_data=demonstrations", "demonstrations_from=answers", "advantage=signed")
+    trainer = Trainer(tiny_cfg(tmp_path, "steps=1", "top_p=0.9", "kl_coef=0", *offline), log=lambda *_: None)
+    metrics = trainer.train_step(0)
+    assert metrics["pg_loss"] == pytest.approx(-1.0, abs=1e-6)  # −A·ratio, A = 1, ratio 1
+    assert metrics["clip_fraction"] == 0.0
 
 
 def test_inner_iterations_take_old_logprobs_from_the_first_iteration(tmp_path, monkeypatch):

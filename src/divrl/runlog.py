@@ -6,29 +6,37 @@ import json
 import math
 from pathlib import Path
 
+from divrl.atomic import write_text_atomically
+
 
 class MetricsLog:
     def __init__(self, run_dir: Path, resume_step: int | None = None):
+        """`resume_step`: a resumed run's checkpoint step (0: none, the run starts over). The rows
+        after that checkpoint are dropped (`rows_until`), and TensorBoard's events from that step
+        on are purged and the kept row of that step written again."""
         self.path = run_dir / "metrics.jsonl"
-        if resume_step is not None and self.path.exists():
-            # Rows past the resumed step are redone; a last line without its newline is a row
-            # torn by a kill (rows are written after their step, so it is past the checkpoint).
-            lines = self.path.read_text().split("\n")[:-1]
-            kept = [line for line in lines if line.strip() and json.loads(line).get("step", 0) <= resume_step]
-            self.path.write_text("".join(f"{line}\n" for line in kept))
-        self._file = self.path.open("a", encoding="utf-8")
         from torch.utils.tensorboard import SummaryWriter
 
         self._tb = SummaryWriter(log_dir=str(run_dir / "tensorboard"), purge_step=resume_step)
+        if resume_step is not None and self.path.exists():
+            kept = rows_until(self.path.read_text(), resume_step)
+            write_text_atomically(self.path, "".join(f"{line}\n" for line in kept))
+            for row in map(json.loads, kept):
+                if row.get("step", 0) == resume_step:
+                    self._add_scalars(resume_step, row)
+        self._file = self.path.open("a", encoding="utf-8")
 
     def log(self, step: int, values: dict) -> None:
         row = {"step": step, **values}
         self._file.write(json.dumps(row) + "\n")
         self._file.flush()
-        for key, value in values.items():
-            if isinstance(value, int | float) and math.isfinite(value):
-                self._tb.add_scalar(key, value, step)
+        self._add_scalars(step, values)
         self._tb.flush()
+
+    def _add_scalars(self, step: int, values: dict) -> None:
+        for key, value in values.items():
+            if key != "step" and isinstance(value, int | float) and math.isfinite(value):
+                self._tb.add_scalar(key, value, step)
 
     def close(self) -> None:
         self._file.close()
@@ -47,3 +55,18 @@ class NullLog:
 
 def read_metrics(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def rows_until(text: str, step: int) -> list[str]:
+    """The lines of metrics.jsonl `text` that a checkpoint at `step` follows: those up to its step's
+    first row (its training row; a finished run's final evaluation follows it), none for step 0
+    (no checkpoint). A last line without its newline is a row torn by a kill: dropped."""
+    kept: list[str] = []
+    for line in filter(str.strip, text.split("\n")[:-1]):
+        row_step = json.loads(line).get("step", 0)
+        if not step or row_step > step:
+            break
+        kept.append(line)
+        if row_step == step:
+            break
+    return kept

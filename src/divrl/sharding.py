@@ -53,9 +53,10 @@ def units(model: nn.Module) -> list[FSDPModule]:
 
 
 def blocks(model: nn.Module) -> list[nn.Module]:
-    """The transformer blocks: modules of the classes the model lists in `_no_split_modules`."""
+    """The transformer blocks: modules of the classes the model lists in `_no_split_modules`, or of
+    their subclasses (FSDP2's `fully_shard` swaps a block's class for `FSDP<Name>`, a subclass)."""
     names = set(getattr(model, "_no_split_modules", None) or ())
-    return [m for m in model.modules() if type(m).__name__ in names]
+    return [m for m in model.modules() if any(c.__name__ in names for c in type(m).__mro__)]
 
 
 def shard(model: nn.Module, world_size: int) -> None:

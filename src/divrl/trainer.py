@@ -84,22 +84,24 @@ def passes(reward: float) -> bool:
 
 
 def check_output_dir(cfg: TrainConfig) -> Path:
-    """The run directory; refuses to overwrite an earlier run unless resuming it, and a null
-    output_dir (`divrl train` resolves it first: `divrl.run_dirs.resolve_output_dir`)."""
+    """The run directory; refuses to overwrite an earlier run unless resuming it (one interrupted
+    before its first checkpoint starts over), and a null output_dir (`divrl train` resolves it
+    first: `divrl.run_dirs.resolve_output_dir`)."""
     if cfg.output_dir is None:
         raise ConfigError(
             "config key 'output_dir' is null: a Trainer needs a directory; "
             "divrl.run_dirs.resolve_output_dir makes a fresh one, as `divrl train` does"
         )
     run_dir = Path(cfg.output_dir)
-    has_run = (run_dir / "metrics.jsonl").exists() or checkpoint_dirs(run_dir)
+    in_stage1 = bool(cfg.stage1) and (run_dir / "stage1").is_dir()  # a two-stage run's first stage
+    has_run = (run_dir / "metrics.jsonl").exists() or bool(checkpoint_dirs(run_dir)) or in_stage1
     if has_run and not cfg.resume:
         raise ConfigError(
             f"config key 'output_dir': '{run_dir}' already holds a run; set "
             f"resume=true to continue it, or choose another output_dir"
         )
-    if cfg.resume and not checkpoint_dirs(run_dir) and not (cfg.stage1 and (run_dir / "stage1").is_dir()):
-        raise ConfigError(f"config key 'resume': '{run_dir}' has no checkpoint to resume from")
+    if cfg.resume and not has_run:
+        raise ConfigError(f"config key 'resume': '{run_dir}' holds no run to resume")
     return run_dir
 
 
@@ -262,7 +264,7 @@ class Trainer:
             self.reweighting = Reweighting(reweighting, list(self.task.weights))
         self.prefix_spec = PrefixSpec.parse(cfg.prefix_replay)
         self.prefix_buffer = None if self.prefix_spec is None else TraceBuffer(self.prefix_spec.per_prompt)
-        if self.prefix_spec is not None and self.prefix_spec.seed_prompts and not cfg.resume:
+        if self.prefix_spec is not None and self.prefix_spec.seed_prompts and not checkpoint_dirs(self.run_dir):
             self._seed_traces(self.prefix_spec.seed_prompts)
         self.hint_spec = HintSpec.parse(cfg.knowledge_hints)
         self.knowledge: dict[str, list[str]] = {}  # KnowRL: each training prompt's knowledge points
@@ -287,7 +289,9 @@ class Trainer:
         assert stage.output_dir is not None  # this stage's is set (check_output_dir), so stage 1's is
         final = Path(stage.output_dir) / "checkpoints" / f"step-{stage.steps}"
         if not ((final / "config.json").is_file() or lora.is_adapter_dir(final)):
-            resume = bool(checkpoint_dirs(Path(stage.output_dir)))
+            resume = (Path(stage.output_dir) / "metrics.jsonl").exists() or bool(
+                checkpoint_dirs(Path(stage.output_dir))
+            )
             self.log(f"stage 1: {stage.steps} steps in {stage.output_dir}" + (" (resumed)" if resume else ""))
             Trainer(dataclasses.replace(stage, resume=resume), log=self.log, stage=1).run()
         self.log(f"stage 2: the teacher is stage 1's final model {final}")
@@ -297,9 +301,9 @@ class Trainer:
         """Demonstration-regularized RL's behaviour-cloned policy π_BC: `behaviour_cloning_steps`
         SFT steps (−log πθ of the demonstrations' tokens, token mean) of the initial weights; π_BC
         is then the starting policy and, frozen, the reference. Saved to
-        <output_dir>/behaviour_cloned (from_pretrained) and read back on resume."""
+        <output_dir>/behaviour_cloned (from_pretrained) and read back on resume from a checkpoint."""
         cfg, path = self.cfg, self.run_dir / "behaviour_cloned"
-        if cfg.resume and (path / "config.json").is_file():
+        if checkpoint_dirs(self.run_dir) and (path / "config.json").is_file():
             self.reference = self._load_frozen("reference", str(path), cfg.seed)
             self.log(f"behaviour-cloned reference read back from {path}")
             return
@@ -327,7 +331,7 @@ class Trainer:
                 prompt_ids,
                 [g.completions[0] for g in chosen],
                 [1.0] * len(chosen),
-                [g.logprobs[0] for g in chosen],
+                None,  # demonstrations: no sampler
                 objective=sft,
             )
             bar.set_postfix(nll=f"{stats['pg_loss']:.3f}")
@@ -338,7 +342,8 @@ class Trainer:
         else:  # π_BC = base + adapters, merged: the reference read back on resume
             lora.save_merged(self.model, path)
         self.tokenizer.save_pretrained(path)
-        self.reference = None if reference is None else copy.deepcopy(self.model).requires_grad_(False)
+        # π_BC read back from the saved copy, as a resumed run reads it (LoRA: merged)
+        self.reference = None if reference is None else self._load_frozen("reference", str(path), cfg.seed)
         self.log(
             f"behaviour cloning: {cfg.behaviour_cloning_steps} steps on {len(demonstrations)} "
             f"demonstrations, final NLL {stats['pg_loss']:.3f}; saved to {path}; it is the reference"
@@ -749,7 +754,7 @@ class Trainer:
                     if with_prompt:
                         assert out.prompt is not None  # computed with_prompt
                         prompt_models[name] = ModelOutputs(out.prompt.hidden, head)
-            if cfg.top_p < 1.0 or (cfg.offline and cfg.offline_data == "stored"):  # the sampler's log-probs
+            if behaviour_logprobs is not None and (cfg.top_p < 1.0 or cfg.offline):  # the sampler's log-probs
                 old_logprobs = torch.tensor([lp for row in behaviour_logprobs for lp in row], device=self.device)
             # Without the sampler's log-probs, πold of inner iterations 2.. is the first iteration's
             # πθ, kept by `_update`; a forward here only when the targets or rewards need πold now.
@@ -792,7 +797,7 @@ class Trainer:
         prompts: list[list[int]],
         completions: list[list[int]],
         rewards: list[float],
-        behaviour_logprobs: list[list[float]],
+        behaviour_logprobs: list[list[float]] | None,
         stored_groups: Sequence[stored.StoredGroup] = (),
         step: int = 0,
         objective=None,
@@ -804,6 +809,7 @@ class Trainer:
         step's stored responses, for stored terms), with annealed coefficients at `step`; another
         `objective` (behaviour cloning's) replaces the run's online one. `record` (the prompts'
         texts) writes the batch's per-token record for `divrl inspect` before the update;
+        `behaviour_logprobs` are the sampler's (None: demonstrations', which have no sampler);
         `reference_rewards` (sorted, per prompt) calibrates and transforms the task reward;
         `advantage_scale` (per completion: RECAP's weight of its task) multiplies the advantages.
 
@@ -867,7 +873,14 @@ class Trainer:
         monitor_kl = step == 0 or (step + 1) % cfg.monitor_kl_every == 0  # `kl` when no term computes it
         clock = time.perf_counter()
         frozen = [
-            self._frozen_inputs(ps, cs, [behaviour_logprobs[r] for r in rows], old_head, spec, monitor_kl)
+            self._frozen_inputs(
+                ps,
+                cs,
+                None if behaviour_logprobs is None else [behaviour_logprobs[r] for r in rows],
+                old_head,
+                spec,
+                monitor_kl,
+            )
             for ps, cs, rows, _ in micro
         ]
 
@@ -1354,6 +1367,7 @@ class Trainer:
             self.log(f"step {step + 1}: round {self.pairs_round} has no preference pair; update skipped")
         elif groups:
             every = self.cfg.inspect_every
+            demonstrations = self.cfg.offline and self.cfg.offline_data == "demonstrations"  # no sampler
             record = [g.example.prompt for g in groups] if every and (step + 1) % every == 0 else None
             record = record if self.world.main else None  # data-parallel: rank 0's share is recorded
             calibration = None if self.calibration is None else self._reference_rewards([g.example for g in groups])
@@ -1362,7 +1376,7 @@ class Trainer:
                     [g.prompt_ids for g in groups],
                     [c for g in groups for c in g.completions],
                     [r for g in groups for r in g.rewards],
-                    [lp for g in groups for lp in g.logprobs],
+                    None if demonstrations else [lp for g in groups for lp in g.logprobs],
                     stored.batch(self.stored_groups, step, self.cfg.stored_per_step),
                     step,
                     record=record,
@@ -1390,7 +1404,7 @@ class Trainer:
         """Restore the newest intact checkpoint (`divrl.checkpoint.latest_checkpoint`: newer broken
         ones are skipped with a warning naming them, leftovers of interrupted writes removed);
         returns its step and the before-training evaluation, or (0, None) where the run has no
-        checkpoint yet (a two-stage run may stop in its first stage)."""
+        checkpoint yet (it starts over; a two-stage run may stop in its first stage)."""
         cfg, run_dir = self.cfg, self.run_dir
         found, problem = None, None
         if self.world.main:  # data-parallel: rank 0 cleans up and chooses; every rank loads its choice
@@ -1407,6 +1421,7 @@ class Trainer:
         if problem is not None:
             raise ConfigError(problem)
         if found is None:
+            self.log(f"{run_dir} has no checkpoint yet: starting over")
             return 0, None
         _, path = found
         state = load_checkpoint(path, self.model, self.optimizer, self.generator)
@@ -1421,7 +1436,7 @@ class Trainer:
                 self.generator.set_state(torch.load(rank_rng, weights_only=True))
             else:
                 self.generator.manual_seed(distributed.rank_seed(cfg.seed, self.world.rank, self.step))
-        if cfg.reference_refresh_every:
+        if cfg.reference_refresh_every and self.step < cfg.steps:  # a finished run reads no reference
             if self.step % cfg.reference_refresh_every:
                 raise ConfigError(
                     f"config key 'reference_refresh_every': the checkpoint {path} (step "

@@ -208,3 +208,30 @@ def test_a_row_torn_by_a_kill_is_dropped_on_resume(tmp_path):
     (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"step": 4, "rew')
     MetricsLog(tmp_path, resume_step=2).close()
     assert read_metrics(tmp_path / "metrics.jsonl") == rows[:3]
+
+
+def test_resume_keeps_the_rows_up_to_the_checkpoints_training_row(tmp_path):
+    """A finished run's final evaluation (a second row at the last step) is redone on resume, not
+    kept; resuming with no checkpoint (step 0) keeps nothing, as the run starts over."""
+    rows = [{"step": 0, "eval": 0.1}, {"step": 1, "reward": 0.5}, {"step": 2, "reward": 0.7}, {"step": 2, "eval": 0.3}]
+    text = "".join(json.dumps(r) + "\n" for r in rows)
+    for step, kept in ((2, rows[:3]), (1, rows[:2]), (0, [])):
+        (tmp_path / "metrics.jsonl").write_text(text)
+        MetricsLog(tmp_path, resume_step=step).close()
+        assert read_metrics(tmp_path / "metrics.jsonl") == kept
+
+
+def test_an_interrupted_rewrite_on_resume_leaves_the_rows_whole(tmp_path, monkeypatch):
+    """Resume rewrites metrics.jsonl through a temporary file and a rename: an interruption before
+    the rename (here, in its fsync) leaves the old file as it was."""
+    text = "".join(json.dumps({"step": s, "reward": s / 10}) + "\n" for s in range(5))
+    (tmp_path / "metrics.jsonl").write_text(text)
+
+    def interrupted(_fd):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(os, "fsync", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        MetricsLog(tmp_path, resume_step=2)
+    assert (tmp_path / "metrics.jsonl").read_text() == text
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
