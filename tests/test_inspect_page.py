@@ -190,7 +190,7 @@ def test_errors(tmp_path, run_dir, capsys):
 
     (run_dir / "metrics.jsonl").write_text('{"step": 1}\n{"step": 2, "rew\n')
     err = _error(capsys, run_dir)
-    assert str(run_dir / "metrics.jsonl") in err and "malformed JSON" in err
+    assert f"{run_dir / 'metrics.jsonl'}:2: not valid JSON" in err
     assert not (run_dir / "inspect" / "inspect-step-20.html").exists()
 
 

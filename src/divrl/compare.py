@@ -21,6 +21,7 @@ from pathlib import Path
 
 from divrl import metrics
 from divrl.checkpoint import is_run_dir
+from divrl.runlog import read_metrics
 
 TRAJECTORIES = (
     ("reward", "train reward (mean)"),
@@ -52,26 +53,6 @@ class Entry:
         return sum(times) if times else None
 
 
-def metrics_rows(path: Path) -> list[dict]:
-    """The rows of a run's metrics.jsonl. A last line without its newline that is not JSON is a row
-    torn by a kill: skipped, as resuming the run drops it; any other bad line is a CompareError."""
-    lines = path.read_text(encoding="utf-8").split("\n")
-    rows = []
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as err:
-            if number == len(lines):
-                break
-            raise CompareError(f"{path}:{number}: not valid JSON ({err.msg})") from None
-        if not isinstance(row, dict):
-            raise CompareError(f"{path}:{number}: a metrics row must be a JSON object")
-        rows.append(row)
-    return rows
-
-
 def read_eval(path: Path) -> dict:
     """An eval.json written by `divrl eval`; CompareError names the file if it is not one."""
     try:
@@ -89,7 +70,7 @@ def load_entry(path: str | Path, label: str | None = None) -> Entry:
     if is_run_dir(path):
         if not (path / "metrics.jsonl").is_file():
             raise CompareError(f"run directory '{path}' has no metrics.jsonl")
-        entry = Entry(label or path.name, path, rows=metrics_rows(path / "metrics.jsonl"))
+        entry = Entry(label or path.name, path, rows=read_metrics(path / "metrics.jsonl", CompareError))
         eval_file = path / "eval" / "eval.json"
         if eval_file.is_file():
             entry.eval = read_eval(eval_file)

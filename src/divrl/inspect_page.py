@@ -146,9 +146,7 @@ def _metrics(run_dir: Path) -> list[dict] | None:
     if not path.is_file():
         return None
     try:
-        rows = read_metrics(path)
-    except json.JSONDecodeError as err:
-        raise InspectError(f"{path}: malformed JSON: {err}") from None
+        rows = read_metrics(path, InspectError)
     except (OSError, UnicodeDecodeError) as err:
         raise InspectError(f"cannot read {path}: {err}") from None
     return [row for row in rows if isinstance(row, dict) and _is_number(row.get("step"))]

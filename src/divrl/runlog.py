@@ -53,8 +53,25 @@ class NullLog:
         pass
 
 
-def read_metrics(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+def read_metrics(path: Path, error: type[Exception] = ValueError) -> list[dict]:
+    """The rows of a run's metrics.jsonl. A last line without its newline that is not JSON is a row
+    torn by a kill: skipped, as resuming the run drops it; any other bad line raises `error` naming
+    file:line."""
+    lines = path.read_text(encoding="utf-8").split("\n")
+    rows = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            if number == len(lines):
+                break
+            raise error(f"{path}:{number}: not valid JSON ({err.msg})") from None
+        if not isinstance(row, dict):
+            raise error(f"{path}:{number}: a metrics row must be a JSON object")
+        rows.append(row)
+    return rows
 
 
 def rows_until(text: str, step: int) -> list[str]:

@@ -206,8 +206,12 @@ def test_a_row_torn_by_a_kill_is_dropped_on_resume(tmp_path):
     keeps the complete rows up to the checkpoint's step and drops the rest."""
     rows = [{"step": s, "reward": s / 10} for s in range(4)]
     (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"step": 4, "rew')
+    assert read_metrics(tmp_path / "metrics.jsonl") == rows  # readers (report, compare, inspect) skip it
     MetricsLog(tmp_path, resume_step=2).close()
     assert read_metrics(tmp_path / "metrics.jsonl") == rows[:3]
+    (tmp_path / "metrics.jsonl").write_text('{"step": 0}\n{"step": 1, "rew\n{"step": 2}\n')
+    with pytest.raises(ValueError, match=f"{tmp_path / 'metrics.jsonl'}:2: not valid JSON"):
+        read_metrics(tmp_path / "metrics.jsonl")  # a bad line that is not the last: no kill did that
 
 
 def test_resume_keeps_the_rows_up_to_the_checkpoints_training_row(tmp_path):
