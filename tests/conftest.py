@@ -1,5 +1,6 @@
 import json
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -44,6 +45,8 @@ def say_task(tmp_path, monkeypatch):
     monkeypatch.syspath_prepend(str(tmp_path))
 
     def make(answers, verifier: str, source: str | None = None) -> list[str]:
+        # this test's module, not one of the same name that an earlier test imported
+        monkeypatch.delitem(sys.modules, f"{verifier}_verifier", raising=False)
         data = tmp_path / "say.jsonl"
         data.write_text("".join(json.dumps({"prompt": f"Say {a}", "answer": str(a)}) + "\n" for a in answers))
         (tmp_path / f"{verifier}_verifier.py").write_text(source or VERIFIERS[verifier])

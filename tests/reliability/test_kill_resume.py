@@ -87,6 +87,7 @@ def task_dir(tmp_path_factory):
     (folder / "child.py").write_text(CHILD)
     with pytest.MonkeyPatch.context() as patch:
         patch.syspath_prepend(str(folder))
+        patch.delitem(sys.modules, "parity_verifier", raising=False)  # not another test's module of that name
         yield folder
 
 
