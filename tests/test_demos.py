@@ -41,15 +41,8 @@ def test_sft_on_answer_demonstrations_trains_without_generating(tmp_path, monkey
     text = trainer.tokenizer.decode(first.completions[0], skip_special_tokens=True)
     assert text == f"The answer is <answer>{trainer.task.train[0].answer}</answer>." and first.rewards == [1.0]
     assert first.completions[0][-1] == trainer.tokenizer.eos_token_id and first.prompt == trainer.task.train[0].prompt
-    frozen = trainer._frozen_inputs(
-        [trainer._prompt_ids(trainer.task.train[0])],
-        first.completions,
-        first.logprobs,
-        None,
-        trainer.online_spec,
-        monitor_kl=True,
-    )
-    assert frozen.old_logprobs is None  # no sampler behind a demonstration: on policy, not its placeholders
+    # no sampler behind a demonstration: its πold is πθ, not its placeholder log-probs
+    # (test_trainer.py::test_demonstrations_are_trained_on_policy_with_top_p_below_one)
 
     def no_generation(*_, **__):
         raise AssertionError("SFT generated")

@@ -344,7 +344,10 @@ def test_reasonmaxxer_is_gated_cross_entropy_plus_forward_kl_elsewhere_each_a_me
     with_prompt = dataclasses.replace(
         inputs,
         prompt=objectives.PromptPositions(
-            ModelOutputs(prompt_hidden, inputs.policy.head), {"reference": ref_prompt}, torch.tensor([2, 2, 2])
+            ModelOutputs(prompt_hidden, inputs.policy.head),
+            {"reference": ref_prompt},
+            torch.tensor([2, 2, 2]),
+            float(inputs.token_scale.mean()),  # the toy's micro-batch is its whole batch
         ),
     )
     prompt_ref = reference.head.logits(ref_prompt.hidden).log_softmax(-1)

@@ -129,6 +129,26 @@ def test_prompt_positions_are_the_full_sequence_predictions_of_the_prompt_tokens
     assert lp.requires_grad  # the prompt's positions train too
 
 
+def test_prompt_positions_weigh_the_same_at_any_micro_batch_size(tmp_path):
+    """Under seq_mean_token_mean each completion's tokens have their own a_t = 1/(B·L_i); a prompt
+    position takes the whole batch's mean a_t (a micro-batch's own mean made the loss depend on
+    how the batch was split)."""
+    extra = [
+        "reference=tiny",
+        "loss_aggregation=seq_mean_token_mean",
+        "policy_gradient=false",
+        "terms=[{divergence: forward_kl, target: reference, coef: 1.0, prompt_positions: true}]",
+    ]
+    prompts = [[5, 6, 7, 8], [9, 10, 11]]
+    completions = [[12], [13, 14, 15], [16, 17], [18, 19, 20, 21, 22], [23, 24], [25], [26, 27, 28], [29]]
+    out = {}
+    for micro in (4, 8):
+        trainer = Trainer(tiny_cfg(tmp_path / str(micro), f"micro_batch_size={micro}", *extra), log=lambda *_: None)
+        out[micro] = trainer._update(prompts, completions, [0.0] * 8, None)
+    assert out[4]["loss"] == pytest.approx(out[8]["loss"], rel=1e-6)
+    assert out[4]["grad_norm"] == pytest.approx(out[8]["grad_norm"], rel=1e-5)
+
+
 @pytest.mark.parametrize(
     "extra",
     [

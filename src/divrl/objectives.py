@@ -155,6 +155,7 @@ class PromptPositions:
     policy: ModelOutputs  # hidden states with gradient, the policy's head
     models: dict[str, ModelOutputs]  # reference / teacher at the same positions, no gradient
     multiplicity: torch.Tensor  # (M,) completions of the position's prompt in the micro-batch
+    token_weight: float  # a_t of a position per completion: the whole batch's mean completion-token a_t
 
 
 @dataclass
@@ -393,11 +394,12 @@ def _mask_and_weight(
 
 
 def _prompt_weights(term: TermSpec, inputs: ObjectiveInputs, scale: torch.Tensor) -> torch.Tensor | None:
-    """a_t of the prompt positions of a `prompt_positions` term: the mean completion-token weight,
-    times the position's multiplicity (None when the term or the inputs have none)."""
+    """a_t of the prompt positions of a `prompt_positions` term: the whole batch's mean
+    completion-token weight (not this micro-batch's: the loss must not depend on the micro-batch
+    size), times the position's multiplicity (None when the term or the inputs have none)."""
     if not term.prompt_positions or inputs.prompt is None or not len(scale):
         return None
-    return inputs.prompt.multiplicity.to(scale.dtype) * scale.mean()
+    return inputs.prompt.multiplicity.to(scale.dtype) * inputs.prompt.token_weight
 
 
 def _read(term: TermSpec, target_logprobs: torch.Tensor | None) -> torch.Tensor:

@@ -821,7 +821,7 @@ class Trainer:
         group = len(completions) // len(prompts)
         lengths = [len(c) for c in completions]
         starts = [0, *itertools.accumulate(lengths)]
-        scale = objectives.token_scale(spec, lengths)
+        scale = batch_scale = objectives.token_scale(spec, lengths)
         passed = objectives.passed(torch.tensor(rewards))  # the task's verdict, before any shaping
         pass_rate = objectives.group_pass_rate(passed, group)
         batch_pass_rate = float(passed.float().mean())
@@ -831,7 +831,8 @@ class Trainer:
             all_lengths = [n for ls, _ in everyone for n in ls]
             earlier = sum(len(ls) for ls, _ in everyone[: self.world.rank])  # completions of ranks < this one
             first_token = sum(all_lengths[:earlier])
-            scale = objectives.token_scale(spec, all_lengths)[first_token : first_token + sum(lengths)]
+            batch_scale = objectives.token_scale(spec, all_lengths)
+            scale = batch_scale[first_token : first_token + sum(lengths)]
             batch_pass_rate = float(
                 objectives.passed(torch.tensor([r for _, rs in everyone for r in rs])).float().mean()
             )
@@ -900,6 +901,7 @@ class Trainer:
                     ModelOutputs(prompt.hidden, self._head(self.model)),
                     frozen[m].prompt_models,
                     torch.full((len(prompt.tokens),), group, device=device),
+                    float(batch_scale.mean()),
                 )
             )
             return objectives.ObjectiveInputs(
