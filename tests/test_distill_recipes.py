@@ -198,12 +198,9 @@ def test_exopd_dense_reward_reaches_the_extrapolated_target_in_the_lab():
     torch.testing.assert_close(got.exp(), targets.extrapolate(ref, teacher, 1.25).exp(), atol=1e-6, rtol=0)
 
 
-def test_erpd_trains_stage_one_then_distils_it_as_the_teacher(tmp_path, say_task):
-    from divrl.config import build_config
-    from divrl.runlog import read_metrics
-    from divrl.trainer import Trainer
-
-    args = [
+def erpd_args(tmp_path, say_task) -> list[str]:
+    """A two-stage ERPD run on the tiny model: stage 1 two steps (one checkpoint, at its end), stage 2 one."""
+    return [
         "model=tiny",
         *say_task(range(24), "parity"),
         "max_new_tokens=6",
@@ -218,6 +215,14 @@ def test_erpd_trains_stage_one_then_distils_it_as_the_teacher(tmp_path, say_task
         "stage1.stored_samples=4",
         "stage1.prompts_per_step=2",
     ]
+
+
+def test_erpd_trains_stage_one_then_distils_it_as_the_teacher(tmp_path, say_task):
+    from divrl.config import build_config
+    from divrl.runlog import read_metrics
+    from divrl.trainer import Trainer
+
+    args = erpd_args(tmp_path, say_task)
     trainer = Trainer(build_config(None, args, recipe="erpd"), log=lambda *_: None)
     final = tmp_path / "run" / "stage1" / "checkpoints" / "step-2"
     assert (final / "config.json").is_file() and (tmp_path / "run" / "stage1" / "metrics.jsonl").is_file()

@@ -13,6 +13,7 @@ from divrl.hidden import completion_hidden
 from divrl.models import output_head
 from divrl.runlog import read_metrics
 from divrl.trainer import Trainer
+from test_distill_recipes import erpd_args
 
 
 def tiny_cfg(tmp_path, *extra):
@@ -255,21 +256,7 @@ def test_a_two_stage_run_interrupted_before_its_checkpoints_resumes(tmp_path, mo
     """Stopped in stage 1 before its first checkpoint, then in stage 2 before its first: each
     `resume=true` starts that stage over, and each stage's metrics hold every row once, the
     same numbers as the first attempt's."""
-    args = [
-        "model=tiny",
-        *say_task(range(24), "parity"),
-        "max_new_tokens=6",
-        "eval_size=2",
-        "eval_samples=1",
-        "prompts_per_step=2",
-        "steps=1",
-        f"output_dir={tmp_path / 'run'}",
-        "stage1.steps=2",
-        "stage1.checkpoint_every=2",
-        "stage1.stored_prompts=4",
-        "stage1.stored_samples=4",
-        "stage1.prompts_per_step=2",
-    ]
+    args = erpd_args(tmp_path, say_task)
     real = Trainer.train_step
     stop_at: tuple[int, int] | None = (1, 1)  # (stage, step)
 
