@@ -105,6 +105,22 @@ def latest_checkpoint(run_dir: Path, warn: Callable[[str], None] = _warn) -> tup
     return None
 
 
+def set_aside_newer(run_dir: Path, step: int) -> list[Path]:
+    """Rename each `checkpoints/step-N/` newer than `step` (the ones `latest_checkpoint` skipped as
+    not intact) to `broken-step-N/`, kept for inspection; returns the new paths. A run resumed
+    from `step` then never lists, prunes by or overwrites them: a broken step-N left in place
+    counted as the newest of `keep_checkpoints` (a flipped byte keeps the sizes), so pruning
+    deleted the intact ones."""
+    moved = []
+    for n, path in _step_dirs(run_dir):
+        if n > step:
+            target, copy = path.with_name(f"broken-{path.name}"), 1
+            while target.exists():
+                target, copy = path.with_name(f"broken-{path.name}-{copy}"), copy + 1
+            moved.append(path.rename(target))
+    return moved
+
+
 def remove_partial_writes(run_dir: Path) -> list[Path]:
     """Delete what interrupted checkpoint writes left behind (`checkpoints/.step-N.*`, never
     loaded); returns their paths. Only a run's own trainer may call this (it must not be writing)."""

@@ -49,7 +49,14 @@ from divrl import (
 )
 from divrl.atomic import write_text_atomically
 from divrl.calibration import CalibrationSpec, transformed
-from divrl.checkpoint import checkpoint_dirs, latest_checkpoint, load_checkpoint, remove_partial_writes, save_checkpoint
+from divrl.checkpoint import (
+    checkpoint_dirs,
+    latest_checkpoint,
+    load_checkpoint,
+    remove_partial_writes,
+    save_checkpoint,
+    set_aside_newer,
+)
 from divrl.chunked import Head
 from divrl.config import ConfigError, TrainConfig, online_trains, save_config, stage1_config, uses_demonstrations
 from divrl.evaluation import score_completions
@@ -1413,6 +1420,8 @@ class Trainer:
             for partial in remove_partial_writes(run_dir):
                 self.log(f"removed {partial}: an interrupted checkpoint write (never loaded)")
             found = latest_checkpoint(run_dir, warn=lambda message: self.log(f"warning: {message}"))
+            for broken in [] if found is None else set_aside_newer(run_dir, found[0]):
+                self.log(f"set aside {broken}: not intact, so never loaded, pruned or overwritten")
             if found is None and checkpoint_dirs(run_dir):
                 problem = (
                     f"config key 'resume': no checkpoint in {run_dir / 'checkpoints'} is intact "

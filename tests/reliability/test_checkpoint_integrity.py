@@ -103,6 +103,22 @@ def test_a_damaged_checkpoint_is_skipped_with_a_warning_and_never_loaded(tmp_pat
     # and its new checkpoint replaced the damaged one.
     assert comparable(run_dir) == comparable(finished)
     assert checkpoint_problem(step2) is None
+    assert (run_dir / "checkpoints" / "broken-step-2").is_dir()  # set aside for inspection
+
+
+def test_pruning_after_a_resume_keeps_the_intact_checkpoints(tmp_path, finished):
+    """Broken step-2 and step-5 (a flipped byte: their sizes still match) are set aside on resume,
+    so the redone step-2 is the newest checkpoint that keep_checkpoints=1 keeps; before, the broken
+    step-5 counted as the newest and pruning deleted every intact one."""
+    run_dir = tmp_path / "run"
+    shutil.copytree(finished, run_dir)
+    checkpoints = run_dir / "checkpoints"
+    flip_a_byte(checkpoints / "step-2" / "model.safetensors")
+    shutil.copytree(checkpoints / "step-2", checkpoints / "step-5")
+    lines = train(run_dir, "resume=true", "keep_checkpoints=1")
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["broken-step-2", "broken-step-5", "step-2"]
+    assert f"set aside {checkpoints / 'broken-step-5'}: not intact, so never loaded, pruned or overwritten" in lines
+    assert latest_checkpoint(run_dir) == (2, checkpoints / "step-2")
 
 
 def test_a_run_without_an_intact_checkpoint_is_not_resumed(tmp_path, finished):
