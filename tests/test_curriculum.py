@@ -32,6 +32,26 @@ def test_weights_start_uniform_and_follow_the_ema_of_pass_rates():
     assert source.weights()[0].item() == pytest.approx(math.exp(-0.25 / (2 * 0.35**2)), rel=0.05)
 
 
+def test_a_narrow_curriculum_still_draws_when_every_plain_weight_underflows():
+    """σ = 0.01 puts a prompt at p̃ = 0.9 at exp(−800) = 0 in float64; scaled so the largest weight
+    is 1 (log space), the proportions stay exp(−(p̃ − 0.5)²/(2σ²)) and the draw goes on."""
+    examples = _examples(3)
+    source = build_source({"gaussian_curriculum": {"alpha": 0.0, "sigma": 0.01}}, examples, seed=1)
+    source.observe(examples, [0.9, 1.0, 0.0])
+    assert torch.exp(-((source.ema - 0.5) ** 2) / (2 * 0.01**2)).sum() == 0  # the plain weights
+    w = source.weights()
+    torch.testing.assert_close(
+        w, torch.tensor([1.0, math.exp(-0.09 / 2e-4), math.exp(-0.09 / 2e-4)], dtype=torch.float64)
+    )
+    assert source.batch(0, 1) == [examples[0]] and len(source.batch(1, 3)) == 3
+
+
+def test_a_share_of_zero_prompts_draws_none():
+    """A mixture task whose share of a step rounds to 0 asks its curriculum for 0 prompts."""
+    source = build_source({"gaussian_curriculum": {}}, _examples(), seed=1)
+    assert source.batch(0, 0) == [] and source.refill(0, 1, 0) == []
+
+
 def test_draws_are_seeded_distinct_and_restored_with_the_state():
     examples = _examples()
     source = build_source({"gaussian_curriculum": {}}, examples, seed=1)

@@ -88,9 +88,14 @@ class GaussianCurriculum(PromptSource):
             raise ValueError(f"sigma: must be a finite number > 0 (the curriculum's width), got {sigma!r}")
 
     def weights(self) -> torch.Tensor:
-        return torch.exp(-((self.ema - 0.5) ** 2) / (2 * self.sigma**2))
+        """The draw's weights, scaled so that the largest is 1: in log space, since for a small σ
+        exp(−(p̃ − 0.5)²/(2σ²)) itself underflows to 0 for every prompt (no distribution left)."""
+        log_weights = -((self.ema - 0.5) ** 2) / (2 * self.sigma**2)
+        return torch.exp(log_weights - log_weights.max())
 
     def _draw(self, key: str, size: int) -> list[Example]:
+        if size <= 0:  # a mixture task's share of a step can round to 0 prompts
+            return []
         generator = torch.Generator().manual_seed(random.Random(key).getrandbits(63))
         chosen = torch.multinomial(
             self.weights(), min(size, len(self.examples)), replacement=False, generator=generator
