@@ -51,8 +51,9 @@ def test_no_removable_kp_keeps_all_and_the_joint_budget_caps_the_search():
     full = (0, 1, 2, 3)
     table = {full: 0.5, (1, 2, 3): 0.5, (0, 2, 3): 0.5, (0, 1, 3): 0.75, (0, 1, 2): 0.5}
     selected, asked = _search(4, table, joint_evaluations=2)
-    # C = all four: R = {0, 1, 2, 3} (→ ∅), then R = {0, 1, 2} (→ (3,)), both below p(K); budget spent
-    assert asked[6:] == [(), (3,)]
+    # C = all four: R = K would leave ∅, known to fail (p(∅) = 0), so not asked again; R = {0, 1, 2}
+    # (→ (3,)), then {0, 1, 3} (→ (2,)), both below p(K); budget spent
+    assert asked[6:] == [(3,), (2,)]
     assert selected == (0, 1, 3)  # the best single removal (KP 2: 0.75)
 
 

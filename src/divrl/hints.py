@@ -16,7 +16,7 @@ G samples of the prompt hinted with S, K the prompt's KPs:
 1. p(∅) > 0: no hint (the prompt is solvable as it is); else p(K) = 0: all of K (nothing smaller is
    shown to help).
 2. Leave-one-out: the removable KPs are C = {k : p(K ∖ {k}) ≥ p(K)}; none: all of K.
-3. Constrained joint removal: the sets R ⊆ C, largest first (lexicographic within a size), each
+3. Constrained joint removal: the sets R ⊆ C, R ≠ K (K ∖ K = ∅ is known to fail), largest first (lexicographic within a size), each
    evaluated jointly, the first with p(K ∖ R) ≥ p(K) wins — removing two KPs that each may go can
    hurt together (KnowRL's pruning interaction paradox), so no removal is assumed to compose; at
    most `joint_evaluations` such sets; then the single removal with the highest p(K ∖ {k}).
@@ -117,7 +117,8 @@ def subset_search(n: int, joint_evaluations: int) -> Search:
     removable = [k for k in full if loo[k] >= p_full]
     if not removable:
         return full
-    joint = (r for size in range(len(removable), 1, -1) for r in combinations(removable, size))
+    # R = K would evaluate ∅ again, whose p(∅) = 0 is known: a lucky sample must not overturn it
+    joint = (r for size in range(min(len(removable), n - 1), 1, -1) for r in combinations(removable, size))
     for drop in (r for r, _ in zip(joint, range(joint_evaluations))):
         kept = tuple(j for j in full if j not in drop)
         (p,) = yield [kept]
