@@ -79,7 +79,15 @@ def test_the_loss_of_a_task_is_its_reward_shortfall_so_an_improving_task_gains_w
                 "mixture=[{task: chain_sum}, {task: letter_counting}]",
                 "mixture_reweighting={temperature: 0}",
             ],
-            "temperature: must be a number > 0",
+            "temperature: must be a finite number > 0",
+        ),
+        (
+            [
+                "task=mixture",
+                "mixture=[{task: chain_sum}, {task: letter_counting}]",
+                "mixture_reweighting={eps: .inf}",
+            ],
+            "eps: must be a finite number > 0, got inf",
         ),
         (
             ["task=mixture", "mixture=[{task: chain_sum}, {task: letter_counting}]", "mixture_reweighting={windw: 3}"],

@@ -49,8 +49,8 @@ class ReweightingSpec:
             raise ValueError(f"window: must be an integer ≥ 1, got {spec.window!r}")
         for key in ("temperature", "eps"):
             number = getattr(spec, key)
-            if isinstance(number, bool) or not isinstance(number, int | float) or not number > 0:
-                raise ValueError(f"{key}: must be a number > 0, got {number!r}")
+            if isinstance(number, bool) or not isinstance(number, int | float) or not 0 < number < math.inf:
+                raise ValueError(f"{key}: must be a finite number > 0, got {number!r}")
         return spec
 
 
