@@ -6,6 +6,7 @@ import copy
 import itertools
 import json
 import math
+import shutil
 
 import pytest
 import torch
@@ -277,6 +278,18 @@ def test_analyze_one_checkpoint_without_a_step_needs_no_relex(trained, tmp_path)
     report = json.loads((tmp_path / "out" / "analysis.json").read_text())
     assert "relex" not in report and not (tmp_path / "out" / "relex.png").exists()
     assert report["sparsity"]["per_tensor"]["model.norm.weight"]["rtol"] == 2.0**-8
+
+
+def test_analyze_reads_the_steps_of_hf_trainer_checkpoints(trained, tmp_path, capsys):
+    """An HF Trainer's checkpoint-N/ with "global_step" in its trainer_state.json, or by its name."""
+    base, run, *_ = trained
+    for step in (10, 20):
+        shutil.copytree(run / "checkpoints" / f"step-{step}", tmp_path / "hf" / f"checkpoint-{step}")
+    (tmp_path / "hf" / "checkpoint-10" / "trainer_state.json").write_text(json.dumps({"global_step": 10}))
+    (tmp_path / "hf" / "checkpoint-20" / "trainer_state.json").unlink()
+    checkpoints = [str(tmp_path / "hf" / f"checkpoint-{step}") for step in (20, 10)]
+    assert analyze("--base", str(base), *checkpoints, "--out", str(tmp_path / "out"), "--top-k", "2") == 0
+    assert "RELEX over steps [10, 20]" in capsys.readouterr().out
 
 
 def test_analyze_refuses_another_architecture_naming_the_tensor(trained, tiny, tmp_path, capsys):

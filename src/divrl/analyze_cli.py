@@ -8,7 +8,8 @@ tensor, per layer and overall, and the spectral drift of every 2-D weight matrix
 checkpoints (a run directory contributes every checkpoints/step-N it keeps) RELEX fits a rank-1
 linear trajectory per tensor, and --extrapolate-to STEP writes the extrapolated model, loadable by
 from_pretrained, to DIR/extrapolated-step-STEP/. A checkpoint's step is read from its
-trainer_state.json, else from a step-N directory name. Writes DIR/analysis.json, sparsity.png,
+trainer_state.json ("step", or an HF Trainer's "global_step"), else from a step-N or checkpoint-N
+directory name. Writes DIR/analysis.json, sparsity.png,
 spectrum.png and (with RELEX) relex.png.
 """
 
@@ -27,7 +28,7 @@ import torch
 
 from divrl import weight_analysis as wa
 
-_STEP_DIR = re.compile(r"^step-(\d+)$")
+_STEP_DIR = re.compile(r"^(?:step|checkpoint)-(\d+)$")
 TIED_HEAD = "lm_head.weight"  # omitted by save_pretrained when tied to the input embedding
 _NOT_COPIED = ("*.safetensors", "*.safetensors.index.json", "*.bin", "*.pt", "trainer_state.json", "manifest.json")
 _COMPARE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -135,13 +136,15 @@ def _model_dir(spec: str) -> Path:
 
 
 def _step(path: Path) -> int | None:
-    """The step of a checkpoint directory: trainer_state.json's "step", else a step-N name."""
+    """The step of a checkpoint directory: trainer_state.json's "step" (divrl) or "global_step"
+    (HF Trainer), else a step-N (divrl) or checkpoint-N (HF Trainer) name."""
     state = path / "trainer_state.json"
     if state.is_file():
         try:
-            return int(json.loads(state.read_text())["step"])
+            fields = json.loads(state.read_text())
+            return int(fields["step"] if "step" in fields else fields["global_step"])
         except (ValueError, KeyError, TypeError) as err:
-            raise ValueError(f'{state} has no integer "step" ({err})') from None
+            raise ValueError(f'{state} has no integer "step" or "global_step" ({err})') from None
     match = _STEP_DIR.match(path.name)
     return int(match.group(1)) if match else None
 
