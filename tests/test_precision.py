@@ -50,6 +50,26 @@ def test_auto_measures_once_per_machine_and_model_and_logs_why(tiny, cache, monk
     assert len(entries) == 2 and all(k.startswith(precision.machine_key(tiny[0].device)) for k in entries)
 
 
+@pytest.mark.parametrize(
+    "content",
+    [
+        "[]",
+        "null",
+        '{"KEY": "bf16"}',
+        '{"KEY": {"precision": "bf16"}}',
+        '{"KEY": {"precision": "fp16", "seconds": {}}}',
+    ],
+)
+def test_a_cache_this_module_did_not_write_is_measured_again(tiny, cache, monkeypatch, content):
+    """Valid JSON of another shape (a list, null, an entry without timings or with another
+    precision) is neither trusted nor a crash: measured again and the entry rewritten."""
+    key = f"{precision.machine_key(tiny[0].device)} | {precision.model_key(tiny[0])}"
+    cache.write_text(content.replace("KEY", key.replace('"', '\\"')))
+    monkeypatch.setattr(precision, "measure", lambda model: {"fp32": 1.0, "bf16": 2.0})
+    assert precision.resolve("auto", tiny[0]) == "fp32"
+    assert json.loads(cache.read_text())[key] == {"precision": "fp32", "seconds": {"fp32": 1.0, "bf16": 2.0}}
+
+
 def test_measure_times_both_precisions_of_the_real_forward(tiny, cache):
     seconds = precision.measure(tiny[0])
     assert set(seconds) == {"fp32", "bf16"} and all(v > 0 for v in seconds.values())

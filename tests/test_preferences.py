@@ -210,6 +210,7 @@ def test_inpo_iteration_reaches_the_regularized_nash_policy_and_with_tau_zero_th
 def _overrides(tmp_path, say_task, *extra):
     return [
         "model=tiny",
+        "dtype=float32",  # cached log-probs are checked against a plain float32 forward
         "steps=2",
         "max_new_tokens=5",
         "eval_size=2",

@@ -106,6 +106,14 @@ def faster(seconds: dict[str, float]) -> str:
     return "bf16" if seconds["bf16"] <= BF16_GAIN * seconds["fp32"] else "fp32"
 
 
+def _valid(entry: object) -> bool:
+    """Whether a cache entry is one `resolve` wrote: a precision and both timings."""
+    if not isinstance(entry, dict) or entry.get("precision") not in ("bf16", "fp32"):
+        return False
+    seconds = entry.get("seconds")
+    return isinstance(seconds, dict) and all(isinstance(seconds.get(k), int | float) for k in ("fp32", "bf16"))
+
+
 def resolve(dtype: str, model: PreTrainedModel, log: Callable[[str], object] | None = None) -> str:
     """'bf16' or 'fp32' for config key `dtype`: 'bfloat16' and 'float32' as named; 'auto' the
     faster of the two for this model on this machine (cached; measured on first use)."""
@@ -117,7 +125,9 @@ def resolve(dtype: str, model: PreTrainedModel, log: Callable[[str], object] | N
         known = json.loads(path.read_text())
     except (OSError, ValueError):
         known = {}
-    if key not in known:
+    if not isinstance(known, dict):  # not a cache this module wrote: measured again, rewritten
+        known = {}
+    if not _valid(known.get(key)):
         seconds = measure(model)
         known[key] = {"precision": faster(seconds), "seconds": seconds}
         write_text_atomically(path, json.dumps(known, indent=1))

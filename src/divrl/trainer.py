@@ -231,7 +231,9 @@ class Trainer:
         if self.sharded:
             sharding.gather(self.model)
         self.generator = torch.Generator().manual_seed(distributed.rank_seed(cfg.seed, self.world.rank))
-        self.precision = precision.resolve(cfg.dtype, self.model, self.log)
+        # every rank times its own forward (an FSDP forward needs them all); rank 0's choice holds,
+        # so that no two ranks train at different precisions
+        self.precision = distributed.broadcast_object(precision.resolve(cfg.dtype, self.model, self.log))
         self.autocast = autocast_for(self.precision, self.device)
         self.vllm = None  # rollout_backend vllm: the colocated engine the policy samples with
         if cfg.rollout_backend == "vllm":
