@@ -1,5 +1,9 @@
 """End-to-end smoke test on the real embedded default model (SmolLM2-135M-Instruct from GGUF)."""
 
+import os
+import subprocess
+import sys
+
 import pytest
 from transformers import AutoModelForCausalLM
 
@@ -7,6 +11,24 @@ from divrl.config import build_config
 from divrl.models import default_model_dir
 from divrl.runlog import read_metrics
 from divrl.trainer import Trainer
+
+
+def test_processes_materializing_the_cache_at_once_write_it_once(tmp_path):
+    """Two processes (the ranks of a data-parallel run on a fresh machine) materialize the default
+    tokenizer together: both succeed (the cache is written under a lock; unlocked, the second
+    rename failed with ENOTEMPTY), and a killed writer's leftover directory is removed."""
+    leftover = tmp_path / ".SmolLM2-135M-Instruct-tokenizer.killed"
+    leftover.mkdir()
+    code = "from divrl.models import default_tokenizer_dir; print(default_tokenizer_dir())"
+    env = {**os.environ, "DIVRL_CACHE": str(tmp_path)}
+    writers = [
+        subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, text=True) for _ in range(2)
+    ]
+    outputs = [writer.communicate(timeout=120)[0].strip() for writer in writers]
+    assert [writer.returncode for writer in writers] == [0, 0]
+    target = tmp_path / "SmolLM2-135M-Instruct-tokenizer"
+    assert outputs == [str(target)] * 2 and (target / "tokenizer_config.json").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".lock", target.name]
 
 
 @pytest.mark.slow

@@ -9,9 +9,11 @@ Trainer-style code refuse to train it) and save a safetensors copy once under
 
 from __future__ import annotations
 
+import fcntl
 import importlib.util
 import os
 import re
+import shutil
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
@@ -47,11 +49,31 @@ def _gguf_dir() -> str:
     return spec.submodule_search_locations[0]
 
 
+@contextmanager
+def _cache_lock() -> Iterator[None]:
+    """Held while writing to the model cache: concurrent processes (the ranks of a data-parallel
+    run on a fresh machine) write each entry once, one after the other."""
+    cache_dir().mkdir(parents=True, exist_ok=True)
+    with open(cache_dir() / ".lock", "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)  # released when the handle closes
+        yield
+
+
+def _materialized(target: Path, marker: str, save: Callable[[Path], object]) -> Path:
+    """`target` once `target/marker` exists: written by `save` (atomically) unless another process
+    wrote it first; what a killed writer left (`.<name>.*` siblings) is removed first."""
+    if (target / marker).is_file():
+        return target
+    with _cache_lock():
+        if not (target / marker).is_file():
+            for leftover in target.parent.glob(f".{target.name}.*"):
+                shutil.rmtree(leftover, ignore_errors=True)
+            save_atomically(target, save)
+    return target
+
+
 def default_model_dir() -> Path:
     """The safetensors cache of the default model, materialized from the GGUF file on first use."""
-    target = cache_dir() / DEFAULT_NAME
-    if (target / "config.json").is_file():
-        return target
 
     def materialize(tmp: Path) -> None:
         source = _gguf_dir()
@@ -63,8 +85,7 @@ def default_model_dir() -> Path:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
 
-    save_atomically(target, materialize)
-    return target
+    return _materialized(cache_dir() / DEFAULT_NAME, "config.json", materialize)
 
 
 def default_tokenizer_dir() -> Path:
@@ -72,12 +93,11 @@ def default_tokenizer_dir() -> Path:
     model_dir = cache_dir() / DEFAULT_NAME
     if (model_dir / "tokenizer_config.json").is_file():
         return model_dir
-    target = cache_dir() / f"{DEFAULT_NAME}-tokenizer"
-    if not (target / "tokenizer_config.json").is_file():
-        save_atomically(
-            target, lambda tmp: AutoTokenizer.from_pretrained(_gguf_dir(), gguf_file=GGUF_FILE).save_pretrained(tmp)
-        )
-    return target
+    return _materialized(
+        cache_dir() / f"{DEFAULT_NAME}-tokenizer",
+        "tokenizer_config.json",
+        lambda tmp: AutoTokenizer.from_pretrained(_gguf_dir(), gguf_file=GGUF_FILE).save_pretrained(tmp),
+    )
 
 
 def tiny_config(vocab_size: int) -> LlamaConfig:
@@ -283,7 +303,7 @@ def load_model(spec: str, seed: int = 0, device: torch.device | str = "cpu"):
         try:
             tokenizer = load_tokenizer(source)
             model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
-        except OSError as err:
+        except (OSError, ValueError) as err:  # ValueError: no tokenizer files, an unknown model_type
             if Path(source).exists():
                 raise ModelLoadError(f"could not load model directory '{spec}': {err}") from None
             raise ModelLoadError(

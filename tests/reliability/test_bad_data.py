@@ -10,7 +10,7 @@ import pytest
 from divrl import demos, tasks
 from divrl.config import build_config
 from divrl.evaluation import sample_eval
-from divrl.models import default_tokenizer_dir, load_tokenizer, stop_token_ids
+from divrl.models import ModelLoadError, default_tokenizer_dir, load_model, load_tokenizer, stop_token_ids
 from divrl.rollout import sample
 from divrl.runlog import read_metrics
 from divrl.tasks import ANSWER_INSTRUCTION, TaskError, build_task, encode_prompt, fit_to_context
@@ -159,6 +159,13 @@ def test_plain_text_fallback_is_documented_format_and_warned_once(monkeypatch, c
 
 
 # ----- stop tokens ----------------------------------------------------------------------------
+
+
+def test_a_model_directory_without_tokenizer_files_is_refused_naming_it(tiny, tmp_path):
+    """transformers raises ValueError (not OSError) for a directory saved without its tokenizer."""
+    tiny[0].save_pretrained(tmp_path / "weights_only")
+    with pytest.raises(ModelLoadError, match=f"could not load model directory '{tmp_path / 'weights_only'}'"):
+        load_model(str(tmp_path / "weights_only"))
 
 
 def test_chat_turn_end_stops_even_when_eos_differs():
