@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import inspect
 from importlib.metadata import entry_points
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -211,6 +212,22 @@ POLICY_LOSS_SIGNATURE = [  # verl 0.9.1 core_algos.compute_policy_loss_vanilla: 
 
 def _names_and_defaults(fn) -> list[tuple[str, object]]:
     return [(p.name, p.default) for p in inspect.signature(fn).parameters.values()]
+
+
+def test_verdict_reading_estimators_refuse_a_reward_with_verls_kl_penalty():
+    """With algorithm.use_kl_in_reward verl passes r − β·KL per token: a pass of reward 1 sums below
+    the pass threshold, so the estimators that read verdicts refuse it; the others take it."""
+    rewards, mask = torch.tensor([[0.0, 0.99], [0.0, -0.01]]), torch.ones(2, 2)
+    kl_in_reward = SimpleNamespace(use_kl_in_reward=True)
+    reading = {name for name, spec in verl_plugin.ADVANTAGE_ESTIMATORS.items() if verl_plugin.reads_verdict(spec)}
+    assert reading == {"signed", "psr", "nsr", "w_reinforce", "paced", "stcr"}
+    for name in reading:
+        with pytest.raises(ValueError, match=f"divrl_{name} reads each sample's pass verdict"):
+            verl_plugin.ADVANTAGE_ESTIMATOR_FNS[f"divrl_{name}"](rewards, mask, np.array([0, 0]), config=kl_in_reward)
+    advantages, _ = verl_plugin.ADVANTAGE_ESTIMATOR_FNS["divrl_group_norm"](
+        rewards, mask, np.array([0, 0]), config=kl_in_reward
+    )
+    assert advantages[0, 0] > 0 > advantages[1, 0]
 
 
 def test_signatures_are_verls():

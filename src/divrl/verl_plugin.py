@@ -153,13 +153,25 @@ def token_advantages(spec: ObjectiveSpec, token_level_rewards: Tensor, response_
     return per_token.new_zeros(mask.shape).masked_scatter(mask, per_token)
 
 
+def reads_verdict(spec: ObjectiveSpec) -> bool:
+    """Whether the estimator reads each sample's pass verdict (reward ≥ PASS_THRESHOLD): the signed
+    advantage, or a weight of the pass rate or of failures."""
+    return spec.advantage == "signed" or any(name in ("pass_rate", "stcr") for name, _ in spec.pg_weight)
+
+
 def _advantage_estimator(name: str) -> Callable[..., tuple[Tensor, Tensor]]:
     spec = ADVANTAGE_ESTIMATORS[name]
 
     def advantage_estimator(
         token_level_rewards: Tensor, response_mask: Tensor, index: Any, **kwargs: Any
     ) -> tuple[Tensor, Tensor]:
-        # kwargs: what else verl passes (config, reward_baselines); unread.
+        # kwargs: what else verl passes (config: its algorithm config, reward_baselines)
+        if reads_verdict(spec) and getattr(kwargs.get("config"), "use_kl_in_reward", False):
+            raise ValueError(
+                f"divrl_{name} reads each sample's pass verdict from its reward, which "
+                f"algorithm.use_kl_in_reward lowers by the KL penalty (every pass would read as a "
+                f"failure); put the KL in the loss (actor_rollout_ref.actor.use_kl_loss) instead"
+            )
         with torch.no_grad():
             advantages = token_advantages(spec, token_level_rewards, response_mask, index)
         return advantages, advantages
