@@ -116,6 +116,16 @@ def test_length_buckets_minimize_padded_tokens_plus_overhead():
         assert cost([[lengths[r] for r in b] for b in buckets]) == best
 
 
+def test_completion_hidden_refuses_empty_completions_and_ragged_groups(tiny):
+    """An empty completion would shift every later row's hidden states by one; completions that are
+    not G per prompt have no group."""
+    model, tokenizer = tiny
+    with pytest.raises(ValueError, match=r"non-empty completions per prompt.*lengths \[1, 0\]"):
+        completion_hidden(model, [[5, 6]], [[7], []], tokenizer.pad_token_id)
+    with pytest.raises(ValueError, match=r"got 3 completions .* for 2 prompts"):
+        completion_hidden(model, [[5, 6], [8]], [[7], [9], [10]], tokenizer.pad_token_id)
+
+
 def test_prompt_positions_are_the_full_sequence_predictions_of_the_prompt_tokens(tiny):
     model, tokenizer = tiny
     prompts = [[5, 6, 7], [8, 9]]

@@ -129,6 +129,11 @@ def completion_hidden(
     the hidden states that predict each prompt's tokens 2..L (rows = the prompt's index),
     computed once per prompt.
     """
+    if not prompts or len(completions) % len(prompts) or not all(completions):
+        raise ValueError(
+            f"completion_hidden needs G ≥ 1 non-empty completions per prompt, group-major; got "
+            f"{len(completions)} completions (lengths {[len(c) for c in completions]}) for {len(prompts)} prompts"
+        )
     group = len(completions) // len(prompts)
     device = model.device
     prompt_ids, prompt_mask = (t.to(device) for t in left_pad(prompts, pad_token_id))
