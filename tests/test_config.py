@@ -34,6 +34,13 @@ def test_bad_config_file_names_the_key(tmp_path, source, message):
         build_config(path)
 
 
+def test_a_config_file_that_is_not_utf8_is_refused_naming_it(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_bytes(b"lr: 1e-5\nsystem_prompt: caf\xe9\n")
+    with pytest.raises(ConfigError, match=f"'{path}' is not UTF-8 text .* at byte 27"):
+        build_config(path)
+
+
 def test_bad_overrides():
     with pytest.raises(ConfigError, match="did you mean 'output_dir'"):
         build_config(None, ["outputdir=x"])

@@ -893,9 +893,11 @@ def _set_path(values: dict[str, Any], key: str, value: Any) -> None:
 
 def _read_yaml_mapping(path: Path, what: str) -> dict[str, Any]:
     try:
-        loaded = yaml.safe_load(path.read_text())
+        loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as err:
         raise ConfigError(f"{what} '{path}' is not valid YAML: {err}") from None
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{what} '{path}' is not UTF-8 text ({err.reason} at byte {err.start})") from None
     if loaded is not None and not isinstance(loaded, dict):
         raise ConfigError(f"{what} '{path}' must hold a mapping of key: value")
     return loaded or {}
