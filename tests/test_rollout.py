@@ -331,33 +331,39 @@ def test_entropies_are_those_of_the_teacher_forced_distribution(tiny, temperatur
     )
 
 
-def test_packed_linears_give_the_plain_numbers(tiny, monkeypatch):
-    """The oneDNN path of sampling (weights reordered once) computes the same logits as the plain
-    layers to float32 rounding, samples the same completions, and leaves the model as it was."""
+@pytest.mark.parametrize("autocast", [None, torch.bfloat16])
+def test_packed_linears_give_the_plain_numbers(tiny, monkeypatch, autocast):
+    """The oneDNN path of sampling (weights reordered once; bf16 under bf16 autocast) computes the
+    same logits as the plain layers (autocast's F.linear) to the precision's rounding, samples the
+    same completions, and leaves the model as it was."""
     from contextlib import nullcontext
 
     from divrl import rollout
 
     model, tokenizer = tiny
     ids = torch.tensor([PROMPTS[1]])
-    with torch.no_grad():
+    tolerance = 1e-5 if autocast is None else 1e-2
+    precision = nullcontext() if autocast is None else torch.autocast("cpu", dtype=autocast)
+    with torch.no_grad(), precision:
         plain = model(ids).logits
         with rollout.packed_linears(model):
             assert any("forward" in m.__dict__ for m in model.modules())
             packed = model(ids).logits
     assert not any("forward" in m.__dict__ for m in model.modules() if isinstance(m, torch.nn.Linear))
-    torch.testing.assert_close(packed, plain, rtol=1e-5, atol=1e-5)
+    assert packed.dtype == plain.dtype
+    torch.testing.assert_close(packed, plain, rtol=tolerance, atol=tolerance)
 
     def draw():
-        return sample(
-            model,
-            PROMPTS,
-            group_size=3,
-            max_new_tokens=8,
-            stop_token_ids=[0],
-            pad_token_id=tokenizer.pad_token_id,
-            generator=torch.Generator().manual_seed(3),
-        )
+        with nullcontext() if autocast is None else torch.autocast("cpu", dtype=autocast):
+            return sample(
+                model,
+                PROMPTS,
+                group_size=3,
+                max_new_tokens=8,
+                stop_token_ids=[0],
+                pad_token_id=tokenizer.pad_token_id,
+                generator=torch.Generator().manual_seed(3),
+            )
 
     fast = draw()
     monkeypatch.setattr(rollout, "packed_linears", lambda model: nullcontext())
@@ -366,6 +372,6 @@ def test_packed_linears_give_the_plain_numbers(tiny, monkeypatch):
     torch.testing.assert_close(
         torch.tensor([x for row in fast.logprobs for x in row]),
         torch.tensor([x for row in slow.logprobs for x in row]),
-        rtol=1e-5,
-        atol=1e-5,
+        rtol=tolerance,
+        atol=tolerance,
     )
