@@ -17,7 +17,7 @@ w = softmax(logits / T) (the whole vocabulary when top_p = 1); log b = 0 for gre
 the drawn entry's weight over its row's kept mass (float64), one gather and one sum of what the
 draw already holds, not a second pass over the logits.
 - on CPU the linear layers run on oneDNN with their weights reordered once per rollout
-  (``packed_linears``; in bf16 under bf16 autocast): on a 2-core AVX2 EPYC, a 32-row decode
+  (``packed_linears``; under bf16 autocast the linears alone in bf16): on a 2-core AVX2 EPYC, a 32-row decode
   matmul with the output layer's 49152 × 576 weight ran at 82 GFLOP/s against 31 for
   ``F.linear`` (MKL), the body's 576 × 1536 at 86 against 61; the reorder of all weights takes
   ~0.5 s.
@@ -190,11 +190,11 @@ class _BufferLayer(DynamicLayer):
 
 
 def _packed_forward(packed: torch.Tensor, bias: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
-    return torch.ops.mkldnn._linear_pointwise(x.to(packed.dtype), packed, bias, "none", [], "")
+    return torch.ops.mkldnn._linear_pointwise(x.to(packed.dtype), packed, bias, "none", [], "").to(x.dtype)
 
 
 def _packed(dtype: torch.dtype, linear: torch.nn.Linear) -> partial:
-    """`linear`'s forward on oneDNN in `dtype` (its input cast to it, as autocast casts), its
+    """`linear`'s forward on oneDNN in `dtype` (its input cast to it and the product back), its
     weight cast and reordered once, now."""
     packed = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach().to(dtype), None)
     return partial(_packed_forward, packed, None if linear.bias is None else linear.bias.detach().to(dtype))
@@ -204,11 +204,15 @@ def _packed(dtype: torch.dtype, linear: torch.nn.Linear) -> partial:
 def packed_linears(model: PreTrainedModel) -> Iterator[None]:
     """Inside, the model's float32 ``nn.Linear`` layers (no gradient) compute on oneDNN with their
     weights reordered once, here, into its blocked layout: the same products as ``F.linear`` to
-    float32 rounding, faster at decode's few rows. Under CPU bf16 autocast the reordered copy is
-    bf16 and the product too, what autocast's ``F.linear`` computes, without its per-call weight
-    cast (on an AVX512-BF16 EPYC a 32-row, 64-token rollout of SmolLM2-135M took 3.1 s against
-    5.1–5.5 s under autocast, and 3.9–4.0 s in float32). Nothing changes off CPU, under another
-    autocast, or without oneDNN."""
+    float32 rounding, faster at decode's few rows.
+
+    Under CPU bf16 autocast the linear layers alone compute in bf16 (inputs and the reordered
+    weights rounded to bf16, as autocast rounds them; products back in float32), and autocast is
+    off inside: attention, norms and the softmax run in float32. Sampling and the update then
+    differ in precision by that much (issue 10 allows it where it pays): on an AVX512-BF16 EPYC
+    a 32-row, 64-token rollout of SmolLM2-135M took 2.85 s so, 4.6–5.5 s under autocast (whose
+    bf16 attention is slow at one query row) and 3.9–4.0 s in float32. Nothing changes off CPU,
+    under another autocast, or without oneDNN."""
     linears = [m for m in model.modules() if type(m) is torch.nn.Linear and m.weight.dtype == torch.float32]
     autocast = torch.is_autocast_enabled("cpu")
     dtype = torch.get_autocast_dtype("cpu") if autocast else torch.float32
@@ -221,7 +225,7 @@ def packed_linears(model: PreTrainedModel) -> Iterator[None]:
     if not usable or not linears:
         yield
         return
-    with replaced_forwards(linears, partial(_packed, dtype)):
+    with torch.autocast("cpu", enabled=False), replaced_forwards(linears, partial(_packed, dtype)):
         yield
 
 
