@@ -19,9 +19,9 @@ class MetricsLog:
 
         self._tb = SummaryWriter(log_dir=str(run_dir / "tensorboard"), purge_step=resume_step)
         if resume_step is not None and self.path.exists():
-            kept = rows_until(self.path.read_text(), resume_step)
-            write_text_atomically(self.path, "".join(f"{line}\n" for line in kept))
-            for row in map(json.loads, kept):
+            kept = rows_until(read_metrics(self.path), resume_step)
+            write_text_atomically(self.path, "".join(json.dumps(row) + "\n" for row in kept))
+            for row in kept:
                 if row.get("step", 0) == resume_step:
                     self._add_scalars(resume_step, row)
         self._file = self.path.open("a", encoding="utf-8")
@@ -74,16 +74,15 @@ def read_metrics(path: Path, error: type[Exception] = ValueError) -> list[dict]:
     return rows
 
 
-def rows_until(text: str, step: int) -> list[str]:
-    """The lines of metrics.jsonl `text` that a checkpoint at `step` follows: those up to its step's
-    first row (its training row; a finished run's final evaluation follows it), none for step 0
-    (no checkpoint). A last line without its newline is a row torn by a kill: dropped."""
-    kept: list[str] = []
-    for line in filter(str.strip, text.split("\n")[:-1]):
-        row_step = json.loads(line).get("step", 0)
+def rows_until(rows: list[dict], step: int) -> list[dict]:
+    """The metrics rows that a checkpoint at `step` follows: those up to its step's first row (its
+    training row; a finished run's final evaluation follows it), none for step 0 (no checkpoint)."""
+    kept: list[dict] = []
+    for row in rows:
+        row_step = row.get("step", 0)
         if not step or row_step > step:
             break
-        kept.append(line)
+        kept.append(row)
         if row_step == step:
             break
     return kept
