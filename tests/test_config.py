@@ -89,6 +89,12 @@ def test_every_key_is_documented():
             "config key 'reward_calibration' shapes the task reward, which advantage: none does not read",
         ),
         (None, ["reward_calibration={samples: true}"], "config key 'reward_calibration': samples must be an integer"),
+        (None, ["attention_dtype=float16"], "config key 'attention_dtype' must be one of"),
+        (
+            None,
+            ["dtype=float32", "attention_dtype=bfloat16"],
+            "config key 'attention_dtype' cannot be bfloat16 at dtype float32",
+        ),
     ],
 )
 def test_settings_that_would_train_wrongly_or_not_at_all_are_refused(recipe, overrides, message):

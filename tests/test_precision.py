@@ -91,3 +91,40 @@ def test_a_burst_of_other_work_during_one_round_does_not_decide(tiny, monkeypatc
     seconds = precision.measure(tiny[0])
     assert calls == ["fp32", "fp32", "bf16", *["fp32", "bf16"] * precision.ROUNDS]
     assert seconds == {"fp32": 0.03, "bf16": 0.05} and precision.faster(seconds) == "fp32"
+
+
+def test_attention_at_float32_precision_is_float32_and_named_settings_need_no_measurement(tiny, monkeypatch):
+    monkeypatch.setattr(precision, "measure_attention", lambda model: pytest.fail("measured"))
+    assert precision.resolve_attention("auto", "fp32", tiny[0]) == "float32"
+    assert precision.resolve_attention("bfloat16", "bf16", tiny[0]) == "bfloat16"
+    assert precision.resolve_attention("float32", "bf16", tiny[0]) == "float32"
+
+
+@pytest.mark.parametrize(
+    ("seconds", "choice"),
+    [({"float32": 1.0, "bfloat16": 2.0}, "float32"), ({"float32": 0.95, "bfloat16": 1.0}, "bfloat16")],
+)
+def test_auto_attention_is_float32_only_when_measured_at_least_ten_percent_faster_and_cached(
+    tiny, cache, monkeypatch, seconds, choice
+):
+    calls = []
+    monkeypatch.setattr(precision, "measure_attention", lambda model: calls.append(model) or dict(seconds))
+    said = []
+    assert precision.resolve_attention("auto", "bf16", tiny[0], said.append) == choice
+    assert precision.resolve_attention("auto", "bf16", tiny[0]) == choice and len(calls) == 1  # read back
+    assert choice in said[0] and str(cache) in said[0]
+    (key,) = [k for k in json.loads(cache.read_text()) if "attention" in k]
+    assert key.startswith(precision.machine_key(tiny[0].device)) and str(precision._attention_shape(tiny[0])) in key
+
+
+def test_a_broken_attention_entry_is_measured_again(tiny, cache, monkeypatch):
+    key = f"{precision.machine_key(tiny[0].device)} | attention {precision._attention_shape(tiny[0])}"
+    cache.write_text(json.dumps({key: {"attention_dtype": "float16", "seconds": {}}}))
+    monkeypatch.setattr(precision, "measure_attention", lambda model: {"float32": 1.0, "bfloat16": 3.0})
+    assert precision.resolve_attention("auto", "bf16", tiny[0]) == "float32"
+    assert json.loads(cache.read_text())[key]["attention_dtype"] == "float32"
+
+
+def test_measure_attention_times_both_dtypes_of_a_real_forward_and_backward(tiny):
+    seconds = precision.measure_attention(tiny[0])
+    assert set(seconds) == {"float32", "bfloat16"} and all(0 < v < 10 for v in seconds.values())

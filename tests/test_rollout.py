@@ -391,3 +391,31 @@ def test_packed_linears_give_the_plain_numbers(tiny, monkeypatch, autocast):
         rtol=1e-5,
         atol=1e-5,
     )
+
+
+def test_a_frozen_model_stored_in_bf16_samples_what_its_float32_original_samples(tiny):
+    """Under bf16 autocast the sampler rounds float32 weights to bf16 before reordering them, so a
+    frozen copy stored in bf16 (`models.frozen_for`: a teacher or reference that samples) gives
+    the same completions and log-probs; its bf16 layers are packed too, not run on float32 inputs."""
+    import copy
+
+    from divrl.models import frozen_for
+
+    model, tokenizer = tiny
+    frozen = frozen_for("bf16", copy.deepcopy(model).requires_grad_(False))
+
+    def draw(net):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return sample(
+                net,
+                PROMPTS,
+                group_size=2,
+                max_new_tokens=6,
+                stop_token_ids=[0],
+                pad_token_id=tokenizer.pad_token_id,
+                generator=torch.Generator().manual_seed(5),
+            )
+
+    original, stored = draw(model), draw(frozen)
+    assert stored.completion_ids == original.completion_ids
+    assert stored.logprobs == original.logprobs

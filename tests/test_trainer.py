@@ -482,3 +482,34 @@ def test_kl_is_monitored_every_few_steps_unless_a_term_computes_it(tmp_path, obj
     rows = [dict(step=s + 1, **trainer.train_step(s)) for s in range(4)]
     assert [r["step"] for r in rows if "kl" in r] == logged
     assert all(r["kl"] >= -1e-6 for r in rows if "kl" in r)  # exact KL, up to rounding at step 1
+
+
+@pytest.mark.parametrize("attention", ["float32", "bfloat16"])
+def test_bf16_run_stores_the_reference_in_bf16_and_its_kl_starts_at_exactly_zero(tmp_path, attention):
+    """At bf16 the frozen reference's linears are stored in bf16 (`frozen_for`), the rounding
+    autocast gives the policy's float32 weights at each forward; the attention computes in
+    `attention_dtype` in both models. Policy and reference then compute the same numbers at step
+    1: KL exactly 0."""
+    from divrl import attention as attention_module
+
+    trainer = Trainer(
+        tiny_cfg(tmp_path, "kl_coef=0.1", "dtype=bfloat16", f"attention_dtype={attention}", "steps=1"),
+        log=lambda *_: None,
+    )
+    reference, policy = trainer.reference, trainer.model
+    assert reference is not None and trainer.precision == "bf16"
+    assert {p.dtype for n, p in reference.named_parameters() if "proj" in n} == {torch.bfloat16}
+    assert reference.get_input_embeddings().weight.dtype == torch.float32
+    assert {p.dtype for p in policy.parameters()} == {torch.float32}
+    expected = attention_module.FLOAT32_SDPA if attention == "float32" else "sdpa"
+    assert policy.config._attn_implementation == reference.config._attn_implementation == expected
+    trainer.run()
+    (step,) = [r for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if "reward" in r]
+    assert step["kl"] == 0.0
+
+
+def test_float32_precision_keeps_the_reference_and_the_attention_float32(tmp_path):
+    trainer = Trainer(tiny_cfg(tmp_path, "kl_coef=0.1", "dtype=float32"), log=lambda *_: None)
+    assert trainer.attention_dtype == "float32" and trainer.reference is not None
+    assert {p.dtype for p in trainer.reference.parameters()} == {torch.float32}
+    assert trainer.model.config._attn_implementation == "sdpa"  # float32 already: SDPA as it is

@@ -8,6 +8,11 @@ tokens) at float32 and at bf16 autocast, in alternating rounds, and takes bf16 w
 least 10% faster. A bf16 pass that already took 3× the float32 one is not repeated. The verdict
 is cached in ``$DIVRL_CACHE/precision.json`` under the machine (CPU model and flags, threads, torch version,
 device) and the model (its config), so a machine pays the few seconds once per model.
+
+Under bf16 autocast, attention may still compute in float32 (`divrl.attention`, config key
+`attention_dtype`): 'auto' times a causal SDPA forward and backward at the model's attention shape
+in both dtypes and takes float32 when it is at least 10% faster, cached likewise under the machine
+and that shape.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ BF16_GAIN = 0.9  # bf16 is chosen when its time ≤ this × float32's
 GIVE_UP = 3.0  # a bf16 warm-up this many times slower than float32 ends the measurement
 ROWS, TOKENS = 8, 64
 ROUNDS = 3  # alternating float32 / bf16 rounds after the warm-ups
+ATTENTION_DTYPES = ("float32", "bfloat16")
 
 
 def cache_file() -> Path:
@@ -114,12 +120,8 @@ def _valid(entry: object) -> bool:
     return isinstance(seconds, dict) and all(isinstance(seconds.get(k), int | float) for k in ("fp32", "bf16"))
 
 
-def resolve(dtype: str, model: PreTrainedModel, log: Callable[[str], object] | None = None) -> str:
-    """'bf16' or 'fp32' for config key `dtype`: 'bfloat16' and 'float32' as named; 'auto' the
-    faster of the two for this model on this machine (cached; measured on first use)."""
-    if dtype != "auto":
-        return {"bfloat16": "bf16", "float32": "fp32"}[dtype]
-    key = f"{machine_key(model.device)} | {model_key(model)}"
+def _cached(key: str, valid: Callable[[object], bool], measured: Callable[[], dict]) -> tuple[dict, Path]:
+    """The cache's entry under `key` if `valid`, else `measured()` written there; and the cache's path."""
     path = cache_file()
     try:
         known = json.loads(path.read_text())
@@ -127,11 +129,23 @@ def resolve(dtype: str, model: PreTrainedModel, log: Callable[[str], object] | N
         known = {}
     if not isinstance(known, dict):  # not a cache this module wrote: measured again, rewritten
         known = {}
-    if not _valid(known.get(key)):
-        seconds = measure(model)
-        known[key] = {"precision": faster(seconds), "seconds": seconds}
+    if not valid(known.get(key)):
+        known[key] = measured()
         write_text_atomically(path, json.dumps(known, indent=1))
-    entry = known[key]
+    return known[key], path
+
+
+def resolve(dtype: str, model: PreTrainedModel, log: Callable[[str], object] | None = None) -> str:
+    """'bf16' or 'fp32' for config key `dtype`: 'bfloat16' and 'float32' as named; 'auto' the
+    faster of the two for this model on this machine (cached; measured on first use)."""
+    if dtype != "auto":
+        return {"bfloat16": "bf16", "float32": "fp32"}[dtype]
+
+    def measured() -> dict:
+        seconds = measure(model)
+        return {"precision": faster(seconds), "seconds": seconds}
+
+    entry, path = _cached(f"{machine_key(model.device)} | {model_key(model)}", _valid, measured)
     if log is not None:
         s = entry["seconds"]
         log(
@@ -139,3 +153,73 @@ def resolve(dtype: str, model: PreTrainedModel, log: Callable[[str], object] | N
             f"fp32, {s['bf16']:.3g} s at bf16 autocast on this machine; cached in {path})"
         )
     return entry["precision"]
+
+
+def _attention_shape(model: PreTrainedModel) -> tuple[int, int, int, int]:
+    """(ROWS, heads, TOKENS, head dim) of the model's attention."""
+    config = model.config.get_text_config()
+    heads = config.num_attention_heads
+    return ROWS, heads, TOKENS, getattr(config, "head_dim", None) or config.hidden_size // heads
+
+
+def _attention_seconds(q: torch.Tensor, dtype: torch.dtype) -> float:
+    """Seconds of a causal SDPA forward and backward with q = k = v = `q` in `dtype`."""
+    x = q.to(dtype).requires_grad_(True)
+    start = time.perf_counter()
+    torch.nn.functional.scaled_dot_product_attention(x, x, x, is_causal=True).sum().backward()
+    if q.device.type == "cuda":
+        torch.cuda.synchronize(q.device)
+    return time.perf_counter() - start
+
+
+def measure_attention(model: PreTrainedModel) -> dict[str, float]:
+    """Seconds of a causal SDPA forward and backward at the model's attention shape (ROWS ×
+    heads × TOKENS × head dim) in float32 and in bf16: after a warm-up of each, the best of ROUNDS
+    alternating rounds (see `measure`)."""
+    generator = torch.Generator().manual_seed(0)
+    q = torch.randn(_attention_shape(model), generator=generator).to(model.device)
+    dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+    for dtype in dtypes.values():
+        _attention_seconds(q, dtype)
+    seconds = dict.fromkeys(dtypes, math.inf)
+    for _ in range(ROUNDS):
+        for name, dtype in dtypes.items():
+            seconds[name] = min(seconds[name], _attention_seconds(q, dtype))
+    return seconds
+
+
+def _valid_attention(entry: object) -> bool:
+    """Whether a cache entry is one `resolve_attention` wrote: a dtype and both timings."""
+    if not isinstance(entry, dict) or entry.get("attention_dtype") not in ATTENTION_DTYPES:
+        return False
+    seconds = entry.get("seconds")
+    return isinstance(seconds, dict) and all(isinstance(seconds.get(k), int | float) for k in ATTENTION_DTYPES)
+
+
+def resolve_attention(
+    setting: str, precision: str, model: PreTrainedModel, log: Callable[[str], object] | None = None
+) -> str:
+    """'float32' or 'bfloat16', the dtype attention computes in (`divrl.attention`), for config
+    key `attention_dtype` at `precision`: at 'fp32' always 'float32' (no autocast); at 'bf16'
+    'float32' and 'bfloat16' as named, 'auto' float32 where its forward and backward measured at
+    least 10% faster than bf16's at this model's attention shape on this machine (cached)."""
+    if precision == "fp32":
+        return "float32"
+    if setting != "auto":
+        return setting
+
+    def measured() -> dict:
+        seconds = measure_attention(model)
+        choice = "float32" if seconds["float32"] <= BF16_GAIN * seconds["bfloat16"] else "bfloat16"
+        return {"attention_dtype": choice, "seconds": seconds}
+
+    q_shape = _attention_shape(model)
+    entry, path = _cached(f"{machine_key(model.device)} | attention {q_shape}", _valid_attention, measured)
+    if log is not None:
+        s = entry["seconds"]
+        log(
+            f"attention_dtype auto: {entry['attention_dtype']} (attention forward and backward took "
+            f"{s['float32'] * 1e3:.3g} ms in float32, {s['bfloat16'] * 1e3:.3g} ms in bf16 on this machine; "
+            f"cached in {path})"
+        )
+    return entry["attention_dtype"]

@@ -202,7 +202,8 @@ def _packed(dtype: torch.dtype, linear: torch.nn.Linear) -> partial:
 
 @contextmanager
 def packed_linears(model: PreTrainedModel) -> Iterator[None]:
-    """Inside, the model's float32 ``nn.Linear`` layers (no gradient) compute on oneDNN with their
+    """Inside, the model's float32 ``nn.Linear`` layers (no gradient; under autocast also those
+    stored in its dtype) compute on oneDNN with their
     weights reordered once, here, into its blocked layout: the same products as ``F.linear`` to
     float32 rounding, faster at decode's few rows.
 
@@ -213,9 +214,10 @@ def packed_linears(model: PreTrainedModel) -> Iterator[None]:
     a 32-row, 64-token rollout of SmolLM2-135M took 2.85 s so, 4.6–5.5 s under autocast (whose
     bf16 attention is slow at one query row) and 3.9–4.0 s in float32. Nothing changes off CPU,
     under another autocast, or without oneDNN."""
-    linears = [m for m in model.modules() if type(m) is torch.nn.Linear and m.weight.dtype == torch.float32]
     autocast = torch.is_autocast_enabled("cpu")
     dtype = torch.get_autocast_dtype("cpu") if autocast else torch.float32
+    # float32 weights, and those a frozen model stores in the autocast dtype (`models.frozen_for`)
+    linears = [m for m in model.modules() if type(m) is torch.nn.Linear and m.weight.dtype in (torch.float32, dtype)]
     usable = (
         model.device.type == "cpu"
         and torch.backends.mkldnn.is_available()

@@ -33,8 +33,10 @@ from typing import Any
 
 import torch
 from tqdm.auto import tqdm
+from transformers import PreTrainedModel
 
 from divrl import (
+    attention,
     chunked,
     demos,
     distributed,
@@ -69,6 +71,7 @@ from divrl.models import (
     ModelLoadError,
     autocast_for,
     context_length,
+    frozen_for,
     load_model,
     output_head,
     resolve_device,
@@ -178,6 +181,15 @@ class Trainer:
                 raise ConfigError(f"config key {err}") from None
         self.overlong_prompts = fit_to_context(self.task, self.tokenizer, cfg, context_length(self.model), self.log)
         self.model.eval()  # no dropout; gradients still flow
+        # before any frozen model loads (`frozen_for` stores it at this precision); every rank
+        # times its own forward, and rank 0's choice holds, so that no two ranks train at different
+        # precisions
+        self.precision = distributed.broadcast_object(precision.resolve(cfg.dtype, self.model, self.log))
+        self.attention_dtype = distributed.broadcast_object(
+            precision.resolve_attention(cfg.attention_dtype, self.precision, self.model, self.log)
+        )
+        self._at_precision(self.model)
+        self.autocast = autocast_for(self.precision, self.device)
         if cfg.activation_checkpointing and (why := recompute.refusal(self.model)):
             raise ConfigError(f"config key 'activation_checkpointing': {why}")
         self.objective = cfg.objective
@@ -204,7 +216,7 @@ class Trainer:
             elif self.lora is not None and not cfg.reference_refresh_every:  # the initial weights, shared
                 self.reference = lora.AdaptersOff(self.model)
             else:  # a refreshed reference is a past policy, adapters included: a copy
-                self.reference = copy.deepcopy(self.model).requires_grad_(False)
+                self.reference = frozen_for(self.precision, copy.deepcopy(self.model).requires_grad_(False))
         teacher_spec = self._run_stage1() if cfg.stage1 else cfg.teacher
         demos_from_teacher = (
             uses_demonstrations(cfg) and cfg.demonstrations is None and cfg.demonstrations_from == "teacher"
@@ -231,10 +243,6 @@ class Trainer:
         if self.sharded:
             sharding.gather(self.model)
         self.generator = torch.Generator().manual_seed(distributed.rank_seed(cfg.seed, self.world.rank))
-        # every rank times its own forward (an FSDP forward needs them all); rank 0's choice holds,
-        # so that no two ranks train at different precisions
-        self.precision = distributed.broadcast_object(precision.resolve(cfg.dtype, self.model, self.log))
-        self.autocast = autocast_for(self.precision, self.device)
         self.vllm = None  # rollout_backend vllm: the colocated engine the policy samples with
         if cfg.rollout_backend == "vllm":
             self.vllm = VllmSampler(self.model, context_length(self.model), cfg.seed, self.precision == "bf16")
@@ -651,8 +659,8 @@ class Trainer:
         return groups
 
     def _load_frozen(self, key: str, spec: str, seed: int):
-        """A frozen model from config key `key` (teacher, reference); refused if its vocabulary
-        differs from the policy's."""
+        """A frozen model from config key `key` (teacher, reference), stored and computing at the
+        run's precision (`frozen_for`, `attention.use`); refused if its vocabulary differs from the policy's."""
         try:
             model, _ = load_model(spec, seed=seed, device=self.device)
         except ModelLoadError as err:
@@ -665,7 +673,12 @@ class Trainer:
                 f"policy '{self.cfg.model}' {vocab}; a per-token divergence needs the "
                 f"same vocabulary"
             )
-        return model
+        return self._at_precision(frozen_for(self.precision, model))
+
+    def _at_precision(self, model: PreTrainedModel) -> PreTrainedModel:
+        """`model` (in place) with its attention in the run's attention dtype under bf16 autocast
+        (`divrl.attention`); at float32 there is no autocast, and SDPA is float32 as it is."""
+        return attention.use(model, self.attention_dtype) if self.precision == "bf16" else model
 
     # ----- data -------------------------------------------------------------------------------
     def _prompt_ids(self, example: Example) -> list[int]:

@@ -1,0 +1,78 @@
+"""Attention in float32 under bf16 autocast (`divrl.attention`), and frozen models stored in bf16
+(`models.frozen_for`): the same attention, masks and outputs as the plain paths."""
+
+import copy
+
+import pytest
+import torch
+from transformers import LlamaForCausalLM
+
+from divrl import attention
+from divrl.models import frozen_for, tiny_config
+
+
+def model(tie: bool) -> LlamaForCausalLM:
+    config = tiny_config(96)
+    config.tie_word_embeddings = tie
+    torch.manual_seed(0)
+    return LlamaForCausalLM(config).eval()
+
+
+def left_padded():
+    """Two rows, the second left-padded by 3: the mask decides what the second row sees."""
+    ids = torch.randint(1, 96, (2, 9), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0
+    return ids, mask
+
+
+def logits(net, bf16: bool) -> torch.Tensor:
+    ids, mask = left_padded()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        return net(input_ids=ids, attention_mask=mask).logits.float()
+
+
+def test_float32_attention_outside_autocast_is_sdpa_with_its_masks():
+    plain = model(tie=True)
+    assert plain.config._attn_implementation == "sdpa"
+    converted = attention.use(copy.deepcopy(plain), "float32")
+    assert converted.config._attn_implementation == attention.FLOAT32_SDPA
+    assert torch.equal(logits(converted, bf16=False), logits(plain, bf16=False))
+
+
+def test_float32_attention_under_autocast_is_nearer_float32_than_bf16_attention():
+    plain = model(tie=True)
+    exact = logits(plain, bf16=False)
+    bf16_attention = logits(plain, bf16=True)
+    float32_attention = logits(attention.use(copy.deepcopy(plain), "float32"), bf16=True)
+    assert not torch.equal(float32_attention, bf16_attention)  # the attention did change dtype
+    scale = exact.abs().max()
+    assert (float32_attention - exact).abs().max() < 0.05 * scale  # within bf16 rounding of the linears
+    assert (float32_attention - exact).abs().mean() <= (bf16_attention - exact).abs().mean()
+
+
+def test_use_bfloat16_undoes_float32_and_leaves_other_attention_implementations():
+    net = attention.use(model(tie=True), "float32")
+    assert attention.use(net, "bfloat16").config._attn_implementation == "sdpa"
+    net.config._attn_implementation = "eager"
+    assert attention.use(net, "float32").config._attn_implementation == "eager"
+
+
+@pytest.mark.parametrize("tie", [True, False])
+def test_frozen_linears_in_bf16_give_autocasts_outputs_bit_for_bit(tie):
+    plain = model(tie)
+    frozen = frozen_for("bf16", copy.deepcopy(plain).requires_grad_(False))
+    linears = [m for m in frozen.modules() if isinstance(m, torch.nn.Linear)]
+    head_tied = frozen.lm_head.weight is frozen.get_input_embeddings().weight
+    assert head_tied == tie
+    assert all(m.weight.dtype == torch.bfloat16 for m in linears if m is not frozen.lm_head)
+    assert frozen.lm_head.weight.dtype == (torch.float32 if tie else torch.bfloat16)
+    assert frozen.get_input_embeddings().weight.dtype == torch.float32  # the residual stream stays float32
+    assert all(p.dtype == torch.float32 for n, p in frozen.named_parameters() if "norm" in n)
+    assert torch.equal(logits(frozen, bf16=True), logits(plain, bf16=True))
+
+
+def test_frozen_for_float32_changes_nothing():
+    net = model(tie=True)
+    assert frozen_for("fp32", net) is net
+    assert all(p.dtype == torch.float32 for p in net.parameters())
