@@ -513,3 +513,23 @@ def test_float32_precision_keeps_the_reference_and_the_attention_float32(tmp_pat
     assert trainer.attention_dtype == "float32" and trainer.reference is not None
     assert {p.dtype for p in trainer.reference.parameters()} == {torch.float32}
     assert trainer.model.config._attn_implementation == "sdpa"  # float32 already: SDPA as it is
+
+
+def test_the_fused_adamw_steps_as_the_per_tensor_loop_does(tmp_path):
+    """The trainer's AdamW is torch's fused kernel on the CPU; its step is the per-tensor loop's
+    (the same hyperparameters) to float32 rounding."""
+    trainer = Trainer(tiny_cfg(tmp_path, "weight_decay=0.1"), log=lambda *_: None)
+    fused = trainer.optimizer
+    assert fused.defaults["fused"] is True
+    params = [p for group in fused.param_groups for p in group["params"]]
+    copies = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    loop = torch.optim.AdamW(copies, lr=fused.defaults["lr"], weight_decay=0.1, foreach=False)
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(3):
+        for p, q in zip(params, copies):
+            p.grad = torch.randn(p.shape, generator=generator)
+            q.grad = p.grad.clone()
+        fused.step()
+        loop.step()
+    for p, q in zip(params, copies):
+        torch.testing.assert_close(p.detach(), q.detach(), rtol=1e-6, atol=1e-7)

