@@ -76,3 +76,40 @@ def test_frozen_for_float32_changes_nothing():
     net = model(tie=True)
     assert frozen_for("fp32", net) is net
     assert all(p.dtype == torch.float32 for p in net.parameters())
+
+
+def weight_casts_and_grads(keep: bool):
+    """Two micro-batches, each its own bf16 autocast region, forward and backward: the number of
+    dtype casts of tensors shaped like the MLP's gate weight (the weights' casts to bf16 and their
+    gradients' back to float32), the number of such weights, and the gradients."""
+    from contextlib import nullcontext
+
+    from torch.profiler import ProfilerActivity, profile
+
+    from divrl.models import casts_kept
+
+    net = model(tie=True)
+    ids, mask = left_padded()
+    weight = net.model.layers[0].mlp.gate_proj.weight
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+        with casts_kept() if keep else nullcontext():
+            for row in range(2):
+                with torch.autocast("cpu", dtype=torch.bfloat16):
+                    loss = net(input_ids=ids[row : row + 1], attention_mask=mask[row : row + 1]).logits.float().sum()
+                loss.backward()
+    casts = sum(
+        e.count
+        for e in prof.key_averages(group_by_input_shape=True)
+        if e.key == "aten::_to_copy" and e.input_shapes and e.input_shapes[0] == list(weight.shape)
+    )
+    shaped = sum(p.shape == weight.shape for p in net.parameters())
+    return casts, shaped, {name: p.grad for name, p in net.named_parameters()}
+
+
+def test_casts_kept_casts_each_weight_once_per_pass_with_the_same_gradients():
+    once, n, kept = weight_casts_and_grads(keep=True)
+    twice, _, plain = weight_casts_and_grads(keep=False)
+    assert twice == 4 * n  # per micro-batch: each weight cast to bf16, its gradient back
+    assert once == 3 * n  # the second micro-batch reads the first one's casts
+    assert all(torch.equal(kept[name], plain[name]) for name in plain)
+    assert not torch.is_autocast_enabled("cpu")

@@ -206,6 +206,24 @@ def autocast_for(precision: str, device: torch.device | str = "cpu"):
     return nullcontext
 
 
+@contextmanager
+def casts_kept() -> Iterator[None]:
+    """Inside, autocast keeps the casts of trainable weights it made, across autocast regions.
+
+    autocast casts a weight that requires grad once per region and drops the cast when the
+    outermost region exits. A pass of micro-batches, each its own region, cast every weight of
+    the policy again for each one (a copy the size of the weights, and its page faults); the
+    weights do not change until the optimizer steps, so this holds one region open (the nesting
+    count, autocast itself stays off outside) around the pass: each weight is cast once, the same
+    rounding. Leave it before the optimizer steps."""
+    torch.autocast_increment_nesting()
+    try:
+        yield
+    finally:
+        if torch.autocast_decrement_nesting() == 0:
+            torch.clear_autocast_cache()
+
+
 def frozen_for(precision: str, model: PreTrainedModel) -> PreTrainedModel:
     """A frozen model made ready to run at `precision`, in place: at 'bf16' its nn.Linear weights
     and biases are stored in bf16, a tied output embedding excepted (the input embedding shares

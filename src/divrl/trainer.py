@@ -70,6 +70,7 @@ from divrl.mixture import MixtureTask, build_mixture_source
 from divrl.models import (
     ModelLoadError,
     autocast_for,
+    casts_kept,
     context_length,
     frozen_for,
     load_model,
@@ -988,37 +989,38 @@ class Trainer:
             clock, passes, outputs = time.perf_counter(), passes + 1, []
             self.optimizer.zero_grad(set_to_none=True)
             try:
-                for m, (ps, cs, _, _) in enumerate(micro):
-                    with self._forward_with_grad():
-                        cur = completion_hidden(self.model, ps, cs, pad, spec.reads_prompt_positions)
-                        out = objectives.objective_loss(
-                            spec, inputs(m, cur.hidden, cur.tokens, cur.rows, advantages, cur.prompt)
-                        )
-                    out.loss.backward()
-                    accumulate(sources[0], out)
-                    outputs.append((spec, out))
-                    if frozen[m].old_logprobs is None and cfg.inner_iterations > 1:  # πold: πθ before the update
-                        frozen[m].old_logprobs = out.logprobs
-                for ps, cs, fields in stored_micro:
-                    assert stored_spec is not None  # stored groups exist only with stored terms
-                    with self._forward_with_grad():
-                        cur = completion_hidden(self.model, ps, cs, pad)
-                        out = objectives.objective_loss(
-                            stored_spec,
-                            objectives.ObjectiveInputs(
-                                policy=ModelOutputs(cur.hidden, self._head(self.model)),
-                                tokens=cur.tokens,
-                                rows=cur.rows,
-                                **fields,
-                            ),
-                        )
-                    out.loss.backward()
-                    accumulate(sources[1], out)
-                    outputs.append((stored_spec, out))
-                if self.pairs:  # a preference loss beside the online objective (HyPO)
-                    preference_stats = self._preference_backward(step)
-                    if not math.isfinite(preference_stats["preference_loss"]):
-                        reason = "non-finite preference_loss"
+                with casts_kept():  # each weight cast once per pass, not once per micro-batch
+                    for m, (ps, cs, _, _) in enumerate(micro):
+                        with self._forward_with_grad():
+                            cur = completion_hidden(self.model, ps, cs, pad, spec.reads_prompt_positions)
+                            out = objectives.objective_loss(
+                                spec, inputs(m, cur.hidden, cur.tokens, cur.rows, advantages, cur.prompt)
+                            )
+                        out.loss.backward()
+                        accumulate(sources[0], out)
+                        outputs.append((spec, out))
+                        if frozen[m].old_logprobs is None and cfg.inner_iterations > 1:  # πold: πθ before the update
+                            frozen[m].old_logprobs = out.logprobs
+                    for ps, cs, fields in stored_micro:
+                        assert stored_spec is not None  # stored groups exist only with stored terms
+                        with self._forward_with_grad():
+                            cur = completion_hidden(self.model, ps, cs, pad)
+                            out = objectives.objective_loss(
+                                stored_spec,
+                                objectives.ObjectiveInputs(
+                                    policy=ModelOutputs(cur.hidden, self._head(self.model)),
+                                    tokens=cur.tokens,
+                                    rows=cur.rows,
+                                    **fields,
+                                ),
+                            )
+                        out.loss.backward()
+                        accumulate(sources[1], out)
+                        outputs.append((stored_spec, out))
+                    if self.pairs:  # a preference loss beside the online objective (HyPO)
+                        preference_stats = self._preference_backward(step)
+                        if not math.isfinite(preference_stats["preference_loss"]):
+                            reason = "non-finite preference_loss"
             except objectives.NaNObjectiveError as err:  # NaN inputs: skipped like a +inf loss
                 reason = str(err)
             seconds["time_forward_backward"] += time.perf_counter() - clock
