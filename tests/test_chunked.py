@@ -234,7 +234,8 @@ def test_low_precision_is_as_accurate_as_full_logits(inputs, target, dtype, floo
 
 def test_autocast_and_mixed_dtypes(inputs, target):
     """Under autocast the tiles compute in autocast's dtype, exactly as on inputs cast to it by
-    hand, and float32 master weights get float32 gradients; without autocast mixed dtypes promote."""
+    hand, and float32 master weights get float32 gradients, the float32 accumulation itself (not
+    rounded through a bf16 copy of the gradient); without autocast mixed dtypes promote."""
     hidden, weight, tokens = inputs
     hidden, weight = hidden.detach().float(), weight.detach().float().requires_grad_()
     target_hidden, target_weight = (t.float() for t in target)
@@ -243,12 +244,18 @@ def test_autocast_and_mixed_dtypes(inputs, target):
             *logprob_entropy(hidden, weight, tokens, **CHUNKS),
             divergence("jsd", hidden, weight, target_hidden, target_weight, **CHUNKS),
         )
-    (grad,) = torch.autograd.grad(sum(v.sum() for v in under_autocast), weight)
+    (grad,) = torch.autograd.grad(sum(v.sum() for v in under_autocast), weight, retain_graph=True)
     assert grad.dtype == torch.float32
+    for value in under_autocast[:2], under_autocast[2:]:  # each call's gradient alone
+        (alone,) = torch.autograd.grad(sum(v.sum() for v in value), weight, retain_graph=True)
+        assert not torch.equal(alone, alone.bfloat16().float())  # float32 values, not bf16 ones
     bf16 = [t.bfloat16() for t in (hidden, weight, target_hidden, target_weight)]
+    bf16[1].requires_grad_()
     by_hand = (*logprob_entropy(bf16[0], bf16[1], tokens, **CHUNKS), divergence("jsd", *bf16, **CHUNKS))
     for got, want in zip(under_autocast, by_hand):
         torch.testing.assert_close(got, want, rtol=0, atol=0)
+    (grad_by_hand,) = torch.autograd.grad(sum(v.sum() for v in by_hand), bf16[1])
+    torch.testing.assert_close(grad, grad_by_hand.float(), rtol=2e-2, atol=2e-2 * grad.abs().max().item())
     mixed = logprob_entropy(hidden.bfloat16(), weight, tokens, **CHUNKS)
     promoted = logprob_entropy(hidden.bfloat16().float(), weight, tokens, **CHUNKS)
     for got, want in zip(mixed, promoted):

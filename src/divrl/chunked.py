@@ -81,10 +81,11 @@ class Head:
 
     def logits(self, hidden: Tensor) -> Tensor:
         """Full logits (..., V) of hidden (..., H), differentiable, in the dtypes the tiles use."""
-        hidden, head = _in_compute_dtype(hidden, self)
+        dtype = _compute_dtype(hidden, self)
+        hidden, bias = hidden.to(dtype), None if self.bias is None else self.bias.to(dtype)
         with _autocast_off(hidden.device):
-            lin = F.linear(hidden, head.weight, head.bias)
-            return _activate(lin.to(_accumulation_dtype(lin.dtype)), head)
+            lin = F.linear(hidden, self.weight.to(dtype), bias)
+            return _activate(lin.to(_accumulation_dtype(lin.dtype)), self)
 
     def detach(self) -> "Head":
         bias = None if self.bias is None else self.bias.detach()
@@ -115,17 +116,26 @@ def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
-def _in_compute_dtype(hidden: Tensor, head: Head) -> tuple[Tensor, Head]:
-    """hidden and the head's tensors in one dtype: autocast's when it is on for their device (what
-    the model's own head would use there), else the promoted dtype of hidden and weight; the bias is
-    cast like the weight; the casts are differentiable."""
+def _compute_dtype(hidden: Tensor, head: Head) -> torch.dtype:
+    """The dtype hidden and the head compute in: autocast's when it is on for their device (what
+    the model's own head would use there), else the promoted dtype of hidden and weight."""
     device = hidden.device.type
     if torch.is_autocast_enabled(device):
-        dtype = torch.get_autocast_dtype(device)
-    else:
-        dtype = torch.promote_types(hidden.dtype, head.weight.dtype)
-    bias = None if head.bias is None else head.bias.to(dtype)
-    return hidden.to(dtype), dataclasses.replace(head, weight=head.weight.to(dtype), bias=bias)
+        return torch.get_autocast_dtype(device)
+    return torch.promote_types(hidden.dtype, head.weight.dtype)
+
+
+def _in_dtype(head: Head, dtype: torch.dtype) -> Head:
+    """The head's weight and bias cast to dtype, detached: inside the streamed Functions, which
+    return the gradients in the dtypes given (``_grad_dtypes``), so that a float32 weight under
+    bf16 autocast gets its float32 gradient without a round trip through a bf16 copy of the
+    (V, H) gradient (two vocabulary-sized copies per backward)."""
+    bias = None if head.bias is None else head.bias.detach().to(dtype)
+    return dataclasses.replace(head, weight=head.weight.detach().to(dtype), bias=bias)
+
+
+def _grad_dtypes(weight: Tensor, bias: Tensor | None) -> tuple[torch.dtype, torch.dtype | None]:
+    return weight.dtype, None if bias is None else bias.dtype
 
 
 def _autocast_off(device: torch.device) -> torch.autocast:
@@ -233,11 +243,11 @@ def _sum_into_first(tensors: list[Tensor]) -> Tensor:
     return tensors[0]
 
 
-def _cast(grad: Tensor | None, like: Tensor | None) -> Tensor | None:
+def _cast(grad: Tensor | None, dtype: torch.dtype | None) -> Tensor | None:
     if grad is None:
         return None
-    assert like is not None  # autograd asks no gradient of an absent input (a None bias)
-    return grad.to(like.dtype)
+    assert dtype is not None  # autograd asks no gradient of an absent input (a None bias)
+    return grad.to(dtype)
 
 
 def _backprop_tiles(ctx, hidden, head, tile_grad, chunk_tokens, chunk_vocab):
@@ -272,7 +282,7 @@ def _backprop_tiles(ctx, hidden, head, tile_grad, chunk_tokens, chunk_vocab):
     with _autocast_off(hidden.device):
         _in_parallel(vocab_chunk, vocab, workers)
     grad_hidden = _sum_into_first(partial_grad_hidden) if need_hidden else None
-    return _cast(grad_hidden, hidden), _cast(grad_weight, weight), _cast(grad_bias, head.bias)
+    return _cast(grad_hidden, hidden.dtype), *(_cast(g, d) for g, d in zip((grad_weight, grad_bias), ctx.grad_dtypes))
 
 
 # A log-probability floor below which exp is 0 in float32 and float64 (the tiles' dtypes): logits
@@ -314,7 +324,8 @@ class _LseEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, tokens, constants, chunk_tokens, chunk_vocab):
-        head = Head(weight, bias, *constants)
+        ctx.grad_dtypes = _grad_dtypes(weight, bias)
+        head = _in_dtype(Head(weight, bias, *constants), hidden.dtype)
         acc = _accumulation_dtype(hidden.dtype)
         lse = torch.empty(hidden.shape[0], dtype=acc, device=hidden.device)
         entropy, sampled = torch.empty_like(lse), torch.empty_like(lse)
@@ -335,7 +346,7 @@ class _LseEntropy(torch.autograd.Function):
         _in_parallel(row_block, blocks, _workers(len(blocks), hidden.device))
         ctx.mark_non_differentiable(sampled)
         ctx.set_materialize_grads(False)  # an unused output (often the entropy) costs nothing
-        ctx.save_for_backward(hidden, weight, bias, lse, entropy)
+        ctx.save_for_backward(hidden, head.weight, head.bias, lse, entropy)
         ctx.setup = (constants, chunk_tokens, chunk_vocab)
         return lse, entropy, sampled
 
@@ -411,7 +422,8 @@ def _streamed(
     hidden: Tensor, head: Head | Tensor, tokens: Tensor, temperature: float, chunk_tokens: int, chunk_vocab: int
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(z_y as the tile holds it, no gradient; a zero-valued term carrying z_y's gradient; lse; H)."""
-    hidden, head = _in_compute_dtype(hidden, _as_head(head, temperature))
+    head = _as_head(head, temperature)
+    hidden = hidden.to(_compute_dtype(hidden, head))
     acc = _accumulation_dtype(hidden.dtype)
     with _autocast_off(hidden.device):
         sampled_lin = (hidden.to(acc) * head.weight[tokens].to(acc)).sum(-1)
@@ -480,7 +492,10 @@ class _Divergence(torch.autograd.Function):
         chunk_tokens,
         chunk_vocab,
     ):
-        head, target_head = Head(weight, bias, *constants), Head(target_weight, target_bias, *target_constants)
+        ctx.grad_dtypes = _grad_dtypes(weight, bias)
+        head = _in_dtype(Head(weight, bias, *constants), hidden.dtype)
+        target_head = _in_dtype(Head(target_weight, target_bias, *target_constants), target_hidden.dtype)
+        weight = head.weight
         need_grad, need_bias = any(ctx.needs_input_grad[:3]), ctx.needs_input_grad[2]
         precompute = need_grad and token_weights is not None
         acc = _accumulation_dtype(hidden.dtype)
@@ -528,7 +543,16 @@ class _Divergence(torch.autograd.Function):
 
         _in_parallel(row_block, blocks, workers)
         ctx.save_for_backward(
-            hidden, weight, bias, target_hidden, target_weight, target_bias, lse_p, lse_q, grad_sum, token_weights
+            hidden,
+            head.weight,
+            head.bias,
+            target_hidden,
+            target_head.weight,
+            target_head.bias,
+            lse_p,
+            lse_q,
+            grad_sum,
+            token_weights,
         )
         ctx.setup = (constants, target_constants, term, chunk_tokens, chunk_vocab)
         ctx.precomputed = None
@@ -549,7 +573,8 @@ class _Divergence(torch.autograd.Function):
         if proportion is not None:
             grads = [None if grad is None else grad.mul_(proportion) for grad in ctx.precomputed]
             ctx.precomputed = None  # scaled in place: a second backward (retain_graph) recomputes
-            return *(_cast(grad, like) for grad, like in zip(grads, (hidden, weight, bias))), *no_grads
+            dtypes = (hidden.dtype, *ctx.grad_dtypes)
+            return *(_cast(grad, dtype) for grad, dtype in zip(grads, dtypes)), *no_grads
 
         def tile_grad(rows, cols):
             logp = _tile_logits(hidden[rows], head, cols).sub_(lse_p[rows, None])
@@ -597,8 +622,8 @@ def divergence(
             f"target_weight {tuple(target_head.weight.shape)}"
         )
     term = divergences.pointwise(name, **params)
-    hidden, head = _in_compute_dtype(hidden, head)
-    target_hidden, target_head = _in_compute_dtype(target_hidden.detach(), target_head)
+    hidden = hidden.to(_compute_dtype(hidden, head))
+    target_hidden = target_hidden.detach().to(_compute_dtype(target_hidden, target_head))
     if token_weights is not None:
         token_weights = token_weights.detach().to(_accumulation_dtype(hidden.dtype)).expand(hidden.shape[0])
     with _autocast_off(hidden.device):
