@@ -420,12 +420,6 @@ class TrainConfig:
         "in $DIVRL_CACHE/precision.json), 'float32' or 'bfloat16'.",
         default="auto",
     )
-    keep_freed_memory: bool = _doc(
-        "Keep memory the process frees for its reuse instead of giving it back to the kernel "
-        "(divrl.allocator; glibc only, process-wide): large blocks are not faulted in again at "
-        "every step; the process's RSS no longer shrinks after its peak.",
-        default=True,
-    )
     attention_dtype: str = _doc(
         "The dtype attention computes in when dtype is bf16 (divrl.attention): 'auto' (float32 "
         "where a forward and backward of the model's attention measured at least 10% faster in "

@@ -36,7 +36,6 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
 from divrl import (
-    allocator,
     attention,
     chunked,
     demos,
@@ -159,8 +158,6 @@ class FrozenInputs:
 class Trainer:
     def __init__(self, cfg: TrainConfig, log=print, stage: int | None = None):
         self.cfg = cfg
-        if cfg.keep_freed_memory:
-            allocator.keep_freed_memory()
         # Data-parallel (`divrl.distributed`): W = 1 unless launched by torchrun / accelerate.
         distributed.check_config(cfg, distributed.world())
         self.world = distributed.init(cfg.device)
