@@ -331,6 +331,19 @@ def test_entropies_are_those_of_the_teacher_forced_distribution(tiny, temperatur
     )
 
 
+def seeded_sample(model, tokenizer):
+    """3 completions of ≤ 8 tokens of each of PROMPTS, drawn with a fixed seed."""
+    return sample(
+        model,
+        PROMPTS,
+        group_size=3,
+        max_new_tokens=8,
+        stop_token_ids=[0],
+        pad_token_id=tokenizer.pad_token_id,
+        generator=torch.Generator().manual_seed(3),
+    )
+
+
 @pytest.mark.parametrize("autocast", [None, torch.bfloat16])
 def test_packed_linears_give_the_plain_numbers(tiny, monkeypatch, autocast):
     """The oneDNN path of sampling (weights reordered once) computes the same logits as the plain
@@ -368,22 +381,11 @@ def test_packed_linears_give_the_plain_numbers(tiny, monkeypatch, autocast):
     torch.testing.assert_close(packed, plain, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(packed, autocast_logits.float(), rtol=2e-2, atol=2e-2)
 
-    def draw():
-        return sample(
-            model,
-            PROMPTS,
-            group_size=3,
-            max_new_tokens=8,
-            stop_token_ids=[0],
-            pad_token_id=tokenizer.pad_token_id,
-            generator=torch.Generator().manual_seed(3),
-        )
-
     with precision():
-        fast = draw()
+        fast = seeded_sample(model, tokenizer)
     monkeypatch.setattr(rollout, "packed_linears", lambda model: nullcontext())
     with plain_layers():
-        slow = draw()
+        slow = seeded_sample(model, tokenizer)
     assert fast.completion_ids == slow.completion_ids
     torch.testing.assert_close(
         torch.tensor([x for row in fast.logprobs for x in row]),
@@ -404,18 +406,7 @@ def test_a_frozen_model_stored_in_bf16_samples_what_its_float32_original_samples
     model, tokenizer = tiny
     frozen = frozen_for("bf16", copy.deepcopy(model).requires_grad_(False))
 
-    def draw(net):
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            return sample(
-                net,
-                PROMPTS,
-                group_size=2,
-                max_new_tokens=6,
-                stop_token_ids=[0],
-                pad_token_id=tokenizer.pad_token_id,
-                generator=torch.Generator().manual_seed(5),
-            )
-
-    original, stored = draw(model), draw(frozen)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        original, stored = seeded_sample(model, tokenizer), seeded_sample(frozen, tokenizer)
     assert stored.completion_ids == original.completion_ids
     assert stored.logprobs == original.logprobs

@@ -35,6 +35,7 @@ BF16_GAIN = 0.9  # bf16 is chosen when its time ≤ this × float32's
 GIVE_UP = 3.0  # a bf16 warm-up this many times slower than float32 ends the measurement
 ROWS, TOKENS = 8, 64
 ROUNDS = 3  # alternating float32 / bf16 rounds after the warm-ups
+PRECISIONS = ("fp32", "bf16")
 ATTENTION_DTYPES = ("float32", "bfloat16")
 
 
@@ -112,16 +113,17 @@ def faster(seconds: dict[str, float]) -> str:
     return "bf16" if seconds["bf16"] <= BF16_GAIN * seconds["fp32"] else "fp32"
 
 
-def _valid(entry: object) -> bool:
-    """Whether a cache entry is one `resolve` wrote: a precision and both timings."""
-    if not isinstance(entry, dict) or entry.get("precision") not in ("bf16", "fp32"):
+def _valid(entry: object, verdict: str, choices: tuple[str, ...]) -> bool:
+    """Whether a cache entry is one this module wrote: its `verdict` one of `choices`, and a
+    timing of each choice."""
+    if not isinstance(entry, dict) or entry.get(verdict) not in choices:
         return False
     seconds = entry.get("seconds")
-    return isinstance(seconds, dict) and all(isinstance(seconds.get(k), int | float) for k in ("fp32", "bf16"))
+    return isinstance(seconds, dict) and all(isinstance(seconds.get(k), int | float) for k in choices)
 
 
-def _cached(key: str, valid: Callable[[object], bool], measured: Callable[[], dict]) -> tuple[dict, Path]:
-    """The cache's entry under `key` if `valid`, else `measured()` written there; and the cache's path."""
+def _cached(key: str, verdict: str, choices: tuple[str, ...], measured: Callable[[], dict]) -> tuple[dict, Path]:
+    """The cache's entry under `key` if `_valid`, else `measured()` written there; and the cache's path."""
     path = cache_file()
     try:
         known = json.loads(path.read_text())
@@ -129,7 +131,7 @@ def _cached(key: str, valid: Callable[[object], bool], measured: Callable[[], di
         known = {}
     if not isinstance(known, dict):  # not a cache this module wrote: measured again, rewritten
         known = {}
-    if not valid(known.get(key)):
+    if not _valid(known.get(key), verdict, choices):
         known[key] = measured()
         write_text_atomically(path, json.dumps(known, indent=1))
     return known[key], path
@@ -145,7 +147,7 @@ def resolve(dtype: str, model: PreTrainedModel, log: Callable[[str], object] | N
         seconds = measure(model)
         return {"precision": faster(seconds), "seconds": seconds}
 
-    entry, path = _cached(f"{machine_key(model.device)} | {model_key(model)}", _valid, measured)
+    entry, path = _cached(f"{machine_key(model.device)} | {model_key(model)}", "precision", PRECISIONS, measured)
     if log is not None:
         s = entry["seconds"]
         log(
@@ -188,14 +190,6 @@ def measure_attention(model: PreTrainedModel) -> dict[str, float]:
     return seconds
 
 
-def _valid_attention(entry: object) -> bool:
-    """Whether a cache entry is one `resolve_attention` wrote: a dtype and both timings."""
-    if not isinstance(entry, dict) or entry.get("attention_dtype") not in ATTENTION_DTYPES:
-        return False
-    seconds = entry.get("seconds")
-    return isinstance(seconds, dict) and all(isinstance(seconds.get(k), int | float) for k in ATTENTION_DTYPES)
-
-
 def resolve_attention(
     setting: str, precision: str, model: PreTrainedModel, log: Callable[[str], object] | None = None
 ) -> str:
@@ -214,7 +208,9 @@ def resolve_attention(
         return {"attention_dtype": choice, "seconds": seconds}
 
     q_shape = _attention_shape(model)
-    entry, path = _cached(f"{machine_key(model.device)} | attention {q_shape}", _valid_attention, measured)
+    entry, path = _cached(
+        f"{machine_key(model.device)} | attention {q_shape}", "attention_dtype", ATTENTION_DTYPES, measured
+    )
     if log is not None:
         s = entry["seconds"]
         log(
