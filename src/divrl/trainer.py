@@ -182,6 +182,8 @@ class Trainer:
                 raise ConfigError(f"config key {err}") from None
         self.overlong_prompts = fit_to_context(self.task, self.tokenizer, cfg, context_length(self.model), self.log)
         self.model.eval()  # no dropout; gradients still flow
+        if cfg.activation_checkpointing and (why := recompute.refusal(self.model)):
+            raise ConfigError(f"config key 'activation_checkpointing': {why}")
         # before any frozen model loads (`frozen_for` stores it at this precision); every rank
         # times its own forward, and rank 0's choice holds, so that no two ranks train at different
         # precisions
@@ -191,8 +193,6 @@ class Trainer:
         )
         self._at_precision(self.model)
         self.autocast = autocast_for(self.precision, self.device)
-        if cfg.activation_checkpointing and (why := recompute.refusal(self.model)):
-            raise ConfigError(f"config key 'activation_checkpointing': {why}")
         self.objective = cfg.objective
         self.preference = preferences.PreferenceSpec.parse(cfg.preference)
         self.online = online_trains(self.objective)  # False: a preference run on its pairs alone
