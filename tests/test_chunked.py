@@ -232,6 +232,26 @@ def test_low_precision_is_as_accurate_as_full_logits(inputs, target, dtype, floo
         assert _relative_error(got, want) <= 2 * _relative_error(baseline, want) + floor
 
 
+def test_a_confident_tokens_bf16_gradient_cancels_in_float32():
+    """∂ log p_y / ∂z = onehot(y) − p: for p_y ≈ 1 the two terms cancel to 1 − p_y, which bf16
+    cannot hold next to 1 (its step there is 2⁻⁸). z_y's gradient is added on the float32 tile
+    before the cast, so bf16 inputs give float64's gradient to bf16 rounding of the small terms."""
+    gen = torch.Generator().manual_seed(3)
+    rows, width = 4, 8
+    weight = 0.2 * torch.randn(V, width, dtype=torch.float64, generator=gen)
+    weight[:rows] = 3.0 * torch.eye(rows, width, dtype=torch.float64)  # token y's own direction
+    hidden = (3.0 * torch.eye(rows, width, dtype=torch.float64)).bfloat16()  # z_y = 9, the others ≈ 0
+    weight, tokens = weight.bfloat16(), torch.arange(rows)
+    reference_h, reference_w = hidden.double().requires_grad_(), weight.double().requires_grad_()
+    logp = full_logprob_entropy(reference_h, reference_w, tokens)[0]
+    assert logp.exp().min() > 0.99  # confident: 1 − p_y < 0.01
+    want = torch.autograd.grad(logp.sum(), (reference_h, reference_w))
+    h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    got = torch.autograd.grad(logprob_entropy(h, w, tokens, **CHUNKS)[0].sum(), (h, w))
+    for g, expected in zip(got, want):
+        assert _relative_error(g, expected) < 0.03
+
+
 def test_autocast_and_mixed_dtypes(inputs, target):
     """Under autocast the tiles compute in autocast's dtype, exactly as on inputs cast to it by
     hand, and float32 master weights get float32 gradients, the float32 accumulation itself (not

@@ -316,10 +316,13 @@ def _chunk_lse_entropy(z: Tensor) -> tuple[Tensor, Tensor]:
 
 class _LseEntropy(torch.autograd.Function):
     """(log Σ_v e^{z_v}, H(softmax z), z_y) per row of the logits z of Head(weight, bias, *constants),
-    streamed; z_y, the logit of the row's token y, is read from the tile that holds it and carries
-    no gradient.
+    streamed; z_y, the logit of the row's token y, is read from the tile that holds it.
 
-    Backward: ∂lse/∂z_v = p_v and ∂H/∂z_v = −p_v (log p_v + H), times dz/dlin (``_slope``).
+    Backward: ∂lse/∂z_v = p_v, ∂H/∂z_v = −p_v (log p_v + H) and ∂z_y/∂z_v = [v = y], summed on
+    each float32 tile, times dz/dlin (``_slope``). z_y's gradient is added on the tile that holds
+    y, not through a gather of weight[y] (whose backward zero-filled a (V, H) gradient of its
+    own), and before the tile's cast to the matmul dtype: in log p_y = z_y − lse the two terms
+    cancel to (1 − p_y) in float32 first.
     """
 
     @staticmethod
@@ -344,31 +347,36 @@ class _LseEntropy(torch.autograd.Function):
 
         blocks = _spans(hidden.shape[0], chunk_tokens)
         _in_parallel(row_block, blocks, _workers(len(blocks), hidden.device))
-        ctx.mark_non_differentiable(sampled)
         ctx.set_materialize_grads(False)  # an unused output (often the entropy) costs nothing
-        ctx.save_for_backward(hidden, head.weight, head.bias, lse, entropy)
+        ctx.save_for_backward(hidden, head.weight, head.bias, lse, entropy, tokens)
         ctx.setup = (constants, chunk_tokens, chunk_vocab)
         return lse, entropy, sampled
 
     @staticmethod
-    def backward(ctx, grad_lse, grad_entropy, _grad_sampled):
-        if grad_lse is None and grad_entropy is None:
+    def backward(ctx, grad_lse, grad_entropy, grad_sampled):
+        if grad_lse is None and grad_entropy is None and grad_sampled is None:
             return (None,) * 7
-        hidden, weight, bias, lse, entropy = ctx.saved_tensors
+        hidden, weight, bias, lse, entropy, tokens = ctx.saved_tensors
         constants, chunk_tokens, chunk_vocab = ctx.setup
         head = Head(weight, bias, *constants)
 
         def tile_grad(rows, cols):
             logp = _tile_logits(hidden[rows], head, cols).sub_(lse[rows, None])
             slope = _slope(head, logp, lse[rows])
-            prob = logp.exp()
-            if grad_entropy is None:
-                coefficient = grad_lse[rows, None]
-            else:
-                coefficient = logp.clamp_(min=_LOG_ZERO).add_(entropy[rows, None]).mul_(-grad_entropy[rows, None])
+            if grad_entropy is not None:
+                coefficient = logp.clamp(min=_LOG_ZERO).add_(entropy[rows, None]).mul_(-grad_entropy[rows, None])
                 if grad_lse is not None:
                     coefficient += grad_lse[rows, None]
-            return _times_(prob.mul_(coefficient), slope)
+                tile = logp.exp_().mul_(coefficient)
+            elif grad_lse is not None:
+                tile = logp.exp_().mul_(grad_lse[rows, None])
+            else:
+                tile = logp.zero_()
+            if grad_sampled is not None:  # ∂z_y: the rows whose token is in this tile
+                column = tokens[rows] - cols.start
+                held = ((column >= 0) & (column < tile.shape[1])).nonzero().squeeze(1)
+                tile[held, column[held]] += grad_sampled[rows][held]
+            return _times_(tile, slope)
 
         grads = _backprop_tiles(ctx, hidden, head, tile_grad, chunk_tokens, chunk_vocab)
         return *grads, None, None, None, None
@@ -396,8 +404,8 @@ def logprob_entropy(
     tile's rounding — in bfloat16 up to half a step, log p up to +0.1 at logits of 30. Its gradient
     is that of the product hidden · weight[y] (+ bias[y]), the same function.
     """
-    sampled, correction, lse, entropy = _streamed(hidden, head, tokens, temperature, chunk_tokens, chunk_vocab)
-    return (sampled - lse) + correction, entropy
+    sampled, lse, entropy = _streamed(hidden, head, tokens, temperature, chunk_tokens, chunk_vocab)
+    return sampled - lse, entropy
 
 
 def logit_lse_entropy(
@@ -414,26 +422,20 @@ def logit_lse_entropy(
     sampled token's logit, the log-normalizer and the entropy. z_y − lse is exactly
     ``logprob_entropy``'s log-prob (same value, same gradient); soft-Q readings of the logits
     (Q(s, y) = z_y, V(s) = lse) take the two apart. The (N, V) logits are never built."""
-    sampled, correction, lse, entropy = _streamed(hidden, head, tokens, temperature, chunk_tokens, chunk_vocab)
-    return sampled + correction, lse, entropy
+    return _streamed(hidden, head, tokens, temperature, chunk_tokens, chunk_vocab)
 
 
 def _streamed(
     hidden: Tensor, head: Head | Tensor, tokens: Tensor, temperature: float, chunk_tokens: int, chunk_vocab: int
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """(z_y as the tile holds it, no gradient; a zero-valued term carrying z_y's gradient; lse; H)."""
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(z_y as the tile holds it, lse, H), each differentiable (`_LseEntropy`)."""
     head = _as_head(head, temperature)
     hidden = hidden.to(_compute_dtype(hidden, head))
-    acc = _accumulation_dtype(hidden.dtype)
     with _autocast_off(hidden.device):
-        sampled_lin = (hidden.to(acc) * head.weight[tokens].to(acc)).sum(-1)
-        if head.bias is not None:
-            sampled_lin = sampled_lin + head.bias[tokens].to(acc)
         lse, entropy, sampled = _LseEntropy.apply(
             hidden, head.weight, head.bias, tokens, _constants(head), chunk_tokens, chunk_vocab
         )
-    differentiable = _activate(sampled_lin, head)
-    return sampled, differentiable - differentiable.detach(), lse, entropy
+    return sampled, lse, entropy
 
 
 def _term_and_grad(
