@@ -31,6 +31,19 @@ def tiny():
     return load_model("tiny", seed=0)
 
 
+@pytest.fixture(params=["packed", "cached"])
+def hidden_path(request, tiny, monkeypatch):
+    """Which way `completion_hidden` runs the tiny model: 'packed' (its SDPA attention packs,
+    `divrl.packing`) or 'cached' (eager attention, which does not: prompts' KV caches)."""
+    from divrl import attention
+
+    model, _ = tiny
+    if request.param == "cached":
+        monkeypatch.setattr(model.config, "_attn_implementation", "eager")
+    assert attention.packs(model) == (request.param == "packed")
+    return request.param
+
+
 VERIFIERS = {  # small verifiers for JSONL tasks whose prompts the untrained tiny model cannot solve
     "always": "def always(completion, answer):\n    return 1.0\n",
     "parity": "def parity(completion, answer):\n    return float(len(completion) % 2)\n",

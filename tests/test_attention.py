@@ -32,12 +32,18 @@ def logits(net, bf16: bool) -> torch.Tensor:
         return net(input_ids=ids, attention_mask=mask).logits.float()
 
 
-def test_float32_attention_outside_autocast_is_sdpa_with_its_masks():
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_divrls_attention_outside_autocast_is_sdpa_with_its_masks(dtype):
     plain = model(tie=True)
     assert plain.config._attn_implementation == "sdpa"
-    converted = attention.use(copy.deepcopy(plain), "float32")
-    assert converted.config._attn_implementation == attention.FLOAT32_SDPA
+    converted = attention.use(copy.deepcopy(plain), dtype)
+    assert converted.config._attn_implementation == (attention.FLOAT32_SDPA if dtype == "float32" else attention.SDPA)
     assert torch.equal(logits(converted, bf16=False), logits(plain, bf16=False))
+
+
+def test_divrls_sdpa_under_autocast_is_transformers_sdpa():
+    plain = model(tie=True)
+    assert torch.equal(logits(attention.use(copy.deepcopy(plain)), bf16=True), logits(plain, bf16=True))
 
 
 def test_float32_attention_under_autocast_is_nearer_float32_than_bf16_attention():
@@ -53,7 +59,7 @@ def test_float32_attention_under_autocast_is_nearer_float32_than_bf16_attention(
 
 def test_use_bfloat16_undoes_float32_and_leaves_other_attention_implementations():
     net = attention.use(model(tie=True), "float32")
-    assert attention.use(net, "bfloat16").config._attn_implementation == "sdpa"
+    assert attention.use(net, "bfloat16").config._attn_implementation == attention.SDPA
     net.config._attn_implementation = "eager"
     assert attention.use(net, "float32").config._attn_implementation == "eager"
 

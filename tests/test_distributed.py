@@ -273,4 +273,4 @@ def test_sharded_blocks_are_found_and_recomputed(tmp_path, tiny, monkeypatch):
         sharded = checkpointed_forwards(model)
     finally:
         dist.destroy_process_group()
-    assert sharded == whole == 4  # 2 blocks × (the prompt's forward, the completions')
+    assert sharded == whole == 2  # 2 blocks × one packed forward (prompt and completions)

@@ -36,7 +36,7 @@ def _forward_backward(model, pad_token_id):
     return out.hidden.detach(), grads, sum(saved)
 
 
-def test_recomputed_blocks_give_the_same_hidden_states_and_gradients(tiny):
+def test_recomputed_blocks_give_the_same_hidden_states_and_gradients(tiny, hidden_path):
     model, tokenizer = tiny
     kept_hidden, kept_grads, kept_bytes = _forward_backward(model, tokenizer.pad_token_id)
     with recomputed_activations(model):

@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from divrl import chunked
+from divrl import attention, chunked
 from divrl.checkpoint import checkpoint_dirs
 from divrl.config import ConfigError, build_config
 from divrl.hidden import completion_hidden
@@ -70,10 +70,11 @@ def test_kl_of_a_model_against_itself_is_zero(tiny):
 
 
 @pytest.mark.parametrize("bucket_overhead", [0, 2, 10**6])  # a bucket per length, some, one
-def test_shared_prompt_forward_matches_full_sequences(tiny, bucket_overhead):
-    """Prompt computed once + its KV selected for each of its G completions == each
-    prompt+completion run on its own, for log-probs and their gradients (prompts of different
-    lengths, ragged completions), however the completions are bucketed by length."""
+def test_shared_prompt_forward_matches_full_sequences(tiny, hidden_path, bucket_overhead):
+    """Prompt computed once (packed with its completions, or its KV selected for each of its G
+    completions) == each prompt+completion run on its own, for log-probs and their gradients
+    (prompts of different lengths, ragged completions, one of a single token), however the rows
+    are bucketed by length."""
     model, tokenizer = tiny
     prompts = [[5, 6, 7], [8, 9]]
     completions = [[10, 11, 12], [13], [14, 15], [16, 17, 18]]  # G = 2, group-major
@@ -126,7 +127,7 @@ def test_completion_hidden_refuses_empty_completions_and_ragged_groups(tiny):
         completion_hidden(model, [[5, 6], [8]], [[7], [9], [10]], tokenizer.pad_token_id)
 
 
-def test_prompt_positions_are_the_full_sequence_predictions_of_the_prompt_tokens(tiny):
+def test_prompt_positions_are_the_full_sequence_predictions_of_the_prompt_tokens(tiny, hidden_path):
     model, tokenizer = tiny
     prompts = [[5, 6, 7], [8, 9]]
     batch = completion_hidden(model, prompts, [[10], [11, 12], [13], [14]], tokenizer.pad_token_id, with_prompt=True)
@@ -157,7 +158,9 @@ def test_prompt_positions_weigh_the_same_at_any_micro_batch_size(tmp_path):
     for micro in (4, 8):
         trainer = Trainer(tiny_cfg(tmp_path / str(micro), f"micro_batch_size={micro}", *extra), log=lambda *_: None)
         out[micro] = trainer._update(prompts, completions, [0.0] * 8, None)
-    assert out[4]["loss"] == pytest.approx(out[8]["loss"], rel=1e-6)
+    # float32 rounding only (a packed micro-batch's matmuls differ in shape with the split); the
+    # micro-batch's own mean a_t moved the loss by percents
+    assert out[4]["loss"] == pytest.approx(out[8]["loss"], rel=1e-5)
     assert out[4]["grad_norm"] == pytest.approx(out[8]["grad_norm"], rel=1e-5)
 
 
@@ -400,8 +403,9 @@ def test_teacher_with_another_vocabulary_is_refused(tmp_path, tiny):
         Trainer(cfg, log=lambda *_: None)
 
 
-def test_gradient_checkpointing_that_drops_the_prompt_cache_is_caught(tiny):
+def test_gradient_checkpointing_that_drops_the_prompt_cache_is_caught(tiny, monkeypatch):
     model, tokenizer = tiny
+    monkeypatch.setattr(model.config, "_attn_implementation", "eager")  # not packed: the KV-cache path
     model.activation_checkpointing_enable()
     model.train()
     try:
@@ -485,16 +489,14 @@ def test_kl_is_monitored_every_few_steps_unless_a_term_computes_it(tmp_path, obj
     assert all(r["kl"] >= -1e-6 for r in rows if "kl" in r)  # exact KL, up to rounding at step 1
 
 
-@pytest.mark.parametrize("attention", ["float32", "bfloat16"])
-def test_bf16_run_stores_the_reference_in_bf16_and_its_kl_starts_at_exactly_zero(tmp_path, attention):
+@pytest.mark.parametrize("attention_dtype", ["float32", "bfloat16"])
+def test_bf16_run_stores_the_reference_in_bf16_and_its_kl_starts_at_exactly_zero(tmp_path, attention_dtype):
     """At bf16 the frozen reference's linears are stored in bf16 (`frozen_for`), the rounding
     autocast gives the policy's float32 weights at each forward; the attention computes in
     `attention_dtype` in both models. Policy and reference then compute the same numbers at step
     1: KL exactly 0."""
-    from divrl import attention as attention_module
-
     trainer = Trainer(
-        tiny_cfg(tmp_path, "kl_coef=0.1", "dtype=bfloat16", f"attention_dtype={attention}", "steps=1"),
+        tiny_cfg(tmp_path, "kl_coef=0.1", "dtype=bfloat16", f"attention_dtype={attention_dtype}", "steps=1"),
         log=lambda *_: None,
     )
     reference, policy = trainer.reference, trainer.model
@@ -502,7 +504,7 @@ def test_bf16_run_stores_the_reference_in_bf16_and_its_kl_starts_at_exactly_zero
     assert {p.dtype for n, p in reference.named_parameters() if "proj" in n} == {torch.bfloat16}
     assert reference.get_input_embeddings().weight.dtype == torch.float32
     assert {p.dtype for p in policy.parameters()} == {torch.float32}
-    expected = attention_module.FLOAT32_SDPA if attention == "float32" else "sdpa"
+    expected = attention.FLOAT32_SDPA if attention_dtype == "float32" else attention.SDPA
     assert policy.config._attn_implementation == reference.config._attn_implementation == expected
     trainer.run()
     (step,) = [r for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if "reward" in r]
@@ -513,7 +515,7 @@ def test_float32_precision_keeps_the_reference_and_the_attention_float32(tmp_pat
     trainer = Trainer(tiny_cfg(tmp_path, "kl_coef=0.1", "dtype=float32"), log=lambda *_: None)
     assert trainer.attention_dtype == "float32" and trainer.reference is not None
     assert {p.dtype for p in trainer.reference.parameters()} == {torch.float32}
-    assert trainer.model.config._attn_implementation == "sdpa"  # float32 already: SDPA as it is
+    assert trainer.model.config._attn_implementation == attention.SDPA  # float32 already: SDPA as it is
 
 
 def test_the_fused_adamw_steps_as_the_per_tensor_loop_does(tmp_path):

@@ -7,25 +7,42 @@ float32, while its matmuls ran 4.6× faster in bf16. Attention is a small share 
 FLOPs, so computing it in float32 (q, k, v cast up, the output cast back to the autocast dtype
 for the output projection) keeps the bf16 linears and loses none of their speed.
 
-`use(model, dtype)` points the model's config at the attention function registered here, which
-is transformers' own SDPA attention (and its mask) with q, k, v in float32 and autocast off
-inside; outside autocast (float32 inputs) it is SDPA itself. Which dtype is faster is measured
-per machine (`precision.resolve_attention`), not read from the CPU flags.
+`use(model, dtype)` points the model's config at one of the two attention functions registered
+here: `SDPA`, transformers' own SDPA attention (and its mask), and `FLOAT32_SDPA`, the same with
+q, k, v in float32 and autocast off inside (outside autocast, float32 inputs, it is SDPA itself).
+Which dtype is faster is measured per machine (`precision.resolve_attention`), not read from the
+CPU flags. Both attend a packed sequence (`divrl.packing`) when a forward passes its layout as
+the keyword argument `divrl_layout`; `load_model` gives every model it loads `SDPA`, so the
+numbers are transformers' and a forward may pack.
 """
 
 from __future__ import annotations
 
 import torch
 from torch import nn
-from transformers import AttentionInterface, PreTrainedModel
+from transformers import AttentionInterface, DynamicCache, PreTrainedModel
+from transformers.cache_utils import DynamicLayer
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
+from divrl import packing
+
+SDPA = "divrl_sdpa"
 FLOAT32_SDPA = "divrl_sdpa_float32"
 
 
-def _sdpa_in_float32(module: nn.Module, query, key, value, attention_mask, *args, **kwargs):
-    """transformers' SDPA attention computed in float32, its output in the query's dtype."""
+def _sdpa(module: nn.Module, query, key, value, attention_mask, *args, divrl_layout=None, **kwargs):
+    """transformers' SDPA attention, or `packing.attend` given a packed layout."""
+    if divrl_layout is not None:
+        return packing.attend(query, key, value, divrl_layout, kwargs.get("dropout", 0.0), kwargs.get("scaling")), None
+    return sdpa_attention_forward(module, query, key, value, attention_mask, *args, **kwargs)
+
+
+def _sdpa_in_float32(module: nn.Module, query, key, value, attention_mask, *args, divrl_layout=None, **kwargs):
+    """`_sdpa` computed in float32 (autocast off), its output in the query's dtype."""
+    if divrl_layout is not None:
+        dropout, scaling = kwargs.get("dropout", 0.0), kwargs.get("scaling")
+        return packing.attend(query, key, value, divrl_layout, dropout, scaling, float32=True), None
     if attention_mask is not None and attention_mask.is_floating_point():
         attention_mask = attention_mask.float()
     with torch.autocast(query.device.type, enabled=False):
@@ -35,18 +52,30 @@ def _sdpa_in_float32(module: nn.Module, query, key, value, attention_mask, *args
     return out.to(query.dtype), weights
 
 
-AttentionInterface.register(FLOAT32_SDPA, _sdpa_in_float32)
-AttentionMaskInterface.register(FLOAT32_SDPA, sdpa_mask)
+for _name, _function in ((SDPA, _sdpa), (FLOAT32_SDPA, _sdpa_in_float32)):
+    AttentionInterface.register(_name, _function)
+    AttentionMaskInterface.register(_name, sdpa_mask)
 
 
-def use(model: PreTrainedModel, dtype: str) -> PreTrainedModel:
+def _configs(model: PreTrainedModel) -> list:
+    """The model's config and its text config, once each (they are one object for text models)."""
+    return list({id(c): c for c in (model.config, model.config.get_text_config())}.values())
+
+
+def use(model: PreTrainedModel, dtype: str = "bfloat16") -> PreTrainedModel:
     """`model` (in place) with its SDPA attention computed in `dtype`: 'float32' through
-    FLOAT32_SDPA, 'bfloat16' as autocast runs it (transformers' SDPA). A model whose attention is
-    not SDPA (eager, flash attention) is left as it is."""
-    configs = {id(c): c for c in (model.config, model.config.get_text_config())}.values()
-    for config in configs:
-        if dtype == "float32" and config._attn_implementation == "sdpa":
-            config._attn_implementation = FLOAT32_SDPA
-        elif dtype == "bfloat16" and config._attn_implementation == FLOAT32_SDPA:
-            config._attn_implementation = "sdpa"
+    FLOAT32_SDPA, 'bfloat16' as autocast runs it (SDPA: bf16 under bf16 autocast, float32
+    outside). A model whose attention is not SDPA (eager, flash attention) is left as it is."""
+    for config in _configs(model):
+        if config._attn_implementation in ("sdpa", SDPA, FLOAT32_SDPA):
+            config._attn_implementation = FLOAT32_SDPA if dtype == "float32" else SDPA
     return model
+
+
+def packs(model: PreTrainedModel) -> bool:
+    """Whether `model` attends a packed sequence (`divrl.packing`): one of divrl's SDPA functions,
+    every layer full attention (no sliding window), no attention logit softcapping."""
+    return all(
+        config._attn_implementation in (SDPA, FLOAT32_SDPA) and getattr(config, "attn_logit_softcapping", None) is None
+        for config in _configs(model)
+    ) and all(type(layer) is DynamicLayer for layer in DynamicCache(config=model.config).layers)

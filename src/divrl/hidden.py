@@ -1,8 +1,10 @@
 """The hidden states that predict each completion token, for a batch of prompts × G completions
-(design §4): the prompt is run once and its KV cache serves its G completions."""
+(design §4): each prompt is computed once for its G completions, in one packed sequence
+(`divrl.packing`) or on its KV cache."""
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, cast
@@ -10,6 +12,8 @@ from typing import Any, cast
 import torch
 from transformers import DynamicCache, PreTrainedModel
 from transformers.cache_utils import CacheLayerMixin, DynamicLayer
+
+from divrl import attention, packing
 
 
 @dataclass
@@ -23,8 +27,10 @@ class TokenBatch:
     prompt: TokenBatch | None = None  # with_prompt: the positions predicting prompt tokens 2..L
 
 
-# What one more forward costs, in padded tokens. On the 2-core AVX2 EPYC, 128 and 256 (fewer,
-# bigger buckets) were no faster, one bucket per micro-batch 10–35% slower.
+# What one more bucket costs, in padded tokens. KV-cache path (a forward per bucket), 2-core AVX2
+# EPYC: 128 and 256 (fewer, bigger buckets) were no faster, one bucket per micro-batch 10–35%
+# slower. Packed path (an SDPA call per bucket and layer), 2-core AVX512-BF16 EPYC: 8 as fast, 128
+# and one bucket 3–10% slower.
 BUCKET_OVERHEAD_TOKENS = 32
 
 
@@ -119,21 +125,90 @@ def completion_hidden(
 ) -> TokenBatch:
     """Hidden states that predict each completion token, computing every prompt once.
 
-    `completions` are group-major: G = len(completions) / len(prompts) per prompt. The prompts
-    (left-padded) run first, then the completions on top of their prompt's KV cache (selected per
-    row, differentiably, so gradients reach the prompt positions): the G copies of a prompt cost
-    one forward/backward instead of G. The completions run in buckets of similar length
-    (`length_buckets`), so little padding is computed, and without their last token, whose hidden
-    state predicts nothing. Padding never reaches the vocabulary-sized output layer: only the
-    hidden states of real completion tokens are kept. `with_prompt` also keeps, in ``.prompt``,
-    the hidden states that predict each prompt's tokens 2..L (rows = the prompt's index),
-    computed once per prompt.
+    `completions` are group-major: G = len(completions) / len(prompts) per prompt. The completions
+    run without their last token, whose hidden state predicts nothing, and padding never reaches
+    the vocabulary-sized output layer: only the hidden states of real completion tokens are kept.
+    A model whose attention `attention.packs` runs the prompts and completions as one packed
+    sequence, attention in buckets of rows of similar length (`length_buckets`); any other runs the
+    prompts (left-padded) first, then the completions on their prompt's KV cache, in padded buckets
+    of similar length. Either way the G copies of a prompt cost one forward/backward instead of G,
+    and gradients reach the prompt positions. `bucket_overhead` is the cost of one more bucket in
+    padded tokens. `with_prompt` also keeps, in ``.prompt``, the hidden states that predict each
+    prompt's tokens 2..L (rows = the prompt's index), computed once per prompt.
     """
     if not prompts or len(completions) % len(prompts) or not all(completions):
         raise ValueError(
             f"completion_hidden needs G ≥ 1 non-empty completions per prompt, group-major; got "
             f"{len(completions)} completions (lengths {[len(c) for c in completions]}) for {len(prompts)} prompts"
         )
+    forward = _packed_hidden if attention.packs(model) else _cached_hidden
+    return forward(model, prompts, completions, pad_token_id, with_prompt, bucket_overhead)
+
+
+def _packed_hidden(
+    model: PreTrainedModel,
+    prompts: list[list[int]],
+    completions: list[list[int]],
+    pad_token_id: int,
+    with_prompt: bool,
+    bucket_overhead: int,
+) -> TokenBatch:
+    """`completion_hidden` on one packed sequence: the prompts, then the completions without their
+    last token (`divrl.packing`)."""
+    group, device = len(completions) // len(prompts), model.device
+    inputs = [c[:-1] for c in completions]  # the last token predicts nothing
+    prompt_starts = list(itertools.accumulate((len(p) for p in prompts), initial=0))
+    input_starts = list(itertools.accumulate((len(ids) for ids in inputs), initial=prompt_starts[-1]))
+    prompt_keys = [list(range(a, b)) for a, b in itertools.pairwise(prompt_starts)]
+    rows = [(keys, 0) for keys in prompt_keys] + [
+        (prompt_keys[r // group] + list(range(input_starts[r], input_starts[r + 1])), len(prompts[r // group]))
+        for r in range(len(inputs))
+    ]
+    ids = [t for p in prompts for t in p] + [t for c in inputs for t in c]
+    positions = [j for p in prompts for j in range(len(p))] + [
+        len(prompts[r // group]) + j for r, c in enumerate(inputs) for j in range(len(c))
+    ]
+    body = cast(PreTrainedModel, model.base_model)  # typed nn.Module: the PreTrainedModel body (or the model)
+    layout = packing.layout(rows, length_buckets([len(keys) for keys, _ in rows], bucket_overhead), device)
+    states = body(
+        input_ids=torch.tensor([ids], device=device),
+        position_ids=torch.tensor([positions], device=device),
+        use_cache=False,
+        divrl_layout=layout,  # to the attention function (`attention.SDPA` or `FLOAT32_SDPA`)
+    ).last_hidden_state[0]
+    # Token j of a completion is predicted by the state before it: its prompt's last for j = 0.
+    predictors = [
+        i
+        for r in range(len(inputs))
+        for i in (prompt_starts[r // group + 1] - 1, *range(input_starts[r], input_starts[r + 1]))
+    ]
+    tokens = torch.tensor([t for c in completions for t in c], dtype=torch.long, device=device)
+    lengths = torch.tensor([len(c) for c in completions], device=device)
+    batch = TokenBatch(
+        states.index_select(0, torch.tensor(predictors, device=device)),
+        tokens,
+        torch.repeat_interleave(torch.arange(len(completions), device=device), lengths),
+    )
+    if with_prompt:  # prompt position j predicts token j + 1
+        places = [i for keys in prompt_keys for i in keys[:-1]]
+        batch.prompt = TokenBatch(
+            states.index_select(0, torch.tensor(places, dtype=torch.long, device=device)),
+            torch.tensor([t for p in prompts for t in p[1:]], dtype=torch.long, device=device),
+            torch.tensor([i for i, p in enumerate(prompts) for _ in p[1:]], dtype=torch.long, device=device),
+        )
+    return batch
+
+
+def _cached_hidden(
+    model: PreTrainedModel,
+    prompts: list[list[int]],
+    completions: list[list[int]],
+    pad_token_id: int,
+    with_prompt: bool,
+    bucket_overhead: int,
+) -> TokenBatch:
+    """`completion_hidden` on KV caches: the prompts (left-padded) run first, then the completions
+    on their prompt's KV cache (selected per row, differentiably), in buckets of similar length."""
     group = len(completions) // len(prompts)
     device = model.device
     prompt_ids, prompt_mask = (t.to(device) for t in left_pad(prompts, pad_token_id))

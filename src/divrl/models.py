@@ -23,7 +23,7 @@ import torch
 from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedModel
 
-from divrl import chunked
+from divrl import attention, chunked
 from divrl.atomic import save_atomically
 
 DEFAULT_NAME = "SmolLM2-135M-Instruct"
@@ -351,6 +351,7 @@ def load_model(spec: str, seed: int = 0, device: torch.device | str = "cpu"):
                 f"local model directory, 'default' or 'tiny'."
             ) from None
     model.generation_config.pad_token_id = tokenizer.pad_token_id
+    attention.use(model)  # transformers' SDPA through divrl's function: the same numbers, and packed forwards
     model.to(device)  # type: ignore[arg-type]  # transformers wraps `to` with functools.wraps: mypy loses `self`
     verify_head(model)
     return model, tokenizer

@@ -4,12 +4,13 @@ its forward again there (`torch.utils.checkpoint`, non-reentrant), so a micro-ba
 block's activations at a time instead of all of them, for one more forward of the policy.
 
 HF's own `activation_checkpointing_enable` (formerly `gradient_checkpointing_enable`, what TRL's
-`gradient_checkpointing` turns on) cannot serve divrl: in training mode its blocks drop the KV
-cache, and `completion_hidden` runs each prompt once and its completions on that prompt's cache.
-Here the blocks keep the cache, and the cache gives the same KV when a block runs again:
-`completion_hidden`'s full-attention layers (`hidden.PrefixedLayer`) hold the prompt's KV and
-replace, not append, what an update adds. Layers of other kinds (sliding windows) append, so a
-model with them is refused (`refusal`).
+`gradient_checkpointing` turns on) cannot serve divrl's KV-cache path: in training mode its blocks
+drop the KV cache, and `completion_hidden` runs each prompt once and its completions on that
+prompt's cache. Here the blocks keep the cache, and the cache gives the same KV when a block runs
+again: `completion_hidden`'s full-attention layers (`hidden.PrefixedLayer`) hold the prompt's KV
+and replace, not append, what an update adds. Layers of other kinds (sliding windows) append, so a
+model with them is refused (`refusal`). A packed forward (`divrl.packing`) has no cache: its
+blocks run again on the same inputs and layout.
 
 Measured (`benchmarks/grpo_step.py --sides …,divrl-fp32-recompute`, 20 steps, SmolLM2-135M, 4
 prompts × 8 samples, micro-batches of 16, fp32, 2-core AVX2 EPYC): peak RSS 4.54 GB against 5.44
