@@ -7,8 +7,8 @@ import pytest
 import torch
 from transformers import LlamaForCausalLM
 
-from divrl import attention
-from divrl.models import frozen_for, tiny_config
+from divrl import attention, chunked
+from divrl.models import frozen_for, output_head, tiny_config
 
 
 def model(tie: bool) -> LlamaForCausalLM:
@@ -69,13 +69,17 @@ def test_frozen_linears_in_bf16_give_autocasts_outputs_bit_for_bit(tie):
     plain = model(tie)
     frozen = frozen_for("bf16", copy.deepcopy(plain).requires_grad_(False))
     linears = [m for m in frozen.modules() if isinstance(m, torch.nn.Linear)]
-    head_tied = frozen.lm_head.weight is frozen.get_input_embeddings().weight
-    assert head_tied == tie
-    assert all(m.weight.dtype == torch.bfloat16 for m in linears if m is not frozen.lm_head)
-    assert frozen.lm_head.weight.dtype == (torch.float32 if tie else torch.bfloat16)
+    assert (plain.lm_head.weight is plain.get_input_embeddings().weight) == tie
+    assert all(m.weight.dtype == torch.bfloat16 for m in linears)  # a tied head gets its own bf16 copy
     assert frozen.get_input_embeddings().weight.dtype == torch.float32  # the residual stream stays float32
     assert all(p.dtype == torch.float32 for n, p in frozen.named_parameters() if "norm" in n)
     assert torch.equal(logits(frozen, bf16=True), logits(plain, bf16=True))
+    hidden = torch.randn(5, plain.config.hidden_size, generator=torch.Generator().manual_seed(2))
+    tokens = torch.tensor([1, 5, 9, 40, 95])
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # the streamed head: the same numbers too
+        streamed = [chunked.logprob_entropy(hidden, output_head(net), tokens) for net in (frozen, plain)]
+    for got, want in zip(*streamed):
+        assert torch.equal(got, want)
 
 
 def test_frozen_for_float32_changes_nothing():

@@ -226,22 +226,27 @@ def casts_kept() -> Iterator[None]:
 
 def frozen_for(precision: str, model: PreTrainedModel) -> PreTrainedModel:
     """A frozen model made ready to run at `precision`, in place: at 'bf16' its nn.Linear weights
-    and biases are stored in bf16, a tied output embedding excepted (the input embedding shares
-    it, and the residual stream it starts stays float32).
+    and biases are stored in bf16. A tied output embedding gets a bf16 copy of its own; the input
+    embedding keeps the float32 weight (the residual stream it starts stays float32).
 
     bf16 autocast casts a linear's float32 weight to bf16 at every forward, and caches the cast
     only for weights that require grad, so a frozen model paid it at every call: by the profile
     of a GRPO step of SmolLM2-135M, 8 casts of each of the reference's linear weights (one per
-    length bucket and micro-batch). Stored in bf16 the weights are the ones
-    autocast would have made (the same rounding), so the outputs under autocast are the same,
-    bit for bit, with half of those weights' memory. Outside autocast such a linear refuses a
-    float32 input: the trainer runs frozen models under its autocast only."""
+    length bucket and micro-batch), and the streamed output head (`divrl.chunked`) cast the tied
+    49152 × 576 weight at each of its passes. Stored in bf16 the weights are the ones autocast
+    would have made (the same rounding), so the outputs under autocast are the same, bit for bit,
+    with half of those weights' memory (the tied head's copy adds half of its float32 size).
+    Outside autocast such a linear refuses a float32 input: the trainer runs frozen models under
+    its autocast only."""
     if precision != "bf16":
         return model
     embedding = model.get_input_embeddings().weight
     for module in model.modules():
         if isinstance(module, nn.Linear) and module.weight is not embedding:
             module.to(torch.bfloat16)
+    output = model.get_output_embeddings()
+    if isinstance(output, nn.Linear) and output.weight is embedding:
+        output.weight = nn.Parameter(embedding.detach().to(torch.bfloat16), requires_grad=False)
     return model
 
 
