@@ -31,18 +31,21 @@ SDPA = "divrl_sdpa"
 FLOAT32_SDPA = "divrl_sdpa_float32"
 
 
+def _packed(query, key, value, layout: packing.Layout, float32: bool, kwargs: dict) -> tuple[torch.Tensor, None]:
+    return packing.attend(query, key, value, layout, kwargs.get("dropout", 0.0), kwargs.get("scaling"), float32), None
+
+
 def _sdpa(module: nn.Module, query, key, value, attention_mask, *args, divrl_layout=None, **kwargs):
     """transformers' SDPA attention, or `packing.attend` given a packed layout."""
     if divrl_layout is not None:
-        return packing.attend(query, key, value, divrl_layout, kwargs.get("dropout", 0.0), kwargs.get("scaling")), None
+        return _packed(query, key, value, divrl_layout, False, kwargs)
     return sdpa_attention_forward(module, query, key, value, attention_mask, *args, **kwargs)
 
 
 def _sdpa_in_float32(module: nn.Module, query, key, value, attention_mask, *args, divrl_layout=None, **kwargs):
     """`_sdpa` computed in float32 (autocast off), its output in the query's dtype."""
     if divrl_layout is not None:
-        dropout, scaling = kwargs.get("dropout", 0.0), kwargs.get("scaling")
-        return packing.attend(query, key, value, divrl_layout, dropout, scaling, float32=True), None
+        return _packed(query, key, value, divrl_layout, True, kwargs)
     if attention_mask is not None and attention_mask.is_floating_point():
         attention_mask = attention_mask.float()
     with torch.autocast(query.device.type, enabled=False):
