@@ -16,7 +16,7 @@ ROWS = [([0, 1, 2], 0), ([3, 4], 0), ([0, 1, 2, 5, 6], 3), ([3, 4, 7], 2)]
 def test_layout_masks_each_row_causally_over_its_context_and_its_own_keys():
     layout = packing.layout(ROWS, [[0, 1, 2, 3]], "cpu")
     (bucket,) = layout.buckets
-    assert bucket.rows == 4 and bucket.mask.shape == (4, 1, 3, 5)
+    assert bucket.mask.shape == (4, 1, 3, 5)  # 4 rows × 3 queries × 5 keys
     mask = bucket.mask[:, 0].int().tolist()
     assert mask[0] == [[1, 0, 0, 0, 0], [1, 1, 0, 0, 0], [1, 1, 1, 0, 0]]
     assert mask[1] == [[1, 0, 0, 0, 0], [1, 1, 0, 0, 0], [1, 0, 0, 0, 0]]  # a padded query sees key 0 only

@@ -75,10 +75,17 @@ def use(model: PreTrainedModel, dtype: str = "bfloat16") -> PreTrainedModel:
     return model
 
 
+def other_layer_kinds(model: PreTrainedModel) -> list[str]:
+    """The kinds of the model's attention layers other than plain full attention (sliding windows
+    and the like), by their transformers cache-layer class names, sorted; [] when there are none."""
+    kinds = {type(layer).__name__ for layer in DynamicCache(config=model.config).layers}
+    return sorted(kinds - {DynamicLayer.__name__})
+
+
 def packs(model: PreTrainedModel) -> bool:
     """Whether `model` attends a packed sequence (`divrl.packing`): one of divrl's SDPA functions,
     every layer full attention (no sliding window), no attention logit softcapping."""
-    return all(
+    return not other_layer_kinds(model) and all(
         config._attn_implementation in (SDPA, FLOAT32_SDPA) and getattr(config, "attn_logit_softcapping", None) is None
         for config in _configs(model)
-    ) and all(type(layer) is DynamicLayer for layer in DynamicCache(config=model.config).layers)
+    )

@@ -29,8 +29,8 @@ class TokenBatch:
 
 # What one more bucket costs, in padded tokens. KV-cache path (a forward per bucket), 2-core AVX2
 # EPYC: 128 and 256 (fewer, bigger buckets) were no faster, one bucket per micro-batch 10–35%
-# slower. Packed path (an SDPA call per bucket and layer), 2-core AVX512-BF16 EPYC: 8 as fast, 128
-# and one bucket 3–10% slower.
+# slower. Packed path (an SDPA call per bucket and layer), 2-core AVX512-BF16 EPYC, a GRPO update's
+# forward + backward, medians of 4: 8 as fast, 128 2% and one bucket 6% slower.
 BUCKET_OVERHEAD_TOKENS = 32
 
 
@@ -141,17 +141,13 @@ def completion_hidden(
             f"completion_hidden needs G ≥ 1 non-empty completions per prompt, group-major; got "
             f"{len(completions)} completions (lengths {[len(c) for c in completions]}) for {len(prompts)} prompts"
         )
-    forward = _packed_hidden if attention.packs(model) else _cached_hidden
-    return forward(model, prompts, completions, pad_token_id, with_prompt, bucket_overhead)
+    if attention.packs(model):  # no padding: the pad token is not needed
+        return _packed_hidden(model, prompts, completions, with_prompt, bucket_overhead)
+    return _cached_hidden(model, prompts, completions, pad_token_id, with_prompt, bucket_overhead)
 
 
 def _packed_hidden(
-    model: PreTrainedModel,
-    prompts: list[list[int]],
-    completions: list[list[int]],
-    pad_token_id: int,
-    with_prompt: bool,
-    bucket_overhead: int,
+    model: PreTrainedModel, prompts: list[list[int]], completions: list[list[int]], with_prompt: bool, overhead: int
 ) -> TokenBatch:
     """`completion_hidden` on one packed sequence: the prompts, then the completions without their
     last token (`divrl.packing`)."""
@@ -169,7 +165,7 @@ def _packed_hidden(
         len(prompts[r // group]) + j for r, c in enumerate(inputs) for j in range(len(c))
     ]
     body = cast(PreTrainedModel, model.base_model)  # typed nn.Module: the PreTrainedModel body (or the model)
-    layout = packing.layout(rows, length_buckets([len(keys) for keys, _ in rows], bucket_overhead), device)
+    layout = packing.layout(rows, length_buckets([len(keys) for keys, _ in rows], overhead), device)
     states = body(
         input_ids=torch.tensor([ids], device=device),
         position_ids=torch.tensor([positions], device=device),

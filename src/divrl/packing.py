@@ -8,8 +8,8 @@ the keys up to itself (a prompt: its own tokens, c = 0; a completion: its prompt
 own, c = the prompt's length). `attend` gathers each row's queries and keys, runs SDPA on
 buckets of rows of similar length under the rows' causal mask, and puts the outputs back in packed
 order; divrl's SDPA attention functions (`divrl.attention`) call it when a forward passes a
-`Layout` as the keyword argument `divrl_layout`. Gathers and SDPA are differentiable, so gradients reach every position, a prompt's
-from all of its completions.
+`Layout` as the keyword argument `divrl_layout`. Gathers and SDPA are differentiable, so
+gradients reach every position, a prompt's from all of its completions.
 
 Why: small matrices waste a CPU's matmul units. On a 2-core AVX512-BF16 EPYC, bf16 matmuls of
 SmolLM2-135M's layer shapes ran at 300–550 GFLOP/s with 21–92 rows and 800–880 with 315–1460; a
@@ -40,7 +40,6 @@ class _Bucket:
     keys: torch.Tensor  # (rows × Lk,) packed position of each row's j-th key (0 where padding)
     mask: torch.Tensor  # (rows, 1, Lq, Lk) bool: query i of the row sees key j
     real: torch.Tensor  # indices of the real queries among the rows × Lq
-    rows: int
 
 
 @dataclass(frozen=True)
@@ -85,7 +84,6 @@ def layout(rows: Sequence[tuple[Sequence[int], int]], buckets: Sequence[Sequence
                 keys.flatten().to(device),
                 mask[:, None].to(device),
                 real.flatten().nonzero().squeeze(1).to(device),
-                len(members),
             )
         )
     positions, order = torch.tensor(placed).sort()
@@ -125,8 +123,9 @@ def attend(
         queries, keys, values = (x[0].transpose(0, 1) for x in inputs)  # (T, heads, head dim)
         out = []
         for bucket in layout.buckets:
+            rows = bucket.mask.shape[0]
             q, k, v = (
-                x.index_select(0, index).view(bucket.rows, -1, *x.shape[1:]).transpose(1, 2)
+                x.index_select(0, index).view(rows, -1, *x.shape[1:]).transpose(1, 2)
                 for x, index in ((queries, bucket.queries), (keys, bucket.keys), (values, bucket.keys))
             )
             attended = _sdpa(q, k, v, bucket.mask, dropout, scaling)

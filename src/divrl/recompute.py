@@ -25,9 +25,9 @@ from functools import partial
 
 from torch import nn
 from torch.utils.checkpoint import checkpoint
-from transformers import DynamicCache, PreTrainedModel
-from transformers.cache_utils import DynamicLayer
+from transformers import PreTrainedModel
 
+from divrl import attention
 from divrl.models import replaced_forwards
 from divrl.sharding import blocks
 
@@ -37,8 +37,7 @@ def refusal(model: PreTrainedModel) -> str | None:
     name = type(model).__name__
     if not blocks(model):
         return f"{name} names no transformer block classes (_no_split_modules) to checkpoint"
-    kinds = {type(layer).__name__ for layer in DynamicCache(config=model.config).layers}
-    others = sorted(kinds - {DynamicLayer.__name__})
+    others = attention.other_layer_kinds(model)
     if others:
         return (
             f"{name} has attention layers of other kinds than full attention ({', '.join(others)}): "
