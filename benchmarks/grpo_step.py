@@ -3,7 +3,7 @@
     python benchmarks/grpo_step.py [--steps 4] [--sides trl-fp32,divrl-fp32,trl-bf16,divrl-auto]
                                    [--sides …,divrl-fp32-recompute]
                                    [--side-timeout 3600] [--timeout trl-bf16=600] [--out DIR]
-                                   [--device auto|cpu|cuda]
+                                   [--device auto|cpu|cuda] [--together 2]
     python benchmarks/grpo_step.py --from-results DIR     # summary.md and reward.png again
 
 TRL comes with the `bench` extra: `pip install -e '.[bench]'`.
@@ -18,7 +18,11 @@ Each side runs in its own subprocess (TRL fp32, divrl fp32, TRL bf16, divrl `dty
 that order; on request also `divrl-fp32-recompute`, divrl fp32 with `activation_checkpointing`,
 the activations recomputed in the backward as TRL's default does), writing one JSON line per step
 as it goes, so a side stopped at --side-timeout still reports the steps it finished (and one that
-finished none reports a lower bound). Timings are the median of steps 2..N (step 1 warms up).
+finished none reports a lower bound). The sides run --together at a time (consecutive in the
+list, 2 by default: each TRL side with the divrl side after it) in lockstep: step 1 of each, then
+step 2 of each, and so on, one process computing while the others wait for their turn, so a
+machine whose speed drifts (a shared VM's does, by 17% within an hour) slows both sides of a
+comparison alike. Timings are the median of steps 2..N (step 1 warms up).
 Peak RSS is the process's ru_maxrss (model loading included, on both sides). Its floor, reported
 per side, is the training state the side holds (weights of policy and reference, AdamW's
 moments, gradients the size of the trainable weights) plus the process's RSS before it loads a
@@ -48,6 +52,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -119,6 +124,13 @@ def divrl_config(steps: int, dtype: str, output_dir: str, device: str = "cpu", r
     )
 
 
+def wait_for_turn() -> None:
+    """Block until the driver says this worker's next step may start (a line on stdin, see
+    `lockstep`); a worker whose stdin is closed or a terminal runs on."""
+    if not sys.stdin.isatty():
+        sys.stdin.readline()
+
+
 def run_divrl(steps: int, dtype: str, device: torch.device, emit, recompute: bool = False) -> None:
     from divrl.trainer import Trainer
 
@@ -127,6 +139,7 @@ def run_divrl(steps: int, dtype: str, device: torch.device, emit, recompute: boo
         trainer = Trainer(divrl_config(steps, dtype, tmp, str(device), recompute), log=lambda *_: None)
         params = model_params(trainer.model)
         for step in range(steps):
+            wait_for_turn()
             m = trainer.train_step(step)
             emit(
                 {
@@ -185,6 +198,7 @@ def run_trl(steps: int, bf16: bool, device: torch.device, emit) -> None:
         trainer: GRPOTrainer  # set once built: on_step_end reads its models and optimizer
 
         def on_step_begin(self, *_, **__):
+            wait_for_turn()
             self.start = time.perf_counter()
 
         def on_step_end(self, *_, **__):
@@ -255,6 +269,66 @@ def worker(side: str, steps: int, path: Path, device: torch.device) -> None:
         run_trl(steps, side == "trl-bf16", device, emit)
     else:
         run_divrl(steps, side.split("-")[1].replace("fp32", "float32"), device, emit, side.endswith("-recompute"))
+
+
+@dataclass
+class SideRun:
+    """How a worker of `lockstep` ended: its exit code (None if killed), whether it was stopped at
+    its time limit, and the seconds it had the machine (its turns, model loading included)."""
+
+    exit_code: int | None = None
+    limit_hit: bool = False
+    seconds: float = 0.0
+
+
+def _complete_lines(path: Path) -> int:
+    return path.read_text().count("\n") if path.exists() else 0
+
+
+def lockstep(commands: dict[str, list[str]], rows: dict[str, Path], steps: int, limits: dict[str, float]) -> dict:
+    """Run the workers `commands` (side → argv) side by side in turns: each gets a line on its
+    stdin (`wait_for_turn`), and the driver waits until it has appended that step's line to its
+    `rows` file, exited, or used up its `limits` (seconds over all its turns; then it is killed),
+    before the next side's turn. Returns side → SideRun. The rows files start empty."""
+    for path in rows.values():
+        path.unlink(missing_ok=True)
+    workers = {side: subprocess.Popen(argv, stdin=subprocess.PIPE, text=True) for side, argv in commands.items()}
+    runs = {side: SideRun() for side in commands}
+    try:
+        for step in range(1, steps + 1):
+            for side, worker in workers.items():
+                run = runs[side]
+                if worker.poll() is not None or run.limit_hit:
+                    continue
+                start = time.perf_counter()
+                try:
+                    assert worker.stdin is not None  # opened as a pipe above
+                    worker.stdin.write("go\n")
+                    worker.stdin.flush()
+                except BrokenPipeError:  # exited between the poll and the write
+                    continue
+                while _complete_lines(rows[side]) < step and worker.poll() is None:
+                    if run.seconds + time.perf_counter() - start > limits[side]:
+                        worker.kill()
+                        run.limit_hit = True
+                        break
+                    time.sleep(0.05)
+                run.seconds += time.perf_counter() - start
+    finally:
+        for side, worker in workers.items():
+            if worker.stdin is not None:
+                worker.stdin.close()
+            if runs[side].limit_hit:
+                worker.wait()
+            else:
+                try:
+                    worker.wait(timeout=max(60.0, limits[side] - runs[side].seconds))
+                except subprocess.TimeoutExpired:
+                    worker.kill()
+                    worker.wait()
+                    runs[side].limit_hit = True
+            runs[side].exit_code = None if runs[side].limit_hit else worker.returncode
+    return runs
 
 
 def matmul_peak(dtype: torch.dtype, device: torch.device, seconds: float = 1.5) -> float:
@@ -368,6 +442,12 @@ def main() -> None:
         help="another limit for one side (e.g. trl-bf16=600 where bf16 is slow)",
     )
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument(
+        "--together",
+        type=int,
+        default=2,
+        help="sides run in lockstep at a time (consecutive in --sides; 1: one by one)",
+    )
     parser.add_argument("--device", default="auto", help="where both sides train: auto (CUDA when present), cpu, cuda")
     parser.add_argument(
         "--from-results", type=Path, metavar="DIR", help="write the summary of DIR/results.json again, running nothing"
@@ -388,6 +468,8 @@ def main() -> None:
         if side not in SIDES or not seconds.replace(".", "", 1).isdigit():
             parser.error(f"--timeout {limit!r}: expected SIDE=SECONDS with SIDE one of {', '.join(SIDES)}")
         limits[side] = float(seconds)
+    if args.together < 1:
+        parser.error(f"--together {args.together}: expected at least 1")
     unknown = [side for side in args.sides.split(",") if side not in SIDES]
     if unknown:
         parser.error(f"--sides: unknown {', '.join(unknown)}; choose from {', '.join(SIDES)}")
@@ -416,37 +498,22 @@ def main() -> None:
     )
     prompt_tokens = prompt_token_count()
 
+    sides = args.sides.split(",")
     results = []
-    for side in args.sides.split(","):
-        rows_path = out / f"steps-{side}.jsonl"
-        rows_path.unlink(missing_ok=True)
-        start = time.perf_counter()
-        print(f"{side}: {args.steps} steps …", flush=True)
-        try:  # a side that fails (exit code printed by its own traceback) keeps the steps it finished
-            exit_code = subprocess.run(
-                [
-                    sys.executable,
-                    __file__,
-                    "--worker",
-                    side,
-                    "--steps",
-                    str(args.steps),
-                    "--rows",
-                    str(rows_path),
-                    "--device",
-                    str(device),
-                ],
-                timeout=limits.get(side, args.side_timeout),
-            ).returncode
-            limit_hit = False
-        except subprocess.TimeoutExpired:
-            exit_code, limit_hit = None, True
-        rows = [json.loads(line) for line in rows_path.read_text().splitlines()] if rows_path.exists() else []
-        results.append(
-            summarize(side, rows, limit_hit, time.perf_counter() - start, peaks, prompt_tokens)
-            | ({"exit_code": exit_code} if exit_code else {})
-        )
-        print(table(results[-1:]).splitlines()[-1], flush=True)
+    for first in range(0, len(sides), args.together):
+        group = sides[first : first + args.together]
+        paths = {side: out / f"steps-{side}.jsonl" for side in group}
+        print(f"{', '.join(group)}: {args.steps} steps in lockstep …", flush=True)
+        argv = [sys.executable, __file__, "--steps", str(args.steps), "--device", str(device)]
+        commands = {side: [*argv, "--worker", side, "--rows", str(path)] for side, path in paths.items()}
+        runs = lockstep(commands, paths, args.steps, {side: limits.get(side, args.side_timeout) for side in group})
+        for side, run in runs.items():
+            rows = [json.loads(line) for line in paths[side].read_text().splitlines()] if paths[side].exists() else []
+            results.append(
+                summarize(side, rows, run.limit_hit, run.seconds, peaks, prompt_tokens)
+                | ({"exit_code": run.exit_code} if run.exit_code else {})
+            )
+            print(table(results[-1:]).splitlines()[-1], flush=True)
     summary = {
         "date": date,
         "host": host,

@@ -1,9 +1,9 @@
 """Where divrl's GRPO step holds its memory: RSS by phase, the training state, activations.
 
-    python benchmarks/grpo_step_memory.py [--steps 3] [--trim] [--activation-checkpointing]
+    python benchmarks/grpo_step_memory.py [--steps 3] [--dtype auto] [--trim] [--activation-checkpointing]
     MALLOC_MMAP_THRESHOLD_=65536 python benchmarks/grpo_step_memory.py   # glibc settings, compared
 
-The configuration of `grpo_step.py` (divrl, fp32). A thread samples the process's RSS every 10 ms;
+The configuration of `grpo_step.py` (divrl, `--dtype` float32 by default). A thread samples the process's RSS every 10 ms;
 each step prints its time, the peak RSS of each phase (rollout, frozen passes, the update's
 forward + backward, optimizer), the training state held (`grpo_step.held_state_gb`) and what the
 model body's forward of the largest update micro-batch saves for backward beyond the weights
@@ -50,6 +50,7 @@ class RssSampler:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--dtype", default="float32", help="the config's dtype: float32, bfloat16 or auto")
     parser.add_argument("--trim", action="store_true", help="malloc_trim(0) after every phase")
     parser.add_argument("--activation-checkpointing", action="store_true", help="recompute the blocks' activations")
     args = parser.parse_args()
@@ -91,7 +92,7 @@ def main() -> None:
         return out
 
     with tempfile.TemporaryDirectory() as tmp:
-        cfg = grpo_step.divrl_config(args.steps, "float32", tmp, recompute=args.activation_checkpointing)
+        cfg = grpo_step.divrl_config(args.steps, args.dtype, tmp, recompute=args.activation_checkpointing)
         trainer = trainer_module.Trainer(cfg, log=lambda *_: None)
         weights = {p.untyped_storage().data_ptr() for p in trainer.model.parameters()}
         trainer._rollout_groups = timed("rollout", trainer._rollout_groups)  # type: ignore[method-assign]

@@ -3,6 +3,7 @@ extra): a benchmark whose TRL side scores with a stale API fails only when someo
 
 import copy
 import importlib.util
+import sys
 from pathlib import Path
 
 import pytest
@@ -16,6 +17,7 @@ def benchmark(name: str):
     spec = importlib.util.spec_from_file_location(f"benchmark_{name}", path)
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # where its dataclasses look themselves up
     spec.loader.exec_module(module)
     return module
 
@@ -41,3 +43,35 @@ def test_grpo_step_memory_floor_counts_weights_reference_gradients_and_adamw(tin
     held = benchmark("grpo_step").held_state_gb([model, reference], optimizer)
     # policy + reference + two moments + gradients
     assert held * 1e9 == pytest.approx(5 * weights + steps, rel=1e-9)
+
+
+# A worker of `lockstep`: logs each turn it gets, works `pause` seconds, then appends its step's row.
+_TURN_TAKER = """
+import sys, time
+side, rows, log, pause = sys.argv[1], sys.argv[2], sys.argv[3], float(sys.argv[4])
+for step in range(1, 4):
+    sys.stdin.readline()
+    with open(log, "a") as f:
+        f.write(f"{side}{step} ")
+    time.sleep(pause)
+    with open(rows, "a") as f:
+        f.write("{}\\n")
+"""
+
+
+def test_grpo_step_runs_sides_in_turns_and_stops_one_at_its_limit(tmp_path):
+    grpo_step = benchmark("grpo_step")
+    log = tmp_path / "turns.txt"
+    pauses = {"a": 0.0, "b": 0.0, "slow": 2.0}
+    rows = {side: tmp_path / f"{side}.jsonl" for side in pauses}
+    commands = {
+        side: [sys.executable, "-c", _TURN_TAKER, side, str(rows[side]), str(log), str(pause)]
+        for side, pause in pauses.items()
+    }
+    runs = grpo_step.lockstep(commands, rows, 3, {"a": 60.0, "b": 60.0, "slow": 3.0})
+    # one side works at a time, step by step; the slow one is killed in its second turn
+    assert log.read_text().split() == ["a1", "b1", "slow1", "a2", "b2", "slow2", "a3", "b3"]
+    assert [len(rows[side].read_text().splitlines()) for side in pauses] == [3, 3, 1]
+    assert (runs["a"].exit_code, runs["a"].limit_hit) == (0, False)
+    assert (runs["slow"].exit_code, runs["slow"].limit_hit) == (None, True)
+    assert 3.0 <= runs["slow"].seconds < 10.0
