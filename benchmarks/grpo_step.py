@@ -12,7 +12,8 @@ The configuration (issue 10): SmolLM2-135M-Instruct, reasoning-gym chain_sum (2 
 prompts × 8 samples, ≤ 64 new tokens, T = 1.0, β = 0.04 with the k3 estimator in the loss, AdamW
 at a constant lr 1e-6, gradient clipping at 1.0, token-mean loss (TRL's `dapo`), advantages
 normalized by the group's sample std, PPO clip 0.2 on both sides (one inner iteration, so the ratio
-is 1), micro-batches of 16 sequences. TRL samples with transformers' `generate`.
+is 1), micro-batches of 16 sequences. TRL samples with transformers' `generate`. Both sides train
+on the same prompts at each step: TRL gets them in the order divrl's trainer draws them.
 
 Each side runs in its own subprocess (TRL fp32, divrl fp32, TRL bf16, divrl `dtype: auto`, in
 that order; on request also `divrl-fp32-recompute`, divrl fp32 with `activation_checkpointing`,
@@ -138,12 +139,14 @@ def run_divrl(steps: int, dtype: str, device: torch.device, emit, recompute: boo
     with tempfile.TemporaryDirectory() as tmp:
         trainer = Trainer(divrl_config(steps, dtype, tmp, str(device), recompute), log=lambda *_: None)
         params = model_params(trainer.model)
+        index = {id(example): i for i, example in enumerate(trainer.task.train)}
         for step in range(steps):
             wait_for_turn()
             m = trainer.train_step(step)
             emit(
                 {
                     "step": step + 1,
+                    "prompts": sorted(index[id(e)] for e in trainer.prompts.batch(step, PROMPTS)),
                     "seconds": m["time_step"],
                     "reward": m["reward"],
                     "completion_tokens": m["completion_length"] * PROMPTS * GROUP,
@@ -165,21 +168,29 @@ def model_params(model) -> dict:
 
 
 def trl_task(steps: int):
-    """The task's training rows in TRL's conversational form (`index` names the example) and
-    TRL's reward function: the verifier divrl's trainer scores with, on the same examples."""
+    """The task's training rows in TRL's conversational form (`index` names the example), in the
+    order divrl's trainer draws them (its prompt source, seeded by the config), so that with TRL's
+    shuffling off step k trains on the same 4 prompts on both sides; and TRL's reward function:
+    the verifier divrl's trainer scores with, on the same examples."""
     from divrl.evaluation import score_completions
     from divrl.guarded_verifier import GuardedVerifier
+    from divrl.prompts import build_source
     from divrl.tasks import build_task
 
     cfg = divrl_config(steps, "float32", "unused")
     task = build_task(cfg)
     verifier = GuardedVerifier.from_config(task, cfg)
-    rows = [{"prompt": [{"role": "user", "content": e.prompt}], "index": i} for i, e in enumerate(task.train)]
+    source = build_source(cfg.prompt_sampler, task.train, cfg.seed)
+    index = {id(example): i for i, example in enumerate(task.train)}
+    drawn = [index[id(e)] for step in range(steps) for e in source.batch(step, PROMPTS)]
+    rows = [{"prompt": [{"role": "user", "content": task.train[i].prompt}], "index": i} for i in drawn]
 
     def reward(completions, index, **_):
+        reward.scored.update(index)
         texts = [c[-1]["content"] for c in completions]
         return score_completions(verifier, texts, [task.train[i] for i in index], 1)[0]
 
+    reward.scored = set()  # type: ignore[attr-defined]  # the examples scored since the last step's row
     return rows, reward
 
 
@@ -210,6 +221,7 @@ def run_trl(steps: int, bf16: bool, device: torch.device, emit) -> None:
                 emit(
                     {
                         "step": state.global_step,
+                        "prompts": sorted(reward.scored),
                         "seconds": self.seconds,
                         "reward": logs["reward"],
                         "completion_tokens": logs["completions/mean_length"] * PROMPTS * GROUP,
@@ -219,6 +231,7 @@ def run_trl(steps: int, bf16: bool, device: torch.device, emit) -> None:
                         **params,
                     }
                 )
+                reward.scored.clear()
 
     params = model_params(model)
     with tempfile.TemporaryDirectory() as tmp:
@@ -244,6 +257,7 @@ def run_trl(steps: int, bf16: bool, device: torch.device, emit) -> None:
             use_cpu=device.type == "cpu",
             bf16=bf16,
             seed=0,
+            shuffle_dataset=False,  # the rows are already in divrl's order (`trl_task`)
             dataloader_num_workers=0,
             disable_tqdm=True,
         )
@@ -377,6 +391,7 @@ def summarize(side: str, rows: list[dict], limit_hit: bool, timeout: float, peak
         "model_tflop_per_step": flops / 1e12,
         "fraction_of_peak": flops / seconds / peaks[precision],
         "rewards": [r["reward"] for r in rows],
+        "prompts": [r.get("prompts") for r in rows],  # the training examples of each step (None: not recorded)
     }
     if "state_gb" in rows[-1]:  # results from before these were recorded have none
         out["state_gb"] = max(r["state_gb"] for r in rows)
@@ -530,6 +545,21 @@ def mean_and_se(values: list[float]) -> tuple[float, float]:
     return statistics.mean(values), (statistics.stdev(values) / len(values) ** 0.5 if len(values) > 1 else math.nan)
 
 
+def same_prompts_note(ours: dict, theirs: dict) -> list[str]:
+    """A line saying at how many steps the two sides trained on the same prompts and, over those
+    steps, their reward difference paired by step (mean ± standard error); [] when the steps'
+    prompts were not recorded."""
+    pairs = list(zip(ours.get("prompts", []), theirs.get("prompts", []), ours["rewards"], theirs["rewards"]))
+    if not pairs or any(a is None or b is None for a, b, _, _ in pairs):
+        return []
+    same = [r1 - r2 for a, b, r1, r2 in pairs if a == b]
+    line = f"- the same prompts at {len(same)} of {len(pairs)} steps"
+    if len(same) > 1:
+        mean, se = mean_and_se(same)
+        line += f"; reward difference paired by step over those: {mean:+.3f} ± {se:.3f}"
+    return [line]
+
+
 def report(summary: dict, out: Path) -> None:
     """Print and write (summary.md, reward.png) the comparison of a run's results, ending with the
     ratio line."""
@@ -563,6 +593,7 @@ def report(summary: dict, out: Path) -> None:
             f"- reward difference {best['side']} − {best_trl['side']}: {gap:+.3f} ± {gap_se:.3f}"
             f" ({'within' if abs(gap) <= 2 * gap_se else 'outside'} two standard errors)"
         )
+        notes += same_prompts_note(best, best_trl)
         unfinished = "; ".join(
             f"{r['side']} did not finish a step within {r['seconds_per_step_lower_bound']:.0f} s"
             for r in results

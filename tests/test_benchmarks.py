@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from divrl.prompts import build_source
 from divrl.tasks import build_task
 
 
@@ -22,14 +23,21 @@ def benchmark(name: str):
     return module
 
 
-def test_grpo_step_trl_side_scores_with_divrls_verifier():
+def test_grpo_step_trl_side_trains_on_divrls_prompts_and_scores_with_its_verifier():
     grpo_step = benchmark("grpo_step")
-    rows, reward = grpo_step.trl_task(1)
-    train = build_task(grpo_step.divrl_config(1, "float32", "unused")).train
-    assert [r["prompt"][0]["content"] for r in rows[:3]] == [e.prompt for e in train[:3]]
-    right, wrong = train[1].answer, str(int(train[1].answer) + 1)
+    rows, reward = grpo_step.trl_task(3)
+    cfg = grpo_step.divrl_config(3, "float32", "unused")
+    train = build_task(cfg).train
+    source = build_source(cfg.prompt_sampler, train, cfg.seed)
+    # step by step the prompts divrl's trainer draws (`Trainer._collect`), which are not the first ones
+    drawn = [e.prompt for step in range(3) for e in source.batch(step, grpo_step.PROMPTS)]
+    assert [r["prompt"][0]["content"] for r in rows] == drawn
+    assert drawn != [e.prompt for e in train[: len(drawn)]]
+    example = train[rows[1]["index"]]
+    assert example.prompt == drawn[1]
+    right, wrong = example.answer, str(int(example.answer) + 1)
     completions = [[{"role": "assistant", "content": f"So the answer is {a}."}] for a in (right, wrong)]
-    assert reward(completions=completions, index=[1, 1]) == [1.0, 0.0]
+    assert reward(completions=completions, index=[rows[1]["index"]] * 2) == [1.0, 0.0]
 
 
 def test_grpo_step_memory_floor_counts_weights_reference_gradients_and_adamw(tiny):
@@ -75,3 +83,14 @@ def test_grpo_step_runs_sides_in_turns_and_stops_one_at_its_limit(tmp_path):
     assert (runs["a"].exit_code, runs["a"].limit_hit) == (0, False)
     assert (runs["slow"].exit_code, runs["slow"].limit_hit) == (None, True)
     assert 3.0 <= runs["slow"].seconds < 10.0
+
+
+def test_grpo_step_pairs_the_rewards_of_steps_with_the_same_prompts():
+    note = benchmark("grpo_step").same_prompts_note
+    ours = {"prompts": [[1, 2], [3, 4], [5, 6]], "rewards": [0.5, 0.25, 1.0]}
+    theirs = {"prompts": [[1, 2], [3, 4], [7, 8]], "rewards": [0.25, 0.25, 0.0]}
+    # differences 0.25 and 0.0 at the two shared steps: mean 0.125, standard error 0.125
+    assert note(ours, theirs) == [
+        "- the same prompts at 2 of 3 steps; reward difference paired by step over those: +0.125 ± 0.125"
+    ]
+    assert note(ours, {"prompts": [None] * 3, "rewards": [0.0] * 3}) == []
