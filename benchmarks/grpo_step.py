@@ -9,7 +9,9 @@
 TRL comes with the `bench` extra: `pip install -e '.[bench]'`.
 
 The configuration (issue 10): SmolLM2-135M-Instruct, reasoning-gym chain_sum (2 terms, 1 digit), 4
-prompts × 8 samples, ≤ 64 new tokens, T = 1.0, β = 0.04 with the k3 estimator in the loss, AdamW
+prompts × 8 samples, ≤ 64 new tokens, T = 1.0, β = 0.04 with the k3 estimator in the loss (TRL's
+`use_bias_correction_kl` off: TRL 1.16 turns it on by default, which makes its KL gradient the
+reverse-KL one, divrl's `k3_st`; `tests/test_trl_crosscheck.py` checks both pairings), AdamW
 at a constant lr 1e-6, gradient clipping at 1.0, token-mean loss (TRL's `dapo`), advantages
 normalized by the group's sample std, PPO clip 0.2 on both sides (one inner iteration, so the ratio
 is 1), micro-batches of 16 sequences. TRL samples with transformers' `generate`. Both sides train
@@ -244,6 +246,7 @@ def run_trl(steps: int, bf16: bool, device: torch.device, emit) -> None:
             max_completion_length=MAX_NEW,
             temperature=TEMPERATURE,
             beta=BETA,
+            use_bias_correction_kl=False,  # plain k3 in the loss, as divrl's kl_estimator k3 (tests/test_trl_crosscheck.py)
             learning_rate=LR,
             lr_scheduler_type="constant",
             loss_type="dapo",
