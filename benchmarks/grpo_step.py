@@ -3,7 +3,7 @@
     python benchmarks/grpo_step.py [--steps 4] [--sides trl-fp32,divrl-fp32,trl-bf16,divrl-auto]
                                    [--sides …,divrl-fp32-recompute]
                                    [--side-timeout 3600] [--timeout trl-bf16=600] [--out DIR]
-                                   [--device auto|cpu|cuda] [--together 2]
+                                   [--device auto|cpu|cuda] [--together 2] [--seed 0]
     python benchmarks/grpo_step.py --from-results DIR     # summary.md and reward.png again
 
 TRL comes with the `bench` extra: `pip install -e '.[bench]'`.
@@ -99,7 +99,7 @@ def peak_memory(device: torch.device) -> dict:
     return out
 
 
-def divrl_config(steps: int, dtype: str, output_dir: str, device: str = "cpu", recompute: bool = False):
+def divrl_config(steps: int, dtype: str, output_dir: str, device: str = "cpu", recompute: bool = False, seed: int = 0):
     from divrl.config import TrainConfig
 
     return TrainConfig(
@@ -124,6 +124,7 @@ def divrl_config(steps: int, dtype: str, output_dir: str, device: str = "cpu", r
         output_dir=output_dir,
         device=device,
         activation_checkpointing=recompute,
+        seed=seed,
     )
 
 
@@ -134,12 +135,12 @@ def wait_for_turn() -> None:
         sys.stdin.readline()
 
 
-def run_divrl(steps: int, dtype: str, device: torch.device, emit, recompute: bool = False) -> None:
+def run_divrl(steps: int, dtype: str, device: torch.device, emit, recompute: bool = False, seed: int = 0) -> None:
     from divrl.trainer import Trainer
 
     before_model = current_rss_gb()
     with tempfile.TemporaryDirectory() as tmp:
-        trainer = Trainer(divrl_config(steps, dtype, tmp, str(device), recompute), log=lambda *_: None)
+        trainer = Trainer(divrl_config(steps, dtype, tmp, str(device), recompute, seed), log=lambda *_: None)
         params = model_params(trainer.model)
         index = {id(example): i for i, example in enumerate(trainer.task.train)}
         for step in range(steps):
@@ -169,7 +170,7 @@ def model_params(model) -> dict:
     return {"params_body": total - embedding - (0 if model.config.tie_word_embeddings else head), "params_head": head}
 
 
-def trl_task(steps: int):
+def trl_task(steps: int, seed: int = 0):
     """The task's training rows in TRL's conversational form (`index` names the example), in the
     order divrl's trainer draws them (its prompt source, seeded by the config), so that with TRL's
     shuffling off step k trains on the same 4 prompts on both sides; and TRL's reward function:
@@ -179,7 +180,7 @@ def trl_task(steps: int):
     from divrl.prompts import build_source
     from divrl.tasks import build_task
 
-    cfg = divrl_config(steps, "float32", "unused")
+    cfg = divrl_config(steps, "float32", "unused", seed=seed)
     task = build_task(cfg)
     verifier = GuardedVerifier.from_config(task, cfg)
     source = build_source(cfg.prompt_sampler, task.train, cfg.seed)
@@ -196,7 +197,7 @@ def trl_task(steps: int):
     return rows, reward
 
 
-def run_trl(steps: int, bf16: bool, device: torch.device, emit) -> None:
+def run_trl(steps: int, bf16: bool, device: torch.device, emit, seed: int = 0) -> None:
     from datasets import Dataset
     from transformers import TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
@@ -205,7 +206,7 @@ def run_trl(steps: int, bf16: bool, device: torch.device, emit) -> None:
 
     before_model = current_rss_gb()
     model, tokenizer = load_model("default")
-    rows, reward = trl_task(steps)
+    rows, reward = trl_task(steps, seed)
 
     class Clock(TrainerCallback):
         trainer: GRPOTrainer  # set once built: on_step_end reads its models and optimizer
@@ -259,7 +260,7 @@ def run_trl(steps: int, bf16: bool, device: torch.device, emit) -> None:
             save_strategy="no",
             use_cpu=device.type == "cpu",
             bf16=bf16,
-            seed=0,
+            seed=seed,
             shuffle_dataset=False,  # the rows are already in divrl's order (`trl_task`)
             dataloader_num_workers=0,
             disable_tqdm=True,
@@ -276,16 +277,17 @@ def run_trl(steps: int, bf16: bool, device: torch.device, emit) -> None:
         clock.trainer.train()
 
 
-def worker(side: str, steps: int, path: Path, device: torch.device) -> None:
+def worker(side: str, steps: int, path: Path, device: torch.device, seed: int) -> None:
     def emit(row: dict) -> None:
         row.update(peak_memory(device))
         with path.open("a") as f:
             f.write(json.dumps(row) + "\n")
 
     if side.startswith("trl"):
-        run_trl(steps, side == "trl-bf16", device, emit)
+        run_trl(steps, side == "trl-bf16", device, emit, seed)
     else:
-        run_divrl(steps, side.split("-")[1].replace("fp32", "float32"), device, emit, side.endswith("-recompute"))
+        dtype = side.split("-")[1].replace("fp32", "float32")
+        run_divrl(steps, dtype, device, emit, side.endswith("-recompute"), seed)
 
 
 @dataclass
@@ -466,6 +468,9 @@ def main() -> None:
         default=2,
         help="sides run in lockstep at a time (consecutive in --sides; 1: one by one)",
     )
+    parser.add_argument(
+        "--seed", type=int, default=0, help="both sides' seed (sampling, and the prompts' order: divrl's `seed`)"
+    )
     parser.add_argument("--device", default="auto", help="where both sides train: auto (CUDA when present), cpu, cuda")
     parser.add_argument(
         "--from-results", type=Path, metavar="DIR", help="write the summary of DIR/results.json again, running nothing"
@@ -477,7 +482,7 @@ def main() -> None:
 
     device = resolve_device(args.device)
     if args.worker:
-        return worker(args.worker, args.steps, args.rows, device)
+        return worker(args.worker, args.steps, args.rows, device, args.seed)
     if args.from_results:
         return report(json.loads((args.from_results / "results.json").read_text()), args.from_results)
     limits = {}
@@ -522,7 +527,7 @@ def main() -> None:
         group = sides[first : first + args.together]
         paths = {side: out / f"steps-{side}.jsonl" for side in group}
         print(f"{', '.join(group)}: {args.steps} steps in lockstep …", flush=True)
-        argv = [sys.executable, __file__, "--steps", str(args.steps), "--device", str(device)]
+        argv = [sys.executable, __file__, "--steps", str(args.steps), "--device", str(device), "--seed", str(args.seed)]
         commands = {side: [*argv, "--worker", side, "--rows", str(path)] for side, path in paths.items()}
         runs = lockstep(commands, paths, args.steps, {side: limits.get(side, args.side_timeout) for side in group})
         for side, run in runs.items():
@@ -538,6 +543,7 @@ def main() -> None:
         "machine": machine,
         "peaks_gflops": {k: v / 1e9 for k, v in peaks.items()},
         "steps": args.steps,
+        "seed": args.seed,
         "results": results,
     }
     (out / "results.json").write_text(json.dumps(summary, indent=1))
@@ -628,7 +634,8 @@ def report(summary: dict, out: Path) -> None:
         f"# GRPO step, divrl vs TRL ({summary['date']}, {summary['host']})",
         "",
         f"Machine: {summary['machine']}.",
-        f"Matmul peak: fp32 {peaks['fp32']:.0f} GFLOP/s, bf16 {peaks['bf16']:.0f} GFLOP/s.",
+        f"Matmul peak: fp32 {peaks['fp32']:.0f} GFLOP/s, bf16 {peaks['bf16']:.0f} GFLOP/s. "
+        f"Seed {summary.get('seed', 0)}.",
         "",
         table(results),
         "",

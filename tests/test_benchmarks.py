@@ -33,6 +33,7 @@ def test_grpo_step_trl_side_trains_on_divrls_prompts_and_scores_with_its_verifie
     drawn = [e.prompt for step in range(3) for e in source.batch(step, grpo_step.PROMPTS)]
     assert [r["prompt"][0]["content"] for r in rows] == drawn
     assert drawn != [e.prompt for e in train[: len(drawn)]]
+    assert [r["index"] for r in grpo_step.trl_task(3, seed=1)[0]] != [r["index"] for r in rows]  # --seed
     example = train[rows[1]["index"]]
     assert example.prompt == drawn[1]
     right, wrong = example.answer, str(int(example.answer) + 1)
