@@ -308,45 +308,48 @@ def lockstep(commands: dict[str, list[str]], rows: dict[str, Path], steps: int, 
     """Run the workers `commands` (side → argv) side by side in turns: each gets a line on its
     stdin (`wait_for_turn`), and the driver waits until it has appended that step's line to its
     `rows` file, exited, or used up its `limits` (seconds over all its turns; then it is killed),
-    before the next side's turn. Returns side → SideRun. The rows files start empty."""
+    before the next side's turn. Returns side → SideRun. The rows files start empty; an
+    interrupted driver kills its workers."""
     for path in rows.values():
         path.unlink(missing_ok=True)
-    workers = {side: subprocess.Popen(argv, stdin=subprocess.PIPE, text=True) for side, argv in commands.items()}
+    processes = {side: subprocess.Popen(argv, stdin=subprocess.PIPE, text=True) for side, argv in commands.items()}
     runs = {side: SideRun() for side in commands}
     try:
         for step in range(1, steps + 1):
-            for side, worker in workers.items():
+            for side, process in processes.items():
                 run = runs[side]
-                if worker.poll() is not None or run.limit_hit:
+                if process.poll() is not None or run.limit_hit:
                     continue
                 start = time.perf_counter()
                 try:
-                    assert worker.stdin is not None  # opened as a pipe above
-                    worker.stdin.write("go\n")
-                    worker.stdin.flush()
+                    assert process.stdin is not None  # opened as a pipe above
+                    process.stdin.write("go\n")
+                    process.stdin.flush()
                 except BrokenPipeError:  # exited between the poll and the write
                     continue
-                while _complete_lines(rows[side]) < step and worker.poll() is None:
+                while _complete_lines(rows[side]) < step and process.poll() is None:
                     if run.seconds + time.perf_counter() - start > limits[side]:
-                        worker.kill()
+                        process.kill()
                         run.limit_hit = True
                         break
                     time.sleep(0.05)
                 run.seconds += time.perf_counter() - start
+    except BaseException:  # Ctrl-C or a failure of the driver: the workers stop with it
+        for process in processes.values():
+            process.kill()
+        raise
     finally:
-        for side, worker in workers.items():
-            if worker.stdin is not None:
-                worker.stdin.close()
-            if runs[side].limit_hit:
-                worker.wait()
-            else:
-                try:
-                    worker.wait(timeout=max(60.0, limits[side] - runs[side].seconds))
-                except subprocess.TimeoutExpired:
-                    worker.kill()
-                    worker.wait()
-                    runs[side].limit_hit = True
-            runs[side].exit_code = None if runs[side].limit_hit else worker.returncode
+        for side, process in processes.items():
+            if process.stdin is not None:
+                process.stdin.close()
+            run = runs[side]
+            try:
+                process.wait(timeout=None if run.limit_hit else max(60.0, limits[side] - run.seconds))
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+                run.limit_hit = True
+            run.exit_code = None if run.limit_hit else process.returncode
     return runs
 
 
