@@ -3,7 +3,10 @@ extra): a benchmark whose TRL side scores with a stale API fails only when someo
 
 import copy
 import importlib.util
+import signal
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -95,3 +98,20 @@ def test_grpo_step_pairs_the_rewards_of_steps_with_the_same_prompts():
         "- the same prompts at 2 of 3 steps; reward difference paired by step over those: +0.125 ± 0.125"
     ]
     assert note(ours, {"prompts": [None] * 3, "rewards": [0.0] * 3}) == []
+
+
+def test_grpo_step_lockstep_kills_its_workers_when_the_driver_fails(monkeypatch):
+    grpo_step = benchmark("grpo_step")
+    started, original = [], subprocess.Popen
+
+    def popen(*args, **kwargs):
+        started.append(original(*args, **kwargs))
+        return started[-1]
+
+    monkeypatch.setattr(grpo_step.subprocess, "Popen", popen)
+    start = time.perf_counter()
+    # a rows file the driver cannot find: its first wait fails, as a Ctrl-C there would
+    with pytest.raises(KeyError):
+        grpo_step.lockstep({"a": [sys.executable, "-c", "import time; time.sleep(600)"]}, {}, 1, {"a": 600.0})
+    assert [p.returncode for p in started] == [-signal.SIGKILL]  # killed and reaped at once,
+    assert time.perf_counter() - start < 60  # not after waiting out its 600 s limit
