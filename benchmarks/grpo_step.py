@@ -142,14 +142,14 @@ def run_divrl(steps: int, dtype: str, device: torch.device, emit, recompute: boo
     with tempfile.TemporaryDirectory() as tmp:
         trainer = Trainer(divrl_config(steps, dtype, tmp, str(device), recompute, seed), log=lambda *_: None)
         params = model_params(trainer.model)
-        index = {id(example): i for i, example in enumerate(trainer.task.train)}
         for step in range(steps):
             wait_for_turn()
             m = trainer.train_step(step)
             emit(
                 {
                     "step": step + 1,
-                    "prompts": sorted(index[id(e)] for e in trainer.prompts.batch(step, PROMPTS)),
+                    # the step's prompts, drawn again from the trainer's own (deterministic) source
+                    "prompts": sorted(indices_in(trainer.task.train, trainer.prompts.batch(step, PROMPTS))),
                     "seconds": m["time_step"],
                     "reward": m["reward"],
                     "completion_tokens": m["completion_length"] * PROMPTS * GROUP,
@@ -170,6 +170,12 @@ def model_params(model) -> dict:
     return {"params_body": total - embedding - (0 if model.config.tie_word_embeddings else head), "params_head": head}
 
 
+def indices_in(train: list, examples: list) -> list[int]:
+    """The positions in `train` of `examples` (the same objects, as a prompt source returns them)."""
+    index = {id(example): i for i, example in enumerate(train)}
+    return [index[id(example)] for example in examples]
+
+
 def trl_task(steps: int, seed: int = 0):
     """The task's training rows in TRL's conversational form (`index` names the example), in the
     order divrl's trainer draws them (its prompt source, seeded by the config), so that with TRL's
@@ -184,8 +190,7 @@ def trl_task(steps: int, seed: int = 0):
     task = build_task(cfg)
     verifier = GuardedVerifier.from_config(task, cfg)
     source = build_source(cfg.prompt_sampler, task.train, cfg.seed)
-    index = {id(example): i for i, example in enumerate(task.train)}
-    drawn = [index[id(e)] for step in range(steps) for e in source.batch(step, PROMPTS)]
+    drawn = indices_in(task.train, [e for step in range(steps) for e in source.batch(step, PROMPTS)])
     rows = [{"prompt": [{"role": "user", "content": task.train[i].prompt}], "index": i} for i in drawn]
 
     def reward(completions, index, **_):
