@@ -577,6 +577,30 @@ def same_prompts_note(ours: dict, theirs: dict) -> list[str]:
     return [line]
 
 
+def floor_note(r: dict, peer: dict) -> str:
+    """Where `r`'s peak memory goes, against `peer`'s: the training state it must hold and the rest.
+    On a GPU the state lives in the device's memory, so the floor is the allocator's peak there;
+    on a CPU it is the state plus the process's RSS before any model, against the peak RSS."""
+    if "peak_gpu_gb" in r and "peak_gpu_gb" in peer:
+        floor, peak, peer_peak, of = r["state_gb"], r["peak_gpu_gb"], peer["peak_gpu_gb"], "peak GPU memory"
+        parts = f"{floor:.2f} GB of weights, reference, gradients and AdamW state on the GPU"
+    else:
+        floor, peak, peer_peak, of = (
+            r["state_gb"] + r["rss_before_model_gb"],
+            r["peak_rss_gb"],
+            peer["peak_rss_gb"],
+            "peak RSS",
+        )
+        parts = (
+            f"{r['state_gb']:.2f} GB of weights, reference, gradients and AdamW state + "
+            f"{r['rss_before_model_gb']:.2f} GB of process before any model = {floor:.2f} GB"
+        )
+    return (
+        f"- {r['side']} memory floor: {parts}, {floor / peer_peak:.2f}× {peer['side']}'s {of}; the other "
+        f"{peak - floor:.2f} GB of its {of} are activations, temporaries and the allocator's free memory"
+    )
+
+
 def report(summary: dict, out: Path) -> None:
     """Print and write (summary.md, reward.png) the comparison of a run's results, ending with the
     ratio line."""
@@ -616,16 +640,7 @@ def report(summary: dict, out: Path) -> None:
             for r in results
             if r["side"].startswith("trl") and not r["steps"]
         )
-        notes += [
-            f"- {r['side']} memory floor: {r['state_gb']:.2f} GB of weights, reference, gradients and "
-            f"AdamW state + {r['rss_before_model_gb']:.2f} GB of process before any model = "
-            f"{r['state_gb'] + r['rss_before_model_gb']:.2f} GB, "
-            f"{(r['state_gb'] + r['rss_before_model_gb']) / best_trl['peak_rss_gb']:.2f}× {best_trl['side']}'s "
-            f"peak RSS; the other {r['peak_rss_gb'] - r['state_gb'] - r['rss_before_model_gb']:.2f} GB "
-            f"of its peak are activations, temporaries and the allocator's free memory"
-            for r in (best, best_trl)
-            if "state_gb" in r
-        ]
+        notes += [floor_note(r, best_trl) for r in (best, best_trl) if "state_gb" in r]
         notes += [
             f"- {r['side']} (activations recomputed, as TRL's are) against {best_trl['side']}: "
             f"{r['samples_per_s'] / best_trl['samples_per_s']:.2f}× the samples/s at "

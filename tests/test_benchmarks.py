@@ -115,3 +115,22 @@ def test_grpo_step_lockstep_kills_its_workers_when_the_driver_fails(monkeypatch)
         grpo_step.lockstep({"a": [sys.executable, "-c", "import time; time.sleep(600)"]}, {}, 1, {"a": 600.0})
     assert [p.returncode for p in started] == [-signal.SIGKILL]  # killed and reaped at once,
     assert time.perf_counter() - start < 60  # not after waiting out its 600 s limit
+
+
+def test_grpo_step_memory_floor_is_held_against_the_memory_the_state_lives_in():
+    floor_note = benchmark("grpo_step").floor_note
+    cpu = {"side": "divrl", "state_gb": 2.0, "rss_before_model_gb": 0.5, "peak_rss_gb": 4.0}
+    peer = {"side": "trl", "state_gb": 2.0, "rss_before_model_gb": 0.5, "peak_rss_gb": 5.0}
+    # on a CPU: 2.0 + 0.5 GB against the peer's peak RSS of 5.0, 1.5 GB above the floor
+    assert floor_note(cpu, peer) == (
+        "- divrl memory floor: 2.00 GB of weights, reference, gradients and AdamW state + 0.50 GB of process "
+        "before any model = 2.50 GB, 0.50× trl's peak RSS; the other 1.50 GB of its peak RSS are activations, "
+        "temporaries and the allocator's free memory"
+    )
+    # on a GPU the state is in the device's memory (the host's RSS holds none of it)
+    gpu, peer_gpu = cpu | {"peak_rss_gb": 1.8, "peak_gpu_gb": 3.0}, peer | {"peak_rss_gb": 1.9, "peak_gpu_gb": 2.5}
+    assert floor_note(gpu, peer_gpu) == (
+        "- divrl memory floor: 2.00 GB of weights, reference, gradients and AdamW state on the GPU, 0.80× trl's "
+        "peak GPU memory; the other 1.00 GB of its peak GPU memory are activations, temporaries and the "
+        "allocator's free memory"
+    )
