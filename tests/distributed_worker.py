@@ -24,6 +24,7 @@ from divrl.trainer import Trainer
 OVERRIDES = [
     "model=tiny",
     "dtype=float32",  # the one-process run is compared with the ranks: not a per-machine timing's choice
+    "device=cpu",  # gloo, also where CUDA is
     "steps=2",
     "prompts_per_step=4",
     "group_size=2",

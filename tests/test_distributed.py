@@ -113,6 +113,7 @@ def test_torchrun_and_accelerate_launch_write_once_and_resume_in_one_process(tmp
         # with fsdp also a reference refreshed from the sharded policy every step (and on resume)
         *([*say_task(range(20), "parity"), "reference_refresh_every=1"] if fsdp else []),
         f"fsdp={str(fsdp).lower()}",
+        "device=cpu",  # gloo, also where CUDA is
         "lr=1e-3",
         "model=tiny",
         "steps=2",
@@ -274,3 +275,17 @@ def test_sharded_blocks_are_found_and_recomputed(tmp_path, tiny, monkeypatch):
     finally:
         dist.destroy_process_group()
     assert sharded == whole == 2  # 2 blocks × one packed forward (prompt and completions)
+
+
+def test_more_processes_on_a_node_than_its_cuda_devices_are_refused(tmp_path, monkeypatch):
+    """`device: auto`/`cuda` gives local rank r cuda:r: 2 processes on a 1-GPU node are refused up
+    front, on every rank alike (LOCAL_WORLD_SIZE, not the rank's own index), naming the key."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    for rank in (0, 1):
+        with pytest.raises(ConfigError, match=r"'device'.*runs 2 processes and has 1 CUDA device"):
+            distributed.check_config(_cfg(tmp_path), distributed.World(rank, 2, rank))
+    distributed.check_config(_cfg(tmp_path, "device=cpu"), distributed.World(1, 2, 1))  # gloo: fine
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")  # 2 nodes of 1 process each
+    distributed.check_config(_cfg(tmp_path), distributed.World(1, 2, 0))

@@ -169,6 +169,13 @@ def check_config(cfg: Any, here: World) -> None:
             f"config key 'terms': stored terms are not supported with data-parallel training ({here.size} "
             f"ranks); run it in one process"
         )
+    on_node, gpus = int(os.environ.get("LOCAL_WORLD_SIZE", here.local_rank + 1)), torch.cuda.device_count()
+    if cfg.device in ("auto", "cuda") and torch.cuda.is_available() and on_node > gpus:
+        raise ConfigError(
+            f"config key 'device': {cfg.device!r} puts each process of a node on its own CUDA device "
+            f"(cuda:LOCAL_RANK), but this node runs {on_node} processes and has {gpus} CUDA device(s); "
+            f"launch at most {gpus} per node, or set device=cpu to train on the CPU (gloo)"
+        )
 
 
 def shard(items: Sequence[T], here: World) -> list[T]:
