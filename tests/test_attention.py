@@ -123,3 +123,55 @@ def test_casts_kept_casts_each_weight_once_per_pass_with_the_same_gradients():
     assert once == 3 * n  # the second micro-batch reads the first one's casts
     assert all(torch.equal(kept[name], plain[name]) for name in plain)
     assert not torch.is_autocast_enabled("cpu")
+
+
+@pytest.mark.parametrize("kv_heads", [1, 3, 9])
+@pytest.mark.parametrize("mask_kind", ["none", "bool", "additive"])
+def test_one_query_is_sdpa_at_a_decode_step(kv_heads, mask_kind):
+    """Query head h reads key/value head h // (9 / kv_heads), as SDPA's enable_gqa pairs them."""
+    g = torch.Generator().manual_seed(0)
+    query, key, value = torch.randn(5, 9, 1, 16, generator=g), *torch.randn(2, 5, kv_heads, 12, 16, generator=g)
+    attends = torch.ones(5, 1, 1, 12, dtype=torch.bool)
+    attends[1, ..., :4] = False  # left padding
+    attends[3, ..., :7] = False
+    mask = {"none": None, "bool": attends, "additive": torch.zeros(5, 1, 1, 12).masked_fill(~attends, -1e9)}[mask_kind]
+    expected = torch.nn.functional.scaled_dot_product_attention(
+        query, key, value, attn_mask=mask, scale=0.3, enable_gqa=True
+    ).transpose(1, 2)
+    torch.testing.assert_close(attention.one_query(query, key, value, mask, 0.3), expected, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("implementation", [attention.SDPA, attention.FLOAT32_SDPA])
+def test_sampling_attends_through_one_query_with_sdpas_numbers(tiny, monkeypatch, implementation):
+    """A rollout of the tiny model decodes through `one_query` (every step after the prefill) and
+    samples the tokens, log-probabilities to float32 rounding, that SDPA's decode steps sample."""
+    from divrl.rollout import sample
+
+    model, tokenizer = tiny
+    monkeypatch.setattr(model.config, "_attn_implementation", implementation)
+    calls = []
+    original = attention.one_query
+
+    def counted(*args):
+        calls.append(args[0].shape)
+        return original(*args)
+
+    def run():
+        return sample(
+            model,
+            [[5, 6, 7, 8], [9, 10]],
+            group_size=3,
+            max_new_tokens=8,
+            stop_token_ids=[0],
+            pad_token_id=tokenizer.pad_token_id,
+            generator=torch.Generator().manual_seed(3),
+        )
+
+    monkeypatch.setattr(attention, "one_query", counted)
+    fast = run()
+    assert len(calls) == 7 * model.config.num_hidden_layers  # 8 tokens: 7 decode steps after the prefill
+    monkeypatch.setattr(attention, "_is_one_query_decode", lambda *_: False)
+    plain = run()
+    assert fast.completion_ids == plain.completion_ids
+    for a, b in zip(fast.logprobs, plain.logprobs):
+        assert a == pytest.approx(b, abs=1e-5)

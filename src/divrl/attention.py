@@ -14,9 +14,20 @@ Which dtype is faster is measured per machine (`precision.resolve_attention`), n
 CPU flags. Both attend a packed sequence (`divrl.packing`) when a forward passes its layout as
 the keyword argument `divrl_layout`; `load_model` gives every model it loads `SDPA`, so the
 numbers are transformers' and a forward may pack.
+
+A decode step without gradients on the CPU (one query position a row) attends through two
+batched matmuls instead (`one_query`): the query heads of a key/value head stacked as rows, so a
+(batch, key/value head) pair is one small matmul, where torch's CPU flash attention handles each
+query head apart. At SmolLM2-135M's decode shape (32 rows, 9 query and 3 key/value heads, 100
+keys, float32, caches cold across 30 layers) it took 250 µs a layer against 390 µs on a 2-core
+AVX512-BF16 EPYC, and a 32-row rollout of 64 tokens (every row to the end) 2.54 s against 2.65 s
+(median of 8; faster in each of the 8 pairs), of 192 tokens 8.29 s against 8.60 s; SDPA's result
+to float32 rounding.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 from torch import nn
@@ -35,10 +46,47 @@ def _packed(query, key, value, layout: packing.Layout, float32: bool, kwargs: di
     return packing.attend(query, key, value, layout, kwargs.get("dropout", 0.0), kwargs.get("scaling"), float32), None
 
 
+def one_query(query, key, value, attention_mask, scaling: float | None) -> torch.Tensor:
+    """softmax(q kᵀ · scaling + mask) v for one query position a row, in transformers' output
+    layout (batch, 1, heads, dim): query head h reads key/value head h // (heads / kv heads), as
+    transformers' `repeat_kv` pairs them. `attention_mask` is None, boolean (True attends) or
+    additive, of shape (batch, 1, 1, keys)."""
+    batch, heads, _, dim = query.shape
+    kv_heads = key.shape[1]
+    scores = torch.matmul(query.reshape(batch, kv_heads, heads // kv_heads, dim), key.transpose(-1, -2))
+    scores.mul_(dim**-0.5 if scaling is None else scaling)
+    if attention_mask is not None:
+        scores = (
+            scores.masked_fill_(~attention_mask, -math.inf)
+            if attention_mask.dtype == torch.bool
+            else scores.add_(attention_mask)
+        )
+    return torch.matmul(scores.softmax(dim=-1), value).reshape(batch, 1, heads, dim)
+
+
+def _is_one_query_decode(query, attention_mask, kwargs: dict) -> bool:
+    """A float32 CPU decode step, outside autocast, that `one_query` computes as SDPA would: no
+    gradient, no dropout, softcap or position bias, a mask shared by a row's heads."""
+    return (
+        query.shape[2] == 1
+        and query.device.type == "cpu"
+        and query.dtype == torch.float32
+        and not torch.is_autocast_enabled("cpu")
+        and not torch.is_grad_enabled()
+        and not kwargs.get("dropout")
+        and kwargs.get("softcap") is None
+        and kwargs.get("position_bias") is None
+        and (attention_mask is None or (attention_mask.dim() == 4 and attention_mask.shape[1:3] == (1, 1)))
+    )
+
+
 def _sdpa(module: nn.Module, query, key, value, attention_mask, *args, divrl_layout=None, **kwargs):
-    """transformers' SDPA attention, or `packing.attend` given a packed layout."""
+    """transformers' SDPA attention, or `packing.attend` given a packed layout, or `one_query`
+    at a CPU decode step."""
     if divrl_layout is not None:
         return _packed(query, key, value, divrl_layout, False, kwargs)
+    if not args and _is_one_query_decode(query, attention_mask, kwargs):
+        return one_query(query, key, value, attention_mask, kwargs.get("scaling")), None
     return sdpa_attention_forward(module, query, key, value, attention_mask, *args, **kwargs)
 
 
@@ -49,9 +97,10 @@ def _sdpa_in_float32(module: nn.Module, query, key, value, attention_mask, *args
     if attention_mask is not None and attention_mask.is_floating_point():
         attention_mask = attention_mask.float()
     with torch.autocast(query.device.type, enabled=False):
-        out, weights = sdpa_attention_forward(
-            module, query.float(), key.float(), value.float(), attention_mask, *args, **kwargs
-        )
+        q, k, v = query.float(), key.float(), value.float()
+        if not args and _is_one_query_decode(q, attention_mask, kwargs):
+            return one_query(q, k, v, attention_mask, kwargs.get("scaling")).to(query.dtype), None
+        out, weights = sdpa_attention_forward(module, q, k, v, attention_mask, *args, **kwargs)
     return out.to(query.dtype), weights
 
 
