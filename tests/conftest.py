@@ -11,6 +11,18 @@ os.environ.setdefault("DIVRL_CACHE", str(Path(__file__).resolve().parents[1] / "
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
+@pytest.fixture(autouse=True)
+def cpu_unless_marked_device(request, monkeypatch):
+    """Tests compute their expected numbers on the CPU, so on a machine with CUDA `device: auto`
+    stays on the CPU for every test not marked `device`, in this process and in the processes it
+    starts; the `device`-marked tests run on CUDA. Without CUDA this changes nothing."""
+    import torch
+
+    if torch.cuda.is_available() and request.node.get_closest_marker("device") is None:
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+
+
 @pytest.fixture
 def one_thread():
     """torch on one thread for the test: small matrices gain nothing from a pool, and on a busy

@@ -1,5 +1,7 @@
 """`device`: config validation everywhere; the CUDA path where a CUDA device exists (`-m device`)."""
 
+import copy
+
 import pytest
 import torch
 
@@ -73,6 +75,7 @@ def test_completion_hidden_and_sampling_agree_across_devices(tiny):
     from divrl.rollout import sample
 
     model, tokenizer = tiny
+    on_gpu = copy.deepcopy(model).cuda()  # the session's `tiny` stays on the CPU for later tests
     prompts, completions = [[5, 6, 7], [8, 9]], [[10, 11, 12], [13], [14, 15], [16, 17, 18]]
     on_cpu = completion_hidden(model, prompts, completions, tokenizer.pad_token_id).hidden
     runs = [
@@ -85,9 +88,9 @@ def test_completion_hidden_and_sampling_agree_across_devices(tiny):
             pad_token_id=tokenizer.pad_token_id,
             generator=torch.Generator().manual_seed(4),
         )
-        for m in (model, model.cuda())
+        for m in (model, on_gpu)
     ]
-    on_cuda = completion_hidden(model, prompts, completions, tokenizer.pad_token_id).hidden
+    on_cuda = completion_hidden(on_gpu, prompts, completions, tokenizer.pad_token_id).hidden
     torch.testing.assert_close(on_cuda.cpu(), on_cpu, rtol=1e-4, atol=1e-4)
     assert runs[0].completion_ids == runs[1].completion_ids
 

@@ -292,7 +292,7 @@ def embedding_cost(embeddings: Tensor) -> TokenCost:
 def _cost_between(cost: Tensor | TokenCost, ids_a: Tensor, ids_b: Tensor) -> Tensor:
     if callable(cost):
         return cost(ids_a, ids_b)
-    return cost[ids_a.unsqueeze(-1), ids_b.unsqueeze(-2)]
+    return cost.to(ids_a.device)[ids_a.unsqueeze(-1), ids_b.unsqueeze(-2)]
 
 
 def _entropic_ot(
@@ -319,7 +319,7 @@ def _entropic_ot(
         policy_logprobs.masked_fill(no_mass, 0.0),
         target_logprobs.masked_fill(no_mass, 0.0),
     )
-    cost = cost.to(policy_logprobs.dtype)
+    cost = cost.to(policy_logprobs.device, policy_logprobs.dtype)
     finite_cost = cost[cost.isfinite()]  # +inf forbids a move; ε-scaling starts from the finite costs
     cost_scale = finite_cost.max().item() if finite_cost.numel() else 0.0
     with torch.no_grad():

@@ -503,8 +503,8 @@ def resrl(
                 continue
             x = hidden[pos].to(work)
             if count > max_positive_tokens:
-                draw = torch.Generator(device=hidden.device).manual_seed(count)
-                x = x[torch.randperm(count, generator=draw, device=hidden.device)[:max_positive_tokens]]
+                draw = torch.Generator().manual_seed(count)  # on the CPU: the same tokens on any device
+                x = x[torch.randperm(count, generator=draw)[:max_positive_tokens].to(hidden.device)]
             x = torch.nn.functional.layer_norm(x, (width,))
             if not x.isfinite().all():  # no SVD of inf/NaN (it raises): the loss is non-finite anyway
                 continue
