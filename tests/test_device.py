@@ -28,43 +28,62 @@ def test_cuda_without_cuda_is_refused_up_front():
         build_config(None, ["device=cuda"])
 
 
-@pytest.mark.device
-@cuda
-def test_training_runs_on_cuda_with_the_numbers_of_the_cpu(tmp_path):
-    """A tiny step with an exact (forward) and a sampled (reverse, k3) KL term on CUDA: every model
-    on the device, the same sampled completions as on the CPU (the sampler draws its uniforms on the
-    CPU generator), and metrics within float32 rounding of the CPU run's. The CUDA run also
-    recomputes its activations (`activation_checkpointing`), which must not change them."""
+TINY_STEP = [
+    "model=tiny",
+    "steps=2",
+    "prompts_per_step=2",
+    "group_size=4",
+    "max_new_tokens=6",
+    "eval_size=4",
+    "eval_samples=2",
+    "train_size=50",
+    "lr=1e-3",
+    "eval_every=0",
+    "dtype=float32",
+]
+
+
+def first_steps(tmp_path, overrides: list[str], recipe: str | None = None) -> dict:
+    """{device: the metrics of step 1} of the same tiny run on the CPU and on CUDA, every model of
+    each on its device. The CUDA run also recomputes its activations (`activation_checkpointing`),
+    which must not change them."""
     from divrl.trainer import Trainer
 
     rows = {}
     for device in ("cpu", "cuda"):
-        cfg = build_config(
-            None,
-            [
-                "model=tiny",
-                "steps=2",
-                f"output_dir={tmp_path / device}",
-                "prompts_per_step=2",
-                "group_size=4",
-                "max_new_tokens=6",
-                "eval_size=4",
-                "eval_samples=2",
-                "train_size=50",
-                "lr=1e-3",
-                "eval_every=0",
-                f"device={device}",
-                f"activation_checkpointing={device == 'cuda'}",
-                "dtype=float32",
-                "terms=[{divergence: forward_kl, target: reference, coef: 0.1}, "
-                "{divergence: reverse_kl, target: reference, coef: 0.1, estimator: k3}]",
-            ],
-        )
-        trainer = Trainer(cfg, log=lambda *_: None)
-        assert all(p.device.type == device for p in trainer.model.parameters())
-        assert all(p.device.type == device for p in trainer.reference.parameters())
+        on = [f"output_dir={tmp_path / device}", f"device={device}", f"activation_checkpointing={device == 'cuda'}"]
+        trainer = Trainer(build_config(None, [*TINY_STEP, *overrides, *on], recipe=recipe), log=lambda *_: None)
+        for model in (trainer.model, trainer.reference, trainer.teacher):
+            assert model is None or all(p.device.type == device for p in model.parameters())
         rows[device] = trainer.train_step(0)
+    return rows
+
+
+@pytest.mark.device
+@cuda
+def test_training_runs_on_cuda_with_the_numbers_of_the_cpu(tmp_path):
+    """A tiny step with an exact (forward) and a sampled (reverse, k3) KL term on CUDA: the same
+    sampled completions as on the CPU (the sampler draws its uniforms on the CPU generator), and
+    metrics within float32 rounding of the CPU run's."""
+    terms = (
+        "terms=[{divergence: forward_kl, target: reference, coef: 0.1}, "
+        "{divergence: reverse_kl, target: reference, coef: 0.1, estimator: k3}]"
+    )
+    rows = first_steps(tmp_path, [terms])
     for key in ("reward", "kl", "entropy", "grad_norm"):
+        assert rows["cuda"][key] == pytest.approx(rows["cpu"][key], rel=1e-3, abs=1e-5), key
+
+
+@pytest.mark.device
+@cuda
+@pytest.mark.parametrize("recipe", ["grpo", "dapo", "opd", "resrl", "entropy-gate", "sinkd", "chi2"])
+def test_recipes_train_on_cuda_with_the_numbers_of_the_cpu(tmp_path, say_task, recipe):
+    """A step of each of these recipes (a teacher, token weights, masks, Sinkhorn, χ²) on CUDA,
+    against the same step on the CPU; rewards that vary within groups (the parity of a
+    completion's length), so the policy gradient is not zero."""
+    rows = first_steps(tmp_path, [*say_task(range(20), "parity"), "teacher=tiny"], recipe)
+    assert rows["cpu"]["grad_norm"] > 0
+    for key in ("reward", "loss", "grad_norm"):
         assert rows["cuda"][key] == pytest.approx(rows["cpu"][key], rel=1e-3, abs=1e-5), key
 
 
