@@ -1,12 +1,16 @@
 """Time divrl.rollout.sample against HF generate(num_return_sequences=G) on the same prompts.
 
     python benchmarks/rollout.py [--model /tmp/smolcache] [--prompts 8] [--group 8] [--new 48]
-                                 [--repeats 2] [--threads N]
+                                 [--repeats 2] [--threads N] [--device cpu|cuda|auto] [--profile]
 
 Two settings: `stop` ends rows at the tokenizer's EOS (a real GRPO rollout); `full` forces every
 row to max_new_tokens (equal work on both sides, HF via min_new_tokens). Throughput counts the
 generated tokens that belong to completions (HF's padding after a row's EOS is not counted).
 The two samplers alternate within each repeat, so a load change on a shared machine hits both.
+`--profile` then runs each sampler once more under torch's profiler (with CUDA activity on a GPU)
+and prints its busiest operators by time on the host, and how many host-device synchronizations
+and copies it made: on a GPU, where a small model's decode step is bound by kernel launches and
+Python, that is where a step's time goes.
 """
 
 from __future__ import annotations
@@ -19,14 +23,15 @@ import torch
 from divrl.rollout import sample
 
 
-def load(spec: str):
+def load(spec: str, device: str):
     try:
-        from divrl.models import load_model
+        from divrl.models import load_model, resolve_device
     except ImportError:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        return AutoModelForCausalLM.from_pretrained(spec).eval(), AutoTokenizer.from_pretrained(spec)
-    model, tokenizer = load_model(spec)
+        model = AutoModelForCausalLM.from_pretrained(spec).to("cuda" if device == "auto" else device)
+        return model.eval(), AutoTokenizer.from_pretrained(spec)
+    model, tokenizer = load_model(spec, device=resolve_device(device))
     return model.eval(), tokenizer
 
 
@@ -41,8 +46,8 @@ def chain_sum_prompts(tokenizer, n: int) -> list[list[int]]:
 
 def hf_generate(model, prompts, group, new, stop_id, pad_id, force_full, seed):
     width = max(map(len, prompts))
-    ids = torch.tensor([[pad_id] * (width - len(p)) + p for p in prompts])
-    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    ids = torch.tensor([[pad_id] * (width - len(p)) + p for p in prompts], device=model.device)
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=model.device)
     torch.manual_seed(seed)
     out = model.generate(
         ids,
@@ -76,10 +81,35 @@ def divrl_sample(model, prompts, group, new, stop_id, pad_id, force_full, seed):
     return sum(map(len, rollout.completion_ids))
 
 
-def timed(fn, *args):
+def timed(fn, model, *args):
+    synchronize(model)
     start = time.perf_counter()
-    tokens = fn(*args)
+    tokens = fn(model, *args)
+    synchronize(model)
     return tokens, time.perf_counter() - start
+
+
+def synchronize(model) -> None:
+    if model.device.type == "cuda":
+        torch.cuda.synchronize(model.device)
+
+
+SYNCS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaMemcpyAsync", "cudaMemcpy")
+
+
+def profiled(name: str, fn, model, *args) -> None:
+    """Print where one run of `fn` spends its time: operators by self time on the host, and the
+    host-device synchronizations and copies (CUDA runtime calls) it made."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if model.device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        tokens, seconds = timed(fn, model, *args)
+    events = prof.key_averages()
+    print(f"--- {name}: {tokens} tokens in {seconds:.2f} s under the profiler")
+    print(events.table(sort_by="self_cpu_time_total", row_limit=25))
+    calls = {e.key: e.count for e in events if e.key in SYNCS}
+    print(f"{name} host-device synchronizations and copies: {calls or 'none'}", flush=True)
 
 
 def main() -> None:
@@ -90,10 +120,12 @@ def main() -> None:
     parser.add_argument("--new", type=int, default=48)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--device", default="cpu", help="cpu, cuda or auto (CUDA when present)")
+    parser.add_argument("--profile", action="store_true", help="then profile one run of each sampler")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
-    model, tokenizer = load(args.model)
+    model, tokenizer = load(args.model, args.device)
     prompts = chain_sum_prompts(tokenizer, args.prompts)
     stop_id = tokenizer.convert_tokens_to_ids("<|im_end|>")
     if stop_id is None or stop_id == tokenizer.unk_token_id:
@@ -101,7 +133,7 @@ def main() -> None:
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop_id
     print(
         f"{args.prompts} prompts ({min(map(len, prompts))}-{max(map(len, prompts))} tokens) x "
-        f"{args.group} samples x {args.new} new tokens, {model.dtype}, {args.threads} threads",
+        f"{args.group} samples x {args.new} new tokens, {model.dtype} on {model.device}, {args.threads} threads",
         flush=True,
     )
     sample(model, prompts[:1], group_size=2, max_new_tokens=2, stop_token_ids=[], pad_token_id=pad_id)  # warm-up
@@ -121,6 +153,9 @@ def main() -> None:
         for name in samplers:
             print(f"[{setting}] {name:5s} {rate[name]:6.1f} tok/s over {args.repeats} runs", flush=True)
         print(f"[{setting}] divrl / hf throughput: {rate['divrl'] / rate['hf']:.2f}x", flush=True)
+    if args.profile:
+        for name, fn in samplers.items():
+            profiled(name, fn, model, prompts, args.group, args.new, stop_id, pad_id, False, 0)
 
 
 if __name__ == "__main__":

@@ -134,3 +134,20 @@ def test_grpo_step_memory_floor_is_held_against_the_memory_the_state_lives_in():
         "peak GPU memory; the other 1.00 GB of its peak GPU memory are activations, temporaries and the "
         "allocator's free memory"
     )
+
+
+def test_rollout_benchmark_times_and_profiles_both_samplers():
+    script = Path(__file__).parents[1] / "benchmarks" / "rollout.py"
+    sizes = ["--prompts", "2", "--group", "2", "--new", "3", "--repeats", "1"]
+    done = subprocess.run(
+        [sys.executable, str(script), "--model", "tiny", *sizes, "--profile", "--device", "auto"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    for setting in ("stop", "full"):
+        assert f"[{setting}] divrl / hf throughput:" in done.stdout
+    for sampler in ("divrl", "hf"):
+        assert f"--- {sampler}: " in done.stdout  # its profile's table follows
+        assert f"{sampler} host-device synchronizations and copies:" in done.stdout
