@@ -28,31 +28,17 @@ def test_cuda_without_cuda_is_refused_up_front():
         build_config(None, ["device=cuda"])
 
 
-TINY_STEP = [
-    "model=tiny",
-    "steps=2",
-    "prompts_per_step=2",
-    "group_size=4",
-    "max_new_tokens=6",
-    "eval_size=4",
-    "eval_samples=2",
-    "train_size=50",
-    "lr=1e-3",
-    "eval_every=0",
-    "dtype=float32",
-]
-
-
 def first_steps(tmp_path, overrides: list[str], recipe: str | None = None) -> dict:
     """{device: the metrics of step 1} of the same tiny run on the CPU and on CUDA, every model of
     each on its device. The CUDA run also recomputes its activations (`activation_checkpointing`),
     which must not change them."""
     from divrl.trainer import Trainer
+    from test_trainer import tiny_cfg
 
     rows = {}
     for device in ("cpu", "cuda"):
-        on = [f"output_dir={tmp_path / device}", f"device={device}", f"activation_checkpointing={device == 'cuda'}"]
-        trainer = Trainer(build_config(None, [*TINY_STEP, *overrides, *on], recipe=recipe), log=lambda *_: None)
+        on = ["dtype=float32", f"device={device}", f"activation_checkpointing={device == 'cuda'}"]
+        trainer = Trainer(tiny_cfg(tmp_path / device, *overrides, *on, recipe=recipe), log=lambda *_: None)
         for model in (trainer.model, trainer.reference, trainer.teacher):
             assert model is None or all(p.device.type == device for p in model.parameters())
         rows[device] = trainer.train_step(0)

@@ -16,7 +16,7 @@ from divrl.trainer import Trainer
 from test_distill_recipes import erpd_args
 
 
-def tiny_cfg(tmp_path, *extra):
+def tiny_cfg(tmp_path, *extra, recipe: str | None = None):
     return build_config(
         None,
         [
@@ -34,6 +34,7 @@ def tiny_cfg(tmp_path, *extra):
             "eval_every=0",
             *extra,
         ],
+        recipe=recipe,
     )
 
 
