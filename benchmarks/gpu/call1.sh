@@ -11,7 +11,8 @@ python3 -m pip install -q --no-index --no-deps --no-build-isolation .gpu/a/pycos
 python3 -m pip install -q --no-index --no-deps --no-build-isolation -e . || echo "DIVRL INSTALL FAILED"
 python3 -c "import reasoning_gym, trl, transformers, datasets, gguf, divrl; print('imports ok: trl', trl.__version__, 'transformers', transformers.__version__)" \
   && echo ok >/root/gpu/ready
-mkdir -p /root/dcache && cp -r .gpu/a/tokenizer /root/dcache/SmolLM2-135M-Instruct-tokenizer
+mkdir -p /root/dcache/SmolLM2-135M-Instruct-tokenizer
+python3 -c "import tarfile; tarfile.open('.gpu/a/tokenizer.tar.xz').extractall('/root/dcache/SmolLM2-135M-Instruct-tokenizer')"
 echo "=== device-marked tests"; date
 DIVRL_CACHE=/root/dcache HF_HUB_OFFLINE=1 timeout 200 python3 -m pytest -v -p no:cacheprovider -p no:benchmark -m device \
   tests/test_device.py 2>&1 | grep -E "PASSED|FAILED|ERROR|SKIPPED|passed|failed|Error" | tail -30

