@@ -20,17 +20,11 @@ import time
 
 import torch
 
+from divrl.models import load_model, resolve_device
 from divrl.rollout import sample
 
 
 def load(spec: str, device: str):
-    try:
-        from divrl.models import load_model, resolve_device
-    except ImportError:
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
-        model = AutoModelForCausalLM.from_pretrained(spec).to("cuda" if device == "auto" else device)
-        return model.eval(), AutoTokenizer.from_pretrained(spec)
     model, tokenizer = load_model(spec, device=resolve_device(device))
     return model.eval(), tokenizer
 
@@ -120,9 +114,11 @@ def main() -> None:
     parser.add_argument("--new", type=int, default=48)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
-    parser.add_argument("--device", default="cpu", help="cpu, cuda or auto (CUDA when present)")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda", "auto"], help="auto: CUDA when present")
     parser.add_argument("--profile", action="store_true", help="then profile one run of each sampler")
     args = parser.parse_args()
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: this machine has no CUDA device")
     torch.set_num_threads(args.threads)
 
     model, tokenizer = load(args.model, args.device)

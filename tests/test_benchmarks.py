@@ -151,3 +151,11 @@ def test_rollout_benchmark_times_and_profiles_both_samplers():
     for sampler in ("divrl", "hf"):
         assert f"--- {sampler}: " in done.stdout  # its profile's table follows
         assert f"{sampler} host-device synchronizations and copies:" in done.stdout
+
+
+def test_rollout_benchmark_refuses_a_device_it_cannot_use_by_name():
+    script = Path(__file__).parents[1] / "benchmarks" / "rollout.py"
+    bad = ["gpu"] + ([] if torch.cuda.is_available() else ["cuda"])
+    for device in bad:
+        done = subprocess.run([sys.executable, str(script), "--device", device], capture_output=True, text=True)
+        assert done.returncode == 2 and "--device" in done.stderr and "Traceback" not in done.stderr, done.stderr

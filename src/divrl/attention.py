@@ -80,14 +80,18 @@ def _is_one_query_decode(query, attention_mask, kwargs: dict) -> bool:
     )
 
 
-def _sdpa(module: nn.Module, query, key, value, attention_mask, *args, divrl_layout=None, **kwargs):
-    """transformers' SDPA attention, or `packing.attend` given a packed layout, or `one_query`
-    at a CPU decode step."""
-    if divrl_layout is not None:
-        return _packed(query, key, value, divrl_layout, False, kwargs)
+def _unpacked(module: nn.Module, query, key, value, attention_mask, *args, **kwargs):
+    """transformers' SDPA attention, or `one_query` at a CPU decode step."""
     if not args and _is_one_query_decode(query, attention_mask, kwargs):
         return one_query(query, key, value, attention_mask, kwargs.get("scaling")), None
     return sdpa_attention_forward(module, query, key, value, attention_mask, *args, **kwargs)
+
+
+def _sdpa(module: nn.Module, query, key, value, attention_mask, *args, divrl_layout=None, **kwargs):
+    """`_unpacked`, or `packing.attend` given a packed layout."""
+    if divrl_layout is not None:
+        return _packed(query, key, value, divrl_layout, False, kwargs)
+    return _unpacked(module, query, key, value, attention_mask, *args, **kwargs)
 
 
 def _sdpa_in_float32(module: nn.Module, query, key, value, attention_mask, *args, divrl_layout=None, **kwargs):
@@ -97,10 +101,7 @@ def _sdpa_in_float32(module: nn.Module, query, key, value, attention_mask, *args
     if attention_mask is not None and attention_mask.is_floating_point():
         attention_mask = attention_mask.float()
     with torch.autocast(query.device.type, enabled=False):
-        q, k, v = query.float(), key.float(), value.float()
-        if not args and _is_one_query_decode(q, attention_mask, kwargs):
-            return one_query(q, k, v, attention_mask, kwargs.get("scaling")).to(query.dtype), None
-        out, weights = sdpa_attention_forward(module, q, k, v, attention_mask, *args, **kwargs)
+        out, weights = _unpacked(module, query.float(), key.float(), value.float(), attention_mask, *args, **kwargs)
     return out.to(query.dtype), weights
 
 
