@@ -476,13 +476,17 @@ def resrl(
     Passing completions get ``positive`` (λ). In each group with both passing and failing
     completions: X = LN(h) of the passing completions' tokens (LN without affine, eps 1e-5; at most
     ``max_positive_tokens`` drawn uniformly without replacement), μ its mean, V_k the top
-    k = min(rank, M − 1, H) right singular vectors of X − μ; a failing token gets
+    k = min(rank, M − 1, r) right singular vectors of X − μ, r its numerical rank (σ > σ₁·max(M, H)·ε,
+    as ``torch.linalg.matrix_rank``); a failing token gets
     d_t = ‖(I − V_kV_kᵀ)(LN(h_t) − μ)‖²/H and, with lo, hi the ``quantile_low``/``quantile_high``
     quantiles (linear interpolation) of d over the group's failing tokens,
     w_t = min_weight + (1 − min_weight)·clip((d_t − lo)/(hi − lo), 0, 1), or (min_weight + 1)/2 on
     all of them when hi − lo < 1e-5. Failing tokens keep 1 in groups without a pass, or with fewer
     than 4 passing tokens (the code's skips). Deviations from the code: PCA is an exact SVD (the
-    code's ``torch.pca_lowrank`` is randomized, 4 power iterations); the cap's draw is seeded by M
+    code's ``torch.pca_lowrank`` is randomized, 4 power iterations) and k stops at the numerical rank:
+    passing tokens repeat (a group's first tokens share the prompt's last state), and singular vectors
+    past the rank are arbitrary directions that differ between LAPACK and cuSOLVER (measured: a 4%
+    different loss on an H200); the cap's draw is seeded by M
     (no global RNG); "passing" is the task verdict (the code: sequence score > 0); h are the hidden
     states that feed the head (after the final norm; the code reads the penultimate layer).
     """
@@ -509,8 +513,9 @@ def resrl(
             if not x.isfinite().all():  # no SVD of inf/NaN (it raises): the loss is non-finite anyway
                 continue
             mu = x.mean(0)
-            k = min(rank, x.shape[0] - 1, width)
-            basis = torch.linalg.svd(x - mu, full_matrices=False).Vh[:k].T  # (H, k)
+            _, sigma, vh = torch.linalg.svd(x - mu, full_matrices=False)
+            numerical_rank = int((sigma > sigma[0] * max(x.shape) * torch.finfo(work).eps).sum())
+            basis = vh[: min(rank, x.shape[0] - 1, numerical_rank)].T  # (H, k)
             centred = torch.nn.functional.layer_norm(hidden[neg].to(work), (width,)) - mu
             residual = centred - (centred @ basis) @ basis.T
             distance = residual.pow(2).sum(-1) / width
