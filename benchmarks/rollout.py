@@ -2,7 +2,9 @@
 
     python benchmarks/rollout.py [--model /tmp/smolcache] [--prompts 8] [--group 8] [--new 48]
                                  [--repeats 2] [--threads N] [--device cpu|cuda|auto] [--profile]
+                                 [--random-init]
 
+On CUDA divrl's decode (steps replayed from a CUDA graph) is also timed eager (`static=False`).
 Two settings: `stop` ends rows at the tokenizer's EOS (a real GRPO rollout); `full` forces every
 row to max_new_tokens (equal work on both sides, HF via min_new_tokens). Throughput counts the
 generated tokens that belong to completions (HF's padding after a row's EOS is not counted).
@@ -17,16 +19,26 @@ from __future__ import annotations
 
 import argparse
 import time
+from functools import partial
 
 import torch
+from transformers import AutoConfig, AutoModelForCausalLM
 
-from divrl.models import load_model, resolve_device
+from divrl import attention
+from divrl.models import load_model, load_tokenizer, resolve_device
 from divrl.rollout import sample
 
 
-def load(spec: str, device: str):
-    model, tokenizer = load_model(spec, device=resolve_device(device))
-    return model.eval(), tokenizer
+def load(spec: str, device: str, random_init: bool):
+    """(model, tokenizer) of `spec`; with `random_init` its architecture (the config.json in the
+    directory `spec`) with random weights, which decode the same operators."""
+    if not random_init:
+        model, tokenizer = load_model(spec, device=resolve_device(device))
+        return model.eval(), tokenizer
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(spec), dtype=torch.float32)
+    attention.use(model)
+    return model.to(resolve_device(device)).eval(), load_tokenizer(spec)
 
 
 def chain_sum_prompts(tokenizer, n: int) -> list[list[int]]:
@@ -62,7 +74,7 @@ def hf_generate(model, prompts, group, new, stop_id, pad_id, force_full, seed):
     return int(((ends == 0) | ((ends == 1) & (out == stop_id))).sum())
 
 
-def divrl_sample(model, prompts, group, new, stop_id, pad_id, force_full, seed):
+def divrl_sample(model, prompts, group, new, stop_id, pad_id, force_full, seed, static=None):
     rollout = sample(
         model,
         prompts,
@@ -71,6 +83,7 @@ def divrl_sample(model, prompts, group, new, stop_id, pad_id, force_full, seed):
         stop_token_ids=[] if force_full else [stop_id],
         pad_token_id=pad_id,
         generator=torch.Generator().manual_seed(seed),
+        static=static,
     )
     return sum(map(len, rollout.completion_ids))
 
@@ -116,12 +129,15 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda", "auto"], help="auto: CUDA when present")
     parser.add_argument("--profile", action="store_true", help="then profile one run of each sampler")
+    parser.add_argument(
+        "--random-init", action="store_true", help="--model's architecture with random weights (no weight files)"
+    )
     args = parser.parse_args()
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: this machine has no CUDA device")
     torch.set_num_threads(args.threads)
 
-    model, tokenizer = load(args.model, args.device)
+    model, tokenizer = load(args.model, args.device, args.random_init)
     prompts = chain_sum_prompts(tokenizer, args.prompts)
     stop_id = tokenizer.convert_tokens_to_ids("<|im_end|>")
     if stop_id is None or stop_id == tokenizer.unk_token_id:
@@ -137,6 +153,8 @@ def main() -> None:
     _, prefill = timed(divrl_sample, model, prompts, args.group, 1, stop_id, pad_id, True, 0)
     print(f"divrl prefill + first token: {prefill:.2f} s", flush=True)
     samplers = {"divrl": divrl_sample, "hf": hf_generate}
+    if model.device.type == "cuda":  # divrl replays a CUDA graph there; also time its eager decode
+        samplers["divrl-eager"] = partial(divrl_sample, static=False)
     for setting, force_full in (("stop", False), ("full", True)):
         tokens, seconds = dict.fromkeys(samplers, 0), dict.fromkeys(samplers, 0.0)
         for seed in range(args.repeats):
@@ -144,11 +162,12 @@ def main() -> None:
                 n, t = timed(fn, model, prompts, args.group, args.new, stop_id, pad_id, force_full, seed)
                 tokens[name] += n
                 seconds[name] += t
-                print(f"[{setting}] {name:5s} seed {seed}: {n:5d} tokens in {t:6.2f} s", flush=True)
+                print(f"[{setting}] {name:11s} seed {seed}: {n:5d} tokens in {t:6.2f} s", flush=True)
         rate = {name: tokens[name] / seconds[name] for name in samplers}
         for name in samplers:
-            print(f"[{setting}] {name:5s} {rate[name]:6.1f} tok/s over {args.repeats} runs", flush=True)
-        print(f"[{setting}] divrl / hf throughput: {rate['divrl'] / rate['hf']:.2f}x", flush=True)
+            print(f"[{setting}] {name:11s} {rate[name]:6.1f} tok/s over {args.repeats} runs", flush=True)
+        for name in (n for n in samplers if n != "hf"):
+            print(f"[{setting}] {name} / hf throughput: {rate[name] / rate['hf']:.2f}x", flush=True)
     if args.profile:
         for name, fn in samplers.items():
             profiled(name, fn, model, prompts, args.group, args.new, stop_id, pad_id, False, 0)

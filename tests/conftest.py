@@ -52,7 +52,7 @@ def hidden_path(request, tiny, monkeypatch):
     model, _ = tiny
     if request.param == "cached":
         monkeypatch.setattr(model.config, "_attn_implementation", "eager")
-    assert attention.packs(model) == (request.param == "packed")
+    assert attention.plain_sdpa(model) == (request.param == "packed")
     return request.param
 
 

@@ -118,3 +118,25 @@ def test_chunked_heads_give_the_cpu_numbers_on_cuda():
         results.append([t.detach().cpu() for t in (logp, entropy, d, h.grad, w.grad)])
     for cpu, gpu in zip(*results):
         torch.testing.assert_close(gpu, cpu, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.device
+@cuda
+def test_a_graphed_decode_samples_what_the_eager_decode_and_the_cpu_sample():
+    """On CUDA the decode steps replay one CUDA graph (a `static` batch): no capture failure (its
+    warning is an error here), and the completions, stops, log-probs and entropies of the eager
+    CUDA decode (rows leaving the batch) and of the CPU."""
+    import warnings
+
+    from divrl import attention
+    from test_rollout import assert_same_rollouts, peaked_llama, stopping_at_many_steps
+
+    on_cpu = attention.use(peaked_llama())
+    on_gpu = copy.deepcopy(on_cpu).cuda()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        graphed = stopping_at_many_steps(on_gpu)
+    eager, cpu = stopping_at_many_steps(on_gpu, static=False), stopping_at_many_steps(on_cpu)
+    assert len({len(c) for c in graphed.completion_ids}) > 3
+    assert_same_rollouts(graphed, eager, 1e-4)
+    assert_same_rollouts(graphed, cpu, 1e-4)

@@ -59,19 +59,19 @@ def test_packed_attention_is_each_rows_own_attention(buckets):
 
 def test_only_plain_full_sdpa_attention_packs(tiny, monkeypatch):
     model, _ = tiny
-    assert model.config._attn_implementation == attention.SDPA and attention.packs(model)  # as loaded
-    assert attention.packs(attention.use(model, "float32"))
+    assert model.config._attn_implementation == attention.SDPA and attention.plain_sdpa(model)  # as loaded
+    assert attention.plain_sdpa(attention.use(model, "float32"))
     monkeypatch.setattr(model.config, "_attn_implementation", "sdpa")  # transformers' own: no layout
-    assert not attention.packs(model)
+    assert not attention.plain_sdpa(model)
     monkeypatch.setattr(model.config, "_attn_implementation", "eager")
-    assert not attention.packs(model)
+    assert not attention.plain_sdpa(model)
     monkeypatch.setattr(model.config, "_attn_implementation", attention.SDPA)
     monkeypatch.setattr(model.config, "attn_logit_softcapping", 50.0, raising=False)
-    assert not attention.packs(model)
+    assert not attention.plain_sdpa(model)
     mistral = transformers.MistralForCausalLM(  # sliding-window attention
         transformers.MistralConfig(**COMMON, sliding_window=4, attn_implementation="sdpa")
     )
-    assert not attention.packs(attention.use(mistral))
+    assert not attention.plain_sdpa(attention.use(mistral))
 
 
 def test_float32_sdpa_attends_a_packed_layout_in_float32():
@@ -90,11 +90,11 @@ def test_packed_and_cached_forwards_agree_under_bf16_autocast(tiny, monkeypatch,
     as the KV-cache path does with the same attention function: the two agree to bf16 rounding."""
     model, tokenizer = tiny
     monkeypatch.setattr(model.config, "_attn_implementation", model.config._attn_implementation)  # restored after
-    assert attention.packs(attention.use(model, attention_dtype))
+    assert attention.plain_sdpa(attention.use(model, attention_dtype))
     prompts, completions = [[5, 6, 7], [8, 9]], [[10, 11, 12], [13], [14, 15], [16, 17, 18]]
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         packed = completion_hidden(model, prompts, completions, tokenizer.pad_token_id).hidden
-        monkeypatch.setattr(attention, "packs", lambda model: False)
+        monkeypatch.setattr(attention, "plain_sdpa", lambda model: False)
         cached = completion_hidden(model, prompts, completions, tokenizer.pad_token_id).hidden
     assert packed.dtype == cached.dtype
     torch.testing.assert_close(packed.float(), cached.float(), atol=3e-2, rtol=3e-2)

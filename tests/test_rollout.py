@@ -27,8 +27,8 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-@pytest.fixture(scope="module")
-def model():
+def peaked_llama() -> LlamaForCausalLM:
+    """A 2-layer Llama over VOCAB tokens, seeded, whose next-token distributions are peaked."""
     torch.manual_seed(0)
     config = LlamaConfig(
         vocab_size=VOCAB,
@@ -44,6 +44,11 @@ def model():
         eos_token_id=2,
     )
     return LlamaForCausalLM(config).eval()
+
+
+@pytest.fixture(scope="module")
+def model():
+    return peaked_llama()
 
 
 @pytest.fixture(scope="module")
@@ -410,3 +415,53 @@ def test_a_frozen_model_stored_in_bf16_samples_what_its_float32_original_samples
         original, stored = seeded_sample(model, tokenizer), seeded_sample(frozen, tokenizer)
     assert stored.completion_ids == original.completion_ids
     assert stored.logprobs == original.logprobs
+
+
+def stopping_at_many_steps(model, temperature=1.0, top_p=1.0, **options):
+    """4 completions of ≤ 12 tokens of 3 prompts by a `peaked_llama`, drawn with a fixed seed and 9
+    stop tokens: rows stop at many different steps."""
+    return sample(
+        model,
+        [[5, 6, 7, 8], [9, 10], [11, 12, 13]],
+        group_size=4,
+        max_new_tokens=12,
+        stop_token_ids=list(range(10, 91, 10)),
+        pad_token_id=PAD,
+        temperature=temperature,
+        top_p=top_p,
+        generator=torch.Generator().manual_seed(1),
+        with_entropy=True,
+        **options,
+    )
+
+
+def assert_same_rollouts(got, expected, tolerance=1e-5):
+    assert got.completion_ids == expected.completion_ids and got.finished == expected.finished
+    for key in ("logprobs", "entropies"):
+        torch.testing.assert_close(
+            torch.tensor([x for row in getattr(got, key) for x in row]),
+            torch.tensor([x for row in getattr(expected, key) for x in row]),
+            rtol=tolerance,
+            atol=tolerance,
+        )
+
+
+@pytest.mark.parametrize("temperature,top_p", [(1.0, 1.0), (0.7, 0.9), (0.0, 1.0)])
+def test_a_static_batch_samples_what_the_shrinking_batch_samples(model, temperature, top_p):
+    """`static` keeps stopped rows in the decode batch and attends the whole preallocated cache
+    through a mask (the CUDA-graph path, here without the graph): the same completions, stops,
+    log-probs and entropies as rows leaving the batch, with rows stopping at different steps."""
+    import copy
+
+    from divrl import attention
+
+    plain_sdpa = attention.use(copy.deepcopy(model))
+    shrinking, static = (stopping_at_many_steps(plain_sdpa, temperature, top_p, static=s) for s in (False, True))
+    if temperature:
+        assert len({len(c) for c in static.completion_ids}) > 3 and not all(static.finished)
+    assert_same_rollouts(static, shrinking)
+
+
+def test_a_static_batch_needs_plain_sdpa_attention(model):
+    with pytest.raises(ValueError, match="static=True"):
+        sample(model, [[5, 6]], group_size=2, max_new_tokens=3, stop_token_ids=[], pad_token_id=PAD, static=True)

@@ -132,9 +132,10 @@ def other_layer_kinds(model: PreTrainedModel) -> list[str]:
     return sorted(kinds - {DynamicLayer.__name__})
 
 
-def packs(model: PreTrainedModel) -> bool:
-    """Whether `model` attends a packed sequence (`divrl.packing`): one of divrl's SDPA functions,
-    every layer full attention (no sliding window), no attention logit softcapping."""
+def plain_sdpa(model: PreTrainedModel) -> bool:
+    """Whether `model` attends through one of divrl's SDPA functions, every layer full attention (no
+    sliding window), no attention logit softcapping: what a packed sequence (`divrl.packing`) and
+    a static decode batch's 4D boolean mask (`rollout.sample`'s `static`) need."""
     return not other_layer_kinds(model) and all(
         config._attn_implementation in (SDPA, FLOAT32_SDPA) and getattr(config, "attn_logit_softcapping", None) is None
         for config in _configs(model)

@@ -18,7 +18,7 @@ a forward per length bucket on the prompts' KV cache (`hidden`'s other path) had
 matmul, packed ≈ 680. Forward + backward of the model body under bf16 autocast: 0.96 s against
 1.35 s (median of 5).
 
-Only plain full attention packs (`attention.packs`): divrl's SDPA functions, no sliding window, no
+Only plain full attention packs (`attention.plain_sdpa`): divrl's SDPA functions, no sliding window, no
 logit softcapping. Other models take the KV-cache path.
 """
 

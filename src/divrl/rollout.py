@@ -27,6 +27,7 @@ the first batch shrink, and no faster once compiled on this CPU.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -37,6 +38,7 @@ import torch
 from transformers import PreTrainedModel
 from transformers.cache_utils import DynamicLayer
 
+from divrl import attention
 from divrl.hidden import cache_with_layers, left_pad
 from divrl.models import replaced_forwards
 
@@ -147,6 +149,7 @@ class _BufferLayer(DynamicLayer):
         super().__init__()
         self.capacity = capacity
         self.length = 0
+        self.write_at: torch.Tensor | None = None  # `_StaticBatch`: the position a step writes, on the device
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         batch, heads, _, _ = key_states.shape
@@ -165,6 +168,10 @@ class _BufferLayer(DynamicLayer):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
+        if self.write_at is not None:  # the whole buffer: the step's mask hides the positions not written yet
+            self.key_buffer.index_copy_(2, self.write_at, key_states)
+            self.value_buffer.index_copy_(2, self.write_at, value_states)
+            return self.key_buffer, self.value_buffer
         end = self.length + key_states.shape[-2]
         self.key_buffer[:, :, self.length : end] = key_states
         self.value_buffer[:, :, self.length : end] = value_states
@@ -244,19 +251,28 @@ def sample(
     top_p: float = 1.0,
     generator: torch.Generator | None = None,
     with_entropy: bool = False,
+    static: bool | None = None,
 ) -> Rollout:
     """Sample ``group_size`` completions of each prompt, each up to ``max_new_tokens`` long and
     ending at the first stop token (see the module docstring for how). Reproducible for a seeded
     ``generator``; ``temperature=0`` decodes greedily. The model samples in eval mode (no dropout;
     HF layers skip the cache under gradient checkpointing in training mode) and gets its mode back.
     `with_entropy` also returns the entropy of softmax(logits / T) (the whole vocabulary, before
-    top-p; T = 1 for greedy) at each sampled position, from the logits the draw used."""
+    top-p; T = 1 for greedy) at each sampled position, from the logits the draw used. `static` keeps
+    every row in the decode batch to the end, so that on CUDA each step replays one CUDA graph
+    (`_StaticBatch`; it needs `attention.plain_sdpa`); None: static on CUDA where the model allows,
+    elsewhere rows leave the batch as they stop (on a CPU a stopped row would cost compute). Both
+    give the same tokens to float rounding."""
     if any(len(p) == 0 for p in prompt_ids):
         raise ValueError("every prompt needs at least one token")
     if group_size < 1 or max_new_tokens < 0:
         raise ValueError(f"need group_size >= 1 and max_new_tokens >= 0, got {group_size}, {max_new_tokens}")
     if temperature < 0 or not 0 < top_p <= 1:
         raise ValueError(f"need temperature >= 0 and 0 < top_p <= 1, got {temperature}, {top_p}")
+    if static is None:
+        static = model.device.type == "cuda" and attention.plain_sdpa(model)
+    elif static and not attention.plain_sdpa(model):
+        raise ValueError("static=True needs a model whose every layer is full attention through divrl's SDPA")
     was_training = model.training
     model.eval()
     try:
@@ -272,6 +288,7 @@ def sample(
                 top_p,
                 generator,
                 with_entropy,
+                static,
             )
     finally:
         model.train(was_training)
@@ -285,6 +302,113 @@ def sample(
     )
 
 
+class _ShrinkingBatch:
+    """The decode batch of the rows still sampling: a row that stops leaves it, and the cache."""
+
+    def __init__(self, model: PreTrainedModel, cache: Any, mask: torch.Tensor, position: torch.Tensor, width: int):
+        self.model, self.cache, self.mask, self.position, self.width = model, cache, mask, position, width
+
+    def next_logits(self, step: int, tokens: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
+        """Logits of the next position of the live rows, given their `step`-th tokens; `keep`: the
+        batch rows that go on (None: all)."""
+        if keep is not None:
+            tokens, self.mask, self.position = tokens[keep], self.mask[keep], self.position[keep]
+            self.cache.batch_select_indices(keep)
+        self.position = self.position + 1
+        out = self.model(
+            input_ids=tokens[:, None],
+            attention_mask=self.mask[:, : self.width + step + 1],
+            position_ids=self.position,
+            cache=self.cache,
+            use_cache=True,
+            logits_to_keep=1,
+        )
+        return out.logits[:, -1]
+
+
+class _StaticBatch:
+    """Every row stays in the decode batch to the end (a stopped row's next tokens are computed and
+    dropped), so each step has the same shapes and reads and writes the same buffers: the KV cache
+    written at a position held on the device, a (rows, 1, 1, capacity) mask that opens one column
+    a step. On CUDA the step is captured once as a CUDA graph and replayed, one launch a step where
+    the eager forward launches ~1100 kernels (SmolLM2-135M), each from Python."""
+
+    def __init__(self, model: PreTrainedModel, cache: Any, mask: torch.Tensor, position: torch.Tensor, width: int):
+        self.model, self.cache, self.width = model, cache, width
+        device = mask.device
+        self.live = torch.arange(len(mask), device=device)  # the batch rows still sampling
+        self.tokens = torch.zeros(len(mask), 1, dtype=torch.long, device=device)
+        self.position = position.clone()
+        self.attend = mask.bool()[:, None, None, :].clone()
+        self.attend[..., width:] = False
+        self.write_at = torch.zeros(1, dtype=torch.long, device=device)
+        for layer in cache.layers:
+            layer.write_at = self.write_at
+            if layer.is_initialized:  # attention reads every position: 0 · (NaN in unwritten memory) is NaN
+                layer.key_buffer[:, :, width:] = 0
+                layer.value_buffer[:, :, width:] = 0
+        self.eager = device.type != "cuda"
+        self.graph: Any = None  # torch.cuda.CUDAGraph once captured
+        self.logits = torch.empty(0)
+
+    def _forward(self) -> torch.Tensor:
+        out = self.model(
+            input_ids=self.tokens,
+            attention_mask=self.attend,
+            position_ids=self.position,
+            cache=self.cache,
+            use_cache=True,
+            logits_to_keep=1,
+        )
+        return out.logits[:, -1]
+
+    def _captured(self) -> torch.Tensor:
+        """The step's logits, its forward captured as a CUDA graph (after the warm-up run on a side
+        stream that capture needs: the step's own cache writes, which the replay repeats). A forward
+        that capture refuses (one that waits on the host, say) runs eagerly from then on, with a warning."""
+        device = self.tokens.device
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        autocast = torch.autocast(
+            "cuda",
+            dtype=torch.get_autocast_dtype("cuda"),
+            enabled=torch.is_autocast_enabled("cuda"),
+            cache_enabled=False,  # graphs cannot capture autocast's weight cache
+        )
+        with autocast:
+            with torch.cuda.stream(side):
+                self._forward()
+            torch.cuda.current_stream(device).wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            try:
+                with torch.cuda.graph(graph):
+                    self.logits = self._forward()
+            except RuntimeError as err:
+                warnings.warn(f"decoding without a CUDA graph: its capture failed: {err}", RuntimeWarning, stacklevel=3)
+                self.eager = True
+                return self._forward()
+        self.graph = graph
+        self.graph.replay()
+        return self.logits
+
+    def next_logits(self, step: int, tokens: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
+        """`_ShrinkingBatch.next_logits`, every row computed and the live ones returned."""
+        if keep is not None:
+            tokens, self.live = tokens[keep], self.live[keep]
+        self.tokens[self.live] = tokens[:, None]
+        self.position.add_(1)
+        self.write_at.fill_(self.width + step)
+        self.attend[..., self.width + step] = True
+        if self.eager:
+            logits = self._forward()
+        elif self.graph is None:
+            logits = self._captured()
+        else:
+            self.graph.replay()
+            logits = self.logits
+        return logits[self.live]
+
+
 def _decode(
     model: PreTrainedModel,
     prompt_ids: list[list[int]],
@@ -295,10 +419,11 @@ def _decode(
     temperature: float,
     top_p: float,
     generator: torch.Generator | None,
-    with_entropy: bool = False,
+    with_entropy: bool,
+    static: bool,
 ) -> tuple[list[list[int]], list[list[float]], list[bool], list[list[float]] | None]:
     """(completions, logprobs, finished, entropies or None) of `sample`: prefill the P prompts, copy
-    their cache G times, decode."""
+    their cache G times, decode in a `_StaticBatch` (`static`) or a `_ShrinkingBatch`."""
     device = model.device
     ids, prompt_mask = left_pad(prompt_ids, pad_token_id)
     width = ids.shape[1]
@@ -318,43 +443,41 @@ def _decode(
     )
     logits = out.logits[:, -1].repeat_interleave(group_size, dim=0)
     cache.batch_repeat_interleave(group_size)
-    mask = mask.repeat_interleave(group_size, dim=0)
-    position = positions[:, -1:].repeat_interleave(group_size, dim=0)
+    batch_kind = _StaticBatch if static else _ShrinkingBatch
+    batch = batch_kind(
+        model,
+        cache,
+        mask.repeat_interleave(group_size, dim=0),
+        positions[:, -1:].repeat_interleave(group_size, dim=0),
+        width,
+    )
 
     n_rows = len(prompt_ids) * group_size
     completions: list[list[int]] = [[] for _ in range(n_rows)]
     logprobs: list[list[float]] = [[] for _ in range(n_rows)]
     finished = [False] * n_rows
     entropies: list[list[float]] | None = [[] for _ in range(n_rows)] if with_entropy else None
-    live = torch.arange(n_rows, device=device)  # the Rollout row of each batch row
-    stops = torch.tensor(sorted(set(stop_token_ids)), dtype=torch.long, device=device)
+    live = list(range(n_rows))  # the Rollout row of each live row
+    stops = set(stop_token_ids)
 
     for step in range(max_new_tokens):
         tokens, token_logprobs = next_tokens(logits, temperature, top_p, generator)
-        for row, token, logprob in zip(live.tolist(), tokens.tolist(), token_logprobs.tolist()):
+        drawn = torch.stack([tokens.double(), token_logprobs]).tolist()  # one copy to the host a step
+        for row, token, logprob in zip(live, map(int, drawn[0]), drawn[1]):
             completions[row].append(token)
             logprobs[row].append(logprob)
         if entropies is not None:
-            for row, value in zip(live.tolist(), entropy_of(logits, temperature).tolist()):
+            for row, value in zip(live, entropy_of(logits, temperature).tolist()):
                 entropies[row].append(value)
-        stopped = torch.isin(tokens, stops)
-        for row in live[stopped].tolist():
-            finished[row] = True
-        if step == max_new_tokens - 1 or bool(stopped.all()):
+        going_on = [i for i, row in enumerate(live) if completions[row][-1] not in stops]
+        for i in set(range(len(live))) - set(going_on):
+            finished[live[i]] = True
+        if step == max_new_tokens - 1 or not going_on:
             break
-        if bool(stopped.any()):
-            keep = (~stopped).nonzero().squeeze(1)
-            live, tokens, mask, position = live[keep], tokens[keep], mask[keep], position[keep]
-            cache.batch_select_indices(keep)
-        position = position + 1
-        out = model(
-            input_ids=tokens[:, None],
-            attention_mask=mask[:, : width + step + 1],
-            position_ids=position,
-            cache=cache,
-            use_cache=True,
-            logits_to_keep=1,
-        )
-        logits = out.logits[:, -1]
+        keep = None
+        if len(going_on) < len(live):
+            live = [live[i] for i in going_on]
+            keep = torch.tensor(going_on, device=device)
+        logits = batch.next_logits(step, tokens, keep)
 
     return completions, logprobs, finished, entropies
