@@ -414,6 +414,12 @@ class TrainConfig:
         "or 'cuda:N': where every model and the objective run.",
         default="auto",
     )
+    keep_freed_memory: bool = _doc(
+        "On the CPU, keep the memory the process frees in its heap for the next step's tensors "
+        "(glibc; divrl.heap) instead of returning it to the system: the same tensors no longer "
+        "fault their pages in every step. The process then holds its peak memory until it exits.",
+        default=True,
+    )
     dtype: str = _doc(
         "'auto' (bf16 autocast where a forward of the model measured at least 10% faster "
         "with it on this machine, else fp32; measured once per machine and model, cached "

@@ -41,6 +41,7 @@ from divrl import (
     demos,
     distributed,
     diversity,
+    heap,
     lora,
     objectives,
     precision,
@@ -171,6 +172,8 @@ class Trainer:
         self.device = (
             distributed.device_for(cfg.device, self.world) if self.world.parallel else resolve_device(cfg.device)
         )
+        if cfg.keep_freed_memory and self.device.type == "cpu":
+            heap.keep_freed_memory()
         self.model, self.tokenizer = load_model(cfg.model, seed=cfg.seed, device=self.device)
         self.lora = lora.LoraSpec.parse(cfg.lora)
         if self.lora is not None:  # adapters injected in place; every other weight frozen
