@@ -22,7 +22,8 @@ query head apart. At SmolLM2-135M's decode shape (32 rows, 9 query and 3 key/val
 keys, float32, caches cold across 30 layers) it took 250 µs a layer against 390 µs on a 2-core
 AVX512-BF16 EPYC, and a 32-row rollout of 64 tokens (every row to the end) 2.54 s against 2.65 s
 (median of 8; faster in each of the 8 pairs), of 192 tokens 8.29 s against 8.60 s; SDPA's result
-to float32 rounding.
+to float32 rounding. The sampler's cache stores the keys transposed on the CPU (`rollout`), so
+that kᵀ is a matrix of contiguous rows there.
 """
 
 from __future__ import annotations

@@ -28,7 +28,7 @@ the first batch shrink, and no faster once compiled on this CPU.
 from __future__ import annotations
 
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
@@ -152,9 +152,17 @@ class _BufferLayer(DynamicLayer):
         self.write_at: torch.Tensor | None = None  # `_StaticBatch`: the position a step writes, on the device
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
-        batch, heads, _, _ = key_states.shape
+        batch, heads, _, dim = key_states.shape
         self.device = key_states.device
-        self.key_buffer = key_states.new_empty(batch, heads, self.capacity, key_states.shape[-1])
+        # On the CPU the keys are stored (batch, heads, dim, capacity) behind a transposed view, so
+        # that a decode step's q·kᵀ (`attention.one_query`) reads each head's keys as one matrix of
+        # contiguous rows: at SmolLM2-135M's decode shape (32 rows, 3 key/value heads, 100 keys,
+        # 30 layers, caches cold) 259 against 340 µs a layer on a 2-core AVX512-BF16 EPYC.
+        self.keys_transposed = self.device.type == "cpu"
+        if self.keys_transposed:
+            self.key_buffer = key_states.new_empty(batch, heads, dim, self.capacity).transpose(-1, -2)
+        else:
+            self.key_buffer = key_states.new_empty(batch, heads, self.capacity, dim)
         self.value_buffer = value_states.new_empty(batch, heads, self.capacity, value_states.shape[-1])
         self.is_initialized = True
 
@@ -181,19 +189,22 @@ class _BufferLayer(DynamicLayer):
     def get_seq_length(self) -> int:
         return self.length
 
-    def batch_repeat_interleave(self, repeats: int) -> None:
+    def _rows(self, select: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        """Both buffers' rows replaced by `select` of them, each buffer keeping its memory layout."""
         if not self.is_initialized:  # a layer that reuses another layer's KV never stores any
             return
-        self.key_buffer = self.key_buffer.repeat_interleave(repeats, dim=0)
-        self.value_buffer = self.value_buffer.repeat_interleave(repeats, dim=0)
+        if self.keys_transposed:
+            self.key_buffer = select(self.key_buffer.transpose(-1, -2)).transpose(-1, -2)
+        else:
+            self.key_buffer = select(self.key_buffer)
+        self.value_buffer = select(self.value_buffer)
         self._expose()
 
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self._rows(lambda buffer: buffer.repeat_interleave(repeats, dim=0))
+
     def batch_select_indices(self, indices: torch.Tensor) -> None:
-        if not self.is_initialized:
-            return
-        self.key_buffer = self.key_buffer.index_select(0, indices)
-        self.value_buffer = self.value_buffer.index_select(0, indices)
-        self._expose()
+        self._rows(lambda buffer: buffer.index_select(0, indices))
 
 
 def _packed_forward(packed: torch.Tensor, bias: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
