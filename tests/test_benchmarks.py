@@ -153,6 +153,26 @@ def test_rollout_benchmark_times_and_profiles_both_samplers():
         assert f"{sampler} host-device synchronizations and copies:" in done.stdout
 
 
+def test_rollout_benchmark_times_an_architecture_with_random_weights(tmp_path):
+    """--random-init: a directory with a config and tokenizer files, no weights (what a GPU machine
+    gets without the default model's file)."""
+    from divrl.models import default_tokenizer_dir, load_tokenizer, tiny_config
+
+    tokenizer = load_tokenizer(default_tokenizer_dir())
+    tokenizer.save_pretrained(tmp_path)
+    tiny_config(len(tokenizer)).to_json_file(tmp_path / "config.json")
+    script = Path(__file__).parents[1] / "benchmarks" / "rollout.py"
+    sizes = ["--prompts", "2", "--group", "2", "--new", "3", "--repeats", "1"]
+    done = subprocess.run(
+        [sys.executable, str(script), "--model", str(tmp_path), "--random-init", *sizes],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "[full] divrl / hf throughput:" in done.stdout
+
+
 def test_rollout_benchmark_refuses_a_device_it_cannot_use_by_name():
     script = Path(__file__).parents[1] / "benchmarks" / "rollout.py"
     bad = ["gpu"] + ([] if torch.cuda.is_available() else ["cuda"])

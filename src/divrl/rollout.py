@@ -5,7 +5,10 @@ weight matmuls, so the work is cut where it is redundant —
 - each unique prompt is prefilled once (P rows, not P·G) and its KV cache is copied G times;
 - the KV cache lives in buffers sized for the whole rollout, so a decode step writes one slice
   instead of re-concatenating the cache (`DynamicCache` does a torch.cat per layer per step);
-- a row leaves the batch (and the cache) as soon as it samples a stop token;
+- a row leaves the batch (and the cache) as soon as it samples a stop token; on CUDA, where a
+  small model's decode step is bound by kernel launches from Python, every row stays instead
+  (`_StaticBatch`) and each step replays one captured CUDA graph: on an H200, 32 rows of
+  SmolLM2-135M's architecture decoded 4765 tokens/s with the graph, 991 eagerly, HF ``generate`` 962;
 - a token is drawn by a two-level inverse CDF (two uniforms per row) instead of
   `torch.multinomial`, which on CPU draws one exponential per vocabulary entry; top-p looks at a
   top-k prefix of the distribution, widened until it holds the nucleus, instead of sorting the
