@@ -5,13 +5,15 @@ glibc serves an allocation above its mmap threshold (128 KiB, raised as large bl
 tensors (the 49152 × 576 float32 gradients of SmolLM2-135M's embedding and output head, 113 MB
 each, the bf16 casts of its weights, activations) fault their pages in again, one kernel trap and
 page clear a 4 KiB page. Measured on a 2-core AVX512-BF16 EPYC (the GRPO benchmark's divrl side,
-bf16 autocast, steps 3-8): 125k-166k page faults a step and 5.90-7.00 s a step by default,
-0.4k-28k faults and 4.89-5.95 s with freed memory kept (each step faster, 0.2-1.4 s), peak RSS
-5.01 against 5.10 GB.
+bf16 autocast, steps 3-8 of 8): 125k-166k page faults a step by default, 0.3k-24k with freed memory
+kept; in four interleaved pairs of runs, faster in each pair by 1.2-3.6% (medians 5.88, 5.86, 4.94
+and 4.86 s a step against 6.05, 6.08, 5.03 and 4.92; the VM's speed drifted between the pairs), peak
+RSS within 0.1 GB either way. An earlier session's runs, with `mallopt` at start, found no
+consistent gain (README, Performance notes); these four pairs did.
 
 `keep_freed_memory` sets glibc's M_MMAP_MAX to 0 (no allocation gets pages of its own: all come
 from the heap) and M_TRIM_THRESHOLD to 2 GiB (the heap's free top is not handed back until it
-exceeds that), the tunables PyTorch's CPU performance guide gets from jemalloc or tcmalloc, here
+exceeds that): what PyTorch's CPU performance guide gets by preloading jemalloc or tcmalloc, here
 without a preloaded library. The process then holds on to its peak memory until it exits, as
 PyTorch's CUDA caching allocator does on a GPU.
 """
