@@ -3,9 +3,10 @@
 import json
 
 import pytest
+import torch
 
 from divrl import precision
-from divrl.models import load_model, tiny_config
+from divrl.models import tiny_config
 
 
 @pytest.fixture
@@ -39,10 +40,11 @@ def test_auto_measures_once_per_machine_and_model_and_logs_why(tiny, cache, monk
     assert precision.resolve("auto", tiny[0], said.append) == "bf16"
     assert precision.resolve("auto", tiny[0]) == "bf16" and len(calls) == 1  # read back, not re-measured
     assert "bf16" in said[0] and "2 s at fp32" in said[0] and str(cache) in said[0]
-    other, _ = load_model("tiny", seed=1)  # same architecture, other weights: the same entry
-    assert precision.resolve("auto", other) == "bf16" and len(calls) == 1
     from transformers import LlamaForCausalLM
 
+    torch.manual_seed(1)  # the same architecture, other weights: the same entry
+    other = LlamaForCausalLM(tiny_config(tiny[0].config.vocab_size))
+    assert precision.resolve("auto", other) == "bf16" and len(calls) == 1
     config = tiny_config(tiny[0].config.vocab_size)
     config.num_hidden_layers = 3
     assert precision.resolve("auto", LlamaForCausalLM(config)) == "bf16" and len(calls) == 2  # another model
