@@ -344,8 +344,9 @@ class _StaticBatch:
     """Every row stays in the decode batch to the end (a stopped row's next tokens are computed and
     dropped), so each step has the same shapes and reads and writes the same buffers: the KV cache
     written at a position held on the device, a (rows, 1, 1, capacity) mask that opens one column
-    a step. On CUDA the step is captured once as a CUDA graph and replayed, one launch a step where
-    the eager forward launches ~1100 kernels (SmolLM2-135M), each from Python."""
+    a step. On CUDA the step is captured once as a CUDA graph and replayed: one graph launch a step
+    (and the few kernels that set its inputs), where the eager step launched ~1,500 kernels from
+    Python on an H200 (SmolLM2-135M's architecture, sampling included)."""
 
     def __init__(self, model: PreTrainedModel, cache: Any, mask: torch.Tensor, position: torch.Tensor, width: int):
         self.model, self.cache, self.width = model, cache, width
@@ -483,9 +484,12 @@ def _decode(
         if entropies is not None:
             for row, value in zip(live, entropy_of(logits, temperature).tolist()):
                 entropies[row].append(value)
-        going_on = [i for i, row in enumerate(live) if completions[row][-1] not in stops]
-        for i in set(range(len(live))) - set(going_on):
-            finished[live[i]] = True
+        going_on = []  # the batch rows that did not stop
+        for i, row in enumerate(live):
+            if completions[row][-1] in stops:
+                finished[row] = True
+            else:
+                going_on.append(i)
         if step == max_new_tokens - 1 or not going_on:
             break
         keep = None
