@@ -465,3 +465,45 @@ def test_a_static_batch_samples_what_the_shrinking_batch_samples(model, temperat
 def test_a_static_batch_needs_plain_sdpa_attention(model):
     with pytest.raises(ValueError, match="static=True"):
         sample(model, [[5, 6]], group_size=2, max_new_tokens=3, stop_token_ids=[], pad_token_id=PAD, static=True)
+
+
+@pytest.mark.parametrize("autocast", [None, torch.bfloat16])
+def test_the_llama_decode_step_samples_what_the_forward_samples(model, monkeypatch, autocast):
+    """On the CPU, with its linears packed, a Llama decodes through `llama_decode` instead of its
+    forward: the same completions, stops, log-probs and entropies (float32 and bf16 linears), with
+    prompts left-padded and rows stopping at many different steps."""
+    import copy
+    from contextlib import nullcontext
+
+    from divrl import attention, llama_decode
+
+    plain_sdpa = attention.use(copy.deepcopy(model))
+    steps = []
+    lean_step = llama_decode.next_logits
+    monkeypatch.setattr(llama_decode, "next_logits", lambda *args: steps.append(len(args[2])) or lean_step(*args))
+    with nullcontext() if autocast is None else torch.autocast("cpu", dtype=autocast):
+        lean = stopping_at_many_steps(plain_sdpa)
+        monkeypatch.setattr(llama_decode, "supports", lambda model: False)
+        forward = stopping_at_many_steps(plain_sdpa)
+    assert len(steps) == 11 and len(set(steps)) > 3  # every step after the first, on fewer and fewer rows
+    assert_same_rollouts(lean, forward)
+
+
+def test_llama_decode_takes_only_the_models_whose_forward_it_repeats(model, gpt2):
+    import copy
+
+    from divrl import attention, llama_decode
+
+    plain_sdpa = attention.use(copy.deepcopy(model))
+    assert llama_decode.supports(plain_sdpa)
+    assert not llama_decode.supports(model)  # transformers' SDPA: its forward attends another way
+    assert not llama_decode.supports(attention.use(copy.deepcopy(gpt2)))
+    assert not llama_decode.supports(copy.deepcopy(plain_sdpa).to(torch.bfloat16))
+
+    class Adapted(torch.nn.Linear):  # a LoRA-style wrapper computes more than its weight's product
+        pass
+
+    wrapped = copy.deepcopy(plain_sdpa)
+    q_proj = wrapped.model.layers[1].self_attn.q_proj
+    wrapped.model.layers[1].self_attn.q_proj = Adapted(q_proj.in_features, q_proj.out_features, bias=False)
+    assert not llama_decode.supports(wrapped)
