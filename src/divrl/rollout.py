@@ -20,7 +20,7 @@ w = softmax(logits / T) (the whole vocabulary when top_p = 1); log b = 0 for gre
 the drawn entry's weight over its row's kept mass (float64), one gather and one sum of what the
 draw already holds, not a second pass over the logits.
 - on CPU a Llama's decode step is `llama_decode`'s, the forward's arithmetic in fewer operations
-  (a 32-row, 64-token rollout of SmolLM2-135M in bf16: 2.03–2.14 s against 2.18–2.27 through the
+  (a 32-row, 64-token rollout of SmolLM2-135M in bf16: 2.03–2.21 s against 2.18–2.27 through the
   forward, the same tokens and log-probs);
 - on CPU the linear layers run on oneDNN with their weights reordered once per rollout
   (``packed_linears``; under bf16 autocast the linears alone in bf16): on a 2-core AVX2 EPYC, a 32-row decode
