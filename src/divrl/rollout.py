@@ -214,7 +214,7 @@ class _BufferLayer(DynamicLayer):
 
 
 def _packed_forward(packed: torch.Tensor, bias: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
-    if x.dtype == packed.dtype:  # `llama_decode` passes inputs cast once already: no `.to` calls, cheap as they are
+    if x.dtype == packed.dtype:  # cast once by the caller (`llama_decode`): no cast either way
         return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
     return torch.ops.mkldnn._linear_pointwise(x.to(packed.dtype), packed, bias, "none", [], "").to(x.dtype)
 
@@ -337,7 +337,7 @@ class _ShrinkingBatch:
         linear_dtype: torch.dtype | None = None,
     ):
         self.model, self.cache, self.mask, self.position, self.width = model, cache, mask, position, width
-        self.lean_dtype = linear_dtype if linear_dtype is not None and llama_decode.supports(model) else None
+        self.llama_step_dtype = linear_dtype if linear_dtype is not None and llama_decode.supports(model) else None
 
     def next_logits(self, step: int, tokens: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
         """Logits of the next position of the live rows, given their `step`-th tokens; `keep`: the
@@ -347,8 +347,8 @@ class _ShrinkingBatch:
             self.cache.batch_select_indices(keep)
         self.position = self.position + 1
         mask = self.mask[:, : self.width + step + 1]
-        if self.lean_dtype is not None:
-            return llama_decode.next_logits(self.model, self.cache, tokens, self.position, mask, self.lean_dtype)
+        if self.llama_step_dtype is not None:
+            return llama_decode.next_logits(self.model, self.cache, tokens, self.position, mask, self.llama_step_dtype)
         out = self.model(
             input_ids=tokens[:, None],
             attention_mask=mask,
@@ -480,14 +480,14 @@ def _decode(
     )
     logits = out.logits[:, -1].repeat_interleave(group_size, dim=0)
     cache.batch_repeat_interleave(group_size)
-    rows = (
+    state = (
         model,
         cache,
         mask.repeat_interleave(group_size, dim=0),
         positions[:, -1:].repeat_interleave(group_size, dim=0),
         width,
     )
-    batch = _StaticBatch(*rows) if static else _ShrinkingBatch(*rows, linear_dtype)
+    batch = _StaticBatch(*state) if static else _ShrinkingBatch(*state, linear_dtype)
 
     n_rows = len(prompt_ids) * group_size
     completions: list[list[int]] = [[] for _ in range(n_rows)]
