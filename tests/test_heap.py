@@ -47,9 +47,9 @@ def test_freed_memory_stays_and_serves_the_next_tensor_that_fits():
     assert released < 100 and faults < 100, (released, faults)
 
 
-def test_it_is_off_by_default_and_can_be_turned_on():
-    assert build_config(None, []).keep_freed_memory is False
-    assert build_config(None, ["keep_freed_memory=true"]).keep_freed_memory is True
+def test_it_is_on_by_default_and_can_be_turned_off():
+    assert build_config(None, []).keep_freed_memory is True
+    assert build_config(None, ["keep_freed_memory=false"]).keep_freed_memory is False
 
 
 def test_the_trainer_keeps_freed_memory_on_the_cpu_only_when_asked(tmp_path, monkeypatch):
