@@ -128,7 +128,7 @@ def completion_hidden(
     `completions` are group-major: G = len(completions) / len(prompts) per prompt. The completions
     run without their last token, whose hidden state predicts nothing, and padding never reaches
     the vocabulary-sized output layer: only the hidden states of real completion tokens are kept.
-    A model whose attention `attention.plain_sdpa` runs the prompts and completions as one packed
+    A model for which `attention.plain_sdpa` holds runs the prompts and completions as one packed
     sequence, attention in buckets of rows of similar length (`length_buckets`); any other runs the
     prompts (left-padded) first, then the completions on their prompt's KV cache, in padded buckets
     of similar length. Either way the G copies of a prompt cost one forward/backward instead of G,

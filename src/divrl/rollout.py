@@ -334,7 +334,7 @@ class _ShrinkingBatch:
         mask: torch.Tensor,
         position: torch.Tensor,
         width: int,
-        linear_dtype: torch.dtype | None = None,
+        linear_dtype: torch.dtype | None,
     ):
         self.model, self.cache, self.mask, self.position, self.width = model, cache, mask, position, width
         self.llama_step_dtype = linear_dtype if linear_dtype is not None and llama_decode.supports(model) else None
